@@ -1,0 +1,1164 @@
+"""Parameter Golf submission: the 12-layer int5-MLP / SmearGate / BigramHash / SWA record, re-implemented.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # the record: 8xH100, FineWeb, 600 s
+    python3 train_gpt.py                                      # no GPU or no FineWeb: CPU smoke preset
+
+Trains a GPT on FineWeb within MAX_WALLCLOCK_SECONDS, quantizes it (int5 MLP, int6 attention, fp16
+for the rest), compresses it with zstd-22 into an artifact that must fit, together with this file,
+in 16,000,000 bytes, reads the artifact back and scores the reloaded model in bits per byte of the
+validation text (standard and sliding-window evaluation). Every knob is an environment variable
+(see Hyperparameters); with none set, the record's configuration runs. Results go to
+logs/<RUN_ID>.txt, which also holds this source, every hyperparameter and the machine.
+
+Technique credits: the challenge's baseline (openai/parameter-golf), modded-nanogpt (Muon, U-Net
+skips, relu^2, logit soft-capping), PR #76 for the combination re-implemented here.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import platform
+import re
+import struct
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import zstandard
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# -----------------------------------------------------------------------------
+# Configuration
+#
+# One frozen dataclass, read from the environment in one place. A field `foo_bar` is set by the
+# env var FOO_BAR and parsed with the field's type. The defaults are the record (PR #76), so the
+# launch command needs no flags. PRESET=auto (the default) swaps in SMOKE_PRESET for every knob the
+# environment leaves unset when there is no CUDA device, or when DATA_PATH is unset and FineWeb is
+# not at its default path: that is the CPU pre-flight run, and its log says so.
+
+SCRIPT_DIR = Path(__file__).resolve().parent
+SLICES_PER_STEP = 8  # a step is 8 micro-batches, as on 8 GPUs; fewer GPUs accumulate 8 / world_size
+BOS_ID = 1
+
+
+class RunError(Exception):
+    """An error a user can fix; main() prints it as one line and exits non-zero."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    # Data and run identity.
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    run_id: str = ""  # empty: a fresh id per run
+    seed: int = 1337
+    preset: str = "auto"  # auto | record | smoke
+    # Schedule. The warmdown is wallclock-aware: it starts when the remaining time, at the measured
+    # step time, covers WARMDOWN_ITERS steps (or at ITERATIONS - WARMDOWN_ITERS, if that is sooner).
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0  # 0: no cap
+    warmup_steps: int = 20  # compile warm-up; weights, optimizers and data are reset after it
+    warmdown_iters: int = 2000
+    train_batch_tokens: int = 524_288
+    train_seq_len: int = 1024
+    train_log_every: int = 200
+    val_loss_every: int = 0  # 0: evaluate only at the end
+    # Evaluation. EVAL_SEQ_LEN=0 follows TRAIN_SEQ_LEN; EVAL_STRIDE=0 skips the sliding window.
+    eval_seq_len: int = 0
+    eval_stride: int = 64
+    val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
+    # Model.
+    num_layers: int = 12
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    qk_gain_init: float = 1.5
+    tied_embed_init_std: float = 0.005
+    bigram_vocab_size: int = 2048
+    bigram_dim: int = 96
+    bigram_scale_init: float = 0.05
+    # Optimizers: Muon for block matrices and the bigram projection, Adam for the rest.
+    matrix_lr: float = 0.025
+    scalar_lr: float = 0.025
+    tied_embed_lr: float = 0.035
+    muon_momentum: float = 0.98
+    muon_momentum_warmup_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_backend_steps: int = 5
+    muon_wd: float = 0.04
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.0  # the record's write-up says 0 (its code defaulted to 0.01 coupled L2)
+    grad_clip_norm: float = 0.3  # 0: no clipping
+    # Weight averaging: a snapshot every SWA_INTERVAL steps once the LR scale is below SWA_START_FRAC.
+    swa_interval: int = 50  # 0: off
+    swa_start_frac: float = 0.5
+    # Artifact.
+    artifact_path: str = ""  # empty: logs/<RUN_ID>.ptz
+    artifact_limit_bytes: int = 16_000_000
+    zstd_level: int = 22
+    # Systems.
+    compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
+
+    @property
+    def model_eval_seq_len(self) -> int:
+        return self.eval_seq_len or self.train_seq_len
+
+
+SMOKE_PRESET = dict(
+    data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
+    tokenizer_path=str(SCRIPT_DIR / "tests/fixtures/sample_1024_bpe.model"),
+    iterations=60, max_wallclock_seconds=0.0, warmup_steps=2, warmdown_iters=20,
+    train_batch_tokens=4096, train_seq_len=128, train_log_every=10, eval_stride=64,
+    val_batch_size=16384, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
+    bigram_vocab_size=256, bigram_dim=32, muon_momentum_warmup_steps=20, swa_interval=5,
+)
+
+
+def parse_env_value(name: str, raw: str, kind: type):
+    try:
+        if kind is bool:
+            if raw.lower() not in ("0", "1", "true", "false"):
+                raise ValueError
+            return raw.lower() in ("1", "true")
+        return kind(raw)
+    except ValueError:
+        raise RunError(f"{name}={raw!r}: expected a value of type {kind.__name__}") from None
+
+
+def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple[Hyperparameters, str]:
+    """Build the config from env vars; returns it with the preset actually applied."""
+    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
+    known = {name.upper() for name in fields}
+    values = {}
+    for name, field in fields.items():
+        if name.upper() in env:
+            values[name] = parse_env_value(name.upper(), env[name.upper()], type(field.default))
+    preset = values.get("preset", "auto")
+    if preset not in ("auto", "record", "smoke"):
+        raise RunError(f"PRESET={preset!r}: expected auto, record or smoke")
+    if preset == "auto":
+        fineweb_missing = "data_path" not in values and not Path(Hyperparameters.data_path).is_dir()
+        preset = "smoke" if (not cuda_available or fineweb_missing) else "record"
+    if preset == "smoke":
+        values = {**SMOKE_PRESET, **values}
+    values["preset"] = preset
+    unknown = sorted(k for k in env if k.isupper() and k not in known and k.startswith(_KNOB_PREFIXES))
+    if unknown:
+        raise RunError(f"unknown setting {unknown[0]}: not a Hyperparameters field (typo?)")
+    h = Hyperparameters(**values)
+    validate(h)
+    return h, preset
+
+
+# Env vars that look like ours; an unknown one among them is almost certainly a typo in a sweep.
+_KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_",
+                  "MLP_", "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_")
+
+
+def validate(h: Hyperparameters) -> None:
+    """Reject impossible combinations with a message naming the variables."""
+    checks = [
+        (h.vocab_size >= 4, "VOCAB_SIZE must be >= 4 (pad, bos, eos, unk)"),
+        (h.num_layers >= 2, "NUM_LAYERS must be >= 2 (the U-Net pairs encoder and decoder blocks)"),
+        (h.model_dim % h.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
+        ((h.model_dim // max(h.num_heads, 1)) % 2 == 0, "MODEL_DIM / NUM_HEADS must be even (RoPE)"),
+        (h.num_kv_heads >= 1 and h.num_heads % h.num_kv_heads == 0,
+         "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
+        (h.mlp_mult >= 1, "MLP_MULT must be >= 1"),
+        (h.bigram_vocab_size >= 2 and h.bigram_dim >= 1, "BIGRAM_VOCAB_SIZE must be >= 2, BIGRAM_DIM >= 1"),
+        (h.train_seq_len >= 2 and h.model_eval_seq_len >= 2, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be >= 2"),
+        (h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
+         f"TRAIN_BATCH_TOKENS must be a multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
+        (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
+        (h.val_batch_size >= h.model_eval_seq_len, "VAL_BATCH_SIZE must hold at least one EVAL_SEQ_LEN window"),
+        (h.iterations >= 1 and h.warmup_steps >= 0 and h.warmdown_iters >= 0,
+         "ITERATIONS must be >= 1, WARMUP_STEPS and WARMDOWN_ITERS >= 0"),
+        (h.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0"),
+        (h.train_log_every >= 1 and h.val_loss_every >= 0, "TRAIN_LOG_EVERY must be >= 1, VAL_LOSS_EVERY >= 0"),
+        (min(h.matrix_lr, h.scalar_lr, h.tied_embed_lr) > 0, "MATRIX_LR, SCALAR_LR, TIED_EMBED_LR must be > 0"),
+        (0 <= h.muon_momentum < 1 and 0 <= h.muon_momentum_warmup_start < 1, "MUON_MOMENTUM* must be in [0, 1)"),
+        (h.muon_backend_steps >= 1, "MUON_BACKEND_STEPS must be >= 1"),
+        (h.swa_interval >= 0 and 0 < h.swa_start_frac <= 1, "SWA_INTERVAL must be >= 0, SWA_START_FRAC in (0, 1]"),
+        (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
+        (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
+        (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RunError(message)
+
+
+# -----------------------------------------------------------------------------
+# Muon optimizer
+#
+# Momentum SGD whose update for each 2-D matrix is orthogonalized by a quintic Newton-Schulz
+# iteration (Keller Jordan's Muon, modded-nanogpt). Each rank orthogonalizes every
+# world_size-th matrix; one all-reduce of a flat bf16 buffer shares the updates.
+
+NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # from modded-nanogpt: fast, not exact, convergence
+
+
+def orthogonalize(grad: Tensor, steps: int) -> Tensor:
+    a, b, c = NEWTON_SCHULZ_COEFFS
+    x = grad.bfloat16()
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.world_size == self.rank:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    nesterov = p.grad.add(buf, alpha=group["momentum"])
+                    update = orthogonalize(nesterov, group["backend_steps"])
+                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    updates[offset:offset + p.numel()] = update.flatten()
+                offset += p.numel()
+            if self.world_size > 1:
+                dist.all_reduce(updates)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# -----------------------------------------------------------------------------
+# Data
+#
+# A shard is 256 little-endian int32 (magic, version, token count, unused) then that many uint16
+# tokens. Every header and file size is checked before training; token ids are checked for the
+# validation split up front and for each training shard when the stream loads it.
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
+
+
+def read_shard_header(path: str) -> int:
+    """Returns the token count after checking magic, version and that the file holds exactly it."""
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise RunError(f"{path}: {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
+    with open(path, "rb") as f:
+        magic, version, count = struct.unpack("<3i", f.read(12))
+    if magic != SHARD_MAGIC or version != SHARD_VERSION:
+        raise RunError(f"{path}: header magic/version {magic}/{version}, expected {SHARD_MAGIC}/{SHARD_VERSION}")
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise RunError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
+    return count
+
+
+def find_shards(h: Hyperparameters, split: str) -> list[str]:
+    if not os.path.isdir(h.data_path):
+        raise RunError(f"DATA_PATH={h.data_path}: no such directory")
+    files = sorted(glob.glob(os.path.join(h.data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards")
+    for path in files:
+        read_shard_header(path)
+    return files
+
+
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    count = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+class TokenStream:
+    """The training shards in order, wrapping around at the end."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        self.files, self.vocab_size = files, vocab_size
+        self.file_index, self.pos = 0, 0
+        self.tokens = load_shard(files[0], vocab_size)
+
+    def take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.file_index = (self.file_index + 1) % len(self.files)
+                self.tokens, self.pos = load_shard(self.files[self.file_index], self.vocab_size), 0
+                continue
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes world_size consecutive spans of the stream; rank r trains on span r.
+
+    The spans are the same whatever the world size, so 1, 2, 4 or 8 GPUs see the same tokens in the
+    same optimizer steps (gradient accumulation covers the rest)."""
+
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
+        self.stream = TokenStream(files, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, tokens_per_slice: int, seq_len: int) -> tuple[Tensor, Tensor]:
+        span = tokens_per_slice + 1
+        chunk = self.stream.take(span * self.world_size)[self.rank * span:(self.rank + 1) * span]
+        local = torch.from_numpy(chunk.astype(np.int64)).to(self.device, non_blocking=True)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
+    if not os.path.isfile(h.tokenizer_path):
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
+    except (RuntimeError, OSError) as exc:
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: not a SentencePiece model ({exc})") from None
+    if sp.vocab_size() != h.vocab_size:
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: vocab size {sp.vocab_size()}, "
+                       f"but VOCAB_SIZE={h.vocab_size}")
+    return sp
+
+
+def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token id: UTF-8 bytes of the piece without its leading space marker, whether the piece
+    starts with the marker, and whether the token is a boundary (control/unknown/unused: 0 bytes).
+
+    A target's bytes are base + [leading space and its predecessor is not a boundary]; summed over
+    the validation set this equals the UTF-8 length of the decoded text (the challenge's rule)."""
+    n = sp.vocab_size()
+    base = np.zeros(n, dtype=np.int64)
+    space = np.zeros(n, dtype=bool)
+    boundary = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            space[i] = piece.startswith("\u2581")
+            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+    return base, space, boundary
+
+
+def target_bytes(inputs: np.ndarray | Tensor, targets: np.ndarray | Tensor, tables) -> np.ndarray | Tensor:
+    base, space, boundary = tables
+    return base[targets] + (space[targets] & ~boundary[inputs])
+
+
+@dataclasses.dataclass
+class ValidationSet:
+    tokens: Tensor  # all validation tokens, int64, on the device
+    num_targets: int  # len(tokens) - 1: every token after the first is scored exactly once
+    num_bytes: int  # the bpb denominator
+    tables: tuple[Tensor, Tensor, Tensor]  # byte_tables() on the device
+
+
+def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: torch.device) -> ValidationSet:
+    tokens = np.concatenate([load_shard(f, h.vocab_size) for f in find_shards(h, "val")])
+    if len(tokens) - 1 < h.model_eval_seq_len:
+        raise RunError(f"DATA_PATH={h.data_path}: validation split has {len(tokens)} tokens, "
+                       f"fewer than one EVAL_SEQ_LEN={h.model_eval_seq_len} window")
+    tables = byte_tables(sp)
+    num_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
+    return ValidationSet(torch.from_numpy(tokens.astype(np.int64)).to(device), len(tokens) - 1, num_bytes,
+                         tuple(torch.from_numpy(t).to(device) for t in tables))
+
+
+# -----------------------------------------------------------------------------
+# Model
+#
+# Pre-norm GPT: GQA attention with RMS-normed q/k, RoPE and a learned per-head query gain; relu^2
+# MLP; per-channel output scales and a learned mix with the initial embedding in every block;
+# U-Net skips from the first half of the blocks to the second; tied embedding; soft-capped logits.
+# In front: BigramHash (a hashed embedding of the (previous, current) token pair) and SmearGate
+# (a learned per-channel blend with the previous position). Neither crosses a BOS boundary.
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, max_len: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos()[None, None], persistent=False)  # (1, 1, max_len, hd/2)
+        self.register_buffer("sin", angles.sin()[None, None], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # x: (B, heads, T, hd)
+        T = x.size(-2)
+        cos, sin = self.cos[:, :, :T].to(x.dtype), self.sin[:, :, :T].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, h: Hyperparameters, max_len: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.head_dim = h.model_dim // h.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        self.c_k = nn.Linear(h.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, max_len, h.rope_base)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = self.rotary(rms_norm(k))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, mult * dim, bias=False)
+        self.proj = nn.Linear(mult * dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, h: Hyperparameters, max_len: int):
+        super().__init__()
+        self.attn = Attention(h, max_len)
+        self.mlp = MLP(h.model_dim, h.mlp_mult)
+        self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x + self.attn_scale * self.attn(rms_norm(x))
+        return x + self.mlp_scale * self.mlp(rms_norm(x))
+
+
+def first_of_document(tokens: Tensor) -> Tensor:
+    """True where a position must not look at its predecessor: position 0 and every BOS."""
+    mask = tokens == BOS_ID
+    mask[:, 0] = True
+    return mask
+
+
+class BigramHash(nn.Module):
+    # Odd multipliers spread the pair over the buckets; the last bucket is reserved for positions
+    # without a same-document predecessor.
+    PREV_MULT, CUR_MULT = 1_000_003, 92_821
+
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        self.buckets = h.bigram_vocab_size
+        self.table = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
+        self.proj = nn.Linear(h.bigram_dim, h.model_dim, bias=False)
+        self.scale = nn.Parameter(torch.tensor(h.bigram_scale_init))
+
+    def bucket_ids(self, tokens: Tensor) -> Tensor:
+        prev = F.pad(tokens[:, :-1], (1, 0))
+        ids = torch.bitwise_xor(prev * self.PREV_MULT, tokens * self.CUR_MULT) % (self.buckets - 1)
+        return torch.where(first_of_document(tokens), self.buckets - 1, ids)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.scale * self.proj(self.table(self.bucket_ids(tokens)))
+
+
+class SmearGate(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))  # sigmoid(0) = 0.5: an even blend at the start
+
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        weight = torch.sigmoid(self.gate) * (~first_of_document(tokens)).unsqueeze(-1)
+        return x + weight * (prev - x)
+
+
+class GPT(nn.Module):
+    def __init__(self, h: Hyperparameters):
+        super().__init__()
+        max_len = max(h.train_seq_len, h.model_eval_seq_len)
+        self.logit_softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
+        self.bigram = BigramHash(h)
+        self.smear = SmearGate(h.model_dim)
+        self.blocks = nn.ModuleList(Block(h, max_len) for _ in range(h.num_layers))
+        self.num_encoder = h.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, h.model_dim))
+        self._init_weights(h)
+
+    def _init_weights(self, h: Hyperparameters) -> None:
+        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        nn.init.zeros_(self.bigram.table.weight)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.endswith(("attn.proj", "mlp.proj")):
+                    nn.init.zeros_(module.weight)  # each block starts as the identity
+                elif min(module.weight.shape) >= 64:
+                    nn.init.orthogonal_(module.weight)
+        # The bigram table starts at zero, so its projection must not: it scales like an output layer.
+        nn.init.orthogonal_(self.bigram.proj.weight, gain=(2 * h.num_layers) ** -0.5)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
+        """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T)."""
+        x = rms_norm(self.tok_emb(input_ids) + self.bigram(input_ids))
+        x = x0 = self.smear(x, input_ids)
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if i >= self.num_encoder and skips:
+                x = x + self.skip_weights[len(skips) - 1] * skips.pop()
+            x = block(x, x0)
+            if i < self.num_encoder:
+                skips.append(x)
+        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
+        logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        if target_ids is None:
+            return logits
+        losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none")
+        return losses.mean() if reduction == "mean" else losses.view_as(target_ids)
+
+
+def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...], table: str) -> dict[str, list]:
+    """Assigns each named tensor to the group of the one rule whose pattern matches its whole name.
+
+    A name matched by no rule or by two, or a rule that matches nothing, stops the run: the public
+    record's int5 rule silently matched nothing and every MLP matrix went out as int6."""
+    groups: dict[str, list] = {group: [] for _, group in rules}
+    for name, tensor in named:
+        hits = [group for pattern, group in rules if re.fullmatch(pattern, name)]
+        if len(hits) != 1:
+            raise RunError(f"{table}: parameter {name} matches {len(hits)} rules, expected exactly 1")
+        groups[hits[0]].append((name, tensor))
+    for pattern, group in rules:
+        if not any(re.fullmatch(pattern, name) for name, _ in named):
+            raise RunError(f"{table}: rule {pattern!r} ({group}) matches no parameter")
+    return groups
+
+
+BLOCK_MATRICES = r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight"
+CONTROL_TENSORS = r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|attn\.q_gain)|skip_weights|smear\.gate|bigram\.scale"
+OPTIMIZER_RULES = (
+    (BLOCK_MATRICES, "muon"),
+    (r"bigram\.proj\.weight", "muon"),
+    (r"tok_emb\.weight|bigram\.table\.weight", "adam_embed"),
+    (CONTROL_TENSORS, "adam_scalar"),
+)
+
+
+def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
+    groups = partition(list(model.named_parameters()), OPTIMIZER_RULES, "OPTIMIZER_RULES")
+    params = {group: [p for _, p in members] for group, members in groups.items()}
+    fused = next(model.parameters()).is_cuda
+    adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
+    optimizers = [
+        Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+             weight_decay=h.muon_wd, rank=rank, world_size=world_size),
+        torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, **adam),
+        torch.optim.AdamW(params["adam_scalar"], lr=h.scalar_lr, **adam),
+    ]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+#
+# One routine scores any window plan: windows of at most EVAL_SEQ_LEN tokens, each scoring the
+# targets from `score_from` to its end. Standard evaluation is the plan with stride = length
+# (disjoint windows); the sliding window advances by EVAL_STRIDE and scores only the targets new
+# to each window, so each has up to EVAL_SEQ_LEN - 1 tokens of context. Both plans end with a
+# window that reaches the last target, and every target is scored exactly once: the token and
+# byte totals are checked against the validation set after every evaluation.
+
+
+def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start, end, score_from) per window over target indices [0, num_targets)."""
+    count = max(0, -(-(num_targets - seq_len) // stride)) + 1
+    starts = np.arange(count, dtype=np.int64) * stride
+    ends = np.minimum(starts + seq_len, num_targets)
+    score_from = np.concatenate(([0], ends[:-1]))
+    return starts, ends, score_from
+
+
+def score_windows(model, val: ValidationSet, seq_len: int, windows: tuple[np.ndarray, ...],
+                  batch_windows: int, autocast) -> Tensor:
+    """Sums (loss in nats, scored targets, bytes) over the windows, as float64 on the device.
+
+    The last batch is padded with empty windows so that every batch has one shape (no recompile).
+    Positions past a window's end see real tokens but are never scored; causality keeps them
+    from reaching scored positions."""
+    device = val.tokens.device
+    offsets = torch.arange(seq_len, device=device)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for lo in range(0, len(windows[0]), batch_windows):
+        start, end, score_from = (torch.zeros(batch_windows, dtype=torch.int64, device=device) for _ in range(3))
+        for dst, src in zip((start, end, score_from), windows):
+            part = src[lo:lo + batch_windows]
+            dst[:len(part)] = torch.from_numpy(part).to(device)
+        pos = start[:, None] + offsets  # (B, T) target indices
+        scored = (pos >= score_from[:, None]) & (pos < end[:, None])
+        pos = pos.clamp_max(val.num_targets - 1)
+        inputs, targets = val.tokens[pos], val.tokens[pos + 1]
+        with autocast:
+            losses = model(inputs, targets, reduction="none")
+        nbytes = target_bytes(inputs, targets, val.tables)
+        sums += torch.stack((torch.where(scored, losses.double(), 0.0).sum(), scored.sum().double(),
+                             torch.where(scored, nbytes, 0).sum().double()))
+    return sums
+
+
+@torch.no_grad()
+def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens: int, rt) -> tuple[float, float]:
+    """Returns (val_loss in nats per token, val_bpb) over the whole validation set."""
+    plan = window_plan(val.num_targets, seq_len, stride)
+    per_rank = -(-len(plan[0]) // rt.world_size)
+    mine = tuple(a[rt.rank * per_rank:(rt.rank + 1) * per_rank] for a in plan)
+    batch_windows = max(1, batch_tokens // (seq_len * rt.world_size))
+    sums = score_windows(model, val, seq_len, mine, batch_windows, rt.autocast())
+    if rt.distributed:
+        dist.all_reduce(sums)
+    loss_sum, tokens, nbytes = sums.tolist()
+    if int(tokens) != val.num_targets or int(nbytes) != val.num_bytes:
+        raise RunError(f"evaluation scored {int(tokens)} targets / {int(nbytes)} bytes, "
+                       f"expected {val.num_targets} / {val.num_bytes}")
+    if not math.isfinite(loss_sum):
+        raise RunError(f"validation loss is {loss_sum}: the model diverged")
+    return loss_sum / tokens, loss_sum / math.log(2) / nbytes
+
+
+# -----------------------------------------------------------------------------
+# Quantization and serialization
+#
+# Per-row symmetric quantization: int5 ([-15, 15]) for MLP matrices, int6 ([-31, 31]) for
+# attention matrices and the bigram table, one fp16 scale per row; the row's step is its own
+# absolute maximum over the level count, never floored (an absolute floor of 1/15 cost PR #236
+# 0.020 bpb). The tied embedding and the small control tensors stay fp16. Values sit in int8
+# containers; zstd finds the unused high bits.
+#
+# The artifact is MAGIC + zstd(u32 header length, JSON header, raw arrays). The header holds the
+# model's shape and, per array, dtype, shape and offset: loading it runs no code (no pickle).
+
+BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight"
+BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
+QUANT_RULES = (
+    (BLOCK_MLP, "int5"),
+    (BLOCK_ATTN, "int6"),
+    (r"bigram\.table\.weight", "int6"),
+    (r"tok_emb\.weight|bigram\.proj\.weight", "fp16"),
+    (CONTROL_TENSORS, "fp16"),
+)
+QUANT_BITS = {"int5": 5, "int6": 6, "int8": 8}
+ARTIFACT_MAGIC = b"PGOLF\x00A1"
+ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
+                "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len")
+
+
+def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1] and one fp16 scale per row."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / qmax).clamp_min(2.0 ** -24).half()
+    q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_state(state: dict[str, Tensor]) -> dict[str, dict]:
+    """name -> {"class", "shape", "arrays": {part: numpy array}} for every tensor of the model."""
+    classes = partition(list(state.items()), QUANT_RULES, "QUANT_RULES")
+    out = {}
+    for cls, members in classes.items():
+        for name, tensor in members:
+            tensor = tensor.detach().cpu()
+            if cls in QUANT_BITS:
+                q, scale = quantize_rows(tensor, QUANT_BITS[cls])
+                arrays = {"q": q.numpy(), "scale": scale.numpy()}
+            else:
+                arrays = {"value": tensor.half().numpy()}
+            out[name] = {"class": cls, "shape": list(tensor.shape), "arrays": arrays}
+    return out
+
+
+def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
+    state = {}
+    for name, entry in quantized.items():
+        arrays = {part: torch.from_numpy(np.array(a)) for part, a in entry["arrays"].items()}
+        if entry["class"] in QUANT_BITS:
+            state[name] = dequantize_rows(arrays["q"], arrays["scale"]).view(entry["shape"])
+        else:
+            state[name] = arrays["value"].float().view(entry["shape"])
+    return state
+
+
+def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int) -> bytes:
+    # Like parts together (all int payloads, then scales, then fp16 values): zstd sees runs of
+    # similar statistics.
+    blobs, chunks, offset = [], [], 0
+    for part in ("q", "scale", "value"):
+        for name, entry in quantized.items():
+            if part in entry["arrays"]:
+                array = np.ascontiguousarray(entry["arrays"][part])
+                blobs.append(dict(name=name, part=part, dtype=array.dtype.name, shape=list(array.shape),
+                                  offset=offset, nbytes=array.nbytes))
+                chunks.append(array.tobytes())
+                offset += array.nbytes
+    header = json.dumps(dict(model=model_config, classes={n: e["class"] for n, e in quantized.items()},
+                             shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
+    payload = struct.pack("<I", len(header)) + header + b"".join(chunks)
+    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level).compress(payload)
+
+
+def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict]]:
+    """Returns (model config, quantized state); any damage is a RunError naming `source`."""
+    if not data.startswith(ARTIFACT_MAGIC):
+        raise RunError(f"{source}: not an artifact of this script (bad magic)")
+    try:
+        payload = zstandard.ZstdDecompressor().decompress(data[len(ARTIFACT_MAGIC):])
+        (header_len,) = struct.unpack_from("<I", payload)
+        header = json.loads(payload[4:4 + header_len])
+        body = memoryview(payload)[4 + header_len:]
+        quantized = {name: {"class": cls, "shape": header["shapes"][name], "arrays": {}}
+                     for name, cls in header["classes"].items()}
+        for blob in header["blobs"]:
+            if blob["offset"] < 0 or blob["offset"] + blob["nbytes"] > len(body):
+                raise ValueError(f"array {blob['name']} lies outside the payload")
+            array = np.frombuffer(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
+                                  dtype=ARTIFACT_DTYPES[blob["dtype"]]).reshape(blob["shape"])
+            quantized[blob["name"]]["arrays"][blob["part"]] = array
+        return header["model"], quantized
+    except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{source}: corrupt or truncated artifact ({type(exc).__name__}: {exc})") from None
+
+
+def model_config(h: Hyperparameters) -> dict:
+    return {name: getattr(h, name) for name in MODEL_FIELDS}
+
+
+# -----------------------------------------------------------------------------
+# Weight averaging
+#
+# SWA (PR #76): once the LR scale falls below SWA_START_FRAC, add a snapshot every SWA_INTERVAL
+# steps; the average replaces the weights before quantization. The sum is kept in fp32.
+
+
+class WeightAverager:
+    def __init__(self, interval: int, start_frac: float):
+        self.interval, self.start_frac = interval, start_frac
+        self.total: dict[str, Tensor] | None = None
+        self.count = 0
+
+    @torch.no_grad()
+    def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
+        if not self.interval or lr_scale >= self.start_frac or step % self.interval:
+            return
+        state = model.state_dict()
+        if self.total is None:
+            self.total = {k: v.detach().float().clone() for k, v in state.items()}
+        else:
+            for k, v in state.items():
+                self.total[k] += v.float()
+        self.count += 1
+
+    @torch.no_grad()
+    def load_average(self, model: nn.Module) -> None:
+        if self.count:
+            model.load_state_dict({k: v / self.count for k, v in self.total.items()}, strict=True)
+
+
+# -----------------------------------------------------------------------------
+# Training loop
+#
+# A step is SLICES_PER_STEP micro-batches (8 / world_size per rank), one optimizer update. The LR
+# scale is 1 until the warmdown, then falls linearly to 0 at the projected end of the run; the
+# projection uses the mean time of the steps taken so far, which excludes compilation (the
+# warm-up steps run before the clock starts and are then undone).
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return SLICES_PER_STEP // self.world_size
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    if h.warmdown_iters == 0:
+        return 1.0
+    scale = min(1.0, max(h.iterations - step, 0) / h.warmdown_iters)
+    if h.max_wallclock_seconds > 0 and step > 0:
+        warmdown_ms = h.warmdown_iters * elapsed_ms / step
+        remaining_ms = max(1000 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+        scale = min(scale, remaining_ms / warmdown_ms) if warmdown_ms > 0 else scale
+    return scale
+
+
+def muon_momentum(h: Hyperparameters, step: int) -> float:
+    frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
+    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+
+
+def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, loader: DistributedTokenLoader,
+               step: int, scale: float) -> Tensor:
+    """One optimizer step; returns the step's mean training loss (on the device, not synced)."""
+    tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
+    total = torch.zeros((), device=rt.device)
+    for micro in range(rt.grad_accum_steps):
+        inputs, targets = loader.next_batch(tokens_per_slice, h.train_seq_len)
+        last = micro == rt.grad_accum_steps - 1
+        with (model.no_sync() if rt.distributed and not last else nullcontext()), rt.autocast():
+            loss = model(inputs, targets)
+        (loss / rt.grad_accum_steps).backward()
+        total += loss.detach()
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * scale
+    optimizers[0].param_groups[0]["momentum"] = muon_momentum(h, step)
+    if h.grad_clip_norm > 0:
+        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return total / rt.grad_accum_steps
+
+
+def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
+    if rt.distributed:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= rt.world_size
+    return value.item()
+
+
+def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, log) -> float:
+    """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
+    every graph the timed loop and the evaluations use, then restores the initial weights and
+    optimizer state. The data loader is rebuilt by the caller. Returns the time taken (ms)."""
+    t0 = time.perf_counter()
+    if h.warmup_steps == 0:
+        return 0.0
+    initial_model = copy.deepcopy(base_model.state_dict())
+    initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader = make_loader()
+    for step in range(h.warmup_steps):
+        train_step(h, rt, model, optimizers, loader, step, scale=1.0)
+    seq_len = h.model_eval_seq_len
+    batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
+    with torch.no_grad():
+        score_windows(model_for_eval(model), val, seq_len, window_plan(seq_len, seq_len, seq_len),
+                      batch_windows, rt.autocast())
+    base_model.load_state_dict(initial_model, strict=True)
+    for opt, state in zip(optimizers, initial_opts):
+        opt.load_state_dict(state)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    rt.sync()
+    elapsed = 1000 * (time.perf_counter() - t0)
+    log(f"warmup: {h.warmup_steps} steps and one eval batch in {elapsed:.0f}ms; weights, optimizers and data reset")
+    return elapsed
+
+
+def model_for_eval(model: nn.Module) -> nn.Module:
+    """The compiled module under DDP: evaluation needs no gradient synchronization."""
+    return model.module if isinstance(model, DDP) else model
+
+
+def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, WeightAverager]:
+    """The timed loop. Returns (steps taken, training time in ms, the weight averager)."""
+    averager = WeightAverager(h.swa_interval, h.swa_start_frac)
+    cap_ms = 1000 * h.max_wallclock_seconds
+    train_ms, step = 0.0, 0
+    rt.sync()
+    t0 = time.perf_counter()
+    while step < h.iterations:
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        scale = lr_scale(h, step, elapsed_ms)
+        loss = train_step(h, rt, model, optimizers, loader, step, scale)
+        step += 1
+        averager.observe(base_model, step, scale)
+        rt.sync()
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        reached_cap = cap_ms > 0 and elapsed_ms >= cap_ms
+        if rt.distributed and cap_ms > 0:
+            flag = torch.tensor(float(reached_cap), device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reached_cap = bool(flag.item())
+        last = reached_cap or step == h.iterations
+        if step % h.train_log_every == 0 or last:
+            train_loss = mean_over_ranks(rt, loss)
+            if not math.isfinite(train_loss):
+                raise RunError(f"train_loss is {train_loss} at step {step}: the run diverged "
+                               f"(try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
+            step_ms = elapsed_ms / step
+            eta_s = (min(h.iterations - step, (cap_ms - elapsed_ms) / step_ms if cap_ms else math.inf)) * step_ms / 1000
+            log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+                f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
+        if h.val_loss_every and step % h.val_loss_every == 0 and not last:
+            train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while we validate
+            val_loss, val_bpb = evaluate(model_for_eval(model), val, h.model_eval_seq_len, h.model_eval_seq_len,
+                                         h.val_batch_size, rt)
+            log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}")
+            rt.sync()
+            t0 = time.perf_counter()
+        if reached_cap:
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+            break
+    rt.sync()
+    return step, train_ms + 1000 * (time.perf_counter() - t0), averager
+
+
+# -----------------------------------------------------------------------------
+# Main
+
+
+def init_runtime() -> Runtime:
+    """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if SLICES_PER_STEP % world_size:
+        raise RunError(f"WORLD_SIZE={world_size}: must divide {SLICES_PER_STEP} (1, 2, 4 or 8 processes)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
+                                if device.type == "cuda" else None)
+    return Runtime(rank=rank, world_size=world_size, device=device, distributed=world_size > 1)
+
+
+class Logger:
+    """Rank 0 writes every line to logs/<RUN_ID>.txt and, unless told otherwise, to stdout."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+
+    def __call__(self, message: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(message, flush=True)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(message + "\n")
+
+
+def shared_run_id(h: Hyperparameters, rt: Runtime) -> str:
+    run_id = [h.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]
+    if rt.distributed:
+        dist.broadcast_object_list(run_id, src=0)
+    return run_id[0]
+
+
+def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, log) -> None:
+    source = Path(__file__).read_text(encoding="utf-8")
+    log(f"run_id:{run_id}")
+    log(f"====== source {Path(__file__).name} ({len(source.encode())} bytes) ======", console=False)
+    log(source, console=False)
+    log("====== end source ======", console=False)
+    for field in dataclasses.fields(h):
+        log(f"hparam {field.name.upper()}={getattr(h, field.name)}", console=False)
+    log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
+    device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    log(f"device:{device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
+        f"seed:{h.seed} preset:{preset}")
+    if preset == "smoke":
+        log("preset smoke: no CUDA device or no FineWeb at the default DATA_PATH, so the tiny CPU "
+            "configuration runs on the bundled sample; this is a pre-flight check, not a record")
+
+
+def build_model(h: Hyperparameters, rt: Runtime) -> GPT:
+    torch.manual_seed(h.seed)  # the same initial weights on every rank and device
+    return GPT(h).to(rt.device)
+
+
+def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
+    return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
+
+
+def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, log) -> int:
+    """Quantizes and compresses the model, writes it (rank 0), and enforces the byte limit."""
+    t0 = time.perf_counter()
+    quantized = quantize_state(base_model.state_dict())
+    blob = serialize_artifact(quantized, model_config(h), h.zstd_level)
+    code_bytes = len(Path(__file__).read_bytes())
+    total = code_bytes + len(blob)
+    for cls in sorted({e["class"] for e in quantized.values()}):
+        members = [e for e in quantized.values() if e["class"] == cls]
+        log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
+    log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{len(blob)} "
+        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}")
+    if total > h.artifact_limit_bytes:
+        raise RunError(f"artifact is {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} "
+                       f"by {total - h.artifact_limit_bytes}; nothing was written")
+    if rt.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+    if rt.distributed:
+        dist.barrier()
+    return total
+
+
+def load_artifact(path: Path, rt: Runtime) -> tuple[dict, dict[str, Tensor]]:
+    if not path.is_file():
+        raise RunError(f"{path}: no such artifact")
+    config, quantized = deserialize_artifact(path.read_bytes(), str(path))
+    return config, dequantize_state(quantized)
+
+
+def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
+    run_id = shared_run_id(h, rt)
+    log = Logger(SCRIPT_DIR / "logs" / f"{run_id}.txt" if rt.is_main else None)
+    log_header(h, rt, preset, run_id, log)
+    artifact_path = Path(h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
+
+    # ---- data: every shard header, the tokenizer and the validation tokens, before any training
+    sp = load_tokenizer(h)
+    train_files = find_shards(h, "train")
+    val = load_validation(h, sp, rt.device)
+    log(f"data: {len(train_files)} train shards, val_tokens:{val.num_targets} val_bytes:{val.num_bytes}")
+
+    # ---- construct
+    base_model = build_model(h, rt)
+    optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
+    compiled = torch.compile(base_model, dynamic=False) if compile_enabled(h, rt) else base_model
+    model = DDP(compiled, broadcast_buffers=False) if rt.distributed else compiled
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
+
+    def make_loader():
+        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device)
+
+    # ---- warm up kernels, then train against the clock
+    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, log)
+    stance = torch.compiler.set_stance("fail_on_recompile") if compile_enabled(h, rt) else nullcontext()
+    try:
+        with stance:
+            steps, train_ms, averager = train(h, rt, base_model, model, optimizers, make_loader(), val, log)
+    except RuntimeError as exc:
+        if "recompil" in str(exc).lower():
+            raise RunError(f"torch.compile recompiled inside the timed loop; every graph must be built "
+                           f"during warm-up ({str(exc).splitlines()[0]})") from None
+        raise
+    log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
+    if rt.device.type == "cuda":
+        log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20} "
+            f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
+    averager.load_average(base_model)
+    log(f"swa: averaged {averager.count} snapshots" if averager.count else "swa: no snapshots, final weights kept")
+    eval_model = model_for_eval(model)
+    seq_len = h.model_eval_seq_len
+    val_loss, val_bpb = evaluate(eval_model, val, seq_len, seq_len, h.val_batch_size, rt)
+    log(f"pre_quant val_loss:{val_loss:.6f} val_bpb:{val_bpb:.6f}")
+
+    # ---- quantize, write, read back, score the reloaded model
+    write_artifact(h, rt, base_model, artifact_path, log)
+    _, state = load_artifact(artifact_path, rt)
+    base_model.load_state_dict(state, strict=True)
+    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes}")
+    evals = [("final_roundtrip", seq_len)] + ([("final_sliding", h.eval_stride)] if h.eval_stride else [])
+    for label, stride in evals:
+        rt.sync()
+        t0 = time.perf_counter()
+        val_loss, val_bpb = evaluate(eval_model, val, seq_len, stride, h.val_batch_size, rt)
+        rt.sync()
+        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
+            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+    log(f"artifact_path:{artifact_path}")
+
+
+def main() -> int:
+    rt = None
+    try:
+        rt = init_runtime()
+        h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        run(h, preset, rt)
+        return 0
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if rt is not None and rt.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
