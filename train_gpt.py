@@ -118,10 +118,22 @@ class Hyperparameters:
     zstd_level: int = 22
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
+    cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
+    eval_only: str = ""
+    # GPTQ rounding, calibrated on training tokens after training (0: off). Reading training data
+    # counts toward the training time, so the loop stops GPTQ_RESERVE_SECONDS early.
+    gptq_calib_tokens: int = 0
+    gptq_reserve_seconds: float = 5.0  # path to an artifact: score it (model shape from the artifact), train nothing
 
     @property
     def model_eval_seq_len(self) -> int:
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def loop_cap_seconds(self) -> float:
+        """The training loop's wallclock cap (0: none): MAX_WALLCLOCK_SECONDS less the GPTQ reserve."""
+        reserve = self.gptq_reserve_seconds if self.gptq_calib_tokens else 0.0
+        return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds else 0.0
 
 
 SMOKE_PRESET = dict(
@@ -202,6 +214,9 @@ def validate(h: Hyperparameters) -> None:
         (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
         (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+        (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0, "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
+        (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
+         "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
     ]
     for ok, message in checks:
         if not ok:
@@ -294,8 +309,8 @@ def find_shards(h: Hyperparameters, split: str) -> list[str]:
     files = sorted(glob.glob(os.path.join(h.data_path, f"fineweb_{split}_*.bin")))
     if not files:
         raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards")
-    for path in files:
-        read_shard_header(path)
+    if sum(read_shard_header(path) for path in files) == 0:
+        raise RunError(f"DATA_PATH={h.data_path}: the fineweb_{split}_*.bin shards hold no tokens")
     return files
 
 
@@ -680,10 +695,16 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
 # Quantization and serialization
 #
 # Per-row symmetric quantization: int5 ([-15, 15]) for MLP matrices, int6 ([-31, 31]) for
-# attention matrices and the bigram table, one fp16 scale per row; the row's step is its own
-# absolute maximum over the level count, never floored (an absolute floor of 1/15 cost PR #236
-# 0.020 bpb). The tied embedding and the small control tensors stay fp16. Values sit in int8
-# containers; zstd finds the unused high bits.
+# attention matrices and the bigram table, one fp16 scale per row. Each row's clip is searched:
+# of the candidates CLIP_RATIOS x (row's absolute max), the one with the least squared
+# reconstruction error wins (for int5, clipping a Gaussian-like row below its max rounds the bulk
+# of the weights more finely than the outliers cost). No absolute floor on the step (a floor of
+# 1/15 cost PR #236 0.020 bpb). The tied embedding and the small control tensors stay fp16.
+# Values sit in int8 containers: zstd's entropy stage finds the unused high bits.
+#
+# If code + model exceed ARTIFACT_LIMIT_BYTES, fit_to_limit() demotes matrices one class at a
+# time (fp16 -> int8, int6 -> int5 -> int4), cheapest first by squared error added per byte saved,
+# re-compresses and re-measures until the artifact fits, or stops the run.
 #
 # The artifact is MAGIC + zstd(u32 header length, JSON header, raw arrays). The header holds the
 # model's shape and, per array, dtype, shape and offset: loading it runs no code (no pickle).
@@ -697,51 +718,175 @@ QUANT_RULES = (
     (r"tok_emb\.weight|bigram\.proj\.weight", "fp16"),
     (CONTROL_TENSORS, "fp16"),
 )
-QUANT_BITS = {"int5": 5, "int6": 6, "int8": 8}
+QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int8": 8}
+CLASS_BITS = {**QUANT_BITS, "fp16": 16}
+DEMOTIONS = {"fp16": "int8", "int6": "int5", "int5": "int4"}  # the fitting ladder (not for control tensors)
+CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 ARTIFACT_MAGIC = b"PGOLF\x00A1"
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
                 "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len")
 
 
-def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def quantize_rows(w: Tensor, bits: int, clip_search: bool = True) -> tuple[Tensor, Tensor]:
     """int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1] and one fp16 scale per row."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
-    scale = (w.abs().amax(dim=1) / qmax).clamp_min(2.0 ** -24).half()
-    q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax).to(torch.int8)
-    return q, scale
+    amax = w.abs().amax(dim=1, keepdim=True)
+    best_q = best_scale = best_err = None
+    for ratio in CLIP_RATIOS if clip_search else (1.0,):
+        # fp16 rounds to within 2^-11 relative: the nudge keeps ratio x amax representable
+        scale = (amax * ratio / qmax * (1 + 2.0 ** -10)).clamp_min(2.0 ** -24).half().float()
+        q = torch.clamp(torch.round(w / scale), -qmax, qmax)
+        err = (q * scale - w).square().sum(dim=1, keepdim=True)
+        if best_err is None:
+            best_q, best_scale, best_err = q, scale, err
+        else:
+            better = err < best_err
+            best_q, best_scale = torch.where(better, q, best_q), torch.where(better, scale, best_scale)
+            best_err = torch.minimum(err, best_err)
+    return best_q.to(torch.int8), best_scale.squeeze(1).half()
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quantize_state(state: dict[str, Tensor]) -> dict[str, dict]:
-    """name -> {"class", "shape", "arrays": {part: numpy array}} for every tensor of the model."""
+def quant_plan(state: dict[str, Tensor]) -> dict[str, str]:
+    """name -> quantization class, from QUANT_RULES (each tensor in exactly one class)."""
     classes = partition(list(state.items()), QUANT_RULES, "QUANT_RULES")
-    out = {}
-    for cls, members in classes.items():
-        for name, tensor in members:
-            tensor = tensor.detach().cpu()
-            if cls in QUANT_BITS:
-                q, scale = quantize_rows(tensor, QUANT_BITS[cls])
-                arrays = {"q": q.numpy(), "scale": scale.numpy()}
-            else:
-                arrays = {"value": tensor.half().numpy()}
-            out[name] = {"class": cls, "shape": list(tensor.shape), "arrays": arrays}
-    return out
+    return {name: cls for cls, members in classes.items() for name, _ in members}
+
+
+def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128) -> Tensor:
+    """Rounds w (rows x cols) to the grid of per-row `scale`, one column at a time, pushing each
+    column's rounding error onto the columns not yet rounded, weighted by the inverse input
+    Hessian (GPTQ, Frantar et al. 2022): the layer's output error over the calibration inputs is
+    what gets minimized, not the weights' own. Columns go in order of decreasing Hessian diagonal."""
+    qmax = 2 ** (bits - 1) - 1
+    w, hessian, s = w.float().clone(), hessian.float().clone(), scale.float()
+    dead = hessian.diagonal() == 0
+    hessian[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    w, hessian = w[:, order], hessian[order][:, order]
+    hessian.diagonal().add_(0.01 * hessian.diagonal().mean())  # damping, as in the paper
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+    q = torch.zeros_like(w)
+    for i0 in range(0, w.size(1), block):
+        i1 = min(i0 + block, w.size(1))
+        errors = torch.zeros(w.size(0), i1 - i0, device=w.device)
+        for i in range(i0, i1):
+            q[:, i] = torch.clamp(torch.round(w[:, i] / s), -qmax, qmax)
+            errors[:, i - i0] = (w[:, i] - q[:, i] * s) / inverse[i, i]
+            w[:, i:i1] -= errors[:, i - i0, None] * inverse[i, i:i1][None, :]
+        w[:, i1:] -= errors @ inverse[i0:i1, i1:]
+    return q[:, torch.argsort(order)].to(torch.int8)
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt) -> dict[str, Tensor]:
+    """E[x x^T] over the inputs x of every block matrix, from GPTQ_CALIB_TOKENS training tokens
+    (all ranks together; the stream continues where training stopped). Runs the uncompiled model:
+    the hooks need eager inputs."""
+    sums, hooks = {}, []
+
+    def hook_for(name: str):
+        def hook(module, args):
+            x = args[0].detach().flatten(0, -2).float()
+            sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+        return hook
+
+    for name, module in model.named_modules():
+        if re.fullmatch(BLOCK_MATRICES, f"{name}.weight"):
+            hooks.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
+    tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
+    batches = max(1, -(-h.gptq_calib_tokens // (tokens_per_slice * rt.world_size)))
+    for _ in range(batches):
+        inputs, _ = loader.next_batch(tokens_per_slice, h.train_seq_len)
+        with rt.autocast():
+            model(inputs)
+    for hook in hooks:
+        hook.remove()
+    for total in sums.values():
+        if rt.distributed:
+            dist.all_reduce(total)
+        total /= batches * tokens_per_slice * rt.world_size
+    return sums
+
+
+def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None) -> dict:
+    tensor = tensor.detach().float()
+    if cls in QUANT_BITS:
+        q, scale = quantize_rows(tensor, QUANT_BITS[cls], clip_search)
+        if hessian is not None:
+            q = gptq_round(tensor, hessian, QUANT_BITS[cls], scale)
+        arrays = {"q": q.cpu().numpy(), "scale": scale.cpu().numpy()}
+    else:
+        arrays = {"value": tensor.half().cpu().numpy()}
+    return {"class": cls, "shape": list(tensor.shape), "arrays": arrays}
+
+
+def dequantize_tensor(entry: dict) -> Tensor:
+    arrays = {part: torch.from_numpy(np.array(a)) for part, a in entry["arrays"].items()}
+    if entry["class"] in QUANT_BITS:
+        return dequantize_rows(arrays["q"], arrays["scale"]).view(entry["shape"])
+    return arrays["value"].float().view(entry["shape"])
+
+
+def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
+                   hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
+    hessians = hessians or {}
+    return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name)) for name in plan}
 
 
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
-    state = {}
-    for name, entry in quantized.items():
-        arrays = {part: torch.from_numpy(np.array(a)) for part, a in entry["arrays"].items()}
-        if entry["class"] in QUANT_BITS:
-            state[name] = dequantize_rows(arrays["q"], arrays["scale"]).view(entry["shape"])
-        else:
-            state[name] = arrays["value"].float().view(entry["shape"])
-    return state
+    return {name: dequantize_tensor(entry) for name, entry in quantized.items()}
+
+
+def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
+    """Squared error the quantized tensor adds to its layer's output: tr(dW H dW^T) with H the
+    mean input outer product from calibration, or with H = I (unit-RMS inputs) without one."""
+    delta = dequantize_tensor(entry).to(tensor.device) - tensor.detach().float()
+    if hessian is None:
+        return delta.square().sum().item()
+    return ((delta @ hessian.float()) * delta).sum().item()
+
+
+def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
+                 hessians: dict[str, Tensor] | None = None) -> tuple[bytes, list[str]]:
+    """Serializes; while over `budget` bytes, demotes the cheapest tensors and re-measures.
+
+    A demotion's cost is the output error it adds (output_error) per byte it is expected to save
+    (bits saved x elements / 8). Each round applies the cheapest demotions until they are expected
+    to save 1.25x the overshoot."""
+    hessians = hessians or {}
+    blob, moves = serialize(quantized), []
+    while len(blob) > budget:
+        overshoot = len(blob) - budget
+        candidates = []
+        for name, entry in quantized.items():
+            target = DEMOTIONS.get(entry["class"])
+            if target is None or re.fullmatch(CONTROL_TENSORS, name):
+                continue
+            hessian = hessians.get(name)
+            demoted = quantize_tensor(state[name], target, hessian=hessian)
+            saving = (CLASS_BITS[entry["class"]] - CLASS_BITS[target]) * state[name].numel() / 8
+            cost = output_error(state[name], demoted, hessian) - output_error(state[name], entry, hessian)
+            candidates.append((cost / saving, name, target, demoted, saving))
+        if not candidates:
+            raise RunError(f"artifact is {overshoot} bytes over its budget with every matrix at its lowest "
+                           f"class; raise ARTIFACT_LIMIT_BYTES or shrink the model")
+        expected = 0.0
+        for _, name, target, demoted, saving in sorted(candidates, key=lambda c: (c[0], c[1])):
+            moves.append(f"{name}:{quantized[name]['class']}->{target}")
+            log(f"fit: {moves[-1]} (expected to save ~{saving:.0f} bytes of {overshoot} over)")
+            quantized[name] = demoted
+            expected += saving
+            if expected >= 1.25 * overshoot:
+                break
+        blob = serialize(quantized)
+    return blob, moves
 
 
 def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int) -> bytes:
@@ -751,7 +896,7 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
     for part in ("q", "scale", "value"):
         for name, entry in quantized.items():
             if part in entry["arrays"]:
-                array = np.ascontiguousarray(entry["arrays"][part])
+                array = np.asarray(entry["arrays"][part], order="C")  # (ascontiguousarray makes 0-d 1-d)
                 blobs.append(dict(name=name, part=part, dtype=array.dtype.name, shape=list(array.shape),
                                   offset=offset, nbytes=array.nbytes))
                 chunks.append(array.tobytes())
@@ -759,7 +904,7 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
     header = json.dumps(dict(model=model_config, classes={n: e["class"] for n, e in quantized.items()},
                              shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
     payload = struct.pack("<I", len(header)) + header + b"".join(chunks)
-    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level).compress(payload)
+    return ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=zstd_level, write_checksum=True).compress(payload)
 
 
 def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict]]:
@@ -779,8 +924,12 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
             array = np.frombuffer(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
                                   dtype=ARTIFACT_DTYPES[blob["dtype"]]).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
+        for name, entry in quantized.items():
+            expected = ("q", "scale") if entry["class"] in QUANT_BITS else ("value",)
+            if sorted(entry["arrays"]) != sorted(expected):
+                raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays")
         return header["model"], quantized
-    except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError) as exc:
+    except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RunError(f"{source}: corrupt or truncated artifact ({type(exc).__name__}: {exc})") from None
 
 
@@ -834,6 +983,7 @@ class Runtime:
     world_size: int
     device: torch.device
     distributed: bool
+    bf16: bool = False  # autocast matrix products to bf16 (always on CUDA; CPU_AUTOCAST on CPU)
 
     @property
     def is_main(self) -> bool:
@@ -844,9 +994,7 @@ class Runtime:
         return SLICES_PER_STEP // self.world_size
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -857,9 +1005,9 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if h.warmdown_iters == 0:
         return 1.0
     scale = min(1.0, max(h.iterations - step, 0) / h.warmdown_iters)
-    if h.max_wallclock_seconds > 0 and step > 0:
+    if h.loop_cap_seconds > 0 and step > 0:
         warmdown_ms = h.warmdown_iters * elapsed_ms / step
-        remaining_ms = max(1000 * h.max_wallclock_seconds - elapsed_ms, 0.0)
+        remaining_ms = max(1000 * h.loop_cap_seconds - elapsed_ms, 0.0)
         scale = min(scale, remaining_ms / warmdown_ms) if warmdown_ms > 0 else scale
     return scale
 
@@ -914,11 +1062,7 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, lo
     loader = make_loader()
     for step in range(h.warmup_steps):
         train_step(h, rt, model, optimizers, loader, step, scale=1.0)
-    seq_len = h.model_eval_seq_len
-    batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
-    with torch.no_grad():
-        score_windows(model_for_eval(model), val, seq_len, window_plan(seq_len, seq_len, seq_len),
-                      batch_windows, rt.autocast())
+    build_eval_graph(h, rt, model_for_eval(model), val)
     base_model.load_state_dict(initial_model, strict=True)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
@@ -938,7 +1082,7 @@ def model_for_eval(model: nn.Module) -> nn.Module:
 def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, WeightAverager]:
     """The timed loop. Returns (steps taken, training time in ms, the weight averager)."""
     averager = WeightAverager(h.swa_interval, h.swa_start_frac)
-    cap_ms = 1000 * h.max_wallclock_seconds
+    cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
     rt.sync()
     t0 = time.perf_counter()
@@ -997,7 +1141,8 @@ def init_runtime() -> Runtime:
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
                                 if device.type == "cuda" else None)
-    return Runtime(rank=rank, world_size=world_size, device=device, distributed=world_size > 1)
+    return Runtime(rank=rank, world_size=world_size, device=device, distributed=world_size > 1,
+                   bf16=device.type == "cuda")
 
 
 class Logger:
@@ -1025,11 +1170,10 @@ def shared_run_id(h: Hyperparameters, rt: Runtime) -> str:
     return run_id[0]
 
 
-def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, log) -> None:
-    source = Path(__file__).read_text(encoding="utf-8")
+def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, log) -> None:
     log(f"run_id:{run_id}")
-    log(f"====== source {Path(__file__).name} ({len(source.encode())} bytes) ======", console=False)
-    log(source, console=False)
+    log(f"====== source {Path(__file__).name} ({len(code)} bytes) ======", console=False)
+    log(code.decode("utf-8"), console=False)
     log("====== end source ======", console=False)
     for field in dataclasses.fields(h):
         log(f"hparam {field.name.upper()}={getattr(h, field.name)}", console=False)
@@ -1052,50 +1196,78 @@ def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
     return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
 
 
-def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, log) -> int:
-    """Quantizes and compresses the model, writes it (rank 0), and enforces the byte limit."""
+def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int, log,
+                   hessians: dict[str, Tensor] | None = None) -> None:
+    """Quantizes and compresses the model, fits it under the byte limit, writes it (rank 0).
+
+    Every rank computes the same bytes, so a RunError stops all of them together."""
     t0 = time.perf_counter()
-    quantized = quantize_state(base_model.state_dict())
-    blob = serialize_artifact(quantized, model_config(h), h.zstd_level)
-    code_bytes = len(Path(__file__).read_bytes())
-    total = code_bytes + len(blob)
+    state = base_model.state_dict()
+    quantized = quantize_state(state, quant_plan(state), hessians=hessians)
+    if code_bytes >= h.artifact_limit_bytes:
+        raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is {code_bytes} bytes")
+    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, model_config(h), h.zstd_level),
+                               h.artifact_limit_bytes - code_bytes, log, hessians)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
     log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms")
-    log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{len(blob)} "
-        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}")
-    if total > h.artifact_limit_bytes:
-        raise RunError(f"artifact is {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} "
-                       f"by {total - h.artifact_limit_bytes}; nothing was written")
     if rt.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(blob)
     if rt.distributed:
         dist.barrier()
-    return total
+    log_artifact_bytes(h, path, code_bytes, moves, log)
 
 
-def load_artifact(path: Path, rt: Runtime) -> tuple[dict, dict[str, Tensor]]:
+def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: list[str] | None, log) -> None:
+    """The byte budget of the exact files that ship: this script (as logged) and the artifact on disk."""
+    model_bytes = path.stat().st_size
+    total = code_bytes + model_bytes
+    fit = "" if moves is None else f" fit_moves:{len(moves)}"
+    log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{model_bytes} "
+        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit}")
+    if moves:
+        log(f"fit_changes:{','.join(moves)}")
+    if total > h.artifact_limit_bytes:
+        raise RunError(f"{path}: code + model = {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes}")
+
+
+def load_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     if not path.is_file():
         raise RunError(f"{path}: no such artifact")
     config, quantized = deserialize_artifact(path.read_bytes(), str(path))
     return config, dequantize_state(quantized)
 
 
-def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
-    run_id = shared_run_id(h, rt)
-    log = Logger(SCRIPT_DIR / "logs" / f"{run_id}.txt" if rt.is_main else None)
-    log_header(h, rt, preset, run_id, log)
-    artifact_path = Path(h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
+def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet) -> None:
+    """Scores one batch so that torch.compile builds the evaluation graph before any timing."""
+    seq_len = h.model_eval_seq_len
+    batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
+    with torch.no_grad():
+        score_windows(model, val, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
 
-    # ---- data: every shard header, the tokenizer and the validation tokens, before any training
-    sp = load_tokenizer(h)
+
+def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
+    """The final lines: standard and sliding-window evaluation of the model loaded from the artifact."""
+    seq_len = h.model_eval_seq_len
+    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes}")
+    evals = [("final_roundtrip", seq_len)] + ([("final_sliding", h.eval_stride)] if h.eval_stride else [])
+    for label, stride in evals:
+        rt.sync()
+        t0 = time.perf_counter()
+        val_loss, val_bpb = evaluate(model, val, seq_len, stride, h.val_batch_size, rt)
+        rt.sync()
+        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
+            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+
+
+def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
+    """Builds, warms up and trains the model, loads its weight average and, with GPTQ on, calibrates.
+
+    Returns the model, the module to evaluate it with (compiled where enabled) and the Hessians."""
     train_files = find_shards(h, "train")
-    val = load_validation(h, sp, rt.device)
-    log(f"data: {len(train_files)} train shards, val_tokens:{val.num_targets} val_bytes:{val.num_bytes}")
-
-    # ---- construct
+    log(f"data: {len(train_files)} train shards")
     base_model = build_model(h, rt)
     optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
     compiled = torch.compile(base_model, dynamic=False) if compile_enabled(h, rt) else base_model
@@ -1105,41 +1277,65 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
     def make_loader():
         return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device)
 
-    # ---- warm up kernels, then train against the clock
     warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, log)
+    loader = make_loader()
     stance = torch.compiler.set_stance("fail_on_recompile") if compile_enabled(h, rt) else nullcontext()
     try:
         with stance:
-            steps, train_ms, averager = train(h, rt, base_model, model, optimizers, make_loader(), val, log)
+            steps, train_ms, averager = train(h, rt, base_model, model, optimizers, loader, val, log)
     except RuntimeError as exc:
         if "recompil" in str(exc).lower():
-            raise RunError(f"torch.compile recompiled inside the timed loop; every graph must be built "
-                           f"during warm-up ({str(exc).splitlines()[0]})") from None
+            raise RunError(f"torch.compile compiled inside the timed loop; every graph must be built during "
+                           f"warm-up (WARMUP_STEPS >= 1) ({str(exc).splitlines()[0]})") from None
         raise
+    averager.load_average(base_model)
+    log(f"swa: averaged {averager.count} snapshots" if averager.count else "swa: no snapshots, final weights kept")
+    hessians = None
+    if h.gptq_calib_tokens:
+        t0 = time.perf_counter()
+        hessians = collect_hessians(base_model, loader, h, rt)
+        rt.sync()
+        calib_ms = 1000 * (time.perf_counter() - t0)
+        train_ms += calib_ms
+        log(f"gptq_calibration: {len(hessians)} matrices from {h.gptq_calib_tokens} training tokens in {calib_ms:.0f}ms")
     log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
+    if h.max_wallclock_seconds and train_ms > 1000 * h.max_wallclock_seconds:
+        log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
     if rt.device.type == "cuda":
         log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20} "
             f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
-    averager.load_average(base_model)
-    log(f"swa: averaged {averager.count} snapshots" if averager.count else "swa: no snapshots, final weights kept")
-    eval_model = model_for_eval(model)
-    seq_len = h.model_eval_seq_len
-    val_loss, val_bpb = evaluate(eval_model, val, seq_len, seq_len, h.val_batch_size, rt)
-    log(f"pre_quant val_loss:{val_loss:.6f} val_bpb:{val_bpb:.6f}")
+    return base_model, model_for_eval(model), hessians
 
-    # ---- quantize, write, read back, score the reloaded model
-    write_artifact(h, rt, base_model, artifact_path, log)
-    _, state = load_artifact(artifact_path, rt)
-    base_model.load_state_dict(state, strict=True)
-    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes}")
-    evals = [("final_roundtrip", seq_len)] + ([("final_sliding", h.eval_stride)] if h.eval_stride else [])
-    for label, stride in evals:
-        rt.sync()
-        t0 = time.perf_counter()
-        val_loss, val_bpb = evaluate(eval_model, val, seq_len, stride, h.val_batch_size, rt)
-        rt.sync()
-        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
-            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+
+def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
+    run_id = shared_run_id(h, rt)
+    log = Logger(SCRIPT_DIR / "logs" / f"{run_id}.txt" if rt.is_main else None)
+    if h.eval_only:
+        config, state = load_artifact(Path(h.eval_only))
+        h = dataclasses.replace(h, **config)  # the artifact decides the model's shape
+        validate(h)
+    code = Path(__file__).read_bytes()  # read once: the logged source is the one whose bytes count
+    log_header(h, rt, preset, run_id, code, log)
+    artifact_path = Path(h.eval_only or h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
+    sp = load_tokenizer(h)
+    val = load_validation(h, sp, rt.device)
+
+    if h.eval_only:
+        log(f"eval_only: scoring {artifact_path}; nothing is trained")
+        base_model = build_model(h, rt)
+        base_model.load_state_dict(state, strict=True)
+        eval_model = torch.compile(base_model, dynamic=False) if compile_enabled(h, rt) else base_model
+        build_eval_graph(h, rt, eval_model, val)
+        log_artifact_bytes(h, artifact_path, len(code), None, log)
+    else:
+        base_model, eval_model, hessians = train_model(h, rt, val, log)
+        val_loss, val_bpb = evaluate(eval_model, val, h.model_eval_seq_len, h.model_eval_seq_len,
+                                     h.val_batch_size, rt)
+        log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        write_artifact(h, rt, base_model, artifact_path, len(code), log, hessians)
+        _, state = load_artifact(artifact_path)
+        base_model.load_state_dict(state, strict=True)
+    score_artifact(h, rt, eval_model, val, log)
     log(f"artifact_path:{artifact_path}")
 
 
@@ -1148,6 +1344,7 @@ def main() -> int:
     try:
         rt = init_runtime()
         h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
+        rt = dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         run(h, preset, rt)

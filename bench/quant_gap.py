@@ -1,0 +1,144 @@
+"""Quantization gap and artifact bytes, side by side on one trained model.
+
+    python3 bench/quant_gap.py --raw /tmp/mid.pt [--val-tokens 200000]
+
+Trains one model with train_gpt.py's own code, configured by the same environment variables (or,
+if --raw names an existing file, loads the unquantized weights a previous call saved there), then:
+
+1. scores the unquantized model (standard evaluation, EVAL_SEQ_LEN windows);
+2. for each rounding method, quantizes with the record's classes (int5 MLP, int6 attention, fp16
+   rest), writes the artifact, reads it back and scores the reloaded model: bpb, gap to (1), bytes;
+3. measures what the container layout and the compressor do to the bytes of the chosen method's
+   quantized weights (int8 containers vs bit-packed payloads, byte-shuffled fp16, zstd levels, lzma).
+
+--val-tokens scores a prefix of the validation split, to keep CPU runs short; every method is
+scored on the same tokens, so the comparison is like for like. Results go to stdout.
+"""
+
+import argparse
+import lzma
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+
+def truncated(val: tg.ValidationSet, num_tokens: int) -> tg.ValidationSet:
+    if not num_tokens or num_tokens >= len(val.tokens):
+        return val
+    tokens = val.tokens[:num_tokens]
+    tables = tuple(t.cpu().numpy() for t in val.tables)
+    cpu_tokens = tokens.cpu().numpy()
+    num_bytes = int(tg.target_bytes(cpu_tokens[:-1], cpu_tokens[1:], tables).sum())
+    return tg.ValidationSet(tokens, len(tokens) - 1, num_bytes, val.tables)
+
+
+def trained_state(h, rt, val, raw: Path | None) -> dict[str, torch.Tensor]:
+    if raw is not None and raw.is_file():
+        print(f"loading unquantized weights from {raw}")
+        return torch.load(raw, map_location=rt.device, weights_only=True)
+    t0 = time.perf_counter()
+    base_model, _, _ = tg.train_model(h, rt, val, print)
+    print(f"trained in {time.perf_counter() - t0:.0f}s")
+    state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    if raw is not None:
+        torch.save(state, raw)
+    return state
+
+
+def score(h, rt, state, val) -> float:
+    model = tg.build_model(h, rt)
+    model.load_state_dict(state, strict=True)
+    return tg.evaluate(model, val, h.model_eval_seq_len, h.model_eval_seq_len, h.val_batch_size, rt)[1]
+
+
+def pack_bits(q: np.ndarray, bits: int) -> bytes:
+    """Dense little-endian bit packing of signed values offset to [0, 2^bits)."""
+    offset = (q.astype(np.int16) + (1 << (bits - 1))).astype(np.uint8).ravel()
+    planes = np.unpackbits(offset[:, None], axis=1, bitorder="little")[:, :bits]
+    return np.packbits(planes.ravel(), bitorder="little").tobytes()
+
+
+def layout_bytes(quantized: dict, mode: str) -> bytes:
+    parts = []
+    for part in ("q", "scale", "value"):
+        for entry in quantized.values():
+            if part not in entry["arrays"]:
+                continue
+            array = np.ascontiguousarray(entry["arrays"][part])
+            if part == "q" and mode == "bitpack":
+                parts.append(pack_bits(array, tg.QUANT_BITS[entry["class"]]))
+            elif array.dtype == np.float16 and mode == "shuffle":
+                parts.append(array.view(np.uint8).reshape(-1, 2).T.tobytes())  # low bytes, then high bytes
+            else:
+                parts.append(array.tobytes())
+    return b"".join(parts)
+
+
+def packing_table(quantized: dict) -> None:
+    rows = []
+    for mode in ("int8", "bitpack", "shuffle"):
+        payload = layout_bytes(quantized, mode)
+        for name, compress in (("zstd-22", lambda b: zstandard.ZstdCompressor(level=22).compress(b)),
+                               ("zstd-19", lambda b: zstandard.ZstdCompressor(level=19).compress(b)),
+                               ("lzma-9e", lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME))):
+            if mode != "int8" and name != "zstd-22":
+                continue
+            t0 = time.perf_counter()
+            rows.append((mode, name, len(payload), len(compress(payload)), time.perf_counter() - t0))
+    print("\nlayout   compressor  raw_bytes   compressed  seconds")
+    for mode, name, raw, size, secs in rows:
+        print(f"{mode:8s} {name:10s} {raw:10d} {size:11d} {secs:8.1f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", type=Path, help="unquantized weights: loaded if the file exists, else saved there")
+    ap.add_argument("--val-tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
+    ap.add_argument("--no-packing", action="store_true", help="skip the layout/compressor table")
+    ap.add_argument("--calib-tokens", type=int, default=131072, help="GPTQ calibration tokens (from train shards)")
+    args = ap.parse_args()
+    rt = tg.init_runtime()
+    h, preset = tg.hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
+    rt = tg.dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
+    print(f"preset:{preset} layers:{h.num_layers} dim:{h.model_dim} iterations:{h.iterations} "
+          f"batch:{h.train_batch_tokens} seq:{h.train_seq_len} data:{h.data_path}")
+    sp = tg.load_tokenizer(h)
+    val = tg.load_validation(h, sp, rt.device)
+    state = trained_state(h, rt, val, args.raw)
+    val = truncated(val, args.val_tokens)
+    print(f"scoring {val.num_targets} targets, {val.num_bytes} bytes")
+    base_bpb = score(h, rt, state, val)
+    print(f"\nmethod        val_bpb     gap         model_bytes")
+    print(f"unquantized   {base_bpb:.6f}")
+    plan = tg.quant_plan(state)
+    model = tg.build_model(h, rt)
+    model.load_state_dict(state, strict=True)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, rt.device)
+    t0 = time.perf_counter()
+    hessians = tg.collect_hessians(model, loader, tg.dataclasses.replace(h, gptq_calib_tokens=args.calib_tokens), rt)
+    print(f"(GPTQ calibration: {args.calib_tokens} training tokens, {time.perf_counter() - t0:.1f}s)")
+    chosen = None
+    for method, clip_search, use_hessians in (("absmax", False, False), ("clip_search", True, False),
+                                             ("gptq", True, True)):
+        t0 = time.perf_counter()
+        quantized = tg.quantize_state(state, plan, clip_search=clip_search, hessians=hessians if use_hessians else None)
+        seconds = time.perf_counter() - t0
+        blob = tg.serialize_artifact(quantized, tg.model_config(h), h.zstd_level)
+        _, reloaded = tg.deserialize_artifact(blob, method)
+        bpb = score(h, rt, tg.dequantize_state(reloaded), val)
+        print(f"{method:13s} {bpb:.6f}  {bpb - base_bpb:+.6f}  {len(blob):11d}  (quantized in {seconds:.1f}s)")
+        chosen = quantized
+    if not args.no_packing:
+        packing_table(chosen)
+
+
+if __name__ == "__main__":
+    main()

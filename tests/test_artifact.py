@@ -1,0 +1,204 @@
+# python3 -m pytest -q tests/test_artifact.py
+"""The artifact: quantization error bounds per class, the clip search, the byte-limit fitting, the
+safe and strict loader, and EVAL_ONLY reproducing the in-run score."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from conftest import assert_one_line_error, tiny_hparams, tiny_model
+import train_gpt as tg
+
+
+def heavy_tailed(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """Gaussian rows with a few large outliers, like trained weights: where clipping pays."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * 0.02
+    w[torch.rand(rows, cols, generator=g) < 0.002] *= 8
+    return w
+
+
+@pytest.mark.parametrize("cls", ["int4", "int5", "int6", "int8"])
+def test_quantized_values_in_range_and_error_bounded(cls):
+    bits = tg.QUANT_BITS[cls]
+    qmax = 2 ** (bits - 1) - 1
+    w = heavy_tailed(64, 96)
+    for clip_search in (False, True):
+        q, scale = tg.quantize_rows(w, bits, clip_search)
+        assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (64,)
+        assert int(q.abs().max()) <= qmax
+        error = (tg.dequantize_rows(q, scale) - w).abs()
+        inside = w.abs() <= qmax * scale.float()[:, None]  # values within the clip: rounding error only
+        assert bool((error[inside] <= scale.float()[:, None].expand_as(w)[inside] / 2 + 1e-7).all())
+        if not clip_search:
+            assert bool(inside.all()), "absmax rounding must not clip anything"
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+def test_clip_search_never_worse_than_absmax_per_row(bits):
+    w = heavy_tailed(128, 256, seed=bits)
+    err = {}
+    for clip_search in (False, True):
+        q, scale = tg.quantize_rows(w, bits, clip_search)
+        err[clip_search] = (tg.dequantize_rows(q, scale) - w).square().sum(dim=1)
+    assert bool((err[True] <= err[False] + 1e-9).all())
+    assert err[True].sum() < 0.99 * err[False].sum(), "on heavy-tailed rows the search should clip"
+
+
+def test_tiny_rows_are_not_floored():
+    """PR #236's quantizer floored the step at 1/qmax; a row of small weights must keep its detail."""
+    w = torch.linspace(-1e-3, 1e-3, 31)[None, :]
+    q, scale = tg.quantize_rows(w, 5, clip_search=False)
+    assert len(torch.unique(q)) >= 25
+    assert float((tg.dequantize_rows(q, scale) - w).abs().max()) < 1e-4
+
+
+def test_every_class_roundtrips_through_the_artifact():
+    h = tiny_hparams()
+    state = tiny_model(h).state_dict()
+    plan = tg.quant_plan(state)
+    plan["tok_emb.weight"] = "int8"  # exercise every class the format knows
+    plan["blocks.0.mlp.fc.weight"] = "int4"
+    assert {"int4", "int5", "int6", "int8", "fp16"} <= set(plan.values())
+    quantized = tg.quantize_state(state, plan)
+    config, loaded = tg.deserialize_artifact(tg.serialize_artifact(quantized, tg.model_config(h), 3), "mem")
+    assert config == tg.model_config(h)
+    assert loaded.keys() == quantized.keys()
+    for name, entry in quantized.items():
+        assert loaded[name]["class"] == entry["class"]
+        for part, array in entry["arrays"].items():
+            assert np.array_equal(loaded[name]["arrays"][part], array), (name, part)
+    restored = tg.dequantize_state(loaded)
+    model = tg.GPT(h)
+    model.load_state_dict(restored, strict=True)
+    for name, tensor in state.items():
+        tol = 1e-3 * tensor.abs().max().item() if plan[name] == "fp16" else 0.6 * tensor.abs().max().item()
+        assert torch.allclose(restored[name], tensor.float(), atol=tol), name
+
+
+@pytest.fixture(scope="module")
+def artifact():
+    h = tiny_hparams()
+    state = tiny_model(h).state_dict()
+    return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state)), tg.model_config(h), 3)
+
+
+def corrupt_payload(artifact: bytes, edit) -> bytes:
+    """Decompress, apply edit(payload) -> payload, recompress (a valid zstd frame of bad content)."""
+    payload = zstandard.ZstdDecompressor().decompress(artifact[len(tg.ARTIFACT_MAGIC):])
+    return tg.ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=3).compress(edit(payload))
+
+
+def with_header(payload: bytes, change) -> bytes:
+    (n,) = struct.unpack_from("<I", payload)
+    header = json.loads(payload[4:4 + n])
+    change(header)
+    encoded = json.dumps(header).encode()
+    return struct.pack("<I", len(encoded)) + encoded + payload[4 + n:]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "magic", "pickle", "empty", "header", "offset",
+                                    "dtype", "missing_scale"])
+def test_damaged_artifacts_give_a_clear_error(artifact, damage):
+    mid = len(artifact) // 2
+    bad = {
+        "truncated": lambda: artifact[:mid],
+        "flipped": lambda: artifact[:mid] + bytes([artifact[mid] ^ 0xFF]) + artifact[mid + 1:],
+        "magic": lambda: b"XXXXXXXX" + artifact[8:],
+        "pickle": lambda: b"\x80\x04\x95" + b"\x00" * 64,  # what torch.save/pickle files start with
+        "empty": lambda: b"",
+        "header": lambda: corrupt_payload(artifact, lambda p: p[:4] + b"{not json" + p[13:]),
+        "offset": lambda: corrupt_payload(artifact, lambda p: with_header(
+            p, lambda hd: hd["blobs"][0].update(offset=10 ** 9))),
+        "dtype": lambda: corrupt_payload(artifact, lambda p: with_header(
+            p, lambda hd: hd["blobs"][0].update(dtype="object"))),
+        "missing_scale": lambda: corrupt_payload(artifact, lambda p: with_header(
+            p, lambda hd: hd.update(blobs=[b for b in hd["blobs"] if b["part"] != "scale"]))),
+    }[damage]()
+    with pytest.raises(tg.RunError, match=r"^damaged\.ptz: "):
+        tg.deserialize_artifact(bad, "damaged.ptz")
+
+
+def test_fit_to_limit_demotes_cheapest_first_and_fits():
+    h = tiny_hparams(model_dim=64, num_heads=4, mlp_mult=3)
+    state = tiny_model(h).state_dict()
+    quantized = tg.quantize_state(state, tg.quant_plan(state))
+
+    def serialize(q):
+        return tg.serialize_artifact(q, tg.model_config(h), 3)
+
+    full = len(serialize(dict(quantized)))
+    lines = []
+    blob, moves = tg.fit_to_limit(state, quantized, serialize, full - 3000, lines.append)
+    assert len(blob) <= full - 3000 and moves, "it must have demoted something and fit"
+    assert all(re.fullmatch(r"[\w.]+:(fp16->int8|int6->int5|int5->int4)", m) for m in moves), moves
+    assert not any(re.fullmatch(tg.CONTROL_TENSORS, m.split(":")[0]) for m in moves), "control tensors stay"
+    for move in moves:
+        name, change = move.split(":")
+        assert quantized[name]["class"] == change.split("->")[1]
+    assert len(lines) == len(moves)
+    model = tg.GPT(h)
+    model.load_state_dict(tg.dequantize_state(tg.deserialize_artifact(blob, "fit")[1]), strict=True)
+
+
+def test_fit_to_limit_impossible_budget_raises():
+    h = tiny_hparams()
+    state = tiny_model(h).state_dict()
+    quantized = tg.quantize_state(state, tg.quant_plan(state))
+    with pytest.raises(tg.RunError, match="lowest class"):
+        tg.fit_to_limit(state, quantized, lambda q: tg.serialize_artifact(q, tg.model_config(h), 3), 100,
+                        lambda _: None)
+
+
+def final_lines(run) -> dict[str, str]:
+    return {line.split()[0].split(":")[0]: line for line in run.body.splitlines()
+            if line.startswith(("final_roundtrip", "final_sliding", "val_tokens", "artifact_bytes"))}
+
+
+def strip_time(line: str) -> str:
+    return re.sub(r" eval_time_ms:\d+", "", line)
+
+
+@pytest.mark.slow
+def test_fitting_end_to_end_then_eval_only_reproduces_the_score(run_script):
+    """One smoke run with a limit below its natural size: the fitting makes it fit and logs what it
+    changed; then EVAL_ONLY on the written artifact prints the same final lines, to the last digit."""
+    env = {"ITERATIONS": "20", "SWA_INTERVAL": "0"}
+    natural = run_script(env)
+    assert natural.returncode == 0, natural.explain()
+    total = int(re.search(r"artifact_bytes:(\d+)", natural.body).group(1))
+    fitted = run_script({**env, "ARTIFACT_LIMIT_BYTES": str(total - 4000)})
+    assert fitted.returncode == 0, fitted.explain()
+    line = final_lines(fitted)["artifact_bytes"]
+    fields = dict(kv.split(":") for kv in line.split())
+    assert int(fields["artifact_bytes"]) <= total - 4000 and int(fields["margin"]) >= 0
+    assert int(fields["fit_moves"]) > 0 and "fit_changes:" in fitted.body
+    assert int(fields["model_bytes"]) == fitted.artifact.stat().st_size
+
+    rescored = run_script({"EVAL_ONLY": str(fitted.artifact), "ARTIFACT_LIMIT_BYTES": str(total - 4000)})
+    assert rescored.returncode == 0, rescored.explain()
+    assert "eval_only:" in rescored.body and "step:" not in rescored.body
+    before, after = final_lines(fitted), final_lines(rescored)
+    for key in ("val_tokens", "final_roundtrip", "final_sliding"):
+        assert strip_time(after[key]) == strip_time(before[key]), key
+
+
+def test_impossible_limit_fails_without_writing(run_script):
+    run = run_script({"ITERATIONS": "2", "ARTIFACT_LIMIT_BYTES": "70000"})
+    assert_one_line_error(run, "lowest class")
+    assert not run.artifact.exists()
+    assert "final_roundtrip" not in run.body
+
+
+def test_eval_only_rejects_a_damaged_artifact(run_script, tmp_path):
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(tg.ARTIFACT_MAGIC + b"not zstd at all")
+    assert_one_line_error(run_script({"EVAL_ONLY": str(bad)}), str(bad), "corrupt")
+    assert_one_line_error(run_script({"EVAL_ONLY": str(tmp_path / "none.ptz")}), "no such artifact")

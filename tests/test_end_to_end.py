@@ -1,0 +1,165 @@
+# train_gpt.py run as a program (the slow part of the suite): python3 -m pytest -q tests/test_end_to_end.py
+import dataclasses
+import math
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import train_gpt as tg
+from conftest import REPO, SCRIPT, assert_one_line_error, clean_env
+
+
+def fields(log: str, prefix: str) -> dict[str, str]:
+    """key:value pairs of the one log line that starts with `prefix`."""
+    lines = [line for line in log.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"expected one line starting with {prefix!r}, found {len(lines)}"
+    return dict(item.split(":", 1) for item in lines[0].split() if ":" in item)
+
+
+def line_index(log: str, prefix: str) -> int:
+    indices = [i for i, line in enumerate(log.splitlines()) if line.startswith(prefix)]
+    assert indices, f"no line starting with {prefix!r}"
+    return indices[0]
+
+
+def uniform_bpb(num_targets: int, num_bytes: int, vocab_size: int) -> float:
+    """bpb of a model that predicts every token uniformly: log2(V) bits per token."""
+    return math.log2(vocab_size) * num_targets / num_bytes
+
+
+def train_losses(log: str) -> list[tuple[int, float]]:
+    return [(int(m[1]), float(m[2])) for m in re.finditer(r"^step:(\d+)/\d+ train_loss:(\S+)", log, re.M)]
+
+
+# ----------------------------------------------------------------------------- the smoke run
+
+
+def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
+    source = SCRIPT.read_bytes()
+    run = run_script()
+    if SCRIPT.read_bytes() != source:
+        pytest.skip("train_gpt.py was edited while it ran; its log and the file on disk cannot agree")
+    assert run.returncode == 0, run.explain()
+    h, preset = tg.hyperparameters_from_env(run.env, cuda_available=False)
+    assert preset == "smoke" and "preset:smoke" in run.body
+
+    block = f"====== source train_gpt.py ({len(source)} bytes) ======\n{source.decode()}\n====== end source ======\n"
+    assert block in run.log, "the log does not hold this exact source"
+    log = run.body
+    hparams = sorted(line[len("hparam "):] for line in log.splitlines() if line.startswith("hparam "))
+    assert hparams == sorted(f"{f.name.upper()}={getattr(h, f.name)}" for f in dataclasses.fields(h))
+
+    data = fields(log, "val_tokens:")
+    assert int(data["val_tokens"]) == len(val_tokens) - 1
+    assert int(data["val_bytes"]) == val_utf8_bytes, "val_bytes differs from the decoded validation text"
+
+    budget = {k: int(v) for k, v in fields(log, "artifact_bytes:").items()}
+    assert budget["code_bytes"] == len(source)
+    assert budget["model_bytes"] == run.artifact.stat().st_size
+    assert budget["artifact_bytes"] == budget["code_bytes"] + budget["model_bytes"]
+    assert budget["limit"] == h.artifact_limit_bytes == 16_000_000
+    assert budget["margin"] == budget["limit"] - budget["artifact_bytes"] > 0
+    assert not (REPO / "logs" / f"{h.run_id}.ptz").exists(), "ARTIFACT_PATH was set; nothing goes to logs/"
+
+    uniform = uniform_bpb(len(val_tokens) - 1, val_utf8_bytes, h.vocab_size)
+    for label, stride in (("final_roundtrip ", h.model_eval_seq_len), ("final_sliding ", h.eval_stride)):
+        result = fields(log, label)
+        loss, bpb = float(result["val_loss"]), float(result["val_bpb"])
+        assert math.isfinite(bpb) and 0 < bpb < uniform, f"{label}bpb {bpb} not better than uniform {uniform:.3f}"
+        assert bpb == pytest.approx(loss * (len(val_tokens) - 1) / math.log(2) / val_utf8_bytes, rel=1e-6)
+        assert (int(result["seq_len"]), int(result["stride"])) == (h.model_eval_seq_len, stride)
+    order = [line_index(log, p) for p in ("train_done", "artifact_bytes:", "val_tokens:", "final_roundtrip ",
+                                          "final_sliding ")]
+    assert order == sorted(order), "the final lines are out of order"
+
+
+# ----------------------------------------------------------------------------- failures are one line
+
+
+def test_nan_loss_stops_the_run_with_one_line_and_no_artifact(run_script):
+    # Adam on the control tensors at lr 1e30 makes the loss NaN from step 2. With the smoke preset's
+    # TRAIN_LOG_EVERY=10 and 6 steps only the last step logs: the check must not depend on log cadence.
+    run = run_script({"SCALAR_LR": "1e30", "ITERATIONS": "6"})
+    line = assert_one_line_error(run, "train_loss", "nan")
+    assert line.startswith("error: train_loss is nan"), line
+    assert not run.artifact.exists(), "a diverged run wrote an artifact"
+
+
+def test_artifact_over_the_limit_is_an_error_and_writes_nothing(run_script):
+    run = run_script({"ARTIFACT_LIMIT_BYTES": "1000", "ITERATIONS": "2", "EVAL_STRIDE": "0"})
+    assert_one_line_error(run, "ARTIFACT_LIMIT_BYTES")
+    assert not run.artifact.exists(), "an over-limit artifact was written"
+    assert "final_roundtrip" not in run.body
+
+
+@pytest.mark.parametrize("setting, name", [("DATA_PATH", "DATA_PATH"), ("MUON_MOMENTUMM", "MUON_MOMENTUMM")])
+def test_bad_input_is_one_error_line_without_traceback(run_script, tmp_path, setting, name):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = run_script({setting: str(empty) if setting == "DATA_PATH" else "0.9"})
+    assert_one_line_error(run, name)
+    assert not run.artifact.exists()
+
+
+# ----------------------------------------------------------------------------- 1 process vs 2
+
+
+def test_two_processes_train_like_one(run_script):
+    env = {"TRAIN_LOG_EVERY": "1", "ITERATIONS": "12", "EVAL_STRIDE": "0"}
+    one, two = run_script(env), run_script(env, nproc=2)
+    assert one.returncode == 0, one.explain()
+    assert two.returncode == 0, two.explain()
+    assert "world_size:1 grad_accum_steps:8" in one.body
+    assert "world_size:2 grad_accum_steps:4" in two.body
+    losses_one, losses_two = train_losses(one.body), train_losses(two.body)
+    assert [s for s, _ in losses_one] == [s for s, _ in losses_two] == list(range(1, 13))
+    worst = max(abs(a - b) for (_, a), (_, b) in zip(losses_one, losses_two))
+    assert worst < 1e-3, f"train_loss differs by {worst} between 1 and 2 processes"
+    bpb_one = float(fields(one.body, "final_roundtrip ")["val_bpb"])
+    bpb_two = float(fields(two.body, "final_roundtrip ")["val_bpb"])
+    assert abs(bpb_one - bpb_two) < 1e-3, (bpb_one, bpb_two)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.slow
+def test_compiled_run_builds_every_graph_during_warmup(run_script):
+    # The timed loop runs under set_stance("fail_on_recompile") and validates every 20 steps inside
+    # it: both the training and the evaluation graphs must come from warm-up.
+    run = run_script({"COMPILE": "1", "VAL_LOSS_EVERY": "20"}, timeout=600)
+    assert run.returncode == 0, run.explain()
+    assert "compile:True" in run.body
+    assert len(re.findall(r"^step:\d+/\d+ val_loss:", run.body, re.M)) >= 2, "no periodic validation ran"
+    assert "final_sliding " in run.body
+
+
+def test_compile_without_warmup_fails_fast_on_the_first_compile(run_script):
+    run = run_script({"COMPILE": "1", "WARMUP_STEPS": "0"}, timeout=300)
+    line = assert_one_line_error(run)
+    assert "recompil" in line.lower(), line
+    assert "train_done" not in run.body, "the run should stop at the first compile, inside the timed loop"
+    assert not run.artifact.exists()
+
+
+# ----------------------------------------------------------------------------- import
+
+
+def test_import_has_no_side_effects(tmp_path):
+    """Imported from a copy in an empty folder, with another empty folder as working directory:
+    nothing is printed, no file appears in either, no process group starts."""
+    package, cwd = tmp_path / "package", tmp_path / "cwd"
+    package.mkdir()
+    cwd.mkdir()
+    shutil.copy(SCRIPT, package / "train_gpt.py")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.dont_write_bytecode = True; import train_gpt; "
+            "import torch.distributed as dist; assert not dist.is_initialized(), 'process group at import'")
+    proc = subprocess.run([sys.executable, "-c", code, str(package)], cwd=cwd, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "", f"import printed: {proc.stdout!r}"
+    assert sorted(p.name for p in package.iterdir()) == ["train_gpt.py"]
+    assert list(cwd.iterdir()) == []

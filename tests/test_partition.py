@@ -1,0 +1,120 @@
+# Optimizer groups, quantization classes, parameter count: python3 -m pytest -q tests/test_partition.py
+"""The full record-size GPT (Hyperparameters() defaults) is built on the meta device: names, shapes and
+the partition are exactly those of a CPU or GPU build, without spending seconds on initialization."""
+import re
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+RECORD = tg.Hyperparameters()
+MLP_MATRIX = re.compile(r"blocks\.(\d+)\.mlp\.(fc|proj)\.weight")
+ATTN_MATRIX = re.compile(r"blocks\.(\d+)\.attn\.(c_q|c_k|c_v|proj)\.weight")
+
+
+@pytest.fixture(scope="module")
+def record_model() -> tg.GPT:
+    with torch.device("meta"):
+        return tg.GPT(RECORD)
+
+
+def test_record_config_is_12_layers_of_dim_512():
+    shape = (RECORD.num_layers, RECORD.model_dim, RECORD.num_heads, RECORD.num_kv_heads, RECORD.mlp_mult)
+    assert shape == (12, 512, 8, 4, 3)
+
+
+def test_every_parameter_is_in_exactly_one_optimizer_group(record_model):
+    optimizers = tg.build_optimizers(RECORD, record_model, rank=0, world_size=1)
+    seen = {}
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                seen[id(p)] = seen.get(id(p), 0) + 1
+    names = {id(p): name for name, p in record_model.named_parameters()}
+    assert set(seen) == set(names), "an optimizer holds a tensor that is not a model parameter, or misses one"
+    assert [names[i] for i, n in seen.items() if n != 1] == [], "parameters in more than one group"
+
+    muon, adam_embed, adam_scalar = ({names[id(p)] for g in opt.param_groups for p in g["params"]}
+                                     for opt in optimizers)
+    block_matrices = {n for n in names.values() if MLP_MATRIX.fullmatch(n) or ATTN_MATRIX.fullmatch(n)}
+    assert len(block_matrices) == 12 * 6
+    assert muon == block_matrices | {"bigram.proj.weight"}
+    assert adam_embed == {"tok_emb.weight", "bigram.table.weight"}
+    assert all(record_model.get_parameter(n).dim() == 2 for n in muon), "Muon only takes matrices"
+    assert len(adam_scalar) == len(names) - len(muon) - 2
+    assert isinstance(optimizers[0], tg.Muon)
+    lrs = [opt.param_groups[0]["lr"] for opt in optimizers]
+    assert lrs == [RECORD.matrix_lr, RECORD.tied_embed_lr, RECORD.scalar_lr]
+
+
+def test_every_tensor_is_in_exactly_one_quantization_class(record_model):
+    state = record_model.state_dict()
+    assert list(state) == [n for n, _ in record_model.named_parameters()], "the state dict holds non-parameters"
+    classes = tg.partition(list(state.items()), tg.QUANT_RULES, "QUANT_RULES")
+    members = {cls: {name for name, _ in tensors} for cls, tensors in classes.items()}
+    all_names = [name for names in members.values() for name in names]
+    assert sorted(all_names) == sorted(state), "some tensor is in no class or in two"
+
+    mlp = {n for n in state if MLP_MATRIX.fullmatch(n)}
+    attn = {n for n in state if ATTN_MATRIX.fullmatch(n)}
+    assert len(mlp) == 12 * 2 and len(attn) == 12 * 4
+    assert members["int5"] == mlp, "int5 must hold exactly the MLP matrices (the public record's int5 never fired)"
+    assert attn <= members["int6"], f"attention matrices outside int6: {sorted(attn - members['int6'])[:3]}"
+
+
+# ----------------------------------------------------------------------------- partition errors
+
+T = torch.zeros(1)
+NAMED = [("a.weight", T), ("b.weight", T)]
+
+
+def test_partition_assigns_by_whole_name():
+    groups = tg.partition(NAMED, ((r"a\.weight", "g1"), (r"b\.weight", "g2")), "TABLE")
+    assert {g: [n for n, _ in m] for g, m in groups.items()} == {"g1": ["a.weight"], "g2": ["b.weight"]}
+
+
+def test_partition_rejects_a_name_that_matches_no_rule():
+    with pytest.raises(tg.RunError, match=r"TABLE.*b\.weight"):
+        tg.partition(NAMED, ((r"a\.weight", "g1"),), "TABLE")
+    # A pattern matching only part of a name does not count: that was the public record's int5 bug.
+    with pytest.raises(tg.RunError, match=r"b\.weight"):
+        tg.partition(NAMED, ((r"a\.weight", "g1"), (r"b", "g2")), "TABLE")
+
+
+def test_partition_rejects_a_name_that_matches_two_rules():
+    with pytest.raises(tg.RunError, match=r"TABLE.*a\.weight"):
+        tg.partition(NAMED, ((r"a\..*", "g1"), (r"a\.weight", "g2"), (r"b\.weight", "g3")), "TABLE")
+
+
+def test_partition_rejects_a_rule_that_matches_nothing():
+    with pytest.raises(tg.RunError, match=r"TABLE.*g3"):
+        tg.partition(NAMED, ((r"a\.weight", "g1"), (r"b\.weight", "g2"), (r"c\.weight", "g3")), "TABLE")
+
+
+# ----------------------------------------------------------------------------- parameter count
+
+
+def expected_parameter_count(h: tg.Hyperparameters) -> int:
+    """Counted from the architecture as CHALLENGE.md describes it."""
+    d, head_dim = h.model_dim, h.model_dim // h.num_heads
+    kv, hidden = h.num_kv_heads * head_dim, h.mlp_mult * h.model_dim
+    attention = d * d + 2 * d * kv + d * d + h.num_heads  # q, k, v, out, per-head q gain
+    mlp = 2 * d * hidden
+    block = attention + mlp + 2 * d + 2 * d  # attn/mlp output scales, resid mix with x0
+    front = h.vocab_size * d + h.bigram_vocab_size * h.bigram_dim + h.bigram_dim * d + 1 + d  # emb, bigram, smear
+    return front + h.num_layers * block + (h.num_layers // 2) * d  # + U-Net skip weights
+
+
+def test_record_parameter_count(record_model):
+    count = sum(p.numel() for p in record_model.parameters())
+    assert count == expected_parameter_count(RECORD)
+    assert count == 29_109_857, "PR #76 reports 29,109,857 parameters for this architecture"
+
+
+def test_parameter_count_formula_on_an_odd_config():
+    h = tg.Hyperparameters(num_layers=5, model_dim=96, num_heads=6, num_kv_heads=3, mlp_mult=2,
+                           bigram_vocab_size=100, bigram_dim=12)
+    with torch.device("meta"):
+        model = tg.GPT(h)
+    assert sum(p.numel() for p in model.parameters()) == expected_parameter_count(h)
