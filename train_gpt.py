@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import glob
+import hashlib
 import io
 import json
 import math
@@ -120,10 +121,11 @@ class Hyperparameters:
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
     eval_only: str = ""
-    # GPTQ rounding, calibrated on training tokens after training (0: off). Reading training data
-    # counts toward the training time, so the loop stops GPTQ_RESERVE_SECONDS early.
-    gptq_calib_tokens: int = 0
-    gptq_reserve_seconds: float = 5.0  # path to an artifact: score it (model shape from the artifact), train nothing
+    # GPTQ rounding, calibrated on training tokens after training (0: off; rounded up to whole
+    # steps). Reading training data counts toward the training time, so the loop stops
+    # GPTQ_RESERVE_SECONDS early.
+    gptq_calib_tokens: int = 524_288
+    gptq_reserve_seconds: float = 2.0  # path to an artifact: score it (model shape from the artifact), train nothing
 
     @property
     def model_eval_seq_len(self) -> int:
@@ -143,6 +145,7 @@ SMOKE_PRESET = dict(
     train_batch_tokens=4096, train_seq_len=128, train_log_every=10, eval_stride=64,
     val_batch_size=16384, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
     bigram_vocab_size=256, bigram_dim=32, muon_momentum_warmup_steps=20, swa_interval=5,
+    gptq_calib_tokens=16384,
 )
 
 
@@ -706,8 +709,9 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
 # time (fp16 -> int8, int6 -> int5 -> int4), cheapest first by squared error added per byte saved,
 # re-compresses and re-measures until the artifact fits, or stops the run.
 #
-# The artifact is MAGIC + zstd(u32 header length, JSON header, raw arrays). The header holds the
-# model's shape and, per array, dtype, shape and offset: loading it runs no code (no pickle).
+# The artifact is MAGIC + zstd(u32 header length, JSON header, arrays). The header holds the
+# model's shape and, per array, dtype, shape and offset; multi-byte arrays are stored as byte
+# planes. Loading it runs no code (no pickle).
 
 BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight"
 BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
@@ -722,7 +726,7 @@ QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int8": 8}
 CLASS_BITS = {**QUANT_BITS, "fp16": 16}
 DEMOTIONS = {"fp16": "int8", "int6": "int5", "int5": "int4"}  # the fitting ladder (not for control tensors)
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
-ARTIFACT_MAGIC = b"PGOLF\x00A1"
+ARTIFACT_MAGIC = b"PGOLF\x00A2"
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
                 "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len")
@@ -794,14 +798,16 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
     def hook_for(name: str):
         def hook(module, args):
             x = args[0].detach().flatten(0, -2).float()
-            sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+            with torch.autocast(x.device.type, enabled=False):  # sums in fp32, not bf16
+                sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
         return hook
 
     for name, module in model.named_modules():
-        if re.fullmatch(BLOCK_MATRICES, f"{name}.weight"):
+        if re.fullmatch(BLOCK_MATRICES, f"{name}.weight") and not name.endswith(("c_k", "c_v")):
             hooks.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
     tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
-    batches = max(1, -(-h.gptq_calib_tokens // (tokens_per_slice * rt.world_size)))
+    steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)  # whole steps: the same spans on any world size
+    batches = steps * rt.grad_accum_steps
     for _ in range(batches):
         inputs, _ = loader.next_batch(tokens_per_slice, h.train_seq_len)
         with rt.autocast():
@@ -812,6 +818,9 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
         if rt.distributed:
             dist.all_reduce(total)
         total /= batches * tokens_per_slice * rt.world_size
+    for name in list(sums):  # keys and values read the same input as queries
+        if name.endswith("attn.c_q.weight"):
+            sums[name.replace("c_q", "c_k")] = sums[name.replace("c_q", "c_v")] = sums[name]
     return sums
 
 
@@ -889,6 +898,17 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
     return blob, moves
 
 
+def to_byte_planes(array: np.ndarray) -> bytes:
+    """All first bytes, then all second bytes, ...: fp16's sign/exponent bytes are far more alike
+    than its mantissa bytes, and zstd compresses them better apart (2% of a trained model)."""
+    return array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T.tobytes()
+
+
+def from_byte_planes(data, dtype: np.dtype) -> np.ndarray:
+    planes = np.frombuffer(data, dtype=np.uint8).reshape(dtype.itemsize, -1)
+    return np.ascontiguousarray(planes.T).view(dtype).ravel()
+
+
 def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int) -> bytes:
     # Like parts together (all int payloads, then scales, then fp16 values): zstd sees runs of
     # similar statistics.
@@ -899,7 +919,7 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
                 array = np.asarray(entry["arrays"][part], order="C")  # (ascontiguousarray makes 0-d 1-d)
                 blobs.append(dict(name=name, part=part, dtype=array.dtype.name, shape=list(array.shape),
                                   offset=offset, nbytes=array.nbytes))
-                chunks.append(array.tobytes())
+                chunks.append(to_byte_planes(array))
                 offset += array.nbytes
     header = json.dumps(dict(model=model_config, classes={n: e["class"] for n, e in quantized.items()},
                              shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
@@ -921,8 +941,8 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
         for blob in header["blobs"]:
             if blob["offset"] < 0 or blob["offset"] + blob["nbytes"] > len(body):
                 raise ValueError(f"array {blob['name']} lies outside the payload")
-            array = np.frombuffer(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
-                                  dtype=ARTIFACT_DTYPES[blob["dtype"]]).reshape(blob["shape"])
+            array = from_byte_planes(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
+                                     np.dtype(ARTIFACT_DTYPES[blob["dtype"]])).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
         for name, entry in quantized.items():
             expected = ("q", "scale") if entry["class"] in QUANT_BITS else ("value",)
@@ -1094,7 +1114,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
         averager.observe(base_model, step, scale)
         rt.sync()
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
-        reached_cap = cap_ms > 0 and elapsed_ms >= cap_ms
+        reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
         if rt.distributed and cap_ms > 0:
             flag = torch.tensor(float(reached_cap), device=rt.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -1171,7 +1191,7 @@ def shared_run_id(h: Hyperparameters, rt: Runtime) -> str:
 
 
 def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, log) -> None:
-    log(f"run_id:{run_id}")
+    log(f"run_id:{run_id} start_utc:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     log(f"====== source {Path(__file__).name} ({len(code)} bytes) ======", console=False)
     log(code.decode("utf-8"), console=False)
     log("====== end source ======", console=False)
@@ -1180,6 +1200,7 @@ def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: 
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
+    device_name = device_name.replace(" ", "_")  # one token, for tools that split on spaces
     log(f"device:{device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
         f"seed:{h.seed} preset:{preset}")
     if preset == "smoke":
@@ -1194,6 +1215,20 @@ def build_model(h: Hyperparameters, rt: Runtime) -> GPT:
 
 def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
     return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
+
+
+def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = "inductor") -> nn.Module:
+    """The module the training loop calls: compiled (where enabled), under DDP when distributed."""
+    compiled = torch.compile(base_model, dynamic=False, backend=backend) if compile_enabled(h, rt) else base_model
+    return DDP(compiled, broadcast_buffers=False) if rt.distributed else compiled  # RoPE tables need no sync
+
+
+def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
+    """The config from the environment, and what it implies for the runtime (bf16 autocast, TF32)."""
+    h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
 
 def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int, log,
@@ -1225,8 +1260,9 @@ def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: l
     model_bytes = path.stat().st_size
     total = code_bytes + model_bytes
     fit = "" if moves is None else f" fit_moves:{len(moves)}"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{model_bytes} "
-        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit}")
+        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit} artifact_sha256:{digest}")
     if moves:
         log(f"fit_changes:{','.join(moves)}")
     if total > h.artifact_limit_bytes:
@@ -1270,8 +1306,7 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     log(f"data: {len(train_files)} train shards")
     base_model = build_model(h, rt)
     optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
-    compiled = torch.compile(base_model, dynamic=False) if compile_enabled(h, rt) else base_model
-    model = DDP(compiled, broadcast_buffers=False) if rt.distributed else compiled
+    model = wrap_model(h, rt, base_model)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
 
     def make_loader():
@@ -1297,7 +1332,8 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
         rt.sync()
         calib_ms = 1000 * (time.perf_counter() - t0)
         train_ms += calib_ms
-        log(f"gptq_calibration: {len(hessians)} matrices from {h.gptq_calib_tokens} training tokens in {calib_ms:.0f}ms")
+        calib_tokens = -(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens
+        log(f"gptq_calibration: {len(hessians)} matrices from {calib_tokens} training tokens in {calib_ms:.0f}ms")
     log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
     if h.max_wallclock_seconds and train_ms > 1000 * h.max_wallclock_seconds:
         log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
@@ -1308,8 +1344,18 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
 
 
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
+    """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log."""
     run_id = shared_run_id(h, rt)
     log = Logger(SCRIPT_DIR / "logs" / f"{run_id}.txt" if rt.is_main else None)
+    try:
+        train_write_score(h, preset, rt, run_id, log)
+    except RunError as exc:
+        log(f"error: {exc}", console=False)
+        raise
+
+
+def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, log) -> None:
+    t_start = time.perf_counter()
     if h.eval_only:
         config, state = load_artifact(Path(h.eval_only))
         h = dataclasses.replace(h, **config)  # the artifact decides the model's shape
@@ -1324,7 +1370,7 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
         log(f"eval_only: scoring {artifact_path}; nothing is trained")
         base_model = build_model(h, rt)
         base_model.load_state_dict(state, strict=True)
-        eval_model = torch.compile(base_model, dynamic=False) if compile_enabled(h, rt) else base_model
+        eval_model = wrap_model(h, dataclasses.replace(rt, distributed=False), base_model)
         build_eval_graph(h, rt, eval_model, val)
         log_artifact_bytes(h, artifact_path, len(code), None, log)
     else:
@@ -1333,9 +1379,11 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
                                      h.val_batch_size, rt)
         log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         write_artifact(h, rt, base_model, artifact_path, len(code), log, hessians)
+        t_start = time.perf_counter()  # evaluation starts from the artifact on disk
         _, state = load_artifact(artifact_path)
         base_model.load_state_dict(state, strict=True)
     score_artifact(h, rt, eval_model, val, log)
+    log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
 
 
@@ -1343,10 +1391,7 @@ def main() -> int:
     rt = None
     try:
         rt = init_runtime()
-        h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
-        rt = dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        h, preset, rt = configure(rt)
         run(h, preset, rt)
         return 0
     except RunError as exc:

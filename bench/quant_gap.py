@@ -8,8 +8,9 @@ if --raw names an existing file, loads the unquantized weights a previous call s
 1. scores the unquantized model (standard evaluation, EVAL_SEQ_LEN windows);
 2. for each rounding method, quantizes with the record's classes (int5 MLP, int6 attention, fp16
    rest), writes the artifact, reads it back and scores the reloaded model: bpb, gap to (1), bytes;
-3. measures what the container layout and the compressor do to the bytes of the chosen method's
-   quantized weights (int8 containers vs bit-packed payloads, byte-shuffled fp16, zstd levels, lzma).
+3. measures what the container layout and the compressor do to the bytes of the old (absmax) and
+   new (GPTQ + clip search) quantized weights: int8 containers vs bit-packed payloads, byte planes
+   for fp16 (the artifact's layout), zstd levels and long-range window, lzma.
 
 --val-tokens scores a prefix of the validation split, to keep CPU runs short; every method is
 scored on the same tokens, so the comparison is like for like. Results go to stdout.
@@ -17,6 +18,7 @@ scored on the same tokens, so the comparison is like for like. Results go to std
 
 import argparse
 import lzma
+import math
 import os
 import sys
 import time
@@ -82,20 +84,23 @@ def layout_bytes(quantized: dict, mode: str) -> bytes:
     return b"".join(parts)
 
 
-def packing_table(quantized: dict) -> None:
-    rows = []
-    for mode in ("int8", "bitpack", "shuffle"):
-        payload = layout_bytes(quantized, mode)
-        for name, compress in (("zstd-22", lambda b: zstandard.ZstdCompressor(level=22).compress(b)),
-                               ("zstd-19", lambda b: zstandard.ZstdCompressor(level=19).compress(b)),
-                               ("lzma-9e", lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME))):
-            if mode != "int8" and name != "zstd-22":
-                continue
-            t0 = time.perf_counter()
-            rows.append((mode, name, len(payload), len(compress(payload)), time.perf_counter() - t0))
-    print("\nlayout   compressor  raw_bytes   compressed  seconds")
-    for mode, name, raw, size, secs in rows:
-        print(f"{mode:8s} {name:10s} {raw:10d} {size:11d} {secs:8.1f}")
+def packing_table(by_method: dict[str, dict]) -> None:
+    """Payload bytes (arrays only, no header) per rounding method, layout and compressor."""
+    compressors = (("zstd-22", lambda b: zstandard.ZstdCompressor(level=22).compress(b)),
+                   ("zstd-19", lambda b: zstandard.ZstdCompressor(level=19).compress(b)),
+                   ("zstd-22-long", lambda b: zstandard.ZstdCompressor(level=22, compression_params=
+                       zstandard.ZstdCompressionParameters.from_level(22, window_log=27, enable_ldm=True)).compress(b)),
+                   ("lzma-9e", lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)))
+    print("\nmethod        layout   compressor    raw_bytes   compressed  seconds")
+    for method, quantized in by_method.items():
+        for mode in ("int8", "bitpack", "shuffle"):
+            payload = layout_bytes(quantized, mode)
+            for name, compress in compressors:
+                if mode != "shuffle" and name != "zstd-22":
+                    continue
+                t0 = time.perf_counter()
+                size = len(compress(payload))
+                print(f"{method:13s} {mode:8s} {name:12s} {len(payload):10d} {size:11d} {time.perf_counter() - t0:8.1f}")
 
 
 def main() -> None:
@@ -103,11 +108,10 @@ def main() -> None:
     ap.add_argument("--raw", type=Path, help="unquantized weights: loaded if the file exists, else saved there")
     ap.add_argument("--val-tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
     ap.add_argument("--no-packing", action="store_true", help="skip the layout/compressor table")
+    ap.add_argument("--bytes-only", action="store_true", help="skip the evaluations: bytes only")
     ap.add_argument("--calib-tokens", type=int, default=131072, help="GPTQ calibration tokens (from train shards)")
     args = ap.parse_args()
-    rt = tg.init_runtime()
-    h, preset = tg.hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
-    rt = tg.dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
+    h, preset, rt = tg.configure(tg.init_runtime())
     print(f"preset:{preset} layers:{h.num_layers} dim:{h.model_dim} iterations:{h.iterations} "
           f"batch:{h.train_batch_tokens} seq:{h.train_seq_len} data:{h.data_path}")
     sp = tg.load_tokenizer(h)
@@ -115,7 +119,7 @@ def main() -> None:
     state = trained_state(h, rt, val, args.raw)
     val = truncated(val, args.val_tokens)
     print(f"scoring {val.num_targets} targets, {val.num_bytes} bytes")
-    base_bpb = score(h, rt, state, val)
+    base_bpb = math.nan if args.bytes_only else score(h, rt, state, val)
     print(f"\nmethod        val_bpb     gap         model_bytes")
     print(f"unquantized   {base_bpb:.6f}")
     plan = tg.quant_plan(state)
@@ -125,19 +129,19 @@ def main() -> None:
     t0 = time.perf_counter()
     hessians = tg.collect_hessians(model, loader, tg.dataclasses.replace(h, gptq_calib_tokens=args.calib_tokens), rt)
     print(f"(GPTQ calibration: {args.calib_tokens} training tokens, {time.perf_counter() - t0:.1f}s)")
-    chosen = None
+    by_method = {}
     for method, clip_search, use_hessians in (("absmax", False, False), ("clip_search", True, False),
-                                             ("gptq", True, True)):
+                                             ("gptq_absmax", False, True), ("gptq_clip", True, True)):
         t0 = time.perf_counter()
         quantized = tg.quantize_state(state, plan, clip_search=clip_search, hessians=hessians if use_hessians else None)
         seconds = time.perf_counter() - t0
         blob = tg.serialize_artifact(quantized, tg.model_config(h), h.zstd_level)
         _, reloaded = tg.deserialize_artifact(blob, method)
-        bpb = score(h, rt, tg.dequantize_state(reloaded), val)
+        bpb = math.nan if args.bytes_only else score(h, rt, tg.dequantize_state(reloaded), val)
         print(f"{method:13s} {bpb:.6f}  {bpb - base_bpb:+.6f}  {len(blob):11d}  (quantized in {seconds:.1f}s)")
-        chosen = quantized
+        by_method[method] = quantized
     if not args.no_packing:
-        packing_table(chosen)
+        packing_table({m: by_method[m] for m in ("absmax", "gptq_clip")})
 
 
 if __name__ == "__main__":

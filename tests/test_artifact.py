@@ -83,6 +83,52 @@ def test_every_class_roundtrips_through_the_artifact():
         assert torch.allclose(restored[name], tensor.float(), atol=tol), name
 
 
+def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> float:
+    delta = deq - w
+    return float(((delta @ hessian) * delta).sum())
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    w = heavy_tailed(32, 48)
+    q, scale = tg.quantize_rows(w, 5)
+    assert torch.equal(tg.gptq_round(w, torch.eye(48), 5, scale), q)
+
+
+@pytest.mark.parametrize("bits", [4, 5, 6])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(bits):
+    g = torch.Generator().manual_seed(bits)
+    mixing = torch.randn(64, 64, generator=g)
+    x = torch.randn(4096, 64, generator=g) @ mixing  # strongly correlated input features
+    hessian = x.T @ x / len(x)
+    w = heavy_tailed(96, 64, seed=bits)
+    q, scale = tg.quantize_rows(w, bits)
+    q_gptq = tg.gptq_round(w, hessian, bits, scale)
+    assert int(q_gptq.abs().max()) <= 2 ** (bits - 1) - 1
+    nearest = output_error(w, tg.dequantize_rows(q, scale), hessian)
+    gptq = output_error(w, tg.dequantize_rows(q_gptq, scale), hessian)
+    assert gptq < 0.8 * nearest, (gptq, nearest)
+
+
+def test_collect_hessians_are_input_second_moments():
+    h = tiny_hparams(gptq_calib_tokens=2048)
+    model = tiny_model(h)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, torch.device("cpu"))
+    # bf16 autocast, as on a GPU: the sums must still be accumulated in fp32
+    rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False, bf16=True)
+    hessians = tg.collect_hessians(model, loader, h, rt)
+    matrices = [n for n, p in model.named_parameters() if re.fullmatch(tg.BLOCK_MATRICES, n)]
+    assert sorted(hessians) == sorted(matrices)
+    for name in matrices:
+        hess = hessians[name]
+        assert hess.dtype == torch.float32
+        assert hess.shape == (model.get_parameter(name).shape[1],) * 2
+        assert torch.allclose(hess, hess.T, atol=1e-5)
+        assert float(torch.linalg.eigvalsh(hess.double()).min()) > -1e-4
+    for name in ("blocks.0.attn.c_q.weight", "blocks.1.mlp.fc.weight"):  # inputs are RMS-normalized
+        assert abs(float(hessians[name].trace()) / h.model_dim - 1) < 1e-3
+    assert hessians["blocks.0.attn.c_k.weight"] is hessians["blocks.0.attn.c_q.weight"]
+
+
 @pytest.fixture(scope="module")
 def artifact():
     h = tiny_hparams()
@@ -168,9 +214,10 @@ def strip_time(line: str) -> str:
 
 @pytest.mark.slow
 def test_fitting_end_to_end_then_eval_only_reproduces_the_score(run_script):
-    """One smoke run with a limit below its natural size: the fitting makes it fit and logs what it
-    changed; then EVAL_ONLY on the written artifact prints the same final lines, to the last digit."""
-    env = {"ITERATIONS": "20", "SWA_INTERVAL": "0"}
+    """One smoke run (GPTQ on) with a limit below its natural size: the fitting makes it fit and logs
+    what it changed; then EVAL_ONLY on the written artifact prints the same final lines, to the last
+    digit, and so does EVAL_ONLY under two processes, to float-summation precision."""
+    env = {"ITERATIONS": "20", "SWA_INTERVAL": "0", "GPTQ_CALIB_TOKENS": "4096"}
     natural = run_script(env)
     assert natural.returncode == 0, natural.explain()
     total = int(re.search(r"artifact_bytes:(\d+)", natural.body).group(1))
@@ -188,6 +235,14 @@ def test_fitting_end_to_end_then_eval_only_reproduces_the_score(run_script):
     before, after = final_lines(fitted), final_lines(rescored)
     for key in ("val_tokens", "final_roundtrip", "final_sliding"):
         assert strip_time(after[key]) == strip_time(before[key]), key
+    assert "gptq_calibration:" in fitted.body
+
+    two = run_script({"EVAL_ONLY": str(fitted.artifact), "ARTIFACT_LIMIT_BYTES": str(total - 4000)}, nproc=2)
+    assert two.returncode == 0, two.explain()
+    assert "world_size:2" in two.body
+    for key in ("final_roundtrip", "final_sliding"):
+        bpb = [float(re.search(r"val_bpb:([\d.]+)", lines[key]).group(1)) for lines in (before, final_lines(two))]
+        assert abs(bpb[0] - bpb[1]) < 1e-6, (key, bpb)
 
 
 def test_impossible_limit_fails_without_writing(run_script):

@@ -1,5 +1,6 @@
 # train_gpt.py run as a program (the slow part of the suite): python3 -m pytest -q tests/test_end_to_end.py
 import dataclasses
+import hashlib
 import math
 import re
 import shutil
@@ -56,7 +57,9 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
     assert int(data["val_tokens"]) == len(val_tokens) - 1
     assert int(data["val_bytes"]) == val_utf8_bytes, "val_bytes differs from the decoded validation text"
 
-    budget = {k: int(v) for k, v in fields(log, "artifact_bytes:").items()}
+    budget_fields = fields(log, "artifact_bytes:")
+    assert budget_fields.pop("artifact_sha256") == hashlib.sha256(run.artifact.read_bytes()).hexdigest()
+    budget = {k: int(v) for k, v in budget_fields.items()}
     assert budget["code_bytes"] == len(source)
     assert budget["model_bytes"] == run.artifact.stat().st_size
     assert budget["artifact_bytes"] == budget["code_bytes"] + budget["model_bytes"]
