@@ -143,6 +143,7 @@ class Run:
     val_bpb: float
     pre_quant_val_loss: float
     pre_quant_val_bpb: float
+    roundtrip_val_loss: float  # the reloaded artifact on the pre_quant windows: their gap is quantization's
     bytes_total: int
     bytes_code: int
     bytes_model: int
@@ -171,6 +172,7 @@ def measure(log: Log) -> Run:
         score_line=score_line,
         val_loss=value[score_line]["val_loss"], val_bpb=value[score_line]["val_bpb"],
         pre_quant_val_loss=value["pre_quant"]["val_loss"], pre_quant_val_bpb=value["pre_quant"]["val_bpb"],
+        roundtrip_val_loss=value["final_roundtrip"]["val_loss"],
         bytes_total=int(value["artifact_bytes"]["artifact_bytes"]),
         bytes_code=int(value["artifact_bytes"]["code_bytes"]),
         bytes_model=int(value["artifact_bytes"]["model_bytes"]),
@@ -490,9 +492,11 @@ def plot_curves(logs: list[Log], runs: list[Run | None], path: Path) -> str:
             ax_val.plot(*zip(*log.curves["val_loss"]), "o-", color=color, ms=4)
         if run is not None:
             ax_val.plot([run.steps], [run.pre_quant_val_loss], "s", color=color)
+            ax_val.plot([run.steps], [run.roundtrip_val_loss], "^", color=color)
             ax_val.plot([run.steps], [run.val_loss], "*", ms=13, color=color)
     markers = [("o-", "during training")] * any(log.curves["val_loss"] for log in logs) + [
-        ("s", "pre-quant (in memory)"), ("*", "score (reloaded artifact)")]
+        ("s", "pre-quant (in memory, disjoint windows)"), ("^", "reloaded artifact, same windows"),
+        ("*", "score (reloaded artifact, the score's windows)")]
     ax_val.legend([plt.Line2D([], [], color="gray", marker=m[0], ls="-" if "-" in m else "") for m, _ in markers],
                   [label for _, label in markers], fontsize=8)
     ax_train.legend(fontsize=8)

@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--val-tokens", type=int, default=0, help="score only this many validation tokens (0: all)")
     ap.add_argument("--no-packing", action="store_true", help="skip the layout/compressor table")
     ap.add_argument("--bytes-only", action="store_true", help="skip the evaluations: bytes only")
+    ap.add_argument("--fit", action="store_true", help="then fit the GPTQ + clip artifact under ARTIFACT_LIMIT_BYTES")
     ap.add_argument("--calib-tokens", type=int, default=131072, help="GPTQ calibration tokens (from train shards)")
     args = ap.parse_args()
     h, preset, rt = tg.configure(tg.init_runtime())
@@ -140,8 +141,25 @@ def main() -> None:
         bpb = math.nan if args.bytes_only else score(h, rt, tg.dequantize_state(reloaded), val)
         print(f"{method:13s} {bpb:.6f}  {bpb - base_bpb:+.6f}  {len(blob):11d}  (quantized in {seconds:.1f}s)")
         by_method[method] = quantized
+    if args.fit:
+        fit(h, rt, state, by_method["gptq_clip"], hessians, val, base_bpb, args.bytes_only)
     if not args.no_packing:
         packing_table({m: by_method[m] for m in ("absmax", "gptq_clip")})
+
+
+def fit(h, rt, state, quantized, hessians, val, base_bpb, bytes_only) -> None:
+    """train_gpt's fitting policy on this model, as write_artifact runs it."""
+    code_bytes = len((Path(tg.__file__)).read_bytes())
+    budget = h.artifact_limit_bytes - code_bytes
+    print(f"\nfit: limit {h.artifact_limit_bytes}, code {code_bytes}, model budget {budget}")
+    t0 = time.perf_counter()
+    blob, moves = tg.fit_to_limit(state, dict(quantized), lambda q: tg.serialize_artifact(q, tg.model_config(h), h.zstd_level),
+                                  budget, print, hessians)
+    print(f"fit: {len(moves)} moves in {time.perf_counter() - t0:.0f}s; model {len(blob)} bytes, "
+          f"total {len(blob) + code_bytes} (margin {h.artifact_limit_bytes - len(blob) - code_bytes})")
+    if not bytes_only:
+        bpb = score(h, rt, tg.dequantize_state(tg.deserialize_artifact(blob, "fit")[1]), val)
+        print(f"fitted        {bpb:.6f}  {bpb - base_bpb:+.6f}  {len(blob):11d}")
 
 
 if __name__ == "__main__":
