@@ -4,8 +4,8 @@
     python3 train_gpt.py                                      # no GPU or no FineWeb: CPU smoke preset
 
 Trains a GPT on FineWeb within MAX_WALLCLOCK_SECONDS, quantizes it (int5 MLP, int6 attention, fp16
-for the rest), compresses it with zstd-22 into an artifact that must fit, together with this file,
-in 16,000,000 bytes, reads the artifact back and scores the reloaded model in bits per byte of the
+for the rest; GPTQ rounding), compresses it with zstd-22 into an artifact made to fit, together
+with this file, in 16,000,000 bytes, reads the artifact back and scores the reloaded model in bits per byte of the
 validation text (standard and sliding-window evaluation). Every knob is an environment variable
 (see Hyperparameters); with none set, the record's configuration runs. Results go to
 logs/<RUN_ID>.txt, which also holds this source, every hyperparameter and the machine.
@@ -702,11 +702,13 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
 # of the candidates CLIP_RATIOS x (row's absolute max), the one with the least squared
 # reconstruction error wins (for int5, clipping a Gaussian-like row below its max rounds the bulk
 # of the weights more finely than the outliers cost). No absolute floor on the step (a floor of
-# 1/15 cost PR #236 0.020 bpb). The tied embedding and the small control tensors stay fp16.
-# Values sit in int8 containers: zstd's entropy stage finds the unused high bits.
+# 1/15 cost PR #236 0.020 bpb). With GPTQ_CALIB_TOKENS (the default), block matrices are then
+# rounded by gptq_round() on those scales, calibrated on training tokens after training. The tied
+# embedding and the small control tensors stay fp16. Values sit in int8 containers: zstd's
+# entropy stage finds the unused high bits (bit-packing them compresses worse).
 #
 # If code + model exceed ARTIFACT_LIMIT_BYTES, fit_to_limit() demotes matrices one class at a
-# time (fp16 -> int8, int6 -> int5 -> int4), cheapest first by squared error added per byte saved,
+# time (fp16 -> int8, int6 -> int5 -> int4), cheapest first by output error added per byte saved,
 # re-compresses and re-measures until the artifact fits, or stops the run.
 #
 # The artifact is MAGIC + zstd(u32 header length, JSON header, arrays). The header holds the
@@ -994,7 +996,8 @@ class WeightAverager:
 # A step is SLICES_PER_STEP micro-batches (8 / world_size per rank), one optimizer update. The LR
 # scale is 1 until the warmdown, then falls linearly to 0 at the projected end of the run; the
 # projection uses the mean time of the steps taken so far, which excludes compilation (the
-# warm-up steps run before the clock starts and are then undone).
+# warm-up steps run before the clock starts and are then undone). The loop stops before a step
+# that would cross the cap (MAX_WALLCLOCK_SECONDS less the GPTQ calibration's reserve).
 
 
 @dataclasses.dataclass
