@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import re
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import zstandard
 
 from conftest import assert_one_line_error, tiny_hparams, tiny_model
 import train_gpt as tg
@@ -136,22 +136,16 @@ def artifact():
     return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state)), tg.model_config(h), 3)
 
 
-def corrupt_payload(artifact: bytes, edit) -> bytes:
-    """Decompress, apply edit(payload) -> payload, recompress (a valid zstd frame of bad content)."""
-    payload = zstandard.ZstdDecompressor().decompress(artifact[len(tg.ARTIFACT_MAGIC):])
-    return tg.ARTIFACT_MAGIC + zstandard.ZstdCompressor(level=3).compress(edit(payload))
-
-
-def with_header(payload: bytes, change) -> bytes:
-    (n,) = struct.unpack_from("<I", payload)
-    header = json.loads(payload[4:4 + n])
+def with_header(artifact: bytes, change) -> bytes:
+    """A well-formed artifact whose JSON header was edited by change(header_dict)."""
+    header_json, *sections = tg.unpack_frames(artifact)
+    header = json.loads(header_json)
     change(header)
-    encoded = json.dumps(header).encode()
-    return struct.pack("<I", len(encoded)) + encoded + payload[4 + n:]
+    return tg.pack_frames([json.dumps(header).encode()] + sections, 3)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "flipped", "magic", "pickle", "empty", "header", "offset",
-                                    "dtype", "missing_scale"])
+@pytest.mark.parametrize("damage", ["truncated", "flipped", "magic", "pickle", "empty", "header", "frames",
+                                    "offset", "dtype", "missing_scale"])
 def test_damaged_artifacts_give_a_clear_error(artifact, damage):
     mid = len(artifact) // 2
     bad = {
@@ -160,13 +154,12 @@ def test_damaged_artifacts_give_a_clear_error(artifact, damage):
         "magic": lambda: b"XXXXXXXX" + artifact[8:],
         "pickle": lambda: b"\x80\x04\x95" + b"\x00" * 64,  # what torch.save/pickle files start with
         "empty": lambda: b"",
-        "header": lambda: corrupt_payload(artifact, lambda p: p[:4] + b"{not json" + p[13:]),
-        "offset": lambda: corrupt_payload(artifact, lambda p: with_header(
-            p, lambda hd: hd["blobs"][0].update(offset=10 ** 9))),
-        "dtype": lambda: corrupt_payload(artifact, lambda p: with_header(
-            p, lambda hd: hd["blobs"][0].update(dtype="object"))),
-        "missing_scale": lambda: corrupt_payload(artifact, lambda p: with_header(
-            p, lambda hd: hd.update(blobs=[b for b in hd["blobs"] if b["part"] != "scale"]))),
+        "header": lambda: tg.pack_frames([b"{not json"] + tg.unpack_frames(artifact)[1:], 3),
+        "frames": lambda: artifact[:8] + struct.pack("<I", 10 ** 6) + artifact[12:],
+        "offset": lambda: with_header(artifact, lambda hd: hd["blobs"][0].update(offset=10 ** 9)),
+        "dtype": lambda: with_header(artifact, lambda hd: hd["blobs"][0].update(dtype="object")),
+        "missing_scale": lambda: with_header(
+            artifact, lambda hd: hd.update(blobs=[b for b in hd["blobs"] if b["part"] != "scale"])),
     }[damage]()
     with pytest.raises(tg.RunError, match=r"^damaged\.ptz: "):
         tg.deserialize_artifact(bad, "damaged.ptz")
@@ -246,7 +239,8 @@ def test_fitting_end_to_end_then_eval_only_reproduces_the_score(run_script):
 
 
 def test_impossible_limit_fails_without_writing(run_script):
-    run = run_script({"ITERATIONS": "2", "ARTIFACT_LIMIT_BYTES": "70000"})
+    code_bytes = len(Path(tg.__file__).read_bytes())  # room for the code and 5 KB: too little for any model
+    run = run_script({"ITERATIONS": "2", "ARTIFACT_LIMIT_BYTES": str(code_bytes + 5000)})
     assert_one_line_error(run, "lowest class")
     assert not run.artifact.exists()
     assert "final_roundtrip" not in run.body
@@ -254,6 +248,6 @@ def test_impossible_limit_fails_without_writing(run_script):
 
 def test_eval_only_rejects_a_damaged_artifact(run_script, tmp_path):
     bad = tmp_path / "bad.ptz"
-    bad.write_bytes(tg.ARTIFACT_MAGIC + b"not zstd at all")
+    bad.write_bytes(tg.ARTIFACT_MAGIC + b"not a frame table")
     assert_one_line_error(run_script({"EVAL_ONLY": str(bad)}), str(bad), "corrupt")
     assert_one_line_error(run_script({"EVAL_ONLY": str(tmp_path / "none.ptz")}), "no such artifact")
