@@ -120,7 +120,7 @@ class Hyperparameters:
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
-    eval_only: str = ""
+    eval_only: str = ""  # path to an artifact: score it (model shape from the artifact), train nothing
     # GPTQ rounding, calibrated on training tokens after training (0: off; rounded up to whole
     # steps). Reading training data counts toward the training time, so the loop stops
     # GPTQ_RESERVE_SECONDS early.
@@ -128,7 +128,7 @@ class Hyperparameters:
     gptq_reserve_seconds: float = 2.0
     # Per-row clip search (see Quantization). It lowers the quantization error and costs bytes: on
     # a 12-layer CPU-trained model, GPTQ with it added 4% to the artifact (bench/quant_gap.py).
-    clip_search: bool = True  # path to an artifact: score it (model shape from the artifact), train nothing
+    clip_search: bool = True
 
     @property
     def model_eval_seq_len(self) -> int:
@@ -1248,9 +1248,13 @@ def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
     return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
 
 
+def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "inductor") -> nn.Module:
+    return torch.compile(model, dynamic=False, backend=backend) if compile_enabled(h, rt) else model
+
+
 def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = "inductor") -> nn.Module:
     """The module the training loop calls: compiled (where enabled), under DDP when distributed."""
-    compiled = torch.compile(base_model, dynamic=False, backend=backend) if compile_enabled(h, rt) else base_model
+    compiled = maybe_compile(h, rt, base_model, backend)
     return DDP(compiled, broadcast_buffers=False) if rt.distributed else compiled  # RoPE tables need no sync
 
 
@@ -1268,10 +1272,10 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
 
     Every rank computes the same bytes, so a RunError stops all of them together."""
     t0 = time.perf_counter()
-    state = base_model.state_dict()
-    quantized = quantize_state(state, quant_plan(state), h.clip_search, hessians)
     if code_bytes >= h.artifact_limit_bytes:
         raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is {code_bytes} bytes")
+    state = base_model.state_dict()
+    quantized = quantize_state(state, quant_plan(state), h.clip_search, hessians)
     blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, model_config(h), h.zstd_level),
                                h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search)
     for cls in sorted({e["class"] for e in quantized.values()}):
@@ -1288,10 +1292,10 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
 
 def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: list[str] | None, log) -> None:
     """The byte budget of the exact files that ship: this script (as logged) and the artifact on disk."""
-    model_bytes = path.stat().st_size
+    blob = path.read_bytes()
+    model_bytes, digest = len(blob), hashlib.sha256(blob).hexdigest()
     total = code_bytes + model_bytes
     fit = "" if moves is None else f" fit_moves:{len(moves)}"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
     log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{model_bytes} "
         f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit} artifact_sha256:{digest}")
     if moves:
@@ -1401,7 +1405,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         log(f"eval_only: scoring {artifact_path}; nothing is trained")
         base_model = build_model(h, rt)
         base_model.load_state_dict(state, strict=True)
-        eval_model = wrap_model(h, dataclasses.replace(rt, distributed=False), base_model)
+        eval_model = maybe_compile(h, rt, base_model)  # evaluation needs no DDP
         build_eval_graph(h, rt, eval_model, val)
         log_artifact_bytes(h, artifact_path, len(code), None, log)
     else:
