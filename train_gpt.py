@@ -1,17 +1,21 @@
-"""Parameter Golf submission: the 12-layer int5-MLP / SmearGate / BigramHash / SWA record, re-implemented.
+"""Parameter Golf submission: the three seed records by name, and `frontier`, every technique the
+sp1024 leaderboard proved after them.
 
-    torchrun --standalone --nproc_per_node=8 train_gpt.py     # the record: 8xH100, FineWeb, 600 s
-    python3 train_gpt.py                                      # no GPU or no FineWeb: CPU smoke preset
+    torchrun --standalone --nproc_per_node=8 train_gpt.py     # the frontier: 8xH100, FineWeb, 600 s
+    PRESET=pr76 torchrun --standalone --nproc_per_node=8 train_gpt.py   # a seed record (pr76, pr236, pr192)
+    python3 train_gpt.py                                      # no GPU: the CPU smoke preset
 
-Trains a GPT on FineWeb within MAX_WALLCLOCK_SECONDS, quantizes it (int5 MLP, int6 attention, fp16
-for the rest; GPTQ rounding), compresses it with zstd-22 into an artifact made to fit, together
-with this file, in 16,000,000 bytes, reads the artifact back and scores the reloaded model in bits per byte of the
+Trains a GPT on FineWeb within MAX_WALLCLOCK_SECONDS, quantizes it (per-row int5/int6/int8 classes,
+GPTQ rounding), compresses it with zstd-22 into an artifact made to fit, together with this file,
+in 16,000,000 bytes, reads the artifact back and scores the reloaded model in bits per byte of the
 validation text (standard and sliding-window evaluation). Every knob is an environment variable
-(see Hyperparameters); with none set, the record's configuration runs. Results go to
-logs/<RUN_ID>.txt, which also holds this source, every hyperparameter and the machine.
+(see Hyperparameters); PRESET names a whole configuration. Results go to logs/<RUN_ID>.txt, which
+also holds this source, every hyperparameter and the machine.
 
 Technique credits: the challenge's baseline (openai/parameter-golf), modded-nanogpt (Muon, U-Net
-skips, relu^2, logit soft-capping), PR #76 for the combination re-implemented here.
+skips, relu^2, logit soft-capping), PR #76, #236 and #192 (the seed records), and the later records
+summarized in FRONTIER.md: XSA (arXiv 2603.09078), partial RoPE, LN scale, LeakyReLU(0.5)^2,
+parallel residual lanes, depth recurrence, EMA, MuonEq-R (arXiv 2603.28254).
 """
 
 from __future__ import annotations
@@ -47,9 +51,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 #
 # One frozen dataclass, read from the environment in one place. A field `foo_bar` is set by the
 # env var FOO_BAR and parsed with the field's type. The defaults are the record (PR #76), so the
-# launch command needs no flags. PRESET=auto (the default) swaps in SMOKE_PRESET for every knob the
-# environment leaves unset when there is no CUDA device, or when DATA_PATH is unset and FineWeb is
-# not at its default path: that is the CPU pre-flight run, and its log says so.
+# launch command needs no flags. PRESET names a whole configuration (PRESETS below); PRESET=auto (the
+# default) picks `smoke`, the CPU pre-flight run, without CUDA, and `frontier` on a GPU with FineWeb.
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 SLICES_PER_STEP = 8  # a step is 8 micro-batches, as on 8 GPUs; fewer GPUs accumulate 8 / world_size
@@ -68,7 +71,7 @@ class Hyperparameters:
     vocab_size: int = 1024
     run_id: str = ""  # empty: a fresh id per run
     seed: int = 1337
-    preset: str = "auto"  # auto | record | smoke
+    preset: str = "auto"  # auto | pr76 | pr236 | pr192 | frontier | smoke (see PRESETS)
     # Schedule. The warmdown is wallclock-aware: it starts when the remaining time, at the measured
     # step time, covers WARMDOWN_ITERS steps (or at ITERATIONS - WARMDOWN_ITERS, if that is sooner).
     iterations: int = 20000
@@ -93,9 +96,19 @@ class Hyperparameters:
     logit_softcap: float = 30.0
     qk_gain_init: float = 1.5
     tied_embed_init_std: float = 0.005
-    bigram_vocab_size: int = 2048
+    bigram_vocab_size: int = 2048  # 0: no BigramHash (PR #192)
     bigram_dim: int = 96
     bigram_scale_init: float = 0.05
+    smear_mode: str = "channel"  # channel: per-channel gate (PR #76) | scalar: input-dependent gate (PR #192)
+    # Techniques proven after the seed records (../FRONTIER.md); each is off at its default.
+    rope_dims: int = 0  # partial RoPE: rotate only the first ROPE_DIMS dims of each head (0: all)
+    xsa_last_n: int = 0  # exclusive self attention in the last XSA_LAST_N blocks
+    ln_scale: bool = False  # scale block l's normalized sublayer inputs by 1/sqrt(l+1)
+    mlp_negative_slope: float = 0.0  # MLP activation leaky_relu(x, slope)^2 (0: relu^2)
+    lanes_from: int = 0  # parallel residual lanes from this block on (0: one stream)
+    recur_blocks: str = ""  # depth recurrence: contiguous blocks run twice, e.g. "4,5" (empty: off) ...
+    recur_start_frac: float = 0.5  # ... from this fraction of the run (steps or wallclock, whichever is further)
+    qat_bits: int = 0  # straight-through fake quantization of block matrices while training (PR #192; 0: off)
     # Optimizers: Muon for block matrices and the bigram projection, Adam for the rest.
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
@@ -110,12 +123,17 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     adam_wd: float = 0.0  # the record's write-up says 0 (its code defaulted to 0.01 coupled L2)
     grad_clip_norm: float = 0.3  # 0: no clipping
+    bigram_adam: bool = False  # the bigram table and projection in the Adam scalar group (PR #236)
+    lr_floor: float = 0.0  # the warmdown's LR multiplier never falls below this
     # Weight averaging: a snapshot every SWA_INTERVAL steps once the LR scale is below SWA_START_FRAC.
     swa_interval: int = 50  # 0: off
     swa_start_frac: float = 0.5
     # Artifact.
     artifact_path: str = ""  # empty: logs/<RUN_ID>.ptz
     artifact_limit_bytes: int = 16_000_000
+    quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
+    quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
+    quant_bits_embed: int = 16  # the tied embedding: 16 (fp16) or 8 (int8 per row)
     zstd_level: int = 22
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
@@ -141,15 +159,36 @@ class Hyperparameters:
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds else 0.0
 
 
-SMOKE_PRESET = dict(
+# A preset names a complete configuration: its values replace the defaults (PR #76), and env vars
+# override both. The three seed records are reproduced from their write-ups and code as described in
+# CHALLENGE.md, without their bugs (RoPE lengths come from the config; nothing crosses a BOS; every
+# validation target is scored once). `frontier` is ours: the 1.1063 record's recipe (FRONTIER.md).
+PR236 = dict(  # 11L, seq 2048, int6 everywhere with an int8 embedding, SWA every 200 steps: 1.1400
+    num_layers=11, train_seq_len=2048, bigram_dim=128, bigram_adam=True, muon_momentum=0.99,
+    warmdown_iters=3000, adam_wd=0.04, swa_interval=200, quant_bits_mlp=6, quant_bits_embed=8,
+)
+PR192 = dict(  # 11L, seq 2048, no BigramHash, scalar SmearGate, int6 fake quantization from step 0: 1.1502
+    num_layers=11, train_seq_len=2048, bigram_vocab_size=0, smear_mode="scalar", matrix_lr=0.02,
+    scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99, muon_wd=0.038, warmdown_iters=3000,
+    swa_interval=0, qat_bits=6, quant_bits_mlp=6, clip_search=False, gptq_calib_tokens=0,
+)
+FRONTIER = dict(  # the best sp1024 recipe: 11L, seq 2048, 786,432 tokens/step, every proven technique
+    num_layers=11, train_seq_len=2048, train_batch_tokens=786_432, muon_momentum=0.99, warmdown_iters=3500,
+    swa_interval=0, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5, lanes_from=7,
+    recur_blocks="4,5", recur_start_frac=0.5, bigram_vocab_size=3072, bigram_dim=112, quant_bits_mlp=6,
+)
+SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
     tokenizer_path=str(SCRIPT_DIR / "tests/fixtures/sample_1024_bpe.model"),
     iterations=60, max_wallclock_seconds=0.0, warmup_steps=2, warmdown_iters=20,
     train_batch_tokens=4096, train_seq_len=128, train_log_every=10, eval_stride=64,
     val_batch_size=16384, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
-    bigram_vocab_size=256, bigram_dim=32, muon_momentum_warmup_steps=20, swa_interval=5,
-    gptq_calib_tokens=16384,
+    bigram_vocab_size=256, bigram_dim=32, muon_momentum_warmup_steps=20, swa_interval=0,
+    gptq_calib_tokens=16384, xsa_last_n=2, rope_dims=8, ln_scale=True, mlp_negative_slope=0.5, lanes_from=1,
+    recur_blocks="0", quant_bits_mlp=6,
 )
+PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "frontier": FRONTIER, "smoke": SMOKE}
+FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 (in a clone of openai/parameter-golf)"
 
 
 def parse_env_value(name: str, raw: str, kind: type):
@@ -163,6 +202,21 @@ def parse_env_value(name: str, raw: str, kind: type):
         raise RunError(f"{name}={raw!r}: expected a value of type {kind.__name__}") from None
 
 
+def choose_preset(values: dict, cuda_available: bool) -> str:
+    """PRESET=auto: the CPU pre-flight run without CUDA; on a GPU, the frontier on FineWeb. A GPU with
+    no data is an error, not a silent smoke run that would exit 0 on a rented pod."""
+    preset = values.get("preset", "auto")
+    if preset != "auto":
+        return preset
+    if not cuda_available:
+        return "smoke"
+    data_path = values.get("data_path", Hyperparameters.data_path)
+    if not Path(data_path).is_dir():
+        raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
+                       f"{FINEWEB_DOWNLOAD}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
+    return "frontier"
+
+
 def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple[Hyperparameters, str]:
     """Build the config from env vars; returns it with the preset actually applied."""
     fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
@@ -171,26 +225,25 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
     for name, field in fields.items():
         if name.upper() in env:
             values[name] = parse_env_value(name.upper(), env[name.upper()], type(field.default))
-    preset = values.get("preset", "auto")
-    if preset not in ("auto", "record", "smoke"):
-        raise RunError(f"PRESET={preset!r}: expected auto, record or smoke")
-    if preset == "auto":
-        fineweb_missing = "data_path" not in values and not Path(Hyperparameters.data_path).is_dir()
-        preset = "smoke" if (not cuda_available or fineweb_missing) else "record"
-    if preset == "smoke":
-        values = {**SMOKE_PRESET, **values}
-    values["preset"] = preset
     unknown = sorted(k for k in env if k.isupper() and k not in known and k.startswith(_KNOB_PREFIXES))
     if unknown:
         raise RunError(f"unknown setting {unknown[0]}: not a Hyperparameters field (typo?)")
+    preset = choose_preset(values, cuda_available)
+    if preset not in PRESETS:
+        raise RunError(f"PRESET={preset!r}: expected auto or one of {', '.join(PRESETS)}")
+    if preset == "smoke" and "data_path" not in values and not Path(SMOKE["data_path"]).is_dir():
+        raise RunError(f"PRESET=smoke trains on the sample in {SMOKE['data_path']}, which is not here: copy "
+                       f"tests/fixtures/ next to train_gpt.py, or set DATA_PATH and TOKENIZER_PATH")
+    values = {**PRESETS[preset], **values, "preset": preset}
     h = Hyperparameters(**values)
     validate(h)
     return h, preset
 
 
 # Env vars that look like ours; an unknown one among them is almost certainly a typo in a sweep.
-_KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_",
-                  "MLP_", "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_")
+_KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_", "MLP_",
+                  "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_",
+                  "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_")
 
 
 def validate(h: Hyperparameters) -> None:
@@ -203,7 +256,7 @@ def validate(h: Hyperparameters) -> None:
         (h.num_kv_heads >= 1 and h.num_heads % h.num_kv_heads == 0,
          "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
         (h.mlp_mult >= 1, "MLP_MULT must be >= 1"),
-        (h.bigram_vocab_size >= 2 and h.bigram_dim >= 1, "BIGRAM_VOCAB_SIZE must be >= 2, BIGRAM_DIM >= 1"),
+        (h.bigram_dim >= 1, "BIGRAM_DIM must be >= 1"),
         (h.train_seq_len >= 2 and h.model_eval_seq_len >= 2, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be >= 2"),
         (h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
          f"TRAIN_BATCH_TOKENS must be a multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
@@ -224,9 +277,42 @@ def validate(h: Hyperparameters) -> None:
         (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
          "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + technique_checks(h):
         if not ok:
             raise RunError(message)
+
+
+def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
+    """RECUR_BLOCKS as block indices: "4,5" -> (4, 5); "" -> ()."""
+    try:
+        return tuple(int(part) for part in h.recur_blocks.split(",")) if h.recur_blocks.strip() else ()
+    except ValueError:
+        raise RunError(f"RECUR_BLOCKS={h.recur_blocks!r}: expected block indices like 4,5") from None
+
+
+def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
+    head_dim = h.model_dim // max(h.num_heads, 1)
+    recur = recurrence_blocks(h)
+    return [
+        (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
+        (h.smear_mode in ("channel", "scalar"), "SMEAR_MODE must be channel or scalar"),
+        (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
+         f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
+        (0 <= h.xsa_last_n <= h.num_layers, "XSA_LAST_N must be in 0..NUM_LAYERS"),
+        (h.mlp_negative_slope >= 0, "MLP_NEGATIVE_SLOPE must be >= 0"),
+        (0 <= h.lanes_from < h.num_layers, "LANES_FROM must be in 0..NUM_LAYERS-1 (0: off)"),
+        (list(recur) == list(range(recur[0], recur[0] + len(recur))) if recur else True,
+         f"RECUR_BLOCKS={h.recur_blocks!r} must be contiguous ascending block indices"),
+        (all(0 <= b < h.num_layers for b in recur), "RECUR_BLOCKS must name blocks in 0..NUM_LAYERS-1"),
+        (not (recur and h.lanes_from) or h.lanes_from > recur[-1],
+         "LANES_FROM must come after the last of RECUR_BLOCKS (a repeated block sees one stream)"),
+        (0 <= h.recur_start_frac < 1, "RECUR_START_FRAC must be in [0, 1)"),
+        (h.qat_bits in (0, 4, 5, 6, 8), "QAT_BITS must be 0 (off), 4, 5, 6 or 8"),
+        (0 <= h.lr_floor < 1, "LR_FLOOR must be in [0, 1)"),
+        (h.quant_bits_mlp in (4, 5, 6, 8) and h.quant_bits_attn in (4, 5, 6, 8),
+         "QUANT_BITS_MLP and QUANT_BITS_ATTN must be 4, 5, 6 or 8"),
+        (h.quant_bits_embed in (8, 16), "QUANT_BITS_EMBED must be 8 (int8) or 16 (fp16)"),
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -432,40 +518,76 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
 # MLP; per-channel output scales and a learned mix with the initial embedding in every block;
 # U-Net skips from the first half of the blocks to the second; tied embedding; soft-capped logits.
 # In front: BigramHash (a hashed embedding of the (previous, current) token pair) and SmearGate
-# (a learned per-channel blend with the previous position). Neither crosses a BOS boundary.
+# (a learned blend with the previous position). Neither crosses a BOS boundary.
+#
+# The later techniques (FRONTIER.md), each off by default: partial RoPE, XSA (attention output minus
+# its component along the token's own value), LN scale, leaky relu^2, parallel residual lanes, depth
+# recurrence, and fake quantization while training (PR #192). The residual stream is always shaped
+# (lanes, B, T, C): one lane before LANES_FROM, two from it.
 
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+class Linear(nn.Linear):
+    """A bias-free linear layer. With qat_bits set (QAT_BITS, block matrices only), the forward pass
+    uses the export's per-row quantization of the weight whenever gradients are on (training), with
+    the straight-through gradient w + stopgrad(q(w) - w); evaluation, under no_grad, sees w itself."""
+
+    def __init__(self, in_features: int, out_features: int, qat_bits: int = 0):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat_bits = qat_bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if self.qat_bits and torch.is_grad_enabled():
+            q, scale = quantize_rows(w.detach(), self.qat_bits, clip_search=False)
+            w = w + (dequantize_rows(q, scale) - w).detach()
+        return F.linear(x, w)
+
+
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, max_len: int, base: float):
+    """RoPE on the first `dims` dims of each head, frequencies computed over those dims; the rest of
+    the head carries no position (partial RoPE, FRONTIER.md, with dims < head_dim)."""
+
+    def __init__(self, dims: int, max_len: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.dims = dims
+        inv_freq = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32) / dims)
         angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos()[None, None], persistent=False)  # (1, 1, max_len, hd/2)
+        self.register_buffer("cos", angles.cos()[None, None], persistent=False)  # (1, 1, max_len, dims/2)
         self.register_buffer("sin", angles.sin()[None, None], persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:  # x: (B, heads, T, hd)
         T = x.size(-2)
         cos, sin = self.cos[:, :, :T].to(x.dtype), self.sin[:, :, :T].to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        x1, x2, rest = x.split((self.dims // 2, self.dims // 2, x.size(-1) - self.dims), dim=-1)
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA (arXiv 2603.09078): per head, y <- y - (y . vhat) vhat with vhat the token's own value
+    direction. y: (B, H, T, hd); v: (B, Hkv, T, hd), shared by the H / Hkv query heads of its group
+    through a broadcast (no copy)."""
+    y = y.unflatten(1, (v.size(1), -1))  # (B, Hkv, group, T, hd)
+    vhat = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd)
+    y = y - (y * vhat).sum(dim=-1, keepdim=True) * vhat
+    return y.flatten(1, 2)
 
 
 class Attention(nn.Module):
-    def __init__(self, h: Hyperparameters, max_len: int):
+    def __init__(self, h: Hyperparameters, max_len: int, xsa: bool):
         super().__init__()
-        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
+        self.num_heads, self.num_kv_heads, self.xsa = h.num_heads, h.num_kv_heads, xsa
         self.head_dim = h.model_dim // h.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(h.model_dim, h.model_dim, bias=False)
-        self.c_k = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(h.model_dim, kv_dim, bias=False)
-        self.proj = nn.Linear(h.model_dim, h.model_dim, bias=False)
+        self.c_q = Linear(h.model_dim, h.model_dim, h.qat_bits)
+        self.c_k = Linear(h.model_dim, kv_dim, h.qat_bits)
+        self.c_v = Linear(h.model_dim, kv_dim, h.qat_bits)
+        self.proj = Linear(h.model_dim, h.model_dim, h.qat_bits)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
-        self.rotary = Rotary(self.head_dim, max_len, h.rope_base)
+        self.rotary = Rotary(h.rope_dims or self.head_dim, max_len, h.rope_base)
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -476,32 +598,54 @@ class Attention(nn.Module):
         k = self.rotary(rms_norm(k))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = remove_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: int):
+    def __init__(self, h: Hyperparameters):
         super().__init__()
-        self.fc = nn.Linear(dim, mult * dim, bias=False)
-        self.proj = nn.Linear(mult * dim, dim, bias=False)
+        self.fc = Linear(h.model_dim, h.mlp_mult * h.model_dim, h.qat_bits)
+        self.proj = Linear(h.mlp_mult * h.model_dim, h.model_dim, h.qat_bits)
+        self.negative_slope = h.mlp_negative_slope  # 0: relu^2 (PR #76); 0.5: LeakyReLU(0.5)^2
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
 
 class Block(nn.Module):
-    def __init__(self, h: Hyperparameters, max_len: int):
+    """Attention then MLP, each on the RMS-normed stream (times 1/sqrt(index+1) with LN_SCALE).
+
+    With two lanes (index >= LANES_FROM), attention reads lane 0 and the MLP reads lane 1; each
+    sublayer's output is added into both lanes through learned scalars (lane_write[sublayer, lane]),
+    and each lane is scaled by its own residual scalar (lane_keep). All start at 1, where two lanes
+    compute exactly what one stream would: they start identical and receive the same writes."""
+
+    def __init__(self, h: Hyperparameters, index: int, max_len: int):
         super().__init__()
-        self.attn = Attention(h, max_len)
-        self.mlp = MLP(h.model_dim, h.mlp_mult)
+        self.attn = Attention(h, max_len, xsa=index >= h.num_layers - h.xsa_last_n)
+        self.mlp = MLP(h)
         self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
+        self.norm_scale = (index + 1) ** -0.5 if h.ln_scale else 1.0
+        self.lanes = 2 if h.lanes_from and index >= h.lanes_from else 1
+        if self.lanes == 2:
+            self.lane_write = nn.Parameter(torch.ones(2, 2))
+            self.lane_keep = nn.Parameter(torch.ones(2))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:  # x: (lanes, B, T, C), x0: (B, T, C)
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.attn_scale * self.attn(rms_norm(x))
-        return x + self.mlp_scale * self.mlp(rms_norm(x))
+        if self.lanes == 2:
+            x = self.lane_keep[:, None, None, None] * x
+        a = self.attn_scale * self.attn(rms_norm(x[0]) * self.norm_scale)
+        x = x + self.lane_weights(0) * a
+        m = self.mlp_scale * self.mlp(rms_norm(x[-1]) * self.norm_scale)
+        return x + self.lane_weights(1) * m
+
+    def lane_weights(self, sublayer: int) -> Tensor | float:
+        return self.lane_write[sublayer][:, None, None, None] if self.lanes == 2 else 1.0
 
 
 def first_of_document(tokens: Tensor) -> Tensor:
@@ -533,13 +677,25 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    def __init__(self, dim: int):
+    """x_t <- x_t + weight_t * (x_{t-1} - x_t), never across a BOS. mode "channel" (PR #76): weight =
+    sigmoid(gate), one per channel, starting at an even blend. mode "scalar" (PR #192): one weight
+    per position, strength * sigmoid(gate . x_t), starting at 0 (the identity), and the previous
+    position is added rather than blended: x_t + weight_t * x_{t-1}."""
+
+    def __init__(self, dim: int, mode: str):
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(dim))  # sigmoid(0) = 0.5: an even blend at the start
+        self.mode = mode
+        self.gate = nn.Parameter(torch.zeros(dim))
+        if mode == "scalar":
+            self.strength = nn.Parameter(torch.zeros(()))
 
     def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        weight = torch.sigmoid(self.gate) * (~first_of_document(tokens)).unsqueeze(-1)
+        same_document = (~first_of_document(tokens)).unsqueeze(-1)
+        if self.mode == "scalar":
+            weight = self.strength * torch.sigmoid(x @ self.gate.to(x.dtype)).unsqueeze(-1) * same_document
+            return x + weight * prev
+        weight = torch.sigmoid(self.gate) * same_document
         return x + weight * (prev - x)
 
 
@@ -549,37 +705,60 @@ class GPT(nn.Module):
         max_len = max(h.train_seq_len, h.model_eval_seq_len)
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
-        self.bigram = BigramHash(h)
-        self.smear = SmearGate(h.model_dim)
-        self.blocks = nn.ModuleList(Block(h, max_len) for _ in range(h.num_layers))
+        self.bigram = BigramHash(h) if h.bigram_vocab_size else None
+        self.smear = SmearGate(h.model_dim, h.smear_mode)
+        self.blocks = nn.ModuleList(Block(h, i, max_len) for i in range(h.num_layers))
         self.num_encoder = h.num_layers // 2
         self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, h.model_dim))
+        self.recur_blocks = recurrence_blocks(h)
+        self.recur_active = False  # set by the training loop at RECUR_START_FRAC, and for scoring
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
         nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
-        nn.init.zeros_(self.bigram.table.weight)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if name.endswith(("attn.proj", "mlp.proj")):
                     nn.init.zeros_(module.weight)  # each block starts as the identity
                 elif min(module.weight.shape) >= 64:
                     nn.init.orthogonal_(module.weight)
-        # The bigram table starts at zero, so its projection must not: it scales like an output layer.
-        nn.init.orthogonal_(self.bigram.proj.weight, gain=(2 * h.num_layers) ** -0.5)
+        if self.bigram is not None:
+            # The bigram table starts at zero, so its projection must not: it scales like an output layer.
+            nn.init.zeros_(self.bigram.table.weight)
+            nn.init.orthogonal_(self.bigram.proj.weight, gain=(2 * h.num_layers) ** -0.5)
+
+    def block_schedule(self) -> list[tuple[int, bool]]:
+        """(block index, is the repeat) in execution order: with recurrence active, the RECUR_BLOCKS
+        run a second time right after their first pass (4, 5 -> ... 3, 4, 5, 4, 5, 6 ...)."""
+        schedule = [(i, False) for i in range(len(self.blocks))]
+        if self.recur_active and self.recur_blocks:
+            last = self.recur_blocks[-1]
+            schedule[last + 1:last + 1] = [(i, True) for i in self.recur_blocks]
+        return schedule
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """(B, T, C): token (+ bigram) embedding, RMS-normed and smeared. PR #192 smeared the raw
+        token embedding before the norm; the others smear the normed sum."""
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        if self.smear.mode == "scalar":
+            return rms_norm(self.smear(x, input_ids))
+        return self.smear(rms_norm(x), input_ids)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T)."""
-        x = rms_norm(self.tok_emb(input_ids) + self.bigram(input_ids))
-        x = x0 = self.smear(x, input_ids)
+        x0 = self.embed(input_ids)
+        x = x0[None]  # (lanes, B, T, C)
         skips = []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
+        for i, repeat in self.block_schedule():
+            block = self.blocks[i]
+            if i >= self.num_encoder and skips and not repeat:
                 x = x + self.skip_weights[len(skips) - 1] * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder:
+            x = block(x.expand(block.lanes, -1, -1, -1) if block.lanes > x.size(0) else x, x0)
+            if i < self.num_encoder and not repeat:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
+        logits = F.linear(rms_norm(x.mean(dim=0)), self.tok_emb.weight).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         if target_ids is None:
             return logits
@@ -605,17 +784,23 @@ def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...
 
 
 BLOCK_MATRICES = r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight"
-CONTROL_TENSORS = r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|attn\.q_gain)|skip_weights|smear\.gate|bigram\.scale"
-OPTIMIZER_RULES = (
-    (BLOCK_MATRICES, "muon"),
-    (r"bigram\.proj\.weight", "muon"),
-    (r"tok_emb\.weight|bigram\.table\.weight", "adam_embed"),
-    (CONTROL_TENSORS, "adam_scalar"),
-)
+CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|attn\.q_gain|lane_write|lane_keep)|skip_weights"
+                   r"|smear\.(gate|strength)|bigram\.scale")
+
+
+def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
+    """Muon for block matrices (and the bigram projection), Adam for the embeddings and the rest.
+    PR #236 trained the bigram table and projection with the scalars instead (BIGRAM_ADAM)."""
+    rules = [(BLOCK_MATRICES, "muon"), (r"tok_emb\.weight", "adam_embed"), (CONTROL_TENSORS, "adam_scalar")]
+    if h.bigram_vocab_size and h.bigram_adam:
+        rules.append((r"bigram\.(table|proj)\.weight", "adam_scalar"))
+    elif h.bigram_vocab_size:
+        rules += [(r"bigram\.proj\.weight", "muon"), (r"bigram\.table\.weight", "adam_embed")]
+    return tuple(rules)
 
 
 def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
-    groups = partition(list(model.named_parameters()), OPTIMIZER_RULES, "OPTIMIZER_RULES")
+    groups = partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules")
     params = {group: [p for _, p in members] for group, members in groups.items()}
     fused = next(model.parameters()).is_cuda
     adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
@@ -700,14 +885,15 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
 # -----------------------------------------------------------------------------
 # Quantization and serialization
 #
-# Per-row symmetric quantization: int5 ([-15, 15]) for MLP matrices, int6 ([-31, 31]) for
-# attention matrices and the bigram table, one fp16 scale per row. Each row's clip is searched:
+# Per-row symmetric quantization, one fp16 scale per row, bits by class (quant_rules): int5
+# ([-15, 15]) for MLP matrices and int6 ([-31, 31]) for attention matrices and the bigram table in
+# PR #76; QUANT_BITS_* choose any int4/5/6/8 mix. Each row's clip is searched:
 # of the candidates CLIP_RATIOS x (row's absolute max), the one with the least squared
 # reconstruction error wins (for int5, clipping a Gaussian-like row below its max rounds the bulk
 # of the weights more finely than the outliers cost). No absolute floor on the step (a floor of
 # 1/15 cost PR #236 0.020 bpb). With GPTQ_CALIB_TOKENS (the default), block matrices are then
 # rounded by gptq_round() on those scales, calibrated on training tokens after training. The tied
-# embedding and the small control tensors stay fp16. Values sit in int8 containers: zstd's
+# embedding (unless QUANT_BITS_EMBED=8) and the small control tensors stay fp16. Values sit in int8 containers: zstd's
 # entropy stage finds the unused high bits (bit-packing them compresses worse).
 #
 # If code + model exceed ARTIFACT_LIMIT_BYTES, fit_to_limit() demotes matrices one class at a
@@ -720,21 +906,29 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
 
 BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight"
 BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
-QUANT_RULES = (
-    (BLOCK_MLP, "int5"),
-    (BLOCK_ATTN, "int6"),
-    (r"bigram\.table\.weight", "int6"),
-    (r"tok_emb\.weight|bigram\.proj\.weight", "fp16"),
-    (CONTROL_TENSORS, "fp16"),
-)
+
+
+def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
+    """Quantization class by name: QUANT_BITS_MLP for MLP matrices, QUANT_BITS_ATTN for attention
+    matrices and the bigram table, QUANT_BITS_EMBED for the tied embedding; the bigram projection
+    and the control tensors stay fp16."""
+    rules = [(BLOCK_MLP, BITS_CLASS[h.quant_bits_mlp]), (BLOCK_ATTN, BITS_CLASS[h.quant_bits_attn]),
+             (r"tok_emb\.weight", BITS_CLASS[h.quant_bits_embed]), (CONTROL_TENSORS, "fp16")]
+    if h.bigram_vocab_size:
+        rules += [(r"bigram\.table\.weight", BITS_CLASS[h.quant_bits_attn]), (r"bigram\.proj\.weight", "fp16")]
+    return tuple(rules)
+
+
 QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int8": 8}
 CLASS_BITS = {**QUANT_BITS, "fp16": 16}
+BITS_CLASS = {bits: cls for cls, bits in CLASS_BITS.items()}
 DEMOTIONS = {"fp16": "int8", "int6": "int5", "int5": "int4"}  # the fitting ladder (not for control tensors)
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 ARTIFACT_MAGIC = b"PGOLF\x00A3"
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
-                "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len")
+                "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len", "smear_mode", "rope_dims",
+                "xsa_last_n", "ln_scale", "mlp_negative_slope", "lanes_from", "recur_blocks")
 
 
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True) -> tuple[Tensor, Tensor]:
@@ -761,9 +955,9 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quant_plan(state: dict[str, Tensor]) -> dict[str, str]:
-    """name -> quantization class, from QUANT_RULES (each tensor in exactly one class)."""
-    classes = partition(list(state.items()), QUANT_RULES, "QUANT_RULES")
+def quant_plan(state: dict[str, Tensor], h: Hyperparameters) -> dict[str, str]:
+    """name -> quantization class, from quant_rules(h) (each tensor in exactly one class)."""
+    classes = partition(list(state.items()), quant_rules(h), "quant_rules")
     return {name: cls for cls, members in classes.items() for name, _ in members}
 
 
@@ -1060,7 +1254,7 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
         warmdown_ms = h.warmdown_iters * elapsed_ms / step
         remaining_ms = max(1000 * h.loop_cap_seconds - elapsed_ms, 0.0)
         scale = min(scale, remaining_ms / warmdown_ms) if warmdown_ms > 0 else scale
-    return scale
+    return max(scale, h.lr_floor)
 
 
 def muon_momentum(h: Hyperparameters, step: int) -> float:
@@ -1104,16 +1298,21 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
 def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, log) -> float:
     """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
     every graph the timed loop and the evaluations use, then restores the initial weights and
-    optimizer state. The data loader is rebuilt by the caller. Returns the time taken (ms)."""
+    optimizer state. With depth recurrence, both the model without and with the repeated blocks
+    are warmed up (WARMUP_STEPS each): the switch mid-run must not compile. The data loader is
+    rebuilt by the caller. Returns the time taken (ms)."""
     t0 = time.perf_counter()
     if h.warmup_steps == 0:
         return 0.0
     initial_model = copy.deepcopy(base_model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
-    for step in range(h.warmup_steps):
-        train_step(h, rt, model, optimizers, loader, step, scale=1.0)
-    build_eval_graph(h, rt, model_for_eval(model), val)
+    for recur_active in (False, True) if base_model.recur_blocks else (False,):
+        base_model.recur_active = recur_active
+        for step in range(h.warmup_steps):
+            train_step(h, rt, model, optimizers, loader, step, scale=1.0)
+        build_eval_graph(h, rt, model_for_eval(model), val)
+    base_model.recur_active = False
     base_model.load_state_dict(initial_model, strict=True)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
@@ -1140,6 +1339,10 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
     while step < h.iterations:
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         scale = lr_scale(h, step, elapsed_ms)
+        if base_model.recur_blocks and not base_model.recur_active and \
+                max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0) >= h.recur_start_frac:
+            base_model.recur_active = True  # its compiled graph was built during warm-up
+            log(f"recurrence: blocks {h.recur_blocks} run twice from step {step}")
         loss = train_step(h, rt, model, optimizers, loader, step, scale)
         step += 1
         averager.observe(base_model, step, scale)
@@ -1275,8 +1478,11 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
     if code_bytes >= h.artifact_limit_bytes:
         raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is {code_bytes} bytes")
     state = base_model.state_dict()
-    quantized = quantize_state(state, quant_plan(state), h.clip_search, hessians)
-    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, model_config(h), h.zstd_level),
+    config = model_config(h)
+    if not base_model.recur_active:  # the run ended before the repeat was switched on: score without it
+        config["recur_blocks"] = ""
+    quantized = quantize_state(state, quant_plan(state, h), h.clip_search, hessians)
+    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level),
                                h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
@@ -1405,6 +1611,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         log(f"eval_only: scoring {artifact_path}; nothing is trained")
         base_model = build_model(h, rt)
         base_model.load_state_dict(state, strict=True)
+        base_model.recur_active = bool(base_model.recur_blocks)  # the artifact names them only if they ran
         eval_model = maybe_compile(h, rt, base_model)  # evaluation needs no DDP
         build_eval_graph(h, rt, eval_model, val)
         log_artifact_bytes(h, artifact_path, len(code), None, log)

@@ -123,7 +123,7 @@ def main() -> None:
     base_bpb = math.nan if args.bytes_only else score(h, rt, state, val)
     print(f"\nmethod        val_bpb     gap         model_bytes")
     print(f"unquantized   {base_bpb:.6f}")
-    plan = tg.quant_plan(state)
+    plan = tg.quant_plan(state, h)
     model = tg.build_model(h, rt)
     model.load_state_dict(state, strict=True)
     loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, rt.device)

@@ -63,7 +63,7 @@ def test_tiny_rows_are_not_floored():
 def test_every_class_roundtrips_through_the_artifact():
     h = tiny_hparams()
     state = tiny_model(h).state_dict()
-    plan = tg.quant_plan(state)
+    plan = tg.quant_plan(state, h)
     plan["tok_emb.weight"] = "int8"  # exercise every class the format knows
     plan["blocks.0.mlp.fc.weight"] = "int4"
     assert {"int4", "int5", "int6", "int8", "fp16"} <= set(plan.values())
@@ -133,7 +133,7 @@ def test_collect_hessians_are_input_second_moments():
 def artifact():
     h = tiny_hparams()
     state = tiny_model(h).state_dict()
-    return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state)), tg.model_config(h), 3)
+    return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state, h)), tg.model_config(h), 3)
 
 
 def with_header(artifact: bytes, change) -> bytes:
@@ -168,7 +168,7 @@ def test_damaged_artifacts_give_a_clear_error(artifact, damage):
 def test_fit_to_limit_demotes_cheapest_first_and_fits():
     h = tiny_hparams(model_dim=64, num_heads=4, mlp_mult=3)
     state = tiny_model(h).state_dict()
-    quantized = tg.quantize_state(state, tg.quant_plan(state))
+    quantized = tg.quantize_state(state, tg.quant_plan(state, h))
 
     def serialize(q):
         return tg.serialize_artifact(q, tg.model_config(h), 3)
@@ -190,7 +190,7 @@ def test_fit_to_limit_demotes_cheapest_first_and_fits():
 def test_fit_to_limit_impossible_budget_raises():
     h = tiny_hparams()
     state = tiny_model(h).state_dict()
-    quantized = tg.quantize_state(state, tg.quant_plan(state))
+    quantized = tg.quantize_state(state, tg.quant_plan(state, h))
     with pytest.raises(tg.RunError, match="lowest class"):
         tg.fit_to_limit(state, quantized, lambda q: tg.serialize_artifact(q, tg.model_config(h), 3), 100,
                         lambda _: None)

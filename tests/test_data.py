@@ -186,10 +186,10 @@ def test_n_ranks_see_the_spans_of_one_process_taking_n_micro_batches(tmp_path, w
 
 
 def test_env_values_are_parsed_with_the_field_types():
-    env = {"PRESET": "record", "NUM_LAYERS": "9", "MATRIX_LR": "0.5", "DATA_PATH": "/x", "COMPILE": "0",
+    env = {"PRESET": "pr76", "NUM_LAYERS": "9", "MATRIX_LR": "0.5", "DATA_PATH": "/x", "COMPILE": "0",
            "MAX_WALLCLOCK_SECONDS": "30"}
     h, preset = tg.hyperparameters_from_env(env, cuda_available=True)
-    assert preset == "record"
+    assert preset == "pr76"
     assert (h.num_layers, h.matrix_lr, h.data_path, h.compile, h.max_wallclock_seconds) == (9, 0.5, "/x", "0", 30.0)
     assert isinstance(h.num_layers, int) and isinstance(h.max_wallclock_seconds, float)
 
@@ -207,7 +207,7 @@ def test_env_values_are_parsed_with_the_field_types():
 ])
 def test_bad_settings_are_rejected_naming_the_variable(env, names):
     with pytest.raises(tg.RunError) as error:
-        tg.hyperparameters_from_env({"PRESET": "record", **env}, cuda_available=True)
+        tg.hyperparameters_from_env({"PRESET": "pr76", **env}, cuda_available=True)
     for name in names:
         assert name in str(error.value), f"{name} missing from: {error.value}"
 
@@ -215,27 +215,54 @@ def test_bad_settings_are_rejected_naming_the_variable(env, names):
 def test_auto_preset_is_smoke_without_cuda():
     h, preset = tg.hyperparameters_from_env({}, cuda_available=False)
     assert preset == "smoke" and h.preset == "smoke"
-    for name, value in tg.SMOKE_PRESET.items():
+    for name, value in tg.SMOKE.items():
         assert getattr(h, name) == value, name
 
 
-def test_auto_preset_is_smoke_on_a_gpu_without_fineweb_and_record_with_data_path(tmp_path, monkeypatch):
+def test_auto_preset_on_a_gpu_without_fineweb_is_an_error_naming_the_path_and_the_download(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default DATA_PATH is relative: nothing here
-    assert tg.hyperparameters_from_env({}, cuda_available=True)[1] == "smoke"
+    with pytest.raises(tg.RunError) as error:
+        tg.hyperparameters_from_env({}, cuda_available=True)
+    message = str(error.value)
+    for words in ("DATA_PATH=./data/datasets/fineweb10B_sp1024", "cached_challenge_fineweb.py --variant sp1024",
+                  "PRESET=smoke"):
+        assert words in message, message
+    assert "\n" not in message
+    assert tg.hyperparameters_from_env({"PRESET": "smoke"}, cuda_available=True)[1] == "smoke"
+
+
+def test_auto_preset_is_the_frontier_on_a_gpu_with_data(tmp_path):
     h, preset = tg.hyperparameters_from_env({"DATA_PATH": str(tmp_path)}, cuda_available=True)
-    assert preset == "record" and h.num_layers == 12
+    assert preset == "frontier" and h.num_layers == 11 and h.xsa_last_n == 11
 
 
 def test_env_values_override_the_smoke_preset():
     h, preset = tg.hyperparameters_from_env({"NUM_LAYERS": "3", "ITERATIONS": "7"}, cuda_available=False)
     assert preset == "smoke" and (h.num_layers, h.iterations) == (3, 7)
-    assert h.model_dim == tg.SMOKE_PRESET["model_dim"], "the rest of the smoke preset still applies"
+    assert h.model_dim == tg.SMOKE["model_dim"], "the rest of the smoke preset still applies"
 
 
-def test_record_preset_on_cpu_keeps_the_record_defaults():
-    h, preset = tg.hyperparameters_from_env({"PRESET": "record"}, cuda_available=False)
-    assert preset == "record"
-    assert h == dataclasses.replace(tg.Hyperparameters(), preset="record")
+def test_pr76_preset_is_the_defaults():
+    h, preset = tg.hyperparameters_from_env({"PRESET": "pr76"}, cuda_available=False)
+    assert preset == "pr76"
+    assert h == dataclasses.replace(tg.Hyperparameters(), preset="pr76")
+
+
+@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "frontier", "smoke"])
+def test_every_preset_is_valid_and_applies_all_its_values(name):
+    h, preset = tg.hyperparameters_from_env({"PRESET": name}, cuda_available=False)
+    assert preset == name
+    for field, value in tg.PRESETS[name].items():
+        assert getattr(h, field) == value, field
+
+
+def test_smoke_preset_outside_the_repository_says_what_is_missing(tmp_path, monkeypatch):
+    # A records folder holds train_gpt.py without tests/fixtures: the error must say so in one line.
+    monkeypatch.setitem(tg.SMOKE, "data_path", str(tmp_path / "tests/fixtures/sample"))
+    with pytest.raises(tg.RunError, match=r"PRESET=smoke .*tests/fixtures/"):
+        tg.hyperparameters_from_env({"PRESET": "smoke"}, cuda_available=True)
+    h, _ = tg.hyperparameters_from_env({"PRESET": "smoke", "DATA_PATH": str(tmp_path)}, cuda_available=True)
+    assert h.data_path == str(tmp_path)
 
 
 def test_world_size_must_divide_eight(monkeypatch):
@@ -245,4 +272,4 @@ def test_world_size_must_divide_eight(monkeypatch):
 
 
 def test_tokenizer_fixture_is_the_one_the_smoke_preset_uses():
-    assert tg.SMOKE_PRESET["tokenizer_path"] == str(TOKENIZER)
+    assert tg.SMOKE["tokenizer_path"] == str(TOKENIZER)

@@ -19,12 +19,28 @@ def differs(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (a - b).abs().max().item() > 1e-4
 
 
+# The record's model, every later technique on at once (recurrence active), and PR #192's front end.
+CONFIGS = {
+    "pr76": {},
+    "all_techniques": dict(num_layers=4, model_dim=64, num_heads=4, num_kv_heads=2, xsa_last_n=4, rope_dims=8,
+                           ln_scale=True, mlp_negative_slope=0.5, lanes_from=3, recur_blocks="1,2", qat_bits=6),
+    "pr192_front_end": dict(bigram_vocab_size=0, smear_mode="scalar"),
+}
+
+
+def config_model(name: str) -> tg.GPT:
+    model = tiny_model(tiny_hparams(**CONFIGS[name]))
+    model.recur_active = True
+    return model
+
+
 # ----------------------------------------------------------------------------- causality
 
 
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("k", [0, 7, 23])
-def test_changing_a_token_never_changes_earlier_logits(k):
-    model = tiny_model()
+def test_changing_a_token_never_changes_earlier_logits(k, config):
+    model = config_model(config)
     x = random_tokens(2, 24)
     y = x.clone()
     y[:, k] = (x[:, k] + 17 - 4) % (V - 4) + 4
@@ -86,9 +102,10 @@ def front_end(model: tg.GPT, tokens: torch.Tensor) -> torch.Tensor:
     return captured[0]
 
 
+@pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("boundary", [1, 9, 15])
-def test_bigram_and_smear_do_not_carry_information_across_bos(boundary):
-    model = tiny_model()
+def test_bigram_and_smear_do_not_carry_information_across_bos(boundary, config):
+    model = config_model(config)
     tokens = random_tokens(2, 20, seed=3)
     tokens[:, boundary] = tg.BOS_ID
     previous_doc_changed = tokens.clone()
@@ -105,7 +122,7 @@ def test_bigram_and_smear_do_not_carry_information_across_bos(boundary):
 
 
 def test_smear_gate_alone_stops_at_bos():
-    smear = tg.SmearGate(16)
+    smear = tg.SmearGate(16, "channel")
     with torch.no_grad():
         smear.gate.normal_()
     x = torch.randn(1, 10, 16)

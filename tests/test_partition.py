@@ -51,7 +51,7 @@ def test_every_parameter_is_in_exactly_one_optimizer_group(record_model):
 def test_every_tensor_is_in_exactly_one_quantization_class(record_model):
     state = record_model.state_dict()
     assert list(state) == [n for n, _ in record_model.named_parameters()], "the state dict holds non-parameters"
-    classes = tg.partition(list(state.items()), tg.QUANT_RULES, "QUANT_RULES")
+    classes = tg.partition(list(state.items()), tg.quant_rules(RECORD), "quant_rules")
     members = {cls: {name for name, _ in tensors} for cls, tensors in classes.items()}
     all_names = [name for names in members.values() for name in names]
     assert sorted(all_names) == sorted(state), "some tensor is in no class or in two"
@@ -118,3 +118,57 @@ def test_parameter_count_formula_on_an_odd_config():
     with torch.device("meta"):
         model = tg.GPT(h)
     assert sum(p.numel() for p in model.parameters()) == expected_parameter_count(h)
+
+
+# ----------------------------------------------------------------------------- the other presets
+
+
+def preset(name: str) -> tg.Hyperparameters:
+    return tg.hyperparameters_from_env({"PRESET": name}, cuda_available=False)[0]
+
+
+def meta_model(h: tg.Hyperparameters) -> tg.GPT:
+    with torch.device("meta"):
+        return tg.GPT(h)
+
+
+@pytest.mark.parametrize("name, reported", [("pr76", 29_109_857), ("pr236", 26_829_913), ("pr192", 26_502_233)])
+def test_seed_record_presets_have_the_parameter_counts_their_records_report(name, reported):
+    assert sum(p.numel() for p in meta_model(preset(name)).parameters()) == reported
+
+
+@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "frontier", "smoke"])
+def test_every_preset_partitions_every_parameter_once_for_optimizers_and_quantization(name):
+    h = preset(name)
+    model = meta_model(h)
+    names = [n for n, _ in model.named_parameters()]
+    groups = tg.partition(list(model.named_parameters()), tg.optimizer_rules(h), "optimizer_rules")
+    assert sorted(n for members in groups.values() for n, _ in members) == sorted(names)
+    assert all(model.get_parameter(n).dim() == 2 for n, _ in groups["muon"]), "Muon only takes matrices"
+    plan = tg.quant_plan(model.state_dict(), h)
+    assert sorted(plan) == sorted(names)
+    lane_scalars = [n for n in names if re.search(r"lane_(write|keep)", n)]
+    assert all(plan[n] == "fp16" for n in lane_scalars)
+    assert {n for n, _ in groups["adam_scalar"]} >= set(lane_scalars)
+    if h.lanes_from:
+        assert len(lane_scalars) == 2 * (h.num_layers - h.lanes_from), "two lane tensors per lane block"
+
+
+@pytest.mark.parametrize("name, mlp, attn, embed", [("pr76", "int5", "int6", "fp16"), ("pr236", "int6", "int6", "int8"),
+                                                    ("pr192", "int6", "int6", "fp16"), ("frontier", "int6", "int6", "fp16")])
+def test_quantization_classes_follow_the_per_class_bit_widths(name, mlp, attn, embed):
+    h = preset(name)
+    plan = tg.quant_plan(meta_model(h).state_dict(), h)
+    assert {plan[n] for n in plan if MLP_MATRIX.fullmatch(n)} == {mlp}
+    assert {plan[n] for n in plan if ATTN_MATRIX.fullmatch(n)} == {attn}
+    assert plan["tok_emb.weight"] == embed
+    if h.bigram_vocab_size:
+        assert (plan["bigram.table.weight"], plan["bigram.proj.weight"]) == (attn, "fp16")
+
+
+def test_pr236_trains_the_bigram_with_adam_and_pr192_has_no_bigram():
+    h = preset("pr236")
+    groups = tg.partition(list(meta_model(h).named_parameters()), tg.optimizer_rules(h), "optimizer_rules")
+    assert {"bigram.table.weight", "bigram.proj.weight", "bigram.scale"} <= {n for n, _ in groups["adam_scalar"]}
+    assert not any(n.startswith("bigram") for n, _ in groups["muon"])
+    assert not any(n.startswith("bigram") for n, _ in meta_model(preset("pr192")).named_parameters())

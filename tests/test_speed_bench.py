@@ -66,7 +66,7 @@ def test_bench_reports_every_field_consistently(bench_result):
     assert 0 < s["ms_per_step_min"] <= s["ms_per_step_median"] <= s["ms_per_step_max"]
     assert s["ms_per_step_min"] <= s["ms_per_step_mean"] <= s["ms_per_step_max"] and s["pipelined_ms_per_step"] > 0
     assert s["tokens_per_s_per_gpu"] == pytest.approx(4096 / (s["ms_per_step_median"] / 1000))
-    assert r["flops_per_token"] == speed.model_flops_per_token(tg.Hyperparameters(**tg.SMOKE_PRESET))
+    assert r["flops_per_token"] == speed.model_flops_per_token(tg.Hyperparameters(**tg.SMOKE))
     assert s["model_tflops_per_gpu"] == pytest.approx(r["flops_per_token"] * s["tokens_per_s_per_gpu"] / 1e12)
     assert s["mfu"] is None and r["peak_tflops"] is None  # CPU: no known peak
     p = s["projection"]
