@@ -285,39 +285,36 @@ class Muon(torch.optim.Optimizer):
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            offsets = dict(zip(params, np.cumsum([0] + [p.numel() for p in params]).tolist()))
-            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
-            owned = self.owned(group)
-            for p, update in zip(owned, self.orthogonalized_updates(group, owned)):
-                updates[offsets[p]:offsets[p] + p.numel()] = update.flatten()
+            offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
+            updates = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.bfloat16)
+            for i, update in self.orthogonalized_updates(group).items():
+                updates[offsets[i]:offsets[i + 1]] = update.flatten()
             if self.world_size > 1:
                 dist.all_reduce(updates)
-            for p in params:
+            for i, p in enumerate(params):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(updates[offsets[p]:offsets[p] + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                p.add_(updates[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
 
-    def orthogonalized_updates(self, group: dict, owned: list[Tensor]) -> list[Tensor]:
-        """The bf16 update of each owned matrix, in order."""
+    def orthogonalized_updates(self, group: dict) -> dict[int, Tensor]:
+        """The bf16 update of each matrix this rank owns, by its index in the group."""
+        owned = self.owned(group)
         if not owned:
-            return []
-        grads = [p.grad for p in owned]
-        buffers = [self.state[p]["momentum_buffer"] for p in owned]
+            return {}
+        grads, buffers = [p.grad for p in owned], [self.state[p]["momentum_buffer"] for p in owned]
         torch._foreach_mul_(buffers, group["momentum"])
         torch._foreach_add_(buffers, grads)
         nesterov = torch._foreach_add(grads, buffers, alpha=group["momentum"])
         if group["row_norm"]:
             nesterov = [normalize_rows(u) for u in nesterov]
-        by_shape: dict[torch.Size, list[int]] = {}
-        for i, p in enumerate(owned):
-            by_shape.setdefault(p.shape, []).append(i)
-        results: list[Tensor] = [None] * len(owned)
+        by_shape: dict[torch.Size, list[tuple[int, Tensor]]] = {}
+        for j, (p, u) in enumerate(zip(owned, nesterov)):
+            by_shape.setdefault(p.shape, []).append((self.rank + j * self.world_size, u))
+        updates = {}
         for (rows, cols), members in by_shape.items():
-            stacked = orthogonalize(torch.stack([nesterov[i] for i in members]), group["backend_steps"])
-            stacked *= max(1.0, rows / cols) ** 0.5
-            for i, update in zip(members, stacked):
-                results[i] = update
-        return results
+            stacked = orthogonalize(torch.stack([u for _, u in members]), group["backend_steps"])
+            updates.update(zip([i for i, _ in members], stacked * max(1.0, rows / cols) ** 0.5))
+        return updates
 
 
 # -----------------------------------------------------------------------------

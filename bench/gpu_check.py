@@ -143,9 +143,15 @@ LOG_KEYS = ("attention_backend", "step_avg", "train_time_ms", "steps", "peak_mem
 
 
 def figures_from_log(text: str) -> dict:
-    """The log lines' key:value figures the summary shows (the last value of each key wins)."""
-    found = {}
+    """The log lines' key:value figures the summary shows (the last value of each key wins), read
+    outside the source of train_gpt.py that the log embeds (its f-strings look like log lines)."""
+    found, in_source = {}, False
     for line in text.splitlines():
+        if line.startswith("====== source ") or line == "====== end source ======":
+            in_source = line.startswith("====== source ")
+            continue
+        if in_source:
+            continue
         for label in ("pre_quant", "final_roundtrip", "final_sliding"):
             if line.startswith(label + " "):
                 found[f"{label}_val_bpb"] = re.search(r"val_bpb:(\S+)", line).group(1)

@@ -91,6 +91,9 @@ def test_a_step_past_its_time_is_a_timeout(tmp_path):
 
 def test_figures_are_read_from_a_train_log_and_written_to_the_summary(tmp_path):
     log = "\n".join([
+        "run_id:x", "====== source train_gpt.py (9 bytes) ======", 'log(f"attention_backend:{name}")',
+        '    log("====== end source ======")', '    log(f"WARNING: {message}")',
+        "====== end source ======",
         "attention_backend:flash", "warmup: 3 steps and one eval batch (training tokens) in 61234ms; weights reset",
         "step:20/20 train_loss:5.1 train_time:9000ms step_avg:450.00ms eta:0s lr_scale:0.0",
         "train_done steps:20 train_time_ms:9100", "pre_quant val_loss:3.1 val_bpb:1.9000",
@@ -98,7 +101,7 @@ def test_figures_are_read_from_a_train_log_and_written_to_the_summary(tmp_path):
         "final_roundtrip val_loss:3.2 val_bpb:1.9100 seq_len:1024 stride:1024 eval_time_ms:900",
         "final_sliding val_loss:3.1 val_bpb:1.8800 seq_len:1024 stride:256 eval_time_ms:4000"])
     figures = gc.figures_from_log(log)
-    assert figures["attention_backend"] == "flash" and figures["warmup_ms"] == "61234"
+    assert figures["attention_backend"] == "flash" and figures["warmup_ms"] == "61234" and "warning" not in figures
     assert figures["steps"] == "20" and figures["quantize_ms"] == "31000" and figures["artifact_bytes"] == "17000000"
     assert (figures["pre_quant_val_bpb"], figures["final_roundtrip_val_bpb"], figures["final_sliding_val_bpb"]) == \
         ("1.9000", "1.9100", "1.8800")
