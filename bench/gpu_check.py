@@ -243,7 +243,11 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     prefix = file_prefix(device, torch.__version__, now)
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
-        steps = plan_steps(args, tg, prefix, Path(scratch))
+        try:
+            steps = plan_steps(args, tg, prefix, Path(scratch))
+        except tg.RunError as exc:  # a preset train_gpt rejects here
+            print(f"gpu_check: FAILED at setup: {exc}", flush=True)
+            return 1
         if args.dry_run:
             for step in steps:
                 env = " ".join(f"{k}={v}" for k, v in step["env"].items())

@@ -24,7 +24,8 @@ def fake_train_gpt(presets: dict[str, int] | None):
     if presets is not None:
         module.PRESETS = {name: {} for name in presets}
     batch = presets or {"record": 524_288}
-    module.hyperparameters_from_env = lambda env, cuda: (types.SimpleNamespace(train_batch_tokens=batch[env["PRESET"]]), "")
+    module.hyperparameters_from_env = lambda env, cuda: (
+        types.SimpleNamespace(train_batch_tokens=batch[env["PRESET"]]), env["PRESET"])
     return module
 
 
@@ -50,10 +51,11 @@ def test_train_runs_see_equal_tokens_and_every_phase_is_planned(tmp_path):
     args = gc.parse_args(["--out-dir", str(tmp_path), "--train-tokens", str(30 * 524_288)])
     steps = gc.plan_steps(args, tg, "p", tmp_path)
     assert [s["name"] for s in steps] == ["smoke", "speed:pr76", "speed:frontier", "train:pr76", "train:frontier"]
-    trained = {s["env"]["PRESET"]: int(s["env"]["ITERATIONS"]) * {"pr76": 524_288, "frontier": 786_432}[s["env"]["PRESET"]]
-               for s in steps if s["phase"] == "train"}
+    batch = {"pr76": 524_288, "frontier": 786_432}
+    train = [s for s in steps if s["phase"] == "train"]
+    trained = {s["env"]["PRESET"]: int(s["env"]["ITERATIONS"]) * batch[s["env"]["PRESET"]] for s in train}
     assert trained == {"pr76": 30 * 524_288, "frontier": 20 * 786_432}
-    assert all(s["env"]["MAX_WALLCLOCK_SECONDS"] == "0" and "DATA_PATH" in s["env"] for s in steps if s["phase"] == "train")
+    assert all(s["env"]["MAX_WALLCLOCK_SECONDS"] == "0" and "DATA_PATH" in s["env"] for s in train)
     assert all(Path(s["env"]["ARTIFACT_PATH"]).parent == tmp_path for s in steps if "ARTIFACT_PATH" in s["env"])
 
 

@@ -51,7 +51,8 @@ def test_warm_up_evaluation_batch_scores_like_evaluate():
     stand_in = tg.training_tokens_as_eval_set(stream.take(h.model_eval_seq_len + 1), tables)
     model = tg.GPT(h)
     seq = h.model_eval_seq_len
-    sums = tg.score_windows(model, stand_in, seq, tg.window_plan(seq, seq, seq), 2, torch.autocast("cpu", enabled=False))
+    plan = tg.window_plan(seq, seq, seq)
+    sums = tg.score_windows(model, stand_in, seq, plan, 2, torch.autocast("cpu", enabled=False))
     assert sums[1].item() == seq and sums[2].item() == stand_in.num_bytes > 0 and torch.isfinite(sums[0])
 
 
@@ -86,6 +87,19 @@ def test_stream_reports_its_first_wrap_once(tmp_path):
     assert wraps == [0]
     stream.take(200)  # four more passes
     assert wraps == [0]
+
+
+def test_a_run_that_wraps_warns_before_and_when_it_does(tmp_path):
+    shards(tmp_path, 3000, 3000)  # 5 steps of 1,032 tokens
+    h = tiny_hparams(data_path=str(tmp_path), iterations=8, warmup_steps=1, gptq_calib_tokens=0,
+                     max_wallclock_seconds=0.0)
+    tables = tuple(torch.from_numpy(t) for t in tg.byte_tables(tg.load_tokenizer(h)))
+    lines = []
+    tg.train_model(h, cpu_runtime(), TablesOnly(tables), lines.append)
+    assert any(line.startswith("WARNING: the training stream wraps after step 5") for line in lines)
+    assert sum(line.startswith("WARNING: the training stream wrapped") for line in lines) == 1
+    first = {key: next(i for i, line in enumerate(lines) if key in line) for key in ("step:5/", "stream wrapped")}
+    assert first["stream wrapped"] > first["step:5/"], "the wrap was reported before it happened"
 
 
 def test_next_shard_is_read_by_the_background_thread(tmp_path, monkeypatch):
