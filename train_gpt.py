@@ -34,6 +34,8 @@ import struct
 import sys
 import time
 import uuid
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -44,6 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 # -----------------------------------------------------------------------------
@@ -147,6 +150,10 @@ class Hyperparameters:
     # Per-row clip search (see Quantization). It lowers the quantization error and costs bytes: on
     # a 12-layer CPU-trained model, GPTQ with it added 4% to the artifact (bench/quant_gap.py).
     clip_search: bool = True
+    # Pod and optimizer systems (issue 9). MUON_ROW_NORM: MuonEq-R (arXiv 2603.28254), each row of
+    # Muon's Nesterov update divided by its L2 norm before Newton-Schulz; later records credit it
+    # with ~-0.001 bpb (FRONTIER.md); off in PR #76.
+    muon_row_norm: bool = False
 
     @property
     def model_eval_seq_len(self) -> int:
@@ -320,54 +327,78 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
 #
 # Momentum SGD whose update for each 2-D matrix is orthogonalized by a quintic Newton-Schulz
 # iteration (Keller Jordan's Muon, modded-nanogpt). Each rank orthogonalizes every
-# world_size-th matrix; one all-reduce of a flat bf16 buffer shares the updates.
+# world_size-th matrix, its same-shape matrices stacked into one batched iteration (the same
+# arithmetic, far fewer kernel launches); one all-reduce of a flat bf16 buffer shares the updates.
 
 NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # from modded-nanogpt: fast, not exact, convergence
 
 
 def orthogonalize(grad: Tensor, steps: int) -> Tensor:
+    """Newton-Schulz on one matrix (rows, cols) or a stack of same-shape matrices (n, rows, cols)."""
     a, b, c = NEWTON_SCHULZ_COEFFS
     x = grad.bfloat16()
-    transposed = x.size(0) > x.size(1)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
-    x = x / (x.norm() + 1e-7)
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
+
+
+def normalize_rows(update: Tensor) -> Tensor:
+    """MuonEq-R (arXiv 2603.28254): every row of the update at unit L2 norm before Newton-Schulz."""
+    return update / (update.norm(dim=-1, keepdim=True) + 1e-7)
 
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 row_norm: bool = False, rank: int = 0, world_size: int = 1):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, row_norm=row_norm))
         self.rank, self.world_size = rank, world_size
+        for group in self.param_groups:  # created once here, not per step
+            for p in self.owned(group):
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
+    def owned(self, group: dict) -> list[Tensor]:
+        return group["params"][self.rank::self.world_size]
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            updates = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.bfloat16)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    nesterov = p.grad.add(buf, alpha=group["momentum"])
-                    update = orthogonalize(nesterov, group["backend_steps"])
-                    update *= max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    updates[offset:offset + p.numel()] = update.flatten()
-                offset += p.numel()
+            offsets = np.cumsum([0] + [p.numel() for p in params]).tolist()
+            updates = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.bfloat16)
+            for i, update in self.orthogonalized_updates(group).items():
+                updates[offsets[i]:offsets[i + 1]] = update.flatten()
             if self.world_size > 1:
                 dist.all_reduce(updates)
-            offset = 0
-            for p in params:
+            for i, p in enumerate(params):
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += p.numel()
+                p.add_(updates[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+
+    def orthogonalized_updates(self, group: dict) -> dict[int, Tensor]:
+        """The bf16 update of each matrix this rank owns, by its index in the group."""
+        owned = self.owned(group)
+        if not owned:
+            return {}
+        grads, buffers = [p.grad for p in owned], [self.state[p]["momentum_buffer"] for p in owned]
+        torch._foreach_mul_(buffers, group["momentum"])
+        torch._foreach_add_(buffers, grads)
+        nesterov = torch._foreach_add(grads, buffers, alpha=group["momentum"])
+        if group["row_norm"]:
+            nesterov = [normalize_rows(u) for u in nesterov]
+        by_shape: dict[torch.Size, list[tuple[int, Tensor]]] = {}
+        for j, (p, u) in enumerate(zip(owned, nesterov)):
+            by_shape.setdefault(p.shape, []).append((self.rank + j * self.world_size, u))
+        updates = {}
+        for (rows, cols), members in by_shape.items():
+            stacked = orthogonalize(torch.stack([u for _, u in members]), group["backend_steps"])
+            updates.update(zip([i for i, _ in members], stacked * max(1.0, rows / cols) ** 0.5))
+        return updates
 
 
 # -----------------------------------------------------------------------------
@@ -406,6 +437,25 @@ def find_shards(h: Hyperparameters, split: str) -> list[str]:
     return files
 
 
+def log_train_budget(h: Hyperparameters, files: list[str], log) -> None:
+    """Logs the shards' tokens against the most the run can read; warns when the stream would wrap.
+
+    A step reads TRAIN_BATCH_TOKENS + one token per slice (each span carries its last target), and
+    GPTQ calibration reads whole steps after training. The warm-up's reads do not count: the stream
+    is rebuilt after it. With a wallclock cap, ITERATIONS only bounds the steps: the cap decides."""
+    available = sum(read_shard_header(f) for f in files)
+    per_step = h.train_batch_tokens + SLICES_PER_STEP
+    steps = h.iterations + -(-h.gptq_calib_tokens // h.train_batch_tokens)
+    bound = "at most, ITERATIONS bound; the wallclock cap decides" if h.max_wallclock_seconds else "exactly"
+    log(f"train_shards:{len(files)} train_tokens:{available} planned_train_tokens:{steps * per_step} "
+        f"({bound}: {steps} steps incl. GPTQ calibration x {per_step})")
+    if steps * per_step <= available:
+        return
+    message = (f"the training stream wraps after step {available // per_step}: {len(files)} shards hold "
+               f"{available} tokens, fewer than the {steps * per_step} planned; training would repeat data")
+    log(f"note: {message}, if the run gets that far" if h.max_wallclock_seconds else f"WARNING: {message}")
+
+
 def load_shard(path: str, vocab_size: int) -> np.ndarray:
     count = read_shard_header(path)
     tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
@@ -415,19 +465,37 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
 
 
 class TokenStream:
-    """The training shards in order, wrapping around at the end."""
+    """The training shards in order, wrapping around at the end.
 
-    def __init__(self, files: list[str], vocab_size: int):
-        self.files, self.vocab_size = files, vocab_size
-        self.file_index, self.pos = 0, 0
+    A background thread reads the next shard while this one is consumed (a shard is 200 MB to read
+    and check: a stalled step every ~190 record steps otherwise); which tokens come, in which order,
+    does not change. on_wrap is called once, when the stream first starts over: from then on the
+    run trains on data it has seen."""
+
+    def __init__(self, files: list[str], vocab_size: int, on_wrap=None):
+        self.files, self.vocab_size, self.on_wrap = files, vocab_size, on_wrap
+        self.file_index, self.pos, self.wrapped = 0, 0, False
+        self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
         self.tokens = load_shard(files[0], vocab_size)
+        self.next_tokens = self.prefetch(1)
+
+    def prefetch(self, index: int) -> Future:
+        return self.reader.submit(load_shard, self.files[index % len(self.files)], self.vocab_size)
+
+    def next_shard(self) -> None:
+        self.file_index = (self.file_index + 1) % len(self.files)
+        if self.file_index == 0 and not self.wrapped:
+            self.wrapped = True
+            if self.on_wrap is not None:
+                self.on_wrap()
+        self.tokens, self.pos = self.next_tokens.result(), 0  # re-raises a reader's RunError here
+        self.next_tokens = self.prefetch(self.file_index + 1)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
-                self.file_index = (self.file_index + 1) % len(self.files)
-                self.tokens, self.pos = load_shard(self.files[self.file_index], self.vocab_size), 0
+                self.next_shard()
                 continue
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
@@ -441,8 +509,9 @@ class DistributedTokenLoader:
     The spans are the same whatever the world size, so 1, 2, 4 or 8 GPUs see the same tokens in the
     same optimizer steps (gradient accumulation covers the rest)."""
 
-    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device):
-        self.stream = TokenStream(files, vocab_size)
+    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
+                 on_wrap=None):
+        self.stream = TokenStream(files, vocab_size, on_wrap)
         self.rank, self.world_size, self.device = rank, world_size, device
 
     def next_batch(self, tokens_per_slice: int, seq_len: int) -> tuple[Tensor, Tensor]:
@@ -511,6 +580,13 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
                          tuple(torch.from_numpy(t).to(device) for t in tables))
 
 
+def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor, Tensor]) -> ValidationSet:
+    """A span of training tokens in the shape of a ValidationSet: what the compile warm-up scores."""
+    device = tables[0].device
+    span = torch.from_numpy(tokens.astype(np.int64)).to(device)
+    return ValidationSet(span, len(span) - 1, int(target_bytes(span[:-1], span[1:], tables).sum()), tables)
+
+
 # -----------------------------------------------------------------------------
 # Model
 #
@@ -576,6 +652,49 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     return y.flatten(1, 2)
 
 
+# The SDPA kernels allowed on CUDA, in torch's own order of preference (torch._C._get_sdp_priority_order:
+# flash, efficient, math, cuDNN). The math kernel is left out: it materializes the (T, T) scores,
+# ~3x slower and far more memory, and torch would fall back to it silently.
+FAST_SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                      "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA)."""
+    fast_only = sdpa_kernel(list(FAST_SDPA_BACKENDS.values())) if q.is_cuda else nullcontext()
+    with fast_only:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+
+
+def sdpa_accepts(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> bool:
+    with warnings.catch_warnings(), sdpa_kernel(backend):
+        warnings.simplefilter("ignore")  # torch warns why a kernel does not apply; the caller says it
+        try:
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+            return True
+        except RuntimeError:
+            return False
+
+
+def first_fast_attention(h: Hyperparameters, device: torch.device) -> str:
+    """The first of FAST_SDPA_BACKENDS that accepts the model's attention (bf16, its heads and head
+    dim) on `device`: the one causal_attention runs. None accepting is an error."""
+    head_dim = h.model_dim // h.num_heads
+    q = torch.randn(1, h.num_heads, 128, head_dim, device=device, dtype=torch.bfloat16)
+    k = v = torch.randn(1, h.num_kv_heads, 128, head_dim, device=device, dtype=torch.bfloat16)
+    for name, backend in FAST_SDPA_BACKENDS.items():
+        if sdpa_accepts(backend, q, k, v):
+            return name
+    raise RunError(f"no fast attention kernel ({', '.join(FAST_SDPA_BACKENDS)}) accepts NUM_HEADS={h.num_heads} "
+                   f"NUM_KV_HEADS={h.num_kv_heads} head dim {head_dim} in bf16 on {device}; only the slow math "
+                   f"kernel would run")
+
+
+def attention_backend(h: Hyperparameters, device: torch.device) -> str:
+    """For the log: the kernel causal_attention uses (CPU: torch's default choice, unrestricted)."""
+    return first_fast_attention(h, device) if device.type == "cuda" else "cpu-default"
+
+
 class Attention(nn.Module):
     def __init__(self, h: Hyperparameters, max_len: int, xsa: bool):
         super().__init__()
@@ -596,8 +715,7 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = self.rotary(rms_norm(k))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.num_kv_heads != self.num_heads)
+        y = causal_attention(q, k, v)
         if self.xsa:
             y = remove_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -806,7 +924,7 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
     adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
     optimizers = [
         Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-             weight_decay=h.muon_wd, rank=rank, world_size=world_size),
+             weight_decay=h.muon_wd, row_norm=h.muon_row_norm, rank=rank, world_size=world_size),
         torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, **adam),
         torch.optim.AdamW(params["adam_scalar"], lr=h.scalar_lr, **adam),
     ]
@@ -1295,12 +1413,14 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
     return value.item()
 
 
-def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, log) -> float:
+def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
     """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
     every graph the timed loop and the evaluations use, then restores the initial weights and
     optimizer state. With depth recurrence, both the model without and with the repeated blocks
     are warmed up (WARMUP_STEPS each): the switch mid-run must not compile. The data loader is
-    rebuilt by the caller. Returns the time taken (ms)."""
+    rebuilt by the caller. No validation token is read before the clock: the evaluation batch is
+    made of training tokens (`tables`: the tokenizer's byte tables on the device, for the same code
+    path). Returns the time taken (ms)."""
     t0 = time.perf_counter()
     if h.warmup_steps == 0:
         return 0.0
@@ -1311,7 +1431,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, lo
         base_model.recur_active = recur_active
         for step in range(h.warmup_steps):
             train_step(h, rt, model, optimizers, loader, step, scale=1.0)
-        build_eval_graph(h, rt, model_for_eval(model), val)
+        stand_in = training_tokens_as_eval_set(loader.stream.take(h.model_eval_seq_len + 1), tables)
+        build_eval_graph(h, rt, model_for_eval(model), stand_in)
     base_model.recur_active = False
     base_model.load_state_dict(initial_model, strict=True)
     for opt, state in zip(optimizers, initial_opts):
@@ -1320,7 +1441,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, lo
         opt.zero_grad(set_to_none=True)
     rt.sync()
     elapsed = 1000 * (time.perf_counter() - t0)
-    log(f"warmup: {h.warmup_steps} steps and one eval batch in {elapsed:.0f}ms; weights, optimizers and data reset")
+    log(f"warmup: {h.warmup_steps} steps and one eval batch (training tokens) in {elapsed:.0f}ms; "
+        f"weights, optimizers and data reset")
     return elapsed
 
 
@@ -1517,12 +1639,13 @@ def load_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     return config, dequantize_state(quantized)
 
 
-def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet) -> None:
-    """Scores one batch so that torch.compile builds the evaluation graph before any timing."""
+def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> None:
+    """Scores one batch of `tokens` (>= EVAL_SEQ_LEN targets; training tokens during the warm-up) so
+    that torch.compile builds the evaluation graph, with evaluate()'s shapes, before any timing."""
     seq_len = h.model_eval_seq_len
     batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
     with torch.no_grad():
-        score_windows(model, val, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
+        score_windows(model, tokens, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
 
 
 def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
@@ -1544,16 +1667,20 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
 
     Returns the model, the module to evaluate it with (compiled where enabled) and the Hessians."""
     train_files = find_shards(h, "train")
-    log(f"data: {len(train_files)} train shards")
+    log_train_budget(h, train_files, log)
     base_model = build_model(h, rt)
     optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
     model = wrap_model(h, rt, base_model)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
 
-    def make_loader():
-        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device)
+    def wrapped():
+        log(f"WARNING: the training stream wrapped: all {len(train_files)} train shards are used up, "
+            f"training repeats them from the first")
 
-    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, log)
+    def make_loader():
+        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, wrapped)
+
+    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
     loader = make_loader()
     stance = torch.compiler.set_stance("fail_on_recompile") if compile_enabled(h, rt) else nullcontext()
     try:
@@ -1604,6 +1731,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose bytes count
     log_header(h, rt, preset, run_id, code, log)
     artifact_path = Path(h.eval_only or h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
+    log(f"attention_backend:{attention_backend(h, rt.device)}")
     sp = load_tokenizer(h)
     val = load_validation(h, sp, rt.device)
 
@@ -1613,6 +1741,8 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         base_model.load_state_dict(state, strict=True)
         base_model.recur_active = bool(base_model.recur_blocks)  # the artifact names them only if they ran
         eval_model = maybe_compile(h, rt, base_model)  # evaluation needs no DDP
+        # Nothing trains here: the graph is built on the split it scores, as scoring-time work (an
+        # evaluation-only folder need not hold training shards).
         build_eval_graph(h, rt, eval_model, val)
         log_artifact_bytes(h, artifact_path, len(code), None, log)
     else:

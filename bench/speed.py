@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python3 bench/speed.py --eval --val-tokens 20000 --quant           # CPU: smoke preset
     python3 bench/speed.py --compare before.json after.json                              # speed and loss changes
 
-Configured by the same environment variables as train_gpt.py (PRESET=record forces the record
+Configured by the same environment variables as train_gpt.py (PRESET=pr76 forces the record
 configuration; with no CUDA the auto preset is the CPU smoke configuration). It builds the model,
 optimizers and loader with train_gpt's functions, warms up with train_gpt.warm_up_and_reset (the
 compile warm-up the record runs before its clock starts), then times train_gpt.train_step:
@@ -350,6 +350,7 @@ def report_table(r: dict) -> str:
         ("config", f"preset {c['preset']}: {c['num_layers']}L x {c['model_dim']}, heads {c['num_heads']}/"
                    f"{c['num_kv_heads']}, mlp {c['mlp_mult']}x, seq {c['train_seq_len']}, params {c['params']:,}, "
                    f"compile {r['compile_enabled']} ({r['compile_backend']}), bf16 {r['bf16']}, tokens {r['tokens']}"),
+        ("attention", r.get("attention_backend", "n/a")),
         ("tokens/step", f"{c['train_batch_tokens']:,}"),
         ("ms/step", f"median {s['ms_per_step_median']:.2f}, mean {s['ms_per_step_mean']:.2f}, min "
                     f"{s['ms_per_step_min']:.2f}, max {s['ms_per_step_max']:.2f}, stdev {s['ms_per_step_stdev']:.2f} "
@@ -466,7 +467,7 @@ def training_data(args, h: tg.Hyperparameters, scratch: Path) -> list[str]:
 def validation_data(args, h: tg.Hyperparameters, rt: tg.Runtime) -> tg.ValidationSet:
     if args.tokens == "real":
         return tg.load_validation(h, tg.load_tokenizer(h), rt.device)
-    # without --eval, only the warm-up's one evaluation batch reads it
+    # without --eval, only its byte tables are used (the warm-up scores training tokens)
     return synthetic_validation(args.val_tokens if args.eval else 2 * h.model_eval_seq_len, h.vocab_size, rt.device)
 
 
@@ -490,7 +491,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
 
     log(f"bench: {name}, world {rt.world_size}, preset {preset}, compile {compile_on}, tokens {args.tokens}")
     snapshot = compile_snapshot()
-    warmup_ms = tg.warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val, log)
+    warmup_ms = tg.warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
     warmup_compiles = compiles_since(snapshot)
     memory_warmup = memory_stats(rt)
     loader = make_loader()
@@ -512,7 +513,8 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
         "host": platform.node(), "world_size": rt.world_size, "grad_accum_steps": rt.grad_accum_steps,
         "tokens": args.tokens, "compile_enabled": compile_on,
         "compile_backend": args.compile_backend if compile_on else None,
-        "bf16": rt.bf16, "config": config_summary(h, preset, base_model), "tokens_per_step": h.train_batch_tokens,
+        "bf16": rt.bf16, "attention_backend": tg.attention_backend(h, rt.device),
+        "config": config_summary(h, preset, base_model), "tokens_per_step": h.train_batch_tokens,
         "timed_steps": args.steps, "flops_per_token": flops_per_token,
         "flops_per_token_parts": {"matmul": 6 * sum(matmul_params(h).values()),
                                   "attention": attention_flops_per_token(h, h.train_seq_len)},

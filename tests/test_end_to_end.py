@@ -53,6 +53,8 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
     hparams = sorted(line[len("hparam "):] for line in log.splitlines() if line.startswith("hparam "))
     assert hparams == sorted(f"{f.name.upper()}={getattr(h, f.name)}" for f in dataclasses.fields(h))
 
+    assert "attention_backend:cpu-default" in log and "WARNING" not in log
+    assert fields(log, "train_shards:")["train_tokens"] == str(sum(tg.read_shard_header(f) for f in tg.find_shards(h, "train")))
     data = fields(log, "val_tokens:")
     assert int(data["val_tokens"]) == len(val_tokens) - 1
     assert int(data["val_bytes"]) == val_utf8_bytes, "val_bytes differs from the decoded validation text"
@@ -159,7 +161,8 @@ def test_import_has_no_side_effects(tmp_path):
     cwd.mkdir()
     shutil.copy(SCRIPT, package / "train_gpt.py")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); sys.dont_write_bytecode = True; import train_gpt; "
-            "import torch.distributed as dist; assert not dist.is_initialized(), 'process group at import'")
+            "import torch.distributed as dist; assert not dist.is_initialized(), 'process group at import'; "
+            "import threading; assert threading.active_count() == 1, 'a thread started at import'")
     proc = subprocess.run([sys.executable, "-c", code, str(package)], cwd=cwd, env=clean_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
