@@ -121,6 +121,7 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
     muon_wd: float = 0.04
+    muon_row_norm: bool = False  # MuonEq-R (arXiv 2603.28254): update rows at unit norm before Newton-Schulz
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -150,10 +151,6 @@ class Hyperparameters:
     # Per-row clip search (see Quantization). It lowers the quantization error and costs bytes: on
     # a 12-layer CPU-trained model, GPTQ with it added 4% to the artifact (bench/quant_gap.py).
     clip_search: bool = True
-    # Pod and optimizer systems (issue 9). MUON_ROW_NORM: MuonEq-R (arXiv 2603.28254), each row of
-    # Muon's Nesterov update divided by its L2 norm before Newton-Schulz; later records credit it
-    # with ~-0.001 bpb (FRONTIER.md); off in PR #76.
-    muon_row_norm: bool = False
 
     @property
     def model_eval_seq_len(self) -> int:
@@ -182,7 +179,8 @@ PR192 = dict(  # 11L, seq 2048, no BigramHash, scalar SmearGate, int6 fake quant
 FRONTIER = dict(  # the best sp1024 recipe: 11L, seq 2048, 786,432 tokens/step, every proven technique
     num_layers=11, train_seq_len=2048, train_batch_tokens=786_432, muon_momentum=0.99, warmdown_iters=3500,
     swa_interval=0, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5, lanes_from=7,
-    recur_blocks="4,5", recur_start_frac=0.5, bigram_vocab_size=3072, bigram_dim=112, quant_bits_mlp=6,
+    recur_blocks="4,5", recur_start_frac=0.5, muon_row_norm=True, bigram_vocab_size=3072, bigram_dim=112,
+    quant_bits_mlp=6,
 )
 SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
@@ -192,7 +190,7 @@ SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in
     val_batch_size=16384, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
     bigram_vocab_size=256, bigram_dim=32, muon_momentum_warmup_steps=20, swa_interval=0,
     gptq_calib_tokens=16384, xsa_last_n=2, rope_dims=8, ln_scale=True, mlp_negative_slope=0.5, lanes_from=1,
-    recur_blocks="0", quant_bits_mlp=6,
+    recur_blocks="0", muon_row_norm=True, quant_bits_mlp=6,
 )
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "frontier": FRONTIER, "smoke": SMOKE}
 FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 (in a clone of openai/parameter-golf)"
