@@ -74,7 +74,8 @@ def load_spec(path: Path, data: str | None, tokenizer: str | None, seeds: list[i
         raw = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise SpecError(f"{path}: cannot read the spec ({exc})") from None
-    if not isinstance(raw, dict) or set(raw) - {"base", "variants", "seeds"} or "seeds" not in raw and not seeds:
+    if (not isinstance(raw, dict) or set(raw) - {"base", "variants", "seeds"} or "base" in raw.get("variants", {})
+            or "seeds" not in raw and not seeds):
         raise SpecError(f"{path}: expected {{\"base\": {{...}}, \"variants\": {{name: {{...}}}}, \"seeds\": [...]}}")
     base = {k: str(v) for k, v in raw.get("base", {}).items()}
     base.update({k: v for k, v in (("DATA_PATH", data), ("TOKENIZER_PATH", tokenizer)) if v})
@@ -110,16 +111,15 @@ def config_of(env: dict[str, str]) -> tg.Hyperparameters | None:
 
 def plan(spec: Spec, code_hash: str) -> tuple[list[Planned], dict[str, set[str]]]:
     """The runs, base first per seed, and per base key the averagings its checkpoint must track."""
-    base_config = config_of(spec.base)
     runs, needs = [], {}
     for seed in spec.seeds:
         base_env = {**spec.base, "SEED": str(seed)}
-        base_key = run_key(base_env, code_hash, None)
+        base_key, base_config = run_key(base_env, code_hash, None), config_of(base_env)
         for variant, overrides in spec.variants.items():
             env = {**base_env, **overrides}
             config = config_of(env)
-            within = (variant != "base" and base_config is not None and config is not None
-                      and tg.training_config(config) == tg.training_config(dataclasses.replace(base_config, seed=seed)))
+            within = (variant != "base" and None not in (base_config, config)
+                      and tg.training_config(config) == tg.training_config(base_config))
             if within:
                 needs.setdefault(base_key, set()).add(tg.own_averager(config))
             runs.append(Planned(variant, seed, env, run_key(env, code_hash, base_key if within else None),
@@ -169,6 +169,7 @@ def execute(run: Planned, script: Path, runs_root: Path, needs: set[str], thread
         tracked = sorted({tg.own_averager(config), "none", *also})
     if run.base_key:
         env["FROM_CHECKPOINT"] = str(runs_root / run.base_key / "checkpoint.pt")
+    (run_dir / "result.json").unlink(missing_ok=True)  # a re-run killed half way is not done
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(script)], env=subprocess_env(env, threads), cwd=run_dir,
                           capture_output=True, text=True)

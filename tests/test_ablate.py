@@ -166,18 +166,19 @@ def test_a_failed_run_is_reported_and_the_others_go_on(fake, tmp_path):
 
 @pytest.mark.slow
 def test_a_smoke_sweep_end_to_end_and_its_within_run_variant_equals_a_full_run(tmp_path, run_script):
-    """Base and a retrained variant trained; the EMA variant scored from the base's checkpoint, and a
-    separate run trained with EMA gives the same final lines and the same artifact, bit for bit."""
+    """One training; the EMA and the stride-32 variants scored from its checkpoint; a separate run
+    trained with EMA gives the same final lines and the same artifact, bit for bit."""
     base = {"PRESET": "smoke", "DATA_PATH": str(SAMPLE), "TOKENIZER_PATH": str(TOKENIZER), "ITERATIONS": "8",
             "WARMUP_STEPS": "0", "VAL_TOKENS": "4096", "GPTQ_CALIB_TOKENS": "4096", "TRAIN_LOG_EVERY": "4"}
     ema = {"SWA_INTERVAL": "0", "EMA_DECAY": "0.9"}
-    spec = ablate.Spec("smoke", base, {"base": {}, "ema": ema, "lr": {"MATRIX_LR": "0.05"}}, [7])
+    spec = ablate.Spec("smoke", base, {"base": {}, "ema": ema, "stride32": {"EVAL_STRIDE": "32"}}, [7])
     summary = ablate.run_sweep(spec, out_root=tmp_path / "out", say=lambda line: None)
     rows = summary["variants"]
     assert all(not row["failed"] for row in rows.values()), {k: r["failed"] for k, r in rows.items()}
-    assert rows["ema"]["within_run"] and not rows["lr"]["within_run"]
+    assert rows["ema"]["within_run"] and rows["stride32"]["within_run"] and not rows["base"]["within_run"]
     assert rows["base"]["mean"]["steps"] == 8 and rows["base"]["mean"]["tokens"] == 8 * 4096
-    assert rows["ema"]["per_seed"][7] != rows["base"]["per_seed"][7] != rows["lr"]["per_seed"][7]
+    assert rows["ema"]["per_seed"][7] != rows["base"]["per_seed"][7] != rows["stride32"]["per_seed"][7]
+    assert rows["stride32"]["mean"]["roundtrip_bpb"] == rows["base"]["mean"]["roundtrip_bpb"]  # same weights
     assert (tmp_path / "out" / "smoke" / "results.md").exists()
 
     run_dirs = {json.loads(p.read_text())["variant"]: p.parent for p in (tmp_path / "out" / "runs").glob("*/result.json")}
