@@ -152,6 +152,7 @@ class Run:
     eval_seconds: float
     val_tokens: int
     val_bytes: int
+    val_split_tokens: int  # the validation split's targets: val_tokens unless VAL_TOKENS scored a prefix
 
 
 def measure(log: Log) -> Run:
@@ -178,7 +179,16 @@ def measure(log: Log) -> Run:
         bytes_model=int(value["artifact_bytes"]["model_bytes"]),
         steps=int(value["train_done"]["steps"]), wallclock_seconds=value["train_done"]["train_time_ms"] / 1000,
         eval_seconds=value["eval_done"]["eval_time_ms"] / 1000,
-        val_tokens=int(value["val_tokens"]["val_tokens"]), val_bytes=int(value["val_tokens"]["val_bytes"]))
+        val_tokens=int(value["val_tokens"]["val_tokens"]), val_bytes=int(value["val_tokens"]["val_bytes"]),
+        val_split_tokens=split_targets(log, int(value["val_tokens"]["val_tokens"])))
+
+
+def split_targets(log: Log, scored: int) -> int:
+    """of_val_tokens from the val_tokens line; logs written before VAL_TOKENS existed scored the whole split."""
+    try:
+        return int(number(log.lines["val_tokens"]["of_val_tokens"]))
+    except (KeyError, ValueError):
+        return scored
 
 
 def measure_all(logs: list[Log]) -> tuple[list[Run | None], list[str]]:
@@ -225,6 +235,12 @@ def bytes_inconsistent(log: Log, run: Run, code: str) -> str | None:
     return "; ".join(problems) or None
 
 
+def partial_validation(log: Log, run: Run, code: str) -> str | None:
+    if run.val_tokens != run.val_split_tokens:
+        return (f"scored {run.val_tokens:,} of the validation split's {run.val_split_tokens:,} targets "
+                f"(VAL_TOKENS={log.hparams.get('VAL_TOKENS')}): a proxy run, not a score")
+
+
 def bpb_inconsistent(log: Log, run: Run, code: str) -> str | None:
     expected = run.val_loss / math.log(2) * run.val_tokens / run.val_bytes
     if not math.isclose(run.val_bpb, expected, rel_tol=1e-6):
@@ -237,6 +253,7 @@ RUN_CHECKS = (
     (f"evaluation <= {EVAL_CAP_S:.0f} s (eval_done eval_time_ms)", over_eval_time),
     ("byte counts consistent (total = code + model, code = size of the logged source)", bytes_inconsistent),
     ("val_bpb consistent with val_loss, val_tokens and val_bytes", bpb_inconsistent),
+    ("the whole validation split scored (VAL_TOKENS=0)", partial_validation),
 )
 
 
@@ -287,7 +304,8 @@ def not_record_reasons(logs: list[Log]) -> list[str]:
     reasons = []
     for log in logs:
         device = log.lines.get("device", {})
-        for ok, why in ((device.get("preset") == "record", f"preset:{device.get('preset')}"),
+        # every preset but smoke is a record configuration (pr76, pr236, ...; "record" in older logs)
+        for ok, why in ((device.get("preset", "smoke") != "smoke", f"preset:{device.get('preset')}"),
                         ("H100" in device.get("device", ""), f"device:{device.get('device')} (not an H100)"),
                         (device.get("world_size") == "8", f"world_size:{device.get('world_size')} (not 8)")):
             if not ok and why not in reasons:

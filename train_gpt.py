@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+import pickle
 import platform
 import re
 import struct
@@ -132,6 +133,18 @@ class Hyperparameters:
     # Weight averaging: a snapshot every SWA_INTERVAL steps once the LR scale is below SWA_START_FRAC.
     swa_interval: int = 50  # 0: off
     swa_start_frac: float = 0.5
+    # Lab knobs (bench/ablate.py). EMA_DECAY: an fp32 shadow of the weights, updated after every
+    # step, replaces SWA (FRONTIER.md; 0.997 in the later records). AVERAGE_ALSO tracks more
+    # averagers side by side ("ema:0.99,swa:50" or "swa:50:0.3" with its start fraction) for
+    # CHECKPOINT_OUT, which saves the trained weights, every averager and the training stream's
+    # position; FROM_CHECKPOINT trains nothing and runs the post-training path (averaging,
+    # GPTQ, quantization, scoring) on such a checkpoint: only post-training settings may differ.
+    # VAL_TOKENS scores only the first N validation targets (a proxy; never a record).
+    ema_decay: float = 0.0  # 0: off
+    average_also: str = ""
+    checkpoint_out: str = ""
+    from_checkpoint: str = ""
+    val_tokens: int = 0  # 0: the whole validation split
     # Artifact.
     artifact_path: str = ""  # empty: logs/<RUN_ID>.ptz
     artifact_limit_bytes: int = 16_000_000
@@ -178,7 +191,7 @@ PR192 = dict(  # 11L, seq 2048, no BigramHash, scalar SmearGate, int6 fake quant
 )
 FRONTIER = dict(  # the best sp1024 recipe: 11L, seq 2048, 786,432 tokens/step, every proven technique
     num_layers=11, train_seq_len=2048, train_batch_tokens=786_432, muon_momentum=0.99, warmdown_iters=3500,
-    swa_interval=0, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5, lanes_from=7,
+    swa_interval=0, ema_decay=0.997, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5, lanes_from=7,
     recur_blocks="4,5", recur_start_frac=0.5, muon_row_norm=True, bigram_vocab_size=3072, bigram_dim=112,
     quant_bits_mlp=6,
 )
@@ -188,7 +201,7 @@ SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in
     iterations=60, max_wallclock_seconds=0.0, warmup_steps=2, warmdown_iters=20,
     train_batch_tokens=4096, train_seq_len=128, train_log_every=10, eval_stride=64,
     val_batch_size=16384, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
-    bigram_vocab_size=256, bigram_dim=32, muon_momentum_warmup_steps=20, swa_interval=0,
+    bigram_vocab_size=256, bigram_dim=32, muon_momentum_warmup_steps=20, swa_interval=0, ema_decay=0.9,
     gptq_calib_tokens=16384, xsa_last_n=2, rope_dims=8, ln_scale=True, mlp_negative_slope=0.5, lanes_from=1,
     recur_blocks="0", muon_row_norm=True, quant_bits_mlp=6,
 )
@@ -248,7 +261,8 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
 # Env vars that look like ours; an unknown one among them is almost certainly a typo in a sweep.
 _KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_", "MLP_",
                   "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_",
-                  "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_")
+                  "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_", "EMA_", "AVERAGE_",
+                  "CHECKPOINT_", "FROM_")
 
 
 def validate(h: Hyperparameters) -> None:
@@ -281,10 +295,17 @@ def validate(h: Hyperparameters) -> None:
         (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0, "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
         (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
          "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
+        (0 <= h.ema_decay < 1, "EMA_DECAY must be in [0, 1)"),
+        (not (h.ema_decay and h.swa_interval), "SWA_INTERVAL and EMA_DECAY are both on: set one of them to 0"),
+        (not h.average_also or h.checkpoint_out, "AVERAGE_ALSO is kept only by CHECKPOINT_OUT: set it too"),
+        (not h.from_checkpoint or not (h.checkpoint_out or h.eval_only),
+         "FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY"),
+        (h.val_tokens >= 0, "VAL_TOKENS must be >= 0"),
     ]
     for ok, message in checks + technique_checks(h):
         if not ok:
             raise RunError(message)
+    averager_names(h)  # a malformed AVERAGE_ALSO entry stops the run here, before training
 
 
 def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
@@ -489,6 +510,13 @@ class TokenStream:
         self.tokens, self.pos = self.next_tokens.result(), 0  # re-raises a reader's RunError here
         self.next_tokens = self.prefetch(self.file_index + 1)
 
+    def seek(self, file_index: int, pos: int) -> None:
+        """Continue from a saved position (FROM_CHECKPOINT), with the right shard prefetched."""
+        self.next_tokens.cancel()
+        self.file_index, self.pos = file_index, pos
+        self.tokens = load_shard(self.files[file_index], self.vocab_size)
+        self.next_tokens = self.prefetch(file_index + 1)
+
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
@@ -561,28 +589,35 @@ def target_bytes(inputs: np.ndarray | Tensor, targets: np.ndarray | Tensor, tabl
 
 @dataclasses.dataclass
 class ValidationSet:
-    tokens: Tensor  # all validation tokens, int64, on the device
+    tokens: Tensor  # the validation tokens scored (with VAL_TOKENS, a prefix), int64, on the device
     num_targets: int  # len(tokens) - 1: every token after the first is scored exactly once
     num_bytes: int  # the bpb denominator
     tables: tuple[Tensor, Tensor, Tensor]  # byte_tables() on the device
+    split_targets: int  # the whole split's targets (num_targets unless VAL_TOKENS cut a prefix)
 
 
 def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: torch.device) -> ValidationSet:
     tokens = np.concatenate([load_shard(f, h.vocab_size) for f in find_shards(h, "val")])
+    split_targets = len(tokens) - 1
+    if h.val_tokens > split_targets:
+        raise RunError(f"VAL_TOKENS={h.val_tokens}: the validation split has only {split_targets} targets")
+    if h.val_tokens:
+        tokens = tokens[:h.val_tokens + 1]  # targets 1..VAL_TOKENS, with the first token as their context
     if len(tokens) - 1 < h.model_eval_seq_len:
-        raise RunError(f"DATA_PATH={h.data_path}: validation split has {len(tokens)} tokens, "
+        raise RunError(f"DATA_PATH={h.data_path}: {len(tokens) - 1} validation targets (VAL_TOKENS={h.val_tokens}), "
                        f"fewer than one EVAL_SEQ_LEN={h.model_eval_seq_len} window")
     tables = byte_tables(sp)
     num_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
     return ValidationSet(torch.from_numpy(tokens.astype(np.int64)).to(device), len(tokens) - 1, num_bytes,
-                         tuple(torch.from_numpy(t).to(device) for t in tables))
+                         tuple(torch.from_numpy(t).to(device) for t in tables), split_targets)
 
 
 def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor, Tensor]) -> ValidationSet:
     """A span of training tokens in the shape of a ValidationSet: what the compile warm-up scores."""
     device = tables[0].device
     span = torch.from_numpy(tokens.astype(np.int64)).to(device)
-    return ValidationSet(span, len(span) - 1, int(target_bytes(span[:-1], span[1:], tables).sum()), tables)
+    return ValidationSet(span, len(span) - 1, int(target_bytes(span[:-1], span[1:], tables).sum()), tables,
+                         len(span) - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -940,7 +975,8 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
 # (disjoint windows); the sliding window advances by EVAL_STRIDE and scores only the targets new
 # to each window, so each has up to EVAL_SEQ_LEN - 1 tokens of context. Both plans end with a
 # window that reaches the last target, and every target is scored exactly once: the token and
-# byte totals are checked against the validation set after every evaluation.
+# byte totals are checked against the validation set after every evaluation. With VAL_TOKENS the
+# validation set is the split's first VAL_TOKENS targets (load_validation), and so is every check.
 
 
 def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -1300,19 +1336,42 @@ def model_config(h: Hyperparameters) -> dict:
 # -----------------------------------------------------------------------------
 # Weight averaging
 #
-# SWA (PR #76): once the LR scale falls below SWA_START_FRAC, add a snapshot every SWA_INTERVAL
-# steps; the average replaces the weights before quantization. The sum is kept in fp32.
+# What gets quantized is an average of the weights along the run. SWA (PR #76): once the LR scale
+# falls below SWA_START_FRAC, add a snapshot every SWA_INTERVAL steps (the sum kept in fp32). EMA
+# (the later records, FRONTIER.md): an fp32 shadow of every weight, shadow <- d * shadow + (1 - d)
+# * weight after every step, starting from the initial weights. Both are averagers with one
+# interface: observe() after each step, average() (the state to load; None keeps the final
+# weights), summary() for the log. An averager is named by a spec ("swa:50:0.5", "ema:0.997",
+# "none"); the run's own comes from SWA_INTERVAL / EMA_DECAY, AVERAGE_ALSO adds more.
+#
+# Checkpoints (CHECKPOINT_OUT / FROM_CHECKPOINT) exist for comparisons that share one training run
+# (bench/ablate.py): the raw final weights, every tracked average, the step count and the training
+# stream's position, so that GPTQ calibration reads the same tokens as it would have in the run.
 
 
-class WeightAverager:
+class FinalWeights:
+    name = "none"
+
+    def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
+        pass
+
+    def average(self) -> dict[str, Tensor] | None:
+        return None
+
+    def summary(self) -> str:
+        return "averaging: none, final weights kept"
+
+
+class SWA:
     def __init__(self, interval: int, start_frac: float):
+        self.name = f"swa:{interval}:{start_frac!r}"
         self.interval, self.start_frac = interval, start_frac
         self.total: dict[str, Tensor] | None = None
         self.count = 0
 
     @torch.no_grad()
     def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
-        if not self.interval or lr_scale >= self.start_frac or step % self.interval:
+        if lr_scale >= self.start_frac or step % self.interval:
             return
         state = model.state_dict()
         if self.total is None:
@@ -1322,10 +1381,147 @@ class WeightAverager:
                 self.total[k] += v.float()
         self.count += 1
 
+    def average(self) -> dict[str, Tensor] | None:
+        return {k: v / self.count for k, v in self.total.items()} if self.count else None
+
+    def summary(self) -> str:
+        return f"swa: averaged {self.count} snapshots" if self.count else "swa: no snapshots, final weights kept"
+
+
+class EMA:
+    def __init__(self, decay: float, model: nn.Module):
+        self.name = f"ema:{decay!r}"
+        self.decay, self.updates = decay, 0
+        state = model.state_dict()
+        self.weights = list(state.values())  # detached views of the live parameters
+        self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
+        self.shadow_list = list(self.shadow.values())
+
     @torch.no_grad()
-    def load_average(self, model: nn.Module) -> None:
-        if self.count:
-            model.load_state_dict({k: v / self.count for k, v in self.total.items()}, strict=True)
+    def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
+        # one fused kernel per tensor group on a GPU; .float() is free for fp32 weights
+        torch._foreach_lerp_(self.shadow_list, [w.float() for w in self.weights], 1.0 - self.decay)
+        self.updates += 1
+
+    def average(self) -> dict[str, Tensor]:
+        return self.shadow
+
+    def summary(self) -> str:
+        return f"ema: decay {self.decay!r} over {self.updates} updates"
+
+
+def canonical_averager(spec: str, swa_start_frac: float) -> str:
+    """'ema:DECAY', 'swa:INTERVAL[:START_FRAC]' (default SWA_START_FRAC) or 'none', in one spelling."""
+    kind, _, args = spec.strip().partition(":")
+    try:
+        if kind == "ema" and 0 < float(args) < 1:
+            return f"ema:{float(args)!r}"
+        interval, _, frac = args.partition(":")
+        frac = float(frac) if frac else swa_start_frac
+        if kind == "swa" and int(interval) >= 1 and 0 < frac <= 1:
+            return f"swa:{int(interval)}:{frac!r}"
+    except ValueError:
+        pass
+    if spec.strip() == "none":
+        return "none"
+    raise RunError(f"AVERAGE_ALSO: {spec!r} is not ema:DECAY (0 < DECAY < 1), swa:INTERVAL[:START_FRAC] or none")
+
+
+def own_averager(h: Hyperparameters) -> str:
+    """The averaging whose result this run quantizes and scores."""
+    if h.ema_decay:
+        return f"ema:{h.ema_decay!r}"
+    return f"swa:{h.swa_interval}:{h.swa_start_frac!r}" if h.swa_interval else "none"
+
+
+def averager_names(h: Hyperparameters) -> list[str]:
+    """The run's own averager, then AVERAGE_ALSO's, each once."""
+    names = [own_averager(h)]
+    for spec in filter(str.strip, h.average_also.split(",")):
+        name = canonical_averager(spec, h.swa_start_frac)
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def make_averager(name: str, model: nn.Module):
+    kind, *args = name.split(":")
+    if kind == "ema":
+        return EMA(float(args[0]), model)
+    return SWA(int(args[0]), float(args[1])) if kind == "swa" else FinalWeights()
+
+
+# Settings that act only after the timed loop (averaging, GPTQ, quantization, the artifact,
+# evaluation, logging, the lab plumbing): one trained checkpoint serves every value of them.
+POST_TRAINING_FIELDS = frozenset((
+    "run_id", "train_log_every", "val_loss_every", "eval_seq_len", "eval_stride", "val_batch_size", "val_tokens",
+    "swa_interval", "swa_start_frac", "ema_decay", "average_also", "checkpoint_out", "from_checkpoint",
+    "artifact_path", "artifact_limit_bytes", "zstd_level", "eval_only", "gptq_calib_tokens",
+    "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn", "quant_bits_embed"))
+CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
+
+
+def training_config(h: Hyperparameters) -> dict:
+    """Everything that decides the trained weights. GPTQ's reserve shortens a capped loop, so the
+    loop's cap is compared too."""
+    config = {f.name: getattr(h, f.name) for f in dataclasses.fields(h) if f.name not in POST_TRAINING_FIELDS}
+    return {**config, "loop_cap_seconds": h.loop_cap_seconds}
+
+
+def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+def save_checkpoint(h: Hyperparameters, base_model: GPT, loader: DistributedTokenLoader, steps: int,
+                    train_ms: float, averages: dict[str, tuple], log) -> None:
+    """CHECKPOINT_OUT (rank 0): the final weights, every tracked average, steps, the stream position."""
+    path = Path(h.checkpoint_out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(format=CHECKPOINT_FORMAT, training_config=training_config(h), steps=steps, train_ms=train_ms,
+                    stream=dict(file_index=loader.stream.file_index, pos=loader.stream.pos),
+                    recur_active=base_model.recur_active,
+                    final_weights=cpu_state(base_model.state_dict()),
+                    averages={name: dict(weights=None if w is None else cpu_state(w), summary=summary)
+                              for name, (w, summary) in {"none": (None, FinalWeights().summary()),
+                                                         **averages}.items()}), path)
+    log(f"checkpoint: wrote {path} with averages {','.join(averages)}")
+
+
+def load_checkpoint(h: Hyperparameters) -> dict:
+    """FROM_CHECKPOINT, checked: trained under this training config and tracking this run's averaging."""
+    path = Path(h.from_checkpoint)
+    if not path.is_file():
+        raise RunError(f"FROM_CHECKPOINT={path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise RunError(f"FROM_CHECKPOINT={path}: unreadable ({type(exc).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"FROM_CHECKPOINT={path}: not a checkpoint written by CHECKPOINT_OUT")
+    trained, here = checkpoint["training_config"], training_config(h)
+    for name in sorted(trained.keys() | here.keys()):
+        if trained.get(name) != here.get(name):
+            what = "the loop's cap (MAX_WALLCLOCK_SECONDS less the GPTQ reserve)" if name == "loop_cap_seconds" \
+                else name.upper()
+            raise RunError(f"FROM_CHECKPOINT={path}: {what} is {here.get(name)} here, {trained.get(name)} in the "
+                           f"checkpoint; only post-training settings may differ")
+    if own_averager(h) not in checkpoint["averages"]:
+        raise RunError(f"FROM_CHECKPOINT={path}: averaging {own_averager(h)} was not tracked (it has "
+                       f"{', '.join(checkpoint['averages'])}); add it to the training run's AVERAGE_ALSO")
+    return checkpoint
+
+
+def restore_checkpoint(h: Hyperparameters, base_model: GPT, loader: DistributedTokenLoader,
+                       log) -> tuple[int, float, dict[str, tuple]]:
+    """Loads the final weights and moves the stream to where training left it; returns
+    (steps, training time in ms, {averager: (weights or None, summary)})."""
+    checkpoint = load_checkpoint(h)
+    base_model.load_state_dict(checkpoint["final_weights"], strict=True)
+    loader.stream.seek(checkpoint["stream"]["file_index"], checkpoint["stream"]["pos"])
+    base_model.recur_active = checkpoint["recur_active"]
+    log(f"from_checkpoint: {h.from_checkpoint} steps:{checkpoint['steps']}; nothing is trained")
+    averages = {name: (entry["weights"], entry["summary"]) for name, entry in checkpoint["averages"].items()}
+    return checkpoint["steps"], checkpoint["train_ms"], averages
 
 
 # -----------------------------------------------------------------------------
@@ -1449,9 +1645,9 @@ def model_for_eval(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, WeightAverager]:
-    """The timed loop. Returns (steps taken, training time in ms, the weight averager)."""
-    averager = WeightAverager(h.swa_interval, h.swa_start_frac)
+def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, list]:
+    """The timed loop. Returns (steps taken, training time in ms, the weight averagers)."""
+    averagers = [make_averager(name, base_model) for name in averager_names(h)]
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
     rt.sync()
@@ -1465,7 +1661,8 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             log(f"recurrence: blocks {h.recur_blocks} run twice from step {step}")
         loss = train_step(h, rt, model, optimizers, loader, step, scale)
         step += 1
-        averager.observe(base_model, step, scale)
+        for averager in averagers:
+            averager.observe(base_model, step, scale)
         rt.sync()
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
@@ -1494,7 +1691,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
             break
     rt.sync()
-    return step, train_ms + 1000 * (time.perf_counter() - t0), averager
+    return step, train_ms + 1000 * (time.perf_counter() - t0), averagers
 
 
 # -----------------------------------------------------------------------------
@@ -1649,7 +1846,7 @@ def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: 
 def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
     """The final lines: standard and sliding-window evaluation of the model loaded from the artifact."""
     seq_len = h.model_eval_seq_len
-    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes}")
+    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
     evals = [("final_roundtrip", seq_len)] + ([("final_sliding", h.eval_stride)] if h.eval_stride else [])
     for label, stride in evals:
         rt.sync()
@@ -1667,8 +1864,6 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     train_files = find_shards(h, "train")
     log_train_budget(h, train_files, log)
     base_model = build_model(h, rt)
-    optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
-    model = wrap_model(h, rt, base_model)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
 
     def wrapped():
@@ -1678,19 +1873,31 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     def make_loader():
         return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, wrapped)
 
-    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
-    loader = make_loader()
-    stance = torch.compiler.set_stance("fail_on_recompile") if compile_enabled(h, rt) else nullcontext()
-    try:
-        with stance:
-            steps, train_ms, averager = train(h, rt, base_model, model, optimizers, loader, val, log)
-    except RuntimeError as exc:
-        if "recompil" in str(exc).lower():
-            raise RunError(f"torch.compile compiled inside the timed loop; every graph must be built during "
-                           f"warm-up (WARMUP_STEPS >= 1) ({str(exc).splitlines()[0]})") from None
-        raise
-    averager.load_average(base_model)
-    log(f"swa: averaged {averager.count} snapshots" if averager.count else "swa: no snapshots, final weights kept")
+    if h.from_checkpoint:  # nothing to train: no optimizers, no DDP, no warm-up
+        loader = make_loader()
+        steps, train_ms, averages = restore_checkpoint(h, base_model, loader, log)
+        model = maybe_compile(h, rt, base_model)
+    else:
+        optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
+        model = wrap_model(h, rt, base_model)
+        warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
+        loader = make_loader()
+        stance = torch.compiler.set_stance("fail_on_recompile") if compile_enabled(h, rt) else nullcontext()
+        try:
+            with stance:
+                steps, train_ms, averagers = train(h, rt, base_model, model, optimizers, loader, val, log)
+        except RuntimeError as exc:
+            if "recompil" in str(exc).lower():
+                raise RunError(f"torch.compile compiled inside the timed loop; every graph must be built during "
+                               f"warm-up (WARMUP_STEPS >= 1) ({str(exc).splitlines()[0]})") from None
+            raise
+        averages = {averager.name: (averager.average(), averager.summary()) for averager in averagers}
+        if h.checkpoint_out and rt.is_main:
+            save_checkpoint(h, base_model, loader, steps, train_ms, averages, log)
+    average, summary = averages[own_averager(h)]
+    if average is not None:
+        base_model.load_state_dict(average, strict=True)
+    log(summary)
     hessians = None
     if h.gptq_calib_tokens:
         t0 = time.perf_counter()

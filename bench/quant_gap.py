@@ -17,6 +17,7 @@ scored on the same tokens, so the comparison is like for like. Results go to std
 """
 
 import argparse
+import dataclasses
 import lzma
 import math
 import os
@@ -30,16 +31,6 @@ import zstandard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
-
-
-def truncated(val: tg.ValidationSet, num_tokens: int) -> tg.ValidationSet:
-    if not num_tokens or num_tokens >= len(val.tokens):
-        return val
-    tokens = val.tokens[:num_tokens]
-    tables = tuple(t.cpu().numpy() for t in val.tables)
-    cpu_tokens = tokens.cpu().numpy()
-    num_bytes = int(tg.target_bytes(cpu_tokens[:-1], cpu_tokens[1:], tables).sum())
-    return tg.ValidationSet(tokens, len(tokens) - 1, num_bytes, val.tables)
 
 
 def trained_state(h, rt, val, raw: Path | None) -> dict[str, torch.Tensor]:
@@ -118,7 +109,8 @@ def main() -> None:
     sp = tg.load_tokenizer(h)
     val = tg.load_validation(h, sp, rt.device)
     state = trained_state(h, rt, val, args.raw)
-    val = truncated(val, args.val_tokens)
+    if args.val_tokens:  # the prefix train_gpt.py scores with VAL_TOKENS
+        val = tg.load_validation(dataclasses.replace(h, val_tokens=args.val_tokens), sp, rt.device)
     print(f"scoring {val.num_targets} targets, {val.num_bytes} bytes")
     base_bpb = math.nan if args.bytes_only else score(h, rt, state, val)
     print(f"\nmethod        val_bpb     gap         model_bytes")

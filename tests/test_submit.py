@@ -277,3 +277,25 @@ def test_train_gpt_still_logs_what_submit_reads():
     for fragment in ("====== source ", "====== end source ======", "hparam ", "device:", "world_size:",
                      "preset:", "train_loss:", "val_loss:"):
         assert fragment in source
+
+
+# -----------------------------------------------------------------------------
+# Proxy runs (VAL_TOKENS) and preset names
+
+
+def test_a_log_that_scored_a_validation_prefix_fails_as_a_record(workdir, capsys):
+    paths = write_logs(workdir, hparams={"VAL_TOKENS": "131072"})
+    for path in paths:  # as train_gpt.py logs a VAL_TOKENS prefix: the scored count, then the split's
+        text = Path(path).read_text().replace(f"val_tokens:{VAL_TOKENS} val_bytes:{VAL_BYTES}\n",
+                                              f"val_tokens:{VAL_TOKENS} val_bytes:{VAL_BYTES} of_val_tokens:99999999\n")
+        Path(path).write_text(text)
+    assert run_submit(workdir, paths) == 1
+    fails = failed_rules(capsys.readouterr().out)
+    assert fails == ["the whole validation split scored (VAL_TOKENS=0)"]
+
+
+@pytest.mark.parametrize("preset, record", [("pr76", True), ("frontier", True), ("record", True), ("smoke", False)])
+def test_every_preset_but_smoke_counts_as_a_record_configuration(workdir, preset, record):
+    paths = write_logs(workdir, preset=preset, hparams={"PRESET": preset})
+    reasons = submit.not_record_reasons([submit.read_log(Path(p)) for p in paths])
+    assert reasons == ([] if record else [f"preset:{preset}"])
