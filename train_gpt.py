@@ -1413,13 +1413,14 @@ class EMA:
 def canonical_averager(spec: str, swa_start_frac: float) -> str:
     """'ema:DECAY', 'swa:INTERVAL[:START_FRAC]' (default SWA_START_FRAC) or 'none', in one spelling."""
     kind, _, args = spec.strip().partition(":")
+    parts = args.split(":")
     try:
-        if kind == "ema" and 0 < float(args) < 1:
-            return f"ema:{float(args)!r}"
-        interval, _, frac = args.partition(":")
-        frac = float(frac) if frac else swa_start_frac
-        if kind == "swa" and int(interval) >= 1 and 0 < frac <= 1:
-            return f"swa:{int(interval)}:{frac!r}"
+        if kind == "ema" and len(parts) == 1 and 0 < float(parts[0]) < 1:
+            return f"ema:{float(parts[0])!r}"
+        if kind == "swa" and len(parts) <= 2:
+            interval, frac = int(parts[0]), float(parts[1]) if len(parts) == 2 else swa_start_frac
+            if interval >= 1 and 0 < frac <= 1:
+                return f"swa:{interval}:{frac!r}"
     except ValueError:
         pass
     if spec.strip() == "none":

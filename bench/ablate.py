@@ -6,7 +6,8 @@
 
 A spec is a JSON file: {"base": {ENV: value}, "variants": {name: {ENV: value}}, "seeds": [...]}.
 Every (variant, seed) runs train_gpt.py itself as a subprocess with the base's settings, the
-variant's overrides and SEED. A variant that changes only what happens after training (averaging,
+variant's overrides and SEED (plus the variant's SEED_OFFSET, the tool's own key: {"SEED_OFFSET":
+1000} is the base on other seeds, a null variant for calibrating the test). A variant that changes only what happens after training (averaging,
 quantization, evaluation: train_gpt.training_config() is the base's) is not retrained: the base run
 of the same seed writes a checkpoint (CHECKPOINT_OUT, tracking every averaging such variants need in
 AVERAGE_ALSO) and the variant is scored from it (FROM_CHECKPOINT); train_gpt.py guarantees the
@@ -89,7 +90,7 @@ def load_spec(path: Path, data: str | None, tokenizer: str | None, seeds: list[i
 @dataclasses.dataclass
 class Planned:
     variant: str
-    seed: int
+    seed: int  # the sweep's seed, which pairs it with the base (SEED_OFFSET may make env's differ)
     env: dict[str, str]  # the spec's settings for this run (base + overrides + SEED)
     key: str
     base_key: str | None = None  # set for a within-run variant: scored from that run's checkpoint
@@ -117,6 +118,8 @@ def plan(spec: Spec, code_hash: str) -> tuple[list[Planned], dict[str, set[str]]
         base_key, base_config = run_key(base_env, code_hash, None), config_of(base_env)
         for variant, overrides in spec.variants.items():
             env = {**base_env, **overrides}
+            if "SEED_OFFSET" in env:  # a null variant: the base on other seeds, paired with the base's
+                env["SEED"] = str(seed + int(env.pop("SEED_OFFSET")))
             config = config_of(env)
             within = (variant != "base" and None not in (base_config, config)
                       and tg.training_config(config) == tg.training_config(base_config))

@@ -100,9 +100,11 @@ def fake_spec(variants, seeds=(1, 2, 3)):
 
 
 def test_the_table_on_made_up_logs(fake, tmp_path):
-    spec = fake_spec({"lr": {"MATRIX_LR": "0.026"}, "ema": {"SWA_INTERVAL": "0", "EMA_DECAY": "0.8"}})
+    spec = fake_spec({"lr": {"MATRIX_LR": "0.026"}, "ema": {"SWA_INTERVAL": "0", "EMA_DECAY": "0.8"},
+                      "null": {"SEED_OFFSET": "10"}})
     summary = ablate.run_sweep(spec, script=fake, out_root=tmp_path / "out", say=lambda line: None)
-    lr, ema, base = (summary["variants"][name] for name in ("lr", "ema", "base"))
+    lr, ema, base, null = (summary["variants"][name] for name in ("lr", "ema", "base", "null"))
+    assert null["stats"]["mean_delta"] == pytest.approx(0.1) and not null["within_run"]  # seeds 11-13 vs 1-3
     deltas = [0.001 * (3, 1, 2)[seed % 3] for seed in (1, 2, 3)]  # the stand-in's formula
     assert lr["stats"]["mean_delta"] == pytest.approx(statistics.fmean(deltas), abs=1e-8)
     assert lr["stats"]["sd_delta"] == pytest.approx(statistics.stdev(deltas), abs=1e-8)
@@ -115,7 +117,7 @@ def test_the_table_on_made_up_logs(fake, tmp_path):
     made = calls(fake)
     assert sorted(c for c in made if c.endswith("also=ema:0.8")) == [f"{s} - - from=0 also=ema:0.8" for s in (1, 2, 3)]
     assert sorted(c for c in made if "from=1" in c) == [f"{s} - 0.8 from=1 also=" for s in (1, 2, 3)]
-    assert len(made) == 9
+    assert len(made) == 12 and {f"{s} - - from=0 also=" for s in (11, 12, 13)} <= set(made)  # the null's seeds
     written = json.loads((tmp_path / "out" / "fake" / "results.json").read_text())
     assert written["variants"]["lr"]["per_seed"] == {str(s): pytest.approx(v) for s, v in lr["per_seed"].items()}
     md = (tmp_path / "out" / "fake" / "results.md").read_text()
