@@ -191,9 +191,9 @@ PR192 = dict(  # 11L, seq 2048, no BigramHash, scalar SmearGate, int6 fake quant
 )
 FRONTIER = dict(  # the best sp1024 recipe: 11L, seq 2048, 786,432 tokens/step, every proven technique
     num_layers=11, train_seq_len=2048, train_batch_tokens=786_432, muon_momentum=0.99, warmdown_iters=3500,
-    swa_interval=0, ema_decay=0.997, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5, lanes_from=7,
-    recur_blocks="4,5", recur_start_frac=0.5, muon_row_norm=True, bigram_vocab_size=3072, bigram_dim=112,
-    quant_bits_mlp=6,
+    swa_interval=0, ema_decay=0.997, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5,
+    lanes_from=7, recur_blocks="4,5", recur_start_frac=0.5, muon_row_norm=True, bigram_vocab_size=3072,
+    bigram_dim=112, quant_bits_mlp=6,
 )
 SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
@@ -292,7 +292,8 @@ def validate(h: Hyperparameters) -> None:
         (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
         (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
-        (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0, "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
+        (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
+         "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
         (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
          "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
         (0 <= h.ema_decay < 1, "EMA_DECAY must be in [0, 1)"),
@@ -1651,15 +1652,12 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
     averagers = [make_averager(name, base_model) for name in averager_names(h)]
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
+    base_model.recur_active = bool(base_model.recur_blocks) and h.recur_start_frac == 0
     rt.sync()
     t0 = time.perf_counter()
     while step < h.iterations:
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         scale = lr_scale(h, step, elapsed_ms)
-        if base_model.recur_blocks and not base_model.recur_active and \
-                max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0) >= h.recur_start_frac:
-            base_model.recur_active = True  # its compiled graph was built during warm-up
-            log(f"recurrence: blocks {h.recur_blocks} run twice from step {step}")
         loss = train_step(h, rt, model, optimizers, loader, step, scale)
         step += 1
         for averager in averagers:
@@ -1667,10 +1665,15 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
         rt.sync()
         elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
-        if rt.distributed and cap_ms > 0:
-            flag = torch.tensor(float(reached_cap), device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached_cap = bool(flag.item())
+        progress = max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
+        recur_due = bool(base_model.recur_blocks) and progress >= h.recur_start_frac
+        if rt.distributed and (cap_ms > 0 or base_model.recur_blocks):  # every rank must decide alike
+            flags = torch.tensor([float(reached_cap), float(recur_due)], device=rt.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            reached_cap, recur_due = (bool(f) for f in flags.tolist())
+        if recur_due and not base_model.recur_active:
+            base_model.recur_active = True  # its compiled graph was built during warm-up
+            log(f"recurrence: blocks {h.recur_blocks} run twice from step {step + 1}")
         last = reached_cap or step == h.iterations
         if step % h.train_log_every == 0 or last:
             train_loss = mean_over_ranks(rt, loss)
@@ -1794,7 +1797,8 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
     Every rank computes the same bytes, so a RunError stops all of them together."""
     t0 = time.perf_counter()
     if code_bytes >= h.artifact_limit_bytes:
-        raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is {code_bytes} bytes")
+        raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is "
+                       f"{code_bytes} bytes")
     state = base_model.state_dict()
     config = model_config(h)
     if not base_model.recur_active:  # the run ended before the repeat was switched on: score without it
