@@ -2,8 +2,8 @@
 wheel first. In order, stopping at the first failure with one line `gpu_check: FAILED at <phase>`:
 
   smoke   PRESET=smoke python3 train_gpt.py, end to end on the GPU (on CPU: the CPU fallback)
-  speed   bench/speed.py for every GPU preset train_gpt defines (PRESETS, else `record`), the record's
-          (pr76) first: ms/step, tokens/s, MFU, peak memory, attention kernel, compiles, a short profile
+  speed   bench/speed.py for every GPU preset train_gpt defines (PRESETS), pr76 first:
+          ms/step, tokens/s, MFU, peak memory, attention kernel, compiles, a short profile
   train   train_gpt.py on real tokens (DATA_PATH under --data, the proxy corpus) for every GPU preset
           at equal training tokens, through GPTQ, quantization and both evaluations
 
@@ -65,10 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def gpu_presets(tg, wanted: list[str]) -> list[str]:
-    """The GPU presets train_gpt defines (its PRESETS table; before that, `record`), the record's
-    configuration first; `wanted` must be among them."""
-    names = [n for n in getattr(tg, "PRESETS", {}) if n not in NOT_GPU_PRESETS] or ["record"]
-    names.sort(key=lambda n: n not in ("pr76", "record"))
+    """The GPU presets train_gpt defines (its PRESETS table), pr76 first; `wanted` must be among them."""
+    names = [n for n in tg.PRESETS if n not in NOT_GPU_PRESETS]
+    names.sort(key=lambda n: n != "pr76")
     missing = [n for n in wanted if n not in names]
     if missing:
         raise SystemExit(f"gpu_check: FAILED at setup: unknown preset {missing[0]}; train_gpt has {', '.join(names)}")

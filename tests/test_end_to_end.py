@@ -134,11 +134,15 @@ def test_two_processes_train_like_one(run_script):
 @pytest.mark.slow
 def test_compiled_run_builds_every_graph_during_warmup(run_script):
     # The timed loop runs under set_stance("fail_on_recompile") and validates every 20 steps inside
-    # it: both the training and the evaluation graphs must come from warm-up.
+    # it: the training and evaluation graphs, without and with the smoke preset's depth recurrence
+    # (switched on at step 30 of 60, between the validations at 20 and 40), must come from warm-up.
     run = run_script({"COMPILE": "1", "VAL_LOSS_EVERY": "20"}, timeout=600)
     assert run.returncode == 0, run.explain()
     assert "compile:True" in run.body
-    assert len(re.findall(r"^step:\d+/\d+ val_loss:", run.body, re.M)) >= 2, "no periodic validation ran"
+    validations = [int(m) for m in re.findall(r"^step:(\d+)/\d+ val_loss:", run.body, re.M)]
+    switch = re.search(r"^recurrence: blocks \S+ run twice from step (\d+)", run.body, re.M)
+    assert switch, "the recurrence switch did not happen inside the timed loop"
+    assert min(validations) < int(switch[1]) <= max(validations), (validations, switch[0])
     assert "final_sliding " in run.body
 
 

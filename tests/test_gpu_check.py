@@ -18,12 +18,10 @@ gc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gc)
 
 
-def fake_train_gpt(presets: dict[str, int] | None):
-    """A stand-in for train_gpt: PRESETS (name -> TRAIN_BATCH_TOKENS) or none, as before the table."""
-    module = types.SimpleNamespace()
-    if presets is not None:
-        module.PRESETS = {name: {} for name in presets}
-    batch = presets or {"record": 524_288}
+def fake_train_gpt(presets: dict[str, int]):
+    """A stand-in for train_gpt: PRESETS (name -> TRAIN_BATCH_TOKENS)."""
+    module = types.SimpleNamespace(PRESETS={name: {} for name in presets})
+    batch = presets
     module.hyperparameters_from_env = lambda env, cuda: (
         types.SimpleNamespace(train_batch_tokens=batch[env["PRESET"]]), env["PRESET"])
     return module
@@ -37,11 +35,10 @@ def test_bad_arguments_are_usage_errors(argv):
     assert exit_.value.code == 2
 
 
-def test_presets_come_from_train_gpt_record_first_smoke_skipped():
+def test_presets_come_from_train_gpt_pr76_first_smoke_skipped():
     tg = fake_train_gpt({"smoke": 4096, "pr236": 524_288, "frontier": 786_432, "pr76": 524_288})
     assert gc.gpu_presets(tg, []) == ["pr76", "pr236", "frontier"]
     assert gc.gpu_presets(tg, ["frontier"]) == ["frontier"]
-    assert gc.gpu_presets(fake_train_gpt(None), []) == ["record"]  # before the PRESETS table
     with pytest.raises(SystemExit, match="unknown preset pr999"):
         gc.gpu_presets(tg, ["pr999"])
 
