@@ -694,10 +694,9 @@ FAST_SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBacke
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA)."""
-    fast_only = sdpa_kernel(list(FAST_SDPA_BACKENDS.values())) if q.is_cuda else nullcontext()
-    with fast_only:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA). On
+    CUDA the math kernel is switched off once, in configure(): not a context entered every call."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
 def sdpa_accepts(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> bool:
@@ -1787,6 +1786,7 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.enable_math_sdp(False)  # only FAST_SDPA_BACKENDS: a silent fallback would be ~3x slower
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
 
