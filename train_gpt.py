@@ -446,10 +446,16 @@ def read_shard_header(path: str) -> int:
     return count
 
 
+def shard_files(data_path: str, split: str) -> list[str]:
+    """The split's shard files in order (the validation byte sidecar, fineweb_val_bytes_*, is not one)."""
+    return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
+                  if not os.path.basename(f).startswith("fineweb_val_bytes_"))
+
+
 def find_shards(h: Hyperparameters, split: str) -> list[str]:
     if not os.path.isdir(h.data_path):
         raise RunError(f"DATA_PATH={h.data_path}: no such directory")
-    files = sorted(glob.glob(os.path.join(h.data_path, f"fineweb_{split}_*.bin")))
+    files = shard_files(h.data_path, split)
     if not files:
         raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards")
     if sum(read_shard_header(path) for path in files) == 0:
@@ -548,6 +554,28 @@ class DistributedTokenLoader:
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
 
+# CaseOps (FRONTIER.md): PLACEHOLDER, replaced by the tokdata branch's block at merge.
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
+
+
+def caseops_decode(text: str) -> str:
+    out, i, caps_run = [], 0, False
+    while i < len(text):
+        c = text[i]
+        if c == CASEOPS_ESC and i + 1 < len(text):
+            out.append(text[i + 1]); i += 2; caps_run = False; continue
+        if c in (CASEOPS_TITLE, CASEOPS_CAPNEXT) and i + 1 < len(text):
+            out.append(text[i + 1].upper()); i += 2; continue
+        if c == CASEOPS_ALLCAPS:
+            i += 1
+            while i < len(text) and text[i].isascii() and text[i].isalpha():
+                out.append(text[i].upper()); i += 1
+            continue
+        out.append(c); i += 1
+    return "".join(out)
+
+
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(h.tokenizer_path):
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file")
@@ -558,16 +586,33 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if sp.vocab_size() != h.vocab_size:
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: vocab size {sp.vocab_size()}, "
                        f"but VOCAB_SIZE={h.vocab_size}")
+    if h.vocab_size > 65536:
+        raise RunError(f"VOCAB_SIZE={h.vocab_size}: shards store token ids as uint16 (at most 65536 pieces)")
     return sp
 
 
-def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per token id: UTF-8 bytes of the piece without its leading space marker, whether the piece
-    starts with the marker, and whether the token is a boundary (control/unknown/unused: 0 bytes).
+def strips_leading_space(sp: spm.SentencePieceProcessor) -> bool:
+    """Whether decoding drops the space marker of a document's first piece. It does when the
+    tokenizer's normalizer removes extra whitespace (the challenge's tokenizers); one trained with
+    remove_extra_whitespaces=false keeps it. Asked of the decoder itself, on the first piece that
+    starts with the marker and holds more than it."""
+    for i in range(sp.vocab_size()):
+        piece = sp.id_to_piece(i)
+        if piece.startswith("\u2581") and piece.strip("\u2581") and not (sp.is_control(i) or sp.is_byte(i)):
+            return not sp.decode([i]).startswith(" ")
+    return True
 
-    A target's bytes are base + [leading space and its predecessor is not a boundary]; summed over
-    the validation set this equals the UTF-8 length of the decoded text (the challenge's rule)."""
-    n = sp.vocab_size()
+
+def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token id: the UTF-8 bytes of the piece with every space marker a space, less the
+    leading marker that decoding drops after a boundary; whether the piece starts with a marker;
+    whether the token is a boundary (control/unknown/unused: 0 bytes).
+
+    A target's bytes are base + [leading marker and its predecessor is not a boundary]. Each marker
+    is one byte: a piece of four markers (a tokenizer that keeps indentation) is four spaces, not
+    the ten bytes a rule counting the marker's own UTF-8 would give. Summed over a document this
+    equals the UTF-8 length of the decoded text; check_validation_text proves it on the data."""
+    n, strip = sp.vocab_size(), strips_leading_space(sp)
     base = np.zeros(n, dtype=np.int64)
     space = np.zeros(n, dtype=bool)
     boundary = np.zeros(n, dtype=bool)
@@ -578,8 +623,8 @@ def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray,
             base[i] = 1
         else:
             piece = sp.id_to_piece(i)
-            space[i] = piece.startswith("\u2581")
-            base[i] = len(piece.removeprefix("\u2581").encode("utf-8"))
+            space[i] = strip and piece.startswith("\u2581")
+            base[i] = len(piece.replace("\u2581", " ").encode("utf-8")) - int(space[i])
     return base, space, boundary
 
 
@@ -588,18 +633,137 @@ def target_bytes(inputs: np.ndarray | Tensor, targets: np.ndarray | Tensor, tabl
     return base[targets] + (space[targets] & ~boundary[inputs])
 
 
+# The official validation splits: the first 50,000 FineWeb documents in each public export
+# (CHALLENGE.md, FRONTIER.md). The records' logs print the split cut to whole evaluation windows
+# (multiples of up to 2,048), so the scored-target count is known to within 2,048; the exports'
+# own manifest (with file hashes) lives on Hugging Face, out of reach here, so the log prints our
+# sha256 of the split's tokens for the first run on the real data to pin. Anything else is `custom`.
+OFFICIAL_SPLITS = (  # name, vocab size, byte sidecar, documents, scored targets as logged
+    ("fineweb_sp1024", 1024, False, 50_000, 62_021_632),
+    ("fineweb_sp8192", 8192, False, 50_000, 40_540_160),
+    ("fineweb_sp8192_caseops", 8192, True, 50_000, 47_851_520),
+)
+REENCODE_DOCS = 512  # documents re-encoded to prove the tokenizer (check_validation_text)
+LEAK_MIN_TOKENS = 64  # shorter documents (boilerplate) may repeat legitimately; they are not looked up
+LEAK_BLOCK_TOKENS = 1 << 20  # tokens read per sampled block of a training shard
+
+
+def split_name(vocab_size: int, sidecar: bool, documents: int, targets: int) -> str:
+    for name, vocab, has_sidecar, docs, logged in OFFICIAL_SPLITS:
+        if (vocab, has_sidecar, docs) == (vocab_size, sidecar, documents) and logged <= targets < logged + 2048:
+            return name
+    return "custom"
+
+
+def document_starts(tokens: np.ndarray) -> np.ndarray:
+    """The BOS positions: document d is tokens[starts[d]:starts[d + 1]] (the last one runs to the end)."""
+    return np.flatnonzero(tokens == BOS_ID)
+
+
+def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:
+    """Bytes of the original text behind each validation token (a BOS and the first token: 0).
+
+    From the byte sidecar when the data has one (fineweb_val_bytes_*.bin, the shard format with one
+    uint16 per validation token: the CaseOps exports, whose tokens spell operators that are not in
+    the original text), else from the per-token rule (byte_tables)."""
+    if not sidecar:
+        return np.concatenate(([0], target_bytes(tokens[:-1], tokens[1:], tables)))
+    counts = np.concatenate([load_shard(f, 1 << 16) for f in sidecar]).astype(np.int64)
+    if len(counts) != len(tokens):
+        raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar fineweb_val_bytes_*.bin has {len(counts)} "
+                       f"counts for {len(tokens)} validation tokens (expected one per token)")
+    return counts
+
+
+def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
+                       caseops: bool) -> tuple[int, str]:
+    """(index, what is wrong) of the first document in `docs` whose decoded text (case-restored for
+    CaseOps) is not as long in UTF-8 as its counted bytes ("bytes"), or that does not re-encode to its
+    own ids ("ids", checked on every len(starts) // REENCODE_DOCS-th document); (len(starts), "") if none."""
+    ends = np.append(starts[1:], len(tokens))
+    ids = [tokens[starts[d] + 1:ends[d]].tolist() for d in docs]
+    reencode_every = max(1, len(starts) // REENCODE_DOCS)
+    for d, doc_ids, text in zip(docs, ids, sp.decode(ids)):
+        if d % reencode_every == 0 and sp.encode(text) != doc_ids:
+            return d, "ids"
+        original = caseops_decode(text) if caseops else text
+        counted = int(token_bytes[starts[d] + 1:ends[d]].sum())
+        if len(original.encode("utf-8")) != counted:
+            return d, f"bytes: it decodes to {len(original.encode('utf-8'))} UTF-8 bytes, {counted} are counted"
+    return len(starts), ""
+
+
+def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_bytes: np.ndarray, sidecar: bool,
+                          caseops: bool, device: torch.device, rank: int, world_size: int) -> None:
+    """Proves the bpb denominator and the tokenizer against the data, before anything trains.
+
+    Every validation document is decoded (ranks share them) and its UTF-8 length compared with the
+    bytes counted for its tokens: the denominator is checked whole, not sampled (a wrong rule for
+    one kind of piece shows up only in the documents that hold it). The tokenizer is proved by
+    re-encoding REENCODE_DOCS documents spread over the split: ids made by another tokenizer decode
+    to text that re-encodes otherwise in nearly every document, so 512 leave no realistic chance of
+    a miss, at ~0.3 s. A BOS must count 0 bytes. Costs are in README (Data)."""
+    starts = document_starts(tokens)
+    if len(starts) == 0 or starts[0] != 0:
+        raise RunError(f"DATA_PATH={h.data_path}: the validation split does not start with BOS (id {BOS_ID}): "
+                       f"every document must (is it a split of this format?)")
+    if token_bytes[starts].any():
+        raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar gives a BOS nonzero bytes")
+    bad, reason = first_disagreement(sp, tokens, token_bytes, starts, range(rank, len(starts), world_size), caseops)
+    if world_size > 1:
+        first = torch.tensor([bad], dtype=torch.int64, device=device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        bad = int(first.item())
+        if bad < len(starts):
+            _, reason = first_disagreement(sp, tokens, token_bytes, starts, range(bad, bad + 1), caseops)
+    where = f"validation document {bad} (from token {starts[bad]})" if bad < len(starts) else ""
+    if reason == "ids":
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} does not re-encode to its own ids: this is not "
+                       f"the tokenizer the shards were made with")
+    if reason and sidecar:
+        raise RunError(f"DATA_PATH={h.data_path}: fineweb_val_bytes_*.bin: {where} {reason[7:]} by the sidecar "
+                       f"(its counts are not the original text's bytes)")
+    if reason:
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} {reason[7:]} by the per-token rule: "
+                       f"a piece this rule does not count right")
+
+
 @dataclasses.dataclass
 class ValidationSet:
     tokens: Tensor  # the validation tokens scored (with VAL_TOKENS, a prefix), int64, on the device
     num_targets: int  # len(tokens) - 1: every token after the first is scored exactly once
     num_bytes: int  # the bpb denominator
-    tables: tuple[Tensor, Tensor, Tensor]  # byte_tables() on the device
+    tables: tuple[Tensor, Tensor, Tensor]  # byte_tables() on the device (the warm-up's stand-in uses them)
     split_targets: int  # the whole split's targets (num_targets unless VAL_TOKENS cut a prefix)
+    target_bytes: Tensor  # bytes of each target (index j: token j + 1), int32 on the device
+    doc_digests: frozenset = frozenset()  # of the split's documents, for the leak check
 
 
-def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: torch.device) -> ValidationSet:
-    tokens = np.concatenate([load_shard(f, h.vocab_size) for f in find_shards(h, "val")])
+def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: torch.device,
+                    log=lambda message: None, rank: int = 0, world_size: int = 1) -> ValidationSet:
+    """Reads the validation split, names it, counts its bytes and proves them (check_validation_text)."""
+    files = find_shards(h, "val")
+    sidecar = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")))
+    tokens = np.concatenate([load_shard(f, h.vocab_size) for f in files])
+    tables = byte_tables(sp)
+    caseops = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
+    if caseops and not sidecar:
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path} spells CaseOps operators, but DATA_PATH={h.data_path} "
+                       f"has no byte sidecar fineweb_val_bytes_*.bin: the bytes of the original text are unknown")
+    token_bytes = load_token_bytes(h, tokens, tables, sidecar)
+    check_validation_text(h, sp, tokens, token_bytes, bool(sidecar), caseops and bool(sidecar), device, rank,
+                          world_size)
+    starts = document_starts(tokens)
+    if not token_bytes.any():
+        raise RunError(f"DATA_PATH={h.data_path}: the validation split has nothing to score: {len(tokens) - 1} "
+                       f"targets in {len(starts)} documents, 0 bytes of text")
     split_targets = len(tokens) - 1
+    name = split_name(h.vocab_size, bool(sidecar), len(starts), split_targets)
+    log(f"val_split:{name} val_split_targets:{split_targets} val_split_sha256:"
+        f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{len(starts)}")
+    log(f"val_bytes_source:{'sidecar' if sidecar else 'rule'} val_split_bytes:{int(token_bytes.sum())} "
+        f"documents_checked:{len(starts)} reencoded:{min(REENCODE_DOCS, len(starts))}")
+    digests = frozenset(document_digests(tokens, complete_last=True))
     if h.val_tokens > split_targets:
         raise RunError(f"VAL_TOKENS={h.val_tokens}: the validation split has only {split_targets} targets")
     if h.val_tokens:
@@ -607,18 +771,84 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
     if len(tokens) - 1 < h.model_eval_seq_len:
         raise RunError(f"DATA_PATH={h.data_path}: {len(tokens) - 1} validation targets (VAL_TOKENS={h.val_tokens}), "
                        f"fewer than one EVAL_SEQ_LEN={h.model_eval_seq_len} window")
-    tables = byte_tables(sp)
-    num_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
-    return ValidationSet(torch.from_numpy(tokens.astype(np.int64)).to(device), len(tokens) - 1, num_bytes,
-                         tuple(torch.from_numpy(t).to(device) for t in tables), split_targets)
+    per_target = token_bytes[1:len(tokens)]
+    return ValidationSet(torch.from_numpy(tokens.astype(np.int64)).to(device), len(tokens) - 1, int(per_target.sum()),
+                         tuple(torch.from_numpy(t).to(device) for t in tables), split_targets,
+                         torch.from_numpy(per_target.astype(np.int32)).to(device), digests)
 
 
 def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor, Tensor]) -> ValidationSet:
     """A span of training tokens in the shape of a ValidationSet: what the compile warm-up scores."""
     device = tables[0].device
     span = torch.from_numpy(tokens.astype(np.int64)).to(device)
-    return ValidationSet(span, len(span) - 1, int(target_bytes(span[:-1], span[1:], tables).sum()), tables,
-                         len(span) - 1)
+    per_target = target_bytes(span[:-1], span[1:], tables).to(torch.int32)
+    return ValidationSet(span, len(span) - 1, int(per_target.sum()), tables, len(span) - 1, per_target)
+
+
+def document_digests(tokens: np.ndarray, complete_last: bool) -> list[bytes]:
+    """A 128-bit BLAKE2b digest of each document of at least LEAK_MIN_TOKENS tokens (BOS to the next
+    BOS; the last one only if complete_last: a block of a shard may cut it)."""
+    bounds = np.append(document_starts(tokens), len(tokens) if complete_last else [])
+    data = tokens.astype("<u2")
+    return [hashlib.blake2b(data[s:e].tobytes(), digest_size=16).digest()
+            for s, e in zip(bounds[:-1].astype(np.int64), bounds[1:].astype(np.int64)) if e - s >= LEAK_MIN_TOKENS]
+
+
+def leak_sample(files: list[str], rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    """(file index, offset, tokens) of the training spans rank `rank` reads for the leak check: all of
+    the first shard (where a data-prep default that moves validation documents into training puts
+    them) and, of every other shard, its first block and one block at a seeded random place."""
+    spans = []
+    rng = np.random.default_rng(0)
+    for i, path in enumerate(files):
+        count = read_shard_header(path)
+        offset = int(rng.integers(0, max(count - LEAK_BLOCK_TOKENS, 0) + 1))
+        mine = i % world_size == rank
+        if i == 0:
+            spans += [(0, 0, count)] if mine else []
+        elif mine:
+            spans += [(i, 0, min(count, LEAK_BLOCK_TOKENS))] + ([(i, offset, LEAK_BLOCK_TOKENS)]
+                                                               if count > 2 * LEAK_BLOCK_TOKENS else [])
+    return spans
+
+
+def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, log, rank: int = 0,
+               world_size: int = 1) -> None:
+    """Looks for validation text in the training data: a training shard identical to a validation
+    shard, and validation documents among the training documents of leak_sample() (hash lookups).
+    Warns in the log and on stdout (submit.py fails such a log); the run goes on."""
+    t0 = time.perf_counter()
+    val_files = shard_files(h.data_path, "val")
+    val_sizes = {os.path.getsize(f) for f in val_files}
+    val_hashes = None
+    identical = scanned = hits = 0
+    for i, path in enumerate(train_files):
+        if i % world_size != rank or os.path.getsize(path) not in val_sizes:
+            continue
+        val_hashes = val_hashes or {file_sha256(f) for f in val_files}
+        identical += file_sha256(path) in val_hashes
+    for i, offset, count in leak_sample(train_files, rank, world_size):
+        block = np.fromfile(train_files[i], dtype="<u2", count=count, offset=SHARD_HEADER_BYTES + 2 * offset)
+        scanned += len(block)
+        hits += sum(d in val.doc_digests for d in document_digests(block, complete_last=False))
+    if world_size > 1:
+        counts = torch.tensor([identical, scanned, hits], dtype=torch.int64, device=val.tokens.device)
+        dist.all_reduce(counts)
+        identical, scanned, hits = (int(c) for c in counts.tolist())
+    log(f"leak_check: val_docs_sampled:{len(val.doc_digests)} train_tokens_scanned:{scanned} hits:{hits} "
+        f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+    if hits or identical:
+        log(f"WARNING: validation leak: {hits} validation documents found in {scanned} training tokens scanned, "
+            f"{identical} training shards identical to a validation shard; the score would be invalid "
+            f"(validation text must never be trained on)")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -1009,7 +1239,7 @@ def score_windows(model, val: ValidationSet, seq_len: int, windows: tuple[np.nda
         inputs, targets = val.tokens[pos], val.tokens[pos + 1]
         with autocast:
             losses = model(inputs, targets, reduction="none")
-        nbytes = target_bytes(inputs, targets, val.tables)
+        nbytes = val.target_bytes[pos]
         sums += torch.stack((torch.where(scored, losses.double(), 0.0).sum(), scored.sum().double(),
                              torch.where(scored, nbytes, 0).sum().double()))
     return sums
@@ -1868,6 +2098,7 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     Returns the model, the module to evaluate it with (compiled where enabled) and the Hessians."""
     train_files = find_shards(h, "train")
     log_train_budget(h, train_files, log)
+    check_leak(h, train_files, val, log, rt.rank, rt.world_size)
     base_model = build_model(h, rt)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
 
@@ -1943,7 +2174,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     artifact_path = Path(h.eval_only or h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
     log(f"attention_backend:{attention_backend(h, rt.device)}")
     sp = load_tokenizer(h)
-    val = load_validation(h, sp, rt.device)
+    val = load_validation(h, sp, rt.device, log, rt.rank, rt.world_size)
 
     if h.eval_only:
         log(f"eval_only: scoring {artifact_path}; nothing is trained")

@@ -161,9 +161,7 @@ def synthetic_validation(num_targets: int, vocab_size: int, device: torch.device
     boundary = np.zeros(vocab_size, dtype=bool)
     base[:4], boundary[:4] = 0, True
     tables = (base, np.zeros(vocab_size, dtype=bool), boundary)
-    num_bytes = int(tg.target_bytes(tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64), tables).sum())
-    return tg.ValidationSet(torch.from_numpy(tokens.astype(np.int64)).to(device), num_targets, num_bytes,
-                            tuple(torch.from_numpy(t).to(device) for t in tables), num_targets)
+    return tg.training_tokens_as_eval_set(tokens, tuple(torch.from_numpy(t).to(device) for t in tables))
 
 
 # -----------------------------------------------------------------------------
