@@ -812,12 +812,10 @@ def leak_sample(files: list[str], rank: int, world_size: int) -> list[tuple[int,
     return spans
 
 
-def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, log, rank: int = 0,
-               world_size: int = 1) -> None:
-    """Looks for validation text in the training data: a training shard identical to a validation
-    shard, and validation documents among the training documents of leak_sample() (hash lookups).
-    Warns in the log and on stdout (submit.py fails such a log); the run goes on."""
-    t0 = time.perf_counter()
+def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozenset, rank: int,
+                world_size: int) -> tuple[int, int, int]:
+    """This rank's share of the leak check: (training shards identical to a validation shard,
+    training tokens scanned, validation documents found among them)."""
     val_files = shard_files(h.data_path, "val")
     val_sizes = {os.path.getsize(f) for f in val_files}
     val_hashes = None
@@ -830,11 +828,22 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
     for i, offset, count in leak_sample(train_files, rank, world_size):
         block = np.fromfile(train_files[i], dtype="<u2", count=count, offset=SHARD_HEADER_BYTES + 2 * offset)
         scanned += len(block)
-        hits += sum(d in val.doc_digests for d in document_digests(block, complete_last=False))
+        hits += sum(d in val_digests for d in document_digests(block, complete_last=False))
+    return identical, scanned, hits
+
+
+def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, log, rank: int = 0,
+               world_size: int = 1) -> None:
+    """Looks for validation text in the training data: a training shard identical to a validation
+    shard, and validation documents among the training documents of leak_sample() (hash lookups).
+    Warns in the log and on stdout (submit.py fails such a log); the run goes on."""
+    t0 = time.perf_counter()
+    counts = leak_counts(h, train_files, val.doc_digests, rank, world_size)
     if world_size > 1:
-        counts = torch.tensor([identical, scanned, hits], dtype=torch.int64, device=val.tokens.device)
-        dist.all_reduce(counts)
-        identical, scanned, hits = (int(c) for c in counts.tolist())
+        reduced = torch.tensor(counts, dtype=torch.int64, device=val.tokens.device)
+        dist.all_reduce(reduced)
+        counts = tuple(int(c) for c in reduced.tolist())
+    identical, scanned, hits = counts
     log(f"leak_check: val_docs_sampled:{len(val.doc_digests)} train_tokens_scanned:{scanned} hits:{hits} "
         f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f}")
     if hits or identical:
