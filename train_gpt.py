@@ -25,6 +25,7 @@ import dataclasses
 import glob
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -145,6 +146,15 @@ class Hyperparameters:
     checkpoint_out: str = ""
     from_checkpoint: str = ""
     val_tokens: int = 0  # 0: the whole validation split
+    # Score-first test-time training (see its section): after the standard lines, per-document scoring
+    # plain and with per-document LoRA adapters and global SGD phases, within EVAL_BUDGET_SECONDS.
+    ttt_enabled: bool = False
+    ttt_lr_scale: float = 1.0  # multiplies every TTT learning rate (0: exactly the per-document plain score)
+    ttt_lora_rank: int = 80
+    ttt_chunk_tokens: int = 48  # tokens scored, then trained on, per step of a document
+    ttt_batch_docs: int = 64  # documents adapting side by side (per GPU)
+    ttt_phases: str = "2500"  # global SGD phases after these numbers of scored documents (empty: none)
+    eval_budget_seconds: float = 600.0  # TTT stops adapting (and keeps scoring) rather than pass this
     # Artifact.
     artifact_path: str = ""  # empty: logs/<RUN_ID>.ptz
     artifact_limit_bytes: int = 16_000_000
@@ -302,6 +312,11 @@ def validate(h: Hyperparameters) -> None:
         (not h.from_checkpoint or not (h.checkpoint_out or h.eval_only),
          "FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY"),
         (h.val_tokens >= 0, "VAL_TOKENS must be >= 0"),
+        (h.ttt_lr_scale >= 0 and h.ttt_lora_rank >= 1 and h.ttt_chunk_tokens >= 1 and h.ttt_batch_docs >= 1,
+         "TTT_LR_SCALE must be >= 0, TTT_LORA_RANK, TTT_CHUNK_TOKENS and TTT_BATCH_DOCS >= 1"),
+        (re.fullmatch(r"\s*(\d+\s*(,\s*\d+\s*)*)?", h.ttt_phases) is not None,
+         f"TTT_PHASES={h.ttt_phases!r}: expected document counts like 2500 or 833,1666,2500"),
+        (h.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS must be > 0"),
     ]
     for ok, message in checks + technique_checks(h):
         if not ok:
@@ -887,13 +902,22 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits = qat_bits
+        self.lora = None  # per-row low-rank adapters (A, B, scale) during score-first TTT
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if self.qat_bits and torch.is_grad_enabled():
             q, scale = quantize_rows(w.detach(), self.qat_bits, clip_search=False)
             w = w + (dequantize_rows(q, scale) - w).detach()
-        return F.linear(x, w)
+        return low_rank_added(x, F.linear(x, w), self.lora)
+
+
+def low_rank_added(x: Tensor, y: Tensor, lora) -> Tensor:
+    """y plus row b's LoRA correction (x A_b^T) B_b^T * scale; x (B, T, in), A (B, r, in), B (B, out, r)."""
+    if lora is None:
+        return y
+    a, b, scale = lora
+    return y + (x @ a.transpose(1, 2).to(x.dtype)) @ (b.transpose(1, 2) * scale).to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -1102,6 +1126,7 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, h.model_dim))
         self.recur_blocks = recurrence_blocks(h)
         self.recur_active = False  # set by the training loop at RECUR_START_FRAC, and for scoring
+        self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
@@ -1148,7 +1173,8 @@ class GPT(nn.Module):
             x = block(x.expand(block.lanes, -1, -1, -1) if block.lanes > x.size(0) else x, x0)
             if i < self.num_encoder and not repeat:
                 skips.append(x)
-        logits = F.linear(rms_norm(x.mean(dim=0)), self.tok_emb.weight).float()
+        hidden = rms_norm(x.mean(dim=0))
+        logits = low_rank_added(hidden, F.linear(hidden, self.tok_emb.weight), self.lora).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         if target_ids is None:
             return logits
@@ -1271,6 +1297,299 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
     if not math.isfinite(loss_sum):
         raise RunError(f"validation loss is {loss_sum}: the model diverged")
     return loss_sum / tokens, loss_sum / math.log(2) / nbytes
+
+
+# -----------------------------------------------------------------------------
+# Score-first test-time training (TTT)
+#
+# The evaluation the best records used (FRONTIER.md, "Score-first TTT"). The validation stream is split
+# at BOS into documents, each scored in its own rows (no attention across documents). Document d's
+# segment is its BOS, its text and the next document's BOS, so its last target is that BOS and every
+# target of the split is scored exactly once, as in the stream evaluation. Its targets are walked in
+# chunks of TTT_CHUNK_TOKENS; each chunk is scored in a window of up to EVAL_SEQ_LEN tokens ending with
+# it (the sliding rule with the chunk as the stride) and only then, if the document goes on, used for
+# one step of the document's own LoRA adapters. TTT_BATCH_DOCS documents adapt side by side, one
+# adapter slot each, in an order fixed before the first score (longest first); ranks claim batches as
+# they finish. After the document counts in TTT_PHASES every rank pauses for one epoch of SGD over the
+# base weights on the documents scored so far. A token's probability thus depends on the artifact and
+# on tokens scored before it only; it is a full softmax, computed once (tests/test_ttt.py). With
+# TTT_LR_SCALE=0 nothing moves: the score is the per-document plain score, bit for bit.
+
+TTT_LORA_ALPHA = 144.0  # the records' LoRA scale is alpha / rank, alpha 144 at rank 80
+TTT_LR, TTT_BETA2, TTT_WEIGHT_DECAY = 1e-4, 0.99, 0.5  # the adapters' Adam (no momentum), as the records
+TTT_PHASE_LR, TTT_PHASE_MOMENTUM, TTT_PHASE_ROWS, TTT_PHASE_CLIP = 1e-3, 0.9, 32, 1.0  # the global SGD phase
+CLAIM_KEYS = itertools.count()  # names the store counters of each per-document evaluation of a run
+
+
+@dataclasses.dataclass
+class Documents:
+    """Document d's segment is validation tokens [start[d], end[d]); its target t (0-based) is
+    validation target start[d] + t. order: the scoring order, longest first, ties by position."""
+    start: np.ndarray
+    end: np.ndarray
+    order: np.ndarray
+
+    @property
+    def num_targets(self) -> np.ndarray:
+        return self.end - self.start - 1
+
+
+def split_documents(tokens: np.ndarray) -> Documents:
+    starts = document_starts(tokens).astype(np.int64)
+    end = np.append(starts[1:] + 1, len(tokens))
+    return Documents(starts, end, np.lexsort((starts, starts - end)))
+
+
+class DocumentAdapters:
+    """LoRA (Hu et al. 2021, arXiv 2106.09685) in `slots` independent slots on every block matrix and
+    the tied head: for a matrix (out, in), A (slots, rank, in) and B (slots, out, rank), and row b of a
+    batch gets (x A_b^T) B_b^T * alpha / rank added to the matrix's output. Each reset restores A to
+    one seeded random draw and B to zero (the model unchanged), with Adam's state (no momentum,
+    decoupled weight decay). The records kept A from a slot's earlier documents; fresh adapters make a
+    document's score independent of which GPU took which batch."""
+
+    def __init__(self, model: GPT, slots: int, rank: int):
+        device = model.tok_emb.weight.device
+        generator = torch.Generator().manual_seed(0)
+        self.sites = [m for m in model.modules() if isinstance(m, Linear)] + [model]
+        self.scale, self.a, self.b, self.a_init = TTT_LORA_ALPHA / rank, [], [], []
+        for site in self.sites:
+            out_dim, in_dim = (site.tok_emb.weight if site is model else site.weight).shape
+            a = (2 * torch.rand(slots, rank, in_dim, generator=generator) - 1) * in_dim ** -0.5
+            self.a_init.append(a.to(device))
+            self.a.append(a.to(device, copy=True).requires_grad_())
+            self.b.append(torch.zeros(slots, out_dim, rank, device=device, requires_grad=True))
+        self.square_avg = [torch.zeros_like(p) for p in self.a + self.b]
+        self.steps = 0
+
+    def attach(self, on: bool) -> None:
+        for site, a, b in zip(self.sites, self.a, self.b):
+            site.lora = (a, b, self.scale) if on else None
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        for a, a_init in zip(self.a, self.a_init):
+            a.copy_(a_init)
+        for t in self.b + self.square_avg:
+            t.zero_()
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.steps += 1
+        correction = 1 - TTT_BETA2 ** self.steps
+        for p, s in zip(self.a + self.b, self.square_avg):
+            s.mul_(TTT_BETA2).addcmul_(p.grad, p.grad, value=1 - TTT_BETA2)
+            p.mul_(1 - lr * TTT_WEIGHT_DECAY).addcdiv_(p.grad, (s / correction).sqrt_().add_(1e-8), value=-lr)
+            p.grad = None
+
+
+def padded_length(width: int, seq_len: int) -> int:
+    """Rows are padded to a power of two (at most EVAL_SEQ_LEN): few shapes for torch.compile."""
+    return min(1 << max(width - 1, 0).bit_length(), seq_len)
+
+
+def document_rows(tokens: Tensor, start: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  seq_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows scoring targets [lo, hi) of each document (start: its first token, n: its targets), each
+    in a window of up to seq_len ending at hi. Returns inputs and targets (B, T), the scored mask and
+    the validation target index of each position; a row with lo >= hi scores nothing. Positions past
+    a row's end are padding that causality keeps from the scored ones."""
+    first = np.maximum(hi - seq_len, 0)
+    T = padded_length(int(max((hi - first).max(), 1)), seq_len)
+    pos = first[:, None] + np.arange(T)[None, :]  # target index within the document
+    scored = (pos >= lo[:, None]) & (pos < hi[:, None])
+    index = start[:, None] + np.minimum(pos, np.maximum(n - 1, 0)[:, None])
+    index = torch.from_numpy(index).to(tokens.device)
+    return tokens[index], tokens[index + 1], torch.from_numpy(scored).to(tokens.device), index
+
+
+def score_batch(model: nn.Module, adapters: DocumentAdapters | None, val: ValidationSet, docs: Documents,
+                batch: np.ndarray, h: Hyperparameters, rt, lr: float, trace: list | None) -> Tensor:
+    """Scores the documents `batch` (one adapter slot each; shorter batches are padded with empty
+    rows), chunk after chunk, each chunk adapting the slots before the next is scored when `adapters`
+    is given. Returns (loss in nats, targets, bytes) as float64 on the device."""
+    slots = h.ttt_batch_docs
+    start = np.zeros(slots, dtype=np.int64)
+    n = np.zeros(slots, dtype=np.int64)
+    start[:len(batch)], n[:len(batch)] = docs.start[batch], docs.num_targets[batch]
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    if adapters is not None:
+        adapters.reset()
+    for lo in range(0, int(n.max()), h.ttt_chunk_tokens):
+        lo_arr = np.full(slots, lo)
+        hi = np.minimum(lo + h.ttt_chunk_tokens, n)
+        inputs, targets, scored, index = document_rows(val.tokens, start, n, lo_arr, hi, h.model_eval_seq_len)
+        goes_on = torch.from_numpy(hi < n).to(rt.device)
+        train = adapters is not None and bool(goes_on.any())
+        with torch.set_grad_enabled(train), rt.autocast():
+            losses = model(inputs, targets, reduction="none")
+        sums += torch.stack((torch.where(scored, losses.detach().double(), 0.0).sum(), scored.sum().double(),
+                             torch.where(scored, val.target_bytes[index], 0).sum().double()))
+        if trace is not None:  # tests: what was scored, in order, with each target's loss
+            trace += [("score", int(d), lo, int(e), row[mask].tolist()) for d, e, row, mask
+                      in zip(batch, hi, losses.detach().double(), scored) if lo < e]
+        if train:
+            counts = scored.sum(dim=1).clamp_min(1)
+            per_doc = torch.where(scored, losses, 0.0).sum(dim=1) / counts
+            (per_doc * goes_on).sum().backward()
+            adapters.step(lr)
+            if trace is not None:
+                trace += [("update", int(d), lo, int(e)) for d, e, g in zip(batch, hi, goes_on.tolist()) if g]
+    return sums
+
+
+def claimed_batches(rt, first: int, stop: int, key: str):
+    """Batch indices first..stop-1, each to exactly one rank: under torchrun ranks claim the next one
+    as they finish (an atomic counter in the process group's store), else all in order."""
+    if not rt.distributed:
+        yield from range(first, stop)
+        return
+    store = dist.distributed_c10d._get_default_store()
+    while (index := first + store.add(key, 1) - 1) < stop:
+        yield index
+
+
+def global_phase(model: GPT, val: ValidationSet, docs: Documents, scored: np.ndarray, h: Hyperparameters, rt,
+                 lr: float) -> tuple[int, int]:
+    """One epoch of SGD (momentum, cosine LR, clip) over the base weights on the documents `scored`,
+    each cut into rows of at most EVAL_SEQ_LEN targets (no attention across documents), TTT_PHASE_ROWS
+    rows a step, shared across ranks with the gradients all-reduced. Returns (rows, steps)."""
+    seq = h.model_eval_seq_len
+    rows = [(docs.start[d], docs.num_targets[d], a) for d in scored for a in range(0, docs.num_targets[d], seq)]
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=TTT_PHASE_MOMENTUM)
+    steps = -(-len(rows) // TTT_PHASE_ROWS)
+    for step in range(steps):
+        part = rows[step * TTT_PHASE_ROWS:(step + 1) * TTT_PHASE_ROWS]
+        mine = part[rt.rank::rt.world_size] or [(0, 0, 0)]  # a rank without rows adds zero gradients
+        start, n, a = (np.array(column, dtype=np.int64) for column in zip(*mine))
+        inputs, targets, mask, _ = document_rows(val.tokens, start, n, a, np.minimum(a + seq, n), seq)
+        total = sum(min(seq, r[1] - r[2]) for r in part)
+        with rt.autocast():
+            losses = model(inputs, targets, reduction="none")
+        (torch.where(mask, losses, 0.0).sum() / total).backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if rt.distributed:
+                dist.all_reduce(p.grad)
+        torch.nn.utils.clip_grad_norm_(params, TTT_PHASE_CLIP)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for p in params:
+        p.requires_grad_(False)
+    return len(rows), steps
+
+
+def phase_ends(h: Hyperparameters, num_batches: int) -> list[int]:
+    """The batch index after which each TTT_PHASES phase runs (document counts rounded up to whole
+    batches), then num_batches: the boundaries of the scoring stretches."""
+    counts = [int(c) for c in h.ttt_phases.split(",") if c.strip()]
+    ends = sorted({-(-c // h.ttt_batch_docs) for c in counts if 0 < -(-c // h.ttt_batch_docs) < num_batches})
+    return ends + [num_batches]
+
+
+def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
+                       log, trace: list | None = None) -> tuple[float, float]:
+    """Per-document evaluation of `model`, run through `forward` (the model or its compiled form; the
+    phases change its base weights): plain, or with score-first TTT when `adapt`. Adaptation stops (scoring goes on) where the projected time would
+    pass EVAL_BUDGET_SECONDS. Returns (val_loss, val_bpb) after checking that every target was scored
+    once and the bytes are the split's."""
+    t0 = time.perf_counter()
+    docs = split_documents(val.tokens.cpu().numpy())
+    batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
+    lr = TTT_LR * h.ttt_lr_scale
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
+    if adapters is not None:
+        adapters.attach(True)
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    key = f"ttt{next(CLAIM_KEYS)}"  # every rank makes the same calls, so the keys agree
+    first, batch_s, adapting = 0, [], adapt
+    try:
+        for phase, stop in enumerate(phase_ends(h, len(batches))):
+            for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
+                tb = time.perf_counter()
+                sums += score_batch(forward, adapters if adapting else None, val, docs, batches[b], h, rt, lr, trace)
+                rt.sync()
+                batch_s.append(time.perf_counter() - tb)
+                left = (len(batches) - b - 1) / rt.world_size * (sum(batch_s) / len(batch_s))
+                if adapting and time.perf_counter() - t0 + left > h.eval_budget_seconds:
+                    adapting = False
+                    log(f"ttt: adaptation stopped after batch {b + 1} of {len(batches)}: at "
+                        f"{time.perf_counter() - t0:.0f}s, the rest would pass EVAL_BUDGET_SECONDS="
+                        f"{h.eval_budget_seconds:g}; scoring goes on without it")
+            first = stop
+            if stop == len(batches) or not adapt:
+                continue
+            go = torch.tensor([float(adapting)], device=rt.device)
+            if rt.distributed:
+                dist.all_reduce(go, op=dist.ReduceOp.MIN)  # also the barrier: every batch before it is scored
+            adapting = bool(go.item())
+            if adapting:
+                tp = time.perf_counter()
+                scored = np.concatenate(batches[:stop])
+                if adapters is not None:
+                    adapters.attach(False)
+                rows, steps = global_phase(model, val, docs, scored, h, rt, TTT_PHASE_LR * h.ttt_lr_scale)
+                adapters.attach(True)
+                if trace is not None:
+                    trace.append(("phase", tuple(int(d) for d in scored)))
+                log(f"ttt_phase:{phase + 1} documents_scored:{len(scored)} rows:{rows} steps:{steps} "
+                    f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+    finally:
+        if adapters is not None:
+            adapters.attach(False)
+        for p in model.parameters():
+            p.requires_grad_(True)
+    if rt.distributed:
+        dist.all_reduce(sums)
+    loss_sum, targets, nbytes = sums.tolist()
+    if int(targets) != val.num_targets or int(nbytes) != val.num_bytes:
+        raise RunError(f"per-document evaluation scored {int(targets)} targets / {int(nbytes)} bytes, expected "
+                       f"{val.num_targets} / {val.num_bytes}")
+    return loss_sum / targets, loss_sum / math.log(2) / nbytes
+
+
+def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, tables, log) -> None:
+    """Builds the graphs TTT runs (every padded length, with and without gradients, and a phase) on
+    random tokens, then restores the weights: compilation stays out of the evaluation time, and no
+    validation token is read before it is scored. Nothing to build without torch.compile."""
+    if not compile_enabled(h, rt):
+        return
+    t0 = time.perf_counter()
+    state = copy.deepcopy(model.state_dict())
+    length = h.model_eval_seq_len + h.ttt_chunk_tokens  # a document that reaches every padded length
+    generator = torch.Generator().manual_seed(0)
+    docs = torch.randint(BOS_ID + 3, h.vocab_size, (2 * h.ttt_batch_docs, length), generator=generator)
+    docs[:, 0] = BOS_ID
+    stand_in = training_tokens_as_eval_set(torch.cat((docs.flatten(), docs[:1, 0])).numpy(), tables)
+    warm = dataclasses.replace(h, ttt_phases=str(h.ttt_batch_docs), eval_budget_seconds=float("inf"))
+    evaluate_documents(warm, rt, model, forward, stand_in, True, lambda message: None)
+    model.load_state_dict(state, strict=True)
+    log(f"ttt_warmup: graphs built on random tokens in {1000 * (time.perf_counter() - t0):.0f}ms "
+        f"(not evaluation time)")
+
+
+def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log) -> None:
+    """The per-document lines: plain (final_document), then with score-first TTT (final_ttt)."""
+    warm_up_ttt(h, rt, model, forward, val.tables, log)
+    t_start = time.perf_counter()
+    for label, adapt in (("final_document", False), ("final_ttt", True)):
+        rt.sync()
+        t0 = time.perf_counter()
+        val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, adapt, log)
+        rt.sync()
+        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} "
+            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+        log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
+    log(f"ttt_eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
 
 
 # -----------------------------------------------------------------------------
@@ -2205,6 +2524,8 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         _, state = load_artifact(artifact_path)
         base_model.load_state_dict(state, strict=True)
     score_artifact(h, rt, eval_model, val, log)
+    if h.ttt_enabled:
+        score_documents(h, rt, base_model, eval_model, val, log)
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
 
