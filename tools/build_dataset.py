@@ -122,7 +122,7 @@ def read_documents(paths: list[Path]) -> Iterator[str]:
                 text = path.read_text(encoding="utf-8")
             except UnicodeDecodeError as exc:
                 raise BuildError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-            yield from (doc for doc in re.split(r"\n[ \t\r\f\v]*\n", text) if doc.strip())
+            yield from (doc for doc in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text) if doc.strip())
 
 
 def count_documents(paths: list[Path]) -> int:
