@@ -355,12 +355,11 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
 
     # validation first: its hashes decide which training documents are duplicates
     scratch = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
-    val_texts = []
+    val_hashes = set()
     for split, doc in split_documents(a.docs, normalize, a.val_docs, scratch):
         if split != "val":
             break
-        val_texts.append(doc)
-    val_hashes = {text_hash(doc) for doc in val_texts}
+        val_hashes.add(text_hash(doc))
 
     name = f"tokenizer_sp{a.vocab_size}{'_caseops' if a.caseops else ''}"
     t_tok = time.time()
@@ -389,7 +388,7 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
     writers = {"val": ShardWriter(a.out, "val", a.shard_tokens, a.caseops),
                "train": ShardWriter(a.out, "train", a.shard_tokens, False)}
     progress = Progress(total_docs, "encoding")
-    t_enc, done = time.time(), 0
+    t_enc, cpu_enc, done = time.time(), time.process_time(), 0
     for batch in batches(split_documents(a.docs, normalize, a.val_docs, stats, val_hashes), BATCH_DOCS):
         encoded = sp.encode([transform(doc) for _, doc in batch], num_threads=a.threads)
         for (split, doc), ids in zip(batch, encoded):
@@ -408,13 +407,14 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
         progress.update(done + stats["dropped_empty"] + stats["dropped_duplicates_of_val"])
     for w in writers.values():
         w.flush()
-    encode_seconds = time.time() - t_enc
+    encode_seconds, encode_cpu_seconds = time.time() - t_enc, time.process_time() - cpu_enc
     if splits["train"]["docs"] == 0:
         raise BuildError(f"--docs: every training document was empty or a duplicate of a validation document")
     docs_per_s = total_docs / max(encode_seconds, 1e-9)
-    print(f"encoded {total_docs:,} documents in {encode_seconds:.1f} s: {docs_per_s:,.0f} docs/s with "
-          f"{a.threads} thread(s); 10 M documents would take ~{1e7 / docs_per_s / 3600:.2f} h here "
-          f"(plus tokenizer training: {tokenizer_seconds:.1f} s on this input)", flush=True)
+    print(f"encoded {total_docs:,} documents in {encode_seconds:.1f} s ({encode_cpu_seconds:.1f} s of CPU): "
+          f"{docs_per_s:,.0f} docs/s with {a.threads} thread(s); 10 M documents would take "
+          f"~{1e7 / docs_per_s / 3600:.2f} h here (plus tokenizer training: {tokenizer_seconds:.1f} s on this input)",
+          flush=True)
     for split, s in splits.items():
         print(f"{split}: {s['docs']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes, "
               f"{s['tokens'] / max(s['bytes'], 1):.4f} tokens/byte (BOS included)", flush=True)
@@ -439,6 +439,7 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
         "val_sidecar": "fineweb_val_bytes_*.bin" if a.caseops else None,
         "tokenizer": tokenizer.name,
         "seconds": {"tokenizer": round(tokenizer_seconds, 2), "encode": round(encode_seconds, 2),
+                    "encode_cpu": round(encode_cpu_seconds, 2),
                     "total": round(time.time() - t_start, 2)},
         "files": {name: {"bytes": (a.out / name).stat().st_size, "sha256": file_sha256(a.out / name)} for name in files},
     }
