@@ -505,6 +505,33 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
     return tokens
 
 
+# CaseOps (the tokenizer track, FRONTIER.md "Tokenizer track: data and bytes"): a lossless rewrite
+# of capitalisation applied before tokenizing, `lossless_caps_caseops_v1` of the public record
+# openai/parameter-golf records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper (lossless_caps.py,
+# which maps that name to its v2 rules and these four private-use characters). The forward
+# direction lives with the data builder (tools/build_dataset.py, caseops_encode).
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
+_CASEOPS_DECODE = re.compile("\ue004([\ue001-\ue004])|\ue002([a-z]+)|[\ue001\ue003]([a-z])|([\ue001-\ue004])")
+
+
+def caseops_decode(text: str) -> str:
+    """The exact inverse of CaseOps: restores the capitals of rewritten text.
+
+    Operators: TITLE or CAPNEXT before a letter capitalises that letter (TITLE opens a word, CAPNEXT
+    is a further capital inside it), ALLCAPS capitalises the run of a-z after it (the whole word:
+    the rewrite only ever puts it before a maximal run of ASCII letters), ESC before an operator is
+    that operator literally. Anything else is copied. An operator in any other place cannot come
+    from the rewrite: ValueError naming its position."""
+    def restore(m: re.Match) -> str:
+        literal, word, letter, stray = m.groups()
+        if stray is not None:
+            raise ValueError(f"caseops_decode: operator U+{ord(stray):04X} at character {m.start()} "
+                             f"is not followed by what the CaseOps rewrite puts after it")
+        return literal or (word or letter).upper()
+    return _CASEOPS_DECODE.sub(restore, text)
+
+
 class TokenStream:
     """The training shards in order, wrapping around at the end.
 

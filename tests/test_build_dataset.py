@@ -1,0 +1,286 @@
+# The data builder and the CaseOps transform: python3 -m pytest -q tests/test_build_dataset.py
+import sys
+
+import pytest
+
+import train_gpt as tg
+from conftest import REPO, TEXT
+
+sys.path.insert(0, str(REPO / "tools"))
+import build_dataset as bd  # noqa: E402
+
+TITLE, ALLCAPS, CAPNEXT, ESC = tg.CASEOPS_OPERATORS
+
+# ----------------------------------------------------------------------------- the CaseOps transform
+
+ADVERSARIAL = [
+    "", "A", "I", "a", "NASA", "iPhone", "McDonald", "x2Y", "Éclair", "ÉCLAIR", "ß", "STRASSE ß",
+    "The NASA Launch", "HTTPServer", "aBcDeF", "ABCdef", "123", "A1B2", "O'Neil", "U.S.A.",
+    TITLE, ALLCAPS + "nasa", ESC, ESC + ESC, CAPNEXT + "x", "A" + TITLE + "b", "AB" + ESC + "cd",
+    "x" * 5000, "Y" * 5000, "Ab" * 2000, ("Zz" + ESC) * 1000, "\n\n  Mixed\tCASE  text\n",
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL)
+def test_caseops_round_trip(text):
+    encoded = bd.caseops_encode(text)
+    assert tg.caseops_decode(encoded) == text
+    # no capital ASCII letter survives the rewrite, and every operator in the input is escaped
+    assert not any("A" <= ch <= "Z" for ch in encoded)
+
+
+def test_caseops_round_trip_on_fixture_text():
+    for name in ("jargon.txt", "devil.txt"):
+        text = (TEXT / name).read_text(encoding="utf-8")
+        encoded = bd.caseops_encode(text)
+        assert encoded != text and tg.caseops_decode(encoded) == text
+
+
+def test_caseops_exact_rewrites():
+    # the rules of the public record (FRONTIER.md), spelled out
+    assert bd.caseops_encode("The NASA Launch") == f"{TITLE}the {ALLCAPS}nasa {TITLE}launch"
+    assert bd.caseops_encode("iPhone") == f"i{CAPNEXT}phone"
+    assert bd.caseops_encode("McDonald") == f"{TITLE}mc{CAPNEXT}donald"
+    assert bd.caseops_encode("A I") == f"{TITLE}a {TITLE}i"
+    assert bd.caseops_encode("x2Y") == f"x2{TITLE}y"
+    assert bd.caseops_encode("Éclair") == "Éclair"  # only ASCII letters are rewritten
+    assert bd.caseops_encode(f"a{TITLE}b") == f"a{ESC}{TITLE}b"
+
+
+@pytest.mark.parametrize("text", ["", "lower case text, digits 123 and ß é ü.", "x" * 3000])
+def test_caseops_identity_on_lower_case(text):
+    assert bd.caseops_encode(text) == text and tg.caseops_decode(text) == text
+
+
+@pytest.mark.parametrize("bad", [TITLE, f"a{ALLCAPS}", f"{CAPNEXT}1", f"{ESC}x", ESC, f"{ALLCAPS} word"])
+def test_caseops_decode_rejects_malformed(bad):
+    with pytest.raises(ValueError, match="caseops_decode: operator U\\+E00"):
+        tg.caseops_decode(bad)
+
+
+# ----------------------------------------------------------------------------- the builder
+
+import json  # noqa: E402
+import hashlib  # noqa: E402
+import subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+
+from conftest import SCRIPT, TOKENIZER, documents, read_tokens  # noqa: E402
+
+VAL_DOCS = 40
+# validation documents that exercise the transform and the byte counts: capitals of every kind,
+# non-ASCII letters (2- and 3-byte UTF-8), digits and literal operator characters
+SPECIAL = [f"Éclair NASA iPhone McDonald x2Y I A ß {TITLE}literal{ESC} and {ESC}{ESC} twice, 3.14 €",
+           "ALL CAPS HEADLINE: STRASSE über ÜBER 日本語 OK"]
+
+
+def fixture_documents() -> list[str]:
+    """Single-line documents (paragraphs of the fixture texts with whitespace collapsed, so that the
+    tokenizer's normalization leaves them as they are and their UTF-8 length is the one to expect)."""
+    docs = []
+    for name in ("devil.txt", "jargon.txt"):
+        for para in (TEXT / name).read_text(encoding="utf-8").split("\n\n"):
+            words = para.split()
+            if len(words) >= 8:
+                docs.append(" ".join(words))
+    return SPECIAL + docs[:1200]
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+def build(tmp_path, docs, *extra, out="out"):
+    """Runs the builder as a user would; returns (exit status, stdout, stderr, output folder)."""
+    docs_file = write_jsonl(tmp_path / "docs.jsonl", docs)
+    out_dir = tmp_path / out
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "build_dataset.py"), "--docs", str(docs_file),
+         "--val-docs", str(VAL_DOCS), "--out", str(out_dir), "--threads", "1", *extra],
+        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    return proc.returncode, proc.stdout, proc.stderr, out_dir
+
+
+# planted leaks: validation documents repeated in the training part, once verbatim and once with
+# whitespace that the normalization removes (same normalized text, so the same content hash)
+PLANTED = 2
+
+
+@pytest.fixture(scope="module")
+def caseops_build(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("caseops")
+    docs = fixture_documents()
+    docs = docs + [docs[3], "  " + docs[7].replace(" ", "   ") + "\n\n"]
+    rc, out, err, folder = build(tmp, docs, "--vocab-size", "512", "--caseops", "--shard-tokens", "50000")
+    assert rc == 0, err
+    return docs, out, folder
+
+
+def split_files(folder, pattern):
+    return sorted(folder.glob(pattern))
+
+
+def test_build_prints_paths_last(caseops_build):
+    _, out, folder = caseops_build
+    last = out.strip().splitlines()[-2:]
+    assert last == [f"data_path:{folder.resolve()}", f"tokenizer_path:{folder.resolve() / 'tokenizer_sp512_caseops.model'}"]
+
+
+def test_shards_read_back_with_train_gpt(caseops_build):
+    docs, _, folder = caseops_build
+    val = split_files(folder, "fineweb_val_[0-9]*.bin")
+    train = split_files(folder, "fineweb_train_*.bin")
+    assert len(val) == 1 and len(train) >= 2  # 50,000-token shards: the training split needs several
+    for path in val + train:
+        count = tg.read_shard_header(str(path))
+        tokens = tg.load_shard(str(path), 512)
+        assert len(tokens) == count
+    val_tokens = np.concatenate([tg.load_shard(str(p), 512) for p in val])
+    train_tokens = np.concatenate([tg.load_shard(str(p), 512) for p in train])
+    assert val_tokens[0] == 1 and train_tokens[0] == 1 and 2 not in val_tokens  # BOS first, no EOS
+    assert len(documents(val_tokens)) == VAL_DOCS
+    assert len(documents(train_tokens)) == len(docs) - VAL_DOCS - PLANTED
+    assert all(tg.read_shard_header(str(p)) == 50_000 for p in train[:-1])
+
+
+def val_documents_with_bytes(folder):
+    tokens = np.concatenate([read_tokens(p) for p in split_files(folder, "fineweb_val_[0-9]*.bin")])
+    sidecar = np.concatenate([read_tokens(p) for p in split_files(folder, "fineweb_val_bytes_*.bin")])
+    assert len(sidecar) == len(tokens)
+    starts = list(np.flatnonzero(tokens == 1)) + [len(tokens)]
+    return [(tokens[a:b], sidecar[a:b]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def test_sidecar_counts_the_original_bytes_of_each_document(caseops_build):
+    docs, _, folder = caseops_build
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer_sp512_caseops.model"))
+    pairs = val_documents_with_bytes(folder)
+    assert len(pairs) == VAL_DOCS
+    for original, (tokens, counts) in zip(docs, pairs):
+        assert counts[0] == 0  # BOS
+        assert int(counts.sum()) == len(original.encode("utf-8"))
+        assert tg.caseops_decode(sp.decode(tokens[1:].tolist())) == original
+    # the operators are pieces of their own and count 0 bytes, except an escaped literal one
+    ids = [sp.piece_to_id(op) for op in tg.CASEOPS_OPERATORS]
+    tokens, counts = pairs[0]
+    ops = np.isin(tokens, ids)
+    assert ops.sum() > 10 and set(counts[ops].tolist()) == {0, 3}
+
+
+def test_caseops_sidecar_has_the_shard_header(caseops_build):
+    _, _, folder = caseops_build
+    for path in split_files(folder, "fineweb_val_bytes_*.bin"):
+        twin = folder / path.name.replace("val_bytes_", "val_")
+        assert tg.read_shard_header(str(path)) == tg.read_shard_header(str(twin))
+
+
+def normalized_hash(text):
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).hexdigest()
+
+
+def test_no_validation_document_in_training(caseops_build):
+    docs, out, folder = caseops_build
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer_sp512_caseops.model"))
+    train = np.concatenate([read_tokens(p) for p in split_files(folder, "fineweb_train_*.bin")])
+    train_hashes = {normalized_hash(tg.caseops_decode(sp.decode(d))) for d in documents(train)}
+    val_hashes = {normalized_hash(d) for d in docs[:VAL_DOCS]}
+    assert not train_hashes & val_hashes
+    assert f"{PLANTED} training documents equal to a validation document" in out
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["dropped_duplicates_of_val"] == PLANTED
+
+
+def test_manifest(caseops_build):
+    docs, _, folder = caseops_build
+    manifest = json.loads((folder / "manifest.json").read_text())
+    shards = {p.name for p in folder.glob("*.bin")}
+    assert set(manifest["files"]) == shards | {"tokenizer_sp512_caseops.model"}
+    for name, entry in manifest["files"].items():
+        data = (folder / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    for split, pattern in (("val", "fineweb_val_[0-9]*.bin"), ("train", "fineweb_train_*.bin")):
+        tokens = sum(tg.read_shard_header(str(p)) for p in split_files(folder, pattern))
+        assert manifest["splits"][split]["tokens"] == tokens
+    assert manifest["splits"]["val"]["docs"] == VAL_DOCS
+    assert manifest["splits"]["val"]["bytes"] == sum(len(d.encode("utf-8")) for d in docs[:VAL_DOCS])
+    assert manifest["splits"]["train"]["docs"] == len(docs) - VAL_DOCS - PLANTED
+    s = manifest["settings"]
+    assert (s["vocab_size"], s["caseops"], s["val_docs"], s["text_transform"]) == (512, True, VAL_DOCS, "lossless_caps_caseops_v1")
+    assert manifest["builder_version"] == bd.BUILDER_VERSION and manifest["val_sidecar"] == "fineweb_val_bytes_*.bin"
+
+
+def test_refuses_to_overwrite(caseops_build, tmp_path):
+    _, _, folder = caseops_build
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    docs_file = write_jsonl(tmp_path / "d.jsonl", fixture_documents()[:60])
+    rc = bd.main(["--docs", str(docs_file), "--vocab-size", "512", "--val-docs", "10", "--out", str(folder)])
+    assert rc == 1
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+
+
+def test_refusal_message_names_the_folder(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "fineweb_train_000000.bin").write_bytes(b"")
+    docs_file = write_jsonl(tmp_path / "d.jsonl", ["a b c"] * 3)
+    assert bd.main(["--docs", str(docs_file), "--vocab-size", "300", "--val-docs", "1", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and str(tmp_path / "out") in err and "refusing" in err and "\n" not in err
+
+
+def test_plain_build_with_a_reused_tokenizer(tmp_path):
+    """--tokenizer: the bundled sp1024 model, plain text: no sidecar, and the validation split's bytes
+    under train_gpt's own byte rule equal the documents' UTF-8 length."""
+    docs = fixture_documents()[:300]
+    rc, out, err, folder = build(tmp_path, docs, "--vocab-size", "1024", "--tokenizer", str(TOKENIZER))
+    assert rc == 0, err
+    assert not list(folder.glob("fineweb_val_bytes_*")) and (folder / "tokenizer_sp1024.model").read_bytes() == TOKENIZER.read_bytes()
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER))
+    tokens = tg.load_shard(str(folder / "fineweb_val_000000.bin"), 1024)
+    tables = tg.byte_tables(sp)
+    assert int(tg.target_bytes(tokens[:-1], tokens[1:], tables).sum()) == sum(len(d.encode()) for d in docs[:VAL_DOCS])
+
+
+def test_caseops_with_a_plain_tokenizer_is_refused(tmp_path):
+    rc, _, err, _ = build(tmp_path, fixture_documents()[:100], "--vocab-size", "1024", "--caseops", "--tokenizer", str(TOKENIZER))
+    assert rc == 1 and err.startswith("error: ") and "CaseOps operator" in err and str(TOKENIZER) in err
+
+
+@pytest.mark.parametrize("case", ["missing", "no_text", "too_few", "vocab"])
+def test_bad_input_is_one_error_line(tmp_path, case):
+    docs_file = write_jsonl(tmp_path / "d.jsonl", ["one doc", "two doc", "three"])
+    args = {"missing": ["--docs", str(tmp_path / "nope.jsonl"), "--vocab-size", "300"],
+            "no_text": ["--docs", str(docs_file), "--vocab-size", "300"],
+            "too_few": ["--docs", str(docs_file), "--vocab-size", "300", "--val-docs", "3"],
+            "vocab": ["--docs", str(docs_file), "--vocab-size", "70000"]}[case]
+    if case == "no_text":
+        docs_file.write_text('{"text": "ok"}\n{"body": "no text"}\n', encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_dataset.py"), *args, "--val-docs", "1",
+                           "--out", str(tmp_path / "o")] if case != "too_few" else
+                          [sys.executable, str(REPO / "tools" / "build_dataset.py"), *args, "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert {"missing": "nope.jsonl", "no_text": "d.jsonl:2", "too_few": "--val-docs 3", "vocab": "--vocab-size 70000"}[case] in lines[0]
+
+
+def test_plain_text_input_splits_on_blank_lines(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("First doc\nstill first.\n\n \nSecond doc.\n\n\nThird.\n", encoding="utf-8")
+    assert list(bd.read_documents([text])) == ["First doc\nstill first.", "Second doc.", "Third.\n"]
+    assert bd.count_documents([text]) == 3
+
+
+@pytest.mark.skipif("fineweb_val_bytes" not in SCRIPT.read_text(encoding="utf-8"),
+                    reason="needs train_gpt.py's validation byte sidecar support (the integrator's side)")
+def test_caseops_dataset_trains_and_scores_against_the_original_bytes(caseops_build, run_script):
+    """End to end: train_gpt.py on the CaseOps build; its bpb denominator is the validation
+    documents' UTF-8 length, counted here without the builder or the sidecar."""
+    docs, _, folder = caseops_build
+    run = run_script({"PRESET": "smoke", "DATA_PATH": str(folder), "VOCAB_SIZE": "512", "ITERATIONS": "4",
+                      "TOKENIZER_PATH": str(folder / "tokenizer_sp512_caseops.model"), "EVAL_STRIDE": "0"})
+    assert run.returncode == 0, run.explain()
+    expected = sum(len(d.encode("utf-8")) for d in docs[:VAL_DOCS])
+    assert f"val_bytes:{expected} " in run.body
