@@ -24,7 +24,6 @@ import copy
 import dataclasses
 import glob
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -596,28 +595,6 @@ class DistributedTokenLoader:
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
 
-# CaseOps (FRONTIER.md): PLACEHOLDER, replaced by the tokdata branch's block at merge.
-CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
-CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
-
-
-def caseops_decode(text: str) -> str:
-    out, i, caps_run = [], 0, False
-    while i < len(text):
-        c = text[i]
-        if c == CASEOPS_ESC and i + 1 < len(text):
-            out.append(text[i + 1]); i += 2; caps_run = False; continue
-        if c in (CASEOPS_TITLE, CASEOPS_CAPNEXT) and i + 1 < len(text):
-            out.append(text[i + 1].upper()); i += 2; continue
-        if c == CASEOPS_ALLCAPS:
-            i += 1
-            while i < len(text) and text[i].isascii() and text[i].isalpha():
-                out.append(text[i].upper()); i += 1
-            continue
-        out.append(c); i += 1
-    return "".join(out)
-
-
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(h.tokenizer_path):
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file")
@@ -728,7 +705,10 @@ def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: 
     for d, doc_ids, text in zip(docs, ids, sp.decode(ids)):
         if d % reencode_every == 0 and sp.encode(text) != doc_ids:
             return d, "ids"
-        original = caseops_decode(text) if caseops else text
+        try:
+            original = caseops_decode(text) if caseops else text
+        except ValueError as exc:  # an operator where the rewrite never puts one
+            return d, f"bytes: {exc}"
         counted = int(token_bytes[starts[d] + 1:ends[d]].sum())
         if len(original.encode("utf-8")) != counted:
             return d, f"bytes: it decodes to {len(original.encode('utf-8'))} UTF-8 bytes, {counted} are counted"

@@ -67,7 +67,7 @@ import subprocess  # noqa: E402
 import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from conftest import SCRIPT, TOKENIZER, documents, read_tokens  # noqa: E402
+from conftest import TOKENIZER, documents, read_tokens  # noqa: E402
 
 VAL_DOCS = 40
 # validation documents that exercise the transform and the byte counts: capitals of every kind,
@@ -273,8 +273,6 @@ def test_plain_text_input_splits_on_blank_lines(tmp_path):
     assert bd.count_documents([text]) == 3
 
 
-@pytest.mark.skipif("fineweb_val_bytes" not in SCRIPT.read_text(encoding="utf-8"),
-                    reason="needs train_gpt.py's validation byte sidecar support (the integrator's side)")
 def test_caseops_dataset_trains_and_scores_against_the_original_bytes(caseops_build, run_script):
     """End to end: train_gpt.py on the CaseOps build; its bpb denominator is the validation
     documents' UTF-8 length, counted here without the builder or the sidecar."""

@@ -7,7 +7,6 @@ import io
 import numpy as np
 import pytest
 import sentencepiece as spm
-import torch
 
 import train_gpt as tg
 from conftest import CPU, SAMPLE, TEXT, TOKENIZER, assert_one_line_error, read_tokens, tiny_hparams, write_shard
