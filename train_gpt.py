@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import glob
 import hashlib
 import io
@@ -209,15 +210,21 @@ PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "frontier": FRONTIER, "sm
 FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 (in a clone of openai/parameter-golf)"
 
 
+EXPECTED_KIND = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}
+
+
 def parse_env_value(name: str, raw: str, kind: type):
     try:
         if kind is bool:
             if raw.lower() not in ("0", "1", "true", "false"):
                 raise ValueError
             return raw.lower() in ("1", "true")
-        return kind(raw)
+        value = kind(raw)
+        if kind is float and not math.isfinite(value):
+            raise ValueError
+        return value
     except ValueError:
-        raise RunError(f"{name}={raw!r}: expected a value of type {kind.__name__}") from None
+        raise RunError(f"{name}={raw!r}: expected {EXPECTED_KIND[kind]}") from None
 
 
 def choose_preset(values: dict, cuda_available: bool) -> str:
@@ -237,15 +244,12 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
 
 def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple[Hyperparameters, str]:
     """Build the config from env vars; returns it with the preset actually applied."""
+    check_env_names(env)
     fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    known = {name.upper() for name in fields}
     values = {}
     for name, field in fields.items():
         if name.upper() in env:
             values[name] = parse_env_value(name.upper(), env[name.upper()], type(field.default))
-    unknown = sorted(k for k in env if k.isupper() and k not in known and k.startswith(_KNOB_PREFIXES))
-    if unknown:
-        raise RunError(f"unknown setting {unknown[0]}: not a Hyperparameters field (typo?)")
     preset = choose_preset(values, cuda_available)
     if preset not in PRESETS:
         raise RunError(f"PRESET={preset!r}: expected auto or one of {', '.join(PRESETS)}")
@@ -258,55 +262,127 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
     return h, preset
 
 
-# Env vars that look like ours; an unknown one among them is almost certainly a typo in a sweep.
+# A misspelt setting would be silently ignored (SEEDS=42 trains seed 1337), so an env var that looks
+# like one of ours stops the run: its name is close to a setting's (difflib ratio >= 0.8, with and
+# without underscores, any case), is a setting's first or last words (MAX_WALLCLOCK, LAYERS), or
+# starts with a prefix only our settings use. Variables of the shell, Python, the GPU stack,
+# torchrun, schedulers and CI are never read as ours.
 _KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_", "MLP_",
                   "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_",
                   "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_", "EMA_", "AVERAGE_",
                   "CHECKPOINT_", "FROM_")
+_FOREIGN_PREFIXES = ("CUDA", "TORCH", "NCCL", "NV", "CUDNN", "CUBLAS", "TRITON", "OMP_", "MKL", "KMP_", "OPENBLAS",
+                     "GOTO", "PYTHON", "PYTEST", "LD_", "LC_", "XDG_", "SSH_", "GIT", "CONDA", "PIP_", "VIRTUAL_ENV",
+                     "MASTER_", "TORCHELASTIC", "LOCAL_", "GROUP_", "ROLE_", "SLURM", "PMI", "OMPI", "PMIX", "HF_",
+                     "HUGGING", "TOKENIZERS_", "TRANSFORMERS", "WANDB", "CI_", "RUNNER_", "DOCKER", "KUBERNETES",
+                     "AWS_", "GOOGLE", "AZURE", "RUNPOD", "JUPYTER", "SUDO_")
+_FOREIGN_NAMES = {"CI", "RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "LANG", "TERM"}
+
+
+def resembled_setting(name: str) -> str | None:
+    """The setting an env var's name looks like (itself if it is one), or None for a foreign variable."""
+    upper = name.upper()
+    known = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+    if upper in known:
+        return upper
+    if upper in _FOREIGN_NAMES or upper.startswith(_FOREIGN_PREFIXES):
+        return None
+    bare = {k.replace("_", ""): k for k in known}
+    close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8) or \
+        [bare[m] for m in difflib.get_close_matches(upper.replace("_", ""), bare, n=1, cutoff=0.8)]
+    if close:
+        return close[0]
+    part = [k for k in known if len(upper) >= 5 and (k.startswith(upper + "_") or k.endswith("_" + upper))]
+    if part:  # MAX_WALLCLOCK, LAYERS
+        return part[0]
+    if upper.startswith(_KNOB_PREFIXES):
+        return difflib.get_close_matches(upper, known, n=1, cutoff=0)[0]
+    return None
+
+
+def check_env_names(env: dict[str, str]) -> None:
+    for name in sorted(env):
+        setting = resembled_setting(name)
+        if setting is not None and name != setting:
+            raise RunError(f"{name} is not a setting; did you mean {setting}? (nothing reads {name}: unset or "
+                           f"rename it)")
 
 
 def validate(h: Hyperparameters) -> None:
-    """Reject impossible combinations with a message naming the variables."""
-    checks = [
-        (h.vocab_size >= 4, "VOCAB_SIZE must be >= 4 (pad, bos, eos, unk)"),
-        (h.num_layers >= 2, "NUM_LAYERS must be >= 2 (the U-Net pairs encoder and decoder blocks)"),
-        (h.model_dim % h.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
-        ((h.model_dim // max(h.num_heads, 1)) % 2 == 0, "MODEL_DIM / NUM_HEADS must be even (RoPE)"),
-        (h.num_kv_heads >= 1 and h.num_heads % h.num_kv_heads == 0,
-         "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
-        (h.mlp_mult >= 1, "MLP_MULT must be >= 1"),
-        (h.bigram_dim >= 1, "BIGRAM_DIM must be >= 1"),
-        (h.train_seq_len >= 2 and h.model_eval_seq_len >= 2, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be >= 2"),
-        (h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
-         f"TRAIN_BATCH_TOKENS must be a multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
-        (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
-        (h.val_batch_size >= h.model_eval_seq_len, "VAL_BATCH_SIZE must hold at least one EVAL_SEQ_LEN window"),
+    """Reject impossible values and combinations with a message naming the variables. Each field's own
+    range is checked first (the combinations divide by some of them)."""
+    for checks in (field_checks, combination_checks, technique_checks):
+        for ok, message in checks(h):
+            if not ok:
+                raise RunError(message)
+    averager_names(h)  # a malformed AVERAGE_ALSO entry stops the run here, before training
+
+
+def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
+    """Every field's impossible values (bools, and paths whose files are checked where they are read,
+    have none): a NaN from ROPE_BASE=0 or LOGIT_SOFTCAP=0 is found at start, not after training."""
+    floats = [f.name for f in dataclasses.fields(h) if type(f.default) is float]
+    return [(math.isfinite(getattr(h, name)), f"{name.upper()}={getattr(h, name)}: expected a finite number")
+            for name in floats] + [
+        (bool(h.data_path) and bool(h.tokenizer_path), "DATA_PATH and TOKENIZER_PATH must not be empty"),
+        (4 <= h.vocab_size <= 65536, "VOCAB_SIZE must be in 4..65536 (pad, bos, eos, unk; shards hold uint16 ids)"),
+        (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", h.run_id) is not None or not h.run_id,
+         f"RUN_ID={h.run_id!r}: expected a file name of letters, digits, '.', '_' and '-' (it names logs/RUN_ID.txt)"),
+        (0 <= h.seed < 2**63, "SEED must be in 0..2^63-1"),
+        (h.preset in ("auto", *PRESETS), f"PRESET={h.preset!r}: expected auto or one of {', '.join(PRESETS)}"),
         (h.iterations >= 1 and h.warmup_steps >= 0 and h.warmdown_iters >= 0,
          "ITERATIONS must be >= 1, WARMUP_STEPS and WARMDOWN_ITERS >= 0"),
         (h.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0"),
+        (h.train_seq_len >= 2 and (h.eval_seq_len == 0 or h.eval_seq_len >= 2),
+         "TRAIN_SEQ_LEN must be >= 2, EVAL_SEQ_LEN 0 (TRAIN_SEQ_LEN) or >= 2"),
         (h.train_log_every >= 1 and h.val_loss_every >= 0, "TRAIN_LOG_EVERY must be >= 1, VAL_LOSS_EVERY >= 0"),
+        (h.num_layers >= 2, "NUM_LAYERS must be >= 2 (the U-Net pairs encoder and decoder blocks)"),
+        (min(h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult, h.bigram_dim) >= 1,
+         "MODEL_DIM, NUM_HEADS, NUM_KV_HEADS, MLP_MULT and BIGRAM_DIM must be >= 1"),
+        (h.rope_base > 1, "ROPE_BASE must be > 1 (RoPE's frequencies are powers of 1/ROPE_BASE)"),
+        (h.logit_softcap > 0, "LOGIT_SOFTCAP must be > 0 (logits = cap * tanh(z / cap))"),
+        (h.qk_gain_init > 0, "QK_GAIN_INIT must be > 0"),
+        (h.tied_embed_init_std > 0, "TIED_EMBED_INIT_STD must be > 0 (a zero embedding gets no gradient)"),
+        (h.bigram_vocab_size == 0 or h.bigram_scale_init != 0,
+         "BIGRAM_SCALE_INIT must not be 0 (the table starts at zero: with a zero scale neither gets a gradient)"),
         (min(h.matrix_lr, h.scalar_lr, h.tied_embed_lr) > 0, "MATRIX_LR, SCALAR_LR, TIED_EMBED_LR must be > 0"),
-        (0 <= h.muon_momentum < 1 and 0 <= h.muon_momentum_warmup_start < 1, "MUON_MOMENTUM* must be in [0, 1)"),
+        (0 <= h.muon_momentum < 1 and 0 <= h.muon_momentum_warmup_start < 1, "MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be in [0, 1)"),
+        (h.muon_momentum_warmup_steps >= 0, "MUON_MOMENTUM_WARMUP_STEPS must be >= 0"),
         (h.muon_backend_steps >= 1, "MUON_BACKEND_STEPS must be >= 1"),
+        (0 <= h.adam_beta1 < 1 and 0 <= h.adam_beta2 < 1, "ADAM_BETA1 and ADAM_BETA2 must be in [0, 1)"),
+        (h.adam_eps > 0, "ADAM_EPS must be > 0"),
+        (h.muon_wd >= 0 and h.adam_wd >= 0 and h.grad_clip_norm >= 0,
+         "MUON_WD, ADAM_WD and GRAD_CLIP_NORM must be >= 0"),
         (h.swa_interval >= 0 and 0 < h.swa_start_frac <= 1, "SWA_INTERVAL must be >= 0, SWA_START_FRAC in (0, 1]"),
+        (0 <= h.ema_decay < 1, "EMA_DECAY must be in [0, 1)"),
+        (h.val_tokens >= 0, "VAL_TOKENS must be >= 0"),
         (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
         (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
         (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
          "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
+    ]
+
+
+def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
+    return [
+        (h.model_dim % h.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
+        ((h.model_dim // h.num_heads) % 2 == 0, "MODEL_DIM / NUM_HEADS must be even (RoPE)"),
+        (h.num_heads % h.num_kv_heads == 0, "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
+        (h.train_batch_tokens >= SLICES_PER_STEP * h.train_seq_len and
+         h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
+         f"TRAIN_BATCH_TOKENS must be a positive multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
+        (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
+        (h.val_batch_size >= h.model_eval_seq_len, "VAL_BATCH_SIZE must hold at least one EVAL_SEQ_LEN window"),
+        (h.matrix_lr * h.muon_wd < 1 and max(h.scalar_lr, h.tied_embed_lr) * h.adam_wd < 1,
+         "MATRIX_LR x MUON_WD and SCALAR_LR / TIED_EMBED_LR x ADAM_WD must be < 1 (decay multiplies weights by 1 - lr x wd)"),
         (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
          "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
-        (0 <= h.ema_decay < 1, "EMA_DECAY must be in [0, 1)"),
         (not (h.ema_decay and h.swa_interval), "SWA_INTERVAL and EMA_DECAY are both on: set one of them to 0"),
         (not h.average_also or h.checkpoint_out, "AVERAGE_ALSO is kept only by CHECKPOINT_OUT: set it too"),
         (not h.from_checkpoint or not (h.checkpoint_out or h.eval_only),
          "FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY"),
-        (h.val_tokens >= 0, "VAL_TOKENS must be >= 0"),
     ]
-    for ok, message in checks + technique_checks(h):
-        if not ok:
-            raise RunError(message)
-    averager_names(h)  # a malformed AVERAGE_ALSO entry stops the run here, before training
 
 
 def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
@@ -318,7 +394,7 @@ def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
 
 
 def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
-    head_dim = h.model_dim // max(h.num_heads, 1)
+    head_dim = h.model_dim // h.num_heads
     recur = recurrence_blocks(h)
     return [
         (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
@@ -1641,6 +1717,33 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
     return elapsed
 
 
+FINITE_CHECK_EVERY = 5  # steps between reads of the divergence flag (one host sync each)
+
+
+class DivergenceWatch:
+    """Stops a diverged run within FINITE_CHECK_EVERY steps without a host sync on every step: each
+    step's loss is folded, on the device, into the step and value of the first non-finite loss (two
+    queued elementwise ops); the host reads that every FINITE_CHECK_EVERY steps and at the last step,
+    all ranks together (a MIN all-reduce of the step, so every rank stops at the same step)."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss; step 0: none yet
+
+    def observe(self, rt: Runtime, loss: Tensor, step: int, last: bool) -> None:
+        new = torch.stack([torch.full_like(loss, step), loss.float()])
+        self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), new, self.first)
+        if step % FINITE_CHECK_EVERY and not last:
+            return
+        bad_step = torch.where(self.first[0] == 0, math.inf, self.first[0])
+        if rt.distributed:
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+        (here_step, here_loss), bad_step = self.first.tolist(), bad_step.item()
+        if math.isfinite(bad_step):
+            value = here_loss if here_step == bad_step else "not finite (on another rank)"
+            raise RunError(f"train_loss is {value} at step {bad_step:.0f} (found at step {step}): the run "
+                           f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
+
+
 def model_for_eval(model: nn.Module) -> nn.Module:
     """The compiled module under DDP: evaluation needs no gradient synchronization."""
     return model.module if isinstance(model, DDP) else model
@@ -1649,6 +1752,7 @@ def model_for_eval(model: nn.Module) -> nn.Module:
 def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, list]:
     """The timed loop. Returns (steps taken, training time in ms, the weight averagers)."""
     averagers = [make_averager(name, base_model) for name in averager_names(h)]
+    watch = DivergenceWatch(rt.device)
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
     base_model.recur_active = bool(base_model.recur_blocks) and h.recur_start_frac == 0
@@ -1674,6 +1778,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             base_model.recur_active = True  # its compiled graph was built during warm-up
             log(f"recurrence: blocks {h.recur_blocks} run twice from step {step + 1}")
         last = reached_cap or step == h.iterations
+        watch.observe(rt, loss, step, last)
         if step % h.train_log_every == 0 or last:
             train_loss = mean_over_ranks(rt, loss)
             if not math.isfinite(train_loss):

@@ -136,8 +136,7 @@ def plan(spec: Spec, code_hash: str) -> tuple[list[Planned], dict[str, set[str]]
 
 def subprocess_env(env: dict[str, str], threads: int) -> dict[str, str]:
     """The caller's environment without any train_gpt setting (a stray one would change every run)."""
-    ours = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
-    clean = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith(tg._KNOB_PREFIXES)}
+    clean = {k: v for k, v in os.environ.items() if tg.resembled_setting(k) is None}
     return {**clean, "OMP_NUM_THREADS": str(threads), **env}
 
 

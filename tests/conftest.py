@@ -171,11 +171,9 @@ class ScriptRun:
 
 def clean_env() -> dict[str, str]:
     """os.environ without our knobs or torchrun's variables, and with CUDA hidden (CPU-only suite)."""
-    ours = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
     torchrun = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                 "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
-    env = {k: v for k, v in os.environ.items()
-           if k not in ours and k not in torchrun and not k.startswith(getattr(tg, "_KNOB_PREFIXES", ()))}
+    env = {k: v for k, v in os.environ.items() if k not in torchrun and tg.resembled_setting(k) is None}
     env["CUDA_VISIBLE_DEVICES"] = ""
     # One thread per process: same results, and on a loaded machine 2 spinning OpenMP threads per
     # process made the smoke run 6x slower (122 s instead of 20 s). torchrun's workers default to 1.

@@ -84,12 +84,17 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
 # ----------------------------------------------------------------------------- failures are one line
 
 
-def test_nan_loss_stops_the_run_with_one_line_and_no_artifact(run_script):
-    # Adam on the control tensors at lr 1e30 makes the loss NaN from step 2. With the smoke preset's
-    # TRAIN_LOG_EVERY=10 and 6 steps only the last step logs: the check must not depend on log cadence.
-    run = run_script({"SCALAR_LR": "1e30", "ITERATIONS": "6"})
+def test_a_diverging_run_stops_within_a_few_steps_with_one_line_and_no_artifact(run_script):
+    # Adam on the control tensors at lr 1e30 makes the loss NaN within a few steps. The smoke preset has
+    # 60 steps; with no progress line before step 1000 only the divergence check can stop it, and it must
+    # within FINITE_CHECK_EVERY steps, not at the end or at a progress line.
+    run = run_script({"SCALAR_LR": "1e30", "TRAIN_LOG_EVERY": "1000"})
     line = assert_one_line_error(run, "train_loss", "nan")
-    assert line.startswith("error: train_loss is nan"), line
+    match = re.fullmatch(r"error: train_loss is nan at step (\d+) \(found at step (\d+)\): the run diverged .*", line)
+    assert match, line
+    diverged, found = int(match[1]), int(match[2])
+    assert diverged <= found < diverged + tg.FINITE_CHECK_EVERY, line
+    assert f"error: {line[len('error: '):]}" in run.body, "the log does not end with the error"
     assert not run.artifact.exists(), "a diverged run wrote an artifact"
 
 
