@@ -1154,6 +1154,8 @@ DEMOTIONS = {"fp16": "int8", "int6": "int5", "int5": "int4"}  # the fitting ladd
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 ARTIFACT_MAGIC = b"PGOLF\x00A3"
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
+ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
+ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
                 "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len", "smear_mode", "rope_dims",
                 "xsa_last_n", "ln_scale", "mlp_negative_slope", "lanes_from", "recur_blocks")
@@ -1366,6 +1368,7 @@ def pack_frames(parts: list[bytes], zstd_level: int) -> bytes:
 
 
 def unpack_frames(data: bytes) -> list[bytes]:
+    """The compressed frames, as the frame table cuts them (the table must cover the file exactly)."""
     (count,) = struct.unpack_from("<I", data, len(ARTIFACT_MAGIC))
     if not 1 <= count <= 64:
         raise ValueError(f"{count} frames")
@@ -1373,26 +1376,61 @@ def unpack_frames(data: bytes) -> list[bytes]:
     pos = len(ARTIFACT_MAGIC) + 4 + 8 * count
     if pos + sum(lengths) != len(data):
         raise ValueError(f"the frames cover {pos + sum(lengths)} bytes, the file has {len(data)}")
-    parts = []
+    frames = []
     for length in lengths:
-        parts.append(zstandard.ZstdDecompressor().decompress(data[pos:pos + length]))
+        frames.append(data[pos:pos + length])
         pos += length
-    return parts
+    return frames
+
+
+def decompress_frame(frame: bytes, max_bytes: int) -> bytes:
+    """One frame, refused before anything is allocated if its header declares more than `max_bytes`
+    (zstd allocates what the header declares: one flipped bit there asked for exabytes) or lacks the
+    checksum that every frame of ours carries; trailing bytes are refused too."""
+    params = zstandard.get_frame_parameters(frame)
+    if not params.has_checksum or params.dict_id:
+        raise ValueError("a frame without its checksum, or with a dictionary")
+    if params.content_size > max_bytes:  # an unknown size reads as 2^64 - 1
+        raise ValueError(f"a frame declares {params.content_size} bytes where at most {max_bytes} can be")
+    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_bytes, allow_extra_data=False)
+
+
+def payload_bytes(blobs: list[dict]) -> int:
+    """The bytes the header's arrays take, checked: each array's size follows from its dtype and
+    shape, and the arrays lie end to end."""
+    total = 0
+    for blob in blobs:
+        if not all(isinstance(d, int) and d >= 0 for d in blob["shape"]):
+            raise ValueError(f"array {blob['name']} has shape {blob['shape']}")
+        nbytes = math.prod(blob["shape"]) * np.dtype(ARTIFACT_DTYPES[blob["dtype"]]).itemsize
+        if blob["offset"] != total or blob["nbytes"] != nbytes:
+            raise ValueError(f"array {blob['name']} does not lie where its size puts it")
+        total += nbytes
+    if total > ARTIFACT_MAX_PAYLOAD_BYTES:
+        raise ValueError(f"the arrays would take {total} bytes")
+    return total
 
 
 def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict]]:
-    """Returns (model config, quantized state); any damage is a RunError naming `source`."""
+    """Returns (model config, quantized state); any damage is a RunError naming `source`. Every frame
+    is decompressed within what the format allows: the header within ARTIFACT_MAX_HEADER_BYTES, the
+    sections within what the (checksummed) header says the arrays take."""
     if not data.startswith(ARTIFACT_MAGIC):
-        raise RunError(f"{source}: not an artifact of this script (bad magic)")
+        raise RunError(f"{source}: corrupt or truncated artifact, or not one written by this script (bad magic)")
     try:
-        header_json, *sections = unpack_frames(data)
-        header = json.loads(header_json)
+        header_frame, *section_frames = unpack_frames(data)
+        header = json.loads(decompress_frame(header_frame, ARTIFACT_MAX_HEADER_BYTES))
+        remaining = payload_bytes(header["blobs"])
+        sections = []
+        for frame in section_frames:
+            sections.append(decompress_frame(frame, remaining))
+            remaining -= len(sections[-1])
+        if remaining:
+            raise ValueError(f"the sections lack {remaining} bytes of the arrays")
         body = memoryview(b"".join(sections))
         quantized = {name: {"class": cls, "shape": header["shapes"][name], "arrays": {}}
                      for name, cls in header["classes"].items()}
         for blob in header["blobs"]:
-            if blob["offset"] < 0 or blob["offset"] + blob["nbytes"] > len(body):
-                raise ValueError(f"array {blob['name']} lies outside the payload")
             array = from_byte_planes(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
                                      np.dtype(ARTIFACT_DTYPES[blob["dtype"]])).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
@@ -1400,7 +1438,11 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
             expected = ("q", "scale") if entry["class"] in QUANT_BITS else ("value",)
             if sorted(entry["arrays"]) != sorted(expected):
                 raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays")
-        return header["model"], quantized
+        defaults = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
+        config = header["model"]
+        if sorted(config) != sorted(MODEL_FIELDS) or any(type(v) is not type(defaults[k]) for k, v in config.items()):
+            raise ValueError("the model's shape is not described as this script describes it")
+        return config, quantized
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RunError(f"{source}: corrupt or truncated artifact ({type(exc).__name__}: {exc})") from None
 
@@ -1941,7 +1983,23 @@ def load_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
     if not path.is_file():
         raise RunError(f"{path}: no such artifact")
     config, quantized = deserialize_artifact(path.read_bytes(), str(path))
-    return config, dequantize_state(quantized)
+    try:
+        return config, dequantize_state(quantized)
+    except (RuntimeError, ValueError) as exc:
+        raise RunError(f"{path}: corrupt or truncated artifact ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """The artifact's weights into the model it describes; a mismatch is a damaged artifact."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RunError(f"{path}: corrupt or truncated artifact (its tensors do not fit its model: "
+                       f"{first_line(exc)})") from None
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> None:
@@ -2042,7 +2100,10 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     if h.eval_only:
         config, state = load_artifact(Path(h.eval_only))
         h = dataclasses.replace(h, **config)  # the artifact decides the model's shape
-        validate(h)
+        try:
+            validate(h)
+        except RunError as exc:
+            raise RunError(f"{h.eval_only}: corrupt or truncated artifact (its model: {exc})") from None
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose bytes count
     log_header(h, rt, preset, run_id, code, log)
     artifact_path = Path(h.eval_only or h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
@@ -2053,7 +2114,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     if h.eval_only:
         log(f"eval_only: scoring {artifact_path}; nothing is trained")
         base_model = build_model(h, rt)
-        base_model.load_state_dict(state, strict=True)
+        load_weights(base_model, state, artifact_path)
         base_model.recur_active = bool(base_model.recur_blocks)  # the artifact names them only if they ran
         eval_model = maybe_compile(h, rt, base_model)  # evaluation needs no DDP
         # Nothing trains here: the graph is built on the split it scores, as scoring-time work (an
@@ -2068,7 +2129,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         write_artifact(h, rt, base_model, artifact_path, len(code), log, hessians)
         t_start = time.perf_counter()  # evaluation starts from the artifact on disk
         _, state = load_artifact(artifact_path)
-        base_model.load_state_dict(state, strict=True)
+        load_weights(base_model, state, artifact_path)
     score_artifact(h, rt, eval_model, val, log)
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
