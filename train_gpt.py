@@ -32,6 +32,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import struct
 import sys
 import time
@@ -1595,14 +1596,14 @@ def save_checkpoint(h: Hyperparameters, base_model: GPT, loader: DistributedToke
                     train_ms: float, averages: dict[str, tuple], log) -> None:
     """CHECKPOINT_OUT (rank 0): the final weights, every tracked average, steps, the stream position."""
     path = Path(h.checkpoint_out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(format=CHECKPOINT_FORMAT, training_config=training_config(h), steps=steps, train_ms=train_ms,
-                    stream=dict(file_index=loader.stream.file_index, pos=loader.stream.pos),
-                    recur_active=base_model.recur_active,
-                    final_weights=cpu_state(base_model.state_dict()),
-                    averages={name: dict(weights=None if w is None else cpu_state(w), summary=summary)
-                              for name, (w, summary) in {"none": (None, FinalWeights().summary()),
-                                                         **averages}.items()}), path)
+    checkpoint = dict(format=CHECKPOINT_FORMAT, training_config=training_config(h), steps=steps, train_ms=train_ms,
+                      stream=dict(file_index=loader.stream.file_index, pos=loader.stream.pos),
+                      recur_active=base_model.recur_active,
+                      final_weights=cpu_state(base_model.state_dict()),
+                      averages={name: dict(weights=None if w is None else cpu_state(w), summary=summary)
+                                for name, (w, summary) in {"none": (None, FinalWeights().summary()),
+                                                           **averages}.items()})
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
     log(f"checkpoint: wrote {path} with averages {','.join(averages)}")
 
 
@@ -1867,28 +1868,105 @@ def init_runtime() -> Runtime:
 
 
 class Logger:
-    """Rank 0 writes every line to logs/<RUN_ID>.txt and, unless told otherwise, to stdout."""
+    """Rank 0 writes every line to logs/<RUN_ID>.txt (created by claim_outputs) and, unless told
+    otherwise, to stdout. A line that cannot be written stops the run (the error goes to stderr)."""
 
     def __init__(self, path: Path | None):
         self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
 
     def __call__(self, message: str, console: bool = True) -> None:
         if self.path is None:
             return
         if console:
             print(message, flush=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(message + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(message + "\n")
+        except OSError as exc:
+            path, self.path = self.path, None  # the error line itself cannot go there either
+            raise RunError(f"{path}: cannot write the log ({exc.strerror or exc})") from None
 
 
-def shared_run_id(h: Hyperparameters, rt: Runtime) -> str:
-    run_id = [h.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]
+# A finished run is never lost: no output replaces an earlier one. Before anything runs, rank 0 checks
+# that the log folder and the folders of ARTIFACT_PATH and CHECKPOINT_OUT are writable with room for
+# an artifact (ARTIFACT_LIMIT_BYTES), refuses an ARTIFACT_PATH or CHECKPOINT_OUT that exists, and
+# claims logs/<RUN_ID>.txt (exclusive create); if that log (or the default artifact beside it) is
+# taken, the run becomes <RUN_ID>_2 (_3, ...) and says so. Files are written to a temporary name in
+# their folder and renamed, so a failed write leaves no partial file.
+LOG_ROOM_BYTES = 1 << 20  # a log holds this file's source and a line per TRAIN_LOG_EVERY steps
+
+
+def check_room(folder: Path, need: int, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise RunError(f"{what}: cannot write into {folder} ({exc.strerror or exc})") from None
+    if free < need:
+        raise RunError(f"{what}: {folder} has {free} bytes free, less than the {need} its output may need")
+
+
+def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
+    """(run id, log path, artifact path, a note if the run id changed) on rank 0; the log is created."""
+    logs = SCRIPT_DIR / "logs"
+    check_room(logs, LOG_ROOM_BYTES, "the log folder")
+    outputs = [("CHECKPOINT_OUT", h.checkpoint_out)] + ([] if h.eval_only else [("ARTIFACT_PATH", h.artifact_path)])
+    for name, value in outputs:
+        if value and (Path(value).exists() or Path(value).is_symlink()):
+            raise RunError(f"{name}={value} already exists; a run never replaces an earlier output: move it "
+                           f"away or choose another path")
+        if value:
+            check_room(Path(value).absolute().parent, h.artifact_limit_bytes, name)
+    if not (h.eval_only or h.artifact_path):
+        check_room(logs, h.artifact_limit_bytes, "ARTIFACT_PATH (logs/<RUN_ID>.ptz)")
+    wanted = h.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    for n in range(1, 1000):
+        run_id = wanted if n == 1 else f"{wanted}_{n}"
+        log_path, artifact = logs / f"{run_id}.txt", Path(h.eval_only or h.artifact_path or logs / f"{run_id}.ptz")
+        if artifact.exists() and not (h.eval_only or h.artifact_path):
+            continue
+        try:
+            log_path.open("x").close()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise RunError(f"{log_path}: cannot create the log ({exc.strerror or exc})") from None
+        note = "" if n == 1 else (f"outputs: logs/{wanted}.txt or .ptz exists (an earlier run's); this run is "
+                                  f"RUN_ID={run_id}, so nothing is replaced")
+        return run_id, log_path, artifact, note
+    raise RunError(f"RUN_ID={wanted}: logs/{wanted}.txt and 998 numbered successors exist; choose another RUN_ID")
+
+
+def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str]:
+    """claim_files on rank 0, shared with every rank (its error too, so all ranks stop together)."""
+    claimed = [None]
+    if rt.is_main:
+        try:
+            claimed = [claim_files(h)]
+        except RunError as exc:
+            claimed = [str(exc)]
     if rt.distributed:
-        dist.broadcast_object_list(run_id, src=0)
-    return run_id[0]
+        dist.broadcast_object_list(claimed, src=0)
+    if isinstance(claimed[0], str):
+        raise RunError(claimed[0])
+    return claimed[0]
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(temporary path) in path's folder, then a rename onto path: a reader never sees a partial
+    file and a failed write leaves none. A failure is a RunError naming the path."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if path.exists():
+            raise RunError(f"{path} appeared while this run wrote it; the new file stays at {tmp}")
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"{path}: cannot write ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
 
 
 def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, log) -> None:
@@ -1958,8 +2036,7 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
     log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms")
     if rt.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
+        write_atomically(path, lambda tmp: tmp.write_bytes(blob))
     if rt.distributed:
         dist.barrier()
     log_artifact_bytes(h, path, code_bytes, moves, log)
@@ -2086,16 +2163,18 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
 
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
     """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log."""
-    run_id = shared_run_id(h, rt)
-    log = Logger(SCRIPT_DIR / "logs" / f"{run_id}.txt" if rt.is_main else None)
+    run_id, log_path, artifact_path, note = claim_outputs(h, rt)
+    log = Logger(log_path if rt.is_main else None)
     try:
-        train_write_score(h, preset, rt, run_id, log)
+        if note:
+            log(note)
+        train_write_score(h, preset, rt, run_id, artifact_path, log)
     except RunError as exc:
         log(f"error: {exc}", console=False)
         raise
 
 
-def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, log) -> None:
+def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
     t_start = time.perf_counter()
     if h.eval_only:
         config, state = load_artifact(Path(h.eval_only))
@@ -2106,7 +2185,6 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
             raise RunError(f"{h.eval_only}: corrupt or truncated artifact (its model: {exc})") from None
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose bytes count
     log_header(h, rt, preset, run_id, code, log)
-    artifact_path = Path(h.eval_only or h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
     log(f"attention_backend:{attention_backend(h, rt.device)}")
     sp = load_tokenizer(h)
     val = load_validation(h, sp, rt.device)
