@@ -126,11 +126,14 @@ def test_two_processes_train_like_one(run_script):
     assert "world_size:2 grad_accum_steps:4" in two.body
     losses_one, losses_two = train_losses(one.body), train_losses(two.body)
     assert [s for s, _ in losses_one] == [s for s, _ in losses_two] == list(range(1, 13))
+    # Not bit-identical: 1 process sums 8 slices' gradients in one order, 2 processes sum 4 each and
+    # all-reduce, and float addition is not associative. Measured over these 12 steps: train_loss equal
+    # to its 4 printed decimals (at most 1e-4 apart), val_bpb within 6e-6 (README, "Launching").
     worst = max(abs(a - b) for (_, a), (_, b) in zip(losses_one, losses_two))
-    assert worst < 1e-3, f"train_loss differs by {worst} between 1 and 2 processes"
+    assert worst <= 3e-4, f"train_loss differs by {worst} between 1 and 2 processes"
     bpb_one = float(fields(one.body, "final_roundtrip ")["val_bpb"])
     bpb_two = float(fields(two.body, "final_roundtrip ")["val_bpb"])
-    assert abs(bpb_one - bpb_two) < 1e-3, (bpb_one, bpb_two)
+    assert abs(bpb_one - bpb_two) < 5e-5, (bpb_one, bpb_two)
 
 
 # ----------------------------------------------------------------------------- torch.compile
