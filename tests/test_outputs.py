@@ -67,7 +67,8 @@ def test_claim_files_checks_every_output_folder(tmp_path, monkeypatch):
     assert tg.claim_files(h)[:2] == ("sweep", tmp_path / "logs" / "sweep.txt")
     (tmp_path / "logs" / "sweep_2.ptz").write_bytes(b"")  # an artifact without its log: that name is taken too
     run_id, log_path, artifact, note = tg.claim_files(h)
-    assert (run_id, log_path, artifact) == ("sweep_3", tmp_path / "logs" / "sweep_3.txt", tmp_path / "logs" / "sweep_3.ptz")
+    logs = tmp_path / "logs"
+    assert (run_id, log_path, artifact) == ("sweep_3", logs / "sweep_3.txt", logs / "sweep_3.ptz")
     assert "RUN_ID=sweep_3" in note and log_path.exists()
     monkeypatch.setattr(tg.shutil, "disk_usage", lambda folder: types.SimpleNamespace(free=1000))
     with pytest.raises(tg.RunError, match=r"^the log folder: .* has 1000 bytes free"):

@@ -335,9 +335,11 @@ def test_every_official_split_with_a_clean_leak_check_passes(workdir, capsys, sp
 def test_an_old_log_without_split_or_leak_check_cannot_be_a_record(workdir, capsys):
     assert run_submit(workdir, write_logs(workdir, val_split=None, leak=None)) == 1
     out = capsys.readouterr().out
-    assert [rule.split(" (")[0] for rule in failed_rules(out)] == ["an official validation split", "no validation leak"]
+    rules = [rule.split(" (")[0] for rule in failed_rules(out)]
+    assert rules == ["an official validation split", "no validation leak"]
     assert "seed1.txt: no val_split line: a log that does not name its validation split cannot be a record" in out
-    assert "seed1.txt: no leak_check line: a log that did not check for train/validation overlap cannot be a record" in out
+    assert ("seed1.txt: no leak_check line: a log that did not check for train/validation overlap cannot be a "
+            "record") in out
 
 
 def test_a_leak_is_reported_with_the_log_s_own_words(workdir, capsys):
