@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -118,10 +119,14 @@ def test_bad_input_is_one_error_line_without_traceback(run_script, tmp_path, set
 
 
 def test_two_processes_train_like_one(run_script):
-    env = {"TRAIN_LOG_EVERY": "1", "ITERATIONS": "12", "EVAL_STRIDE": "0"}
+    # One RUN_ID for both: under torchrun, rank 0 finds the first run's log and every rank takes RUN_ID_2.
+    run_id = f"pytest_{uuid.uuid4().hex[:10]}"
+    env = {"TRAIN_LOG_EVERY": "1", "ITERATIONS": "12", "EVAL_STRIDE": "0", "RUN_ID": run_id, "ARTIFACT_PATH": ""}
     one, two = run_script(env), run_script(env, nproc=2)
     assert one.returncode == 0, one.explain()
     assert two.returncode == 0, two.explain()
+    assert f"run_id:{run_id} " in one.log and f"run_id:{run_id}_2 " in two.log
+    assert two.log.startswith(f"outputs: logs/{run_id}.txt or .ptz exists")
     assert "world_size:1 grad_accum_steps:8" in one.body
     assert "world_size:2 grad_accum_steps:4" in two.body
     losses_one, losses_two = train_losses(one.body), train_losses(two.body)
