@@ -1853,10 +1853,12 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
 
 def init_runtime() -> Runtime:
     """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if SLICES_PER_STEP % world_size:
+    world_size, rank, local_rank = (parse_env_value(name, os.environ.get(name, default), int)
+                                    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
+    if world_size not in (1, 2, 4, 8):
         raise RunError(f"WORLD_SIZE={world_size}: must divide {SLICES_PER_STEP} (1, 2, 4 or 8 processes)")
+    if not (0 <= rank < world_size and 0 <= local_rank < world_size):
+        raise RunError(f"RANK={rank}, LOCAL_RANK={local_rank}: expected 0..WORLD_SIZE-1={world_size - 1}")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -2058,10 +2060,18 @@ def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: l
         raise RunError(f"{path}: code + model = {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes}")
 
 
-def load_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
+def load_artifact(path: Path, max_bytes: int) -> tuple[dict, dict[str, Tensor]]:
+    """The artifact at `path`, read only if it is a file of at most `max_bytes` (the byte limit)."""
     if not path.is_file():
-        raise RunError(f"{path}: no such artifact")
-    config, quantized = deserialize_artifact(path.read_bytes(), str(path))
+        raise RunError(f"{path}: no such artifact (not a file)")
+    try:
+        if path.stat().st_size > max_bytes:
+            raise RunError(f"{path}: {path.stat().st_size} bytes, over ARTIFACT_LIMIT_BYTES={max_bytes}: "
+                           f"not an artifact that fits")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read the artifact ({exc.strerror or exc})") from None
+    config, quantized = deserialize_artifact(data, str(path))
     try:
         return config, dequantize_state(quantized)
     except (RuntimeError, ValueError) as exc:
@@ -2179,7 +2189,7 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
     t_start = time.perf_counter()
     if h.eval_only:
-        config, state = load_artifact(Path(h.eval_only))
+        config, state = load_artifact(Path(h.eval_only), h.artifact_limit_bytes)
         h = dataclasses.replace(h, **config)  # the artifact decides the model's shape
         try:
             validate(h)
@@ -2208,7 +2218,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         write_artifact(h, rt, base_model, artifact_path, len(code), log, hessians)
         t_start = time.perf_counter()  # evaluation starts from the artifact on disk
-        _, state = load_artifact(artifact_path)
+        _, state = load_artifact(artifact_path, h.artifact_limit_bytes)
         load_weights(base_model, state, artifact_path)
     score_artifact(h, rt, eval_model, val, log)
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")

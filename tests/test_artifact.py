@@ -228,6 +228,17 @@ def test_an_artifact_whose_tensors_do_not_fit_its_model_is_the_one_line_error(ar
         tg.load_weights(tg.GPT(h), tg.dequantize_state(quantized), Path("wrong.ptz"))
 
 
+def test_an_artifact_is_read_only_if_it_is_a_file_within_the_byte_limit(artifact, tmp_path):
+    path = tmp_path / "model.ptz"
+    path.write_bytes(artifact)
+    with pytest.raises(tg.RunError, match=r"model\.ptz: \d+ bytes, over ARTIFACT_LIMIT_BYTES=1000: "):
+        tg.load_artifact(path, 1000)
+    with pytest.raises(tg.RunError, match=r"^/dev/zero: no such artifact \(not a file\)$"):
+        tg.load_artifact(Path("/dev/zero"), 16_000_000)
+    config, state = tg.load_artifact(path, len(artifact))
+    assert config == tg.model_config(tiny_hparams()) and state
+
+
 def test_fit_to_limit_demotes_cheapest_first_and_fits():
     h = tiny_hparams(model_dim=64, num_heads=4, mlp_mult=3)
     state = tiny_model(h).state_dict()

@@ -107,3 +107,18 @@ def test_every_field_is_covered():
     names = {f.name for f in dataclasses.fields(tg.Hyperparameters)}
     assert names == set(IMPOSSIBLE) | set(ANYTHING_GOES), names ^ (set(IMPOSSIBLE) | set(ANYTHING_GOES))
     tg.hyperparameters_from_env({"PRESET": "smoke"}, cuda_available=False)  # the defaults are all possible
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc': expected an integer"), ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
+    ({"WORLD_SIZE": "3"}, "WORLD_SIZE=3"), ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK=-1"),
+])
+def test_torchrun_variables_are_checked_too(monkeypatch, env, words):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(tg.RunError) as error:
+        tg.init_runtime()
+    assert words in str(error.value), str(error.value)
