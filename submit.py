@@ -32,6 +32,7 @@ EVAL_CAP_S = 600.0
 MARGIN_NATS = 0.005  # a record must beat the previous one by this much val_loss ...
 ALPHA = 0.01  # ... at this one-sided significance level
 PER_SEED_HPARAMS = {"SEED", "RUN_ID", "ARTIFACT_PATH"}  # every other setting must match across seeds
+OFFICIAL_VAL_SPLITS = ("fineweb_sp1024", "fineweb_sp8192", "fineweb_sp8192_caseops")  # train_gpt.py's val_split: names
 TRACK = "10min-8xH100-16mb"
 
 # The result lines read from a log and the keys each must carry. A new field train_gpt.py logs is
@@ -74,6 +75,7 @@ class Log:
     hparams: dict[str, str]
     lines: dict[str, dict[str, str]]  # the last line per label: "final_sliding" -> {"val_loss": "4.66", ...}
     curves: dict[str, list[tuple[float, float]]]  # "train_loss" / "val_loss" -> [(step, value)]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # every line starting "WARNING", in order
 
     @property
     def seed(self) -> str:
@@ -130,6 +132,8 @@ def read_log(path: Path) -> Log:
                         points.append((number(fields["step"]), number(fields[key])))
             else:
                 log.lines[label] = fields
+            if line.startswith("WARNING"):
+                log.warnings.append(line)
     if "run_id" not in log.lines or not log.hparams:
         raise UsageError(f"{path}: not a train_gpt.py log (no run_id: or hparam lines)")
     return log
@@ -247,6 +251,31 @@ def bpb_inconsistent(log: Log, run: Run, code: str) -> str | None:
         return f"{run.score_line} val_bpb {run.val_bpb} but val_loss/ln2*val_tokens/val_bytes = {expected:.8f}"
 
 
+def unofficial_split(log: Log, run: Run, code: str) -> str | None:
+    split = log.lines.get("val_split")
+    if split is None:
+        return "no val_split line: a log that does not name its validation split cannot be a record"
+    if split.get("val_split") not in OFFICIAL_VAL_SPLITS:
+        return f"val_split:{split.get('val_split') or '(empty)'} is not an official validation split"
+
+
+def validation_leak(log: Log, run: Run, code: str) -> str | None:
+    problems = [line for line in log.warnings if line.startswith("WARNING: validation leak")]
+    check = log.lines.get("leak_check")
+    if check is None:
+        problems.append("no leak_check line: a log that did not check for train/validation overlap cannot be a record")
+    else:
+        for key in ("val_docs_sampled", "hits", "identical_shards"):
+            value = check.get(key, "")
+            if not re.fullmatch(r"\d+", value):
+                problems.append(f"leak_check has no {key} count")
+            elif key == "val_docs_sampled" and int(value) == 0:
+                problems.append("leak_check val_docs_sampled:0 (nothing was checked)")
+            elif key != "val_docs_sampled" and int(value) > 0:
+                problems.append(f"leak_check {key}:{value}")
+    return "; ".join(problems) or None
+
+
 RUN_CHECKS = (
     (f"artifact <= {ARTIFACT_CAP_BYTES:,} bytes (code + compressed model)", over_cap),
     (f"training <= {TRAIN_CAP_S:.0f} s (train_done train_time_ms)", over_train_time),
@@ -254,6 +283,8 @@ RUN_CHECKS = (
     ("byte counts consistent (total = code + model, code = size of the logged source)", bytes_inconsistent),
     ("val_bpb consistent with val_loss, val_tokens and val_bytes", bpb_inconsistent),
     ("the whole validation split scored (VAL_TOKENS=0)", partial_validation),
+    (f"an official validation split (val_split: {', '.join(OFFICIAL_VAL_SPLITS)})", unofficial_split),
+    ("no validation leak (leak_check hits:0 identical_shards:0, no WARNING: validation leak line)", validation_leak),
 )
 
 
@@ -282,6 +313,8 @@ def rule_results(logs: list[Log], runs: list[Run | None], incomplete: list[str],
     """[(rule, [violations])] for every rule, in report order."""
     complete = [(log, run) for log, run in zip(logs, runs) if run is not None]
     val_sets = {(run.val_tokens, run.val_bytes) for _, run in complete}
+    hashes = {log.lines["val_split"]["val_split_sha256"] for log in logs  # a log without one fails its own rule
+              if "val_split_sha256" in log.lines.get("val_split", {})}
     seeds = [log.seed for log in logs]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     results = [("log complete (every result line present)", incomplete),
@@ -292,8 +325,9 @@ def rule_results(logs: list[Log], runs: list[Run | None], incomplete: list[str],
     results += [
         (f"configuration identical across seeds except {', '.join(sorted(PER_SEED_HPARAMS))}",
          config_differences(logs)),
-        ("same validation set (val_tokens, val_bytes)",
-         [f"different validation sets across seeds: {sorted(val_sets)}"] if len(val_sets) > 1 else []),
+        ("same validation set (val_tokens, val_bytes, val_split_sha256)",
+         [f"different validation sets across seeds: {sorted(val_sets)}"] * (len(val_sets) > 1) +
+         [f"different validation split hashes across seeds: {sorted(hashes)}"] * (len(hashes) > 1)),
         ("seeds distinct", [f"seed {s} appears {seeds.count(s)} times" for s in repeated]),
     ]
     return results

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import glob
 import hashlib
 import itertools
@@ -31,6 +32,7 @@ import os
 import pickle
 import platform
 import re
+import shutil
 import struct
 import sys
 import time
@@ -218,15 +220,21 @@ PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "frontier": FRONTIER, "sm
 FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 (in a clone of openai/parameter-golf)"
 
 
+EXPECTED_KIND = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}
+
+
 def parse_env_value(name: str, raw: str, kind: type):
     try:
         if kind is bool:
             if raw.lower() not in ("0", "1", "true", "false"):
                 raise ValueError
             return raw.lower() in ("1", "true")
-        return kind(raw)
+        value = kind(raw)
+        if kind is float and not math.isfinite(value):
+            raise ValueError
+        return value
     except ValueError:
-        raise RunError(f"{name}={raw!r}: expected a value of type {kind.__name__}") from None
+        raise RunError(f"{name}={raw!r}: expected {EXPECTED_KIND[kind]}") from None
 
 
 def choose_preset(values: dict, cuda_available: bool) -> str:
@@ -246,15 +254,12 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
 
 def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple[Hyperparameters, str]:
     """Build the config from env vars; returns it with the preset actually applied."""
+    check_env_names(env)
     fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    known = {name.upper() for name in fields}
     values = {}
     for name, field in fields.items():
         if name.upper() in env:
             values[name] = parse_env_value(name.upper(), env[name.upper()], type(field.default))
-    unknown = sorted(k for k in env if k.isupper() and k not in known and k.startswith(_KNOB_PREFIXES))
-    if unknown:
-        raise RunError(f"unknown setting {unknown[0]}: not a Hyperparameters field (typo?)")
     preset = choose_preset(values, cuda_available)
     if preset not in PRESETS:
         raise RunError(f"PRESET={preset!r}: expected auto or one of {', '.join(PRESETS)}")
@@ -267,60 +272,134 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
     return h, preset
 
 
-# Env vars that look like ours; an unknown one among them is almost certainly a typo in a sweep.
+# A misspelt setting would be silently ignored (SEEDS=42 trains seed 1337), so an env var that looks
+# like one of ours stops the run: its name is close to a setting's (difflib ratio >= 0.8, with and
+# without underscores, any case), is a setting's first or last words (MAX_WALLCLOCK, LAYERS), or
+# starts with a prefix only our settings use. Variables of the shell, Python, the GPU stack,
+# torchrun, schedulers and CI are never read as ours.
 _KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_", "MLP_",
                   "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_",
                   "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_", "EMA_", "AVERAGE_",
-                  "CHECKPOINT_", "FROM_")
+                  "CHECKPOINT_", "FROM_", "TTT_")
+_FOREIGN_PREFIXES = ("CUDA", "TORCH", "NCCL", "NV", "CUDNN", "CUBLAS", "TRITON", "OMP_", "MKL", "KMP_", "OPENBLAS",
+                     "GOTO", "PYTHON", "PYTEST", "LD_", "LC_", "XDG_", "SSH_", "GIT", "CONDA", "PIP_", "VIRTUAL_ENV",
+                     "MASTER_", "TORCHELASTIC", "LOCAL_", "GROUP_", "ROLE_", "SLURM", "PMI", "OMPI", "PMIX", "HF_",
+                     "HUGGING", "TOKENIZERS_", "TRANSFORMERS", "WANDB", "CI_", "RUNNER_", "DOCKER", "KUBERNETES",
+                     "AWS_", "GOOGLE", "AZURE", "RUNPOD", "JUPYTER", "SUDO_")
+_FOREIGN_NAMES = {"CI", "RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "LANG", "TERM"}
+
+
+def resembled_setting(name: str) -> str | None:
+    """The setting an env var's name looks like (itself if it is one), or None for a foreign variable."""
+    upper = name.upper()
+    known = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+    if upper in known:
+        return upper
+    if upper in _FOREIGN_NAMES or upper.startswith(_FOREIGN_PREFIXES):
+        return None
+    bare = {k.replace("_", ""): k for k in known}
+    close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8) or \
+        [bare[m] for m in difflib.get_close_matches(upper.replace("_", ""), bare, n=1, cutoff=0.8)]
+    if close:
+        return close[0]
+    part = [k for k in known if len(upper) >= 5 and (k.startswith(upper + "_") or k.endswith("_" + upper))]
+    if part:  # MAX_WALLCLOCK, LAYERS
+        return part[0]
+    if upper.startswith(_KNOB_PREFIXES):
+        return difflib.get_close_matches(upper, known, n=1, cutoff=0)[0]
+    return None
+
+
+def check_env_names(env: dict[str, str]) -> None:
+    for name in sorted(env):
+        setting = resembled_setting(name)
+        if setting is not None and name != setting:
+            raise RunError(f"{name} is not a setting; did you mean {setting}? (nothing reads {name}: unset or "
+                           f"rename it)")
 
 
 def validate(h: Hyperparameters) -> None:
-    """Reject impossible combinations with a message naming the variables."""
-    checks = [
-        (h.vocab_size >= 4, "VOCAB_SIZE must be >= 4 (pad, bos, eos, unk)"),
-        (h.num_layers >= 2, "NUM_LAYERS must be >= 2 (the U-Net pairs encoder and decoder blocks)"),
-        (h.model_dim % h.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
-        ((h.model_dim // max(h.num_heads, 1)) % 2 == 0, "MODEL_DIM / NUM_HEADS must be even (RoPE)"),
-        (h.num_kv_heads >= 1 and h.num_heads % h.num_kv_heads == 0,
-         "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
-        (h.mlp_mult >= 1, "MLP_MULT must be >= 1"),
-        (h.bigram_dim >= 1, "BIGRAM_DIM must be >= 1"),
-        (h.train_seq_len >= 2 and h.model_eval_seq_len >= 2, "TRAIN_SEQ_LEN and EVAL_SEQ_LEN must be >= 2"),
-        (h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
-         f"TRAIN_BATCH_TOKENS must be a multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
-        (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
-        (h.val_batch_size >= h.model_eval_seq_len, "VAL_BATCH_SIZE must hold at least one EVAL_SEQ_LEN window"),
+    """Reject impossible values and combinations with a message naming the variables. Each field's own
+    range is checked first (the combinations divide by some of them)."""
+    for checks in (field_checks, combination_checks, technique_checks):
+        for ok, message in checks(h):
+            if not ok:
+                raise RunError(message)
+    averager_names(h)  # a malformed AVERAGE_ALSO entry stops the run here, before training
+
+
+def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
+    """Every field's impossible values (bools, and paths whose files are checked where they are read,
+    have none): a NaN from ROPE_BASE=0 or LOGIT_SOFTCAP=0 is found at start, not after training."""
+    floats = [f.name for f in dataclasses.fields(h) if type(f.default) is float]
+    return [(math.isfinite(getattr(h, name)), f"{name.upper()}={getattr(h, name)}: expected a finite number")
+            for name in floats] + [
+        (bool(h.data_path) and bool(h.tokenizer_path), "DATA_PATH and TOKENIZER_PATH must not be empty"),
+        (4 <= h.vocab_size <= 65536, "VOCAB_SIZE must be in 4..65536 (pad, bos, eos, unk; shards hold uint16 ids)"),
+        (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", h.run_id) is not None or not h.run_id,
+         f"RUN_ID={h.run_id!r}: expected a file name of letters, digits, '.', '_' and '-' (it names logs/RUN_ID.txt)"),
+        (0 <= h.seed < 2**63, "SEED must be in 0..2^63-1"),
+        (h.preset in ("auto", *PRESETS), f"PRESET={h.preset!r}: expected auto or one of {', '.join(PRESETS)}"),
         (h.iterations >= 1 and h.warmup_steps >= 0 and h.warmdown_iters >= 0,
          "ITERATIONS must be >= 1, WARMUP_STEPS and WARMDOWN_ITERS >= 0"),
         (h.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0"),
+        (h.train_seq_len >= 2 and (h.eval_seq_len == 0 or h.eval_seq_len >= 2),
+         "TRAIN_SEQ_LEN must be >= 2, EVAL_SEQ_LEN 0 (TRAIN_SEQ_LEN) or >= 2"),
         (h.train_log_every >= 1 and h.val_loss_every >= 0, "TRAIN_LOG_EVERY must be >= 1, VAL_LOSS_EVERY >= 0"),
+        (h.num_layers >= 2, "NUM_LAYERS must be >= 2 (the U-Net pairs encoder and decoder blocks)"),
+        (min(h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult, h.bigram_dim) >= 1,
+         "MODEL_DIM, NUM_HEADS, NUM_KV_HEADS, MLP_MULT and BIGRAM_DIM must be >= 1"),
+        (h.rope_base > 1, "ROPE_BASE must be > 1 (RoPE's frequencies are powers of 1/ROPE_BASE)"),
+        (h.logit_softcap > 0, "LOGIT_SOFTCAP must be > 0 (logits = cap * tanh(z / cap))"),
+        (h.qk_gain_init > 0, "QK_GAIN_INIT must be > 0"),
+        (h.tied_embed_init_std > 0, "TIED_EMBED_INIT_STD must be > 0 (a zero embedding gets no gradient)"),
+        (h.bigram_vocab_size == 0 or h.bigram_scale_init != 0,
+         "BIGRAM_SCALE_INIT must not be 0 (the table starts at zero: with a zero scale neither gets a gradient)"),
         (min(h.matrix_lr, h.scalar_lr, h.tied_embed_lr) > 0, "MATRIX_LR, SCALAR_LR, TIED_EMBED_LR must be > 0"),
-        (0 <= h.muon_momentum < 1 and 0 <= h.muon_momentum_warmup_start < 1, "MUON_MOMENTUM* must be in [0, 1)"),
+        (0 <= h.muon_momentum < 1 and 0 <= h.muon_momentum_warmup_start < 1,
+         "MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be in [0, 1)"),
+        (h.muon_momentum_warmup_steps >= 0, "MUON_MOMENTUM_WARMUP_STEPS must be >= 0"),
         (h.muon_backend_steps >= 1, "MUON_BACKEND_STEPS must be >= 1"),
+        (0 <= h.adam_beta1 < 1 and 0 <= h.adam_beta2 < 1, "ADAM_BETA1 and ADAM_BETA2 must be in [0, 1)"),
+        (h.adam_eps > 0, "ADAM_EPS must be > 0"),
+        (h.muon_wd >= 0 and h.adam_wd >= 0 and h.grad_clip_norm >= 0,
+         "MUON_WD, ADAM_WD and GRAD_CLIP_NORM must be >= 0"),
         (h.swa_interval >= 0 and 0 < h.swa_start_frac <= 1, "SWA_INTERVAL must be >= 0, SWA_START_FRAC in (0, 1]"),
-        (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
-        (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
-        (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
-        (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
-         "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
-        (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
-         "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
         (0 <= h.ema_decay < 1, "EMA_DECAY must be in [0, 1)"),
-        (not (h.ema_decay and h.swa_interval), "SWA_INTERVAL and EMA_DECAY are both on: set one of them to 0"),
-        (not h.average_also or h.checkpoint_out, "AVERAGE_ALSO is kept only by CHECKPOINT_OUT: set it too"),
-        (not h.from_checkpoint or not (h.checkpoint_out or h.eval_only),
-         "FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY"),
         (h.val_tokens >= 0, "VAL_TOKENS must be >= 0"),
         (h.ttt_lr_scale >= 0 and h.ttt_lora_rank >= 1 and h.ttt_chunk_tokens >= 1 and h.ttt_batch_docs >= 1,
          "TTT_LR_SCALE must be >= 0, TTT_LORA_RANK, TTT_CHUNK_TOKENS and TTT_BATCH_DOCS >= 1"),
         (re.fullmatch(r"\s*(\d+\s*(,\s*\d+\s*)*)?", h.ttt_phases) is not None,
          f"TTT_PHASES={h.ttt_phases!r}: expected document counts like 2500 or 833,1666,2500"),
         (h.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS must be > 0"),
+        (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
+        (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
+        (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+        (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
+         "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
     ]
-    for ok, message in checks + technique_checks(h):
-        if not ok:
-            raise RunError(message)
-    averager_names(h)  # a malformed AVERAGE_ALSO entry stops the run here, before training
+
+
+def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
+    return [
+        (h.model_dim % h.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
+        ((h.model_dim // h.num_heads) % 2 == 0, "MODEL_DIM / NUM_HEADS must be even (RoPE)"),
+        (h.num_heads % h.num_kv_heads == 0, "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
+        (h.train_batch_tokens >= SLICES_PER_STEP * h.train_seq_len and
+         h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
+         f"TRAIN_BATCH_TOKENS must be a positive multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
+        (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
+        (h.val_batch_size >= h.model_eval_seq_len, "VAL_BATCH_SIZE must hold at least one EVAL_SEQ_LEN window"),
+        (h.matrix_lr * h.muon_wd < 1 and max(h.scalar_lr, h.tied_embed_lr) * h.adam_wd < 1,
+         "MATRIX_LR x MUON_WD and SCALAR_LR / TIED_EMBED_LR x ADAM_WD must be < 1 (weight decay multiplies "
+         "the weights by 1 - lr x wd)"),
+        (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
+         "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
+        (not (h.ema_decay and h.swa_interval), "SWA_INTERVAL and EMA_DECAY are both on: set one of them to 0"),
+        (not h.average_also or h.checkpoint_out, "AVERAGE_ALSO is kept only by CHECKPOINT_OUT: set it too"),
+        (not h.from_checkpoint or not (h.checkpoint_out or h.eval_only),
+         "FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY"),
+    ]
 
 
 def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
@@ -332,7 +411,7 @@ def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
 
 
 def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
-    head_dim = h.model_dim // max(h.num_heads, 1)
+    head_dim = h.model_dim // h.num_heads
     recur = recurrence_blocks(h)
     return [
         (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
@@ -605,8 +684,6 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if sp.vocab_size() != h.vocab_size:
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: vocab size {sp.vocab_size()}, "
                        f"but VOCAB_SIZE={h.vocab_size}")
-    if h.vocab_size > 65536:
-        raise RunError(f"VOCAB_SIZE={h.vocab_size}: shards store token ids as uint16 (at most 65536 pieces)")
     return sp
 
 
@@ -1643,6 +1720,8 @@ DEMOTIONS = {"fp16": "int8", "int6": "int5", "int5": "int4"}  # the fitting ladd
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 ARTIFACT_MAGIC = b"PGOLF\x00A3"
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
+ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
+ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
 MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
                 "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len", "smear_mode", "rope_dims",
                 "xsa_last_n", "ln_scale", "mlp_negative_slope", "lanes_from", "recur_blocks")
@@ -1855,6 +1934,7 @@ def pack_frames(parts: list[bytes], zstd_level: int) -> bytes:
 
 
 def unpack_frames(data: bytes) -> list[bytes]:
+    """The compressed frames, as the frame table cuts them (the table must cover the file exactly)."""
     (count,) = struct.unpack_from("<I", data, len(ARTIFACT_MAGIC))
     if not 1 <= count <= 64:
         raise ValueError(f"{count} frames")
@@ -1862,26 +1942,61 @@ def unpack_frames(data: bytes) -> list[bytes]:
     pos = len(ARTIFACT_MAGIC) + 4 + 8 * count
     if pos + sum(lengths) != len(data):
         raise ValueError(f"the frames cover {pos + sum(lengths)} bytes, the file has {len(data)}")
-    parts = []
+    frames = []
     for length in lengths:
-        parts.append(zstandard.ZstdDecompressor().decompress(data[pos:pos + length]))
+        frames.append(data[pos:pos + length])
         pos += length
-    return parts
+    return frames
+
+
+def decompress_frame(frame: bytes, max_bytes: int) -> bytes:
+    """One frame, refused before anything is allocated if its header declares more than `max_bytes`
+    (zstd allocates what the header declares: one flipped bit there asked for exabytes) or lacks the
+    checksum that every frame of ours carries; trailing bytes are refused too."""
+    params = zstandard.get_frame_parameters(frame)
+    if not params.has_checksum or params.dict_id:
+        raise ValueError("a frame without its checksum, or with a dictionary")
+    if params.content_size > max_bytes:  # an unknown size reads as 2^64 - 1
+        raise ValueError(f"a frame declares {params.content_size} bytes where at most {max_bytes} can be")
+    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_bytes, allow_extra_data=False)
+
+
+def payload_bytes(blobs: list[dict]) -> int:
+    """The bytes the header's arrays take, checked: each array's size follows from its dtype and
+    shape, and the arrays lie end to end."""
+    total = 0
+    for blob in blobs:
+        if not all(isinstance(d, int) and d >= 0 for d in blob["shape"]):
+            raise ValueError(f"array {blob['name']} has shape {blob['shape']}")
+        nbytes = math.prod(blob["shape"]) * np.dtype(ARTIFACT_DTYPES[blob["dtype"]]).itemsize
+        if blob["offset"] != total or blob["nbytes"] != nbytes:
+            raise ValueError(f"array {blob['name']} does not lie where its size puts it")
+        total += nbytes
+    if total > ARTIFACT_MAX_PAYLOAD_BYTES:
+        raise ValueError(f"the arrays would take {total} bytes")
+    return total
 
 
 def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict]]:
-    """Returns (model config, quantized state); any damage is a RunError naming `source`."""
+    """Returns (model config, quantized state); any damage is a RunError naming `source`. Every frame
+    is decompressed within what the format allows: the header within ARTIFACT_MAX_HEADER_BYTES, the
+    sections within what the (checksummed) header says the arrays take."""
     if not data.startswith(ARTIFACT_MAGIC):
-        raise RunError(f"{source}: not an artifact of this script (bad magic)")
+        raise RunError(f"{source}: corrupt or truncated artifact, or not one written by this script (bad magic)")
     try:
-        header_json, *sections = unpack_frames(data)
-        header = json.loads(header_json)
+        header_frame, *section_frames = unpack_frames(data)
+        header = json.loads(decompress_frame(header_frame, ARTIFACT_MAX_HEADER_BYTES))
+        remaining = payload_bytes(header["blobs"])
+        sections = []
+        for frame in section_frames:
+            sections.append(decompress_frame(frame, remaining))
+            remaining -= len(sections[-1])
+        if remaining:
+            raise ValueError(f"the sections lack {remaining} bytes of the arrays")
         body = memoryview(b"".join(sections))
         quantized = {name: {"class": cls, "shape": header["shapes"][name], "arrays": {}}
                      for name, cls in header["classes"].items()}
         for blob in header["blobs"]:
-            if blob["offset"] < 0 or blob["offset"] + blob["nbytes"] > len(body):
-                raise ValueError(f"array {blob['name']} lies outside the payload")
             array = from_byte_planes(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
                                      np.dtype(ARTIFACT_DTYPES[blob["dtype"]])).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
@@ -1889,7 +2004,11 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
             expected = ("q", "scale") if entry["class"] in QUANT_BITS else ("value",)
             if sorted(entry["arrays"]) != sorted(expected):
                 raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays")
-        return header["model"], quantized
+        defaults = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
+        config = header["model"]
+        if sorted(config) != sorted(MODEL_FIELDS) or any(type(v) is not type(defaults[k]) for k, v in config.items()):
+            raise ValueError("the model's shape is not described as this script describes it")
+        return config, quantized
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RunError(f"{source}: corrupt or truncated artifact ({type(exc).__name__}: {exc})") from None
 
@@ -2042,14 +2161,14 @@ def save_checkpoint(h: Hyperparameters, base_model: GPT, loader: DistributedToke
                     train_ms: float, averages: dict[str, tuple], log) -> None:
     """CHECKPOINT_OUT (rank 0): the final weights, every tracked average, steps, the stream position."""
     path = Path(h.checkpoint_out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(dict(format=CHECKPOINT_FORMAT, training_config=training_config(h), steps=steps, train_ms=train_ms,
-                    stream=dict(file_index=loader.stream.file_index, pos=loader.stream.pos),
-                    recur_active=base_model.recur_active,
-                    final_weights=cpu_state(base_model.state_dict()),
-                    averages={name: dict(weights=None if w is None else cpu_state(w), summary=summary)
-                              for name, (w, summary) in {"none": (None, FinalWeights().summary()),
-                                                         **averages}.items()}), path)
+    checkpoint = dict(format=CHECKPOINT_FORMAT, training_config=training_config(h), steps=steps, train_ms=train_ms,
+                      stream=dict(file_index=loader.stream.file_index, pos=loader.stream.pos),
+                      recur_active=base_model.recur_active,
+                      final_weights=cpu_state(base_model.state_dict()),
+                      averages={name: dict(weights=None if w is None else cpu_state(w), summary=summary)
+                                for name, (w, summary) in {"none": (None, FinalWeights().summary()),
+                                                           **averages}.items()})
+    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
     log(f"checkpoint: wrote {path} with averages {','.join(averages)}")
 
 
@@ -2206,6 +2325,33 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
     return elapsed
 
 
+FINITE_CHECK_EVERY = 5  # steps between reads of the divergence flag (one host sync each)
+
+
+class DivergenceWatch:
+    """Stops a diverged run within FINITE_CHECK_EVERY steps without a host sync on every step: each
+    step's loss is folded, on the device, into the step and value of the first non-finite loss (two
+    queued elementwise ops); the host reads that every FINITE_CHECK_EVERY steps and at the last step,
+    all ranks together (a MIN all-reduce of the step, so every rank stops at the same step)."""
+
+    def __init__(self, device: torch.device):
+        self.first = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss; step 0: none yet
+
+    def observe(self, rt: Runtime, loss: Tensor, step: int, last: bool) -> None:
+        new = torch.stack([torch.full_like(loss, step), loss.float()])
+        self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), new, self.first)
+        if step % FINITE_CHECK_EVERY and not last:
+            return
+        bad_step = torch.where(self.first[0] == 0, math.inf, self.first[0])
+        if rt.distributed:
+            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
+        (here_step, here_loss), bad_step = self.first.tolist(), bad_step.item()
+        if math.isfinite(bad_step):
+            value = here_loss if here_step == bad_step else "not finite (on another rank)"
+            raise RunError(f"train_loss is {value} at step {bad_step:.0f} (found at step {step}): the run "
+                           f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
+
+
 def model_for_eval(model: nn.Module) -> nn.Module:
     """The compiled module under DDP: evaluation needs no gradient synchronization."""
     return model.module if isinstance(model, DDP) else model
@@ -2214,6 +2360,7 @@ def model_for_eval(model: nn.Module) -> nn.Module:
 def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, list]:
     """The timed loop. Returns (steps taken, training time in ms, the weight averagers)."""
     averagers = [make_averager(name, base_model) for name in averager_names(h)]
+    watch = DivergenceWatch(rt.device)
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
     base_model.recur_active = bool(base_model.recur_blocks) and h.recur_start_frac == 0
@@ -2239,6 +2386,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             base_model.recur_active = True  # its compiled graph was built during warm-up
             log(f"recurrence: blocks {h.recur_blocks} run twice from step {step + 1}")
         last = reached_cap or step == h.iterations
+        watch.observe(rt, loss, step, last)
         if step % h.train_log_every == 0 or last:
             train_loss = mean_over_ranks(rt, loss)
             if not math.isfinite(train_loss):
@@ -2268,10 +2416,12 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
 
 def init_runtime() -> Runtime:
     """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if SLICES_PER_STEP % world_size:
+    world_size, rank, local_rank = (parse_env_value(name, os.environ.get(name, default), int)
+                                    for name, default in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0")))
+    if world_size not in (1, 2, 4, 8):
         raise RunError(f"WORLD_SIZE={world_size}: must divide {SLICES_PER_STEP} (1, 2, 4 or 8 processes)")
+    if not (0 <= rank < world_size and 0 <= local_rank < world_size):
+        raise RunError(f"RANK={rank}, LOCAL_RANK={local_rank}: expected 0..WORLD_SIZE-1={world_size - 1}")
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -2285,28 +2435,105 @@ def init_runtime() -> Runtime:
 
 
 class Logger:
-    """Rank 0 writes every line to logs/<RUN_ID>.txt and, unless told otherwise, to stdout."""
+    """Rank 0 writes every line to logs/<RUN_ID>.txt (created by claim_outputs) and, unless told
+    otherwise, to stdout. A line that cannot be written stops the run (the error goes to stderr)."""
 
     def __init__(self, path: Path | None):
         self.path = path
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
 
     def __call__(self, message: str, console: bool = True) -> None:
         if self.path is None:
             return
         if console:
             print(message, flush=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(message + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(message + "\n")
+        except OSError as exc:
+            path, self.path = self.path, None  # the error line itself cannot go there either
+            raise RunError(f"{path}: cannot write the log ({exc.strerror or exc})") from None
 
 
-def shared_run_id(h: Hyperparameters, rt: Runtime) -> str:
-    run_id = [h.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"]
+# A finished run is never lost: no output replaces an earlier one. Before anything runs, rank 0 checks
+# that the log folder and the folders of ARTIFACT_PATH and CHECKPOINT_OUT are writable with room for
+# an artifact (ARTIFACT_LIMIT_BYTES), refuses an ARTIFACT_PATH or CHECKPOINT_OUT that exists, and
+# claims logs/<RUN_ID>.txt (exclusive create); if that log (or the default artifact beside it) is
+# taken, the run becomes <RUN_ID>_2 (_3, ...) and says so. Files are written to a temporary name in
+# their folder and renamed, so a failed write leaves no partial file.
+LOG_ROOM_BYTES = 1 << 20  # a log holds this file's source and a line per TRAIN_LOG_EVERY steps
+
+
+def check_room(folder: Path, need: int, what: str) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_probe_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise RunError(f"{what}: cannot write into {folder} ({exc.strerror or exc})") from None
+    if free < need:
+        raise RunError(f"{what}: {folder} has {free} bytes free, less than the {need} its output may need")
+
+
+def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
+    """(run id, log path, artifact path, a note if the run id changed) on rank 0; the log is created."""
+    logs = SCRIPT_DIR / "logs"
+    check_room(logs, LOG_ROOM_BYTES, "the log folder")
+    outputs = [("CHECKPOINT_OUT", h.checkpoint_out)] + ([] if h.eval_only else [("ARTIFACT_PATH", h.artifact_path)])
+    for name, value in outputs:
+        if value and (Path(value).exists() or Path(value).is_symlink()):
+            raise RunError(f"{name}={value} already exists; a run never replaces an earlier output: move it "
+                           f"away or choose another path")
+        if value:
+            check_room(Path(value).absolute().parent, h.artifact_limit_bytes, name)
+    if not (h.eval_only or h.artifact_path):
+        check_room(logs, h.artifact_limit_bytes, "ARTIFACT_PATH (logs/<RUN_ID>.ptz)")
+    wanted = h.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
+    for n in range(1, 1000):
+        run_id = wanted if n == 1 else f"{wanted}_{n}"
+        log_path, artifact = logs / f"{run_id}.txt", Path(h.eval_only or h.artifact_path or logs / f"{run_id}.ptz")
+        if artifact.exists() and not (h.eval_only or h.artifact_path):
+            continue
+        try:
+            log_path.open("x").close()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise RunError(f"{log_path}: cannot create the log ({exc.strerror or exc})") from None
+        note = "" if n == 1 else (f"outputs: logs/{wanted}.txt or .ptz exists (an earlier run's); this run is "
+                                  f"RUN_ID={run_id}, so nothing is replaced")
+        return run_id, log_path, artifact, note
+    raise RunError(f"RUN_ID={wanted}: logs/{wanted}.txt and 998 numbered successors exist; choose another RUN_ID")
+
+
+def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str]:
+    """claim_files on rank 0, shared with every rank (its error too, so all ranks stop together)."""
+    claimed = [None]
+    if rt.is_main:
+        try:
+            claimed = [claim_files(h)]
+        except RunError as exc:
+            claimed = [str(exc)]
     if rt.distributed:
-        dist.broadcast_object_list(run_id, src=0)
-    return run_id[0]
+        dist.broadcast_object_list(claimed, src=0)
+    if isinstance(claimed[0], str):
+        raise RunError(claimed[0])
+    return claimed[0]
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(temporary path) in path's folder, then a rename onto path: a reader never sees a partial
+    file and a failed write leaves none. A failure is a RunError naming the path."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if path.exists():
+            raise RunError(f"{path} appeared while this run wrote it; the new file stays at {tmp}")
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"{path}: cannot write ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
 
 
 def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, log) -> None:
@@ -2376,8 +2603,7 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
     log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms")
     if rt.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(blob)
+        write_atomically(path, lambda tmp: tmp.write_bytes(blob))
     if rt.distributed:
         dist.barrier()
     log_artifact_bytes(h, path, code_bytes, moves, log)
@@ -2397,11 +2623,35 @@ def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: l
         raise RunError(f"{path}: code + model = {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes}")
 
 
-def load_artifact(path: Path) -> tuple[dict, dict[str, Tensor]]:
+def load_artifact(path: Path, max_bytes: int) -> tuple[dict, dict[str, Tensor]]:
+    """The artifact at `path`, read only if it is a file of at most `max_bytes` (the byte limit)."""
     if not path.is_file():
-        raise RunError(f"{path}: no such artifact")
-    config, quantized = deserialize_artifact(path.read_bytes(), str(path))
-    return config, dequantize_state(quantized)
+        raise RunError(f"{path}: no such artifact (not a file)")
+    try:
+        if path.stat().st_size > max_bytes:
+            raise RunError(f"{path}: {path.stat().st_size} bytes, over ARTIFACT_LIMIT_BYTES={max_bytes}: "
+                           f"not an artifact that fits")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read the artifact ({exc.strerror or exc})") from None
+    config, quantized = deserialize_artifact(data, str(path))
+    try:
+        return config, dequantize_state(quantized)
+    except (RuntimeError, ValueError) as exc:
+        raise RunError(f"{path}: corrupt or truncated artifact ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """The artifact's weights into the model it describes; a mismatch is a damaged artifact."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RunError(f"{path}: corrupt or truncated artifact (its tensors do not fit its model: "
+                       f"{first_line(exc)})") from None
+
+
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> None:
@@ -2489,24 +2739,28 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
 
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
     """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log."""
-    run_id = shared_run_id(h, rt)
-    log = Logger(SCRIPT_DIR / "logs" / f"{run_id}.txt" if rt.is_main else None)
+    run_id, log_path, artifact_path, note = claim_outputs(h, rt)
+    log = Logger(log_path if rt.is_main else None)
     try:
-        train_write_score(h, preset, rt, run_id, log)
+        if note:
+            log(note)
+        train_write_score(h, preset, rt, run_id, artifact_path, log)
     except RunError as exc:
         log(f"error: {exc}", console=False)
         raise
 
 
-def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, log) -> None:
+def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
     t_start = time.perf_counter()
     if h.eval_only:
-        config, state = load_artifact(Path(h.eval_only))
+        config, state = load_artifact(Path(h.eval_only), h.artifact_limit_bytes)
         h = dataclasses.replace(h, **config)  # the artifact decides the model's shape
-        validate(h)
+        try:
+            validate(h)
+        except RunError as exc:
+            raise RunError(f"{h.eval_only}: corrupt or truncated artifact (its model: {exc})") from None
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose bytes count
     log_header(h, rt, preset, run_id, code, log)
-    artifact_path = Path(h.eval_only or h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
     log(f"attention_backend:{attention_backend(h, rt.device)}")
     sp = load_tokenizer(h)
     val = load_validation(h, sp, rt.device, log, rt.rank, rt.world_size)
@@ -2514,7 +2768,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     if h.eval_only:
         log(f"eval_only: scoring {artifact_path}; nothing is trained")
         base_model = build_model(h, rt)
-        base_model.load_state_dict(state, strict=True)
+        load_weights(base_model, state, artifact_path)
         base_model.recur_active = bool(base_model.recur_blocks)  # the artifact names them only if they ran
         eval_model = maybe_compile(h, rt, base_model)  # evaluation needs no DDP
         # Nothing trains here: the graph is built on the split it scores, as scoring-time work (an
@@ -2528,8 +2782,8 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         write_artifact(h, rt, base_model, artifact_path, len(code), log, hessians)
         t_start = time.perf_counter()  # evaluation starts from the artifact on disk
-        _, state = load_artifact(artifact_path)
-        base_model.load_state_dict(state, strict=True)
+        _, state = load_artifact(artifact_path, h.artifact_limit_bytes)
+        load_weights(base_model, state, artifact_path)
     score_artifact(h, rt, eval_model, val, log)
     if h.ttt_enabled:
         score_documents(h, rt, base_model, eval_model, val, log)
