@@ -36,9 +36,10 @@ OFFICIAL_VAL_SPLITS = ("fineweb_sp1024", "fineweb_sp8192", "fineweb_sp8192_caseo
 TRACK = "10min-8xH100-16mb"
 
 # The result lines read from a log and the keys each must carry. A new field train_gpt.py logs is
-# read by adding its key here; final_sliding is required unless EVAL_STRIDE=0. The score of a run
-# is final_sliding if present, else final_roundtrip; its evaluation time is eval_done's, which
-# covers reading the artifact back and both evaluations.
+# read by adding its key here; final_sliding is required unless EVAL_STRIDE=0, final_ttt when
+# TTT_ENABLED. The score of a run is final_ttt if present (score-first TTT), else final_sliding, else
+# final_roundtrip; its evaluation time is eval_done's, which covers reading the artifact back and
+# every evaluation (TTT's too; its compile warm-up on random tokens is not evaluation).
 RESULT_LINES = {
     "train_done": ("steps", "train_time_ms"),
     "pre_quant": ("val_loss", "val_bpb"),
@@ -46,8 +47,10 @@ RESULT_LINES = {
     "val_tokens": ("val_tokens", "val_bytes"),
     "final_roundtrip": ("val_loss", "val_bpb", "eval_time_ms"),
     "final_sliding": ("val_loss", "val_bpb", "eval_time_ms"),
+    "final_ttt": ("val_loss", "val_bpb", "eval_time_ms"),
     "eval_done": ("eval_time_ms",),
 }
+SCORE_LINES = ("final_ttt", "final_sliding", "final_roundtrip")  # the first one logged is the score
 
 
 class UsageError(Exception):
@@ -160,7 +163,9 @@ class Run:
 
 
 def measure(log: Log) -> Run:
-    needed = [label for label in RESULT_LINES if label != "final_sliding" or log.hparams.get("EVAL_STRIDE") != "0"]
+    optional = {"final_sliding": log.hparams.get("EVAL_STRIDE") == "0",
+                "final_ttt": log.hparams.get("TTT_ENABLED", "False") in ("False", "0")}
+    needed = [label for label in RESULT_LINES if not optional.get(label)]
     missing = [label for label in needed if label not in log.lines]
     if missing:
         raise Incomplete(f"no {', '.join(missing)} line (the run crashed, was killed or did not train)")
@@ -172,7 +177,7 @@ def measure(log: Log) -> Run:
         value = {label: {key: number(log.lines[label][key]) for key in RESULT_LINES[label]} for label in needed}
     except ValueError as exc:
         raise Incomplete(f"a result is not a number: {exc}") from None
-    score_line = "final_sliding" if "final_sliding" in value else "final_roundtrip"
+    score_line = next(label for label in SCORE_LINES if label in value)
     return Run(
         score_line=score_line,
         val_loss=value[score_line]["val_loss"], val_bpb=value[score_line]["val_bpb"],
@@ -473,7 +478,8 @@ def report(logs, runs, results, not_record, sig, sig_wanted, code_path) -> str:
         out += [f"{'mean':>6} {np.mean(losses):11.8f} {np.mean(bpbs):11.8f}",
                 f"{'std':>6} {np.std(losses, ddof=1):11.8f} {np.std(bpbs, ddof=1):11.8f}"]
     if done:
-        out.append(f"score: the {done[0].score_line} line (sliding window if logged, else roundtrip)")
+        out.append(f"score: the {done[0].score_line} line (score-first TTT if logged, else the sliding window, "
+                   f"else roundtrip)")
     out += ["", "rule checks"]
     for title, problems in results:
         out.append(f"  {'FAIL' if problems else 'PASS'}  {title}")

@@ -347,3 +347,33 @@ def test_a_leak_is_reported_with_the_log_s_own_words(workdir, capsys):
     out = capsys.readouterr().out
     assert ("seed2.txt: WARNING: validation leak: 3 sampled validation documents occur in the training shards; "
             "leak_check hits:2; leak_check identical_shards:1") in out
+
+
+# -----------------------------------------------------------------------------
+# Score-first TTT (issue 17)
+
+
+def with_ttt(path: str, loss: float, ttt_ms: int = 300_000) -> None:
+    """Adds what a TTT_ENABLED run logs after the standard lines: per-document plain, then TTT."""
+    text = Path(path).read_text().replace("hparam MATRIX_LR=0.025", "hparam MATRIX_LR=0.025\nhparam TTT_ENABLED=True")
+    ttt = "".join(f"{label} val_loss:{value:.8f} val_bpb:{bpb(value):.8f} chunk:48 eval_time_ms:{ms}\n"
+                  f"val_tokens:{VAL_TOKENS} val_bytes:{VAL_BYTES}\n"
+                  for label, value, ms in (("final_document", loss + 0.001, 60_000), ("final_ttt", loss, ttt_ms)))
+    Path(path).write_text(text.replace("eval_done", ttt + "eval_done"))
+
+
+def test_a_ttt_run_is_scored_by_its_final_ttt_line(workdir, capsys):
+    paths = write_logs(workdir)
+    for path, loss in zip(paths, LOSSES):
+        with_ttt(path, loss - 0.02)
+    runs = [submit.measure(submit.read_log(Path(p))) for p in paths]
+    assert [r.score_line for r in runs] == ["final_ttt"] * 3
+    assert [r.val_loss for r in runs] == pytest.approx([loss - 0.02 for loss in LOSSES])
+
+
+def test_a_ttt_run_without_its_final_ttt_line_is_incomplete(workdir, capsys):
+    paths = write_logs(workdir)
+    text = Path(paths[0]).read_text().replace("hparam MATRIX_LR=0.025", "hparam MATRIX_LR=0.025\nhparam TTT_ENABLED=True")
+    Path(paths[0]).write_text(text)
+    with pytest.raises(submit.Incomplete, match="final_ttt"):
+        submit.measure(submit.read_log(Path(paths[0])))
