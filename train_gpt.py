@@ -1579,11 +1579,12 @@ def phase_ends(h: Hyperparameters, num_batches: int) -> list[int]:
 
 
 def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
-                       log, trace: list | None = None) -> tuple[float, float]:
+                       log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
     """Per-document evaluation of `model`, run through `forward` (the model or its compiled form; the
-    phases change its base weights): plain, or with score-first TTT when `adapt`. Adaptation stops (scoring goes on) where the projected time would
-    pass EVAL_BUDGET_SECONDS. Returns (val_loss, val_bpb) after checking that every target was scored
-    once and the bytes are the split's."""
+    phases change its base weights): plain, or with score-first TTT when `adapt`. Adaptation stops
+    (scoring goes on) where the projected time would pass `deadline` (a time.perf_counter() time).
+    Returns (val_loss, val_bpb) after checking that every target was scored once and the bytes are
+    the split's."""
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
     batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
@@ -1604,11 +1605,11 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
                 rt.sync()
                 batch_s.append(time.perf_counter() - tb)
                 left = (len(batches) - b - 1) / rt.world_size * (sum(batch_s) / len(batch_s))
-                if adapting and time.perf_counter() - t0 + left > h.eval_budget_seconds:
+                if adapting and time.perf_counter() + left > deadline:
                     adapting = False
-                    log(f"ttt: adaptation stopped after batch {b + 1} of {len(batches)}: at "
-                        f"{time.perf_counter() - t0:.0f}s, the rest would pass EVAL_BUDGET_SECONDS="
-                        f"{h.eval_budget_seconds:g}; scoring goes on without it")
+                    log(f"ttt: adaptation stopped after batch {b + 1} of {len(batches)}, "
+                        f"{time.perf_counter() - t0:.0f}s in: the rest would pass EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} of evaluation; "
+                        f"scoring goes on without it")
             first = stop
             if stop == len(batches) or not adapt:
                 continue
@@ -1641,12 +1642,12 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
     return loss_sum / targets, loss_sum / math.log(2) / nbytes
 
 
-def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, tables, log) -> None:
+def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, tables, log) -> float:
     """Builds the graphs TTT runs (every padded length, with and without gradients, and a phase) on
     random tokens, then restores the weights: compilation stays out of the evaluation time, and no
     validation token is read before it is scored. Nothing to build without torch.compile."""
     if not compile_enabled(h, rt):
-        return
+        return 0.0
     t0 = time.perf_counter()
     state = copy.deepcopy(model.state_dict())
     length = h.model_eval_seq_len + h.ttt_chunk_tokens  # a document that reaches every padded length
@@ -1654,21 +1655,25 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, tables, 
     docs = torch.randint(BOS_ID + 3, h.vocab_size, (2 * h.ttt_batch_docs, length), generator=generator)
     docs[:, 0] = BOS_ID
     stand_in = training_tokens_as_eval_set(torch.cat((docs.flatten(), docs[:1, 0])).numpy(), tables)
-    warm = dataclasses.replace(h, ttt_phases=str(h.ttt_batch_docs), eval_budget_seconds=float("inf"))
-    evaluate_documents(warm, rt, model, forward, stand_in, True, lambda message: None)
+    warm = dataclasses.replace(h, ttt_phases=str(h.ttt_batch_docs))
+    evaluate_documents(warm, rt, model, forward, stand_in, True, lambda message: None, math.inf)
     model.load_state_dict(state, strict=True)
+    rt.sync()
     log(f"ttt_warmup: graphs built on random tokens in {1000 * (time.perf_counter() - t0):.0f}ms "
         f"(not evaluation time)")
+    return time.perf_counter() - t0
 
 
-def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log) -> None:
-    """The per-document lines: plain (final_document), then with score-first TTT (final_ttt)."""
-    warm_up_ttt(h, rt, model, forward, val.tables, log)
+def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
+                    deadline: float) -> None:
+    """The per-document lines: plain (final_document), then with score-first TTT (final_ttt), whose
+    adaptation stops where it would pass `deadline` (time.perf_counter(): the evaluation's start plus
+    EVAL_BUDGET_SECONDS, so the standard lines' time counts against it too)."""
     t_start = time.perf_counter()
     for label, adapt in (("final_document", False), ("final_ttt", True)):
         rt.sync()
         t0 = time.perf_counter()
-        val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, adapt, log)
+        val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, adapt, log, deadline)
         rt.sync()
         log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} "
             f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
@@ -2774,6 +2779,8 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         # Nothing trains here: the graph is built on the split it scores, as scoring-time work (an
         # evaluation-only folder need not hold training shards).
         build_eval_graph(h, rt, eval_model, val)
+        if h.ttt_enabled:  # compilation on random tokens: not evaluation time
+            t_start += warm_up_ttt(h, rt, base_model, eval_model, val.tables, log)
         log_artifact_bytes(h, artifact_path, len(code), None, log)
     else:
         base_model, eval_model, hessians = train_model(h, rt, val, log)
@@ -2781,12 +2788,14 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
                                      h.val_batch_size, rt)
         log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         write_artifact(h, rt, base_model, artifact_path, len(code), log, hessians)
+        if h.ttt_enabled:
+            warm_up_ttt(h, rt, base_model, eval_model, val.tables, log)
         t_start = time.perf_counter()  # evaluation starts from the artifact on disk
         _, state = load_artifact(artifact_path, h.artifact_limit_bytes)
         load_weights(base_model, state, artifact_path)
     score_artifact(h, rt, eval_model, val, log)
     if h.ttt_enabled:
-        score_documents(h, rt, base_model, eval_model, val, log)
+        score_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
 

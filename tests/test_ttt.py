@@ -6,6 +6,7 @@ is scored once with the split's bytes; with the learning rates at 0 the score is
 per-document score, bit for bit; the compile warm-up reads no validation token."""
 import copy
 import re
+import time
 
 import numpy as np
 import pytest
@@ -23,9 +24,10 @@ def setup(**overrides):
     return h, tiny_model(h), tg.load_validation(h, tg.load_tokenizer(h), CPU)
 
 
-def run(h, model, val, adapt=True, log=None):
+def run(h, model, val, adapt=True, log=None, deadline=np.inf):
     trace = []
-    loss, bpb = tg.evaluate_documents(h, cpu_runtime(), model, model, val, adapt, log or (lambda m: None), trace)
+    loss, bpb = tg.evaluate_documents(h, cpu_runtime(), model, model, val, adapt, log or (lambda m: None), deadline,
+                                      trace)
     return loss, bpb, trace
 
 
@@ -147,9 +149,9 @@ def test_adapter_slots_are_independent():
 
 
 def test_adaptation_stops_within_the_budget_and_scoring_goes_on():
-    h, model, val = setup(eval_budget_seconds=1e-6)
+    h, model, val = setup()
     lines = []
-    loss, bpb, trace = run(h, model, val, log=lines.append)
+    loss, bpb, trace = run(h, model, val, log=lines.append, deadline=time.perf_counter() + 1e-6)
     assert any(line.startswith("ttt: adaptation stopped after batch 1 of") for line in lines)
     updates = [e for e in trace if e[0] == "update"]
     first_batch = set(tg.split_documents(val.tokens.numpy()).order[:h.ttt_batch_docs].tolist())
@@ -165,8 +167,8 @@ def test_the_compile_warm_up_reads_random_tokens_and_restores_the_weights(monkey
     monkeypatch.setattr(tg, "compile_enabled", lambda h, rt: True)
     seen = []
     real = tg.evaluate_documents
-    monkeypatch.setattr(tg, "evaluate_documents", lambda h, rt, m, f, v, adapt, log, trace=None:
-                        seen.append((v, adapt)) or real(h, rt, m, f, v, adapt, log, trace))
+    monkeypatch.setattr(tg, "evaluate_documents", lambda h, rt, m, f, v, adapt, log, deadline, trace=None:
+                        seen.append((v, adapt)) or real(h, rt, m, f, v, adapt, log, deadline, trace))
     before = copy.deepcopy(model.state_dict())
     lines = []
     tg.warm_up_ttt(h, cpu_runtime(), model, model, val.tables, lines.append)
