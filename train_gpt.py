@@ -1608,8 +1608,8 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
                 if adapting and time.perf_counter() + left > deadline:
                     adapting = False
                     log(f"ttt: adaptation stopped after batch {b + 1} of {len(batches)}, "
-                        f"{time.perf_counter() - t0:.0f}s in: the rest would pass EVAL_BUDGET_SECONDS={h.eval_budget_seconds:g} of evaluation; "
-                        f"scoring goes on without it")
+                        f"{time.perf_counter() - t0:.0f}s in: the rest would pass EVAL_BUDGET_SECONDS="
+                        f"{h.eval_budget_seconds:g} of evaluation; scoring goes on without it")
             first = stop
             if stop == len(batches) or not adapt:
                 continue
