@@ -756,6 +756,32 @@ def document_starts(tokens: np.ndarray) -> np.ndarray:
     return np.flatnonzero(tokens == BOS_ID)
 
 
+def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
+    """Logs the data builder's manifest (tools/build_dataset.py writes DATA_PATH/manifest.json) when there
+    is one, and checks the validation files against the sizes and sha256 it lists: a file changed or
+    swapped since the build is an error. Training shards are not hashed (16 GB at pod size)."""
+    path = Path(h.data_path) / "manifest.json"
+    if not path.is_file():
+        return
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        listed, settings = manifest["files"], manifest["settings"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{path}: not a data manifest ({exc!r})") from None
+    for f in files:
+        entry = listed.get(os.path.basename(f))
+        if entry is None or entry.get("bytes") != os.path.getsize(f) or entry.get("sha256") != file_sha256(f):
+            raise RunError(f"{path}: {os.path.basename(f)} is not the file the manifest lists (missing from it, or "
+                           f"changed since the build)")
+    if settings.get("vocab_size") != h.vocab_size:
+        raise RunError(f"{path}: built for vocab size {settings.get('vocab_size')}, but VOCAB_SIZE={h.vocab_size}")
+    dropped = manifest.get("splits", {}).get("train", {}).get("dropped_duplicates_of_val")
+    log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} "
+        f"created:{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} "
+        f"caseops:{settings.get('caseops')} val_docs:{settings.get('val_docs')} "
+        f"train_dropped_duplicates_of_val:{dropped} sha256:{file_sha256(str(path))}")
+
+
 def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:
     """Bytes of the original text behind each validation token (a BOS and the first token: 0).
 
@@ -843,6 +869,7 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
     """Reads the validation split, names it, counts its bytes and proves them (check_validation_text)."""
     files = find_shards(h, "val")
     sidecar = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")))
+    check_manifest(h, files + sidecar, log)
     tokens = np.concatenate([load_shard(f, h.vocab_size) for f in files])
     tables = byte_tables(sp)
     caseops = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)

@@ -2,6 +2,7 @@
 import sys
 
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import REPO, TEXT
@@ -60,7 +61,9 @@ def test_caseops_decode_rejects_malformed(bad):
 
 # ----------------------------------------------------------------------------- the builder
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import hashlib  # noqa: E402
 import subprocess  # noqa: E402
 
@@ -282,3 +285,22 @@ def test_caseops_dataset_trains_and_scores_against_the_original_bytes(caseops_bu
     assert run.returncode == 0, run.explain()
     expected = sum(len(d.encode("utf-8")) for d in docs[:VAL_DOCS])
     assert f"val_bytes:{expected} " in run.body
+
+
+def test_train_gpt_logs_the_manifest_and_refuses_a_validation_file_changed_since_the_build(caseops_build, tmp_path):
+    _, _, folder = caseops_build
+    h = dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512,
+                            tokenizer_path=str(folder / "tokenizer_sp512_caseops.model"))
+    sp = tg.load_tokenizer(h)
+    lines = []
+    tg.load_validation(h, sp, torch.device("cpu"), lines.append)
+    [line] = [line for line in lines if line.startswith("data_manifest:")]
+    assert "builder:tools/build_dataset.py" in line and "vocab_size:512 caseops:True" in line
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    shard = changed / "fineweb_val_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-2:] = data[-4:-2]  # one token, header untouched
+    shard.write_bytes(bytes(data))
+    with pytest.raises(tg.RunError, match=r"manifest\.json: fineweb_val_000000\.bin is not the file the manifest lists"):
+        tg.load_validation(dataclasses.replace(h, data_path=str(changed)), sp, torch.device("cpu"))
