@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import glob
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -47,8 +49,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -155,6 +158,7 @@ class Hyperparameters:
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
+    attn_backend: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 (Model)
     eval_only: str = ""  # path to an artifact: score it (model shape from the artifact), train nothing
     # GPTQ rounding, calibrated on training tokens after training (0: off; rounded up to whole
     # steps). Reading training data counts toward the training time, so the loop stops
@@ -262,7 +266,7 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
 _KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_", "MLP_",
                   "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_",
                   "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_", "EMA_", "AVERAGE_",
-                  "CHECKPOINT_", "FROM_")
+                  "CHECKPOINT_", "FROM_", "ATTN_")
 
 
 def validate(h: Hyperparameters) -> None:
@@ -292,6 +296,7 @@ def validate(h: Hyperparameters) -> None:
         (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
         (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+        (h.attn_backend in ATTN_BACKENDS, f"ATTN_BACKEND={h.attn_backend!r}: expected one of {', '.join(ATTN_BACKENDS)}"),
         (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
          "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
         (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
@@ -686,46 +691,97 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     return y.flatten(1, 2)
 
 
-# The SDPA kernels allowed on CUDA, in torch's own order of preference (torch._C._get_sdp_priority_order:
-# flash, efficient, math, cuDNN). The math kernel is left out: it materializes the (T, T) scores,
-# ~3x slower and far more memory, and torch would fall back to it silently.
-FAST_SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                      "cudnn": SDPBackend.CUDNN_ATTENTION}
+# Attention kernels. ATTN_BACKEND pins the one causal_attention runs: `auto` lets SDPA choose among
+# its fused kernels (the math kernel is switched off: it materializes the (T, T) scores, ~3x slower,
+# and torch would fall back to it silently); `flash`, `efficient`, `cudnn` allow that SDPA kernel
+# alone; `math` is the reference; `fa3` (FlashAttention 3, `flash_attn_interface`, what the records
+# used; not on PyPI) and `fa4` (`flash_attn.cute`, the flash-attn-4 package) are used where they
+# import and the tensors are on CUDA, else SDPA `auto` runs and the log says so. The choice is set
+# once, in configure(), as torch's global SDPA switches: no context is entered on the hot path.
+# Which kernel really runs is read, not assumed: attention_kernel_report() runs the training shape
+# forward and backward and names the aten op torch dispatched (torch >= 2.11 picks cuDNN on H100/H200
+# where `auto` is allowed it; the first kernel of a list that accepts a shape need not be the one).
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
+ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS)
+SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "flash-cpu"),  # most specific names first
+            ("_scaled_dot_product_flash_attention", "flash"), ("_scaled_dot_product_efficient_attention", "efficient"),
+            ("_efficient_attention_forward", "efficient"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
+            ("_scaled_dot_product_fused_attention_overrideable", "fused-overrideable"))
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA). On
-    CUDA the math kernel is switched off once, in configure(): not a context entered every call."""
+def select_sdpa_kernels(name: str) -> None:
+    """Allows the SDPA kernels that ATTN_BACKEND=name permits (torch's process-wide switches)."""
+    sdpa = name if name in SDPA_KERNELS else "auto"
+    torch.backends.cuda.enable_flash_sdp(sdpa in ("auto", "flash"))
+    torch.backends.cuda.enable_mem_efficient_sdp(sdpa in ("auto", "efficient"))
+    torch.backends.cuda.enable_cudnn_sdp(sdpa in ("auto", "cudnn"))
+    torch.backends.cuda.enable_math_sdp(sdpa == "math")
+
+
+@functools.lru_cache(maxsize=None)
+def optional_kernel(name: str):
+    """The flash_attn_func of FA3 / FA4 when ATTN_BACKEND names one and it imports; else None."""
+    if name not in OPTIONAL_KERNELS:
+        return None
+    try:
+        return importlib.import_module(OPTIONAL_KERNELS[name]).flash_attn_func
+    except Exception:  # not installed, or built for another torch / CUDA: SDPA runs instead
+        return None
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None) -> Tensor:
+    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA).
+    `kernel`: an optional flash_attn_func (FA3 / FA4), which takes (B, T, heads, hd) and GQA as is."""
+    if kernel is not None and q.is_cuda:
+        y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # some versions also return the LSE
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
-def sdpa_accepts(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> bool:
-    with warnings.catch_warnings(), sdpa_kernel(backend):
-        warnings.simplefilter("ignore")  # torch warns why a kernel does not apply; the caller says it
-        try:
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-            return True
-        except RuntimeError:
-            return False
+class DispatchedOps(TorchDispatchMode):
+    """Records the names of the aten ops that run below autograd (the kernels SDPA chose)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
-def first_fast_attention(h: Hyperparameters, device: torch.device) -> str:
-    """The first of FAST_SDPA_BACKENDS that accepts the model's attention (bf16, its heads and head
-    dim) on `device`: the one causal_attention runs. None accepting is an error."""
+def attention_kernel_report(h: Hyperparameters, rt) -> str:
+    """The kernel causal_attention runs for one micro-batch of the training shape (batch 1 on CPU),
+    in the training dtype, forward and backward, with the ATTN_BACKEND in force: named from the aten
+    op torch dispatched (`math`: no fused op ran). A pinned kernel that rejects the shape is an error."""
     head_dim = h.model_dim // h.num_heads
-    q = torch.randn(1, h.num_heads, 128, head_dim, device=device, dtype=torch.bfloat16)
-    k = v = torch.randn(1, h.num_kv_heads, 128, head_dim, device=device, dtype=torch.bfloat16)
-    for name, backend in FAST_SDPA_BACKENDS.items():
-        if sdpa_accepts(backend, q, k, v):
-            return name
-    raise RunError(f"no fast attention kernel ({', '.join(FAST_SDPA_BACKENDS)}) accepts NUM_HEADS={h.num_heads} "
-                   f"NUM_KV_HEADS={h.num_kv_heads} head dim {head_dim} in bf16 on {device}; only the slow math "
-                   f"kernel would run")
-
-
-def attention_backend(h: Hyperparameters, device: torch.device) -> str:
-    """For the log: the kernel causal_attention uses (CPU: torch's default choice, unrestricted)."""
-    return first_fast_attention(h, device) if device.type == "cuda" else "cpu-default"
+    batch = h.train_batch_tokens // SLICES_PER_STEP // h.train_seq_len if rt.device.type == "cuda" else 1
+    dtype = torch.bfloat16 if rt.bf16 else torch.float32
+    shape = f"{batch}x{h.num_heads}/{h.num_kv_heads} heads x {h.train_seq_len} x {head_dim} {str(dtype)[6:]}"
+    q = torch.randn(batch, h.num_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, h.num_kv_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype,
+                        requires_grad=True) for _ in range(2))
+    kernel = optional_kernel(h.attn_backend) if rt.device.type == "cuda" else None
+    recorder = DispatchedOps()
+    try:
+        with warnings.catch_warnings(), recorder:
+            warnings.simplefilter("ignore")  # torch warns why each kernel does not apply; the error says it
+            causal_attention(q, k, v, kernel).sum().backward()
+    except RuntimeError as exc:
+        raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention of {shape} on "
+                       f"{rt.device.type} ({str(exc).splitlines()[0][:200]})") from None
+    if kernel is not None:
+        return f"{h.attn_backend} ({OPTIONAL_KERNELS[h.attn_backend]}.flash_attn_func) for {shape}"
+    ran = next((label for op, label in SDPA_OPS if any(n.startswith(op) for n in recorder.names)), "math")
+    op = next((f"aten.{n.removesuffix('.default')}" for n in recorder.names if "attention" in n), "bmm + softmax")
+    report = f"{ran} ({op}) for {shape}"
+    if h.attn_backend in OPTIONAL_KERNELS:
+        module = OPTIONAL_KERNELS[h.attn_backend]
+        why = f"{module} does not import" if optional_kernel(h.attn_backend) is None else f"{module} needs CUDA"
+        report += f"; ATTN_BACKEND={h.attn_backend}: {why}, SDPA auto ran instead"
+    return report
 
 
 class Attention(nn.Module):
@@ -740,6 +796,7 @@ class Attention(nn.Module):
         self.proj = Linear(h.model_dim, h.model_dim, h.qat_bits)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = Rotary(h.rope_dims or self.head_dim, max_len, h.rope_base)
+        self.kernel = optional_kernel(h.attn_backend)  # None: SDPA
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -748,7 +805,7 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, self.kernel)
         if self.xsa:
             y = remove_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -1786,7 +1843,7 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_math_sdp(False)  # only FAST_SDPA_BACKENDS: a silent fallback would be ~3x slower
+    select_sdpa_kernels(h.attn_backend)
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
 
@@ -1941,7 +1998,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose bytes count
     log_header(h, rt, preset, run_id, code, log)
     artifact_path = Path(h.eval_only or h.artifact_path or SCRIPT_DIR / "logs" / f"{run_id}.ptz")
-    log(f"attention_backend:{attention_backend(h, rt.device)}")
+    log(f"attention_backend:{attention_kernel_report(h, rt)}")
     sp = load_tokenizer(h)
     val = load_validation(h, sp, rt.device)
 

@@ -513,7 +513,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
         "host": platform.node(), "world_size": rt.world_size, "grad_accum_steps": rt.grad_accum_steps,
         "tokens": args.tokens, "compile_enabled": compile_on,
         "compile_backend": args.compile_backend if compile_on else None,
-        "bf16": rt.bf16, "attention_backend": tg.attention_backend(h, rt.device),
+        "bf16": rt.bf16, "attention_backend": tg.attention_kernel_report(h, rt),
         "config": config_summary(h, preset, base_model), "tokens_per_step": h.train_batch_tokens,
         "timed_steps": args.steps, "flops_per_token": flops_per_token,
         "flops_per_token_parts": {"matmul": 6 * sum(matmul_params(h).values()),
