@@ -44,7 +44,7 @@ def bench_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     env = {**clean_env(), "COMPILE": "1"}
     cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--steps", "3", "--pipelined-steps", "2", "--eval",
-           "--val-tokens", "3000", "--quant", "--compile-backend", "eager", "--out", str(out)]
+           "--val-tokens", "3000", "--quant", "--compile-backend", "eager", "--recur-at", "2", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "ms/step" in proc.stdout and out.with_suffix(".txt").is_file()
@@ -74,6 +74,34 @@ def test_bench_reports_every_field_consistently(bench_result):
     assert p["est_8gpu_ms_per_step"] == pytest.approx(s["ms_per_step_median"] / 8)
     assert r["warmup_ms"] > 0 and r["memory"]["timed_steps"]["max_rss_mib"] > 0
     assert r["host_syncs"]["count"] is None  # needs CUDA
+
+
+def test_recur_at_times_the_recurrence_phase_apart(bench_result):
+    r, stdout = bench_result
+    rec = r["train"]["recurrence"]
+    assert rec["recur_at"] == 2 and rec["blocks"] == "0"
+    assert rec["recur_off"]["steps"] == 2 and rec["recur_on"]["steps"] == 1
+    assert rec["recur_off"]["ms_per_step_median"] > 0 and rec["recur_on"]["ms_per_step_median"] > 0
+    assert "recur_off" in stdout and "on from timed step 2" in stdout
+
+
+def test_recur_at_needs_repeated_blocks_and_a_step_in_range():
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--steps", "3", "--recur-at", "4"])
+    env = {**clean_env(), "RECUR_BLOCKS": "", "LANES_FROM": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "speed.py"), "--steps", "2", "--recur-at", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--recur-at 1: this configuration repeats no blocks" in proc.stderr
+
+
+def test_a_compilation_inside_the_timed_steps_is_an_error():
+    f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    f(torch.ones(3))
+    with pytest.raises(tg.RunError, match="compiled inside the timed steps"):
+        with speed.no_recompiles(True):
+            f(torch.ones(4))  # a new shape: a recompilation
+    with speed.no_recompiles(False):
+        f(torch.ones(5))  # not compiled by train_gpt's settings: nothing is enforced
 
 
 def test_bench_compiles_only_during_warmup(bench_result):
