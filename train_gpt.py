@@ -1197,10 +1197,11 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt,
+                     batches: int | None = None) -> dict[str, Tensor]:
     """E[x x^T] over the inputs x of every block matrix, from GPTQ_CALIB_TOKENS training tokens
-    (all ranks together; the stream continues where training stopped). Runs the uncompiled model:
-    the hooks need eager inputs."""
+    (all ranks together; the stream continues where training stopped), or from `batches` micro-batches
+    (the warm-up's one). Runs the uncompiled model: the hooks need eager inputs."""
     sums, hooks = {}, []
 
     def hook_for(name: str):
@@ -1215,7 +1216,7 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
             hooks.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
     tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
     steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)  # whole steps: the same spans on any world size
-    batches = steps * rt.grad_accum_steps
+    batches = batches or steps * rt.grad_accum_steps
     for _ in range(batches):
         inputs, _ = loader.next_batch(tokens_per_slice, h.train_seq_len)
         with rt.autocast():
@@ -1667,7 +1668,7 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
 
 def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
     """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
-    every graph the timed loop and the evaluations use, then restores the initial weights and
+    every graph the timed loop and the evaluations use, and one GPTQ calibration batch, then restores the initial weights and
     optimizer state. With depth recurrence, both the model without and with the repeated blocks
     are warmed up (WARMUP_STEPS each): the switch mid-run must not compile. The data loader is
     rebuilt by the caller. No validation token is read before the clock: the evaluation batch is
@@ -1685,6 +1686,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
             train_step(h, rt, model, optimizers, loader, step, scale=1.0)
         stand_in = training_tokens_as_eval_set(loader.stream.take(h.model_eval_seq_len + 1), tables)
         build_eval_graph(h, rt, model_for_eval(model), stand_in)
+    if h.gptq_calib_tokens:  # GPTQ's one-time costs (first eager calls, allocations) here, not on the clock
+        collect_hessians(base_model, loader, h, rt, batches=1)
     base_model.recur_active = False
     base_model.load_state_dict(initial_model, strict=True)
     for opt, state in zip(optimizers, initial_opts):
@@ -1703,34 +1706,81 @@ def model_for_eval(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
+CLOCK_CHECK_STEPS = 16  # the most steps between two readings of the device-synced clock (~1-2 s on 8xH100)
+
+
+def max_over_ranks(rt: Runtime, value: float) -> float:
+    if not rt.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=rt.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
+
+
+def first_step_at_fraction(frac: float, iterations: int) -> int:
+    """The first step s with s / iterations >= frac (the step-based progress the loop compares)."""
+    s = max(math.ceil(frac * iterations), 0)
+    while s > 0 and (s - 1) / iterations >= frac:
+        s -= 1
+    while s / iterations < frac:
+        s += 1
+    return s
+
+
+def next_clock_check(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float, recur_pending: bool) -> int:
+    """The step after which the loop next syncs the device and agrees on the clock: at most
+    CLOCK_CHECK_STEPS ahead, and near an event half the steps estimated to remain before it, so the
+    check lands on it: the wallclock cap (no step may start that would cross it) and the recurrence
+    switch (by steps exactly, by time within about a step). Every rank computes the same step from the
+    same agreed reading."""
+    step_ms = elapsed_ms / step
+    gap = float(CLOCK_CHECK_STEPS)
+    if cap_ms:
+        gap = min(gap, ((cap_ms - elapsed_ms) / step_ms - 1) / 2)
+    if recur_pending:
+        gap = min(gap, first_step_at_fraction(h.recur_start_frac, h.iterations) - step)
+        if cap_ms:
+            gap = min(gap, (h.recur_start_frac * cap_ms - elapsed_ms) / step_ms / 2)
+    return step + max(int(gap), 1)
+
+
 def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, list]:
-    """The timed loop. Returns (steps taken, training time in ms, the weight averagers)."""
+    """The timed loop. Returns (steps taken, training time in ms, the weight averagers).
+
+    The host does not wait for the device after every step: the clock is read after a device sync
+    only at check steps (next_clock_check) and log steps, and, with torchrun, all ranks take the
+    slowest rank's reading (one all-reduce), so they stop and switch the recurrence at the same step.
+    Between checks the LR schedule's elapsed time is extrapolated from the last agreed reading at its
+    mean step time: every rank uses the same LR."""
     averagers = [make_averager(name, base_model) for name in averager_names(h)]
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
+    agreed_ms, agreed_step, check_at = 0.0, 0, 1  # the last agreed clock reading, and the next check
     base_model.recur_active = bool(base_model.recur_blocks) and h.recur_start_frac == 0
     rt.sync()
     t0 = time.perf_counter()
     while step < h.iterations:
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed_ms = agreed_ms + (step - agreed_step) * (agreed_ms / agreed_step if agreed_step else 0.0)
         scale = lr_scale(h, step, elapsed_ms)
         loss = train_step(h, rt, model, optimizers, loader, step, scale)
         step += 1
         for averager in averagers:
             averager.observe(base_model, step, scale)
+        last = step == h.iterations
+        validate_now = bool(h.val_loss_every) and step % h.val_loss_every == 0
+        if not (step == check_at or last or validate_now or step % h.train_log_every == 0):
+            continue
         rt.sync()
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        agreed_ms = max_over_ranks(rt, train_ms + 1000 * (time.perf_counter() - t0))
+        elapsed_ms, agreed_step = agreed_ms, step
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
         progress = max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
-        recur_due = bool(base_model.recur_blocks) and progress >= h.recur_start_frac
-        if rt.distributed and (cap_ms > 0 or base_model.recur_blocks):  # every rank must decide alike
-            flags = torch.tensor([float(reached_cap), float(recur_due)], device=rt.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            reached_cap, recur_due = (bool(f) for f in flags.tolist())
-        if recur_due and not base_model.recur_active:
+        if base_model.recur_blocks and not base_model.recur_active and progress >= h.recur_start_frac:
             base_model.recur_active = True  # its compiled graph was built during warm-up
             log(f"recurrence: blocks {h.recur_blocks} run twice from step {step + 1}")
-        last = reached_cap or step == h.iterations
+        recur_pending = bool(base_model.recur_blocks) and not base_model.recur_active
+        check_at = next_clock_check(h, step, elapsed_ms, cap_ms, recur_pending)
+        last = last or reached_cap
         if step % h.train_log_every == 0 or last:
             train_loss = mean_over_ranks(rt, loss)
             if not math.isfinite(train_loss):
@@ -1740,7 +1790,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             eta_s = (min(h.iterations - step, (cap_ms - elapsed_ms) / step_ms if cap_ms else math.inf)) * step_ms / 1000
             log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
-        if h.val_loss_every and step % h.val_loss_every == 0 and not last:
+        if validate_now and not last:
             train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while we validate
             val_loss, val_bpb = evaluate(model_for_eval(model), val, h.model_eval_seq_len, h.model_eval_seq_len,
                                          h.val_batch_size, rt)
