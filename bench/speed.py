@@ -298,7 +298,12 @@ def time_quantization(h, rt, base_model) -> dict:
             "note": "weights after a few steps compress differently from a trained model's: times matter, bytes less"}
 
 
-def profile_steps(h, rt, model, optimizers, loader, first_step: int, count: int) -> str:
+ATTENTION_MARKERS = ("attention", "flash", "fmha", "cudnn", "sdpa", "attn")  # in kernel and op names
+
+
+def profile_steps(h, rt, model, optimizers, loader, first_step: int, count: int) -> tuple[str, list[str]]:
+    """The top ops of `count` profiled steps (a table), and the names of every profiled op or kernel
+    that looks like attention: under torch.compile, the kernels that really ran."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if rt.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -307,7 +312,9 @@ def profile_steps(h, rt, model, optimizers, loader, first_step: int, count: int)
             tg.train_step(h, rt, model, optimizers, loader, first_step + i, 1.0)
         rt.sync()
     key = "self_device_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30)
+    averages = prof.key_averages()
+    attention = sorted({e.key for e in averages if any(m in e.key.lower() for m in ATTENTION_MARKERS)})
+    return averages.table(sort_by=key, row_limit=30), attention
 
 
 def recurrence_phases(step_ms: list[float], recur_at: int, h) -> dict:
@@ -384,6 +391,7 @@ def report_table(r: dict) -> str:
                    f"{c['num_kv_heads']}, mlp {c['mlp_mult']}x, seq {c['train_seq_len']}, params {c['params']:,}, "
                    f"compile {r['compile_enabled']} ({r['compile_backend']}), bf16 {r['bf16']}, tokens {r['tokens']}"),
         ("attention", r.get("attention_backend", "n/a")),
+        ("profiled attention", ", ".join(r.get("profiled_attention_kernels") or []) or "n/a (--profile-steps 0)"),
         ("tokens/step", f"{c['train_batch_tokens']:,}"),
         ("ms/step", f"median {s['ms_per_step_median']:.2f}, mean {s['ms_per_step_mean']:.2f}, min "
                     f"{s['ms_per_step_min']:.2f}, max {s['ms_per_step_max']:.2f}, stdev {s['ms_per_step_stdev']:.2f} "
@@ -550,8 +558,8 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
     memory_timed = memory_stats(rt)
     next_step = args.steps + args.pipelined_steps
     host_syncs = count_host_syncs(h, rt, model, optimizers, loader, next_step)
-    profile = profile_steps(h, rt, model, optimizers, loader, next_step + 1, args.profile_steps) \
-        if args.profile_steps else None
+    profile, profiled_attention = profile_steps(h, rt, model, optimizers, loader, next_step + 1, args.profile_steps) \
+        if args.profile_steps else (None, None)
     flops_per_token = model_flops_per_token(h)
     peak = peak_tflops(name, args.peak_tflops) if (rt.bf16 or args.peak_tflops) else None
     result = {
@@ -569,7 +577,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
         "train": summarize_steps(timed, pipelined, h, rt, flops_per_token, peak),
         "compile": {"warmup": warmup_compiles, "timed": timed_compiles},
         "memory": {"warmup": memory_warmup, "timed_steps": memory_timed},
-        "host_syncs": host_syncs, "profile": profile,
+        "host_syncs": host_syncs, "profile": profile, "profiled_attention_kernels": profiled_attention,
     }
     if args.recur_at is not None:
         result["train"]["recurrence"] = {"recur_at": args.recur_at, "blocks": h.recur_blocks,
