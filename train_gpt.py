@@ -158,7 +158,7 @@ class Hyperparameters:
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
-    attn_backend: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 (Model)
+    attn_backend: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 (see Model)
     eval_only: str = ""  # path to an artifact: score it (model shape from the artifact), train nothing
     # GPTQ rounding, calibrated on training tokens after training (0: off; rounded up to whole
     # steps). Reading training data counts toward the training time, so the loop stops

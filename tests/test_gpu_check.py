@@ -157,3 +157,35 @@ def test_figures_are_read_from_a_train_log_outside_its_embedded_source():
     assert figures["attention_backend"] == "cudnn" and figures["warmup_ms"] == "61234" and "warning" not in figures
     assert figures["gptq_calibration_ms"] == "812" and figures["quantize_ms"] == "31000"
     assert (figures["pre_quant_val_bpb"], figures["final_sliding_val_bpb"]) == ("1.9000", "1.8800")
+
+
+@pytest.mark.slow
+def test_the_plans_own_commands_run_end_to_end_on_cpu(tmp_path, monkeypatch):
+    """The real plan (train_gpt's presets), each command as planned but with the smoke preset on the
+    bundled sample in place of the GPU presets and a toy attention shape: every step runs, its
+    figures are read, and its files are in the results."""
+    import train_gpt as tg
+    from conftest import SAMPLE, TOKENIZER, clean_env
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    work.mkdir()
+    steps = gc.plan_steps(gc.parse_args([]), tg, tmp_path / "data", work)
+    steps = [s for s in steps if s["name"] in ("attention", "speed:frontier", "e2e:frontier")]
+    for step in steps:
+        if "PRESET" in step["env"]:
+            step["env"].update(PRESET="smoke", DATA_PATH=str(SAMPLE), TOKENIZER_PATH=str(TOKENIZER),
+                               VAL_BATCH_SIZE="2048")
+        if step["name"] == "attention":
+            step["cmd"] += ["--shape", "2,4,2,64,16", "--reps", "1"]
+    header = {"device": "cpu", "torch": "x", "date": "d", "budget_s": 1000}
+    monkeypatch.setattr(gc.os, "environ", clean_env())  # the children's environment: no knobs, no CUDA
+    rows = gc.execute(steps, 1000, out, work, header, cuda=True, started=time.monotonic())
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("last_line") for r in rows]
+    speed, e2e = rows[1]["figures"], rows[2]["figures"]
+    assert speed["ms_per_step_recur_off"] > 0 and speed["ms_per_step_recur_on"] > 0 and speed["recompiles_timed"] == 0
+    assert speed["attention"].startswith("flash-cpu")
+    assert float(e2e["final_sliding_val_bpb"]) > 0 and int(e2e["gptq_calibration_ms"]) >= 0
+    assert rows[0]["figures"]["causal/sdpa-auto"].startswith("match")
+    with tarfile.open(out / "results.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"attention.json", "speed_frontier.json", "speed_frontier.txt", "e2e_frontier.txt"} <= names
