@@ -49,7 +49,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -701,8 +700,7 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 # Which kernel really runs is read, not assumed: attention_kernel_report() runs the training shape
 # forward and backward and names the aten op torch dispatched (torch >= 2.11 picks cuDNN on H100/H200
 # where `auto` is allowed it; the first kernel of a list that accepts a shape need not be the one).
-SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
 ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS)
 SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "flash-cpu"),  # most specific names first
