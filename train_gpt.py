@@ -1666,8 +1666,8 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
 
 def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
     """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
-    every graph the timed loop and the evaluations use, and one GPTQ calibration batch, then restores the initial weights and
-    optimizer state. With depth recurrence, both the model without and with the repeated blocks
+    every graph the timed loop and the evaluations use, and one GPTQ calibration batch (its first
+    eager calls), then restores the initial weights and optimizer state. With depth recurrence, both the model without and with the repeated blocks
     are warmed up (WARMUP_STEPS each): the switch mid-run must not compile. The data loader is
     rebuilt by the caller. No validation token is read before the clock: the evaluation batch is
     made of training tokens (`tables`: the tokenizer's byte tables on the device, for the same code
@@ -1704,7 +1704,7 @@ def model_for_eval(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
-CLOCK_CHECK_STEPS = 16  # the most steps between two readings of the device-synced clock (~1-2 s on 8xH100)
+CLOCK_CHECK_STEPS = 16  # the most steps between two readings of the device-synced clock (~1 s at the record's 65 ms)
 
 
 def max_over_ranks(rt: Runtime, value: float) -> float:
