@@ -266,18 +266,18 @@ def attention_flops(shape, docs=None) -> float:
     return 4 * pairs * H * hd
 
 
-def run_case(case: str, shape, dtype, device, args) -> list[dict]:
+def run_case(case: str, shape, dtype, device, args, rows: list[dict], save) -> None:
     docs = document_ids(shape[0], shape[3], device) if case == "documents" else None
     check_shape = (min(args.check_batch, shape[0]), *shape[1:])
     check_docs = docs[:check_shape[0]] if docs is not None else None
     flops = attention_flops(shape, docs)
-    rows = []
     for name, run in candidates(device, case).items():
         row = {"case": case, "shape": "x".join(map(str, shape)), "kernel": name}
         rows.append(row)
         if run is None:
             row["status"] = "not installed" if device.type == "cuda" else "n/a: needs CUDA"
             print(table_row(row), flush=True)
+            save()
             continue
         try:
             with warnings.catch_warnings():
@@ -294,7 +294,7 @@ def run_case(case: str, shape, dtype, device, args) -> list[dict]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         print(table_row(row), flush=True)
-    return rows
+        save()  # after every kernel: a run cut at its time limit keeps the rows it finished
 
 
 def table_row(row: dict) -> str:
@@ -325,15 +325,18 @@ def main(argv=None) -> int:
     print(f"attn_check: {device_name}, torch {torch.__version__}, {str(dtype)[6:]}, shapes "
           f"{', '.join(c['preset'] + ' ' + 'x'.join(map(str, c['shape'])) for c in cases)}", flush=True)
     rows = []
-    for case in cases:
-        rows += run_case("causal", case["shape"], dtype, device, args)
-    documents = next((c for c in cases if c["preset"] == "sp8192"), cases[0])  # the preset that will need it
-    rows += run_case("documents", documents["shape"], dtype, device, args)
     result = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype), "tolerance": TOLERANCE[dtype],
               "reference": "fp32 math attention on the same inputs", "cases": cases, "rows": rows}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    for case in cases:
+        run_case("causal", case["shape"], dtype, device, args, rows, save)
+    documents = next((c for c in cases if c["preset"] == "sp8192"), cases[0])  # the preset that will need it
+    run_case("documents", documents["shape"], dtype, device, args, rows, save)
     failed = [r for r in rows if r["status"].startswith("MISMATCH")]
     print(f"attn_check: {sum(r['status'] == 'match' for r in rows)} kernels match, {len(failed)} mismatch, "
           f"{sum(r['status'].startswith('error') for r in rows)} rejected a shape", flush=True)

@@ -222,6 +222,9 @@ def time_steps(h, rt, model, optimizers, loader, first_step: int, count: int, sy
         if sync_each:
             rt.sync()
             step_ms.append(1000 * (time.perf_counter() - t0))
+            if rt.is_main:  # as it happens: a run cut at its time limit leaves these in its output
+                print(f"bench: step {step} {step_ms[-1]:.1f} ms recurrence "
+                      f"{'on' if base_model is not None and base_model.recur_active else 'off'}", flush=True)
     rt.sync()
     total_ms = 1000 * (time.perf_counter() - t_start)
     mean_losses = [tg.mean_over_ranks(rt, loss) for loss in losses]
