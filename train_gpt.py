@@ -23,8 +23,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import glob
 import hashlib
+import importlib
 import itertools
 import json
 import math
@@ -49,8 +51,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -166,6 +168,7 @@ class Hyperparameters:
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
+    attn_backend: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 (see Model)
     eval_only: str = ""  # path to an artifact: score it (model shape from the artifact), train nothing
     # GPTQ rounding, calibrated on training tokens after training (0: off; rounded up to whole
     # steps). Reading training data counts toward the training time, so the loop stops
@@ -280,7 +283,7 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
 _KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_", "MLP_",
                   "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_",
                   "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_", "EMA_", "AVERAGE_",
-                  "CHECKPOINT_", "FROM_", "TTT_")
+                  "CHECKPOINT_", "FROM_", "TTT_", "ATTN_")
 _FOREIGN_PREFIXES = ("CUDA", "TORCH", "NCCL", "NV", "CUDNN", "CUBLAS", "TRITON", "OMP_", "MKL", "KMP_", "OPENBLAS",
                      "GOTO", "PYTHON", "PYTEST", "LD_", "LC_", "XDG_", "SSH_", "GIT", "CONDA", "PIP_", "VIRTUAL_ENV",
                      "MASTER_", "TORCHELASTIC", "LOCAL_", "GROUP_", "ROLE_", "SLURM", "PMI", "OMPI", "PMIX", "HF_",
@@ -375,6 +378,7 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
         (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
+        (h.attn_backend in ATTN_BACKENDS, f"ATTN_BACKEND={h.attn_backend!r}: expected one of {', '.join(ATTN_BACKENDS)}"),
         (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
          "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
     ]
@@ -1060,46 +1064,96 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     return y.flatten(1, 2)
 
 
-# The SDPA kernels allowed on CUDA, in torch's own order of preference (torch._C._get_sdp_priority_order:
-# flash, efficient, math, cuDNN). The math kernel is left out: it materializes the (T, T) scores,
-# ~3x slower and far more memory, and torch would fall back to it silently.
-FAST_SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                      "cudnn": SDPBackend.CUDNN_ATTENTION}
+# Attention kernels. ATTN_BACKEND pins the one causal_attention runs: `auto` lets SDPA choose among
+# its fused kernels (the math kernel is switched off: it materializes the (T, T) scores, ~3x slower,
+# and torch would fall back to it silently); `flash`, `efficient`, `cudnn` allow that SDPA kernel
+# alone; `math` is the reference; `fa3` (FlashAttention 3, `flash_attn_interface`, what the records
+# used; not on PyPI) and `fa4` (`flash_attn.cute`, the flash-attn-4 package) are used where they
+# import and the tensors are on CUDA, else SDPA `auto` runs and the log says so. The choice is set
+# once, in configure(), as torch's global SDPA switches: no context is entered on the hot path.
+# Which kernel really runs is read, not assumed: attention_kernel_report() runs the training shape
+# forward and backward and names the aten op torch dispatched (torch >= 2.11 picks cuDNN on H100/H200
+# where `auto` is allowed it; the first kernel of a list that accepts a shape need not be the one).
+SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
+OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
+ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS)
+SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "flash-cpu"),  # most specific names first
+            ("_scaled_dot_product_flash_attention", "flash"), ("_scaled_dot_product_efficient_attention", "efficient"),
+            ("_efficient_attention_forward", "efficient"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
+            ("_scaled_dot_product_fused_attention_overrideable", "fused-overrideable"))
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA). On
-    CUDA the math kernel is switched off once, in configure(): not a context entered every call."""
+def select_sdpa_kernels(name: str) -> None:
+    """Allows the SDPA kernels that ATTN_BACKEND=name permits (torch's process-wide switches)."""
+    sdpa = name if name in SDPA_KERNELS else "auto"
+    torch.backends.cuda.enable_flash_sdp(sdpa in ("auto", "flash"))
+    torch.backends.cuda.enable_mem_efficient_sdp(sdpa in ("auto", "efficient"))
+    torch.backends.cuda.enable_cudnn_sdp(sdpa in ("auto", "cudnn"))
+    torch.backends.cuda.enable_math_sdp(sdpa == "math")
+
+
+@functools.lru_cache(maxsize=None)
+def optional_kernel(name: str):
+    """The flash_attn_func of FA3 / FA4 when ATTN_BACKEND names one and it imports; else None."""
+    if name not in OPTIONAL_KERNELS:
+        return None
+    try:
+        return importlib.import_module(OPTIONAL_KERNELS[name]).flash_attn_func
+    except Exception:  # not installed, or built for another torch / CUDA: SDPA runs instead
+        return None
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None) -> Tensor:
+    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA).
+    `kernel`: an optional flash_attn_func (FA3 / FA4), which takes (B, T, heads, hd) and GQA as is."""
+    if kernel is not None and q.is_cuda:
+        y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # some versions also return the LSE
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
 
 
-def sdpa_accepts(backend: SDPBackend, q: Tensor, k: Tensor, v: Tensor) -> bool:
-    with warnings.catch_warnings(), sdpa_kernel(backend):
-        warnings.simplefilter("ignore")  # torch warns why a kernel does not apply; the caller says it
-        try:
-            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
-            return True
-        except RuntimeError:
-            return False
+class DispatchedOps(TorchDispatchMode):
+    """Records the names of the aten ops that run below autograd (the kernels SDPA chose)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
 
 
-def first_fast_attention(h: Hyperparameters, device: torch.device) -> str:
-    """The first of FAST_SDPA_BACKENDS that accepts the model's attention (bf16, its heads and head
-    dim) on `device`: the one causal_attention runs. None accepting is an error."""
+def attention_kernel_report(h: Hyperparameters, rt) -> str:
+    """The kernel causal_attention runs for one micro-batch of the training shape (batch 1 on CPU),
+    in the training dtype, forward and backward, with the ATTN_BACKEND in force: named from the aten
+    op torch dispatched (`math`: no fused op ran). A pinned kernel that rejects the shape is an error."""
     head_dim = h.model_dim // h.num_heads
-    q = torch.randn(1, h.num_heads, 128, head_dim, device=device, dtype=torch.bfloat16)
-    k = v = torch.randn(1, h.num_kv_heads, 128, head_dim, device=device, dtype=torch.bfloat16)
-    for name, backend in FAST_SDPA_BACKENDS.items():
-        if sdpa_accepts(backend, q, k, v):
-            return name
-    raise RunError(f"no fast attention kernel ({', '.join(FAST_SDPA_BACKENDS)}) accepts NUM_HEADS={h.num_heads} "
-                   f"NUM_KV_HEADS={h.num_kv_heads} head dim {head_dim} in bf16 on {device}; only the slow math "
-                   f"kernel would run")
-
-
-def attention_backend(h: Hyperparameters, device: torch.device) -> str:
-    """For the log: the kernel causal_attention uses (CPU: torch's default choice, unrestricted)."""
-    return first_fast_attention(h, device) if device.type == "cuda" else "cpu-default"
+    batch = h.train_batch_tokens // SLICES_PER_STEP // h.train_seq_len if rt.device.type == "cuda" else 1
+    dtype = torch.bfloat16 if rt.bf16 else torch.float32
+    shape = f"{batch}x{h.num_heads}/{h.num_kv_heads} heads x {h.train_seq_len} x {head_dim} {str(dtype)[6:]}"
+    q = torch.randn(batch, h.num_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, h.num_kv_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype,
+                        requires_grad=True) for _ in range(2))
+    kernel = optional_kernel(h.attn_backend) if rt.device.type == "cuda" else None
+    recorder = DispatchedOps()
+    try:
+        with warnings.catch_warnings(), recorder:
+            warnings.simplefilter("ignore")  # torch warns why each kernel does not apply; the error says it
+            causal_attention(q, k, v, kernel).sum().backward()
+    except RuntimeError as exc:
+        raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention of {shape} on "
+                       f"{rt.device.type} ({str(exc).splitlines()[0][:200]})") from None
+    if kernel is not None:
+        return f"{h.attn_backend} ({OPTIONAL_KERNELS[h.attn_backend]}.flash_attn_func) for {shape}"
+    ran = next((label for op, label in SDPA_OPS if any(n.startswith(op) for n in recorder.names)), "math")
+    op = next((f"aten.{n.removesuffix('.default')}" for n in recorder.names if "attention" in n), "bmm + softmax")
+    report = f"{ran} ({op}) for {shape}"
+    if h.attn_backend in OPTIONAL_KERNELS:
+        module = OPTIONAL_KERNELS[h.attn_backend]
+        why = f"{module} does not import" if optional_kernel(h.attn_backend) is None else f"{module} needs CUDA"
+        report += f"; ATTN_BACKEND={h.attn_backend}: {why}, SDPA auto ran instead"
+    return report
 
 
 class Attention(nn.Module):
@@ -1114,6 +1168,7 @@ class Attention(nn.Module):
         self.proj = Linear(h.model_dim, h.model_dim, h.qat_bits)
         self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
         self.rotary = Rotary(h.rope_dims or self.head_dim, max_len, h.rope_base)
+        self.kernel = optional_kernel(h.attn_backend)  # None: SDPA
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, C = x.shape
@@ -1122,7 +1177,7 @@ class Attention(nn.Module):
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, self.kernel)
         if self.xsa:
             y = remove_self_value(y, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -1816,10 +1871,11 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt) -> dict[str, Tensor]:
+def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt,
+                     batches: int | None = None) -> dict[str, Tensor]:
     """E[x x^T] over the inputs x of every block matrix, from GPTQ_CALIB_TOKENS training tokens
-    (all ranks together; the stream continues where training stopped). Runs the uncompiled model:
-    the hooks need eager inputs."""
+    (all ranks together; the stream continues where training stopped), or from `batches` micro-batches
+    (the warm-up's one). Runs the uncompiled model: the hooks need eager inputs."""
     sums, hooks = {}, []
 
     def hook_for(name: str):
@@ -1834,7 +1890,7 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
             hooks.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
     tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
     steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)  # whole steps: the same spans on any world size
-    batches = steps * rt.grad_accum_steps
+    batches = batches or steps * rt.grad_accum_steps
     for _ in range(batches):
         inputs, _ = loader.next_batch(tokens_per_slice, h.train_seq_len)
         with rt.autocast():
@@ -2326,8 +2382,8 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
 
 def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
     """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
-    every graph the timed loop and the evaluations use, then restores the initial weights and
-    optimizer state. With depth recurrence, both the model without and with the repeated blocks
+    every graph the timed loop and the evaluations use, and one GPTQ calibration batch (its first
+    eager calls), then restores the initial weights and optimizer state. With depth recurrence, both the model without and with the repeated blocks
     are warmed up (WARMUP_STEPS each): the switch mid-run must not compile. The data loader is
     rebuilt by the caller. No validation token is read before the clock: the evaluation batch is
     made of training tokens (`tables`: the tokenizer's byte tables on the device, for the same code
@@ -2344,6 +2400,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
             train_step(h, rt, model, optimizers, loader, step, scale=1.0)
         stand_in = training_tokens_as_eval_set(loader.stream.take(h.model_eval_seq_len + 1), tables)
         build_eval_graph(h, rt, model_for_eval(model), stand_in)
+    if h.gptq_calib_tokens:  # GPTQ's one-time costs (first eager calls, allocations) here, not on the clock
+        collect_hessians(base_model, loader, h, rt, batches=1)
     base_model.recur_active = False
     base_model.load_state_dict(initial_model, strict=True)
     for opt, state in zip(optimizers, initial_opts):
@@ -2357,28 +2415,22 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
     return elapsed
 
 
-FINITE_CHECK_EVERY = 5  # steps between reads of the divergence flag (one host sync each)
-
-
 class DivergenceWatch:
-    """Stops a diverged run within FINITE_CHECK_EVERY steps without a host sync on every step: each
-    step's loss is folded, on the device, into the step and value of the first non-finite loss (two
-    queued elementwise ops); the host reads that every FINITE_CHECK_EVERY steps and at the last step,
-    all ranks together (a MIN all-reduce of the step, so every rank stops at the same step)."""
+    """Stops a diverged run at the next clock check (at most CLOCK_CHECK_STEPS steps later) without a
+    host sync of its own: each step's loss is folded, on the device, into the step and value of the
+    first non-finite loss (two queued elementwise ops), which the loop reads with its clock
+    (agree_on_clock: the same sync, the same all-reduce, so every rank stops at the same step)."""
 
     def __init__(self, device: torch.device):
         self.first = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss; step 0: none yet
 
-    def observe(self, rt: Runtime, loss: Tensor, step: int, last: bool) -> None:
+    def fold(self, loss: Tensor, step: int) -> None:
         new = torch.stack([torch.full_like(loss, step), loss.float()])
         self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), new, self.first)
-        if step % FINITE_CHECK_EVERY and not last:
-            return
-        bad_step = torch.where(self.first[0] == 0, math.inf, self.first[0])
-        if rt.distributed:
-            dist.all_reduce(bad_step, op=dist.ReduceOp.MIN)
-        (here_step, here_loss), bad_step = self.first.tolist(), bad_step.item()
+
+    def stop_if_diverged(self, bad_step: float, step: int) -> None:
         if math.isfinite(bad_step):
+            here_step, here_loss = self.first.tolist()
             value = here_loss if here_step == bad_step else "not finite (on another rank)"
             raise RunError(f"train_loss is {value} at step {bad_step:.0f} (found at step {step}): the run "
                            f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
@@ -2389,36 +2441,87 @@ def model_for_eval(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DDP) else model
 
 
+CLOCK_CHECK_STEPS = 8  # the most steps between two readings of the device-synced clock (~0.8 s at ~96 ms)
+
+
+def agree_on_clock(rt: Runtime, clock_ms: float, watch: DivergenceWatch) -> tuple[float, float]:
+    """One all-reduce per clock check: the slowest rank's clock (ms) and the first step at which any
+    rank's loss was not finite (inf: none), as a MAX over (clock, -step)."""
+    bad = torch.where(watch.first[0] == 0, math.inf, watch.first[0].double())
+    both = torch.stack((torch.tensor(clock_ms, dtype=torch.float64, device=bad.device), -bad.double()))
+    if rt.distributed:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    clock, negative_step = both.tolist()
+    return clock, -negative_step
+
+
+def first_step_at_fraction(frac: float, iterations: int) -> int:
+    """The first step s with s / iterations >= frac (the step-based progress the loop compares)."""
+    s = max(math.ceil(frac * iterations), 0)
+    while s > 0 and (s - 1) / iterations >= frac:
+        s -= 1
+    while s / iterations < frac:
+        s += 1
+    return s
+
+
+def next_clock_check(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float, recur_pending: bool) -> int:
+    """The step after which the loop next syncs the device and agrees on the clock: at most
+    CLOCK_CHECK_STEPS ahead, and near an event half the steps estimated to remain before it, so the
+    check lands on it: the wallclock cap (no step may start that would cross it) and the recurrence
+    switch (by steps exactly, by time within about a step). Every rank computes the same step from the
+    same agreed reading."""
+    step_ms = elapsed_ms / step
+    gap = float(CLOCK_CHECK_STEPS)
+    if cap_ms:
+        gap = min(gap, ((cap_ms - elapsed_ms) / step_ms - 1) / 2)
+    if recur_pending:
+        gap = min(gap, first_step_at_fraction(h.recur_start_frac, h.iterations) - step)
+        if cap_ms:
+            gap = min(gap, (h.recur_start_frac * cap_ms - elapsed_ms) / step_ms / 2)
+    return step + max(int(gap), 1)
+
+
 def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, list]:
-    """The timed loop. Returns (steps taken, training time in ms, the weight averagers)."""
+    """The timed loop. Returns (steps taken, training time in ms, the weight averagers).
+
+    The host does not wait for the device after every step: the clock is read after a device sync
+    only at check steps (next_clock_check) and log steps, and, with torchrun, all ranks take the
+    slowest rank's reading (one all-reduce), so they stop and switch the recurrence at the same step.
+    Between checks the LR schedule's elapsed time is extrapolated from the last agreed reading at its
+    mean step time: every rank uses the same LR."""
     averagers = [make_averager(name, base_model) for name in averager_names(h)]
     watch = DivergenceWatch(rt.device)
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
+    agreed_ms, agreed_step, check_at = 0.0, 0, 1  # the last agreed clock reading, and the next check
     base_model.recur_active = bool(base_model.recur_blocks) and h.recur_start_frac == 0
     rt.sync()
     t0 = time.perf_counter()
     while step < h.iterations:
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        elapsed_ms = agreed_ms + (step - agreed_step) * (agreed_ms / agreed_step if agreed_step else 0.0)
         scale = lr_scale(h, step, elapsed_ms)
         loss = train_step(h, rt, model, optimizers, loader, step, scale)
         step += 1
         for averager in averagers:
             averager.observe(base_model, step, scale)
+        watch.fold(loss, step)
+        last = step == h.iterations
+        validate_now = bool(h.val_loss_every) and step % h.val_loss_every == 0
+        if not (step == check_at or last or validate_now or step % h.train_log_every == 0):
+            continue
         rt.sync()
-        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        agreed_ms, bad_step = agree_on_clock(rt, train_ms + 1000 * (time.perf_counter() - t0), watch)
+        watch.stop_if_diverged(bad_step, step)
+        elapsed_ms, agreed_step = agreed_ms, step
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
         progress = max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
-        recur_due = bool(base_model.recur_blocks) and progress >= h.recur_start_frac
-        if rt.distributed and (cap_ms > 0 or base_model.recur_blocks):  # every rank must decide alike
-            flags = torch.tensor([float(reached_cap), float(recur_due)], device=rt.device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            reached_cap, recur_due = (bool(f) for f in flags.tolist())
-        if recur_due and not base_model.recur_active:
+        if base_model.recur_blocks and not base_model.recur_active and progress >= h.recur_start_frac:
             base_model.recur_active = True  # its compiled graph was built during warm-up
             log(f"recurrence: blocks {h.recur_blocks} run twice from step {step + 1}")
-        last = reached_cap or step == h.iterations
-        watch.observe(rt, loss, step, last)
+        recur_pending = bool(base_model.recur_blocks) and not base_model.recur_active
+        check_at = next_clock_check(h, step, elapsed_ms, cap_ms, recur_pending)
+        last = last or reached_cap
         if step % h.train_log_every == 0 or last:
             train_loss = mean_over_ranks(rt, loss)
             if not math.isfinite(train_loss):
@@ -2428,7 +2531,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             eta_s = (min(h.iterations - step, (cap_ms - elapsed_ms) / step_ms if cap_ms else math.inf)) * step_ms / 1000
             log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
                 f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
-        if h.val_loss_every and step % h.val_loss_every == 0 and not last:
+        if validate_now and not last:
             train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while we validate
             val_loss, val_bpb = evaluate(model_for_eval(model), val, h.model_eval_seq_len, h.model_eval_seq_len,
                                          h.val_batch_size, rt)
@@ -2610,7 +2713,7 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cuda.enable_math_sdp(False)  # only FAST_SDPA_BACKENDS: a silent fallback would be ~3x slower
+    select_sdpa_kernels(h.attn_backend)
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
 
@@ -2793,7 +2896,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
             raise RunError(f"{h.eval_only}: corrupt or truncated artifact (its model: {exc})") from None
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose bytes count
     log_header(h, rt, preset, run_id, code, log)
-    log(f"attention_backend:{attention_backend(h, rt.device)}")
+    log(f"attention_backend:{attention_kernel_report(h, rt)}")
     sp = load_tokenizer(h)
     val = load_validation(h, sp, rt.device, log, rt.rank, rt.world_size)
 

@@ -54,7 +54,7 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
     hparams = sorted(line[len("hparam "):] for line in log.splitlines() if line.startswith("hparam "))
     assert hparams == sorted(f"{f.name.upper()}={getattr(h, f.name)}" for f in dataclasses.fields(h))
 
-    assert "attention_backend:cpu-default" in log and "WARNING" not in log
+    assert "attention_backend:flash-cpu (aten._scaled_dot_product_flash_attention_for_cpu) for 1x" in log and "WARNING" not in log
     assert fields(log, "train_shards:")["train_tokens"] == str(sum(tg.read_shard_header(f) for f in tg.find_shards(h, "train")))
     data = fields(log, "val_tokens:")
     assert int(data["val_tokens"]) == len(val_tokens) - 1
@@ -88,13 +88,13 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
 def test_a_diverging_run_stops_within_a_few_steps_with_one_line_and_no_artifact(run_script):
     # Adam on the control tensors at lr 1e30 makes the loss NaN within a few steps. The smoke preset has
     # 60 steps; with no progress line before step 1000 only the divergence check can stop it, and it must
-    # within FINITE_CHECK_EVERY steps, not at the end or at a progress line.
+    # within CLOCK_CHECK_STEPS steps (at the next clock check), not at the end or at a progress line.
     run = run_script({"SCALAR_LR": "1e30", "TRAIN_LOG_EVERY": "1000"})
     line = assert_one_line_error(run, "train_loss", "nan")
     match = re.fullmatch(r"error: train_loss is nan at step (\d+) \(found at step (\d+)\): the run diverged .*", line)
     assert match, line
     diverged, found = int(match[1]), int(match[2])
-    assert diverged <= found < diverged + tg.FINITE_CHECK_EVERY, line
+    assert diverged <= found < diverged + tg.CLOCK_CHECK_STEPS, line
     assert f"error: {line[len('error: '):]}" in run.body, "the log does not end with the error"
     assert not run.artifact.exists(), "a diverged run wrote an artifact"
 
