@@ -7,9 +7,12 @@ Reads each log (it holds the run's source, every hyperparameter and one machine-
 result), checks the challenge rules per log and across seeds, tests the improvement over the
 previous record (>= 0.005 nats of val_loss at p < 0.01, one-sided t-test), prints a report, writes
 submission.json with every number taken from the logs and, with --plot, draws the loss curves of
-all seeds into one PNG. Exit status: 0 if no rule is violated, 1 if one is, 2 for bad arguments or
-unreadable logs. Standard library and numpy; matplotlib only for --plot (skipped with a message
-when it is missing). Not part of the counted artifact: only train_gpt.py ships.
+all seeds into one PNG. With --records DIR it also fills a records folder: the self-extracting form
+of train_gpt.py that the runs counted as code_bytes (train_gpt.shipped_form), the logs and
+submission.json. Exit status: 0 if no rule is violated, 1 if one is, 2 for bad arguments or
+unreadable logs. Needs what train_gpt.py needs (it imports train_gpt for the shipped form);
+matplotlib only for --plot (skipped with a message when it is missing). Not part of the counted
+artifact: only train_gpt.py ships.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -236,9 +241,16 @@ def bytes_inconsistent(log: Log, run: Run, code: str) -> str | None:
     if run.bytes_total != run.bytes_code + run.bytes_model:
         problems.append(f"artifact_bytes {run.bytes_total} != code_bytes {run.bytes_code} "
                         f"+ model_bytes {run.bytes_model}")
-    source_bytes = len((log.source if log.source is not None else code).encode())
-    if run.bytes_code != source_bytes:
-        problems.append(f"code_bytes {run.bytes_code} != {source_bytes}, the size of the code it ran")
+    source = log.source if log.source is not None else code
+    source_bytes = len(source.encode())
+    shipped = shipped_code(source)
+    if run.bytes_code not in (source_bytes, len(shipped)):
+        problems.append(f"code_bytes {run.bytes_code} is neither {len(shipped)}, the shipped form of the code it "
+                        f"ran, nor {source_bytes}, its source")
+    declared = log.lines.get("code", {}).get("shipped_sha256")
+    if declared is not None and declared != hashlib.sha256(shipped).hexdigest():
+        problems.append("the shipped form of the logged source is not the one the run counted (its code: "
+                        "shipped_sha256 differs: another Python's ast or lzma?)")
     if log.source is not None and log.source_bytes_declared != source_bytes:
         problems.append(f"source header says {log.source_bytes_declared} bytes, the logged source has {source_bytes}")
     return "; ".join(problems) or None
@@ -293,10 +305,30 @@ RUN_CHECKS = (
 )
 
 
+def shipped_code(source: str) -> bytes:
+    """train_gpt.py's shipped form of a source (or of a shipped file's program text); a source that
+    is not Python (a stand-in) ships as itself."""
+    import train_gpt  # torch and all: only what train_gpt.py needs anyway
+    try:
+        return train_gpt.shipped_form(source.encode())
+    except SyntaxError:
+        return source.encode()
+
+
+def program(source: str) -> str:
+    """What a source runs, comments and docstrings aside (train_gpt.minified); a non-Python stand-in as is."""
+    import train_gpt
+    try:
+        return train_gpt.minified(train_gpt.readable_source(source.encode()))
+    except SyntaxError:
+        return source
+
+
 def code_difference(log: Log, code: str) -> str | None:
     if log.source is None:
         return "no complete ====== source block"
-    if log.source != code:
+    shipped_run = program(log.source) == log.source  # a run of the shipped form logs its program text
+    if log.source != code and not (shipped_run and log.source == program(code)):
         log_lines, code_lines = log.source.splitlines(), code.splitlines()
         first = next((i for i, (a, b) in enumerate(zip(log_lines, code_lines)) if a != b),
                      min(len(log_lines), len(code_lines)))
@@ -583,9 +615,26 @@ def parse_args(argv):
                                                      "val_tokens/val_bytes")
     prev.add_argument("--prev-logs", nargs="+", help="the previous record's logs (Welch's test)")
     p.add_argument("--code", type=Path, default=SCRIPT_DIR / "train_gpt.py", help="the submitted train_gpt.py")
-    p.add_argument("--out", type=Path, default=Path("submission.json"))
+    p.add_argument("--out", type=Path, help="where submission.json goes (default: ./submission.json, or in --records)")
+    p.add_argument("--records", type=Path, help="fill this new folder: train_gpt.py (the shipped form), the logs, "
+                   "submission.json")
     p.add_argument("--plot", type=Path, help="write the loss curves of all seeds to this PNG")
     return p.parse_args(argv)
+
+
+def fill_records(folder: Path, code: str, logs: list[str]) -> str:
+    """Writes the records folder: train_gpt.py in the shipped form (what the logs' code_bytes counted;
+    it runs the same program), and copies of the logs. Refuses a folder that holds any of them."""
+    targets = [folder / "train_gpt.py"] + [folder / Path(p).name for p in logs]
+    taken = [str(t) for t in targets if t.exists()]
+    if taken:
+        raise SystemExit(f"error: {taken[0]} exists: --records never replaces a file")
+    folder.mkdir(parents=True, exist_ok=True)
+    shipped = shipped_code(code)
+    targets[0].write_bytes(shipped)
+    for path, target in zip(logs, targets[1:]):
+        shutil.copyfile(path, target)
+    return f"records: wrote {targets[0]} ({len(shipped):,} bytes, the shipped form) and {len(logs)} log(s) to {folder}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -602,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     not_record = not_record_reasons(logs)
     sig_wanted = any(x is not None for x in (args.prev_val_loss, args.prev_bpb, args.prev_logs))
     print(report(logs, runs, results, not_record, sig, sig_wanted, args.code))
+    args.out = args.out or (args.records / "submission.json" if args.records else Path("submission.json"))
+    if args.records:
+        print(fill_records(args.records, code, args.logs))
     args.out.write_text(json.dumps(submission(args, logs, runs, not_record, sig), indent=2) + "\n")
     violations = sum(len(problems) for _, problems in results)
     print(f"\n{violations} violation(s); wrote {args.out}")
