@@ -2655,12 +2655,11 @@ def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
     logs = SCRIPT_DIR / "logs"
     check_room(logs, LOG_ROOM_BYTES, "the log folder")
     outputs = [("CHECKPOINT_OUT", h.checkpoint_out)] + ([] if h.eval_only else [("ARTIFACT_PATH", h.artifact_path)])
-    for name, value in outputs:
-        if value and (Path(value).exists() or Path(value).is_symlink()):
+    for name, value in [(name, value) for name, value in outputs if value]:
+        if Path(value).exists() or Path(value).is_symlink():
             raise RunError(f"{name}={value} already exists; a run never replaces an earlier output: move it "
                            f"away or choose another path")
-        if value:
-            check_room(Path(value).absolute().parent, h.artifact_limit_bytes, name)
+        check_room(Path(value).absolute().parent, h.artifact_limit_bytes, name)
     if not (h.eval_only or h.artifact_path):
         check_room(logs, h.artifact_limit_bytes, "ARTIFACT_PATH (logs/<RUN_ID>.ptz)")
     wanted = h.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
