@@ -2449,7 +2449,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
         opt.zero_grad(set_to_none=True)
     rt.sync()
     elapsed = 1000 * (time.perf_counter() - t0)
-    log(f"warmup: {h.warmup_steps} steps and one eval batch (training tokens) in {elapsed:.0f}ms; "
+    gptq = ", one GPTQ calibration batch" if h.gptq_calib_tokens else ""
+    log(f"warmup: {h.warmup_steps} steps and one eval batch{gptq} (training tokens) in {elapsed:.0f}ms; "
         f"weights, optimizers and data reset")
     return elapsed
 
