@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import os
 import platform
 import resource
 import statistics
