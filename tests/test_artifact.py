@@ -313,7 +313,7 @@ def test_fitting_end_to_end_then_eval_only_reproduces_the_score(run_script):
 
 
 def test_impossible_limit_fails_without_writing(run_script):
-    code_bytes = len(Path(tg.__file__).read_bytes())  # room for the code and 5 KB: too little for any model
+    code_bytes = len(tg.shipped_form(Path(tg.__file__).read_bytes()))  # room for the code and 5 KB: no model fits
     run = run_script({"ITERATIONS": "2", "ARTIFACT_LIMIT_BYTES": str(code_bytes + 5000)})
     assert_one_line_error(run, "lowest class")
     assert not run.artifact.exists()

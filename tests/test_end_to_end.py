@@ -63,7 +63,7 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
     budget_fields = fields(log, "artifact_bytes:")
     assert budget_fields.pop("artifact_sha256") == hashlib.sha256(run.artifact.read_bytes()).hexdigest()
     budget = {k: int(v) for k, v in budget_fields.items()}
-    assert budget["code_bytes"] == len(source)
+    assert budget["code_bytes"] == len(tg.shipped_form(source))  # the shipped form counts
     assert budget["model_bytes"] == run.artifact.stat().st_size
     assert budget["artifact_bytes"] == budget["code_bytes"] + budget["model_bytes"]
     assert budget["limit"] == h.artifact_limit_bytes == 16_000_000
