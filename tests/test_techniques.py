@@ -39,11 +39,11 @@ def capture(module: torch.nn.Module, pre: bool = False):
 def test_xsa_output_is_orthogonal_to_each_tokens_own_value_per_head(xsa):
     h = tiny_hparams(model_dim=64, num_heads=4, num_kv_heads=2)
     torch.manual_seed(0)
-    attn = tg.Attention(h, max_len=32, xsa=xsa)
+    attn = tg.Attention(h, max_len=32)
     values, mixed = capture(attn.c_v), capture(attn.proj, pre=True)
     B, T = 2, 20
     with torch.no_grad():
-        attn(torch.randn(B, T, 64))
+        attn(torch.randn(B, T, 64), torch.full((4,), 1.5), xsa)
     head_dim, group = 16, 2
     v = values[0].view(B, T, 2, head_dim)  # (B, T, Hkv, hd)
     y = mixed[0].view(B, T, 4, head_dim)  # (B, T, H, hd): query head h reads kv head h // group
@@ -75,8 +75,8 @@ def test_partial_rope_rotates_only_the_first_dims_with_frequencies_over_them():
 
 def test_rope_dims_zero_rotates_the_whole_head():
     h = tiny_hparams(model_dim=64, num_heads=4, rope_dims=0)
-    assert tg.Attention(h, 32, xsa=False).rotary.dims == 16
-    assert tg.Attention(tiny_hparams(model_dim=64, num_heads=4, rope_dims=4), 32, xsa=False).rotary.dims == 4
+    assert tg.Attention(h, 32).rotary.dims == 16
+    assert tg.Attention(tiny_hparams(model_dim=64, num_heads=4, rope_dims=4), 32).rotary.dims == 4
 
 
 # ----------------------------------------------------------------------------- LN scale
@@ -125,7 +125,8 @@ def test_recurrence_runs_the_named_blocks_twice_and_no_others_once_active():
     model = tiny_model(tiny_hparams(num_layers=6, recur_blocks="2,3"))
     assert block_calls(model, random_tokens(1, 8)) == [1] * 6, "off until the training loop switches it on"
     model.recur_active = True
-    assert [i for i, _ in model.block_schedule()] == [0, 1, 2, 3, 2, 3, 4, 5]
+    assert [w for _, w, _ in model.block_schedule()] == [0, 1, 2, 3, 2, 3, 4, 5]
+    assert [c for c, _, _ in model.block_schedule()] == [0, 1, 2, 3, 2, 3, 4, 5], "controls follow the block"
     assert block_calls(model, random_tokens(1, 8)) == [1, 1, 2, 2, 1, 1]
 
 
