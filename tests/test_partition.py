@@ -171,7 +171,7 @@ def test_every_preset_partitions_every_parameter_once_for_optimizers_and_quantiz
 
 
 @pytest.mark.parametrize("name, mlp, attn, embed", [("pr76", "int5", "int6", "fp16"), ("pr236", "int6", "int6", "int8"),
-                                                    ("pr192", "int6", "int6", "fp16"), ("frontier", "int6", "int6", "fp16"),
+                                                    ("pr192", "int6", "int6", "fp16"), ("frontier", "int5", "int6", "int8"),
                                                     ("pr1204", "int5", "int6", "int8")])
 def test_quantization_classes_follow_the_per_class_bit_widths(name, mlp, attn, embed):
     h = preset(name)
