@@ -1,12 +1,11 @@
 # The defining property of each PR #1204 knob (PRESET=pr1204): python3 -m pytest -q tests/test_pr1204.py
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import tiny_hparams, tiny_model
+from conftest import assert_causal_and_fully_trained, tiny_hparams, tiny_model
 
 V = 1024
 
@@ -259,19 +258,7 @@ def test_rope_ntk_scales_the_base_past_its_length_only():
 
 def test_record_mechanics_keep_causality_and_train_every_parameter_once_switched():
     model = switched_on(tiny_model(record_like()))
-    x = random_tokens(2, 24)  # 24 > ROPE_NTK_LEN=16: the scaled rotary
-    k = 11
-    y = x.clone()
-    y[:, k] = (x[:, k] + 17 - 4) % (V - 4) + 4
-    with torch.no_grad():
-        a, b = model(x), model(y)
-    torch.testing.assert_close(a[:, :k], b[:, :k], rtol=0, atol=1e-6)
-    assert (a[:, k] - b[:, k]).abs().max() > 1e-4
-    loss = model(x[:, :-1], x[:, 1:])
-    loss.backward()
-    assert math.isfinite(loss.item())
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert dead == [], f"parameters without gradient: {dead}"
+    assert_causal_and_fully_trained(model)  # 24 > ROPE_NTK_LEN=16: the scaled rotary
 
 
 def test_record_mechanics_need_recurrence():

@@ -1,12 +1,11 @@
 # The defining property of each post-seed technique (FRONTIER.md): python3 -m pytest -q tests/test_techniques.py
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import tiny_hparams, tiny_model
+from conftest import assert_causal_and_fully_trained, tiny_hparams, tiny_model
 
 V = 1024
 
@@ -226,16 +225,4 @@ def test_scalar_smear_gate_starts_as_the_identity_and_adds_the_gated_previous_to
 def test_every_technique_together_trains_and_keeps_causality():
     model = tiny_model(all_techniques())
     model.recur_active = True
-    x = random_tokens(2, 24)
-    k = 11
-    y = x.clone()
-    y[:, k] = (x[:, k] + 17 - 4) % (V - 4) + 4
-    with torch.no_grad():
-        a, b = model(x), model(y)
-    torch.testing.assert_close(a[:, :k], b[:, :k], rtol=0, atol=1e-6)
-    assert (a[:, k] - b[:, k]).abs().max() > 1e-4
-    loss = model(x[:, :-1], x[:, 1:])
-    loss.backward()
-    assert math.isfinite(loss.item())
-    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert dead == [], f"parameters without gradient: {dead}"
+    assert_causal_and_fully_trained(model)
