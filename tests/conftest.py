@@ -71,6 +71,23 @@ def tiny_model(h: tg.Hyperparameters | None = None, seed: int = 0, randomize: bo
     return model
 
 
+def assert_causal_and_fully_trained(model: tg.GPT, vocab: int = 1024, length: int = 24) -> None:
+    """Changing token k changes no logit before k and some at k; one backward pass reaches every parameter."""
+    x = torch.randint(4, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+    k = 11
+    y = x.clone()
+    y[:, k] = (x[:, k] + 17 - 4) % (vocab - 4) + 4
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :k], b[:, :k], rtol=0, atol=1e-6)
+    assert (a[:, k] - b[:, k]).abs().max() > 1e-4
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss).item()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == [], f"parameters without gradient: {dead}"
+
+
 def cpu_runtime() -> tg.Runtime:
     return tg.Runtime(rank=0, world_size=1, device=CPU, distributed=False)
 

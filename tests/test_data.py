@@ -255,7 +255,7 @@ def test_pr76_preset_is_the_defaults():
     assert h == dataclasses.replace(tg.Hyperparameters(), preset="pr76")
 
 
-@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "frontier", "smoke"])
+@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "pr1204", "frontier", "smoke"])
 def test_every_preset_is_valid_and_applies_all_its_values(name):
     h, preset = tg.hyperparameters_from_env({"PRESET": name}, cuda_available=False)
     assert preset == name

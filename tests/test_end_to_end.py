@@ -159,6 +159,24 @@ def test_compiled_run_builds_every_graph_during_warmup(run_script):
     assert "final_sliding " in run.body
 
 
+PR1204_MECHANICS = {"VIRTUAL_DEPTH": "1", "RECUR_UNTIE_MLP": "1", "FIRST_BLOCK_MLP_ONLY": "1", "VE_LAYERS": "1,2",
+                    "VE_DIM": "16", "SKIP_GATES": "1", "LANE_FORMULA": "read", "SMEAR_ZERO_START": "1",
+                    "ROPE_NTK_LEN": "64", "BIGRAM_PROJ_ADAM": "1"}
+
+
+@pytest.mark.slow
+def test_compiled_run_with_the_pr1204_mechanics_builds_every_graph_during_warmup(run_script):
+    # The same on the smoke model with PR #1204's mechanics (the repeat with its own MLP and controls,
+    # the U-Net over 3 positions after the switch, NTK RoPE at 128 > 64): still no compile in the loop,
+    # and the artifact scores as the trained model did.
+    run = run_script({"COMPILE": "1", "VAL_LOSS_EVERY": "20", **PR1204_MECHANICS}, timeout=900)
+    assert run.returncode == 0, run.explain()
+    switch = re.search(r"^recurrence: blocks \S+ run twice from step (\d+)", run.body, re.M)
+    validations = [int(m) for m in re.findall(r"^step:(\d+)/\d+ val_loss:", run.body, re.M)]
+    assert switch and min(validations) < int(switch[1]) <= max(validations), (validations, switch)
+    assert "final_sliding " in run.body
+
+
 def test_compile_without_warmup_fails_fast_on_the_first_compile(run_script):
     run = run_script({"COMPILE": "1", "WARMUP_STEPS": "0"}, timeout=300)
     line = assert_one_line_error(run)

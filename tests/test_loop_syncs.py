@@ -28,6 +28,7 @@ def simulated_run(monkeypatch, step_s: float, recur: bool = False, **overrides):
     clock = types.SimpleNamespace(now=0.0)
     scales, recur_on = [], []
     model = types.SimpleNamespace(recur_blocks=(0,) if recur else (), recur_active=False)
+    model.start_recurrence = lambda: setattr(model, "recur_active", True)
 
     def fake_step(h, rt, model_, optimizers, loader, step, scale):
         scales.append(scale)

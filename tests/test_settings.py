@@ -87,6 +87,9 @@ IMPOSSIBLE = {
     "ttt_enabled": ["2"], "ttt_lr_scale": ["-1", "nan"], "ttt_lora_rank": ["0"], "ttt_chunk_tokens": ["0"],
     "ttt_batch_docs": ["0"], "ttt_phases": ["many", "1,,2", "-5"], "eval_budget_seconds": ["0", "-1", "inf"],
     "attn_backend": ["fastest", "FLASH"],
+    "virtual_depth": ["2"], "recur_untie_mlp": ["yes"], "first_block_mlp_only": ["-1"], "ve_layers": ["x", "99"],
+    "skip_gates": ["on"], "lane_formula": ["both"], "smear_zero_start": ["2"], "rope_ntk_len": ["-1"],
+    "bigram_proj_adam": ["maybe"], "bigram_proj_gain": ["-1", "nan"], "ve_dim": ["0", "-1"],
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",
