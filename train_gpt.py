@@ -1609,16 +1609,21 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
     per_rank = -(-len(plan[0]) // rt.world_size)
     mine = tuple(a[rt.rank * per_rank:(rt.rank + 1) * per_rank] for a in plan)
     batch_windows = max(1, batch_tokens // (seq_len * rt.world_size))
-    sums = score_windows(model, val, seq_len, mine, batch_windows, rt.autocast())
+    return checked_score(rt, score_windows(model, val, seq_len, mine, batch_windows, rt.autocast()), val, "evaluation")
+
+
+def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[float, float]:
+    """(val_loss, val_bpb) from every rank's (loss in nats, targets, bytes), after checking that the
+    targets and bytes are exactly the validation set's (each target scored once) and the loss finite."""
     if rt.distributed:
         dist.all_reduce(sums)
-    loss_sum, tokens, nbytes = sums.tolist()
-    if int(tokens) != val.num_targets or int(nbytes) != val.num_bytes:
-        raise RunError(f"evaluation scored {int(tokens)} targets / {int(nbytes)} bytes, "
-                       f"expected {val.num_targets} / {val.num_bytes}")
+    loss_sum, targets, nbytes = sums.tolist()
+    if int(targets) != val.num_targets or int(nbytes) != val.num_bytes:
+        raise RunError(f"{what} scored {int(targets)} targets / {int(nbytes)} bytes, expected "
+                       f"{val.num_targets} / {val.num_bytes}")
     if not math.isfinite(loss_sum):
         raise RunError(f"validation loss is {loss_sum}: the model diverged")
-    return loss_sum / tokens, loss_sum / math.log(2) / nbytes
+    return loss_sum / targets, loss_sum / math.log(2) / nbytes
 
 
 # -----------------------------------------------------------------------------
@@ -1871,13 +1876,7 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
             adapters.attach(False)
         for p in model.parameters():
             p.requires_grad_(True)
-    if rt.distributed:
-        dist.all_reduce(sums)
-    loss_sum, targets, nbytes = sums.tolist()
-    if int(targets) != val.num_targets or int(nbytes) != val.num_bytes:
-        raise RunError(f"per-document evaluation scored {int(targets)} targets / {int(nbytes)} bytes, expected "
-                       f"{val.num_targets} / {val.num_bytes}")
-    return loss_sum / targets, loss_sum / math.log(2) / nbytes
+    return checked_score(rt, sums, val, "per-document evaluation")
 
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, tables, log) -> float:
