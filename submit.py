@@ -297,7 +297,7 @@ RUN_CHECKS = (
     (f"artifact <= {ARTIFACT_CAP_BYTES:,} bytes (code + compressed model)", over_cap),
     (f"training <= {TRAIN_CAP_S:.0f} s (train_done train_time_ms)", over_train_time),
     (f"evaluation <= {EVAL_CAP_S:.0f} s (eval_done eval_time_ms)", over_eval_time),
-    ("byte counts consistent (total = code + model, code = size of the logged source)", bytes_inconsistent),
+    ("byte counts consistent (total = code + model, code = the shipped form of the logged source)", bytes_inconsistent),
     ("val_bpb consistent with val_loss, val_tokens and val_bytes", bpb_inconsistent),
     ("the whole validation split scored (VAL_TOKENS=0)", partial_validation),
     (f"an official validation split (val_split: {', '.join(OFFICIAL_VAL_SPLITS)})", unofficial_split),
