@@ -7,9 +7,12 @@ Reads each log (it holds the run's source, every hyperparameter and one machine-
 result), checks the challenge rules per log and across seeds, tests the improvement over the
 previous record (>= 0.005 nats of val_loss at p < 0.01, one-sided t-test), prints a report, writes
 submission.json with every number taken from the logs and, with --plot, draws the loss curves of
-all seeds into one PNG. Exit status: 0 if no rule is violated, 1 if one is, 2 for bad arguments or
-unreadable logs. Standard library and numpy; matplotlib only for --plot (skipped with a message
-when it is missing). Not part of the counted artifact: only train_gpt.py ships.
+all seeds into one PNG. With --records DIR it also fills a records folder: the self-extracting form
+of train_gpt.py that the runs counted as code_bytes (train_gpt.shipped_form), the logs and
+submission.json. Exit status: 0 if no rule is violated, 1 if one is, 2 for bad arguments or
+unreadable logs. Needs what train_gpt.py needs (it imports train_gpt for the shipped form);
+matplotlib only for --plot (skipped with a message when it is missing). Not part of the counted
+artifact: only train_gpt.py ships.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -32,12 +37,14 @@ EVAL_CAP_S = 600.0
 MARGIN_NATS = 0.005  # a record must beat the previous one by this much val_loss ...
 ALPHA = 0.01  # ... at this one-sided significance level
 PER_SEED_HPARAMS = {"SEED", "RUN_ID", "ARTIFACT_PATH"}  # every other setting must match across seeds
+OFFICIAL_VAL_SPLITS = ("fineweb_sp1024", "fineweb_sp8192", "fineweb_sp8192_caseops")  # train_gpt.py's val_split: names
 TRACK = "10min-8xH100-16mb"
 
 # The result lines read from a log and the keys each must carry. A new field train_gpt.py logs is
-# read by adding its key here; final_sliding is required unless EVAL_STRIDE=0. The score of a run
-# is final_sliding if present, else final_roundtrip; its evaluation time is eval_done's, which
-# covers reading the artifact back and both evaluations.
+# read by adding its key here; final_sliding is required unless EVAL_STRIDE=0, final_ttt when
+# TTT_ENABLED. The score of a run is final_ttt if present (score-first TTT), else final_sliding, else
+# final_roundtrip; its evaluation time is eval_done's, which covers reading the artifact back and
+# every evaluation (TTT's too; its compile warm-up on random tokens is not evaluation).
 RESULT_LINES = {
     "train_done": ("steps", "train_time_ms"),
     "pre_quant": ("val_loss", "val_bpb"),
@@ -45,8 +52,10 @@ RESULT_LINES = {
     "val_tokens": ("val_tokens", "val_bytes"),
     "final_roundtrip": ("val_loss", "val_bpb", "eval_time_ms"),
     "final_sliding": ("val_loss", "val_bpb", "eval_time_ms"),
+    "final_ttt": ("val_loss", "val_bpb", "eval_time_ms"),
     "eval_done": ("eval_time_ms",),
 }
+SCORE_LINES = ("final_ttt", "final_sliding", "final_roundtrip")  # the first one logged is the score
 
 
 class UsageError(Exception):
@@ -74,6 +83,7 @@ class Log:
     hparams: dict[str, str]
     lines: dict[str, dict[str, str]]  # the last line per label: "final_sliding" -> {"val_loss": "4.66", ...}
     curves: dict[str, list[tuple[float, float]]]  # "train_loss" / "val_loss" -> [(step, value)]
+    warnings: list[str] = dataclasses.field(default_factory=list)  # every line starting "WARNING", in order
 
     @property
     def seed(self) -> str:
@@ -130,6 +140,8 @@ def read_log(path: Path) -> Log:
                         points.append((number(fields["step"]), number(fields[key])))
             else:
                 log.lines[label] = fields
+            if line.startswith("WARNING"):
+                log.warnings.append(line)
     if "run_id" not in log.lines or not log.hparams:
         raise UsageError(f"{path}: not a train_gpt.py log (no run_id: or hparam lines)")
     return log
@@ -156,7 +168,9 @@ class Run:
 
 
 def measure(log: Log) -> Run:
-    needed = [label for label in RESULT_LINES if label != "final_sliding" or log.hparams.get("EVAL_STRIDE") != "0"]
+    optional = {"final_sliding": log.hparams.get("EVAL_STRIDE") == "0",
+                "final_ttt": log.hparams.get("TTT_ENABLED", "False") in ("False", "0")}
+    needed = [label for label in RESULT_LINES if not optional.get(label)]
     missing = [label for label in needed if label not in log.lines]
     if missing:
         raise Incomplete(f"no {', '.join(missing)} line (the run crashed, was killed or did not train)")
@@ -168,7 +182,7 @@ def measure(log: Log) -> Run:
         value = {label: {key: number(log.lines[label][key]) for key in RESULT_LINES[label]} for label in needed}
     except ValueError as exc:
         raise Incomplete(f"a result is not a number: {exc}") from None
-    score_line = "final_sliding" if "final_sliding" in value else "final_roundtrip"
+    score_line = next(label for label in SCORE_LINES if label in value)
     return Run(
         score_line=score_line,
         val_loss=value[score_line]["val_loss"], val_bpb=value[score_line]["val_bpb"],
@@ -227,9 +241,16 @@ def bytes_inconsistent(log: Log, run: Run, code: str) -> str | None:
     if run.bytes_total != run.bytes_code + run.bytes_model:
         problems.append(f"artifact_bytes {run.bytes_total} != code_bytes {run.bytes_code} "
                         f"+ model_bytes {run.bytes_model}")
-    source_bytes = len((log.source if log.source is not None else code).encode())
-    if run.bytes_code != source_bytes:
-        problems.append(f"code_bytes {run.bytes_code} != {source_bytes}, the size of the code it ran")
+    source = log.source if log.source is not None else code
+    source_bytes = len(source.encode())
+    shipped = shipped_code(source)
+    if run.bytes_code not in (source_bytes, len(shipped)):
+        problems.append(f"code_bytes {run.bytes_code} is neither {len(shipped)}, the shipped form of the code it "
+                        f"ran, nor {source_bytes}, its source")
+    declared = log.lines.get("code", {}).get("shipped_sha256")
+    if declared is not None and declared != hashlib.sha256(shipped).hexdigest():
+        problems.append("the shipped form of the logged source is not the one the run counted (its code: "
+                        "shipped_sha256 differs: another Python's ast or lzma?)")
     if log.source is not None and log.source_bytes_declared != source_bytes:
         problems.append(f"source header says {log.source_bytes_declared} bytes, the logged source has {source_bytes}")
     return "; ".join(problems) or None
@@ -247,6 +268,31 @@ def bpb_inconsistent(log: Log, run: Run, code: str) -> str | None:
         return f"{run.score_line} val_bpb {run.val_bpb} but val_loss/ln2*val_tokens/val_bytes = {expected:.8f}"
 
 
+def unofficial_split(log: Log, run: Run, code: str) -> str | None:
+    split = log.lines.get("val_split")
+    if split is None:
+        return "no val_split line: a log that does not name its validation split cannot be a record"
+    if split.get("val_split") not in OFFICIAL_VAL_SPLITS:
+        return f"val_split:{split.get('val_split') or '(empty)'} is not an official validation split"
+
+
+def validation_leak(log: Log, run: Run, code: str) -> str | None:
+    problems = [line for line in log.warnings if line.startswith("WARNING: validation leak")]
+    check = log.lines.get("leak_check")
+    if check is None:
+        problems.append("no leak_check line: a log that did not check for train/validation overlap cannot be a record")
+    else:
+        for key in ("val_docs_sampled", "hits", "identical_shards"):
+            value = check.get(key, "")
+            if not re.fullmatch(r"\d+", value):
+                problems.append(f"leak_check has no {key} count")
+            elif key == "val_docs_sampled" and int(value) == 0:
+                problems.append("leak_check val_docs_sampled:0 (nothing was checked)")
+            elif key != "val_docs_sampled" and int(value) > 0:
+                problems.append(f"leak_check {key}:{value}")
+    return "; ".join(problems) or None
+
+
 RUN_CHECKS = (
     (f"artifact <= {ARTIFACT_CAP_BYTES:,} bytes (code + compressed model)", over_cap),
     (f"training <= {TRAIN_CAP_S:.0f} s (train_done train_time_ms)", over_train_time),
@@ -254,13 +300,35 @@ RUN_CHECKS = (
     ("byte counts consistent (total = code + model, code = size of the logged source)", bytes_inconsistent),
     ("val_bpb consistent with val_loss, val_tokens and val_bytes", bpb_inconsistent),
     ("the whole validation split scored (VAL_TOKENS=0)", partial_validation),
+    (f"an official validation split (val_split: {', '.join(OFFICIAL_VAL_SPLITS)})", unofficial_split),
+    ("no validation leak (leak_check hits:0 identical_shards:0, no WARNING: validation leak line)", validation_leak),
 )
+
+
+def shipped_code(source: str) -> bytes:
+    """train_gpt.py's shipped form of a source (or of a shipped file's program text); a source that
+    is not Python (a stand-in) ships as itself."""
+    import train_gpt  # torch and all: only what train_gpt.py needs anyway
+    try:
+        return train_gpt.shipped_form(source.encode())
+    except SyntaxError:
+        return source.encode()
+
+
+def program(source: str) -> str:
+    """What a source runs, comments and docstrings aside (train_gpt.minified); a non-Python stand-in as is."""
+    import train_gpt
+    try:
+        return train_gpt.minified(train_gpt.readable_source(source.encode()))
+    except SyntaxError:
+        return source
 
 
 def code_difference(log: Log, code: str) -> str | None:
     if log.source is None:
         return "no complete ====== source block"
-    if log.source != code:
+    shipped_run = program(log.source) == log.source  # a run of the shipped form logs its program text
+    if log.source != code and not (shipped_run and log.source == program(code)):
         log_lines, code_lines = log.source.splitlines(), code.splitlines()
         first = next((i for i, (a, b) in enumerate(zip(log_lines, code_lines)) if a != b),
                      min(len(log_lines), len(code_lines)))
@@ -282,6 +350,8 @@ def rule_results(logs: list[Log], runs: list[Run | None], incomplete: list[str],
     """[(rule, [violations])] for every rule, in report order."""
     complete = [(log, run) for log, run in zip(logs, runs) if run is not None]
     val_sets = {(run.val_tokens, run.val_bytes) for _, run in complete}
+    hashes = {log.lines["val_split"]["val_split_sha256"] for log in logs  # a log without one fails its own rule
+              if "val_split_sha256" in log.lines.get("val_split", {})}
     seeds = [log.seed for log in logs]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1})
     results = [("log complete (every result line present)", incomplete),
@@ -292,8 +362,9 @@ def rule_results(logs: list[Log], runs: list[Run | None], incomplete: list[str],
     results += [
         (f"configuration identical across seeds except {', '.join(sorted(PER_SEED_HPARAMS))}",
          config_differences(logs)),
-        ("same validation set (val_tokens, val_bytes)",
-         [f"different validation sets across seeds: {sorted(val_sets)}"] if len(val_sets) > 1 else []),
+        ("same validation set (val_tokens, val_bytes, val_split_sha256)",
+         [f"different validation sets across seeds: {sorted(val_sets)}"] * (len(val_sets) > 1) +
+         [f"different validation split hashes across seeds: {sorted(hashes)}"] * (len(hashes) > 1)),
         ("seeds distinct", [f"seed {s} appears {seeds.count(s)} times" for s in repeated]),
     ]
     return results
@@ -439,7 +510,8 @@ def report(logs, runs, results, not_record, sig, sig_wanted, code_path) -> str:
         out += [f"{'mean':>6} {np.mean(losses):11.8f} {np.mean(bpbs):11.8f}",
                 f"{'std':>6} {np.std(losses, ddof=1):11.8f} {np.std(bpbs, ddof=1):11.8f}"]
     if done:
-        out.append(f"score: the {done[0].score_line} line (sliding window if logged, else roundtrip)")
+        out.append(f"score: the {done[0].score_line} line (score-first TTT if logged, else the sliding window, "
+                   f"else roundtrip)")
     out += ["", "rule checks"]
     for title, problems in results:
         out.append(f"  {'FAIL' if problems else 'PASS'}  {title}")
@@ -543,9 +615,26 @@ def parse_args(argv):
                                                      "val_tokens/val_bytes")
     prev.add_argument("--prev-logs", nargs="+", help="the previous record's logs (Welch's test)")
     p.add_argument("--code", type=Path, default=SCRIPT_DIR / "train_gpt.py", help="the submitted train_gpt.py")
-    p.add_argument("--out", type=Path, default=Path("submission.json"))
+    p.add_argument("--out", type=Path, help="where submission.json goes (default: ./submission.json, or in --records)")
+    p.add_argument("--records", type=Path, help="fill this new folder: train_gpt.py (the shipped form), the logs, "
+                   "submission.json")
     p.add_argument("--plot", type=Path, help="write the loss curves of all seeds to this PNG")
     return p.parse_args(argv)
+
+
+def fill_records(folder: Path, code: str, logs: list[str]) -> str:
+    """Writes the records folder: train_gpt.py in the shipped form (what the logs' code_bytes counted;
+    it runs the same program), and copies of the logs. Refuses a folder that holds any of them."""
+    targets = [folder / "train_gpt.py"] + [folder / Path(p).name for p in logs]
+    taken = [str(t) for t in targets if t.exists()]
+    if taken:
+        raise SystemExit(f"error: {taken[0]} exists: --records never replaces a file")
+    folder.mkdir(parents=True, exist_ok=True)
+    shipped = shipped_code(code)
+    targets[0].write_bytes(shipped)
+    for path, target in zip(logs, targets[1:]):
+        shutil.copyfile(path, target)
+    return f"records: wrote {targets[0]} ({len(shipped):,} bytes, the shipped form) and {len(logs)} log(s) to {folder}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,6 +651,9 @@ def main(argv: list[str] | None = None) -> int:
     not_record = not_record_reasons(logs)
     sig_wanted = any(x is not None for x in (args.prev_val_loss, args.prev_bpb, args.prev_logs))
     print(report(logs, runs, results, not_record, sig, sig_wanted, args.code))
+    args.out = args.out or (args.records / "submission.json" if args.records else Path("submission.json"))
+    if args.records:
+        print(fill_records(args.records, code, args.logs))
     args.out.write_text(json.dumps(submission(args, logs, runs, not_record, sig), indent=2) + "\n")
     violations = sum(len(problems) for _, problems in results)
     print(f"\n{violations} violation(s); wrote {args.out}")

@@ -136,8 +136,7 @@ def plan(spec: Spec, code_hash: str) -> tuple[list[Planned], dict[str, set[str]]
 
 def subprocess_env(env: dict[str, str], threads: int) -> dict[str, str]:
     """The caller's environment without any train_gpt setting (a stray one would change every run)."""
-    ours = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
-    clean = {k: v for k, v in os.environ.items() if k not in ours and not k.startswith(tg._KNOB_PREFIXES)}
+    clean = {k: v for k, v in os.environ.items() if tg.resembled_setting(k) is None}
     return {**clean, "OMP_NUM_THREADS": str(threads), **env}
 
 
@@ -173,11 +172,14 @@ def execute(run: Planned, script: Path, runs_root: Path, needs: set[str], thread
     if run.base_key:
         env["FROM_CHECKPOINT"] = str(runs_root / run.base_key / "checkpoint.pt")
     (run_dir / "result.json").unlink(missing_ok=True)  # a re-run killed half way is not done
+    log_path = script.parent / "logs" / f"{env['RUN_ID']}.txt"
+    # This run replaces the cache's own files on purpose; train_gpt.py never replaces an output.
+    for path in (log_path, run_dir / "model.ptz", Path(env.get("CHECKPOINT_OUT", run_dir / "model.ptz"))):
+        path.unlink(missing_ok=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(script)], env=subprocess_env(env, threads), cwd=run_dir,
                           capture_output=True, text=True)
     seconds = time.perf_counter() - t0
-    log_path = script.parent / "logs" / f"{env['RUN_ID']}.txt"
     if log_path.exists():
         log_path.replace(run_dir / "train.log")
     result = dict(variant=run.variant, seed=run.seed, env=run.env, seconds=seconds, key=run.key,

@@ -1,140 +1,265 @@
-"""The one-command GPU check (issue 9): run by bench/gpu_check.sh, which installs a carried zstandard
-wheel first. In order, stopping at the first failure with one line `gpu_check: FAILED at <phase>`:
+"""The one device call (issue 16): every GPU question in one command of at most 10 minutes.
 
-  smoke   PRESET=smoke python3 train_gpt.py, end to end on the GPU (on CPU: the CPU fallback)
-  speed   bench/speed.py for every GPU preset train_gpt defines (PRESETS), pr76 first:
-          ms/step, tokens/s, MFU, peak memory, attention kernel, compiles, a short profile
-  train   train_gpt.py on real tokens (DATA_PATH under --data, the proxy corpus) for every GPU preset
-          at equal training tokens, through GPTQ, quantization and both evaluations
+    python3 bench/gpu_check.py --prepare /work/shared/data    # here, once: fill .devdata/ and .whl/ (git-ignored)
+    python3 bench/gpu_check.py --dry-run                      # the plan: each step with its cap, and the total
+    python3 bench/gpu_check.py --out $OUT                     # on the device (run carry: .whl, .devdata)
 
-Every phase runs as a subprocess under a wallclock budget (--budget-s, 540 s by default: the device
-tool allows 10 minutes a command); a phase that would start with less than --min-phase-s left is
-skipped and says so. Compile warm-ups take ~1-2 min per preset on an H100 (an estimate: nothing has
-been measured there yet), so the whole list needs two or three calls: pick them with --phases and
---presets. Results go to --out-dir (default logs/bench), every file named
-gpucheck_<device>_torch<version>_<date>_*, with a summary (.md and .json).
+Setup installs the carried zstandard wheel when zstandard is missing (the device image lacks it) and
+unpacks the carried proxy shards (.devdata/, zstd-compressed) into a scratch folder. Then, in order,
+each step a subprocess whose cap comes from the time left (--budget-s less the minimum kept for the
+steps after it that must run); a step that fails or runs out of time is recorded and the next one
+runs; a step with less than its minimum left is skipped and says so:
 
-    bash bench/gpu_check.sh                                  # every phase, every GPU preset
-    bash bench/gpu_check.sh --phases smoke,speed --presets pr76
-    python3 bench/gpu_check.py --dry-run                     # the plan and its commands, runs nothing
+  attention      bench/attn_check.py: the candidate kernels at the presets' shapes, checked and timed
+  speed:<preset> bench/speed.py on real proxy tokens (one GPU, 8 accumulation slices: the 8-GPU per-rank
+                 shapes), the frontier with the recurrence off then on (--recur-at), then pr1204, sp8192
+                 and pr76 where train_gpt defines them, each as far as time allows; the per-step losses
+                 are a loss curve at equal tokens
+  e2e:frontier   train_gpt.py for a few steps on the warm compile cache, through GPTQ, quantization,
+                 the artifact, its reload and both evaluations (per-rank evaluation batch as on 8 GPUs)
+
+After every step the results so far are written to --out: summary.md, summary.json and results.tgz
+(each step's output and the files it made), so a call cut at its limit still returns what finished.
+Without CUDA the GPU steps are skipped (this is what the tests run here).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import io
 import json
 import os
 import re
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PHASES = ("smoke", "speed", "train")
-PHASE_CAP_S = {"smoke": 180, "speed": 200, "train": 240}  # one subprocess, at most
-NOT_GPU_PRESETS = ("auto", "smoke")
+DEVDATA, WHEELS = REPO / ".devdata", REPO / ".whl"
 PROXY_DATA, PROXY_TOKENIZER = "datasets/proxy_sp1024", "tokenizers/proxy_1024_bpe.model"
+PROXY_VOCAB = 1024
+SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # the challenge's shard header (as train_gpt reads it)
+SPEED_PRESETS = ("frontier", "pr1204", "sp8192", "pr76")  # in this order, those train_gpt defines
+ZSTANDARD = "zstandard==0.25.0"
+DEVICE_PYTHON = "3.12"  # the device image's python3 (/work/.library/device/KINDS.md)
+
+# Seconds per step: at most (max_s) and the least worth starting (min_s). Estimates, not measurements:
+# no line of this has run on a GPU yet. A cold torch.compile of the frontier is guessed at 1-2 min on
+# an H100 (the CPU smoke model took 45 s); one frontier step on one GPU (8 slices of 98,304 tokens)
+# at ~0.7-1 s; zstd-22 of the artifact at 20-60 s (39-61 s on one loaded core here). `reserve`: the
+# steps before it leave it its minimum.
+CAPS = {"attention": dict(max_s=90, min_s=30, reserve=True),
+        "speed:frontier": dict(max_s=230, min_s=120, reserve=True),
+        "speed": dict(max_s=150, min_s=90, reserve=False),
+        "e2e": dict(max_s=200, min_s=130, reserve=True)}
+SETUP_S = 20  # the plan's allowance for installing the wheel and unpacking 26 MB of shards (not a cap)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of smoke,speed,train")
-    p.add_argument("--presets", default="", help="comma-separated GPU presets (default: all train_gpt defines)")
-    p.add_argument("--budget-s", type=float, default=540.0, help="wallclock for the whole check")
-    p.add_argument("--min-phase-s", type=float, default=60.0, help="skip a phase with less than this left")
-    p.add_argument("--train-tokens", type=int, default=20 * 524_288,
-                   help="training tokens of each train-phase run (ITERATIONS = this / TRAIN_BATCH_TOKENS)")
-    p.add_argument("--eval-stride", type=int, default=256, help="EVAL_STRIDE of the train-phase runs")
-    p.add_argument("--speed-steps", type=int, default=10, help="bench/speed.py --steps")
-    p.add_argument("--data", type=Path, default=REPO / ".devdata", help="the unpacked proxy corpus")
-    p.add_argument("--out-dir", type=Path, default=REPO / "logs" / "bench")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "logs" / "bench" / "gpu_check"),
+                   help="results folder (default $OUT, else logs/bench/gpu_check)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="wallclock for the whole call, setup included")
+    p.add_argument("--speed-steps", type=int, default=16, help="synced timed steps of each speed step")
+    p.add_argument("--e2e-steps", type=int, default=24, help="ITERATIONS of the end-to-end run")
+    p.add_argument("--data", type=Path, default=DEVDATA, help="the carried proxy corpus (.zst shards)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan with each step's cap, run nothing")
+    p.add_argument("--prepare", type=Path, metavar="SHARED_DATA", default=None,
+                   help="here, before the call: copy the compressed proxy corpus from SHARED_DATA into .devdata/ "
+                        "and download the zstandard wheel for the device's Python into .whl/")
     args = p.parse_args(argv)
-    args.phases = [x for x in args.phases.split(",") if x]
-    unknown = sorted(set(args.phases) - set(PHASES))
-    if unknown or not args.phases:
-        p.error(f"--phases: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(PHASES)}")
-    args.presets = [x for x in args.presets.split(",") if x]
-    if args.budget_s <= 0 or args.train_tokens <= 0 or args.eval_stride < 0 or args.speed_steps < 2:
-        p.error("--budget-s and --train-tokens must be > 0, --eval-stride >= 0, --speed-steps >= 2")
+    if args.budget_s <= 0 or args.speed_steps < 4 or args.e2e_steps < 2:
+        p.error("--budget-s must be > 0, --speed-steps >= 4, --e2e-steps >= 2")
     return args
 
 
-def gpu_presets(tg, wanted: list[str]) -> list[str]:
-    """The GPU presets train_gpt defines (its PRESETS table), pr76 first; `wanted` must be among them."""
-    names = [n for n in tg.PRESETS if n not in NOT_GPU_PRESETS]
-    names.sort(key=lambda n: n != "pr76")
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise SystemExit(f"gpu_check: FAILED at setup: unknown preset {missing[0]}; train_gpt has {', '.join(names)}")
-    return [n for n in names if n in wanted] if wanted else names
+# -----------------------------------------------------------------------------
+# Preparation (here) and setup (there)
 
 
-def batch_tokens(tg, preset: str) -> int:
-    h, _ = tg.hyperparameters_from_env({"PRESET": preset}, True)
-    return h.train_batch_tokens
+def prepare(shared: Path, data: Path = DEVDATA, wheels: Path = WHEELS) -> None:
+    """Copies the .zst shards and the tokenizer (as they are: they are unpacked on the device) and
+    downloads the zstandard wheel for the device's CPython on x86-64 Linux."""
+    (data / PROXY_DATA).mkdir(parents=True, exist_ok=True)
+    (data / "tokenizers").mkdir(parents=True, exist_ok=True)
+    for f in sorted((shared / PROXY_DATA).glob("*.bin.zst")):
+        shutil.copy2(f, data / PROXY_DATA / f.name)
+    shutil.copy2(shared / PROXY_TOKENIZER, data / PROXY_TOKENIZER)
+    platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
+                    DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", str(wheels), ZSTANDARD], check=True)
+    size = sum(f.stat().st_size for folder in (data, wheels) for f in folder.rglob("*") if f.is_file())
+    print(f"gpu_check: prepared {data} and {wheels}: {size / 2**20:.1f} MiB to carry (run carry: .whl, .devdata)")
 
 
-def file_prefix(device: str, torch_version: str, when: datetime.datetime) -> str:
-    """gpucheck_<device>_torch<version>_<date>: only letters, digits, '.', '_' and '-' (what the
-    device tool brings back)."""
-    slug = lambda text: re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-").lower()
-    device = slug(device.replace("NVIDIA ", ""))
-    return f"gpucheck_{device}_torch{slug(torch_version)}_{when:%Y%m%d-%H%M}"
+def ensure_zstandard(wheels: Path = WHEELS, site: Path = Path("/tmp/gpu_check_site")) -> str:
+    """Imports zstandard, installing a carried wheel first where it is missing; the children find it
+    through PYTHONPATH. Returns what was done."""
+    try:
+        import zstandard  # noqa: F401
+        return "zstandard present"
+    except ImportError:
+        pass
+    found = sorted(wheels.glob("zstandard-*.whl"))
+    if not found:
+        raise RuntimeError(f"zstandard is not installed and no zstandard wheel was carried in {wheels}")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--no-cache-dir", "--upgrade", "--target", str(site), str(found[-1])], check=True)
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    import zstandard  # noqa: F401
+    return f"installed {found[-1].name}"
+
+
+def unpack_shard(data: bytes, name: str) -> bytes:
+    """A decompressed shard, its header checked: magic, version, and a token count that fits the bytes."""
+    import zstandard
+    raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31)
+    magic, version, count = struct.unpack("<3i", raw[:12]) if len(raw) >= 12 else (0, 0, -1)
+    if magic != SHARD_MAGIC or version != SHARD_VERSION or len(raw) != 256 * 4 + 2 * count:
+        raise RuntimeError(f"{name}: not a shard of the challenge's format after unpacking")
+    return raw
+
+
+def unpack_corpus(source: Path, target: Path) -> int:
+    """source/{datasets,tokenizers} (.zst shards) -> target, shards unpacked; returns the tokens written."""
+    shards = sorted((source / PROXY_DATA).glob("*.bin.zst"))
+    if not shards or not (source / PROXY_TOKENIZER).is_file():
+        raise RuntimeError(f"no proxy corpus in {source} (*.bin.zst and {PROXY_TOKENIZER}): run --prepare here first")
+    (target / PROXY_DATA).mkdir(parents=True, exist_ok=True)
+    (target / "tokenizers").mkdir(parents=True, exist_ok=True)
+    tokens = 0
+    for f in shards:
+        raw = unpack_shard(f.read_bytes(), f.name)
+        (target / PROXY_DATA / f.name.removesuffix(".zst")).write_bytes(raw)
+        tokens += (len(raw) - 1024) // 2
+    shutil.copy2(source / PROXY_TOKENIZER, target / PROXY_TOKENIZER)
+    return tokens
 
 
 # -----------------------------------------------------------------------------
-# The plan: one step per subprocess, each with its command, environment and output files
+# The plan
 
 
-def plan_steps(args, tg, prefix: str, scratch: Path) -> list[dict]:
-    steps = []
-    if "smoke" in args.phases:
-        env = {"PRESET": "smoke", "RUN_ID": f"{prefix}_smoke", "ARTIFACT_PATH": str(scratch / "smoke.ptz")}
-        steps.append(dict(name="smoke", phase="smoke", env=env, cmd=[sys.executable, "train_gpt.py"],
-                          log=f"{prefix}_smoke.txt"))
-    presets = gpu_presets(tg, args.presets) if {"speed", "train"} & set(args.phases) else []
-    for preset in presets if "speed" in args.phases else []:
-        out = args.out_dir / f"{prefix}_speed_{preset}.json"
-        steps.append(dict(name=f"speed:{preset}", phase="speed", env={"PRESET": preset}, json=out.name, needs_cuda=True,
-                          cmd=[sys.executable, "bench/speed.py", "--steps", str(args.speed_steps),
-                               "--pipelined-steps", "5", "--profile-steps", "2", "--eval", "--val-tokens",
-                               "500000", "--out", str(out)]))
-    data = {"DATA_PATH": str(args.data / PROXY_DATA), "TOKENIZER_PATH": str(args.data / PROXY_TOKENIZER)}
-    for preset in presets if "train" in args.phases else []:
-        iterations = max(1, round(args.train_tokens / batch_tokens(tg, preset)))
-        env = {**data, "PRESET": preset, "RUN_ID": f"{prefix}_train_{preset}", "ITERATIONS": str(iterations),
-               "MAX_WALLCLOCK_SECONDS": "0", "WARMUP_STEPS": "3", "TRAIN_LOG_EVERY": "5",
-               "EVAL_STRIDE": str(args.eval_stride), "ARTIFACT_PATH": str(scratch / f"{preset}.ptz"),
-               # a model of a few dozen steps compresses worse than a trained one: no fitting rounds
-               "ARTIFACT_LIMIT_BYTES": "64000000"}
-        steps.append(dict(name=f"train:{preset}", phase="train", env=env, cmd=[sys.executable, "train_gpt.py"],
-                          needs_cuda=True, needs_data=True, log=f"{prefix}_train_{preset}.txt"))
+def speed_presets(tg) -> list[str]:
+    return [name for name in SPEED_PRESETS if name in tg.PRESETS]
+
+
+def one_gpu_env(tg, preset: str, data: Path) -> dict:
+    """The environment of a one-GPU run of `preset` with the 8-GPU per-rank shapes: training already
+    accumulates 8 slices of one rank's size; evaluation gets 1/8 of VAL_BATCH_SIZE (its windows per
+    batch per rank). Real proxy tokens where the preset's vocabulary is the proxy's (1024)."""
+    h, _ = tg.hyperparameters_from_env({"PRESET": preset}, True)
+    env = {"PRESET": preset, "VAL_BATCH_SIZE": str(max(h.val_batch_size // tg.SLICES_PER_STEP, h.model_eval_seq_len))}
+    if h.vocab_size == PROXY_VOCAB:
+        env.update(DATA_PATH=str(data / PROXY_DATA), TOKENIZER_PATH=str(data / PROXY_TOKENIZER))
+    return env
+
+
+def plan_steps(args, tg, data: Path, work: Path) -> list[dict]:
+    """The steps in order: name, command, environment, caps, and the files each leaves in `work`."""
+    python = sys.executable
+    steps = [dict(name="attention", cmd=[python, "bench/attn_check.py", "--out", str(work / "attention.json")],
+                  env={}, **CAPS["attention"])]
+    for preset in speed_presets(tg):
+        env = {**one_gpu_env(tg, preset, data), "WARMUP_STEPS": "3"}
+        h, _ = tg.hyperparameters_from_env({"PRESET": preset}, True)
+        cmd = [python, "bench/speed.py", "--tokens", "real" if "DATA_PATH" in env else "synthetic",
+               "--steps", str(args.speed_steps), "--pipelined-steps", "6", "--profile-steps", "1",
+               "--out", str(work / f"speed_{preset}.json")]
+        if h.recur_blocks:  # half the synced steps without the repeated blocks, half with them
+            cmd += ["--recur-at", str(args.speed_steps // 2)]
+        steps.append(dict(name=f"speed:{preset}", cmd=cmd, env=env, **CAPS.get(f"speed:{preset}", CAPS["speed"])))
+    env = {**one_gpu_env(tg, "frontier", data), "RUN_ID": "gpu_check_e2e_frontier", "ITERATIONS": str(args.e2e_steps),
+           "WARMUP_STEPS": "3", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "4",
+           "ARTIFACT_PATH": str(work / "e2e_frontier.ptz"),
+           # a model of a few dozen steps compresses worse than a trained one: no fitting rounds
+           "ARTIFACT_LIMIT_BYTES": "64000000"}
+    steps.append(dict(name="e2e:frontier", cmd=[python, "train_gpt.py"], env=env,
+                      moves={REPO / "logs" / "gpu_check_e2e_frontier.txt": "e2e_frontier.txt"}, **CAPS["e2e"]))
+    for step in steps:
+        step["needs_cuda"] = True
     return steps
 
 
+def step_cap(step: dict, left: float, later: list[dict]) -> float:
+    """The step's timeout: its maximum, or the time left less the minimum of every later step that
+    must run (reserve)."""
+    return min(step["max_s"], left - sum(s["min_s"] for s in later if s["reserve"]))
+
+
+def print_plan(steps: list[dict], budget_s: float, setup_s: float) -> None:
+    """Each step with the cap it gets when every step before it uses its whole cap; the total."""
+    left, total = budget_s - setup_s, setup_s
+    print(f"setup: cap {setup_s:.0f} s: install the carried zstandard wheel if missing; unpack .devdata/*.zst")
+    for i, step in enumerate(steps):
+        cap = step_cap(step, left, steps[i + 1:])
+        env = " ".join(f"{k}={v}" for k, v in step["env"].items())
+        if cap < step["min_s"]:
+            print(f"{step['name']}: skipped in this plan ({max(cap, 0):.0f} s left for it, needs {step['min_s']} s)")
+            continue
+        print(f"{step['name']}: cap {cap:.0f} s (min {step['min_s']} s): {env} python3 "
+              f"{' '.join(str(c) for c in step['cmd'][1:])}".replace(str(REPO) + "/", ""))
+        left -= cap
+        total += cap
+    print(f"total: {total:.0f} s of the {budget_s:.0f} s budget (caps; steps that end sooner leave time to the next)")
+
+
 # -----------------------------------------------------------------------------
-# Running and reading the results
+# Running, and writing the results after every step
 
 
-def as_text(data) -> str:
-    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
-
-
-def run_step(step: dict, timeout_s: float) -> tuple[int | None, float, str]:
-    """(exit code, None on timeout; seconds; stdout and stderr)."""
-    t0 = time.perf_counter()
+def run_step(step: dict, timeout_s: float, log_path: Path) -> tuple[int | None, float]:
+    """Runs the step's command with its output to log_path; on timeout, ends its whole process group
+    (compile workers too). Returns (exit code or None on timeout, seconds)."""
+    t0 = time.monotonic()
     env = {**os.environ, **step["env"], "PYTHONUNBUFFERED": "1"}
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(step["cmd"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            code = proc.wait(timeout=max(timeout_s, 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+    return code, time.monotonic() - t0
+
+
+def last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()] if path.is_file() else []
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def figures(step: dict, work: Path) -> dict:
+    """The step's headline figures, from the files it wrote (none when it wrote none)."""
     try:
-        proc = subprocess.run(step["cmd"], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
-        code, output = proc.returncode, proc.stdout + proc.stderr
-    except subprocess.TimeoutExpired as exc:
-        code, output = None, as_text(exc.stdout) + as_text(exc.stderr)
-    return code, time.perf_counter() - t0, output
+        if step["name"] == "attention":
+            rows = json.loads((work / "attention.json").read_text())["rows"]
+            return {f"{r['case']}/{r['kernel']}": r["status"] + (f", fwd+bwd {r['fwd_bwd_ms']:.2f} ms"
+                                                                 if "fwd_bwd_ms" in r else "") for r in rows}
+        if step["name"].startswith("speed:"):
+            r = json.loads((work / f"speed_{step['name'][6:]}.json").read_text())
+            t = r["train"]
+            found = {"ms_per_step": round(t["ms_per_step_median"], 1), "ms_per_step_1sync":
+                     round(t.get("pipelined_ms_per_step") or 0, 1), "attention": r["attention_backend"],
+                     "warmup_s": round(r["warmup_ms"] / 1000, 1), "recompiles_timed": r["compile"]["timed"]["recompiles"],
+                     "host_syncs_per_step": r["host_syncs"]["count"], "last_loss": round(t["losses"][-1], 4)}
+            for label, phase in t.get("recurrence", {}).items():
+                if isinstance(phase, dict):
+                    found[f"ms_per_step_{label}"] = round(phase["ms_per_step_median"], 1)
+            return found
+        if step["name"].startswith("e2e:"):
+            return figures_from_log((work / "e2e_frontier.txt").read_text())
+    except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
+        return {"figures": f"unreadable: {exc!r}"}
+    return {}
 
 
 LOG_KEYS = ("attention_backend", "step_avg", "train_time_ms", "steps", "peak_memory_allocated_mib",
@@ -142,8 +267,8 @@ LOG_KEYS = ("attention_backend", "step_avg", "train_time_ms", "steps", "peak_mem
 
 
 def figures_from_log(text: str) -> dict:
-    """The log lines' key:value figures the summary shows (the last value of each key wins), read
-    outside the source of train_gpt.py that the log embeds (its f-strings look like log lines)."""
+    """The log lines' key:value figures (the last value of each key wins), read outside the source of
+    train_gpt.py that the log embeds (its f-strings look like log lines)."""
     found, in_source = {}, False
     for line in text.splitlines():
         if line.startswith("====== source ") or line == "====== end source ======":
@@ -154,118 +279,127 @@ def figures_from_log(text: str) -> dict:
         for label in ("pre_quant", "final_roundtrip", "final_sliding"):
             if line.startswith(label + " "):
                 found[f"{label}_val_bpb"] = re.search(r"val_bpb:(\S+)", line).group(1)
-        if line.startswith("warmup:"):
-            found["warmup_ms"] = re.search(r"in (\d+)ms", line).group(1)
-        if line.startswith("quantize+compress:"):
-            found["quantize_ms"] = line.split(":", 1)[1].strip().removesuffix("ms")
+        for label, pattern in (("warmup_ms", r"^warmup:.* in (\d+)ms"), ("quantize_ms", r"^quantize\+compress: (\d+)ms"),
+                               ("gptq_calibration_ms", r"^gptq_calibration:.* in (\d+)ms")):
+            match = re.search(pattern, line)
+            if match:
+                found[label] = match.group(1)
         for key, value in re.findall(r"(\w+):(\S+)", line):
             if key in LOG_KEYS:
                 found[key] = value
-        if "WARNING" in line:
+        if "WARNING" in line or line.startswith("error:"):
             found["warning"] = line
     return found
 
 
-def figures_from_speed(result: dict) -> dict:
-    t, comp = result["train"], result["compile"]
-    mem = result["memory"]["timed_steps"]
-    return {"ms_per_step": round(t["ms_per_step_median"], 2), "tokens_per_s_per_gpu": round(t["tokens_per_s_per_gpu"]),
-            "mfu_pct": None if t["mfu"] is None else round(100 * t["mfu"], 1),
-            "peak_mib": round(mem.get("peak_allocated_mib", mem.get("max_rss_mib", 0))),
-            "attention_backend": result.get("attention_backend"), "warmup_s": round(result["warmup_ms"] / 1000, 1),
-            "compiled_graphs": comp["warmup"]["graphs"], "recompiles_warmup": comp["warmup"]["recompiles"],
-            "recompiles_timed": comp["timed"]["recompiles"],
-            "eval_recompiles": result.get("eval", {}).get("compiles", {}).get("recompiles")}
+def write_atomically(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def summary_markdown(header: dict, rows: list[dict]) -> str:
     lines = [f"# GPU check: {header['device']}, torch {header['torch']}, {header['date']}", "",
-             f"budget {header['budget_s']:.0f} s, used {header['used_s']:.0f} s; outcome: **{header['outcome']}**", "",
-             "| phase | status | seconds | figures |", "|---|---|---|---|"]
+             f"budget {header['budget_s']:.0f} s, used {header['used_s']:.0f} s; {header['outcome']}", "",
+             "| step | status | cap s | seconds | figures |", "|---|---|---|---|---|"]
     for row in rows:
-        figures = ", ".join(f"{k} {v}" for k, v in row.get("figures", {}).items())
-        lines.append(f"| {row['name']} | {row['status']} | {row.get('seconds', 0):.0f} | {figures} |")
+        shown = ", ".join(f"{k} {v}" for k, v in row.get("figures", {}).items())
+        lines.append(f"| {row['name']} | {row['status']} | {row.get('cap_s', '')} | {row.get('seconds', '')} | {shown} |")
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out_dir: Path, prefix: str, header: dict, rows: list[dict]) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{prefix}_summary.json").write_text(json.dumps({**header, "phases": rows}, indent=1) + "\n")
-    path = out_dir / f"{prefix}_summary.md"
-    path.write_text(summary_markdown(header, rows))
-    return path
+def publish(out: Path, work: Path, header: dict, rows: list[dict]) -> None:
+    """summary.md, summary.json and results.tgz (everything in `work` but artifacts) into `out`, each
+    replaced whole, so that what comes back is never half written."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "summary.json", (json.dumps({**header, "steps": rows}, indent=1) + "\n").encode())
+    write_atomically(out / "summary.md", summary_markdown(header, rows).encode())
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for f in sorted(work.iterdir()):
+            if f.is_file() and f.suffix not in (".ptz", ".tmp"):
+                tar.add(f, arcname=f.name)
+    write_atomically(out / "results.tgz", buffer.getvalue())
 
 
-def execute(args, steps: list[dict], cuda: bool, prefix: str) -> tuple[str, list[dict], float]:
-    """Runs the steps in order; returns (outcome, one row per step, seconds used)."""
-    t0, rows, outcome = time.perf_counter(), [], "passed"
-    for step in steps:
-        left = args.budget_s - (time.perf_counter() - t0)
-        row = {"name": step["name"], "env": step["env"], "cmd": " ".join(step["cmd"][1:])}
+def execute(steps: list[dict], budget_s: float, out: Path, work: Path, header: dict, cuda: bool,
+            started: float) -> list[dict]:
+    """Runs the steps in order under the budget (counted from `started`, time.monotonic()); every
+    outcome is recorded and the next step runs; the results are published after each step."""
+    rows = []
+    for i, step in enumerate(steps):
+        row = {"name": step["name"], "env": step["env"], "cmd": " ".join(str(c) for c in step["cmd"][1:])}
         rows.append(row)
+        left = budget_s - (time.monotonic() - started)
+        cap = step_cap(step, left, steps[i + 1:])
         if step.get("needs_cuda") and not cuda:
             row["status"] = "skipped: no CUDA"
-            continue
-        if left < args.min_phase_s:
-            row["status"] = f"skipped: {left:.0f} s of the budget left"
-            continue
-        timeout_s = min(left, PHASE_CAP_S[step["phase"]])
-        print(f"gpu_check: {step['name']} (up to {timeout_s:.0f} s)", flush=True)
-        code, row["seconds"], output = run_step(step, timeout_s)
-        if step.get("log"):
-            produced = REPO / "logs" / f"{step['env']['RUN_ID']}.txt"
-            if produced.is_file():
-                shutil.move(produced, args.out_dir / step["log"])
-                row["figures"] = figures_from_log((args.out_dir / step["log"]).read_text())
-        if step.get("json") and (args.out_dir / step["json"]).is_file():
-            row["figures"] = figures_from_speed(json.loads((args.out_dir / step["json"]).read_text()))
-        if code != 0:
-            last = [l for l in output.splitlines() if l.strip()][-1:] or ["(no output)"]
-            row["status"] = "timeout" if code is None else f"exit {code}"
-            row["output_tail"] = output[-4000:]
-            print(f"gpu_check: FAILED at {step['name']} ({row['status']} after {row['seconds']:.0f} s): {last[0]}",
-                  flush=True)
-            outcome = f"failed at {step['name']}"
-            break
-        row["status"] = "ok"
-    return outcome, rows, time.perf_counter() - t0
+        elif cap < step["min_s"]:
+            row["status"] = f"skipped: {max(cap, 0):.0f} s left for it, needs {step['min_s']} s"
+        else:
+            row["cap_s"] = round(cap)
+            print(f"gpu_check: {step['name']} (cap {cap:.0f} s, {left:.0f} s left)", flush=True)
+            log_path = work / f"{step['name'].replace(':', '_')}.log"
+            code, seconds = run_step(step, cap, log_path)
+            row["seconds"] = round(seconds, 1)
+            row["status"] = "ok" if code == 0 else ("timeout" if code is None else f"exit {code}")
+            for produced, name in step.get("moves", {}).items():
+                if Path(produced).is_file():
+                    shutil.move(produced, work / name)
+            row["figures"] = figures(step, work)
+            if code != 0:
+                row["last_line"] = last_line(log_path)
+            print(f"gpu_check: {step['name']}: {row['status']} after {seconds:.0f} s" +
+                  (f": {row['last_line']}" if code != 0 else ""), flush=True)
+        header = {**header, "used_s": time.monotonic() - started,
+                  "outcome": f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} steps so far ok"}
+        publish(out, work, header, rows)
+    return rows
 
 
 def main(argv=None) -> int:
+    started = time.monotonic()
     args = parse_args(argv)
+    if args.prepare:
+        prepare(args.prepare)
+        return 0
+    setup_notes = []
+    if not args.dry_run:
+        try:
+            setup_notes.append(ensure_zstandard())
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            print(f"gpu_check: FAILED at setup: {exc}", flush=True)
+            return 1
     sys.path.insert(0, str(REPO))
     import torch
     import train_gpt as tg
 
+    work = Path(tempfile.gettempdir()) / "gpu_check"  # scratch: unpacked data, each step's files
+    data = work / "data"
+    steps = plan_steps(args, tg, data, work)
+    if args.dry_run:
+        print_plan(steps, args.budget_s, setup_s=SETUP_S)
+        return 0
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    now = datetime.datetime.now(datetime.timezone.utc)
-    prefix = file_prefix(device, torch.__version__, now)
-    with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
-        try:
-            steps = plan_steps(args, tg, prefix, Path(scratch))
-        except tg.RunError as exc:  # a preset train_gpt rejects here
-            print(f"gpu_check: FAILED at setup: {exc}", flush=True)
-            return 1
-        if args.dry_run:
-            for step in steps:
-                env = " ".join(f"{k}={v}" for k, v in step["env"].items())
-                print(f"{step['name']}: {env} python3 {' '.join(step['cmd'][1:])}")
-            return 0
-        if any(s.get("needs_data") for s in steps) and cuda and not (args.data / PROXY_DATA).is_dir():
-            print(f"gpu_check: FAILED at setup: no proxy data at {args.data / PROXY_DATA} (see bench/SPEED.md: "
-                  f"unpack.py --train-shards 2 into .devdata, carried)", flush=True)
-            return 1
-        args.out_dir.mkdir(parents=True, exist_ok=True)
-        if not cuda:
-            print("gpu_check: no CUDA device: the smoke phase runs on CPU, the GPU phases are skipped", flush=True)
-        outcome, rows, used = execute(args, steps, cuda, prefix)
-    header = {"device": device, "torch": torch.__version__, "date": f"{now:%Y-%m-%d %H:%M} UTC",
-              "budget_s": args.budget_s, "used_s": used, "outcome": outcome}
-    path = write_summary(args.out_dir, prefix, header, rows)
-    print(summary_markdown(header, rows), end="")
-    print(f"gpu_check: wrote {path} and the files beside it named {prefix}_*")
-    return 0 if outcome == "passed" else 1
+    header = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "budget_s": args.budget_s}
+    try:
+        tokens = unpack_corpus(args.data, data)
+        setup_notes.append(f"unpacked {tokens:,} proxy tokens")
+    except (RuntimeError, OSError) as exc:  # the speed steps fall back to nothing: say so, run the rest
+        setup_notes.append(f"no proxy data: {exc}")
+    print(f"gpu_check: {device}, torch {torch.__version__}; setup: {'; '.join(setup_notes)} "
+          f"({time.monotonic() - started:.0f} s)", flush=True)
+    header["setup"] = "; ".join(setup_notes)
+    rows = execute(steps, args.budget_s, args.out, work, header, cuda, started)
+    print(summary_markdown({**header, "used_s": time.monotonic() - started,
+                            "outcome": f"{sum(r['status'] == 'ok' for r in rows)} of {len(rows)} steps ok"}, rows),
+          end="")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r["status"] in ("ok", "skipped: no CUDA") for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import lzma
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -113,7 +112,7 @@ def main() -> None:
         val = tg.load_validation(dataclasses.replace(h, val_tokens=args.val_tokens), sp, rt.device)
     print(f"scoring {val.num_targets} targets, {val.num_bytes} bytes")
     base_bpb = math.nan if args.bytes_only else score(h, rt, state, val)
-    print(f"\nmethod        val_bpb     gap         model_bytes")
+    print("\nmethod        val_bpb     gap         model_bytes")
     print(f"unquantized   {base_bpb:.6f}")
     plan = tg.quant_plan(state, h)
     model = tg.build_model(h, rt)

@@ -28,10 +28,10 @@ comparable to a GPU's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
-import os
 import platform
 import resource
 import statistics
@@ -161,9 +161,7 @@ def synthetic_validation(num_targets: int, vocab_size: int, device: torch.device
     boundary = np.zeros(vocab_size, dtype=bool)
     base[:4], boundary[:4] = 0, True
     tables = (base, np.zeros(vocab_size, dtype=bool), boundary)
-    num_bytes = int(tg.target_bytes(tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64), tables).sum())
-    return tg.ValidationSet(torch.from_numpy(tokens.astype(np.int64)).to(device), num_targets, num_bytes,
-                            tuple(torch.from_numpy(t).to(device) for t in tables), num_targets)
+    return tg.training_tokens_as_eval_set(tokens, tuple(torch.from_numpy(t).to(device) for t in tables))
 
 
 # -----------------------------------------------------------------------------
@@ -204,19 +202,26 @@ def reset_peak_memory(rt: tg.Runtime) -> None:
 # The measurements
 
 
-def time_steps(h, rt, model, optimizers, loader, first_step: int, count: int, sync_each: bool) -> dict:
+def time_steps(h, rt, model, optimizers, loader, first_step: int, count: int, sync_each: bool,
+               base_model=None, recur_at: int | None = None) -> dict:
     """count train_gpt.train_step calls. sync_each: a device sync after every step (per-step times);
-    else one at the end (the device queue stays full, as it would without the loop's host syncs)."""
+    else one at the end (the device queue stays full, as it would without the loop's host syncs).
+    recur_at: the step from which the depth recurrence runs (its graph was built in the warm-up)."""
     losses, step_ms = [], []
     rt.sync()
     t_start = time.perf_counter()
     for i in range(count):
         t0 = time.perf_counter()
         step = first_step + i
+        if recur_at is not None and step >= recur_at:
+            base_model.recur_active = True
         losses.append(tg.train_step(h, rt, model, optimizers, loader, step, tg.lr_scale(h, step, 0.0)))
         if sync_each:
             rt.sync()
             step_ms.append(1000 * (time.perf_counter() - t0))
+            if rt.is_main:  # as it happens: a run cut at its time limit leaves these in its output
+                print(f"bench: step {step} {step_ms[-1]:.1f} ms recurrence "
+                      f"{'on' if base_model is not None and base_model.recur_active else 'off'}", flush=True)
     rt.sync()
     total_ms = 1000 * (time.perf_counter() - t_start)
     mean_losses = [tg.mean_over_ranks(rt, loss) for loss in losses]
@@ -240,6 +245,22 @@ def count_host_syncs(h, rt, model, optimizers, loader, step: int) -> dict:
         return {"count": len(syncs), "where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})}
     except Exception as exc:
         return {"count": None, "where": [f"failed: {exc!r}"]}
+
+
+@contextlib.contextmanager
+def no_recompiles(compile_on: bool):
+    """torch.compile's fail_on_recompile stance, as train_gpt's timed loop runs under: every graph
+    must come from the warm-up; a compilation here is a RunError naming the cause."""
+    if not compile_on:
+        yield
+        return
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            yield
+    except RuntimeError as exc:
+        if "recompil" in str(exc).lower():
+            raise tg.RunError(f"torch.compile compiled inside the timed steps ({str(exc).splitlines()[0]})") from None
+        raise
 
 
 def time_evaluation(h, rt, model, val: tg.ValidationSet) -> dict:
@@ -271,13 +292,18 @@ def time_quantization(h, rt, base_model) -> dict:
     t2 = time.perf_counter()
     tg.dequantize_state(tg.deserialize_artifact(blob, "bench")[1])
     t3 = time.perf_counter()
-    code_bytes = len(Path(tg.__file__).read_bytes())
+    code_bytes = len(tg.shipped_form(Path(tg.__file__).read_bytes()))  # what counts
     return {"quantize_s": t1 - t0, "compress_s": t2 - t1, "load_s": t3 - t2, "zstd_level": h.zstd_level,
             "model_bytes": len(blob), "code_bytes": code_bytes, "artifact_bytes": len(blob) + code_bytes,
             "note": "weights after a few steps compress differently from a trained model's: times matter, bytes less"}
 
 
-def profile_steps(h, rt, model, optimizers, loader, first_step: int, count: int) -> str:
+ATTENTION_MARKERS = ("attention", "flash", "fmha", "cudnn", "sdpa", "attn")  # in kernel and op names
+
+
+def profile_steps(h, rt, model, optimizers, loader, first_step: int, count: int) -> tuple[str, list[str]]:
+    """The top ops of `count` profiled steps (a table), and the names of every profiled op or kernel
+    that looks like attention: under torch.compile, the kernels that really ran."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if rt.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -286,7 +312,21 @@ def profile_steps(h, rt, model, optimizers, loader, first_step: int, count: int)
             tg.train_step(h, rt, model, optimizers, loader, first_step + i, 1.0)
         rt.sync()
     key = "self_device_time_total" if rt.device.type == "cuda" else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=30)
+    averages = prof.key_averages()
+    attention = sorted({e.key for e in averages if any(m in e.key.lower() for m in ATTENTION_MARKERS)})
+    return averages.table(sort_by=key, row_limit=30), attention
+
+
+def recurrence_phases(step_ms: list[float], recur_at: int, h) -> dict:
+    """ms/step and tokens/s of the synced steps before and after the recurrence switch (the forward
+    passes through the repeated blocks twice after it: a slower step, timed apart)."""
+    phases = {}
+    for label, ms in (("recur_off", step_ms[:recur_at]), ("recur_on", step_ms[recur_at:])):
+        if ms:
+            median = statistics.median(ms)
+            phases[label] = {"steps": len(ms), "ms_per_step_median": median,
+                             "tokens_per_s": h.train_batch_tokens / (median / 1000)}
+    return phases
 
 
 def summarize_steps(timed: dict, pipelined: dict, h, rt, flops_per_token: float, peak: float | None) -> dict:
@@ -351,6 +391,7 @@ def report_table(r: dict) -> str:
                    f"{c['num_kv_heads']}, mlp {c['mlp_mult']}x, seq {c['train_seq_len']}, params {c['params']:,}, "
                    f"compile {r['compile_enabled']} ({r['compile_backend']}), bf16 {r['bf16']}, tokens {r['tokens']}"),
         ("attention", r.get("attention_backend", "n/a")),
+        ("profiled attention", ", ".join(r.get("profiled_attention_kernels") or []) or "n/a (--profile-steps 0)"),
         ("tokens/step", f"{c['train_batch_tokens']:,}"),
         ("ms/step", f"median {s['ms_per_step_median']:.2f}, mean {s['ms_per_step_mean']:.2f}, min "
                     f"{s['ms_per_step_min']:.2f}, max {s['ms_per_step_max']:.2f}, stdev {s['ms_per_step_stdev']:.2f} "
@@ -358,6 +399,10 @@ def report_table(r: dict) -> str:
         ("ms/step, 1 sync", fmt(s.get("pipelined_ms_per_step")) + f" ({s.get('pipelined_steps', 0)} more steps, "
                             f"one sync at the end)"),
         ("tokens/s per GPU", f"{s['tokens_per_s_per_gpu']:,.0f}"),
+        ("recurrence", "off throughout" if not s.get("recurrence") else
+         f"blocks {s['recurrence']['blocks']} on from timed step {s['recurrence']['recur_at']}: " + "; ".join(
+             f"{label} {p['ms_per_step_median']:.2f} ms/step ({p['steps']} steps)"
+             for label, p in s["recurrence"].items() if isinstance(p, dict))),
         ("model FLOP/token", f"{r['flops_per_token'] / 1e6:.2f} M (train; 6N + causal attention)"),
         ("TFLOP/s per GPU", f"{s['model_tflops_per_gpu']:.3f}"),
         ("MFU", fmt(s["mfu"] and 100 * s["mfu"], ".1f", "%") + f" of {fmt(r['peak_tflops'], '.0f')} TFLOP/s"),
@@ -441,6 +486,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="scored targets of the synthetic validation set (with --tokens synthetic)")
     p.add_argument("--quant", action="store_true", help="time quantization, compression and read back")
     p.add_argument("--profile-steps", type=int, default=0, help="profile this many extra steps (top ops to the .txt)")
+    p.add_argument("--recur-at", type=int, default=None,
+                   help="switch the depth recurrence (RECUR_BLOCKS) on from this timed step (0..--steps): the "
+                        "synced steps before and after are reported apart; the later phases run with it on")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU where the device is not known")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend when compile is on (train_gpt uses inductor; eager for CPU tests)")
@@ -452,6 +500,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--steps must be >= 2")
     if args.pipelined_steps is None:
         args.pipelined_steps = args.steps
+    if args.recur_at is not None and not 0 <= args.recur_at <= args.steps:
+        p.error("--recur-at must be in 0..--steps")
     return args
 
 
@@ -489,6 +539,8 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
     def make_loader():
         return tg.DistributedTokenLoader(files, h.vocab_size, rt.rank, rt.world_size, rt.device)
 
+    if args.recur_at is not None and not base_model.recur_blocks:
+        raise tg.RunError(f"--recur-at {args.recur_at}: this configuration repeats no blocks (RECUR_BLOCKS is empty)")
     log(f"bench: {name}, world {rt.world_size}, preset {preset}, compile {compile_on}, tokens {args.tokens}")
     snapshot = compile_snapshot()
     warmup_ms = tg.warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
@@ -497,14 +549,17 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
     loader = make_loader()
     reset_peak_memory(rt)
     snapshot = compile_snapshot()
-    timed = time_steps(h, rt, model, optimizers, loader, 0, args.steps, sync_each=True)
-    pipelined = time_steps(h, rt, model, optimizers, loader, args.steps, args.pipelined_steps, sync_each=False)
+    # As in train_gpt's loop: a compilation inside the timed steps is an error, not a slow step.
+    with no_recompiles(compile_on):
+        timed = time_steps(h, rt, model, optimizers, loader, 0, args.steps, sync_each=True, base_model=base_model,
+                           recur_at=args.recur_at)
+        pipelined = time_steps(h, rt, model, optimizers, loader, args.steps, args.pipelined_steps, sync_each=False)
     timed_compiles = compiles_since(snapshot)
     memory_timed = memory_stats(rt)
     next_step = args.steps + args.pipelined_steps
     host_syncs = count_host_syncs(h, rt, model, optimizers, loader, next_step)
-    profile = profile_steps(h, rt, model, optimizers, loader, next_step + 1, args.profile_steps) \
-        if args.profile_steps else None
+    profile, profiled_attention = profile_steps(h, rt, model, optimizers, loader, next_step + 1, args.profile_steps) \
+        if args.profile_steps else (None, None)
     flops_per_token = model_flops_per_token(h)
     peak = peak_tflops(name, args.peak_tflops) if (rt.bf16 or args.peak_tflops) else None
     result = {
@@ -513,7 +568,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
         "host": platform.node(), "world_size": rt.world_size, "grad_accum_steps": rt.grad_accum_steps,
         "tokens": args.tokens, "compile_enabled": compile_on,
         "compile_backend": args.compile_backend if compile_on else None,
-        "bf16": rt.bf16, "attention_backend": tg.attention_backend(h, rt.device),
+        "bf16": rt.bf16, "attention_backend": tg.attention_kernel_report(h, rt),
         "config": config_summary(h, preset, base_model), "tokens_per_step": h.train_batch_tokens,
         "timed_steps": args.steps, "flops_per_token": flops_per_token,
         "flops_per_token_parts": {"matmul": 6 * sum(matmul_params(h).values()),
@@ -522,11 +577,15 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
         "train": summarize_steps(timed, pipelined, h, rt, flops_per_token, peak),
         "compile": {"warmup": warmup_compiles, "timed": timed_compiles},
         "memory": {"warmup": memory_warmup, "timed_steps": memory_timed},
-        "host_syncs": host_syncs, "profile": profile,
+        "host_syncs": host_syncs, "profile": profile, "profiled_attention_kernels": profiled_attention,
     }
+    if args.recur_at is not None:
+        result["train"]["recurrence"] = {"recur_at": args.recur_at, "blocks": h.recur_blocks,
+                                         **recurrence_phases(timed["step_ms"], args.recur_at, h)}
     if args.eval:
         log("bench: timing the sliding-window evaluation")
-        result["eval"] = time_evaluation(h, rt, model, val)
+        with no_recompiles(compile_on):
+            result["eval"] = time_evaluation(h, rt, model, val)
         # the model scored has taken every step above (the sync count's one only on CUDA)
         result["eval"]["after_steps"] = next_step + (rt.device.type == "cuda") + args.profile_steps
     if args.quant:

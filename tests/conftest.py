@@ -71,6 +71,23 @@ def tiny_model(h: tg.Hyperparameters | None = None, seed: int = 0, randomize: bo
     return model
 
 
+def assert_causal_and_fully_trained(model: tg.GPT, vocab: int = 1024, length: int = 24) -> None:
+    """Changing token k changes no logit before k and some at k; one backward pass reaches every parameter."""
+    x = torch.randint(4, vocab, (2, length), generator=torch.Generator().manual_seed(0))
+    k = 11
+    y = x.clone()
+    y[:, k] = (x[:, k] + 17 - 4) % (vocab - 4) + 4
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[:, :k], b[:, :k], rtol=0, atol=1e-6)
+    assert (a[:, k] - b[:, k]).abs().max() > 1e-4
+    loss = model(x[:, :-1], x[:, 1:])
+    loss.backward()
+    assert torch.isfinite(loss).item()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert dead == [], f"parameters without gradient: {dead}"
+
+
 def cpu_runtime() -> tg.Runtime:
     return tg.Runtime(rank=0, world_size=1, device=CPU, distributed=False)
 
@@ -171,11 +188,9 @@ class ScriptRun:
 
 def clean_env() -> dict[str, str]:
     """os.environ without our knobs or torchrun's variables, and with CUDA hidden (CPU-only suite)."""
-    ours = {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)}
     torchrun = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                 "MASTER_PORT", "TORCHELASTIC_RUN_ID"}
-    env = {k: v for k, v in os.environ.items()
-           if k not in ours and k not in torchrun and not k.startswith(getattr(tg, "_KNOB_PREFIXES", ()))}
+    env = {k: v for k, v in os.environ.items() if k not in torchrun and tg.resembled_setting(k) is None}
     env["CUDA_VISIBLE_DEVICES"] = ""
     # One thread per process: same results, and on a loaded machine 2 spinning OpenMP threads per
     # process made the smoke run 6x slower (122 s instead of 20 s). torchrun's workers default to 1.
@@ -186,15 +201,14 @@ def clean_env() -> dict[str, str]:
 @pytest.fixture
 def run_script(tmp_path):
     """run_script(env, nproc=1) runs train_gpt.py (under torch.distributed.run when nproc > 1) from
-    an empty working directory, with RUN_ID=pytest_... and ARTIFACT_PATH in tmp_path; the log and
-    any artifact under <repo>/logs are deleted afterwards."""
+    an empty working directory, with RUN_ID=pytest_... (unless env sets one) and ARTIFACT_PATH in
+    tmp_path; the log (of the run id the run really took) and any artifact under <repo>/logs are
+    deleted afterwards."""
     leftovers = []
 
     def run(env: dict[str, str] | None = None, nproc: int = 1, timeout: float = 300) -> ScriptRun:
-        run_id = f"pytest_{uuid.uuid4().hex[:10]}"
-        log_path = REPO / "logs" / f"{run_id}.txt"
-        leftovers.extend([log_path, REPO / "logs" / f"{run_id}.ptz"])
-        cwd = tmp_path / run_id
+        run_id = (env or {}).get("RUN_ID") or f"pytest_{uuid.uuid4().hex[:10]}"
+        cwd = tmp_path / f"cwd_{uuid.uuid4().hex[:10]}"
         cwd.mkdir()
         full_env = {**clean_env(), "RUN_ID": run_id, "ARTIFACT_PATH": str(tmp_path / f"{run_id}.ptz"),
                     **(env or {})}
@@ -202,6 +216,9 @@ def run_script(tmp_path):
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         proc = subprocess.run(launcher + [str(SCRIPT)], cwd=cwd, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
+        taken = re.search(r"^run_id:(\S+)", proc.stdout, re.M)  # a taken RUN_ID becomes RUN_ID_2, ...
+        log_path = REPO / "logs" / f"{taken[1] if taken else run_id}.txt"
+        leftovers.extend([log_path, log_path.with_suffix(".ptz")])
         log = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
         return ScriptRun(proc.returncode, proc.stdout, proc.stderr, log, Path(full_env["ARTIFACT_PATH"]), full_env)
 

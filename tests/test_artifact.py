@@ -4,7 +4,9 @@ safe and strict loader, and EVAL_ONLY reproducing the in-run score."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
 import re
 import struct
 from pathlib import Path
@@ -12,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zstandard
 
 from conftest import assert_one_line_error, tiny_hparams, tiny_model
 import train_gpt as tg
@@ -136,16 +139,21 @@ def artifact():
     return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state, h)), tg.model_config(h), 3)
 
 
+def frames(artifact: bytes) -> list[bytes]:
+    """The artifact's frames, decompressed without train_gpt's bounds."""
+    return [zstandard.ZstdDecompressor().decompress(frame) for frame in tg.unpack_frames(artifact)]
+
+
 def with_header(artifact: bytes, change) -> bytes:
     """A well-formed artifact whose JSON header was edited by change(header_dict)."""
-    header_json, *sections = tg.unpack_frames(artifact)
+    header_json, *sections = frames(artifact)
     header = json.loads(header_json)
     change(header)
     return tg.pack_frames([json.dumps(header).encode()] + sections, 3)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "magic", "pickle", "empty", "header", "frames",
-                                    "offset", "dtype", "missing_scale"])
+                                    "offset", "dtype", "missing_scale", "config_type", "config_key", "huge_array"])
 def test_damaged_artifacts_give_a_clear_error(artifact, damage):
     mid = len(artifact) // 2
     bad = {
@@ -154,15 +162,81 @@ def test_damaged_artifacts_give_a_clear_error(artifact, damage):
         "magic": lambda: b"XXXXXXXX" + artifact[8:],
         "pickle": lambda: b"\x80\x04\x95" + b"\x00" * 64,  # what torch.save/pickle files start with
         "empty": lambda: b"",
-        "header": lambda: tg.pack_frames([b"{not json"] + tg.unpack_frames(artifact)[1:], 3),
+        "header": lambda: tg.pack_frames([b"{not json"] + frames(artifact)[1:], 3),
         "frames": lambda: artifact[:8] + struct.pack("<I", 10 ** 6) + artifact[12:],
         "offset": lambda: with_header(artifact, lambda hd: hd["blobs"][0].update(offset=10 ** 9)),
         "dtype": lambda: with_header(artifact, lambda hd: hd["blobs"][0].update(dtype="object")),
+        "config_type": lambda: with_header(artifact, lambda hd: hd["model"].update(num_layers="2")),
+        "config_key": lambda: with_header(artifact, lambda hd: hd["model"].update(layers=2)),
+        "huge_array": lambda: with_header(artifact, lambda hd: hd["blobs"][-1].update(
+            shape=[2 ** 40], nbytes=2 ** 41)),
         "missing_scale": lambda: with_header(
             artifact, lambda hd: hd.update(blobs=[b for b in hd["blobs"] if b["part"] != "scale"])),
     }[damage]()
     with pytest.raises(tg.RunError, match=r"^damaged\.ptz: "):
         tg.deserialize_artifact(bad, "damaged.ptz")
+
+
+def damaged_versions(artifact: bytes, seed: int = 0):
+    """(what, bytes): every bit of the magic, the frame table and each frame's header flipped in turn,
+    300 random bytes elsewhere set to random values, and the file cut at every 97th byte."""
+    (count,) = struct.unpack_from("<I", artifact, len(tg.ARTIFACT_MAGIC))
+    lengths = struct.unpack_from(f"<{count}Q", artifact, len(tg.ARTIFACT_MAGIC) + 4)
+    structure = list(range(len(tg.ARTIFACT_MAGIC) + 4 + 8 * count))
+    pos = len(structure)
+    for length in lengths:
+        structure += range(pos, pos + zstandard.frame_header_size(artifact[pos:pos + length]))
+        pos += length
+    for pos in structure:
+        for bit in range(8):
+            yield f"bit {bit} of byte {pos}", artifact[:pos] + bytes([artifact[pos] ^ 1 << bit]) + artifact[pos + 1:]
+    rng = random.Random(seed)
+    for _ in range(300):
+        pos, value = rng.randrange(len(artifact)), rng.randrange(256)
+        if value != artifact[pos]:
+            yield f"byte {pos} set to {value}", artifact[:pos] + bytes([value]) + artifact[pos + 1:]
+    for length in range(0, len(artifact), 97):
+        yield f"cut at {length}", artifact[:length]
+
+
+def test_every_damage_is_the_one_line_error_or_changes_nothing(artifact):
+    # A damaged frame header once made zstd allocate exabytes (MemoryError, a traceback). Now every
+    # damage is the promised error, or (zstd ignores one reserved bit of a frame header) loads exactly
+    # what the undamaged file holds.
+    config, intact = tg.deserialize_artifact(artifact, "intact.ptz")
+    harmless = []
+    for what, bad in damaged_versions(artifact):
+        try:
+            loaded_config, loaded = tg.deserialize_artifact(bad, "damaged.ptz")
+        except tg.RunError as error:
+            assert str(error).startswith("damaged.ptz: corrupt or truncated artifact"), (what, str(error))
+            assert "\n" not in str(error), what
+            continue
+        assert loaded_config == config and loaded.keys() == intact.keys(), what
+        for name, entry in intact.items():
+            for part, array in entry["arrays"].items():
+                assert np.array_equal(loaded[name]["arrays"][part], array), (what, name, part)
+        harmless.append(what)
+    assert len(harmless) <= 5, harmless  # the reserved bit of each of the 5 frame headers, at most
+
+
+def test_an_artifact_whose_tensors_do_not_fit_its_model_is_the_one_line_error(artifact):
+    config, quantized = tg.deserialize_artifact(with_header(artifact, lambda hd: hd["model"].update(num_layers=4)),
+                                                "wrong.ptz")
+    h = dataclasses.replace(tiny_hparams(), **config)
+    with pytest.raises(tg.RunError, match=r"^wrong\.ptz: corrupt or truncated artifact \(its tensors do not fit"):
+        tg.load_weights(tg.GPT(h), tg.dequantize_state(quantized), Path("wrong.ptz"))
+
+
+def test_an_artifact_is_read_only_if_it_is_a_file_within_the_byte_limit(artifact, tmp_path):
+    path = tmp_path / "model.ptz"
+    path.write_bytes(artifact)
+    with pytest.raises(tg.RunError, match=r"model\.ptz: \d+ bytes, over ARTIFACT_LIMIT_BYTES=1000: "):
+        tg.load_artifact(path, 1000)
+    with pytest.raises(tg.RunError, match=r"^/dev/zero: no such artifact \(not a file\)$"):
+        tg.load_artifact(Path("/dev/zero"), 16_000_000)
+    config, state = tg.load_artifact(path, len(artifact))
+    assert config == tg.model_config(tiny_hparams()) and state
 
 
 def test_fit_to_limit_demotes_cheapest_first_and_fits():
@@ -239,7 +313,7 @@ def test_fitting_end_to_end_then_eval_only_reproduces_the_score(run_script):
 
 
 def test_impossible_limit_fails_without_writing(run_script):
-    code_bytes = len(Path(tg.__file__).read_bytes())  # room for the code and 5 KB: too little for any model
+    code_bytes = len(tg.shipped_form(Path(tg.__file__).read_bytes()))  # room for the code and 5 KB: no model fits
     run = run_script({"ITERATIONS": "2", "ARTIFACT_LIMIT_BYTES": str(code_bytes + 5000)})
     assert_one_line_error(run, "lowest class")
     assert not run.artifact.exists()

@@ -2,6 +2,7 @@
 import sys
 
 import pytest
+import torch
 
 import train_gpt as tg
 from conftest import REPO, TEXT
@@ -60,14 +61,16 @@ def test_caseops_decode_rejects_malformed(bad):
 
 # ----------------------------------------------------------------------------- the builder
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import hashlib  # noqa: E402
 import subprocess  # noqa: E402
 
 import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from conftest import SCRIPT, TOKENIZER, documents, read_tokens  # noqa: E402
+from conftest import TOKENIZER, documents, read_tokens  # noqa: E402
 
 VAL_DOCS = 40
 # validation documents that exercise the transform and the byte counts: capitals of every kind,
@@ -273,8 +276,6 @@ def test_plain_text_input_splits_on_blank_lines(tmp_path):
     assert bd.count_documents([text]) == 3
 
 
-@pytest.mark.skipif("fineweb_val_bytes" not in SCRIPT.read_text(encoding="utf-8"),
-                    reason="needs train_gpt.py's validation byte sidecar support (the integrator's side)")
 def test_caseops_dataset_trains_and_scores_against_the_original_bytes(caseops_build, run_script):
     """End to end: train_gpt.py on the CaseOps build; its bpb denominator is the validation
     documents' UTF-8 length, counted here without the builder or the sidecar."""
@@ -284,3 +285,22 @@ def test_caseops_dataset_trains_and_scores_against_the_original_bytes(caseops_bu
     assert run.returncode == 0, run.explain()
     expected = sum(len(d.encode("utf-8")) for d in docs[:VAL_DOCS])
     assert f"val_bytes:{expected} " in run.body
+
+
+def test_train_gpt_logs_the_manifest_and_refuses_a_validation_file_changed_since_the_build(caseops_build, tmp_path):
+    _, _, folder = caseops_build
+    h = dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512,
+                            tokenizer_path=str(folder / "tokenizer_sp512_caseops.model"))
+    sp = tg.load_tokenizer(h)
+    lines = []
+    tg.load_validation(h, sp, torch.device("cpu"), lines.append)
+    [line] = [line for line in lines if line.startswith("data_manifest:")]
+    assert "builder:tools/build_dataset.py" in line and "vocab_size:512 caseops:True" in line
+    changed = tmp_path / "changed"
+    shutil.copytree(folder, changed)
+    shard = changed / "fineweb_val_000000.bin"
+    data = bytearray(shard.read_bytes())
+    data[-2:] = data[-4:-2]  # one token, header untouched
+    shard.write_bytes(bytes(data))
+    with pytest.raises(tg.RunError, match=r"manifest\.json: fineweb_val_000000\.bin is not the file the manifest lists"):
+        tg.load_validation(dataclasses.replace(h, data_path=str(changed)), sp, torch.device("cpu"))

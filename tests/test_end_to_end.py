@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+import uuid
 
 import pytest
 
@@ -53,7 +54,7 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
     hparams = sorted(line[len("hparam "):] for line in log.splitlines() if line.startswith("hparam "))
     assert hparams == sorted(f"{f.name.upper()}={getattr(h, f.name)}" for f in dataclasses.fields(h))
 
-    assert "attention_backend:cpu-default" in log and "WARNING" not in log
+    assert "attention_backend:flash-cpu (aten._scaled_dot_product_flash_attention_for_cpu) for 1x" in log and "WARNING" not in log
     assert fields(log, "train_shards:")["train_tokens"] == str(sum(tg.read_shard_header(f) for f in tg.find_shards(h, "train")))
     data = fields(log, "val_tokens:")
     assert int(data["val_tokens"]) == len(val_tokens) - 1
@@ -62,7 +63,7 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
     budget_fields = fields(log, "artifact_bytes:")
     assert budget_fields.pop("artifact_sha256") == hashlib.sha256(run.artifact.read_bytes()).hexdigest()
     budget = {k: int(v) for k, v in budget_fields.items()}
-    assert budget["code_bytes"] == len(source)
+    assert budget["code_bytes"] == len(tg.shipped_form(source))  # the shipped form counts
     assert budget["model_bytes"] == run.artifact.stat().st_size
     assert budget["artifact_bytes"] == budget["code_bytes"] + budget["model_bytes"]
     assert budget["limit"] == h.artifact_limit_bytes == 16_000_000
@@ -84,12 +85,17 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
 # ----------------------------------------------------------------------------- failures are one line
 
 
-def test_nan_loss_stops_the_run_with_one_line_and_no_artifact(run_script):
-    # Adam on the control tensors at lr 1e30 makes the loss NaN from step 2. With the smoke preset's
-    # TRAIN_LOG_EVERY=10 and 6 steps only the last step logs: the check must not depend on log cadence.
-    run = run_script({"SCALAR_LR": "1e30", "ITERATIONS": "6"})
+def test_a_diverging_run_stops_within_a_few_steps_with_one_line_and_no_artifact(run_script):
+    # Adam on the control tensors at lr 1e30 makes the loss NaN within a few steps. The smoke preset has
+    # 60 steps; with no progress line before step 1000 only the divergence check can stop it, and it must
+    # within CLOCK_CHECK_STEPS steps (at the next clock check), not at the end or at a progress line.
+    run = run_script({"SCALAR_LR": "1e30", "TRAIN_LOG_EVERY": "1000"})
     line = assert_one_line_error(run, "train_loss", "nan")
-    assert line.startswith("error: train_loss is nan"), line
+    match = re.fullmatch(r"error: train_loss is nan at step (\d+) \(found at step (\d+)\): the run diverged .*", line)
+    assert match, line
+    diverged, found = int(match[1]), int(match[2])
+    assert diverged <= found < diverged + tg.CLOCK_CHECK_STEPS, line
+    assert f"error: {line[len('error: '):]}" in run.body, "the log does not end with the error"
     assert not run.artifact.exists(), "a diverged run wrote an artifact"
 
 
@@ -113,19 +119,26 @@ def test_bad_input_is_one_error_line_without_traceback(run_script, tmp_path, set
 
 
 def test_two_processes_train_like_one(run_script):
-    env = {"TRAIN_LOG_EVERY": "1", "ITERATIONS": "12", "EVAL_STRIDE": "0"}
+    # One RUN_ID for both: under torchrun, rank 0 finds the first run's log and every rank takes RUN_ID_2.
+    run_id = f"pytest_{uuid.uuid4().hex[:10]}"
+    env = {"TRAIN_LOG_EVERY": "1", "ITERATIONS": "12", "EVAL_STRIDE": "0", "RUN_ID": run_id, "ARTIFACT_PATH": ""}
     one, two = run_script(env), run_script(env, nproc=2)
     assert one.returncode == 0, one.explain()
     assert two.returncode == 0, two.explain()
+    assert f"run_id:{run_id} " in one.log and f"run_id:{run_id}_2 " in two.log
+    assert two.log.startswith(f"outputs: logs/{run_id}.txt or .ptz exists")
     assert "world_size:1 grad_accum_steps:8" in one.body
     assert "world_size:2 grad_accum_steps:4" in two.body
     losses_one, losses_two = train_losses(one.body), train_losses(two.body)
     assert [s for s, _ in losses_one] == [s for s, _ in losses_two] == list(range(1, 13))
+    # Not bit-identical: 1 process sums 8 slices' gradients in one order, 2 processes sum 4 each and
+    # all-reduce, and float addition is not associative. Measured over these 12 steps: train_loss equal
+    # to its 4 printed decimals (at most 1e-4 apart), val_bpb within 6e-6 (README, "Launching").
     worst = max(abs(a - b) for (_, a), (_, b) in zip(losses_one, losses_two))
-    assert worst < 1e-3, f"train_loss differs by {worst} between 1 and 2 processes"
+    assert worst <= 3e-4, f"train_loss differs by {worst} between 1 and 2 processes"
     bpb_one = float(fields(one.body, "final_roundtrip ")["val_bpb"])
     bpb_two = float(fields(two.body, "final_roundtrip ")["val_bpb"])
-    assert abs(bpb_one - bpb_two) < 1e-3, (bpb_one, bpb_two)
+    assert abs(bpb_one - bpb_two) < 5e-5, (bpb_one, bpb_two)
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -143,6 +156,24 @@ def test_compiled_run_builds_every_graph_during_warmup(run_script):
     switch = re.search(r"^recurrence: blocks \S+ run twice from step (\d+)", run.body, re.M)
     assert switch, "the recurrence switch did not happen inside the timed loop"
     assert min(validations) < int(switch[1]) <= max(validations), (validations, switch[0])
+    assert "final_sliding " in run.body
+
+
+PR1204_MECHANICS = {"VIRTUAL_DEPTH": "1", "RECUR_UNTIE_MLP": "1", "FIRST_BLOCK_MLP_ONLY": "1", "VE_LAYERS": "1,2",
+                    "VE_DIM": "16", "SKIP_GATES": "1", "LANE_FORMULA": "read", "SMEAR_ZERO_START": "1",
+                    "ROPE_NTK_LEN": "64", "BIGRAM_PROJ_ADAM": "1"}
+
+
+@pytest.mark.slow
+def test_compiled_run_with_the_pr1204_mechanics_builds_every_graph_during_warmup(run_script):
+    # The same on the smoke model with PR #1204's mechanics (the repeat with its own MLP and controls,
+    # the U-Net over 3 positions after the switch, NTK RoPE at 128 > 64): still no compile in the loop,
+    # and the artifact scores as the trained model did.
+    run = run_script({"COMPILE": "1", "VAL_LOSS_EVERY": "20", **PR1204_MECHANICS}, timeout=900)
+    assert run.returncode == 0, run.explain()
+    switch = re.search(r"^recurrence: blocks \S+ run twice from step (\d+)", run.body, re.M)
+    validations = [int(m) for m in re.findall(r"^step:(\d+)/\d+ val_loss:", run.body, re.M)]
+    assert switch and min(validations) < int(switch[1]) <= max(validations), (validations, switch)
     assert "final_sliding " in run.body
 
 

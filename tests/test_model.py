@@ -195,7 +195,7 @@ def test_initialization():
         for name in ("attn.c_q", "attn.c_k", "attn.c_v", "mlp.fc"):  # all >= 64x64 here (kv dim 64)
             assert_orthogonal(block.get_submodule(name).weight, 1.0, f"blocks.{i}.{name}")
             matrices += 1
-        torch.testing.assert_close(block.attn.q_gain, torch.full((h.num_heads,), h.qk_gain_init))
+        torch.testing.assert_close(block.q_gain, torch.full((h.num_heads,), h.qk_gain_init))
     assert matrices == 4 * h.num_layers
     assert not model.bigram.table.weight.any(), "the bigram table starts at zero"
     assert model.bigram.proj.weight.abs().sum() > 0, "with the table at zero, the projection must not be zero"

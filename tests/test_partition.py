@@ -137,7 +137,23 @@ def test_seed_record_presets_have_the_parameter_counts_their_records_report(name
     assert sum(p.numel() for p in meta_model(preset(name)).parameters()) == reported
 
 
-@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "frontier", "smoke"])
+def test_pr1204_preset_has_the_records_parameter_count_less_the_tensors_its_forward_never_reads():
+    """PR #1204 logs model_params:30352046 (bigram 2816 x 160). Its banks and lane tables are
+    allocated for every block, so the count includes tensors no forward pass reads (they get no
+    gradient and are dropped at export): block 0's q, k, v and output matrices and its q gain and
+    attention output scale (block 0 has no attention), and the lane scalars of blocks 0..6 (lanes
+    start at block 7). Ours does not allocate them; everything else matches tensor for tensor
+    (the peer harness loads the record's weights into ours strictly)."""
+    h = preset("pr1204")
+    d, kv = h.model_dim, h.num_kv_heads * h.model_dim // h.num_heads
+    block0_attention = 2 * d * d + 2 * kv * d + h.num_heads + d
+    unused_lane_scalars = h.lanes_from * (2 * 2 + 2)
+    count = sum(p.numel() for p in meta_model(h).parameters())
+    assert count + block0_attention + unused_lane_scalars == 30_352_046
+    assert count == 29_565_052
+
+
+@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "pr1204", "frontier", "smoke"])
 def test_every_preset_partitions_every_parameter_once_for_optimizers_and_quantization(name):
     h = preset(name)
     model = meta_model(h)
@@ -155,7 +171,8 @@ def test_every_preset_partitions_every_parameter_once_for_optimizers_and_quantiz
 
 
 @pytest.mark.parametrize("name, mlp, attn, embed", [("pr76", "int5", "int6", "fp16"), ("pr236", "int6", "int6", "int8"),
-                                                    ("pr192", "int6", "int6", "fp16"), ("frontier", "int6", "int6", "fp16")])
+                                                    ("pr192", "int6", "int6", "fp16"), ("frontier", "int5", "int6", "int8"),
+                                                    ("pr1204", "int5", "int6", "int8")])
 def test_quantization_classes_follow_the_per_class_bit_widths(name, mlp, attn, embed):
     h = preset(name)
     plan = tg.quant_plan(meta_model(h).state_dict(), h)
@@ -172,3 +189,18 @@ def test_pr236_trains_the_bigram_with_adam_and_pr192_has_no_bigram():
     assert {"bigram.table.weight", "bigram.proj.weight", "bigram.scale"} <= {n for n, _ in groups["adam_scalar"]}
     assert not any(n.startswith("bigram") for n, _ in groups["muon"])
     assert not any(n.startswith("bigram") for n, _ in meta_model(preset("pr192")).named_parameters())
+
+
+def test_pr1204_optimizer_groups_follow_the_record():
+    """Its tok AdamW holds the embedding, the bigram table and the value-embedding table; its scalar
+    AdamW the bigram and value-embedding projections with the control tensors; Muon the block and
+    repeat-MLP matrices. No MuonEq-R (that came with later records), AdamW decay 0.04."""
+    h = preset("pr1204")
+    groups = tg.partition(list(meta_model(h).named_parameters()), tg.optimizer_rules(h), "optimizer_rules")
+    names = {g: {n for n, _ in members} for g, members in groups.items()}
+    assert names["adam_embed"] == {"tok_emb.weight", "bigram.table.weight", "value_embed.table.weight"}
+    assert {"bigram.proj.weight", "value_embed.proj.weight", "value_embed.scale", "value_embed.position_scales",
+            "skip_gates", "blocks.12.q_gain"} <= names["adam_scalar"]
+    assert {f"repeat_mlps.{i}.{m}.weight" for i in (0, 1) for m in ("fc", "proj")} <= names["muon"]
+    assert len(names["muon"]) == 10 * 4 + 11 * 2 + 2 * 2
+    assert (h.matrix_lr, h.adam_wd, h.muon_row_norm) == (0.03, 0.04, False)

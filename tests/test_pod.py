@@ -21,8 +21,8 @@ V = 1024
 class TablesOnly:
     """A validation set whose tokens cannot be read: only the tokenizer's byte tables are there."""
 
-    def __init__(self, tables):
-        self.tables = tables
+    def __init__(self, tables, doc_digests=frozenset()):
+        self.tables, self.doc_digests = tables, doc_digests  # the leak check looks up training documents
 
     def __getattr__(self, name):
         raise AssertionError(f"val.{name} was read during training")
@@ -129,27 +129,72 @@ def test_causal_attention_is_causal_gqa_attention():
     assert torch.allclose(tg.causal_attention(q, k, v), scores.softmax(-1) @ v_full, atol=1e-5)
 
 
-def test_attention_backend_on_cpu_is_torchs_default():
-    assert tg.attention_backend(tiny_hparams(), CPU) == "cpu-default"
+@pytest.fixture
+def attn_backend():
+    """Sets ATTN_BACKEND's SDPA switches for one test and restores `auto` (they are process-wide)."""
+    yield tg.select_sdpa_kernels
+    tg.select_sdpa_kernels("auto")
 
 
-def test_probe_finds_a_kernel_for_the_record_shapes_on_cpu():
-    """The probe itself runs anywhere: torch's CPU flash kernel takes bf16 GQA with head dim 64."""
-    assert tg.first_fast_attention(tg.Hyperparameters(), CPU) in tg.FAST_SDPA_BACKENDS
+@pytest.mark.parametrize("name, kernel", [("auto", "flash-cpu"), ("flash", "flash-cpu"), ("math", "math")])
+def test_log_names_the_kernel_torch_dispatched_on_cpu(attn_backend, name, kernel):
+    attn_backend(name)
+    report = tg.attention_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime())
+    assert report.startswith(f"{kernel} (") and "for 1x4/2 heads x 64 x 8 float32" in report
+    assert ("flash_attention_for_cpu" in report) == (kernel == "flash-cpu")
 
 
-def test_no_fast_kernel_is_a_one_line_error_naming_the_shapes(monkeypatch):
-    monkeypatch.setattr(tg, "sdpa_accepts", lambda backend, q, k, v: False)
-    with pytest.raises(tg.RunError, match=r"NUM_HEADS=8 NUM_KV_HEADS=4 head dim 64") as err:
-        tg.first_fast_attention(tg.Hyperparameters(), CPU)
+@pytest.mark.parametrize("name", ["efficient", "cudnn"])
+def test_a_pinned_kernel_cpu_lacks_is_a_one_line_error_naming_the_setting(attn_backend, name):
+    attn_backend(name)
+    with pytest.raises(tg.RunError, match=rf"ATTN_BACKEND={name}: no kernel it allows runs attention of "
+                                          rf"1x4/2 heads x 64 x 8 float32 on cpu") as err:
+        tg.attention_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime())
     assert "\n" not in str(err.value)
 
 
+def test_unknown_attn_backend_is_rejected_naming_the_variable():
+    with pytest.raises(tg.RunError, match=r"ATTN_BACKEND='flash3': expected one of auto, flash, efficient, cudnn"):
+        tg.hyperparameters_from_env({"PRESET": "smoke", "ATTN_BACKEND": "flash3"}, False)
+
+
+def test_absent_optional_kernel_falls_back_to_sdpa_and_says_so(attn_backend, monkeypatch):
+    monkeypatch.setitem(tg.OPTIONAL_KERNELS, "fa3", "no_such_module_for_this_test")
+    tg.optional_kernel.cache_clear()
+    try:
+        attn_backend("fa3")
+        h = tiny_hparams(attn_backend="fa3")
+        assert tg.GPT(h).blocks[0].attn.kernel is None  # the model runs SDPA
+        report = tg.attention_kernel_report(h, cpu_runtime())
+        assert report.startswith("flash-cpu (") and report.endswith(
+            "ATTN_BACKEND=fa3: no_such_module_for_this_test does not import, SDPA auto ran instead")
+    finally:
+        tg.optional_kernel.cache_clear()
+
+
+def test_an_importable_optional_kernel_gets_bthd_tensors_on_cuda_only(monkeypatch):
+    """A stand-in flash_attn_func: on CPU tensors SDPA runs; the layout it would get is (B, T, H, hd)."""
+    calls = []
+
+    def fake_flash_attn_func(q, k, v, causal):
+        calls.append((q.shape, k.shape, causal))
+        return q, None
+
+    q, k, v = torch.randn(2, 4, 16, 8), torch.randn(2, 2, 16, 8), torch.randn(2, 2, 16, 8)
+    assert torch.equal(tg.causal_attention(q, k, v, fake_flash_attn_func), tg.causal_attention(q, k, v))
+    assert calls == []
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert torch.equal(tg.causal_attention(q, k, v, fake_flash_attn_func), q)
+    assert calls == [((2, 16, 4, 8), (2, 16, 2, 8), True)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_runs_a_fast_kernel_that_matches_math():
+def test_cuda_auto_runs_a_fused_kernel_that_matches_math():
     device = torch.device("cuda")
-    name = tg.attention_backend(tg.Hyperparameters(), device)
-    assert name in tg.FAST_SDPA_BACKENDS
+    rt = tg.Runtime(0, 1, device, False, bf16=True)
+    tg.select_sdpa_kernels("auto")
+    report = tg.attention_kernel_report(tg.Hyperparameters(), rt)
+    assert report.split()[0] in ("flash", "efficient", "cudnn"), report
     q = torch.randn(2, 8, 256, 64, device=device, dtype=torch.bfloat16)
     k, v = (torch.randn(2, 4, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):

@@ -44,7 +44,7 @@ def bench_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     env = {**clean_env(), "COMPILE": "1"}
     cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--steps", "3", "--pipelined-steps", "2", "--eval",
-           "--val-tokens", "3000", "--quant", "--compile-backend", "eager", "--out", str(out)]
+           "--val-tokens", "3000", "--quant", "--compile-backend", "eager", "--recur-at", "2", "--profile-steps", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "ms/step" in proc.stdout and out.with_suffix(".txt").is_file()
@@ -76,6 +76,41 @@ def test_bench_reports_every_field_consistently(bench_result):
     assert r["host_syncs"]["count"] is None  # needs CUDA
 
 
+def test_recur_at_times_the_recurrence_phase_apart(bench_result):
+    r, stdout = bench_result
+    rec = r["train"]["recurrence"]
+    assert rec["recur_at"] == 2 and rec["blocks"] == "0"
+    assert rec["recur_off"]["steps"] == 2 and rec["recur_on"]["steps"] == 1
+    assert rec["recur_off"]["ms_per_step_median"] > 0 and rec["recur_on"]["ms_per_step_median"] > 0
+    assert "recur_off" in stdout and "on from timed step 2" in stdout
+
+
+def test_profile_names_the_attention_kernels_that_ran(bench_result):
+    r, _ = bench_result
+    kernels = r["profiled_attention_kernels"]
+    assert any("_scaled_dot_product_flash_attention_for_cpu" in k for k in kernels), kernels
+    assert not any("math" in k for k in kernels)
+
+
+def test_recur_at_needs_repeated_blocks_and_a_step_in_range():
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--steps", "3", "--recur-at", "4"])
+    env = {**clean_env(), "RECUR_BLOCKS": "", "LANES_FROM": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "speed.py"), "--steps", "2", "--recur-at", "1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "--recur-at 1: this configuration repeats no blocks" in proc.stderr
+
+
+def test_a_compilation_inside_the_timed_steps_is_an_error():
+    f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    f(torch.ones(3))
+    with pytest.raises(tg.RunError, match="compiled inside the timed steps"):
+        with speed.no_recompiles(True):
+            f(torch.ones(4))  # a new shape: a recompilation
+    with speed.no_recompiles(False):
+        f(torch.ones(5))  # not compiled by train_gpt's settings: nothing is enforced
+
+
 def test_bench_compiles_only_during_warmup(bench_result):
     r, _ = bench_result
     warm, timed = r["compile"]["warmup"], r["compile"]["timed"]
@@ -90,10 +125,10 @@ def test_bench_eval_and_quant_numbers(bench_result):
     windows = len(tg.window_plan(3000, 128, 64)[0])
     assert (e["targets"], e["seq_len"], e["stride"], e["windows"]) == (3000, 128, 64, windows)
     assert e["seconds"] > 0 and e["targets_per_s"] == pytest.approx(3000 / e["seconds"])
-    assert math.isfinite(e["val_loss"]) and e["model_tflop"] > 0 and e["after_steps"] == 3 + 2
+    assert math.isfinite(e["val_loss"]) and e["model_tflop"] > 0 and e["after_steps"] == 3 + 2 + 1  # timed, pipelined, profiled
     assert q["quantize_s"] > 0 and q["compress_s"] > 0 and q["load_s"] >= 0 and q["zstd_level"] == 22
     assert q["model_bytes"] > 0 and q["artifact_bytes"] == q["model_bytes"] + q["code_bytes"]
-    assert q["code_bytes"] == len((REPO / "train_gpt.py").read_bytes())
+    assert q["code_bytes"] == len(tg.shipped_form((REPO / "train_gpt.py").read_bytes()))
 
 
 def test_compare_reports_speed_and_loss_differences(bench_result):

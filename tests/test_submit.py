@@ -28,14 +28,23 @@ def bpb(loss):
 
 def log_text(seed, val_loss=1.93, model_bytes=15_500_000, train_ms=599_000, eval_ms=(20_000, 70_000),
              code=CODE, hparams=None, device=H100, world_size=8, preset="record", crash=False,
-             val_tokens=VAL_TOKENS, extra=""):
-    """A log as train_gpt.py writes it; `extra` is appended to the key:value lines (fields added later)."""
+             val_tokens=VAL_TOKENS, extra="", val_split="fineweb_sp1024", leak="hits:0 identical_shards:0",
+             leak_warning=False, val_split_sha256="ab" * 32):
+    """A log as train_gpt.py writes it; `extra` is appended to the key:value lines (fields added later).
+    val_split / leak: the split's name and the leak check's counts (None: the line is absent, as in logs
+    written before train_gpt.py named its split and checked for leaks)."""
     h = {**HPARAMS, "SEED": str(seed), "RUN_ID": f"seed{seed}", **(hparams or {})}
     lines = [f"run_id:seed{seed}", f"====== source train_gpt.py ({len(code.encode())} bytes) ======", code,
              "====== end source ======", *(f"hparam {k}={v}" for k, v in h.items()),
              "versions python:3.11.7 torch:2.13.0 numpy:2.4.6",
              f"device:{device} world_size:{world_size} grad_accum_steps:{8 // world_size} seed:{seed} preset:{preset}",
              f"data: 80 train shards, val_tokens:{val_tokens} val_bytes:{VAL_BYTES}"]
+    if val_split is not None:
+        lines.append(f"val_split:{val_split} val_split_targets:{VAL_TOKENS} val_split_sha256:{val_split_sha256}")
+    if leak is not None:
+        lines.append(f"leak_check: val_docs_sampled:1000 train_tokens_scanned:8000000000 {leak}")
+    if leak_warning:
+        lines.append("WARNING: validation leak: 3 sampled validation documents occur in the training shards")
     for step in range(200, 1001, 200):
         lines.append(f"step:{step}/20000 train_loss:{4 - step / 500 + seed / 100:.4f} train_time:{step * 60}ms "
                      f"step_avg:60.00ms eta:500s lr_scale:1.0000{extra}")
@@ -120,6 +129,14 @@ def test_clean_record_set_passes_and_submission_json_equals_the_logs(workdir, ca
     (0, dict(crash=True), "log complete"),
     (1, dict(val_tokens=VAL_TOKENS - 1), "same validation set"),
     (2, dict(hparams={"SEED": "1"}), "seeds distinct"),
+    (0, dict(val_split="custom"), "an official validation split"),
+    (1, dict(val_split=None), "an official validation split"),
+    (2, dict(leak="hits:3 identical_shards:0"), "no validation leak"),
+    (0, dict(leak="hits:0 identical_shards:1"), "no validation leak"),
+    (1, dict(leak=None), "no validation leak"),
+    (2, dict(leak_warning=True), "no validation leak"),
+    (0, dict(leak="hits:x identical_shards:0"), "no validation leak"),
+    (1, dict(val_split_sha256="cd" * 32), "same validation set"),
 ])
 def test_each_violation_is_reported_alone(workdir, capsys, index, change, rule):
     paths = write_logs(workdir, {index: change})
@@ -299,3 +316,64 @@ def test_every_preset_but_smoke_counts_as_a_record_configuration(workdir, preset
     paths = write_logs(workdir, preset=preset, hparams={"PRESET": preset})
     reasons = submit.not_record_reasons([submit.read_log(Path(p)) for p in paths])
     assert reasons == ([] if record else [f"preset:{preset}"])
+
+
+# -----------------------------------------------------------------------------
+# The validation split and the leak check (issue 13, kinds 1 and 4)
+
+
+@pytest.mark.parametrize("split", submit.OFFICIAL_VAL_SPLITS)
+def test_every_official_split_with_a_clean_leak_check_passes(workdir, capsys, split):
+    paths = write_logs(workdir, val_split=split)
+    for path in paths:  # another warning is not a leak
+        Path(path).write_text(Path(path).read_text().replace(
+            "train_done", "WARNING: the training stream wrapped: all 80 train shards are used up\ntrain_done", 1))
+    assert run_submit(workdir, paths) == 0
+    assert failed_rules(capsys.readouterr().out) == []
+
+
+def test_an_old_log_without_split_or_leak_check_cannot_be_a_record(workdir, capsys):
+    assert run_submit(workdir, write_logs(workdir, val_split=None, leak=None)) == 1
+    out = capsys.readouterr().out
+    rules = [rule.split(" (")[0] for rule in failed_rules(out)]
+    assert rules == ["an official validation split", "no validation leak"]
+    assert "seed1.txt: no val_split line: a log that does not name its validation split cannot be a record" in out
+    assert ("seed1.txt: no leak_check line: a log that did not check for train/validation overlap cannot be a "
+            "record") in out
+
+
+def test_a_leak_is_reported_with_the_log_s_own_words(workdir, capsys):
+    assert run_submit(workdir, write_logs(workdir, {1: dict(leak="hits:2 identical_shards:1", leak_warning=True)})) == 1
+    out = capsys.readouterr().out
+    assert ("seed2.txt: WARNING: validation leak: 3 sampled validation documents occur in the training shards; "
+            "leak_check hits:2; leak_check identical_shards:1") in out
+
+
+# -----------------------------------------------------------------------------
+# Score-first TTT (issue 17)
+
+
+def with_ttt(path: str, loss: float, ttt_ms: int = 300_000) -> None:
+    """Adds what a TTT_ENABLED run logs after the standard lines: per-document plain, then TTT."""
+    text = Path(path).read_text().replace("hparam MATRIX_LR=0.025", "hparam MATRIX_LR=0.025\nhparam TTT_ENABLED=True")
+    ttt = "".join(f"{label} val_loss:{value:.8f} val_bpb:{bpb(value):.8f} chunk:48 eval_time_ms:{ms}\n"
+                  f"val_tokens:{VAL_TOKENS} val_bytes:{VAL_BYTES}\n"
+                  for label, value, ms in (("final_document", loss + 0.001, 60_000), ("final_ttt", loss, ttt_ms)))
+    Path(path).write_text(text.replace("eval_done", ttt + "eval_done"))
+
+
+def test_a_ttt_run_is_scored_by_its_final_ttt_line(workdir, capsys):
+    paths = write_logs(workdir)
+    for path, loss in zip(paths, LOSSES):
+        with_ttt(path, loss - 0.02)
+    runs = [submit.measure(submit.read_log(Path(p))) for p in paths]
+    assert [r.score_line for r in runs] == ["final_ttt"] * 3
+    assert [r.val_loss for r in runs] == pytest.approx([loss - 0.02 for loss in LOSSES])
+
+
+def test_a_ttt_run_without_its_final_ttt_line_is_incomplete(workdir, capsys):
+    paths = write_logs(workdir)
+    text = Path(paths[0]).read_text().replace("hparam MATRIX_LR=0.025", "hparam MATRIX_LR=0.025\nhparam TTT_ENABLED=True")
+    Path(paths[0]).write_text(text)
+    with pytest.raises(submit.Incomplete, match="final_ttt"):
+        submit.measure(submit.read_log(Path(paths[0])))

@@ -1,0 +1,347 @@
+"""Attention kernels at the presets' real shapes: which ones run, whether they match, how fast.
+
+    python3 bench/attn_check.py                               # CUDA: the GPU presets' shapes, every candidate
+    python3 bench/attn_check.py --out $OUT/attn.json          # as bench/gpu_check.py runs it
+    OMP_NUM_THREADS=1 python3 bench/attn_check.py --shape 2,4,2,64,16 --reps 1    # CPU: a toy shape
+
+Cases: `causal` at each preset's per-GPU micro-batch (TRAIN_BATCH_TOKENS / 8 / TRAIN_SEQ_LEN sequences
+x NUM_HEADS / NUM_KV_HEADS heads x TRAIN_SEQ_LEN x head dim, bf16 on CUDA: 48 x 8/4 x 2048 x 64 for the
+frontier), and `documents`: causal attention within documents only (block-diagonal causal, the mask a
+preset that keeps attention inside a document needs), on the first shape, with seeded document lengths.
+Candidates: SDPA as ATTN_BACKEND=auto leaves it (the row names the aten op torch dispatched), each SDPA
+kernel alone (flash, efficient, cudnn; math as the slow baseline), FlashAttention 3 and 4 where they
+import (`flash_attn_interface`, `flash_attn.cute`: not installed is a row, not an error), and for
+documents SDPA with a dense mask, FlexAttention with a block mask (compiled on CUDA) and the FA varlen
+entry points. Each is compared with one reference, fp32 math attention on the same inputs: the
+relative error ||out - ref|| / ||ref|| of the output and of the gradients of q, k, v (for a random
+output gradient), on the first --check-batch sequences; then forward and forward+backward are timed
+on the whole micro-batch (median of --reps after a warm-up; CUDA events). A kernel that rejects a
+shape says why in its row; nothing here stops at a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import train_gpt as tg  # noqa: E402
+
+GPU_PRESET_ORDER = ("frontier", "pr1204", "sp8192", "pr76")  # the shapes worth the device's time, first first
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # relative error that still matches
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", default="", help="comma-separated presets whose shapes to check "
+                                                  "(default: those of frontier, pr1204, sp8192, pr76 that exist)")
+    p.add_argument("--shape", default="", help="B,H,HKV,T,HD instead of the presets' shapes (a toy shape for CPU)")
+    p.add_argument("--check-batch", type=int, default=2, help="sequences compared with the fp32 reference")
+    p.add_argument("--reps", type=int, default=10, help="timed repetitions (median)")
+    p.add_argument("--out", type=Path, default=None, help="JSON results (the table is printed)")
+    args = p.parse_args(argv)
+    if args.reps < 1 or args.check_batch < 1:
+        p.error("--reps and --check-batch must be >= 1")
+    return args
+
+
+def preset_shapes(names: list[str]) -> list[dict]:
+    """One case per distinct shape: (preset, B, H, Hkv, T, hd) of a per-GPU micro-batch."""
+    shapes, seen = [], set()
+    for name in names:
+        if name not in tg.PRESETS:
+            raise SystemExit(f"attn_check: unknown preset {name}; train_gpt has {', '.join(tg.PRESETS)}")
+        h, _ = tg.hyperparameters_from_env({"PRESET": name}, True)
+        shape = (h.train_batch_tokens // tg.SLICES_PER_STEP // h.train_seq_len, h.num_heads, h.num_kv_heads,
+                 h.train_seq_len, h.model_dim // h.num_heads)
+        if shape not in seen:
+            seen.add(shape)
+            shapes.append({"preset": name, "shape": shape})
+    return shapes
+
+
+def document_lengths(total: int, seq_len: int, seed: int = 0) -> list[int]:
+    """Seeded document lengths of seq_len/32 .. seq_len/2 tokens (64..1024 at 2048) that tile `total`
+    (documents cross sequence ends, as in the token stream)."""
+    rng, lengths = torch.Generator().manual_seed(seed), []
+    while sum(lengths) < total:
+        lengths.append(int(torch.randint(max(1, seq_len // 32), seq_len // 2 + 1, (1,), generator=rng)))
+    lengths[-1] -= sum(lengths) - total
+    return lengths
+
+
+def document_ids(batch: int, seq_len: int, device) -> torch.Tensor:
+    """(B, T) document index of every position of B sequences cut from one stream of documents."""
+    lengths = document_lengths(batch * seq_len, seq_len)
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    return ids.view(batch, seq_len).to(device)
+
+
+def reference(q, k, v, docs=None):
+    """fp32 math attention, GQA by repeating k, v; causal, within documents when docs is given."""
+    group = q.size(1) // k.size(1)
+    q, k, v = q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
+    T = q.size(2)
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if docs is not None:
+        allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
+    scores = (q @ k.mT) / q.size(-1) ** 0.5
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+
+# -----------------------------------------------------------------------------
+# Candidates: each a function (q, k, v, docs) -> out, with q (B, H, T, hd), k, v (B, Hkv, T, hd)
+
+
+def sdpa(backend: SDPBackend | None, masked: bool = False):
+    def run(q, k, v, docs):
+        gqa = k.size(1) != q.size(1)
+        context = sdpa_kernel(backend) if backend is not None else sdpa_kernel(
+            [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)])
+        with context:
+            if not masked:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            T = q.size(2)
+            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (docs[:, None, :, None] ==
+                                                                                 docs[:, None, None, :])
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return run
+
+
+def flash_attn_dense(module_name: str):
+    module = optional_module(module_name)
+    if module is None:
+        return None
+    return lambda q, k, v, docs: tg.causal_attention(q, k, v, module.flash_attn_func)
+
+
+def flash_attn_varlen(module_name: str):
+    """Documents as variable-length sequences: (total, heads, hd) with cumulative lengths (int32)."""
+    module = optional_module(module_name)
+    if module is None or not hasattr(module, "flash_attn_varlen_func"):
+        return None
+
+    def run(q, k, v, docs):
+        B, H, T, hd = q.shape
+        flat = docs.flatten() + (torch.arange(B, device=q.device) * (docs.max() + 1)).repeat_interleave(T)
+        lengths = torch.unique_consecutive(flat, return_counts=True)[1]  # documents, cut at sequence ends
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        pack = lambda x: x.transpose(1, 2).reshape(B * T, x.size(1), hd)
+        y = module.flash_attn_varlen_func(pack(q), pack(k), pack(v), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                          max_seqlen_q=int(lengths.max()), max_seqlen_k=int(lengths.max()),
+                                          causal=True)
+        y = y[0] if isinstance(y, tuple) else y
+        return y.view(B, T, H, hd).transpose(1, 2)
+    return run
+
+
+def flex(compiled: bool):
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    kernel = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+    masks = {}
+
+    def run(q, k, v, docs):
+        B, _, T, _ = q.shape
+        key = (docs.data_ptr(), B, T)
+        if key not in masks:  # built once per input, as a training step would per batch
+            mask_mod = lambda b, h, qi, ki: (qi >= ki) & (docs[b, qi] == docs[b, ki])
+            masks[key] = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+        return kernel(q, k, v, block_mask=masks[key], enable_gqa=k.size(1) != q.size(1))
+    return run
+
+
+def optional_module(name: str):
+    try:
+        import importlib
+        return importlib.import_module(name)
+    except Exception:
+        return None
+
+
+def candidates(device: torch.device, case: str) -> dict:
+    """name -> function, or None where the kernel is not installed here."""
+    cuda = device.type == "cuda"
+    if case == "causal":
+        found = {"sdpa-auto": sdpa(None), "sdpa-flash": sdpa(SDPBackend.FLASH_ATTENTION),
+                 "sdpa-efficient": sdpa(SDPBackend.EFFICIENT_ATTENTION), "sdpa-cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+                 "sdpa-math": sdpa(SDPBackend.MATH)}
+        for name, module in tg.OPTIONAL_KERNELS.items():
+            found[name] = flash_attn_dense(module) if cuda else None
+        return found
+    found = {"sdpa-efficient-mask": sdpa(SDPBackend.EFFICIENT_ATTENTION, masked=True),
+             "sdpa-cudnn-mask": sdpa(SDPBackend.CUDNN_ATTENTION, masked=True),
+             "sdpa-math-mask": sdpa(SDPBackend.MATH, masked=True), "flex": flex(compiled=cuda)}
+    for name, module in tg.OPTIONAL_KERNELS.items():
+        found[f"{name}-varlen"] = flash_attn_varlen(module) if cuda else None
+    return found
+
+
+# -----------------------------------------------------------------------------
+# Checking and timing
+
+
+def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_inputs(shape, dtype, device, seed: int):
+    B, H, Hkv, T, hd = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+    make = lambda heads: torch.randn(B, heads, T, hd, generator=g, device=device, dtype=dtype)
+    return make(H), make(Hkv), make(Hkv), make(H)  # q, k, v, the output's gradient
+
+
+def check(run, shape, dtype, device, docs, seed: int) -> dict:
+    """Output and q/k/v-gradient errors against the fp32 reference (fresh random inputs)."""
+    q, k, v, grad = make_inputs(shape, dtype, device, seed)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    recorder = tg.DispatchedOps()
+    with recorder:
+        out = run(*leaves, docs)
+    out.backward(grad)
+    ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref = reference(*ref_leaves, docs)
+    ref.backward(grad.float())
+    errors = {"out": relative_error(out.detach(), ref.detach())}
+    for name, mine, theirs in zip("qkv", leaves, ref_leaves):
+        errors[f"d{name}"] = relative_error(mine.grad, theirs.grad)
+    fused = [n.removesuffix(".default") for n in recorder.names if "attention" in n]
+    return {"errors": errors, "aten_op": fused[0] if fused else None}
+
+
+def timer(device: torch.device):
+    if device.type == "cuda":
+        def measure(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return measure
+
+    def measure(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t0)
+    return measure
+
+
+def time_kernel(run, shape, dtype, device, docs, reps: int) -> dict:
+    q, k, v, grad = make_inputs(shape, dtype, device, seed=1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    measure = timer(device)
+
+    def forward():
+        with torch.no_grad():
+            run(q, k, v, docs)
+
+    def forward_backward():
+        run(q, k, v, docs).backward(grad)
+
+    forward(), forward_backward()  # warm-up: compilation, workspace allocation, cuDNN plans
+    fwd = statistics.median(measure(forward) for _ in range(reps))
+    both = statistics.median(measure(forward_backward) for _ in range(reps))
+    return {"fwd_ms": fwd, "fwd_bwd_ms": both}
+
+
+def attention_flops(shape, docs=None) -> float:
+    """Forward FLOPs of the scores and the weighted sum over the pairs a query attends to."""
+    B, H, _, T, hd = shape
+    pairs = B * T * (T + 1) / 2 if docs is None else float(
+        sum((c * (c + 1) // 2) for c in torch.unique_consecutive(docs.flatten().cpu(), return_counts=True)[1].tolist()))
+    return 4 * pairs * H * hd
+
+
+def run_case(case: str, shape, dtype, device, args, rows: list[dict], save) -> None:
+    docs = document_ids(shape[0], shape[3], device) if case == "documents" else None
+    check_shape = (min(args.check_batch, shape[0]), *shape[1:])
+    check_docs = docs[:check_shape[0]] if docs is not None else None
+    flops = attention_flops(shape, docs)
+    for name, run in candidates(device, case).items():
+        row = {"case": case, "shape": "x".join(map(str, shape)), "kernel": name}
+        rows.append(row)
+        if run is None:
+            row["status"] = "not installed" if device.type == "cuda" else "n/a: needs CUDA"
+            print(table_row(row), flush=True)
+            save()
+            continue
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                row.update(check(run, check_shape, dtype, device, check_docs, seed=0))
+                worst = max(row["errors"].values())
+                row["status"] = "match" if worst <= TOLERANCE[dtype] else f"MISMATCH ({worst:.2e})"
+                row.update(time_kernel(run, shape, dtype, device, docs, args.reps))
+            row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+            row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9  # backward ~2.5x the forward's products
+        except Exception as exc:  # a kernel that rejects the shape: its row says why, the rest go on
+            row["status"] = f"error: {type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(table_row(row), flush=True)
+        save()  # after every kernel: a run cut at its time limit keeps the rows it finished
+
+
+def table_row(row: dict) -> str:
+    errors = row.get("errors", {})
+    err = f"out {errors['out']:.1e} grad {max(errors['dq'], errors['dk'], errors['dv']):.1e}" if errors else ""
+    speed = (f"fwd {row['fwd_ms']:.3f} ms ({row['fwd_tflops']:.0f} TF/s) fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
+             if "fwd_ms" in row else "")
+    return f"{row['case']:<10} {row['shape']:<16} {row['kernel']:<20} {row['status']:<24} {err:<26} {speed} " \
+           f"{row.get('aten_op') or ''}".rstrip()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tg.select_sdpa_kernels("auto")  # as train_gpt configures it; the candidates pin their own kernels
+    if args.shape:
+        try:
+            cases = [{"preset": "--shape", "shape": tuple(int(x) for x in args.shape.split(","))}]
+            assert len(cases[0]["shape"]) == 5
+        except (ValueError, AssertionError):
+            raise SystemExit(f"attn_check: --shape {args.shape!r}: expected B,H,HKV,T,HD") from None
+    else:
+        names = [n for n in args.presets.split(",") if n] or [n for n in GPU_PRESET_ORDER if n in tg.PRESETS]
+        cases = preset_shapes(names)
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    print(f"attn_check: {device_name}, torch {torch.__version__}, {str(dtype)[6:]}, shapes "
+          f"{', '.join(c['preset'] + ' ' + 'x'.join(map(str, c['shape'])) for c in cases)}", flush=True)
+    rows = []
+    result = {"device": device_name, "torch": torch.__version__, "dtype": str(dtype), "tolerance": TOLERANCE[dtype],
+              "reference": "fp32 math attention on the same inputs", "cases": cases, "rows": rows}
+
+    def save() -> None:
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    for case in cases:
+        run_case("causal", case["shape"], dtype, device, args, rows, save)
+    documents = next((c for c in cases if c["preset"] == "sp8192"), cases[0])  # the preset that will need it
+    run_case("documents", documents["shape"], dtype, device, args, rows, save)
+    failed = [r for r in rows if r["status"].startswith("MISMATCH")]
+    print(f"attn_check: {sum(r['status'] == 'match' for r in rows)} kernels match, {len(failed)} mismatch, "
+          f"{sum(r['status'].startswith('error') for r in rows)} rejected a shape", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
