@@ -1893,7 +1893,8 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, tables, 
     docs[:, 0] = BOS_ID
     stand_in = training_tokens_as_eval_set(torch.cat((docs.flatten(), docs[:1, 0])).numpy(), tables)
     warm = dataclasses.replace(h, ttt_phases=str(h.ttt_batch_docs))
-    evaluate_documents(warm, rt, model, forward, stand_in, True, lambda message: None, math.inf)
+    for adapt in (False, True):  # final_document's graphs (no adapters), then final_ttt's
+        evaluate_documents(warm, rt, model, forward, stand_in, adapt, lambda message: None, math.inf)
     model.load_state_dict(state, strict=True)
     rt.sync()
     log(f"ttt_warmup: graphs built on random tokens in {1000 * (time.perf_counter() - t0):.0f}ms "

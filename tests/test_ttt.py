@@ -172,8 +172,8 @@ def test_the_compile_warm_up_reads_random_tokens_and_restores_the_weights(monkey
     before = copy.deepcopy(model.state_dict())
     lines = []
     tg.warm_up_ttt(h, cpu_runtime(), model, model, val.tables, lines.append)
-    [(stand_in, adapt)] = seen
-    assert adapt and stand_in.num_targets == 2 * h.ttt_batch_docs * (h.model_eval_seq_len + h.ttt_chunk_tokens)
+    [(plain, no), (stand_in, adapt)] = seen  # both evaluations' graphs: without adapters, then with
+    assert plain is stand_in and not no and adapt and stand_in.num_targets == 2 * h.ttt_batch_docs * (h.model_eval_seq_len + h.ttt_chunk_tokens)
     assert not any(torch.equal(stand_in.tokens[:64], val.tokens[i:i + 64]) for i in range(0, 1000))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert re.match(r"ttt_warmup: graphs built on random tokens in \d+ms", lines[0])
