@@ -3144,6 +3144,8 @@ def main() -> int:
         rt = init_runtime()
         h, preset, rt = configure(rt)
         run(h, preset, rt)
+        if rt.distributed:
+            dist.barrier()  # no rank tears its connections down while another still reads from them
         return 0
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

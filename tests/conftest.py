@@ -177,7 +177,9 @@ class ScriptRun:
         """For assertion messages: the exit status, stderr lines that look like errors, and the tail."""
         errors = [line for line in self.stderr.splitlines()
                   if re.search(r"error|what\(\)|terminate|exception", line, re.I)]
+        log_tail = "\n".join(self.body.splitlines()[-8:])
         return f"exit {self.returncode}; error lines:\n" + "\n".join(errors[:20]) + \
+            f"\n--- log tail (how far the run got):\n{log_tail}\n--- stdout tail:\n{self.stdout[-1000:]}" + \
             f"\n--- stderr tail:\n{self.stderr[-2000:]}"
 
     @property
