@@ -44,6 +44,7 @@ import sys
 import time
 import uuid
 import warnings
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -180,7 +181,9 @@ class Hyperparameters:
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
     quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16) or 8 (int8 per row)
+    int6_matrices: int = 0  # N > 0: block matrices int5 but the N of largest input-Hessian trace int6 (PR #1204: 32)
     zstd_level: int = 22
+    compressor: str = "zstd"  # zstd (at ZSTD_LEVEL) | brotli (quality 11, PR #1204; needs the brotli package)
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
@@ -191,6 +194,11 @@ class Hyperparameters:
     # GPTQ_RESERVE_SECONDS early.
     gptq_calib_tokens: int = 524_288
     gptq_reserve_seconds: float = 2.0
+    # ... or (GPTQ_CALIB_TOKENS=0) on GPTQ_SELFGEN_SEQS sequences of GPTQ_SELFGEN_LEN tokens (0: TRAIN_SEQ_LEN)
+    # sampled from the trained model after training (PR #1204: 64 x 2048): no data is read, so it is
+    # outside the training time, as the record ran it.
+    gptq_selfgen_seqs: int = 0
+    gptq_selfgen_len: int = 0
     # Per-row clip search (see Quantization). It lowers the quantization error and costs bytes: on
     # a 12-layer CPU-trained model, GPTQ with it added 4% to the artifact (bench/quant_gap.py).
     clip_search: bool = True
@@ -227,7 +235,8 @@ PR1204 = dict(  # the 1.1063 record as it ran (its README command, code defaults
     bigram_proj_adam=True, bigram_proj_gain=1.0, smear_zero_start=True, xsa_last_n=11, rope_dims=16,
     rope_ntk_len=1024, ln_scale=True, mlp_negative_slope=0.5, ve_layers="9,10", first_block_mlp_only=True,
     lanes_from=7, lane_formula="read", skip_gates=True, recur_blocks="4,5", recur_start_frac=0.48,
-    recur_untie_mlp=True, virtual_depth=True, quant_bits_mlp=5, quant_bits_embed=8,
+    recur_untie_mlp=True, virtual_depth=True, quant_bits_mlp=5, quant_bits_embed=8, int6_matrices=32,
+    gptq_calib_tokens=0, gptq_selfgen_seqs=64, compressor="brotli",
 )
 # Ours: the record as it ran plus only what the leaderboard measured beating it (FRONTIER.md: the later
 # records' MuonEq-R, ~-0.001, and query gain 5.0 instead of 1.5, -0.0008 for 4 -> 5).
@@ -401,6 +410,11 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (h.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS must be > 0"),
         (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
+        (h.compressor in COMPRESSORS, f"COMPRESSOR={h.compressor!r}: expected one of {', '.join(COMPRESSORS)}"),
+        (h.int6_matrices >= 0, "INT6_MATRICES must be >= 0"),
+        (h.gptq_selfgen_seqs >= 0, "GPTQ_SELFGEN_SEQS must be >= 0"),
+        (h.gptq_selfgen_len == 0 or 2 <= h.gptq_selfgen_len <= h.train_seq_len,
+         "GPTQ_SELFGEN_LEN must be 0 (TRAIN_SEQ_LEN) or in 2..TRAIN_SEQ_LEN"),
         (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
         (h.attn_backend in ATTN_BACKENDS, f"ATTN_BACKEND={h.attn_backend!r}: expected one of {', '.join(ATTN_BACKENDS)}"),
         (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
@@ -424,6 +438,10 @@ def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
          "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
         (not (h.ema_decay and h.swa_interval), "SWA_INTERVAL and EMA_DECAY are both on: set one of them to 0"),
+        (not (h.gptq_selfgen_seqs and h.gptq_calib_tokens),
+         "GPTQ_SELFGEN_SEQS and GPTQ_CALIB_TOKENS both calibrate GPTQ: set one of them to 0"),
+        (not h.int6_matrices or h.gptq_selfgen_seqs or h.gptq_calib_tokens,
+         "INT6_MATRICES ranks matrices by their GPTQ Hessians: set GPTQ_CALIB_TOKENS or GPTQ_SELFGEN_SEQS"),
         (not h.average_also or h.checkpoint_out, "AVERAGE_ALSO is kept only by CHECKPOINT_OUT: set it too"),
         (not h.from_checkpoint or not (h.checkpoint_out or h.eval_only),
          "FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY"),
@@ -1929,7 +1947,9 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 # reconstruction error wins (for int5, clipping a Gaussian-like row below its max rounds the bulk
 # of the weights more finely than the outliers cost). No absolute floor on the step (a floor of
 # 1/15 cost PR #236 0.020 bpb). With GPTQ_CALIB_TOKENS (the default), block matrices are then
-# rounded by gptq_round() on those scales, calibrated on training tokens after training. The tied
+# rounded by gptq_round() on those scales, calibrated on training tokens after training (or on
+# text the model samples itself, GPTQ_SELFGEN_SEQS). INT6_MATRICES replaces the MLP/attention classes
+# by a ranking: int6 for the matrices whose inputs carry the most signal, int5 for the rest. The tied
 # embedding (unless QUANT_BITS_EMBED=8) and the small control tensors stay fp16. Values sit in int8 containers: zstd's
 # entropy stage finds the unused high bits (bit-packing them compresses worse).
 #
@@ -1939,7 +1959,8 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 #
 # The artifact is MAGIC, a frame table, then zstd frames: a JSON header (the model's shape and,
 # per array, dtype, shape and offset) and the arrays, one frame per section; multi-byte arrays
-# are stored as byte planes. Loading it runs no code (no pickle).
+# are stored as byte planes. COMPRESSOR=brotli writes brotli streams instead, under their own MAGIC,
+# so a reader needs no setting. Loading it runs no code (no pickle).
 
 BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight|repeat_mlps\.\d+\.(fc|proj)\.weight"
 BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
@@ -1963,7 +1984,12 @@ CLASS_BITS = {**QUANT_BITS, "fp16": 16}
 BITS_CLASS = {bits: cls for cls, bits in CLASS_BITS.items()}
 DEMOTIONS = {"fp16": "int8", "int6": "int5", "int5": "int4"}  # the fitting ladder (not for control tensors)
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
-ARTIFACT_MAGIC = b"PGOLF\x00A3"
+ARTIFACT_MAGIC = b"PGOLF\x00A3"  # zstd frames
+BROTLI_MAGIC = b"PGOLF\x00B3"  # brotli streams, each after the CRC-32 of its part (brotli has no checksum)
+COMPRESSORS = {"zstd": ARTIFACT_MAGIC, "brotli": BROTLI_MAGIC}
+BROTLI_QUALITY = 11  # brotli's highest, as PR #1204 (its default 4 MiB window)
+SELFGEN_TEMPERATURE = 0.8  # PR #1204's sampling temperature for its GPTQ calibration text
+SELFGEN_BATCH = 8  # sequences sampled side by side (PR #1204)
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
 ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
@@ -1998,10 +2024,31 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
 
-def quant_plan(state: dict[str, Tensor], h: Hyperparameters) -> dict[str, str]:
-    """name -> quantization class, from quant_rules(h) (each tensor in exactly one class)."""
+def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
+               hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
+    """name -> quantization class, from quant_rules(h) (each tensor in exactly one class); with
+    INT6_MATRICES the block matrices' classes come from int6_by_trace() instead."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
-    return {name: cls for cls, members in classes.items() for name, _ in members}
+    plan = {name: cls for cls, members in classes.items() for name, _ in members}
+    if h.int6_matrices:
+        plan.update(int6_by_trace([n for n in plan if re.fullmatch(BLOCK_MATRICES, n)], hessians or {},
+                                  recurrence_blocks(h), h.int6_matrices))
+    return plan
+
+
+def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple[int, ...],
+                  count: int) -> dict[str, str]:
+    """int6 for `count` of the block matrices `names`, int5 for the rest (PR #1204: 32 of 66). Ranked
+    by the trace of their input Hessian E[x x^T] (the mean squared norm of what they read; 0 without
+    one), the matrices of the `repeated` blocks, which run twice, all before the others."""
+    twice = tuple(f"blocks.{i}." for i in repeated) + ("repeat_mlps.",)
+
+    def rank(name: str) -> tuple[bool, float, str]:
+        trace = hessians[name].diagonal().sum().item() if name in hessians else 0.0
+        return not name.startswith(twice), -trace, name
+
+    chosen = set(sorted(names, key=rank)[:count])
+    return {name: "int6" if name in chosen else "int5" for name in names}
 
 
 def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128) -> Tensor:
@@ -2031,28 +2078,24 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt,
-                     batches: int | None = None) -> dict[str, Tensor]:
-    """E[x x^T] over the inputs x of every block matrix, from GPTQ_CALIB_TOKENS training tokens
-    (all ranks together; the stream continues where training stopped), or from `batches` micro-batches
-    (the warm-up's one). Runs the uncompiled model: the hooks need eager inputs."""
+def input_hessians(model: GPT, batches, total_tokens: int, rt) -> dict[str, Tensor]:
+    """E[x x^T] over the inputs x of every block matrix, the model run on each (B, T) token batch of
+    `batches` (this rank's share of `total_tokens`, all ranks together). Runs the uncompiled model:
+    the hooks need eager inputs."""
     sums, hooks = {}, []
 
     def hook_for(name: str):
         def hook(module, args):
             x = args[0].detach().flatten(0, -2).float()
             with torch.autocast(x.device.type, enabled=False):  # sums in fp32, not bf16
-                sums[name] = sums[name].addmm_(x.T, x) if name in sums else x.T @ x
+                sums[name].addmm_(x.T, x)
         return hook
 
     for name, module in model.named_modules():
         if re.fullmatch(BLOCK_MATRICES, f"{name}.weight") and not name.endswith(("c_k", "c_v")):
+            sums[f"{name}.weight"] = module.weight.new_zeros(module.in_features, module.in_features, dtype=torch.float32)
             hooks.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
-    tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
-    steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)  # whole steps: the same spans on any world size
-    batches = batches or steps * rt.grad_accum_steps
-    for _ in range(batches):
-        inputs, _ = loader.next_batch(tokens_per_slice, h.train_seq_len)
+    for inputs in batches:
         with rt.autocast():
             model(inputs)
     for hook in hooks:
@@ -2060,11 +2103,54 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
     for total in sums.values():
         if rt.distributed:
             dist.all_reduce(total)
-        total /= batches * tokens_per_slice * rt.world_size
+        total /= total_tokens
+    sums = {name: total for name, total in sums.items() if total.any()}  # a matrix that never ran has none
     for name in list(sums):  # keys and values read the same input as queries
         if name.endswith("attn.c_q.weight"):
             sums[name.replace("c_q", "c_k")] = sums[name.replace("c_q", "c_v")] = sums[name]
     return sums
+
+
+def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt,
+                     batches: int | None = None) -> dict[str, Tensor]:
+    """input_hessians() from GPTQ_CALIB_TOKENS training tokens (all ranks together; the stream
+    continues where training stopped), or from `batches` micro-batches (the warm-up's one)."""
+    tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
+    steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)  # whole steps: the same spans on any world size
+    batches = batches or steps * rt.grad_accum_steps
+    inputs = (loader.next_batch(tokens_per_slice, h.train_seq_len)[0] for _ in range(batches))
+    return input_hessians(model, inputs, batches * tokens_per_slice * rt.world_size, rt)
+
+
+@torch.no_grad()
+def sample_batch(model: GPT, count: int, length: int, seed: int, rt) -> Tensor:
+    """(count, length) tokens sampled from the model at SELFGEN_TEMPERATURE, each from BOS (a document
+    start; PR #1204 starts from a uniformly random token), with a generator seeded by `seed`. The whole
+    prefix is re-run for each token (no KV cache): length forward passes of up to `length` tokens."""
+    generator = torch.Generator(device=rt.device).manual_seed(seed)
+    tokens = torch.full((count, 1), BOS_ID, dtype=torch.int64, device=rt.device)
+    was_training = model.training
+    model.eval()
+    for _ in range(length - 1):
+        with rt.autocast():
+            logits = model(tokens)[:, -1].float()
+        probs = torch.softmax(logits / SELFGEN_TEMPERATURE, dim=-1)
+        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    model.train(was_training)
+    return tokens
+
+
+def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
+    """input_hessians() on GPTQ_SELFGEN_SEQS sequences of GPTQ_SELFGEN_LEN tokens sampled from the
+    trained model (PR #1204's calibration; no training or validation token is read). Batches of
+    SELFGEN_BATCH go to the ranks in turn; batch b is seeded by SEED + b, so the text is the same on
+    any world size."""
+    length = h.gptq_selfgen_len or h.train_seq_len
+    starts = range(0, h.gptq_selfgen_seqs, SELFGEN_BATCH)
+    mine = list(starts)[rt.rank::rt.world_size]
+    batches = [sample_batch(model, min(SELFGEN_BATCH, h.gptq_selfgen_seqs - start), length,
+                            h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
+    return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt)
 
 
 def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None) -> dict:
@@ -2152,9 +2238,10 @@ def from_byte_planes(data, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(planes.T).view(dtype).ravel()
 
 
-def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int) -> bytes:
-    """One zstd frame per section: the JSON header, the integer values of each class, the scales,
-    the fp16 values. (In a single frame over all of them, zstd-22 compressed a 12-layer model 0.3%
+def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int,
+                       compressor: str = "zstd") -> bytes:
+    """One zstd frame (or brotli stream) per section: the JSON header, the integer values of each
+    class, the scales, the fp16 values. (In a single frame over all of them, zstd-22 compressed a 12-layer model 0.3%
     to 6% worse depending on where its blocks happened to fall; each section alone compresses to
     within 0.5% of its order-0 entropy.)"""
     blobs, sections, offset = [], [], 0
@@ -2171,14 +2258,29 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
             sections.append(b"".join(chunks))
     header = json.dumps(dict(model=model_config, classes={n: e["class"] for n, e in quantized.items()},
                              shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
-    return pack_frames([header] + sections, zstd_level)
+    return pack_frames([header] + sections, zstd_level, compressor)
 
 
-def pack_frames(parts: list[bytes], zstd_level: int) -> bytes:
-    """MAGIC, u32 frame count, u64 length of each frame, then the checksummed zstd frames."""
-    compressor = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
-    frames = [compressor.compress(part) for part in parts]
-    return ARTIFACT_MAGIC + struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames)) + b"".join(frames)
+def pack_frames(parts: list[bytes], zstd_level: int, compressor: str = "zstd") -> bytes:
+    """The compressor's MAGIC, u32 frame count, u64 length of each frame, then the frames: checksummed
+    zstd frames, or each part's CRC-32 (u32) followed by its brotli stream."""
+    if compressor == "brotli":
+        codec = brotli_module()
+        frames = [struct.pack("<I", zlib.crc32(part)) + codec.compress(part, quality=BROTLI_QUALITY) for part in parts]
+    else:
+        zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
+        frames = [zstd.compress(part) for part in parts]
+    table = struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames))
+    return COMPRESSORS[compressor] + table + b"".join(frames)
+
+
+def brotli_module():
+    """The brotli package, imported only where it is used: COMPRESSOR=brotli or an artifact it wrote."""
+    try:
+        return importlib.import_module("brotli")
+    except ImportError:
+        raise RunError("the brotli compressor (COMPRESSOR=brotli, or reading an artifact written with it) "
+                       "needs the brotli package: pip install brotli") from None
 
 
 def unpack_frames(data: bytes) -> list[bytes]:
@@ -2197,10 +2299,21 @@ def unpack_frames(data: bytes) -> list[bytes]:
     return frames
 
 
-def decompress_frame(frame: bytes, max_bytes: int) -> bytes:
+def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> bytes:
     """One frame, refused before anything is allocated if its header declares more than `max_bytes`
     (zstd allocates what the header declares: one flipped bit there asked for exabytes) or lacks the
-    checksum that every frame of ours carries; trailing bytes are refused too."""
+    checksum that every frame of ours carries; trailing bytes are refused too. A brotli stream declares
+    no size: it is decoded into at most `max_bytes` + 1 bytes and must end there and match its CRC-32."""
+    if compressor == "brotli":
+        codec = brotli_module()
+        decoder = codec.Decompressor()
+        try:
+            part = decoder.process(frame[4:], output_buffer_limit=max_bytes + 1)
+        except codec.error as exc:
+            raise ValueError(f"a brotli stream that does not decode ({exc})") from None
+        if len(part) > max_bytes or not decoder.is_finished() or struct.unpack_from("<I", frame)[0] != zlib.crc32(part):
+            raise ValueError("a brotli stream longer than its bound, cut short, or failing its CRC-32")
+        return part
     params = zstandard.get_frame_parameters(frame)
     if not params.has_checksum or params.dict_id:
         raise ValueError("a frame without its checksum, or with a dictionary")
@@ -2229,15 +2342,16 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
     """Returns (model config, quantized state); any damage is a RunError naming `source`. Every frame
     is decompressed within what the format allows: the header within ARTIFACT_MAX_HEADER_BYTES, the
     sections within what the (checksummed) header says the arrays take."""
-    if not data.startswith(ARTIFACT_MAGIC):
+    compressor = next((name for name, magic in COMPRESSORS.items() if data.startswith(magic)), None)
+    if compressor is None:
         raise RunError(f"{source}: corrupt or truncated artifact, or not one written by this script (bad magic)")
     try:
         header_frame, *section_frames = unpack_frames(data)
-        header = json.loads(decompress_frame(header_frame, ARTIFACT_MAX_HEADER_BYTES))
+        header = json.loads(decompress_frame(header_frame, ARTIFACT_MAX_HEADER_BYTES, compressor))
         remaining = payload_bytes(header["blobs"])
         sections = []
         for frame in section_frames:
-            sections.append(decompress_frame(frame, remaining))
+            sections.append(decompress_frame(frame, remaining, compressor))
             remaining -= len(sections[-1])
         if remaining:
             raise ValueError(f"the sections lack {remaining} bytes of the arrays")
@@ -2426,7 +2540,8 @@ POST_TRAINING_FIELDS = frozenset((
     "run_id", "train_log_every", "val_loss_every", "eval_seq_len", "eval_stride", "val_batch_size", "val_tokens",
     "swa_interval", "swa_start_frac", "ema_decay", "average_also", "checkpoint_out", "from_checkpoint",
     "artifact_path", "artifact_limit_bytes", "zstd_level", "eval_only", "gptq_calib_tokens",
-    "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn", "quant_bits_embed"))
+    "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn", "quant_bits_embed", "compressor",
+    "int6_matrices", "gptq_selfgen_seqs", "gptq_selfgen_len"))
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
 
 
@@ -2937,13 +3052,17 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
             raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP model "
                            "cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
-    quantized = quantize_state(state, quant_plan(state, h), h.clip_search, hessians)
-    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level),
+    plan = quant_plan(state, h, hessians)
+    if h.int6_matrices:
+        int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
+        log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
+    quantized = quantize_state(state, plan, h.clip_search, hessians)
+    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
                                h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
-    log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms")
+    log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms compressor:{h.compressor}")
     if rt.is_main:
         write_atomically(path, lambda tmp: tmp.write_bytes(blob))
     if rt.distributed:
@@ -3070,6 +3189,13 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
         train_ms += calib_ms
         calib_tokens = -(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens
         log(f"gptq_calibration: {len(hessians)} matrices from {calib_tokens} training tokens in {calib_ms:.0f}ms")
+    elif h.gptq_selfgen_seqs:  # reads no data: not training time (PR #1204 ran it after its 600 s)
+        t0 = time.perf_counter()
+        hessians = selfgen_hessians(base_model, h, rt)
+        rt.sync()
+        log(f"gptq_calibration: {len(hessians)} matrices from {h.gptq_selfgen_seqs} sampled sequences of "
+            f"{h.gptq_selfgen_len or h.train_seq_len} tokens in {1000 * (time.perf_counter() - t0):.0f}ms "
+            f"(no data read; not in train_time_ms)")
     log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
     if h.max_wallclock_seconds and train_ms > 1000 * h.max_wallclock_seconds:
         log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
@@ -3094,6 +3220,8 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
 
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
     t_start = time.perf_counter()
+    if h.compressor == "brotli" and not h.eval_only:
+        brotli_module()  # missing, it stops the run here rather than after training
     if h.eval_only:
         config, state = load_artifact(Path(h.eval_only), h.artifact_limit_bytes)
         h = dataclasses.replace(h, **config)  # the artifact decides the model's shape

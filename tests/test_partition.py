@@ -1,6 +1,7 @@
 # Optimizer groups, quantization classes, parameter count: python3 -m pytest -q tests/test_partition.py
 """The full record-size GPT (Hyperparameters() defaults) is built on the meta device: names, shapes and
 the partition are exactly those of a CPU or GPU build, without spending seconds on initialization."""
+import dataclasses
 import re
 
 import pytest
@@ -174,7 +175,7 @@ def test_every_preset_partitions_every_parameter_once_for_optimizers_and_quantiz
                                                     ("pr192", "int6", "int6", "fp16"), ("frontier", "int5", "int6", "int8"),
                                                     ("pr1204", "int5", "int6", "int8")])
 def test_quantization_classes_follow_the_per_class_bit_widths(name, mlp, attn, embed):
-    h = preset(name)
+    h = dataclasses.replace(preset(name), int6_matrices=0)  # pr1204 ranks its block matrices instead (below)
     plan = tg.quant_plan(meta_model(h).state_dict(), h)
     assert {plan[n] for n in plan if MLP_MATRIX.fullmatch(n)} == {mlp}
     assert {plan[n] for n in plan if ATTN_MATRIX.fullmatch(n)} == {attn}
@@ -204,3 +205,15 @@ def test_pr1204_optimizer_groups_follow_the_record():
     assert {f"repeat_mlps.{i}.{m}.weight" for i in (0, 1) for m in ("fc", "proj")} <= names["muon"]
     assert len(names["muon"]) == 10 * 4 + 11 * 2 + 2 * 2
     assert (h.matrix_lr, h.adam_wd, h.muon_row_norm) == (0.03, 0.04, False)
+
+
+@pytest.mark.parametrize("name", ["pr1204", "frontier"])
+def test_pr1204_export_puts_32_block_matrices_at_int6_those_of_the_repeated_blocks_among_them(name):
+    """The record's log: 'mixed_quant: 32 int6, 35 int5 ... forced_recur_int6=16/16' (its 35th int5 is
+    the bigram projection, which it counts among its attention matrices; here it stays fp16)."""
+    h = preset(name)
+    plan = tg.quant_plan(meta_model(h).state_dict(), h)
+    blocks = {n: c for n, c in plan.items() if re.fullmatch(tg.BLOCK_MATRICES, n)}
+    assert len(blocks) == 66 and sorted(blocks.values()).count("int6") == h.int6_matrices == 32
+    repeated = [n for n in blocks if n.startswith(("blocks.4.", "blocks.5.", "repeat_mlps."))]
+    assert len(repeated) == 16 and all(blocks[n] == "int6" for n in repeated)

@@ -90,6 +90,8 @@ IMPOSSIBLE = {
     "virtual_depth": ["2"], "recur_untie_mlp": ["yes"], "first_block_mlp_only": ["-1"], "ve_layers": ["x", "99"],
     "skip_gates": ["on"], "lane_formula": ["both"], "smear_zero_start": ["2"], "rope_ntk_len": ["-1"],
     "bigram_proj_adam": ["maybe"], "bigram_proj_gain": ["-1", "nan"], "ve_dim": ["0", "-1"],
+    "compressor": ["lzma", "ZSTD"], "int6_matrices": ["-1"], "gptq_selfgen_seqs": ["-1"],
+    "gptq_selfgen_len": ["1", "-1", "129"],
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",
