@@ -4,7 +4,8 @@
     python3 bench/gpu_check.py --dry-run                      # the plan: each step with its cap, and the total
     python3 bench/gpu_check.py --out $OUT                     # on the device (run carry: .whl, .devdata)
 
-Setup installs the carried zstandard wheel when zstandard is missing (the device image lacks it) and
+Setup installs the carried zstandard and brotli wheels where they are missing (the device image lacks
+them; brotli compresses PRESET=pr1204's artifact) and
 unpacks the carried proxy shards (.devdata/, zstd-compressed) into a scratch folder. Then, in order,
 each step a subprocess whose cap comes from the time left (--budget-s less the minimum kept for the
 steps after it that must run); a step that fails or runs out of time is recorded and the next one
@@ -26,6 +27,7 @@ Without CUDA the GPU steps are skipped (this is what the tests run here).
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import os
@@ -46,7 +48,7 @@ PROXY_DATA, PROXY_TOKENIZER = "datasets/proxy_sp1024", "tokenizers/proxy_1024_bp
 PROXY_VOCAB = 1024
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # the challenge's shard header (as train_gpt reads it)
 SPEED_PRESETS = ("frontier", "pr1204", "sp8192", "pr76")  # in this order, those train_gpt defines
-ZSTANDARD = "zstandard==0.25.0"
+WHEELS_NEEDED = {"zstandard": "zstandard==0.25.0", "brotli": "brotli==1.2.1"}  # module: pip requirement
 DEVICE_PYTHON = "3.12"  # the device image's python3 (/work/.library/device/KINDS.md)
 
 # Seconds per step: at most (max_s) and the least worth starting (min_s). Estimates, not measurements:
@@ -72,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan with each step's cap, run nothing")
     p.add_argument("--prepare", type=Path, metavar="SHARED_DATA", default=None,
                    help="here, before the call: copy the compressed proxy corpus from SHARED_DATA into .devdata/ "
-                        "and download the zstandard wheel for the device's Python into .whl/")
+                        "and download the zstandard and brotli wheels for the device's Python into .whl/")
     args = p.parse_args(argv)
     if args.budget_s <= 0 or args.speed_steps < 4 or args.e2e_steps < 2:
         p.error("--budget-s must be > 0, --speed-steps >= 4, --e2e-steps >= 2")
@@ -85,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(shared: Path, data: Path = DEVDATA, wheels: Path = WHEELS) -> None:
     """Copies the .zst shards and the tokenizer (as they are: they are unpacked on the device) and
-    downloads the zstandard wheel for the device's CPython on x86-64 Linux."""
+    downloads the zstandard and brotli wheels for the device's CPython on x86-64 Linux."""
     (data / PROXY_DATA).mkdir(parents=True, exist_ok=True)
     (data / "tokenizers").mkdir(parents=True, exist_ok=True)
     for f in sorted((shared / PROXY_DATA).glob("*.bin.zst")):
@@ -93,27 +95,30 @@ def prepare(shared: Path, data: Path = DEVDATA, wheels: Path = WHEELS) -> None:
     shutil.copy2(shared / PROXY_TOKENIZER, data / PROXY_TOKENIZER)
     platforms = [f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")]
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version",
-                    DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", str(wheels), ZSTANDARD], check=True)
+                    DEVICE_PYTHON, "--implementation", "cp", *platforms, "-d", str(wheels), *WHEELS_NEEDED.values()],
+                   check=True)
     size = sum(f.stat().st_size for folder in (data, wheels) for f in folder.rglob("*") if f.is_file())
     print(f"gpu_check: prepared {data} and {wheels}: {size / 2**20:.1f} MiB to carry (run carry: .whl, .devdata)")
 
 
-def ensure_zstandard(wheels: Path = WHEELS, site: Path = Path("/tmp/gpu_check_site")) -> str:
-    """Imports zstandard, installing a carried wheel first where it is missing; the children find it
+def ensure_installed(module: str, wheels: Path = WHEELS, site: Path = Path("/tmp/gpu_check_site")) -> str:
+    """Imports `module`, installing its carried wheel first where it is missing; the children find it
     through PYTHONPATH. Returns what was done."""
     try:
-        import zstandard  # noqa: F401
-        return "zstandard present"
+        importlib.import_module(module)
+        return f"{module} present"
     except ImportError:
         pass
-    found = sorted(wheels.glob("zstandard-*.whl"))
+    found = sorted(f for f in wheels.glob("*.whl") if f.name.lower().startswith(f"{module}-"))
     if not found:
-        raise RuntimeError(f"zstandard is not installed and no zstandard wheel was carried in {wheels}")
+        raise RuntimeError(f"{module} is not installed and no {module} wheel was carried in {wheels}")
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                     "--no-cache-dir", "--upgrade", "--target", str(site), str(found[-1])], check=True)
-    sys.path.insert(0, str(site))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    import zstandard  # noqa: F401
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    importlib.invalidate_caches()
+    importlib.import_module(module)
     return f"installed {found[-1].name}"
 
 
@@ -197,7 +202,8 @@ def step_cap(step: dict, left: float, later: list[dict]) -> float:
 def print_plan(steps: list[dict], budget_s: float, setup_s: float) -> None:
     """Each step with the cap it gets when every step before it uses its whole cap; the total."""
     left, total = budget_s - setup_s, setup_s
-    print(f"setup: cap {setup_s:.0f} s: install the carried zstandard wheel if missing; unpack .devdata/*.zst")
+    print(f"setup: cap {setup_s:.0f} s: install the carried zstandard and brotli wheels if missing; "
+          f"unpack .devdata/*.zst")
     for i, step in enumerate(steps):
         cap = step_cap(step, left, steps[i + 1:])
         env = " ".join(f"{k}={v}" for k, v in step["env"].items())
@@ -366,7 +372,7 @@ def main(argv=None) -> int:
     setup_notes = []
     if not args.dry_run:
         try:
-            setup_notes.append(ensure_zstandard())
+            setup_notes += [ensure_installed(module) for module in WHEELS_NEEDED]
         except (RuntimeError, subprocess.CalledProcessError) as exc:
             print(f"gpu_check: FAILED at setup: {exc}", flush=True)
             return 1

@@ -136,10 +136,11 @@ def test_carried_shards_are_unpacked_and_checked(tmp_path):
         gc.unpack_corpus(tmp_path / "nothing", tmp_path / "data")
 
 
-def test_missing_zstandard_without_a_carried_wheel_is_one_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "zstandard", None)  # import zstandard now raises ImportError
-    with pytest.raises(RuntimeError, match="zstandard is not installed and no zstandard wheel was carried"):
-        gc.ensure_zstandard(wheels=tmp_path)
+@pytest.mark.parametrize("module", ["zstandard", "brotli"])
+def test_a_missing_module_without_a_carried_wheel_is_one_clear_error(monkeypatch, tmp_path, module):
+    monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
+    with pytest.raises(RuntimeError, match=f"{module} is not installed and no {module} wheel was carried"):
+        gc.ensure_installed(module, wheels=tmp_path)
 
 
 def test_figures_are_read_from_a_train_log_outside_its_embedded_source():
