@@ -185,7 +185,9 @@ def plan_steps(args, tg, data: Path, work: Path) -> list[dict]:
            "WARMUP_STEPS": "3", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "4",
            "ARTIFACT_PATH": str(work / "e2e_frontier.ptz"),
            # a model of a few dozen steps compresses worse than a trained one: no fitting rounds
-           "ARTIFACT_LIMIT_BYTES": "64000000"}
+           "ARTIFACT_LIMIT_BYTES": "64000000",
+           # one batch of 8 sampled calibration sequences: each GPU's share of the 8-GPU run's 64
+           "GPTQ_CALIB_TOKENS": "0", "GPTQ_SELFGEN_SEQS": "8"}
     steps.append(dict(name="e2e:frontier", cmd=[python, "train_gpt.py"], env=env,
                       moves={REPO / "logs" / "gpu_check_e2e_frontier.txt": "e2e_frontier.txt"}, **CAPS["e2e"]))
     for step in steps:
