@@ -135,7 +135,8 @@ def main() -> None:
     raw = sum(map(len, layouts["byte planes"]))
     print(f"{len(quantized)} tensors; {raw} bytes in {len(layouts['byte planes'])} parts before compression")
     runs = methods()
-    print(f"{'method':<20} {'layout':<13} {'bytes':>10} {'vs zstd-22 planes':>18} {'compress s':>11} {'decompress s':>13}")
+    print(f"{'method':<20} {'layout':<13} {'bytes':>10} {'vs zstd-22 planes':>18} {'compress s':>11} "
+          f"{'decompress s':>13}")
     rows = []
     for name, run in runs.items():
         for layout, parts in layouts.items():
