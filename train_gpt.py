@@ -1947,8 +1947,8 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 # of the weights more finely than the outliers cost). No absolute floor on the step (a floor of
 # 1/15 cost PR #236 0.020 bpb). With GPTQ_CALIB_TOKENS (the default), block matrices are then
 # rounded by gptq_round() on those scales, calibrated on training tokens after training. The tied
-# embedding (unless QUANT_BITS_EMBED=8) and the small control tensors stay fp16. Values sit in int8 containers: zstd's
-# entropy stage finds the unused high bits (bit-packing them compresses worse).
+# embedding (unless QUANT_BITS_EMBED=7 or 8) and the small control tensors stay fp16. Values sit in int8 containers:
+# zstd's entropy stage finds the unused high bits (bit-packing them compresses worse).
 #
 # If code + model exceed ARTIFACT_LIMIT_BYTES, fit_to_limit() demotes matrices one class at a
 # time (fp16 -> int8, int6 -> int5 -> int4), cheapest first by output error added per byte saved,
@@ -1989,7 +1989,8 @@ def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
 QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int7": 7, "int8": 8}
 CLASS_BITS = {**QUANT_BITS, "fp16": 16}
 BITS_CLASS = {bits: cls for cls, bits in CLASS_BITS.items()}
-DEMOTIONS = {"fp16": "int8", "int7": "int6", "int6": "int5", "int5": "int4"}  # the fitting ladder (not for control tensors)
+# the fitting ladder (not for control tensors)
+DEMOTIONS = {"fp16": "int8", "int7": "int6", "int6": "int5", "int5": "int4"}
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 GATE_TENSORS = r".*gate.*"  # QUANT_GATES_INT8's tensors: skip gates, SmearGate, attention output gates
 LQER_RANK, LQER_GROUP = 4, 32  # PR #1855's correction: rank 4, B's scales per 32 values
@@ -2160,7 +2161,8 @@ def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian:
             keep = (cols, quantize_rows(rows[:, cols], 8, clip_search=False)[1])
         q = gptq_round(rows, hessian, bits, scale, keep=keep)
         if keep is not None:
-            arrays = {"awq_q": q[:, cols].clone(), "awq_scale": keep[1], "awq_group": torch.tensor([group], dtype=torch.int8)}
+            arrays = {"awq_q": q[:, cols].clone(), "awq_scale": keep[1],
+                      "awq_group": torch.tensor([group], dtype=torch.int8)}
             q[:, cols] = 0  # the class's section keeps the class's range
     arrays.update(q=q, scale=scale)
     return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
