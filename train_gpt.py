@@ -181,7 +181,7 @@ class Hyperparameters:
     quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
     zstd_level: int = 22
-    # The 1.06 stack's quantizer (FRONTIER.md; PR #1855, #1945), each off at its default (see Quantization).
+    # The 1.06 stack's quantizer (FRONTIER.md; PR #1855, #1908), each off at its default (see Quantization).
     sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
     sdclip_mlp: float = 0.0  # ... for MLP matrices
     sdclip_embed: float = 0.0  # ... for the tied embedding
@@ -1961,9 +1961,9 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 # GPTQ-rounded as the output head, on the Hessian of the final norm's output (PR #1855, there int7).
 # QUANT_GATES_INT8: gate tensors int8 per row. LQER_TOP (PR #1855): the matrices with the largest
 # ||W - Q(W)||_F also store a rank-4 approximation A @ B of their error, A int2 with one scale, B
-# int4 with one scale per 32 values. AWQ_COLS (AWQ-lite, PR #1945): the column group with the largest
-# input RMS (the Hessian's diagonal) is rounded to int8 on its own per-row scale inside the same GPTQ
-# solve, the other columns compensating for its (smaller) errors as for their own.
+# int4 with one scale per 32 values. AWQ_COLS (AWQ-lite, PR #1908): the column group with the largest
+# input RMS (the Hessian's diagonal) is rounded to int8 inside the same GPTQ solve, over the row's range
+# (its step the row's x qmax / 127), the other columns compensating for its (smaller) errors as for their own.
 #
 # The artifact is MAGIC, a frame table, then zstd frames: a JSON header (the model's shape and,
 # per array, dtype, shape and offset) and the arrays, one frame per section; multi-byte arrays
@@ -1994,7 +1994,7 @@ DEMOTIONS = {"fp16": "int8", "int7": "int6", "int6": "int5", "int5": "int4"}
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 GATE_TENSORS = r".*gate.*"  # QUANT_GATES_INT8's tensors: skip gates, SmearGate, attention output gates
 LQER_RANK, LQER_GROUP = 4, 32  # PR #1855's correction: rank 4, B's scales per 32 values
-AWQ_PARTS = ("awq_q", "awq_scale", "awq_group")  # the int8 column group of AWQ_COLS
+AWQ_PARTS = ("awq_q", "awq_group")  # the int8 column group of AWQ_COLS and its index
 LQER_PARTS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")  # the error's factors A (int2), B (int4)
 ARTIFACT_MAGIC = b"PGOLF\x00A3"
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
@@ -2143,6 +2143,11 @@ def salient_group(hessian: Tensor, width: int) -> int | None:
     return int(hessian.diagonal().float().view(-1, width).mean(dim=1).argmax())
 
 
+def awq_scale(scale: Tensor, bits: int) -> Tensor:
+    """AWQ_COLS's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
+    return scale.float() * (2 ** (bits - 1) - 1) / 127
+
+
 def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
                     clip_k: float = 0.0, awq_cols: int = 0) -> dict:
     """One tensor's artifact entry: int values and row scales (rows: the last dimension), GPTQ-rounded
@@ -2158,11 +2163,10 @@ def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian:
         keep = None
         if group is not None:
             cols = slice(group * awq_cols, (group + 1) * awq_cols)
-            keep = (cols, quantize_rows(rows[:, cols], 8, clip_search=False)[1])
+            keep = (cols, awq_scale(scale, bits))
         q = gptq_round(rows, hessian, bits, scale, keep=keep)
         if keep is not None:
-            arrays = {"awq_q": q[:, cols].clone(), "awq_scale": keep[1],
-                      "awq_group": torch.tensor([group], dtype=torch.int8)}
+            arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor([group], dtype=torch.int8)}
             q[:, cols] = 0  # the class's section keeps the class's range
     arrays.update(q=q, scale=scale)
     return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
@@ -2176,7 +2180,8 @@ def dequantize_tensor(entry: dict) -> Tensor:
     if "awq_q" in arrays:
         width = arrays["awq_q"].shape[1]
         start = int(arrays["awq_group"][0]) * width
-        w[:, start:start + width] = dequantize_rows(arrays["awq_q"], arrays["awq_scale"])
+        step = awq_scale(arrays["scale"], QUANT_BITS[entry["class"]])
+        w[:, start:start + width] = arrays["awq_q"].float() * step[:, None]
     if "lqer_a" in arrays:
         w = w + low_rank_product(arrays)
     return w.view(entry["shape"])

@@ -92,6 +92,7 @@ def class_costs(quantized: dict) -> dict[str, dict]:
                                                                          if "value" in e["arrays"]]),
             scale_bytes=zstd_bytes([e["arrays"]["scale"] for e in quant]),
             awq_bytes=zstd_bytes([e["arrays"][p] for e in quant if "awq_q" in e["arrays"] for p in tg.AWQ_PARTS]),
+            awq_rows=sum(len(e["arrays"]["scale"]) for e in quant if "awq_q" in e["arrays"]),
             classes=sorted({e["class"] for e in entries}),
         )
     return costs
@@ -170,41 +171,47 @@ def main() -> None:
         reference = reference or len(blob)
         out(f"{name:22s} {bpb:9.5f} {bpb - base_bpb:+9.5f} {len(blob):12d} {len(blob) - reference:+9d} {seconds:8.1f}")
         results[name] = quantized
-    estimate(results["+awq_64 (all on)"], len(tg.serialize_artifact(results["+awq_64 (all on)"], tg.model_config(
-        dataclasses.replace(h, **ALL_ON)), h.zstd_level)), args.code_bytes, out)
+    all_on = dataclasses.replace(h, **ALL_ON)
+    proxy_bytes = len(tg.serialize_artifact(results["+awq_64 (all on)"], tg.model_config(all_on), h.zstd_level))
+    estimate(results["all - awq"], results["+awq_64 (all on)"], proxy_bytes, args.code_bytes, out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written to {args.out}")
 
 
-def estimate(quantized: dict, proxy_bytes: int, code_bytes: int, out) -> None:
-    costs = class_costs(quantized)
-    out("\nproxy, all on: compressed bytes per kind (zstd-22 of that kind alone)")
+def estimate(no_awq: dict, all_on: dict, proxy_bytes: int, code_bytes: int, out) -> None:
+    """Bytes per value of each kind from `no_awq` (AWQ's zeroed group columns would flatter them),
+    AWQ's extra bytes per row from `all_on` (its 64 int8 columns less the 64 values they replace)."""
+    costs, awq_costs = class_costs(no_awq), class_costs(all_on)
+    out("\nproxy, all on but AWQ: compressed bytes per kind (zstd-22 of that kind alone)")
     out(f"{'kind':6s} {'classes':14s} {'values':>9s} {'rows':>6s} {'bits/value':>10s} {'scale B/row':>11s} "
-        f"{'awq B/row':>9s} {'lqer B':>7s}")
+        f"{'awq +B/row':>10s}")
+    awq_extra = {}
     for label, c in costs.items():
-        out(f"{label:6s} {','.join(c['classes']):14s} {c['values']:9d} {c['rows']:6d} "
-            f"{8 * c['value_bytes'] / c['values']:10.3f} {c['scale_bytes'] / max(c['rows'], 1):11.3f} "
-            f"{c['awq_bytes'] / max(c['rows'], 1):9.3f} {c['lqer_bytes']:7d}")
-    lqer_bytes, lqer_values = lqer_cost(quantized)
-    parts = sum(c["value_bytes"] + c["scale_bytes"] + c["awq_bytes"] for c in costs.values()) + lqer_bytes
+        rate = c["value_bytes"] / c["values"]
+        awq = awq_costs[label]  # over the matrices AWQ took (2+ groups of 64 columns): at full size, all
+        awq_extra[label] = awq["awq_bytes"] / awq["awq_rows"] - 64 * rate if awq["awq_rows"] else 0.0
+        out(f"{label:6s} {','.join(c['classes']):14s} {c['values']:9d} {c['rows']:6d} {8 * rate:10.3f} "
+            f"{c['scale_bytes'] / max(c['rows'], 1):11.3f} {awq_extra[label]:10.3f}")
+    lqer_bytes, lqer_values = lqer_cost(all_on)
+    parts = sum(c["value_bytes"] + c["scale_bytes"] + c["awq_bytes"] for c in awq_costs.values()) + lqer_bytes
     out(f"lqer: {lqer_bytes} bytes for {lqer_values} values and scales")
-    out(f"sum of the kinds {parts} bytes; the proxy artifact {proxy_bytes} bytes (header and framing: "
+    out(f"all on: sum of the kinds {parts} bytes; the proxy artifact {proxy_bytes} bytes (header and framing: "
         f"{proxy_bytes - parts})")
     counts, total_params = full_size_counts()
     code_bytes = code_bytes or len(tg.shipped_form(Path(tg.__file__).read_bytes()))
-    out(f"\nESTIMATE, sp8192 shape: {total_params} parameters")
+    out(f"\nESTIMATE, sp8192 shape, all on: {total_params} parameters")
     total = 0.0
     for label, c in counts.items():
         proxy = costs.get(label)
         if proxy is None or not c["rows"]:  # fp16, or a kind the proxy lacks: 2 bytes a value
             nbytes = c["values"] * 2
-        else:  # the AWQ group is 64 columns at any width: its bytes per row carry over as measured
-            nbytes = c["values"] * proxy["value_bytes"] / proxy["values"] + \
-                c["rows"] * (proxy["scale_bytes"] + proxy["awq_bytes"]) / proxy["rows"]
+        else:
+            per_row = proxy["scale_bytes"] / proxy["rows"] + (awq_extra[label] if label != "gates" else 0.0)
+            nbytes = c["values"] * proxy["value_bytes"] / proxy["values"] + c["rows"] * per_row
         total += nbytes
         out(f"{label:6s} {','.join(sorted(c['classes'])):14s} {c['values']:9d} values {c['rows']:6d} rows "
-            f"-> {nbytes:12.0f} bytes")
+            f"-> {nbytes:12.0f} bytes ({8 * nbytes / c['values']:.3f} bits/value)")
     # LQER at full size, bounded above: 3 corrections of the widest matrix (the 8192 x 512 embedding)
     full_lqer = 3 * (tg.LQER_RANK * (8192 + 512) + 8192 * tg.LQER_RANK // 512 + 1) * lqer_bytes / max(lqer_values, 1)
     header = proxy_bytes - parts

@@ -199,7 +199,7 @@ def test_awq_keeps_the_most_salient_group_at_int8_inside_the_gptq_solve():
     assert tg.salient_group(hessian, 64) == 2
     entry = tg.quantize_tensor(w, "int5", hessian=hessian, awq_cols=64)
     arrays = entry["arrays"]
-    assert int(arrays["awq_group"][0]) == 2 and arrays["awq_q"].shape == (80, 64)
+    assert int(arrays["awq_group"][0]) == 2 and arrays["awq_q"].shape == (80, 64) and "awq_scale" not in arrays
     assert np.abs(arrays["awq_q"]).max() > 15 and np.abs(arrays["awq_q"]).max() <= 127  # int8, beyond int5
     assert not arrays["q"][:, hot].any() and np.abs(arrays["q"]).max() <= 15
     deq = tg.dequantize_tensor(entry)
@@ -207,9 +207,9 @@ def test_awq_keeps_the_most_salient_group_at_int8_inside_the_gptq_solve():
     assert output_error(w, deq, hessian) < 0.5 * output_error(w, plain, hessian)
     # inside the solve: the int5 columns compensate for the int8 group's errors, which beats
     # overwriting plain GPTQ's group with separately rounded int8 columns
-    q8, s8 = tg.quantize_rows(w[:, hot], 8, clip_search=False)
+    step = tg.awq_scale(torch.from_numpy(arrays["scale"]), 5)[:, None]  # the row's range on the int8 grid
     patched = plain.clone()
-    patched[:, hot] = tg.dequantize_rows(q8, s8)
+    patched[:, hot] = torch.clamp(torch.round(w[:, hot] / step), -127, 127) * step
     assert output_error(w, deq, hessian) < output_error(w, patched, hessian)
     loaded = roundtrip({"m": entry}, tiny_hparams())["m"]
     assert torch.equal(tg.dequantize_tensor(loaded), deq)
