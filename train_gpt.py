@@ -185,7 +185,7 @@ class Hyperparameters:
     sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
     sdclip_mlp: float = 0.0  # ... for MLP matrices
     sdclip_embed: float = 0.0  # ... for the tied embedding
-    sdclip_other: float = 0.0  # ... for every other quantized tensor (bigram and value-embedding tables, gates)
+    sdclip_other: float = 0.0  # ... for the other quantized matrices (bigram and value-embedding tables; not gates)
     gptq_embed: bool = False  # GPTQ rounds the tied embedding as the output head (Hessian of the head's input)
     quant_gates_int8: bool = False  # every tensor named *gate* int8 per row (else as its name rule says)
     lqer_top: int = 0  # LQER: rank-4 int2 x int4 correction of the LQER_TOP matrices with the largest error
@@ -1955,15 +1955,16 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 # re-compresses and re-measures until the artifact fits, or stops the run.
 #
 # The 1.06 stack's pieces (FRONTIER.md), each off at its default. SDCLIP_*: the row's scale is fixed
-# before rounding at k x std(row) / qmax, k per kind of tensor (PR #1855: 13.0 attention, 11.5 MLP,
-# 14 the embedding, 12.85 the rest), instead of searched: a wider step than the row's max needs, so
-# fewer distinct values and fewer bytes, the outliers clipped. GPTQ_EMBED: the tied embedding is
-# GPTQ-rounded as the output head, on the Hessian of the final norm's output (PR #1855, there int7).
-# QUANT_GATES_INT8: gate tensors int8 per row. LQER_TOP (PR #1855): the matrices with the largest
-# ||W - Q(W)||_F also store a rank-4 approximation A @ B of their error, A int2 with one scale, B
-# int4 with one scale per 32 values. AWQ_COLS (AWQ-lite, PR #1908): the column group with the largest
-# input RMS (the Hessian's diagonal) is rounded to int8 inside the same GPTQ solve, over the row's range
-# (its step the row's x qmax / 127), the other columns compensating for its (smaller) errors as for their own.
+# before rounding at k x std(row) / qmax, k per kind of matrix (PR #1855: 13.0 attention, 11.5 MLP,
+# 14 the embedding, 12.85 the other matrices; gates keep the search), instead of searched: a wider
+# step than the row's max needs, so fewer distinct values and fewer bytes, the outliers clipped.
+# GPTQ_EMBED: the tied embedding is GPTQ-rounded as the output head, on the Hessian of the final
+# norm's output (PR #1855, there int7). QUANT_GATES_INT8: gate tensors int8 per row. LQER_TOP (PR
+# #1855): the matrices with the largest ||W - Q(W)||_F also store a rank-4 approximation A @ B of their
+# error, A int2 with one scale, B int4 with one scale per 32 values. AWQ_COLS (AWQ-lite, PR #1908): the
+# column group with the largest input RMS (the Hessian's diagonal) is rounded to int8 inside the same
+# GPTQ solve, over the row's range (its step the row's x qmax / 127), the other columns compensating
+# for its (smaller) errors as for their own.
 #
 # The artifact is MAGIC, a frame table, then zstd frames: a JSON header (the model's shape and,
 # per array, dtype, shape and offset) and the arrays, one frame per section; multi-byte arrays
@@ -2050,8 +2051,11 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters) -> dict[str, str]:
 
 
 def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
-    """SDClip's k per quantized tensor (0: CLIP_SEARCH's rule): SDCLIP_ATTN, _MLP, _EMBED or _OTHER."""
+    """SDClip's k per quantized tensor (0: CLIP_SEARCH's rule): SDCLIP_ATTN, _MLP, _EMBED or _OTHER;
+    gates keep CLIP_SEARCH's rule (a gate row need not be centred: k x std(row) could be 0)."""
     def width(name: str) -> float:
+        if re.fullmatch(GATE_TENSORS, name):
+            return 0.0
         if re.fullmatch(BLOCK_ATTN, name):
             return h.sdclip_attn
         if re.fullmatch(BLOCK_MLP, name):

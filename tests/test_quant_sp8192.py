@@ -125,7 +125,11 @@ def test_gates_are_int8_per_row_with_the_knob_and_fp16_without():
     assert all(c == tg.quant_plan(state, dataclasses.replace(h, quant_gates_int8=False))[n]
                for n, c in plan.items() if n not in gates)
     assert all(tg.quant_plan(state, dataclasses.replace(h, quant_gates_int8=False))[n] == "fp16" for n in gates)
-    quantized = tg.quantize_state(state, plan)
+    state["skip_gates"][0] = 1.5  # a row of one value: std 0, so never SDClip's (k x std) scale
+    h = dataclasses.replace(h, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_other=12.85)
+    widths = tg.clip_widths(plan, h)
+    assert all(widths[n] == 0 for n in gates)
+    quantized = tg.quantize_state(state, plan, clip_k=widths)
     assert quantized["skip_gates"]["arrays"]["scale"].shape == (state["skip_gates"].shape[0],)  # one per row
     loaded = tg.dequantize_state(roundtrip(quantized, h))
     for name in gates:
