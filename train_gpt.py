@@ -180,10 +180,19 @@ class Hyperparameters:
     artifact_limit_bytes: int = 16_000_000
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
     quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
-    quant_bits_embed: int = 16  # the tied embedding: 16 (fp16) or 8 (int8 per row)
+    quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
     int6_matrices: int = 0  # N > 0: block matrices int5 but the N of largest input-Hessian trace int6 (PR #1204: 32)
     zstd_level: int = 22
     compressor: str = "zstd"  # zstd (at ZSTD_LEVEL) | brotli (quality 11, PR #1204; needs the brotli package)
+    # The 1.06 stack's quantizer (FRONTIER.md; PR #1855, #1908), each off at its default (see Quantization).
+    sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
+    sdclip_mlp: float = 0.0  # ... for MLP matrices
+    sdclip_embed: float = 0.0  # ... for the tied embedding
+    sdclip_other: float = 0.0  # ... for the other quantized matrices (bigram and value-embedding tables; not gates)
+    gptq_embed: bool = False  # GPTQ rounds the tied embedding as the output head (Hessian of the head's input)
+    quant_gates_int8: bool = False  # every tensor named *gate* int8 per row (else as its name rule says)
+    lqer_top: int = 0  # LQER: rank-4 int2 x int4 correction of the LQER_TOP matrices with the largest error
+    awq_cols: int = 0  # AWQ-lite: per matrix, the AWQ_COLS-column group of largest input RMS kept at int8
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
@@ -498,7 +507,14 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (0 <= h.lr_floor < 1, "LR_FLOOR must be in [0, 1)"),
         (h.quant_bits_mlp in (4, 5, 6, 8) and h.quant_bits_attn in (4, 5, 6, 8),
          "QUANT_BITS_MLP and QUANT_BITS_ATTN must be 4, 5, 6 or 8"),
-        (h.quant_bits_embed in (8, 16), "QUANT_BITS_EMBED must be 8 (int8) or 16 (fp16)"),
+        (h.quant_bits_embed in (7, 8, 16), "QUANT_BITS_EMBED must be 7 (int7), 8 (int8) or 16 (fp16)"),
+        (min(h.sdclip_attn, h.sdclip_mlp, h.sdclip_embed, h.sdclip_other) >= 0,
+         "SDCLIP_ATTN, SDCLIP_MLP, SDCLIP_EMBED and SDCLIP_OTHER must be >= 0 (0: CLIP_SEARCH's rule)"),
+        (not h.gptq_embed or (h.gptq_calib_tokens and h.quant_bits_embed < 16),
+         "GPTQ_EMBED needs GPTQ_CALIB_TOKENS > 0 and a quantized embedding (QUANT_BITS_EMBED 7 or 8)"),
+        (h.lqer_top >= 0, "LQER_TOP must be >= 0 (0: off)"),
+        (h.awq_cols >= 0 and (not h.awq_cols or h.gptq_calib_tokens),
+         "AWQ_COLS must be >= 0 (0: off) and needs GPTQ_CALIB_TOKENS > 0 (the input RMS is the Hessian's diagonal)"),
     ]
 
 
@@ -1427,6 +1443,7 @@ class GPT(nn.Module):
         self.repeat_mlps = nn.ModuleList(MLP(h) for _ in self.recur_blocks) if h.recur_untie_mlp else None
         self.recur_active = False  # set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
+        self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
@@ -1509,7 +1526,7 @@ class GPT(nn.Module):
             x = block(x.expand(body.lanes, -1, -1, -1) if body.lanes > x.size(0) else x, x0, body, mlp, value_embed)
             if encoder:
                 skips.append(x)
-        hidden = rms_norm(x.mean(dim=0))
+        hidden = self.head_input(rms_norm(x.mean(dim=0)))
         logits = low_rank_added(hidden, F.linear(hidden, self.tok_emb.weight), self.lora).float()
         logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         if target_ids is None:
@@ -1950,12 +1967,24 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 # rounded by gptq_round() on those scales, calibrated on training tokens after training (or on
 # text the model samples itself, GPTQ_SELFGEN_SEQS). INT6_MATRICES replaces the MLP/attention classes
 # by a ranking: int6 for the matrices whose inputs carry the most signal, int5 for the rest. The tied
-# embedding (unless QUANT_BITS_EMBED=8) and the small control tensors stay fp16. Values sit in int8 containers: zstd's
+# embedding (unless QUANT_BITS_EMBED=7 or 8) and the small control tensors stay fp16. Values sit in int8 containers: zstd's
 # entropy stage finds the unused high bits (bit-packing them compresses worse).
 #
 # If code + model exceed ARTIFACT_LIMIT_BYTES, fit_to_limit() demotes matrices one class at a
 # time (fp16 -> int8, int6 -> int5 -> int4), cheapest first by output error added per byte saved,
 # re-compresses and re-measures until the artifact fits, or stops the run.
+#
+# The 1.06 stack's pieces (FRONTIER.md), each off at its default. SDCLIP_*: the row's scale is fixed
+# before rounding at k x std(row) / qmax, k per kind of matrix (PR #1855: 13.0 attention, 11.5 MLP,
+# 14 the embedding, 12.85 the other matrices; gates keep the search), instead of searched: a wider
+# step than the row's max needs, so fewer distinct values and fewer bytes, the outliers clipped.
+# GPTQ_EMBED: the tied embedding is GPTQ-rounded as the output head, on the Hessian of the final
+# norm's output (PR #1855, there int7). QUANT_GATES_INT8: gate tensors int8 per row. LQER_TOP (PR
+# #1855): the matrices with the largest ||W - Q(W)||_F also store a rank-4 approximation A @ B of their
+# error, A int2 with one scale, B int4 with one scale per 32 values. AWQ_COLS (AWQ-lite, PR #1908): the
+# column group with the largest input RMS (the Hessian's diagonal) is rounded to int8 inside the same
+# GPTQ solve, over the row's range (its step the row's x qmax / 127), the other columns compensating
+# for its (smaller) errors as for their own.
 #
 # The artifact is MAGIC, a frame table, then zstd frames: a JSON header (the model's shape and,
 # per array, dtype, shape and offset) and the arrays, one frame per section; multi-byte arrays
@@ -1979,10 +2008,11 @@ def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
     return tuple(rules)
 
 
-QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int8": 8}
+QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int7": 7, "int8": 8}
 CLASS_BITS = {**QUANT_BITS, "fp16": 16}
 BITS_CLASS = {bits: cls for cls, bits in CLASS_BITS.items()}
-DEMOTIONS = {"fp16": "int8", "int6": "int5", "int5": "int4"}  # the fitting ladder (not for control tensors)
+# the fitting ladder (not for control tensors)
+DEMOTIONS = {"fp16": "int8", "int7": "int6", "int6": "int5", "int5": "int4"}
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 ARTIFACT_MAGIC = b"PGOLF\x00A3"  # zstd frames
 BROTLI_MAGIC = b"PGOLF\x00B3"  # brotli streams, each after the CRC-32 of its part (brotli has no checksum)
@@ -1990,6 +2020,10 @@ COMPRESSORS = {"zstd": ARTIFACT_MAGIC, "brotli": BROTLI_MAGIC}
 BROTLI_QUALITY = 11  # brotli's highest, as PR #1204 (its default 4 MiB window)
 SELFGEN_TEMPERATURE = 0.8  # PR #1204's sampling temperature for its GPTQ calibration text
 SELFGEN_BATCH = 8  # sequences sampled side by side (PR #1204)
+GATE_TENSORS = r".*gate.*"  # QUANT_GATES_INT8's tensors: skip gates, SmearGate, attention output gates
+LQER_RANK, LQER_GROUP = 4, 32  # PR #1855's correction: rank 4, B's scales per 32 values
+AWQ_PARTS = ("awq_q", "awq_group")  # the int8 column group of AWQ_COLS and its index
+LQER_PARTS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")  # the error's factors A (int2), B (int4)
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
 ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
@@ -2000,10 +2034,15 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "smear_zero_start", "rope_ntk_len")
 
 
-def quantize_rows(w: Tensor, bits: int, clip_search: bool = True) -> tuple[Tensor, Tensor]:
-    """int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1] and one fp16 scale per row."""
+def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0) -> tuple[Tensor, Tensor]:
+    """int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1] and one fp16 scale per row of w (rows, cols).
+    The scale: with clip_k > 0 (SDClip), clip_k x std(row) / qmax; else searched (clip_search) or
+    the row's absolute max / qmax."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
+    if clip_k > 0:
+        scale = (clip_k * w.std(dim=1, correction=0, keepdim=True) / qmax).clamp_min(2.0 ** -24).half().float()
+        return torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8), scale.squeeze(1).half()
     amax = w.abs().amax(dim=1, keepdim=True)
     best_q = best_scale = best_err = None
     for ratio in CLIP_RATIOS if clip_search else (1.0,):
@@ -2027,12 +2066,18 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
 def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
                hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
     """name -> quantization class, from quant_rules(h) (each tensor in exactly one class); with
-    INT6_MATRICES the block matrices' classes come from int6_by_trace() instead."""
+    INT6_MATRICES the block matrices' classes come from int6_by_trace() instead; with
+    QUANT_GATES_INT8, int8 for every tensor named as a gate (GATE_TENSORS)."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
     plan = {name: cls for cls, members in classes.items() for name, _ in members}
     if h.int6_matrices:
         plan.update(int6_by_trace([n for n in plan if re.fullmatch(BLOCK_MATRICES, n)], hessians or {},
                                   recurrence_blocks(h), h.int6_matrices))
+    if h.quant_gates_int8:
+        gates = [name for name in plan if re.fullmatch(GATE_TENSORS, name)]
+        if not gates:
+            raise RunError(f"QUANT_GATES_INT8: no tensor's name matches {GATE_TENSORS!r}")
+        plan.update(dict.fromkeys(gates, "int8"))
     return plan
 
 
@@ -2051,18 +2096,39 @@ def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple
     return {name: "int6" if name in chosen else "int5" for name in names}
 
 
-def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128) -> Tensor:
+def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
+    """SDClip's k per quantized tensor (0: CLIP_SEARCH's rule): SDCLIP_ATTN, _MLP, _EMBED or _OTHER;
+    gates keep CLIP_SEARCH's rule (a gate row need not be centred: k x std(row) could be 0)."""
+    def width(name: str) -> float:
+        if re.fullmatch(GATE_TENSORS, name):
+            return 0.0
+        if re.fullmatch(BLOCK_ATTN, name):
+            return h.sdclip_attn
+        if re.fullmatch(BLOCK_MLP, name):
+            return h.sdclip_mlp
+        return h.sdclip_embed if name == "tok_emb.weight" else h.sdclip_other
+    return {name: width(name) for name, cls in plan.items() if cls in QUANT_BITS}
+
+
+def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128,
+               keep: tuple[slice, Tensor] | None = None) -> Tensor:
     """Rounds w (rows x cols) to the grid of per-row `scale`, one column at a time, pushing each
     column's rounding error onto the columns not yet rounded, weighted by the inverse input
     Hessian (GPTQ, Frantar et al. 2022): the layer's output error over the calibration inputs is
-    what gets minimized, not the weights' own. Columns go in order of decreasing Hessian diagonal."""
+    what gets minimized, not the weights' own. Columns go in order of decreasing Hessian diagonal.
+    keep = (columns, per-row scale): those columns are rounded to int8 on that scale instead (AWQ_COLS)."""
     qmax = 2 ** (bits - 1) - 1
-    w, hessian, s = w.float().clone(), hessian.float().clone(), scale.float()
+    steps = scale.float().reshape(-1, 1).expand(w.shape).clone()  # (rows, cols): each entry's step
+    limits = torch.full((w.size(1),), float(qmax))
+    if keep is not None:
+        steps[:, keep[0]] = keep[1].float()[:, None]
+        limits[keep[0]] = 127.0
+    w, hessian = w.float().clone(), hessian.float().clone()
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
     w[:, dead] = 0.0
     order = torch.argsort(hessian.diagonal(), descending=True)
-    w, hessian = w[:, order], hessian[order][:, order]
+    w, hessian, steps, limits = w[:, order], hessian[order][:, order], steps[:, order], limits[order].tolist()
     hessian.diagonal().add_(0.01 * hessian.diagonal().mean())  # damping, as in the paper
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
     q = torch.zeros_like(w)
@@ -2070,17 +2136,18 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
         i1 = min(i0 + block, w.size(1))
         errors = torch.zeros(w.size(0), i1 - i0, device=w.device)
         for i in range(i0, i1):
-            q[:, i] = torch.clamp(torch.round(w[:, i] / s), -qmax, qmax)
-            errors[:, i - i0] = (w[:, i] - q[:, i] * s) / inverse[i, i]
+            q[:, i] = torch.clamp(torch.round(w[:, i] / steps[:, i]), -limits[i], limits[i])
+            errors[:, i - i0] = (w[:, i] - q[:, i] * steps[:, i]) / inverse[i, i]
             w[:, i:i1] -= errors[:, i - i0, None] * inverse[i, i:i1][None, :]
         w[:, i1:] -= errors @ inverse[i0:i1, i1:]
     return q[:, torch.argsort(order)].to(torch.int8)
 
 
 @torch.no_grad()
-def input_hessians(model: GPT, batches, total_tokens: int, rt) -> dict[str, Tensor]:
-    """E[x x^T] over the inputs x of every block matrix, the model run on each (B, T) token batch of
-    `batches` (this rank's share of `total_tokens`, all ranks together). Runs the uncompiled model:
+def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = False) -> dict[str, Tensor]:
+    """E[x x^T] over the inputs x of every block matrix (and with `head` of the tied head, keyed
+    tok_emb.weight: the final norm's output, for GPTQ_EMBED), the model run on each (B, T) token batch
+    of `batches` (this rank's share of `total_tokens`, all ranks together). Runs the uncompiled model:
     the hooks need eager inputs."""
     sums, hooks = {}, []
 
@@ -2095,6 +2162,10 @@ def input_hessians(model: GPT, batches, total_tokens: int, rt) -> dict[str, Tens
         if re.fullmatch(BLOCK_MATRICES, f"{name}.weight") and not name.endswith(("c_k", "c_v")):
             sums[f"{name}.weight"] = torch.zeros(module.in_features, module.in_features, device=module.weight.device)
             hooks.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
+    if head:
+        dim = model.tok_emb.weight.size(1)
+        sums["tok_emb.weight"] = torch.zeros(dim, dim, device=model.tok_emb.weight.device)
+        hooks.append(model.head_input.register_forward_pre_hook(hook_for("tok_emb.weight")))
     for inputs in batches:
         with rt.autocast():
             model(inputs)
@@ -2119,7 +2190,7 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
     steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)  # whole steps: the same spans on any world size
     batches = batches or steps * rt.grad_accum_steps
     inputs = (loader.next_batch(tokens_per_slice, h.train_seq_len)[0] for _ in range(batches))
-    return input_hessians(model, inputs, batches * tokens_per_slice * rt.world_size, rt)
+    return input_hessians(model, inputs, batches * tokens_per_slice * rt.world_size, rt, h.gptq_embed)
 
 
 @torch.no_grad()
@@ -2150,32 +2221,102 @@ def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
     mine = list(starts)[rt.rank::rt.world_size]
     batches = [sample_batch(model, min(SELFGEN_BATCH, h.gptq_selfgen_seqs - start), length,
                             h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
-    return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt)
+    return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt, h.gptq_embed)
 
 
-def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None) -> dict:
+def salient_group(hessian: Tensor, width: int) -> int | None:
+    """AWQ-lite's group: the index of the `width`-column group whose inputs have the largest mean
+    square (the Hessian's diagonal), or None where the columns are not several whole groups (or
+    more than the 128 an int8 index names)."""
+    cols = hessian.size(0)
+    if not width or cols % width or not 2 <= cols // width <= 128:
+        return None
+    return int(hessian.diagonal().float().view(-1, width).mean(dim=1).argmax())
+
+
+def awq_scale(scale: Tensor, bits: int) -> Tensor:
+    """AWQ_COLS's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
+    return scale.float() * (2 ** (bits - 1) - 1) / 127
+
+
+def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
+                    clip_k: float = 0.0, awq_cols: int = 0) -> dict:
+    """One tensor's artifact entry: int values and row scales (rows: the last dimension), GPTQ-rounded
+    given a Hessian, with AWQ_COLS's int8 group (AWQ_PARTS) when awq_cols > 0; or fp16 values."""
     tensor = tensor.detach().float()
-    if cls in QUANT_BITS:
-        q, scale = quantize_rows(tensor, QUANT_BITS[cls], clip_search)
-        if hessian is not None:
-            q = gptq_round(tensor, hessian, QUANT_BITS[cls], scale)
-        arrays = {"q": q.cpu().numpy(), "scale": scale.cpu().numpy()}
-    else:
-        arrays = {"value": tensor.half().cpu().numpy()}
-    return {"class": cls, "shape": list(tensor.shape), "arrays": arrays}
+    if cls not in QUANT_BITS:
+        return {"class": cls, "shape": list(tensor.shape), "arrays": {"value": tensor.half().cpu().numpy()}}
+    bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
+    q, scale = quantize_rows(rows, bits, clip_search, clip_k)
+    arrays = {}
+    if hessian is not None:
+        group = salient_group(hessian, awq_cols) if bits < 8 else None
+        keep = None
+        if group is not None:
+            cols = slice(group * awq_cols, (group + 1) * awq_cols)
+            keep = (cols, awq_scale(scale, bits))
+        q = gptq_round(rows, hessian, bits, scale, keep=keep)
+        if keep is not None:
+            arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor([group], dtype=torch.int8)}
+            q[:, cols] = 0  # the class's section keeps the class's range
+    arrays.update(q=q, scale=scale)
+    return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
 
 
 def dequantize_tensor(entry: dict) -> Tensor:
     arrays = {part: torch.from_numpy(np.array(a)) for part, a in entry["arrays"].items()}
-    if entry["class"] in QUANT_BITS:
-        return dequantize_rows(arrays["q"], arrays["scale"]).view(entry["shape"])
-    return arrays["value"].float().view(entry["shape"])
+    if entry["class"] not in QUANT_BITS:
+        return arrays["value"].float().view(entry["shape"])
+    w = dequantize_rows(arrays["q"], arrays["scale"])
+    if "awq_q" in arrays:
+        width = arrays["awq_q"].shape[1]
+        start = int(arrays["awq_group"][0]) * width
+        step = awq_scale(arrays["scale"], QUANT_BITS[entry["class"]])
+        w[:, start:start + width] = arrays["awq_q"].float() * step[:, None]
+    if "lqer_a" in arrays:
+        w = w + low_rank_product(arrays)
+    return w.view(entry["shape"])
+
+
+def low_rank_product(arrays: dict[str, Tensor]) -> Tensor:
+    """LQER's A @ B (rows, cols): A int2 with one scale, B int4 with one scale per LQER_GROUP values."""
+    a = arrays["lqer_a"].float() * arrays["lqer_a_scale"].float()
+    b = dequantize_rows(arrays["lqer_b"].reshape(-1, LQER_GROUP), arrays["lqer_b_scale"])
+    return a @ b.view(arrays["lqer_b"].shape)
+
+
+def low_rank_factors(error: Tensor) -> dict[str, np.ndarray]:
+    """LQER (PR #1855): error (rows, cols) ~ A @ B with A (rows, LQER_RANK) and B (LQER_RANK, cols)
+    from its SVD, A split sqrt(S) U and rounded to {-1, 0, 1} x one scale (clip searched), then B
+    refit to the rounded A by least squares and rounded to int4, one scale per LQER_GROUP values."""
+    u, s, vh = torch.linalg.svd(error.float(), full_matrices=False)
+    rank = min(LQER_RANK, len(s))
+    qa, sa = quantize_rows((u[:, :rank] * s[:rank].sqrt()).reshape(1, -1), 2)
+    a = dequantize_rows(qa, sa).view(-1, rank)
+    qb, sb = quantize_rows((torch.linalg.pinv(a) @ error.float()).reshape(-1, LQER_GROUP), 4)
+    parts = {"lqer_a": qa.view(-1, rank), "lqer_a_scale": sa, "lqer_b": qb.view(rank, -1), "lqer_b_scale": sb}
+    return {k: v.cpu().numpy() for k, v in parts.items()}
+
+
+def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict], top: int) -> list[str]:
+    """LQER_TOP: the `top` quantized matrices with the largest ||W - Q(W)||_F (whose columns are whole
+    LQER_GROUPs) get low_rank_factors() of their error. Returns their names, largest error first."""
+    errors = {}
+    for name, entry in quantized.items():
+        if entry["class"] in QUANT_BITS and len(entry["shape"]) == 2 and entry["shape"][1] % LQER_GROUP == 0:
+            errors[name] = state[name].detach().float().cpu() - dequantize_tensor(entry)
+    chosen = sorted(errors, key=lambda n: (-float(errors[n].norm()), n))[:top]
+    for name in chosen:
+        quantized[name]["arrays"].update(low_rank_factors(errors[name]))
+    return chosen
 
 
 def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
-                   hessians: dict[str, Tensor] | None = None) -> dict[str, dict]:
-    hessians = hessians or {}
-    return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name)) for name in plan}
+                   hessians: dict[str, Tensor] | None = None, clip_k: dict[str, float] | None = None,
+                   awq_cols: int = 0) -> dict[str, dict]:
+    hessians, clip_k = hessians or {}, clip_k or {}
+    return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name), clip_k.get(name, 0.0),
+                                  awq_cols) for name in plan}
 
 
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
@@ -2192,13 +2333,14 @@ def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
 
 
 def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
-                 hessians: dict[str, Tensor] | None = None, clip_search: bool = True) -> tuple[bytes, list[str]]:
+                 hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
+                 clip_k: dict[str, float] | None = None, awq_cols: int = 0) -> tuple[bytes, list[str]]:
     """Serializes; while over `budget` bytes, demotes the cheapest tensors and re-measures.
 
     A demotion's cost is the output error it adds (output_error) per byte it is expected to save
     (bits saved x elements / 8). Each round applies the cheapest demotions until they are expected
     to save 1.25x the overshoot."""
-    hessians = hessians or {}
+    hessians, clip_k = hessians or {}, clip_k or {}
     blob, moves = serialize(quantized), []
     while len(blob) > budget:
         overshoot = len(blob) - budget
@@ -2208,7 +2350,7 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
             if target is None or re.fullmatch(CONTROL_TENSORS, name):
                 continue
             hessian = hessians.get(name)
-            demoted = quantize_tensor(state[name], target, clip_search, hessian)
+            demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0), awq_cols)
             saving = (CLASS_BITS[entry["class"]] - CLASS_BITS[target]) * state[name].numel() / 8
             cost = output_error(state[name], demoted, hessian) - output_error(state[name], entry, hessian)
             candidates.append((cost / saving, name, target, demoted, saving))
@@ -2245,7 +2387,8 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
     12-layer model 0.3% to 6% worse depending on where its blocks happened to fall; each section
     alone compresses to within 0.5% of its order-0 entropy.)"""
     blobs, sections, offset = [], [], 0
-    for part, cls in [("q", cls) for cls in QUANT_BITS] + [("scale", None), ("value", None)]:
+    extras = [(part, None) for part in sorted(AWQ_PARTS + LQER_PARTS)]
+    for part, cls in [("q", cls) for cls in QUANT_BITS] + [("scale", None), ("value", None)] + extras:
         chunks = []
         for name, entry in quantized.items():
             if part in entry["arrays"] and cls in (None, entry["class"]):
@@ -2363,9 +2506,11 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
                                      np.dtype(ARTIFACT_DTYPES[blob["dtype"]])).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
         for name, entry in quantized.items():
-            expected = ("q", "scale") if entry["class"] in QUANT_BITS else ("value",)
-            if sorted(entry["arrays"]) != sorted(expected):
-                raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays")
+            parts = set(entry["arrays"])
+            expected = {"q", "scale"} if entry["class"] in QUANT_BITS else {"value"}
+            optional = [set(AWQ_PARTS), set(LQER_PARTS)] if entry["class"] in QUANT_BITS else []
+            if not any(parts == expected.union(*extra) for extra in itertools.product(*[(set(), o) for o in optional])):
+                raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays or has others")
         defaults = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
         config = header["model"]
         if sorted(config) != sorted(MODEL_FIELDS) or any(type(v) is not type(defaults[k]) for k, v in config.items()):
@@ -2541,7 +2686,8 @@ POST_TRAINING_FIELDS = frozenset((
     "swa_interval", "swa_start_frac", "ema_decay", "average_also", "checkpoint_out", "from_checkpoint",
     "artifact_path", "artifact_limit_bytes", "zstd_level", "eval_only", "gptq_calib_tokens",
     "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn", "quant_bits_embed", "compressor",
-    "int6_matrices", "gptq_selfgen_seqs", "gptq_selfgen_len"))
+    "int6_matrices", "gptq_selfgen_seqs", "gptq_selfgen_len", "sdclip_attn", "sdclip_mlp", "sdclip_embed",
+    "sdclip_other", "gptq_embed", "quant_gates_int8", "lqer_top", "awq_cols"))
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
 
 
@@ -3056,9 +3202,12 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
     if h.int6_matrices:
         int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
         log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
-    quantized = quantize_state(state, plan, h.clip_search, hessians)
+    clip_k = clip_widths(plan, h)
+    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_cols)
+    if h.lqer_top:
+        log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
     blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
-                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search)
+                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k, h.awq_cols)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")

@@ -92,6 +92,8 @@ IMPOSSIBLE = {
     "bigram_proj_adam": ["maybe"], "bigram_proj_gain": ["-1", "nan"], "ve_dim": ["0", "-1"],
     "compressor": ["lzma", "ZSTD"], "int6_matrices": ["-1"], "gptq_selfgen_seqs": ["-1"],
     "gptq_selfgen_len": ["1", "-1", "129"],
+    "sdclip_attn": ["-1", "nan"], "sdclip_mlp": ["-11.5"], "sdclip_embed": ["-14", "inf"], "sdclip_other": ["-0.1"],
+    "gptq_embed": ["2"], "quant_gates_int8": ["yes"], "lqer_top": ["-1", "1.5"], "awq_cols": ["-64"],
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",
