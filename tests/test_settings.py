@@ -90,6 +90,7 @@ IMPOSSIBLE = {
     "virtual_depth": ["2"], "recur_untie_mlp": ["yes"], "first_block_mlp_only": ["-1"], "ve_layers": ["x", "99"],
     "skip_gates": ["on"], "lane_formula": ["both"], "smear_zero_start": ["2"], "rope_ntk_len": ["-1"],
     "bigram_proj_adam": ["maybe"], "bigram_proj_gain": ["-1", "nan"], "ve_dim": ["0", "-1"],
+    "doc_attention": ["2"], "attn_gate_window": ["-1", "65"], "smear_window": ["-1", "12"],  # smoke: 64 dims, channel
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",
