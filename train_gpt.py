@@ -1148,9 +1148,10 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 # own document only, a document running from a BOS to the next. The same SDPA call takes a boolean mask
 # (built once per forward pass from the tokens, shared by every layer) instead of is_causal. Of the
 # ways PyTorch offers, it is the one that trains on CPU: FlexAttention has no backward on CPU (torch
-# 2.13), and SDPA's masked CPU kernel costs ~1% over plain causal at the proxy's shape, ~30% at
-# 8 heads x 2048 (bench/doc_attention.py, logs/bench/doc_attention_cpu.txt). On CUDA the efficient,
-# cuDNN and math kernels take a mask; flash, FA3 and FA4 do not and are refused at start.
+# 2.13). On CPU the masked kernel's forward and backward cost 1.14x plain causal at the proxy's shape
+# (the whole proxy model's step 1.03x) and 1.65x at 8/4 heads x 2048 (bench/doc_attention.py,
+# logs/bench/doc_attention_cpu.txt). On CUDA the efficient, cuDNN and math kernels take a mask (the
+# kernel report at start names the one that ran); flash, FA3 and FA4 do not and are refused at start.
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
 ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS)
