@@ -463,6 +463,7 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (h.smear_mode in ("channel", "scalar"), "SMEAR_MODE must be channel or scalar"),
         (0 <= h.smear_window <= h.model_dim and (not h.smear_window or h.smear_mode == "scalar"),
          "SMEAR_WINDOW must be in 0..MODEL_DIM (0: all channels) and needs SMEAR_MODE=scalar (the gate it narrows)"),
+        (not (h.smear_zero_start and h.smear_mode == "scalar"), "SMEAR_ZERO_START is for SMEAR_MODE=channel: unset one"),
         (0 <= h.attn_gate_window <= h.model_dim, "ATTN_GATE_WINDOW must be in 0..MODEL_DIM (0: off)"),
         (not h.doc_attention or h.attn_backend not in ("flash", *OPTIONAL_KERNELS),
          f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, efficient, cudnn, math"),

@@ -170,3 +170,10 @@ def test_the_knobs_off_add_no_tensors():
     off = every_gate_on(doc_attention=False, attn_gate_window=0, smear_window=0)
     assert set(names(on)) - set(names(off)) == {f"blocks.{i}.attn.gate" for i in range(6)}
     assert tiny_model(off).smear.gate.numel() == 64
+
+
+def test_smear_zero_start_with_the_scalar_gate_is_refused():
+    """SMEAR_ZERO_START acts in channel mode only: set with the scalar gate it would silently do nothing."""
+    with pytest.raises(tg.RunError) as error:
+        tg.hyperparameters_from_env({"PRESET": "frontier", "SMEAR_MODE": "scalar"}, False)
+    assert "SMEAR_ZERO_START" in str(error.value)
