@@ -1619,6 +1619,10 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
 # window that reaches the last target, and every target is scored exactly once: the token and
 # byte totals are checked against the validation set after every evaluation. With VAL_TOKENS the
 # validation set is the split's first VAL_TOKENS targets (load_validation), and so is every check.
+# With DOC_ATTENTION a window's tokens attend within their own documents, as in training: the mask is
+# the model's, built from its input in every forward pass (a model that never saw across a BOS is not
+# shown another document's tokens at scoring; the records' evaluation did the same). The per-document
+# TTT rows hold one document each, so there the mask is plain causal attention.
 
 
 def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
