@@ -16,7 +16,8 @@ Technique credits: the challenge's baseline (openai/parameter-golf), modded-nano
 skips, relu^2, logit soft-capping), PR #76, #236 and #192 (the seed records), and the later records
 summarized in FRONTIER.md: XSA (arXiv 2603.09078), partial RoPE, LN scale, LeakyReLU(0.5)^2,
 parallel residual lanes, depth recurrence, EMA, MuonEq-R (arXiv 2603.28254); PR #1204 (value embeddings,
-gated skips, loops by virtual depth, the untied repeat MLP).
+gated skips, loops by virtual depth, the untied repeat MLP); PR #1530 (attention within documents),
+PR #1667 / #1787 / #1855 (the input-dependent SmearGate's window, the sparse attention output gate).
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ class Hyperparameters:
     smear_zero_start: bool = False  # SmearGate blends a document's first position with zero (PR #1204)
     rope_ntk_len: int = 0  # RoPE base NTK-scaled for sequences longer than this (PR #1204: 1024; 0: off)
     qat_bits: int = 0  # straight-through fake quantization of block matrices while training (PR #192; 0: off)
+    # The 1.06 stack's gates and attention (PR #1855, FRONTIER.md), each off at its default.
+    doc_attention: bool = False  # each document (from a BOS on) attends only to itself, in every forward pass
+    attn_gate_window: int = 0  # sparse attention output gate: y_h *= sigmoid(0.5 W_h . x[:N]) per head (0: off)
+    smear_window: int = 0  # SMEAR_MODE=scalar: the gate reads x_t[:SMEAR_WINDOW] only (0: all channels, PR #192)
     # Optimizers: Muon for block matrices and the bigram projection, Adam for the rest.
     matrix_lr: float = 0.025
     scalar_lr: float = 0.025
@@ -483,6 +488,12 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     return [
         (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
         (h.smear_mode in ("channel", "scalar"), "SMEAR_MODE must be channel or scalar"),
+        (0 <= h.smear_window <= h.model_dim and (not h.smear_window or h.smear_mode == "scalar"),
+         "SMEAR_WINDOW must be in 0..MODEL_DIM (0: all channels) and needs SMEAR_MODE=scalar (the gate it narrows)"),
+        (not (h.smear_zero_start and h.smear_mode == "scalar"), "SMEAR_ZERO_START is for SMEAR_MODE=channel: unset one"),
+        (0 <= h.attn_gate_window <= h.model_dim, "ATTN_GATE_WINDOW must be in 0..MODEL_DIM (0: off)"),
+        (not h.doc_attention or h.attn_backend not in ("flash", *OPTIONAL_KERNELS),
+         f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, efficient, cudnn, math"),
         (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
          f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
         (0 <= h.xsa_last_n <= virtual_depth(h), "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
@@ -1083,8 +1094,10 @@ def file_sha256(path: str) -> str:
 #
 # The later techniques (FRONTIER.md), each off by default: partial RoPE, XSA (attention output minus
 # its component along the token's own value), LN scale, leaky relu^2, parallel residual lanes, depth
-# recurrence, and fake quantization while training (PR #192). The residual stream is always shaped
-# (lanes, B, T, C): one lane before LANES_FROM, two from it.
+# recurrence, and fake quantization while training (PR #192); from the 1.06 stack (PR #1855):
+# attention within documents, the sparse attention output gate, and the SmearGate reading a narrow
+# window of its input. The residual stream is always shaped (lanes, B, T, C): one lane before
+# LANES_FROM, two from it.
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1165,6 +1178,15 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 # Which kernel really runs is read, not assumed: attention_kernel_report() runs the training shape
 # forward and backward and names the aten op torch dispatched (torch >= 2.11 picks cuDNN on H100/H200
 # where `auto` is allowed it; the first kernel of a list that accepts a shape need not be the one).
+#
+# DOC_ATTENTION (the records' variable-length kernel, PR #1530 on): a query attends to the keys of its
+# own document only, a document running from a BOS to the next. The same SDPA call takes a boolean mask
+# (built once per forward pass from the tokens, shared by every layer) instead of is_causal. Of the
+# ways PyTorch offers, it is the one that trains on CPU: FlexAttention has no backward on CPU (torch
+# 2.13). On CPU the masked kernel's forward and backward cost 1.14x plain causal at the proxy's shape
+# (the whole proxy model's step 1.03x) and 1.65x at 8/4 heads x 2048 (bench/doc_attention.py,
+# logs/bench/doc_attention_cpu.txt). On CUDA the efficient, cuDNN and math kernels take a mask (the
+# kernel report at start names the one that ran); flash, FA3 and FA4 do not and are refused at start.
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
 ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS)
@@ -1194,13 +1216,23 @@ def optional_kernel(name: str):
         return None
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor | None = None) -> Tensor:
     """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA).
-    `kernel`: an optional flash_attn_func (FA3 / FA4), which takes (B, T, heads, hd) and GQA as is."""
-    if kernel is not None and q.is_cuda:
+    `kernel`: an optional flash_attn_func (FA3 / FA4), which takes (B, T, heads, hd) and GQA as is.
+    `mask`: (B, 1, T, T) bool, True where a query may attend (document_mask), replacing causality."""
+    if kernel is not None and q.is_cuda and mask is None:
         y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # some versions also return the LSE
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=k.size(1) != q.size(1))
+
+
+def document_mask(tokens: Tensor) -> Tensor:
+    """(B, 1, T, T) bool from tokens (B, T): query t may attend to key s <= t of its own document (a BOS
+    starts one; a row's first position starts one too)."""
+    document = torch.cumsum(tokens == BOS_ID, dim=1)  # (B, T): how many BOS up to and including t
+    causal = torch.ones(tokens.size(1), tokens.size(1), dtype=torch.bool, device=tokens.device).tril()
+    return (document[:, None, :, None] == document[:, None, None, :]) & causal
 
 
 class DispatchedOps(TorchDispatchMode):
@@ -1227,11 +1259,15 @@ def attention_kernel_report(h: Hyperparameters, rt) -> str:
     k, v = (torch.randn(batch, h.num_kv_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype,
                         requires_grad=True) for _ in range(2))
     kernel = optional_kernel(h.attn_backend) if rt.device.type == "cuda" else None
+    mask = None
+    if h.doc_attention:  # a BOS every 200 positions: the mask the training batches bring
+        mask = document_mask((torch.arange(h.train_seq_len, device=rt.device)[None] % 200 == 0).long() * BOS_ID)
+        shape += " within documents"
     recorder = DispatchedOps()
     try:
         with warnings.catch_warnings(), recorder:
             warnings.simplefilter("ignore")  # torch warns why each kernel does not apply; the error says it
-            causal_attention(q, k, v, kernel).sum().backward()
+            causal_attention(q, k, v, kernel, mask).sum().backward()
     except RuntimeError as exc:
         raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention of {shape} on "
                        f"{rt.device.type} ({str(exc).splitlines()[0][:200]})") from None
@@ -1247,9 +1283,16 @@ def attention_kernel_report(h: Hyperparameters, rt) -> str:
     return report
 
 
+ATTN_GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
+
+
 class Attention(nn.Module):
     """The attention matrices and RoPE; the per-head query gain and the XSA switch come from the block
-    position that runs it (with VIRTUAL_DEPTH, a repeated block is run by another position)."""
+    position that runs it (with VIRTUAL_DEPTH, a repeated block is run by another position).
+
+    ATTN_GATE_WINDOW=N (the sparse attention output gate, PR #1787 / #1855): after attention and XSA,
+    head h's output is multiplied by sigmoid(ATTN_GATE_SCALE * gate[h] . x[:N]), x the attention's
+    input, gate (H, N) starting at zero (every head at 0.5)."""
 
     def __init__(self, h: Hyperparameters, max_len: int):
         super().__init__()
@@ -1262,8 +1305,10 @@ class Attention(nn.Module):
         self.proj = Linear(h.model_dim, h.model_dim, h.qat_bits)
         self.rotary = Rotary(h.rope_dims or self.head_dim, max_len, h.rope_base, h.rope_ntk_len)
         self.kernel = optional_kernel(h.attn_backend)  # None: SDPA
+        self.gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate_window else None
 
-    def forward(self, x: Tensor, q_gain: Tensor, xsa: bool, value_embed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, q_gain: Tensor, xsa: bool, value_embed: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -1273,9 +1318,12 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self.rotary(rms_norm(q)) * q_gain.to(q.dtype)[None, :, None, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.kernel)
+        y = causal_attention(q, k, v, self.kernel, mask)
         if xsa:
             y = remove_self_value(y, v)
+        if self.gate is not None:
+            gate = torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
+            y = y * gate.transpose(1, 2)[..., None]  # (B, T, H) -> (B, H, T, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -1327,14 +1375,16 @@ class Block(nn.Module):
             self.lane_keep = nn.Parameter(torch.full((2,), 1.1 ** 0.5 if self.lane_read else 1.0))
 
     def forward(self, x: Tensor, x0: Tensor, body: "Block | None" = None, mlp: "MLP | None" = None,
-                value_embed: Tensor | None = None) -> Tensor:  # x: (lanes, B, T, C), x0: (B, T, C)
+                value_embed: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        # x: (lanes, B, T, C), x0: (B, T, C); mask: DOC_ATTENTION's (B, 1, T, T) or None
         body = body or self
         if not body.lane_read:
             x = self.mix(x, x0)
             if body.lanes == 2:
                 x = body.lane_keep[:, None, None, None] * x
         if body.attn is not None:
-            a = self.attn_scale * body.attn(self.sublayer_input(x[0], x0, body), self.q_gain, self.xsa, value_embed)
+            a = self.attn_scale * body.attn(self.sublayer_input(x[0], x0, body), self.q_gain, self.xsa, value_embed,
+                                            mask)
             x = body.keep(x, 0) + body.lane_weights(0) * a
         m = self.mlp_scale * (mlp or body.mlp)(self.sublayer_input(x[-1], x0, body))
         return body.keep(x, 1) + body.lane_weights(1) * m
@@ -1385,12 +1435,13 @@ class SmearGate(nn.Module):
     sigmoid(gate), one per channel, starting at an even blend. mode "scalar" (PR #192): one weight
     per position, strength * sigmoid(gate . x_t), starting at 0 (the identity), and the previous
     position is added rather than blended: x_t + weight_t * x_{t-1}. With zero_start (channel mode),
-    a position without a same-document predecessor is blended with zero: x_t <- (1 - weight) x_t."""
+    a position without a same-document predecessor is blended with zero: x_t <- (1 - weight) x_t.
+    With window (scalar mode; SMEAR_WINDOW, PR #1667 / #1855: 12), the gate reads x_t[:window] only."""
 
-    def __init__(self, dim: int, mode: str, zero_start: bool = False):
+    def __init__(self, dim: int, mode: str, zero_start: bool = False, window: int = 0):
         super().__init__()
         self.mode, self.zero_start = mode, zero_start
-        self.gate = nn.Parameter(torch.zeros(dim))
+        self.gate = nn.Parameter(torch.zeros(window or dim))
         if mode == "scalar":
             self.strength = nn.Parameter(torch.zeros(()))
 
@@ -1398,7 +1449,8 @@ class SmearGate(nn.Module):
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         same_document = (~first_of_document(tokens)).unsqueeze(-1)
         if self.mode == "scalar":
-            weight = self.strength * torch.sigmoid(x @ self.gate.to(x.dtype)).unsqueeze(-1) * same_document
+            gate_input = x[..., :self.gate.numel()]
+            weight = self.strength * torch.sigmoid(gate_input @ self.gate.to(x.dtype)).unsqueeze(-1) * same_document
             return x + weight * prev
         if self.zero_start:  # SMEAR_ZERO_START (PR #1204): a document's first position blends with zero
             return x + torch.sigmoid(self.gate) * (prev * same_document - x)
@@ -1432,7 +1484,7 @@ class GPT(nn.Module):
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
-        self.smear = SmearGate(h.model_dim, h.smear_mode, h.smear_zero_start)
+        self.smear = SmearGate(h.model_dim, h.smear_mode, h.smear_zero_start, h.smear_window)
         self.value_embed = ValueEmbedding(h) if h.ve_layers.strip() else None
         self.blocks = nn.ModuleList(Block(h, i, max_len) for i in range(virtual_depth(h)))
         self.num_layers, self.virtual_depth = h.num_layers, h.virtual_depth
@@ -1444,6 +1496,7 @@ class GPT(nn.Module):
         self.recur_active = False  # set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
         self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
+        self.doc_attention = h.doc_attention
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
@@ -1508,6 +1561,7 @@ class GPT(nn.Module):
         with it, of the positions of the run as it is (13 with 4, 5 repeated in 11 blocks)."""
         x0 = self.embed(input_ids)
         ve = self.value_embed(input_ids) if self.value_embed is not None else None
+        mask = document_mask(input_ids) if self.doc_attention else None
         x = x0[None]  # (lanes, B, T, C)
         schedule = self.block_schedule()
         num_encoder = len(schedule) // 2 if self.virtual_depth else self.num_layers // 2
@@ -1523,7 +1577,8 @@ class GPT(nn.Module):
             value_embed = None
             if ve is not None and c in self.value_embed.positions:
                 value_embed = ve * self.value_embed.position_scales[self.value_embed.positions.index(c)]
-            x = block(x.expand(body.lanes, -1, -1, -1) if body.lanes > x.size(0) else x, x0, body, mlp, value_embed)
+            x = block(x.expand(body.lanes, -1, -1, -1) if body.lanes > x.size(0) else x, x0, body, mlp, value_embed,
+                      mask)
             if encoder:
                 skips.append(x)
         hidden = self.head_input(rms_norm(x.mean(dim=0)))
@@ -1553,7 +1608,7 @@ def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...
 
 
 BLOCK_MATRICES = r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight|repeat_mlps\.\d+\.(fc|proj)\.weight"
-CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_write|lane_keep)|skip_weights"
+CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_write|lane_keep|attn\.gate)|skip_weights"
                    r"|skip_gates|smear\.(gate|strength)|bigram\.scale|value_embed\.(scale|position_scales)")
 
 
@@ -1599,6 +1654,10 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
 # window that reaches the last target, and every target is scored exactly once: the token and
 # byte totals are checked against the validation set after every evaluation. With VAL_TOKENS the
 # validation set is the split's first VAL_TOKENS targets (load_validation), and so is every check.
+# With DOC_ATTENTION a window's tokens attend within their own documents, as in training: the mask is
+# the model's, built from its input in every forward pass (a model that never saw across a BOS is not
+# shown another document's tokens at scoring; the records' evaluation did the same). The per-document
+# TTT rows hold one document each, so there the mask is plain causal attention.
 
 
 def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -2031,17 +2090,17 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len", "smear_mode", "rope_dims",
                 "xsa_last_n", "ln_scale", "mlp_negative_slope", "lanes_from", "recur_blocks", "virtual_depth",
                 "recur_untie_mlp", "first_block_mlp_only", "ve_layers", "ve_dim", "skip_gates", "lane_formula",
-                "smear_zero_start", "rope_ntk_len")
+                "smear_zero_start", "rope_ntk_len", "doc_attention", "attn_gate_window", "smear_window")
 
 
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0) -> tuple[Tensor, Tensor]:
     """int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1] and one fp16 scale per row of w (rows, cols).
-    The scale: with clip_k > 0 (SDClip), clip_k x std(row) / qmax; else searched (clip_search) or
-    the row's absolute max / qmax."""
+    The scale: with clip_k > 0 (SDClip), clip_k x std(row) / qmax (the unbiased std, as PR #1855);
+    else searched (clip_search) or the row's absolute max / qmax."""
     qmax = 2 ** (bits - 1) - 1
     w = w.float()
     if clip_k > 0:
-        scale = (clip_k * w.std(dim=1, correction=0, keepdim=True) / qmax).clamp_min(2.0 ** -24).half().float()
+        scale = (clip_k * w.std(dim=1, keepdim=True) / qmax).clamp_min(2.0 ** -24).half().float()
         return torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8), scale.squeeze(1).half()
     amax = w.abs().amax(dim=1, keepdim=True)
     best_q = best_scale = best_err = None

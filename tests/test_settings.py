@@ -94,6 +94,7 @@ IMPOSSIBLE = {
     "gptq_selfgen_len": ["1", "-1", "129"],
     "sdclip_attn": ["-1", "nan"], "sdclip_mlp": ["-11.5"], "sdclip_embed": ["-14", "inf"], "sdclip_other": ["-0.1"],
     "gptq_embed": ["2"], "quant_gates_int8": ["yes"], "lqer_top": ["-1", "1.5"], "awq_cols": ["-64"],
+    "doc_attention": ["2"], "attn_gate_window": ["-1", "65"], "smear_window": ["-1", "12"],  # smoke: 64 dims, channel
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",
