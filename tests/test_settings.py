@@ -90,6 +90,9 @@ IMPOSSIBLE = {
     "virtual_depth": ["2"], "recur_untie_mlp": ["yes"], "first_block_mlp_only": ["-1"], "ve_layers": ["x", "99"],
     "skip_gates": ["on"], "lane_formula": ["both"], "smear_zero_start": ["2"], "rope_ntk_len": ["-1"],
     "bigram_proj_adam": ["maybe"], "bigram_proj_gain": ["-1", "nan"], "ve_dim": ["0", "-1"],
+    "recur_repeats": ["0", "9"], "recur_in_unet": ["2"], "warmdown_frac": ["-0.1", "1.5", "nan"],
+    "train_seq_schedule": ["x", "64:0.5", "128:0,64:0"], "muon_wd_taper": ["-1", "nan"],
+    "muon_wd_taper_from": ["1", "-0.1"],
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",
