@@ -85,15 +85,17 @@ class Hyperparameters:
     vocab_size: int = 1024
     run_id: str = ""  # empty: a fresh id per run
     seed: int = 1337
-    preset: str = "auto"  # auto | pr76 | pr236 | pr192 | pr1204 | frontier | smoke (see PRESETS)
+    preset: str = "auto"  # auto | pr76 | pr236 | pr192 | pr1204 | frontier | sp8192 | smoke (see PRESETS)
     # Schedule. The warmdown is wallclock-aware: it starts when the remaining time, at the measured
     # step time, covers WARMDOWN_ITERS steps (or at ITERATIONS - WARMDOWN_ITERS, if that is sooner).
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0  # 0: no cap
     warmup_steps: int = 20  # compile warm-up; weights, optimizers and data are reset after it
     warmdown_iters: int = 2000
+    warmdown_frac: float = 0.0  # instead: warmdown over the last this fraction of the run (PR #1855: 0.85; 0: off)
     train_batch_tokens: int = 524_288
     train_seq_len: int = 1024
+    train_seq_schedule: str = ""  # progressive context "LEN:FRAC,...", e.g. "1024:0,2048:0.3,3072:0.6" (empty: off)
     train_log_every: int = 200
     val_loss_every: int = 0  # 0: evaluate only at the end
     # Evaluation. EVAL_SEQ_LEN=0 follows TRAIN_SEQ_LEN; EVAL_STRIDE=0 skips the sliding window.
@@ -120,8 +122,10 @@ class Hyperparameters:
     ln_scale: bool = False  # scale block l's normalized sublayer inputs by 1/sqrt(l+1)
     mlp_negative_slope: float = 0.0  # MLP activation leaky_relu(x, slope)^2 (0: relu^2)
     lanes_from: int = 0  # parallel residual lanes from this block on (0: one stream)
-    recur_blocks: str = ""  # depth recurrence: contiguous blocks run twice, e.g. "4,5" (empty: off) ...
+    recur_blocks: str = ""  # depth recurrence: contiguous blocks run again, e.g. "4,5" (empty: off) ...
     recur_start_frac: float = 0.5  # ... from this fraction of the run (steps or wallclock, whichever is further)
+    recur_repeats: int = 1  # ... this many more times each (the 1.06 stack: blocks 3-5 twice more, 17 positions)
+    recur_in_unet: bool = False  # the U-Net halves split the run's positions, repeats included; controls per block
     # The 1.1063 record's mechanics (PR #1204, PRESET=pr1204), each off at its default.
     virtual_depth: bool = False  # blocks counted by position in the run order, the repeat included (below)
     recur_untie_mlp: bool = False  # the repeated pass has its own MLP weights, copied from the base at the switch
@@ -130,6 +134,7 @@ class Hyperparameters:
     ve_dim: int = 128  # ... from one shared VOCAB_SIZE x VE_DIM table projected to the KV width
     skip_gates: bool = False  # U-Net skips gated: x <- lerp(w * skip, x, sigmoid(g)), g starting at 0
     lane_formula: str = "stream"  # stream: the x0 mix replaces both lanes | read: sublayers read it (PR #1204)
+    # | parallel: both sublayers read the block's input lanes, both outputs added into both at the end (PR #1855)
     smear_zero_start: bool = False  # SmearGate blends a document's first position with zero (PR #1204)
     rope_ntk_len: int = 0  # RoPE base NTK-scaled for sequences longer than this (PR #1204: 1024; 0: off)
     qat_bits: int = 0  # straight-through fake quantization of block matrices while training (PR #192; 0: off)
@@ -146,6 +151,8 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
     muon_wd: float = 0.04
+    muon_wd_taper: float = 1.0  # Muon's WD multiplier at the end of the run, linear from MUON_WD_TAPER_FROM (1: off)
+    muon_wd_taper_from: float = 0.7  # ... the fraction of the run where the taper starts (PR #1729: 0.5 from 0.7)
     muon_row_norm: bool = False  # MuonEq-R (arXiv 2603.28254): update rows at unit norm before Newton-Schulz
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -255,6 +262,21 @@ PR1204 = dict(  # the 1.1063 record as it ran (its README command, code defaults
 # Ours: the record as it ran plus only what the leaderboard measured beating it (FRONTIER.md: the later
 # records' MuonEq-R, ~-0.001, and query gain 5.0 instead of 1.5, -0.0008 for 4 -> 5).
 FRONTIER = dict(PR1204, muon_row_norm=True, qk_gain_init=5.0)
+# The 1.06 stack (FRONTIER.md; the 1.0611 record, PR #1855, as its README command ran it) on 8,192 pieces:
+# tied 8192 x 512 embedding, no BigramHash or value embeddings, MLP 4x, blocks 3-5 run twice more from 35%
+# of the run (17 positions, all weights and controls shared, the U-Net over the 17), lanes from block 8
+# in the parallel form, WD 0.095 tapered to x0.5 after 70% (PR #1729), warmdown over the last 85% of the
+# wallclock to a floor of 0.1. Plain SP8192 or SP8192-CaseOps: the data decides (a sidecar or not).
+SP8192 = dict(
+    data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+    vocab_size=8192, num_layers=11, mlp_mult=4, train_seq_len=2048, train_batch_tokens=786_432,
+    bigram_vocab_size=0, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5, qk_gain_init=5.0,
+    skip_gates=True, lanes_from=8, lane_formula="parallel", recur_blocks="3,4,5", recur_repeats=2,
+    recur_start_frac=0.35, recur_in_unet=True, matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03,
+    muon_momentum=0.97, muon_wd=0.095, muon_wd_taper=0.5, muon_row_norm=True, adam_beta2=0.99,
+    warmdown_iters=0, warmdown_frac=0.85, lr_floor=0.1, swa_interval=0, ema_decay=0.9965,
+    quant_bits_mlp=6, quant_bits_embed=8,
+)
 SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
     tokenizer_path=str(SCRIPT_DIR / "tests/fixtures/sample_1024_bpe.model"),
@@ -265,7 +287,8 @@ SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in
     gptq_calib_tokens=16384, xsa_last_n=2, rope_dims=8, ln_scale=True, mlp_negative_slope=0.5, lanes_from=1,
     recur_blocks="0", muon_row_norm=True, quant_bits_mlp=6,
 )
-PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "smoke": SMOKE}
+PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
+           "smoke": SMOKE}
 FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 (in a clone of openai/parameter-golf)"
 
 
@@ -392,6 +415,9 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (h.preset in ("auto", *PRESETS), f"PRESET={h.preset!r}: expected auto or one of {', '.join(PRESETS)}"),
         (h.iterations >= 1 and h.warmup_steps >= 0 and h.warmdown_iters >= 0,
          "ITERATIONS must be >= 1, WARMUP_STEPS and WARMDOWN_ITERS >= 0"),
+        (0 <= h.warmdown_frac <= 1, "WARMDOWN_FRAC must be in [0, 1] (0: WARMDOWN_ITERS decides)"),
+        (h.muon_wd_taper >= 0 and 0 <= h.muon_wd_taper_from < 1,
+         "MUON_WD_TAPER must be >= 0 (1: off), MUON_WD_TAPER_FROM in [0, 1)"),
         (h.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0"),
         (h.train_seq_len >= 2 and (h.eval_seq_len == 0 or h.eval_seq_len >= 2),
          "TRAIN_SEQ_LEN must be >= 2, EVAL_SEQ_LEN 0 (TRAIN_SEQ_LEN) or >= 2"),
@@ -444,6 +470,7 @@ def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (h.train_batch_tokens >= SLICES_PER_STEP * h.train_seq_len and
          h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
          f"TRAIN_BATCH_TOKENS must be a positive multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
+        (not (h.warmdown_frac and h.warmdown_iters), "WARMDOWN_FRAC replaces WARMDOWN_ITERS: set WARMDOWN_ITERS=0"),
         (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
         (h.val_batch_size >= h.model_eval_seq_len, "VAL_BATCH_SIZE must hold at least one EVAL_SEQ_LEN window"),
         (h.matrix_lr * h.muon_wd < 1 and max(h.scalar_lr, h.tied_embed_lr) * h.adam_wd < 1,
@@ -470,9 +497,38 @@ def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
         raise RunError(f"RECUR_BLOCKS={h.recur_blocks!r}: expected block indices like 4,5") from None
 
 
+def run_positions(h: Hyperparameters) -> int:
+    """Block positions in the run order with the recurrence on: NUM_LAYERS plus every repeated pass."""
+    return h.num_layers + len(recurrence_blocks(h)) * h.recur_repeats
+
+
 def virtual_depth(h: Hyperparameters) -> int:
-    """Block positions in the run order: NUM_LAYERS, plus the repeat with VIRTUAL_DEPTH."""
-    return h.num_layers + (len(recurrence_blocks(h)) if h.virtual_depth else 0)
+    """Blocks holding controls: one per run position with VIRTUAL_DEPTH, else NUM_LAYERS."""
+    return run_positions(h) if h.virtual_depth else h.num_layers
+
+
+def unet_positions(h: Hyperparameters) -> int:
+    """The positions the U-Net splits in halves once the recurrence is on: every run position with
+    VIRTUAL_DEPTH or RECUR_IN_UNET, else the NUM_LAYERS blocks (a repeat takes no part)."""
+    return run_positions(h) if h.virtual_depth or h.recur_in_unet else h.num_layers
+
+
+def seq_schedule(h: Hyperparameters) -> tuple[tuple[int, float], ...]:
+    """TRAIN_SEQ_SCHEDULE as (sequence length, fraction of the run it starts at) pairs; without one,
+    TRAIN_SEQ_LEN from the start. "1024:0,2048:0.3,3072:0.6" -> ((1024, 0.0), (2048, 0.3), (3072, 0.6))."""
+    if not h.train_seq_schedule.strip():
+        return ((h.train_seq_len, 0.0),)
+    try:
+        return tuple((int(length), float(start)) for length, start in
+                     (part.split(":") for part in h.train_seq_schedule.split(",")))
+    except ValueError:
+        raise RunError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: expected LEN:FRAC pairs like "
+                       f"1024:0,2048:0.3,3072:0.6") from None
+
+
+def seq_len_at(h: Hyperparameters, progress: float) -> int:
+    """The training sequence length at this fraction of the run (progressive context, PR #2014)."""
+    return [length for length, start in seq_schedule(h) if progress >= start][-1]
 
 
 def value_embed_positions(h: Hyperparameters) -> tuple[int, ...]:
@@ -485,7 +541,12 @@ def value_embed_positions(h: Hyperparameters) -> tuple[int, ...]:
 def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     head_dim = h.model_dim // h.num_heads
     recur = recurrence_blocks(h)
+    lengths, starts = zip(*seq_schedule(h))
     return [
+        (starts[0] == 0 and all(a < b < 1 for a, b in zip(starts, starts[1:])) and min(lengths) >= 2 and
+         lengths[-1] == h.train_seq_len and all(h.train_batch_tokens % (SLICES_PER_STEP * n) == 0 for n in lengths),
+         f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: lengths >= 2 dividing TRAIN_BATCH_TOKENS / "
+         f"{SLICES_PER_STEP}, fractions ascending from 0 and below 1, the last length TRAIN_SEQ_LEN"),
         (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
         (h.smear_mode in ("channel", "scalar"), "SMEAR_MODE must be channel or scalar"),
         (0 <= h.smear_window <= h.model_dim and (not h.smear_window or h.smear_mode == "scalar"),
@@ -505,11 +566,13 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (not (recur and h.lanes_from) or h.lanes_from > recur[-1],
          "LANES_FROM must come after the last of RECUR_BLOCKS (a repeated block sees one stream)"),
         (0 <= h.recur_start_frac < 1, "RECUR_START_FRAC must be in [0, 1)"),
-        (recur or not (h.virtual_depth or h.recur_untie_mlp), "VIRTUAL_DEPTH and RECUR_UNTIE_MLP need RECUR_BLOCKS"),
+        (recur or not (h.virtual_depth or h.recur_untie_mlp or h.recur_in_unet),
+         "VIRTUAL_DEPTH, RECUR_UNTIE_MLP and RECUR_IN_UNET need RECUR_BLOCKS"),
+        (1 <= h.recur_repeats <= 8, "RECUR_REPEATS must be in 1..8 (extra passes of RECUR_BLOCKS)"),
         (all(0 <= v < virtual_depth(h) for v in value_embed_positions(h)),
          f"VE_LAYERS must name block positions in 0..{virtual_depth(h) - 1} (the repeat counted with VIRTUAL_DEPTH)"),
         (h.ve_dim >= 1, "VE_DIM must be >= 1"),
-        (h.lane_formula in ("stream", "read"), "LANE_FORMULA must be stream or read"),
+        (h.lane_formula in ("stream", "read", "parallel"), "LANE_FORMULA must be stream, read or parallel"),
         (h.rope_ntk_len >= 0 and (not h.rope_ntk_len or (h.rope_dims or head_dim) >= 4),
          "ROPE_NTK_LEN must be >= 0, with at least 4 rotated dims"),
         (not (h.bigram_adam and h.bigram_proj_adam), "BIGRAM_ADAM already moves the projection: unset BIGRAM_PROJ_ADAM"),
@@ -1093,8 +1156,9 @@ def file_sha256(path: str) -> str:
 # (a learned blend with the previous position). Neither crosses a BOS boundary.
 #
 # The later techniques (FRONTIER.md), each off by default: partial RoPE, XSA (attention output minus
-# its component along the token's own value), LN scale, leaky relu^2, parallel residual lanes, depth
-# recurrence, and fake quantization while training (PR #192); from the 1.06 stack (PR #1855):
+# its component along the token's own value), LN scale, leaky relu^2, parallel residual lanes (three
+# formulas, one Block.forward), depth recurrence (a group of blocks run k more times, one schedule:
+# GPT.block_schedule), and fake quantization while training (PR #192); from the 1.06 stack (PR #1855):
 # attention within documents, the sparse attention output gate, and the SmearGate reading a narrow
 # window of its input. The residual stream is always shaped (lanes, B, T, C): one lane before
 # LANES_FROM, two from it.
@@ -1353,7 +1417,10 @@ class Block(nn.Module):
     (lane_keep[lane]); at the initial values (all 1) two lanes compute exactly what one stream would.
     LANE_FORMULA=read (PR #1204): each sublayer reads the x0 mix of its lane without replacing it,
     and before each sublayer's write both lanes are scaled by one scalar (lane_keep[sublayer],
-    starting at sqrt(1.1))."""
+    starting at sqrt(1.1)). LANE_FORMULA=parallel (the later form, PR #1855's record): both sublayers
+    read the block's input, attention the x0 mix of lane 0, the MLP lane 1 as it is, and at the end
+    lane i <- lane_keep[i] * lane i + lane_write[0, i] * attention + lane_write[1, i] * MLP, with
+    lane_keep starting at 1.1 and lane_write at 1; a U-Net skip enters lane 0 only."""
 
     def __init__(self, h: Hyperparameters, index: int, max_len: int):
         super().__init__()
@@ -1370,14 +1437,23 @@ class Block(nn.Module):
         self.norm_scale = (index + 1) ** -0.5 if h.ln_scale else 1.0
         self.lanes = 2 if h.lanes_from and has_weights and index >= h.lanes_from else 1
         self.lane_read = self.lanes == 2 and h.lane_formula == "read"
+        self.lane_parallel = self.lanes == 2 and h.lane_formula == "parallel"
         if self.lanes == 2:
             self.lane_write = nn.Parameter(torch.ones(2, 2))
-            self.lane_keep = nn.Parameter(torch.full((2,), 1.1 ** 0.5 if self.lane_read else 1.0))
+            keep = {"stream": 1.0, "read": 1.1 ** 0.5, "parallel": 1.1}[h.lane_formula]
+            self.lane_keep = nn.Parameter(torch.full((2,), keep))
 
     def forward(self, x: Tensor, x0: Tensor, body: "Block | None" = None, mlp: "MLP | None" = None,
                 value_embed: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
         # x: (lanes, B, T, C), x0: (B, T, C); mask: DOC_ATTENTION's (B, 1, T, T) or None
         body = body or self
+        if body.lane_parallel:
+            a = 0.0
+            if body.attn is not None:
+                a_in = rms_norm(self.mix(x[0], x0)) * self.norm_scale
+                a = self.attn_scale * body.attn(a_in, self.q_gain, self.xsa, value_embed, mask)
+            m = self.mlp_scale * (mlp or body.mlp)(rms_norm(x[1]) * self.norm_scale)
+            return body.lane_keep[:, None, None, None] * x + body.lane_weights(0) * a + body.lane_weights(1) * m
         if not body.lane_read:
             x = self.mix(x, x0)
             if body.lanes == 2:
@@ -1480,7 +1556,7 @@ class ValueEmbedding(nn.Module):
 class GPT(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        max_len = max(h.train_seq_len, h.model_eval_seq_len)
+        max_len = max(*(length for length, _ in seq_schedule(h)), h.model_eval_seq_len)
         self.logit_softcap = h.logit_softcap
         self.tok_emb = nn.Embedding(h.vocab_size, h.model_dim)
         self.bigram = BigramHash(h) if h.bigram_vocab_size else None
@@ -1488,11 +1564,14 @@ class GPT(nn.Module):
         self.value_embed = ValueEmbedding(h) if h.ve_layers.strip() else None
         self.blocks = nn.ModuleList(Block(h, i, max_len) for i in range(virtual_depth(h)))
         self.num_layers, self.virtual_depth = h.num_layers, h.virtual_depth
-        self.num_encoder = virtual_depth(h) // 2  # U-Net pairs; with VIRTUAL_DEPTH, of the run with the repeat
+        self.unet_by_position = h.virtual_depth or h.recur_in_unet
+        self.num_encoder = unet_positions(h) // 2  # U-Net pairs, of the run with its repeats where it splits those
         self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(self.num_encoder, h.model_dim)) if h.skip_gates else None
-        self.recur_blocks = recurrence_blocks(h)
-        self.repeat_mlps = nn.ModuleList(MLP(h) for _ in self.recur_blocks) if h.recur_untie_mlp else None
+        self.recur_blocks, self.recur_repeats = recurrence_blocks(h), h.recur_repeats
+        # With RECUR_UNTIE_MLP, one MLP per repeated position: pass r of block b is (r - 1) * len + b - first.
+        repeated = self.recur_blocks * h.recur_repeats
+        self.repeat_mlps = nn.ModuleList(MLP(h) for _ in repeated) if h.recur_untie_mlp else None
         self.recur_active = False  # set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
         self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
@@ -1517,24 +1596,26 @@ class GPT(nn.Module):
                 nn.init.zeros_(self.value_embed.proj.weight)
 
     def start_recurrence(self) -> None:
-        """The training loop's switch: the RECUR_BLOCKS run twice from here on. With RECUR_UNTIE_MLP
-        the repeated pass starts from a copy of the base MLP weights (PR #1204)."""
+        """The training loop's switch: the RECUR_BLOCKS run RECUR_REPEATS more times from here on. With
+        RECUR_UNTIE_MLP each repeated pass starts from a copy of the base MLP weights (PR #1204)."""
         if self.repeat_mlps is not None and not self.recur_active:
             with torch.no_grad():
-                for repeat, block in zip(self.repeat_mlps, self.recur_blocks):
+                for repeat, block in zip(self.repeat_mlps, self.recur_blocks * self.recur_repeats):
                     for mine, base in zip(repeat.parameters(), self.blocks[block].mlp.parameters()):
                         mine.copy_(base)
         self.recur_active = True
 
-    def block_schedule(self) -> list[tuple[int, int, bool]]:
-        """(controls, weights, is the repeat) per position in execution order: with recurrence active,
-        the RECUR_BLOCKS run a second time right after their first pass (4, 5 -> ... 3, 4, 5, 4, 5, 6
-        ...). `weights` names the block whose attention and MLP run; `controls` the block whose
-        scalars do: the same block, or with VIRTUAL_DEPTH the block of that position."""
-        order = [(i, False) for i in range(self.num_layers)]
+    def block_schedule(self) -> list[tuple[int, int, int]]:
+        """(controls, weights, pass) per position in execution order: with recurrence active, the
+        RECUR_BLOCKS run RECUR_REPEATS more times right after their first pass, the whole group each
+        time (4, 5 once more: ... 3, 4, 5, 4, 5, 6 ...; 3-5 twice more, the 1.06 stack: 0, 1, 2, 3, 4, 5,
+        3, 4, 5, 3, 4, 5, 6 ...). `weights` names the block whose attention and MLP run; `controls` the
+        block whose scalars do: the same block, or with VIRTUAL_DEPTH the block of that position.
+        `pass` is 0 for a block's first run, r for its r-th repeat."""
+        order = [(i, 0) for i in range(self.num_layers)]
         if self.recur_active and self.recur_blocks:
             last = self.recur_blocks[-1]
-            order[last + 1:last + 1] = [(i, True) for i in self.recur_blocks]
+            order[last + 1:last + 1] = [(i, r) for r in range(1, self.recur_repeats + 1) for i in self.recur_blocks]
         return [(pos if self.virtual_depth else i, i, repeat) for pos, (i, repeat) in enumerate(order)]
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -1547,38 +1628,47 @@ class GPT(nn.Module):
             return rms_norm(self.smear(x, input_ids))
         return self.smear(rms_norm(x), input_ids)
 
-    def skip(self, x: Tensor, skip: Tensor, pair: int) -> Tensor:
+    def skip(self, x: Tensor, skip: Tensor, pair: int, first_lane_only: bool = False) -> Tensor:
         """The U-Net skip into the pair-th decoder position: x + w * skip, or with SKIP_GATES
-        lerp(w * skip, x, sigmoid(g)) (PR #1204)."""
+        lerp(w * skip, x, sigmoid(g)) (PR #1204); into every lane, or lane 0 only (LANE_FORMULA=parallel)."""
         skip = self.skip_weights[pair] * skip
-        return x + skip if self.skip_gates is None else torch.lerp(skip, x, torch.sigmoid(self.skip_gates[pair]))
+        lanes = x[:1] if first_lane_only else x
+        if self.skip_gates is None:
+            lanes = lanes + skip
+        else:
+            lanes = torch.lerp(skip, lanes, torch.sigmoid(self.skip_gates[pair]))
+        return torch.cat((lanes, x[1:])) if first_lane_only else lanes
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
         """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T).
 
         U-Net: the first half of the positions push their output, the second half pop it in reverse
-        order. Without VIRTUAL_DEPTH the halves are of the NUM_LAYERS blocks and a repeat takes no part;
-        with it, of the positions of the run as it is (13 with 4, 5 repeated in 11 blocks)."""
+        order. Without VIRTUAL_DEPTH or RECUR_IN_UNET the halves are of the NUM_LAYERS blocks and a
+        repeat takes no part; with either, of the positions of the run as it is (13 with 4, 5 repeated
+        once in 11 blocks; 17 with 3-5 repeated twice: 8 push, 9 pop, the last without a skip)."""
         x0 = self.embed(input_ids)
         ve = self.value_embed(input_ids) if self.value_embed is not None else None
         mask = document_mask(input_ids) if self.doc_attention else None
         x = x0[None]  # (lanes, B, T, C)
         schedule = self.block_schedule()
-        num_encoder = len(schedule) // 2 if self.virtual_depth else self.num_layers // 2
+        num_encoder = len(schedule) // 2 if self.unet_by_position else self.num_layers // 2
         skips, pairs = [], 0
         for pos, (c, w, repeat) in enumerate(schedule):
             block, body = self.blocks[c], self.blocks[w]
-            encoder = pos < num_encoder if self.virtual_depth else w < num_encoder and not repeat
-            decoder = not encoder and (self.virtual_depth or not repeat)
+            encoder = pos < num_encoder if self.unet_by_position else w < num_encoder and not repeat
+            decoder = not encoder and (self.unet_by_position or not repeat)
+            if body.lanes > x.size(0):
+                x = x.expand(body.lanes, -1, -1, -1)
             if decoder and skips:
-                x = self.skip(x, skips.pop(), pairs)
+                x = self.skip(x, skips.pop(), pairs, body.lane_parallel)
                 pairs += 1
-            mlp = self.repeat_mlps[w - self.recur_blocks[0]] if repeat and self.repeat_mlps is not None else None
+            mlp = None
+            if repeat and self.repeat_mlps is not None:
+                mlp = self.repeat_mlps[(repeat - 1) * len(self.recur_blocks) + w - self.recur_blocks[0]]
             value_embed = None
             if ve is not None and c in self.value_embed.positions:
                 value_embed = ve * self.value_embed.position_scales[self.value_embed.positions.index(c)]
-            x = block(x.expand(body.lanes, -1, -1, -1) if body.lanes > x.size(0) else x, x0, body, mlp, value_embed,
-                      mask)
+            x = block(x, x0, body, mlp, value_embed, mask)
             if encoder:
                 skips.append(x)
         hidden = self.head_input(rms_norm(x.mean(dim=0)))
@@ -2090,7 +2180,8 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len", "smear_mode", "rope_dims",
                 "xsa_last_n", "ln_scale", "mlp_negative_slope", "lanes_from", "recur_blocks", "virtual_depth",
                 "recur_untie_mlp", "first_block_mlp_only", "ve_layers", "ve_dim", "skip_gates", "lane_formula",
-                "smear_zero_start", "rope_ntk_len", "doc_attention", "attn_gate_window", "smear_window")
+                "smear_zero_start", "rope_ntk_len", "doc_attention", "attn_gate_window", "smear_window",
+                "recur_repeats", "recur_in_unet")
 
 
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -2847,7 +2938,18 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+def run_progress(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """How far the run is: the larger of step / ITERATIONS and elapsed time / the loop's cap."""
+    cap_ms = 1000 * h.loop_cap_seconds
+    return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
+
+
 def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """1, then a linear fall to 0 at the end of the run, never below LR_FLOOR: over the last
+    WARMDOWN_FRAC of the run (PR #1855: 0.85 of the wallclock), or over the last WARMDOWN_ITERS steps
+    projected from the mean step time."""
+    if h.warmdown_frac:
+        return max(min(1.0, (1.0 - run_progress(h, step, elapsed_ms)) / h.warmdown_frac), h.lr_floor)
     if h.warmdown_iters == 0:
         return 1.0
     scale = min(1.0, max(h.iterations - step, 0) / h.warmdown_iters)
@@ -2858,18 +2960,27 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     return max(scale, h.lr_floor)
 
 
+def muon_wd_scale(h: Hyperparameters, progress: float) -> float:
+    """Muon's weight decay multiplier: 1 until MUON_WD_TAPER_FROM of the run, then linear to
+    MUON_WD_TAPER at its end (PR #1729's taper: 0.5 from 0.7)."""
+    ramp = min(max((progress - h.muon_wd_taper_from) / (1.0 - h.muon_wd_taper_from), 0.0), 1.0)
+    return 1.0 + (h.muon_wd_taper - 1.0) * ramp
+
+
 def muon_momentum(h: Hyperparameters, step: int) -> float:
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
 
 
 def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, loader: DistributedTokenLoader,
-               step: int, scale: float) -> Tensor:
-    """One optimizer step; returns the step's mean training loss (on the device, not synced)."""
+               step: int, scale: float, progress: float = 0.0) -> Tensor:
+    """One optimizer step at this fraction of the run (its sequence length, Muon's WD taper); returns
+    the step's mean training loss (on the device, not synced)."""
     tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
+    seq_len = seq_len_at(h, progress)
     total = torch.zeros((), device=rt.device)
     for micro in range(rt.grad_accum_steps):
-        inputs, targets = loader.next_batch(tokens_per_slice, h.train_seq_len)
+        inputs, targets = loader.next_batch(tokens_per_slice, seq_len)
         last = micro == rt.grad_accum_steps - 1
         with (model.no_sync() if rt.distributed and not last else nullcontext()), rt.autocast():
             loss = model(inputs, targets)
@@ -2879,6 +2990,7 @@ def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, lo
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * scale
     optimizers[0].param_groups[0]["momentum"] = muon_momentum(h, step)
+    optimizers[0].param_groups[0]["weight_decay"] = h.muon_wd * muon_wd_scale(h, progress)
     if h.grad_clip_norm > 0:
         params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
         torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
@@ -2900,7 +3012,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
     """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
     every graph the timed loop and the evaluations use, and one GPTQ calibration batch (its first
     eager calls), then restores the initial weights and optimizer state. With depth recurrence, both the model without and with the repeated blocks
-    are warmed up (WARMUP_STEPS each): the switch mid-run must not compile. The data loader is
+    are warmed up (WARMUP_STEPS each), and with TRAIN_SEQ_SCHEDULE every length in each (WARMUP_STEPS
+    in all, split between them): no switch mid-run may compile. The data loader is
     rebuilt by the caller. No validation token is read before the clock: the evaluation batch is
     made of training tokens (`tables`: the tokenizer's byte tables on the device, for the same code
     path). Returns the time taken (ms)."""
@@ -2910,11 +3023,13 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
     initial_model = copy.deepcopy(base_model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
+    schedule = seq_schedule(h)
     for recur_active in (False, True) if base_model.recur_blocks else (False,):
         if recur_active:
             base_model.start_recurrence()
-        for step in range(h.warmup_steps):
-            train_step(h, rt, model, optimizers, loader, step, scale=1.0)
+        for _, start in schedule:  # TRAIN_SEQ_SCHEDULE: every length, WARMUP_STEPS steps in all
+            for step in range(-(-h.warmup_steps // len(schedule))):
+                train_step(h, rt, model, optimizers, loader, step, scale=1.0, progress=start)
         stand_in = training_tokens_as_eval_set(loader.stream.take(h.model_eval_seq_len + 1), tables)
         build_eval_graph(h, rt, model_for_eval(model), stand_in)
     if h.gptq_calib_tokens:  # GPTQ's one-time costs (first eager calls, allocations) here, not on the clock
@@ -3013,14 +3128,18 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
     agreed_ms, agreed_step, check_at = 0.0, 0, 1  # the last agreed clock reading, and the next check
+    seq_len = seq_len_at(h, 0.0)
     if base_model.recur_blocks and h.recur_start_frac == 0:
         base_model.start_recurrence()
     rt.sync()
     t0 = time.perf_counter()
     while step < h.iterations:
         elapsed_ms = agreed_ms + (step - agreed_step) * (agreed_ms / agreed_step if agreed_step else 0.0)
-        scale = lr_scale(h, step, elapsed_ms)
-        loss = train_step(h, rt, model, optimizers, loader, step, scale)
+        scale, progress = lr_scale(h, step, elapsed_ms), run_progress(h, step, elapsed_ms)
+        if h.train_seq_schedule and seq_len_at(h, progress) != seq_len:
+            seq_len = seq_len_at(h, progress)  # host arithmetic on the agreed clock: the same step on every rank
+            log(f"train_seq_len:{seq_len} from step {step + 1}")
+        loss = train_step(h, rt, model, optimizers, loader, step, scale, progress)
         step += 1
         for averager in averagers:
             averager.observe(base_model, step, scale)
@@ -3034,10 +3153,11 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
         watch.stop_if_diverged(bad_step, step)
         elapsed_ms, agreed_step = agreed_ms, step
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
-        progress = max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
+        progress = run_progress(h, step, elapsed_ms)
         if base_model.recur_blocks and not base_model.recur_active and progress >= h.recur_start_frac:
             base_model.start_recurrence()  # its compiled graph was built during warm-up
-            log(f"recurrence: blocks {h.recur_blocks} run twice from step {step + 1}")
+            times = "twice" if h.recur_repeats == 1 else f"{h.recur_repeats + 1} times"
+            log(f"recurrence: blocks {h.recur_blocks} run {times} from step {step + 1}")
         recur_pending = bool(base_model.recur_blocks) and not base_model.recur_active
         check_at = next_clock_check(h, step, elapsed_ms, cap_ms, recur_pending)
         last = last or reached_cap
@@ -3253,8 +3373,9 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
     state = base_model.state_dict()
     config = model_config(h)
     if not base_model.recur_active:  # the run ended before the repeat was switched on: score without it
-        if h.virtual_depth or h.recur_untie_mlp:
-            raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP model "
+        if h.virtual_depth or h.recur_untie_mlp or h.recur_in_unet:
+            raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP / RECUR_IN_UNET "
+                           "model "
                            "cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
     plan = quant_plan(state, h, hessians)

@@ -30,7 +30,7 @@ def simulated_run(monkeypatch, step_s: float, recur: bool = False, **overrides):
     model = types.SimpleNamespace(recur_blocks=(0,) if recur else (), recur_active=False)
     model.start_recurrence = lambda: setattr(model, "recur_active", True)
 
-    def fake_step(h, rt, model_, optimizers, loader, step, scale):
+    def fake_step(h, rt, model_, optimizers, loader, step, scale, progress=0.0):
         scales.append(scale)
         recur_on.append(model.recur_active)
         clock.now += step_s
