@@ -150,6 +150,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = 0.92
     muon_momentum_warmup_steps: int = 1500
     muon_backend_steps: int = 5
+    muon_ns: str = "quintic"  # Newton-Schulz coefficients: quintic (fixed) | polar_express (per step, PR #1855)
     muon_wd: float = 0.04
     muon_wd_taper: float = 1.0  # Muon's WD multiplier at the end of the run, linear from MUON_WD_TAPER_FROM (1: off)
     muon_wd_taper_from: float = 0.7  # ... the fraction of the run where the taper starts (PR #1729: 0.5 from 0.7)
@@ -158,6 +159,7 @@ class Hyperparameters:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     adam_wd: float = 0.0  # the record's write-up says 0 (its code defaulted to 0.01 coupled L2)
+    embed_wd: float = -1.0  # AdamW decay of the embedding tables (-1: ADAM_WD; PR #1855: 0.085, scalars 0.02)
     grad_clip_norm: float = 0.3  # 0: no clipping
     bigram_adam: bool = False  # the bigram table and projection in the Adam scalar group (PR #236)
     bigram_proj_adam: bool = False  # only the bigram projection there, the table with the embedding (PR #1204)
@@ -262,20 +264,26 @@ PR1204 = dict(  # the 1.1063 record as it ran (its README command, code defaults
 # Ours: the record as it ran plus only what the leaderboard measured beating it (FRONTIER.md: the later
 # records' MuonEq-R, ~-0.001, and query gain 5.0 instead of 1.5, -0.0008 for 4 -> 5).
 FRONTIER = dict(PR1204, muon_row_norm=True, qk_gain_init=5.0)
-# The 1.06 stack (FRONTIER.md; the 1.0611 record, PR #1855, as its README command ran it) on 8,192 pieces:
-# tied 8192 x 512 embedding, no BigramHash or value embeddings, MLP 4x, blocks 3-5 run twice more from 35%
-# of the run (17 positions, all weights and controls shared, the U-Net over the 17), lanes from block 8
-# in the parallel form, WD 0.095 tapered to x0.5 after 70% (PR #1729), warmdown over the last 85% of the
-# wallclock to a floor of 0.1. Plain SP8192 or SP8192-CaseOps: the data decides (a sidecar or not).
+# The 1.06 stack: the 1.0611 record (PR #1855) as its README command and log ran it, on 8,192 pieces: tied
+# 8192 x 512 embedding, no BigramHash or value embeddings, MLP 4x, blocks 3-5 run twice more from 35% of
+# the run (17 positions, all weights and controls shared, the U-Net over the 17), lanes from block 8 in
+# the parallel form, the gates, attention within documents, Polar Express Muon, warmdown over the last
+# 85% of the wallclock to a floor of 0.1, SDClip GPTQ with an int7 embedding, LQER, brotli, phased TTT.
+# Its script has no WD taper (MUON_WD_TAPER is PR #1729's) and no AWQ-lite (AWQ_COLS, PR #1908).
+# GPTQ: 32 batches of 786,432 training tokens (PR #2135; #1855 took 16) inside the 600 s; the reserve is
+# an estimate from #1855's log (4.7 s for 16 batches). Plain SP8192 or SP8192-CaseOps: the data decides.
 SP8192 = dict(
     data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
     vocab_size=8192, num_layers=11, mlp_mult=4, train_seq_len=2048, train_batch_tokens=786_432,
     bigram_vocab_size=0, xsa_last_n=11, rope_dims=16, ln_scale=True, mlp_negative_slope=0.5, qk_gain_init=5.0,
     skip_gates=True, lanes_from=8, lane_formula="parallel", recur_blocks="3,4,5", recur_repeats=2,
-    recur_start_frac=0.35, recur_in_unet=True, matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03,
-    muon_momentum=0.97, muon_wd=0.095, muon_wd_taper=0.5, muon_row_norm=True, adam_beta2=0.99,
+    recur_start_frac=0.35, recur_in_unet=True, smear_mode="scalar", smear_window=12, attn_gate_window=12,
+    doc_attention=True, matrix_lr=0.026, scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.97,
+    muon_wd=0.095, muon_row_norm=True, muon_ns="polar_express", adam_beta2=0.99, adam_wd=0.02, embed_wd=0.085,
     warmdown_iters=0, warmdown_frac=0.85, lr_floor=0.1, swa_interval=0, ema_decay=0.9965,
-    quant_bits_mlp=6, quant_bits_embed=8,
+    gptq_calib_tokens=32 * 786_432, gptq_reserve_seconds=12.0, quant_bits_mlp=6, quant_bits_embed=7,
+    gptq_embed=True, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85,
+    quant_gates_int8=True, lqer_top=3, compressor="brotli", ttt_enabled=True, ttt_phases="833,1666,2500",
 )
 SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
@@ -436,6 +444,8 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          "MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be in [0, 1)"),
         (h.muon_momentum_warmup_steps >= 0, "MUON_MOMENTUM_WARMUP_STEPS must be >= 0"),
         (h.muon_backend_steps >= 1, "MUON_BACKEND_STEPS must be >= 1"),
+        (h.muon_ns in NEWTON_SCHULZ_COEFFS, f"MUON_NS must be one of {', '.join(NEWTON_SCHULZ_COEFFS)}"),
+        (h.embed_wd >= 0 or h.embed_wd == -1, "EMBED_WD must be >= 0, or -1 (ADAM_WD)"),
         (0 <= h.adam_beta1 < 1 and 0 <= h.adam_beta2 < 1, "ADAM_BETA1 and ADAM_BETA2 must be in [0, 1)"),
         (h.adam_eps > 0, "ADAM_EPS must be > 0"),
         (h.muon_wd >= 0 and h.adam_wd >= 0 and h.grad_clip_norm >= 0,
@@ -473,9 +483,9 @@ def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (not (h.warmdown_frac and h.warmdown_iters), "WARMDOWN_FRAC replaces WARMDOWN_ITERS: set WARMDOWN_ITERS=0"),
         (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
         (h.val_batch_size >= h.model_eval_seq_len, "VAL_BATCH_SIZE must hold at least one EVAL_SEQ_LEN window"),
-        (h.matrix_lr * h.muon_wd < 1 and max(h.scalar_lr, h.tied_embed_lr) * h.adam_wd < 1,
-         "MATRIX_LR x MUON_WD and SCALAR_LR / TIED_EMBED_LR x ADAM_WD must be < 1 (weight decay multiplies "
-         "the weights by 1 - lr x wd)"),
+        (h.matrix_lr * h.muon_wd < 1 and h.scalar_lr * h.adam_wd < 1 and h.tied_embed_lr * embed_wd(h) < 1,
+         "MATRIX_LR x MUON_WD, SCALAR_LR x ADAM_WD and TIED_EMBED_LR x EMBED_WD must be < 1 (weight decay "
+         "multiplies the weights by 1 - lr x wd)"),
         (not h.max_wallclock_seconds or not h.gptq_calib_tokens or h.gptq_reserve_seconds < h.max_wallclock_seconds,
          "GPTQ_RESERVE_SECONDS must be below MAX_WALLCLOCK_SECONDS"),
         (not (h.ema_decay and h.swa_interval), "SWA_INTERVAL and EMA_DECAY are both on: set one of them to 0"),
@@ -553,6 +563,8 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          "SMEAR_WINDOW must be in 0..MODEL_DIM (0: all channels) and needs SMEAR_MODE=scalar (the gate it narrows)"),
         (not (h.smear_zero_start and h.smear_mode == "scalar"), "SMEAR_ZERO_START is for SMEAR_MODE=channel: unset one"),
         (0 <= h.attn_gate_window <= h.model_dim, "ATTN_GATE_WINDOW must be in 0..MODEL_DIM (0: off)"),
+        (not h.quant_gates_int8 or h.attn_gate_window, "QUANT_GATES_INT8 quantizes the attention output gates: "
+                                                       "it needs ATTN_GATE_WINDOW > 0"),
         (not h.doc_attention or h.attn_backend not in ("flash", *OPTIONAL_KERNELS),
          f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, efficient, cudnn, math"),
         (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
@@ -600,18 +612,30 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
 # world_size-th matrix, its same-shape matrices stacked into one batched iteration (the same
 # arithmetic, far fewer kernel launches); one all-reduce of a flat bf16 buffer shares the updates.
 
-NEWTON_SCHULZ_COEFFS = (3.4445, -4.7750, 2.0315)  # from modded-nanogpt: fast, not exact, convergence
+# (a, b, c) per step: x <- a x + (b G + c G^2) x with G = x x^T. quintic: one triple for every step,
+# from modded-nanogpt (fast, not exact, convergence). polar_express: a triple per step, the Polar Express
+# schedule (Amsel et al. 2025) as PR #1855 ran it, for up to 5 steps.
+NEWTON_SCHULZ_COEFFS = {
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+    "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                      (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                      (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                      (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                      (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
 
 
-def orthogonalize(grad: Tensor, steps: int) -> Tensor:
-    """Newton-Schulz on one matrix (rows, cols) or a stack of same-shape matrices (n, rows, cols)."""
-    a, b, c = NEWTON_SCHULZ_COEFFS
+def orthogonalize(grad: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
+    """Newton-Schulz on one matrix (rows, cols) or a stack of same-shape matrices (n, rows, cols):
+    `steps` iterations with NEWTON_SCHULZ_COEFFS[coeffs] (a schedule's last triple repeats)."""
+    schedule = NEWTON_SCHULZ_COEFFS[coeffs]
     x = grad.bfloat16()
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for step in range(steps):
+        a, b, c = schedule[min(step, len(schedule) - 1)]
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
@@ -624,9 +648,9 @@ def normalize_rows(update: Tensor) -> Tensor:
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
-                 row_norm: bool = False, rank: int = 0, world_size: int = 1):
+                 row_norm: bool = False, rank: int = 0, world_size: int = 1, coeffs: str = "quintic"):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                      weight_decay=weight_decay, row_norm=row_norm))
+                                      weight_decay=weight_decay, row_norm=row_norm, coeffs=coeffs))
         self.rank, self.world_size = rank, world_size
         for group in self.param_groups:  # created once here, not per step
             for p in self.owned(group):
@@ -669,7 +693,7 @@ class Muon(torch.optim.Optimizer):
             by_shape.setdefault(p.shape, []).append((index[id(p)], u))
         updates = {}
         for (rows, cols), members in by_shape.items():
-            stacked = orthogonalize(torch.stack([u for _, u in members]), group["backend_steps"])
+            stacked = orthogonalize(torch.stack([u for _, u in members]), group["backend_steps"], group["coeffs"])
             updates.update(zip([i for i, _ in members], stacked * max(1.0, rows / cols) ** 0.5))
         return updates
 
@@ -1717,6 +1741,10 @@ def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
     return tuple(rules)
 
 
+def embed_wd(h: Hyperparameters) -> float:
+    return h.adam_wd if h.embed_wd < 0 else h.embed_wd
+
+
 def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
     groups = partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules")
     params = {group: [p for _, p in members] for group, members in groups.items()}
@@ -1724,8 +1752,8 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
     adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
     optimizers = [
         Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
-             weight_decay=h.muon_wd, row_norm=h.muon_row_norm, rank=rank, world_size=world_size),
-        torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, **adam),
+             weight_decay=h.muon_wd, row_norm=h.muon_row_norm, rank=rank, world_size=world_size, coeffs=h.muon_ns),
+        torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, **{**adam, "weight_decay": embed_wd(h)}),
         torch.optim.AdamW(params["adam_scalar"], lr=h.scalar_lr, **adam),
     ]
     for opt in optimizers:
@@ -2169,7 +2197,7 @@ COMPRESSORS = {"zstd": ARTIFACT_MAGIC, "brotli": BROTLI_MAGIC}
 BROTLI_QUALITY = 11  # brotli's highest, as PR #1204 (its default 4 MiB window)
 SELFGEN_TEMPERATURE = 0.8  # PR #1204's sampling temperature for its GPTQ calibration text
 SELFGEN_BATCH = 8  # sequences sampled side by side (PR #1204)
-GATE_TENSORS = r".*gate.*"  # QUANT_GATES_INT8's tensors: skip gates, SmearGate, attention output gates
+GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # QUANT_GATES_INT8's: the attention output gates (PR #1855)
 LQER_RANK, LQER_GROUP = 4, 32  # PR #1855's correction: rank 4, B's scales per 32 values
 AWQ_PARTS = ("awq_q", "awq_group")  # the int8 column group of AWQ_COLS and its index
 LQER_PARTS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")  # the error's factors A (int2), B (int4)
@@ -2217,7 +2245,8 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
                hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
     """name -> quantization class, from quant_rules(h) (each tensor in exactly one class); with
     INT6_MATRICES the block matrices' classes come from int6_by_trace() instead; with
-    QUANT_GATES_INT8, int8 for every tensor named as a gate (GATE_TENSORS)."""
+    QUANT_GATES_INT8, int8 for the attention output gates (GATE_TENSORS; the skip and smear gates stay
+    fp16, as in PR #1855)."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
     plan = {name: cls for cls, members in classes.items() for name, _ in members}
     if h.int6_matrices:

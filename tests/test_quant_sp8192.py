@@ -116,21 +116,24 @@ def test_int7_embedding_gptq_lowers_the_head_output_error_and_roundtrips():
 
 
 def test_gates_are_int8_per_row_with_the_knob_and_fp16_without():
-    h = tiny_hparams(skip_gates=True, quant_gates_int8=True)
+    h = tiny_hparams(skip_gates=True, quant_gates_int8=True, attn_gate_window=12, smear_mode="scalar",
+                     smear_window=12)
     state = tiny_model(h).state_dict()
     plan = tg.quant_plan(state, h)
     gates = [n for n in state if re.fullmatch(tg.GATE_TENSORS, n)]
-    assert sorted(gates) == ["skip_gates", "smear.gate"]
+    assert sorted(gates) == sorted(f"blocks.{i}.attn.gate" for i in range(h.num_layers))
     assert all(plan[n] == "int8" for n in gates)
+    assert plan["skip_gates"] == plan["smear.gate"] == "fp16", "PR #1855: only the attention gates are int8"
     assert all(c == tg.quant_plan(state, dataclasses.replace(h, quant_gates_int8=False))[n]
                for n, c in plan.items() if n not in gates)
     assert all(tg.quant_plan(state, dataclasses.replace(h, quant_gates_int8=False))[n] == "fp16" for n in gates)
-    state["skip_gates"][0] = 1.5  # a row of one value: std 0, so never SDClip's (k x std) scale
+    state["blocks.0.attn.gate"][0] = 1.5  # a row of one value: std 0, so never SDClip's (k x std) scale
     h = dataclasses.replace(h, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_other=12.85)
     widths = tg.clip_widths(plan, h)
     assert all(widths[n] == 0 for n in gates)
     quantized = tg.quantize_state(state, plan, clip_k=widths)
-    assert quantized["skip_gates"]["arrays"]["scale"].shape == (state["skip_gates"].shape[0],)  # one per row
+    gate = state["blocks.0.attn.gate"]
+    assert quantized["blocks.0.attn.gate"]["arrays"]["scale"].shape == (gate.shape[0],)  # one per row
     loaded = tg.dequantize_state(roundtrip(quantized, h))
     for name in gates:
         assert loaded[name].shape == state[name].shape
@@ -142,7 +145,7 @@ def test_in_the_sp8192_shape_small_tensors_are_fp16_and_the_rest_quantized():
     (or a gate, int8), every larger one integer-quantized; already so by the name rules."""
     h = tiny_hparams(num_layers=2, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4, vocab_size=8192,
                      bigram_vocab_size=0, skip_gates=True, quant_bits_mlp=6, quant_bits_embed=7,
-                     quant_gates_int8=True)
+                     quant_gates_int8=True, attn_gate_window=12)
     state = tg.GPT(h).state_dict()
     plan = tg.quant_plan(state, h)
     for name, tensor in state.items():
@@ -234,7 +237,8 @@ def test_write_artifact_with_every_piece_on_reloads_what_it_quantized(tmp_path, 
     pytest.importorskip(compressor if compressor == "brotli" else "zstandard")
     h = tiny_hparams(gptq_calib_tokens=2048, gptq_embed=True, quant_bits_embed=7, quant_bits_mlp=6,
                      sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85, skip_gates=True,
-                     quant_gates_int8=True, lqer_top=3, awq_cols=16, compressor=compressor, int6_matrices=4)
+                     quant_gates_int8=True, attn_gate_window=12, lqer_top=3, awq_cols=16, compressor=compressor,
+                     int6_matrices=4)
     model = tiny_model(h)
     loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, CPU.device)
     hessians = tg.collect_hessians(model, loader, h, CPU)

@@ -97,7 +97,7 @@ IMPOSSIBLE = {
     "doc_attention": ["2"], "attn_gate_window": ["-1", "65"], "smear_window": ["-1", "12"],  # smoke: 64 dims, channel
     "recur_repeats": ["0", "9"], "recur_in_unet": ["2"], "warmdown_frac": ["-0.1", "1.5", "nan"],
     "train_seq_schedule": ["x", "64:0.5", "128:0,64:0"], "muon_wd_taper": ["-1", "nan"],
-    "muon_wd_taper_from": ["1", "-0.1"],
+    "muon_wd_taper_from": ["1", "-0.1"], "muon_ns": ["polar", "cubic"], "embed_wd": ["-0.5", "nan", "40"],
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",

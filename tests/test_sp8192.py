@@ -368,20 +368,19 @@ def test_sp8192_preset_shape_and_schedule():
 
 def test_sp8192_full_size_parameter_count_from_the_shapes():
     """Counted from the stack's shapes. The 1.0611 record logs model_params:35945671: this count plus
-    its sparse attention gates (11 x 8 x 12) and input-dependent SmearGate (12 + 1), both added by the
-    gates branch, and lane scalars for blocks 0-7 that its forward never reads (8 x 6), less our
-    per-channel SmearGate (512), which the gates branch's replaces."""
+    the lane scalars of blocks 0-7 that its forward never reads (8 x 6)."""
     h = preset("sp8192")
     d, heads, kv, hidden, vocab = 512, 8, 4 * 64, 4 * 512, 8192
-    attention = 2 * d * d + 2 * d * kv + heads
+    attention = 2 * d * d + 2 * d * kv + heads + heads * 12  # + q gain, the output gate on 12 channels
     block = attention + 2 * d * hidden + 4 * d  # + attn/mlp output scales, x0 mix (2 x d)
     lanes = 3 * (2 * 2 + 2)  # blocks 8-10: write (2 x 2) and keep (2)
     skips = (17 // 2) * d * 2  # weights and gates for the 8 pairs of the 17-position U-Net
-    expected = vocab * d + d + 11 * block + lanes + skips
+    smear = 12 + 1  # the SmearGate's weights on 12 channels and its strength
+    expected = vocab * d + smear + 11 * block + lanes + skips
     with torch.device("meta"):
         count = sum(p.numel() for p in tg.GPT(h).parameters())
     assert count == expected
-    assert count + 11 * 8 * 12 + 13 + 8 * 6 - 512 == 35_945_671
+    assert count + 8 * 6 == 35_945_671
 
 
 def test_sp8192_partitions_every_parameter_once_for_optimizers_and_quantization():
@@ -414,3 +413,35 @@ def test_compiled_run_with_loops_and_progressive_context_compiles_nothing_in_the
     switch = re.search(r"^recurrence: blocks 1,2 run 3 times from step (\d+)", run.body, re.M)
     assert switch and 1 < int(switch[1]) < 24, run.body[-2000:]
     assert "final_roundtrip " in run.body
+
+
+# ============================================================================= the record's optimizer details
+# (MUON_NS=polar_express, EMBED_WD; the peer port of PR #1855 found both)
+
+
+def test_polar_express_takes_one_triple_per_step_and_orthogonalizes_tighter():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 512, generator=g)
+    one = tg.orthogonalize(x, 1, "polar_express").float()
+    y = x.bfloat16()
+    y = y / (y.norm() + 1e-7)
+    a, b, c = tg.NEWTON_SCHULZ_COEFFS["polar_express"][0]
+    gram = y @ y.mT
+    torch.testing.assert_close(one, (a * y + (b * gram + c * gram @ gram) @ y).float(), rtol=0, atol=0)
+    assert not torch.equal(tg.orthogonalize(x, 2, "polar_express"),
+                           tg.orthogonalize(tg.orthogonalize(x, 1, "polar_express"), 1, "polar_express")), \
+        "the second step uses the second triple, not the first again"
+    polar = torch.linalg.svdvals(tg.orthogonalize(x, 5, "polar_express").float())
+    quintic = torch.linalg.svdvals(tg.orthogonalize(x, 5, "quintic").float())
+    assert polar.min() > 0.8 > 0.75 > quintic.min(), (polar.min(), quintic.min())
+    assert polar.max() < 1.2
+
+
+def test_muon_uses_the_chosen_coefficients_and_embed_wd_decays_only_the_embedding():
+    h = tiny_hparams(muon_ns="polar_express", adam_wd=0.02, embed_wd=0.085)
+    muon, embed, scalar = tg.build_optimizers(h, tiny_model(h), 0, 1)
+    assert muon.param_groups[0]["coeffs"] == "polar_express"
+    assert embed.param_groups[0]["weight_decay"] == 0.085 and scalar.param_groups[0]["weight_decay"] == 0.02
+    h = tiny_hparams(adam_wd=0.04)  # EMBED_WD unset (-1): ADAM_WD for both, as before
+    _, embed, scalar = tg.build_optimizers(h, tiny_model(h), 0, 1)
+    assert embed.param_groups[0]["weight_decay"] == scalar.param_groups[0]["weight_decay"] == 0.04
