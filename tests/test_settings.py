@@ -91,7 +91,7 @@ IMPOSSIBLE = {
     "skip_gates": ["on"], "lane_formula": ["both"], "smear_zero_start": ["2"], "rope_ntk_len": ["-1"],
     "bigram_proj_adam": ["maybe"], "bigram_proj_gain": ["-1", "nan"], "ve_dim": ["0", "-1"],
     "sdclip_attn": ["-1", "nan"], "sdclip_mlp": ["-11.5"], "sdclip_embed": ["-14", "inf"], "sdclip_other": ["-0.1"],
-    "gptq_embed": ["2"], "quant_gates_int8": ["yes"], "lqer_top": ["-1", "1.5"], "awq_cols": ["-64"],
+    "gptq_embed": ["2"], "quant_gates_int8": ["yes"], "lqer_top": ["-1", "1.5"], "awq_groups": ["-1"],
 }
 ANYTHING_GOES = {
     "checkpoint_out": "a path; its folder is checked at start with the other outputs",
