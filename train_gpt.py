@@ -2196,8 +2196,11 @@ def dequantize_tensor(entry: dict) -> Tensor:
         return arrays["value"].float().view(entry["shape"])
     w = dequantize_rows(arrays["q"], arrays["scale"])
     if "awq_q" in arrays:
+        groups = arrays["awq_group"].tolist()
+        if any(not 0 <= g < w.size(1) // AWQ_WIDTH for g in groups):
+            raise ValueError(f"AWQ groups {groups} outside the {w.size(1)} columns")
         step = awq_scale(arrays["scale"], QUANT_BITS[entry["class"]])
-        w[:, awq_columns(arrays["awq_group"].tolist())] = arrays["awq_q"].float() * step[:, None]
+        w[:, awq_columns(groups)] = arrays["awq_q"].float() * step[:, None]
     if "lqer_a" in arrays:
         w = w + low_rank_product(arrays)
     return w.view(entry["shape"])

@@ -245,6 +245,16 @@ def test_an_entry_with_part_of_its_extra_arrays_is_a_damaged_artifact():
         roundtrip(quantized, tiny_hparams())
 
 
+@pytest.mark.parametrize("group", [-1, 4])
+def test_an_awq_group_outside_the_matrix_is_a_damaged_artifact(group):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 256, generator=g)
+    entry = tg.quantize_tensor(w, "int6", hessian=correlated_hessian(256), awq=[1])
+    entry["arrays"]["awq_group"] = np.array([group], dtype=np.int8)
+    with pytest.raises(ValueError, match="AWQ groups"):
+        tg.dequantize_tensor(entry)
+
+
 def test_write_artifact_with_every_piece_on_reloads_what_it_quantized(tmp_path):
     h = tiny_hparams(gptq_calib_tokens=2048, gptq_embed=True, quant_bits_embed=7, quant_bits_mlp=6,
                      sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85, skip_gates=True,
