@@ -206,7 +206,7 @@ class Hyperparameters:
     gptq_embed: bool = False  # GPTQ rounds the tied embedding as the output head (Hessian of the head's input)
     quant_gates_int8: bool = False  # every tensor named *gate* int8 per row (else as its name rule says)
     lqer_top: int = 0  # LQER: rank-4 int2 x int4 correction of the LQER_TOP matrices with the largest error
-    awq_cols: int = 0  # AWQ-lite: per matrix, the AWQ_COLS-column group of largest input RMS kept at int8
+    awq_groups: int = 0  # AWQ-lite: the AWQ_GROUPS most salient 64-column groups of the model kept at int8
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
@@ -269,7 +269,7 @@ FRONTIER = dict(PR1204, muon_row_norm=True, qk_gain_init=5.0)
 # the run (17 positions, all weights and controls shared, the U-Net over the 17), lanes from block 8 in
 # the parallel form, the gates, attention within documents, Polar Express Muon, warmdown over the last
 # 85% of the wallclock to a floor of 0.1, SDClip GPTQ with an int7 embedding, LQER, brotli, phased TTT.
-# Its script has no WD taper (MUON_WD_TAPER is PR #1729's) and no AWQ-lite (AWQ_COLS, PR #1908).
+# Its script has no WD taper (MUON_WD_TAPER is PR #1729's) and no AWQ-lite (AWQ_GROUPS, PR #1908).
 # GPTQ: 32 batches of 786,432 training tokens (PR #2135; #1855 took 16) inside the 600 s; the reserve is
 # an estimate from #1855's log (4.7 s for 16 batches). Plain SP8192 or SP8192-CaseOps: the data decides.
 SP8192 = dict(
@@ -599,8 +599,8 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (not h.gptq_embed or (h.gptq_calib_tokens and h.quant_bits_embed < 16),
          "GPTQ_EMBED needs GPTQ_CALIB_TOKENS > 0 and a quantized embedding (QUANT_BITS_EMBED 7 or 8)"),
         (h.lqer_top >= 0, "LQER_TOP must be >= 0 (0: off)"),
-        (h.awq_cols >= 0 and (not h.awq_cols or h.gptq_calib_tokens),
-         "AWQ_COLS must be >= 0 (0: off) and needs GPTQ_CALIB_TOKENS > 0 (the input RMS is the Hessian's diagonal)"),
+        (h.awq_groups >= 0 and (not h.awq_groups or h.gptq_calib_tokens),
+         "AWQ_GROUPS must be >= 0 (0: off) and needs GPTQ_CALIB_TOKENS > 0 (the input RMS is the Hessian's diagonal)"),
     ]
 
 
@@ -2158,10 +2158,10 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 # GPTQ_EMBED: the tied embedding is GPTQ-rounded as the output head, on the Hessian of the final
 # norm's output (PR #1855, there int7). QUANT_GATES_INT8: gate tensors int8 per row. LQER_TOP (PR
 # #1855): the matrices with the largest ||W - Q(W)||_F also store a rank-4 approximation A @ B of their
-# error, A int2 with one scale, B int4 with one scale per 32 values. AWQ_COLS (AWQ-lite, PR #1908): the
-# column group with the largest input RMS (the Hessian's diagonal) is rounded to int8 inside the same
-# GPTQ solve, over the row's range (its step the row's x qmax / 127), the other columns compensating
-# for its (smaller) errors as for their own.
+# error, A int2 with one scale, B int4 with one scale per 32 values. AWQ_GROUPS (AWQ-lite, PR #1908): the
+# most salient 64-column groups of the whole model (input RMS x mean |w|, summed over the group) are
+# rounded to int8 inside the same GPTQ solve, over the row's range (step the row's x qmax / 127), the
+# other columns compensating for their (smaller) errors as for their own.
 #
 # The artifact is MAGIC, a frame table, then zstd frames: a JSON header (the model's shape and,
 # per array, dtype, shape and offset) and the arrays, one frame per section; multi-byte arrays
@@ -2199,7 +2199,8 @@ SELFGEN_TEMPERATURE = 0.8  # PR #1204's sampling temperature for its GPTQ calibr
 SELFGEN_BATCH = 8  # sequences sampled side by side (PR #1204)
 GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # QUANT_GATES_INT8's: the attention output gates (PR #1855)
 LQER_RANK, LQER_GROUP = 4, 32  # PR #1855's correction: rank 4, B's scales per 32 values
-AWQ_PARTS = ("awq_q", "awq_group")  # the int8 column group of AWQ_COLS and its index
+AWQ_PARTS = ("awq_q", "awq_group")  # a matrix's int8 columns (AWQ_GROUPS) and their groups' indices
+AWQ_WIDTH = 64  # columns per AWQ-lite group (PR #1908)
 LQER_PARTS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")  # the error's factors A (int2), B (int4)
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
@@ -2290,12 +2291,13 @@ def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
 
 
 def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128,
-               keep: tuple[slice, Tensor] | None = None) -> Tensor:
+               keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Rounds w (rows x cols) to the grid of per-row `scale`, one column at a time, pushing each
     column's rounding error onto the columns not yet rounded, weighted by the inverse input
     Hessian (GPTQ, Frantar et al. 2022): the layer's output error over the calibration inputs is
     what gets minimized, not the weights' own. Columns go in order of decreasing Hessian diagonal.
-    keep = (columns, per-row scale): those columns are rounded to int8 on that scale instead (AWQ_COLS)."""
+    keep = (column indices, per-row scale): those columns are rounded to int8 on that scale instead
+    (AWQ_GROUPS)."""
     qmax = 2 ** (bits - 1) - 1
     steps = scale.float().reshape(-1, 1).expand(w.shape).clone()  # (rows, cols): each entry's step
     limits = torch.full((w.size(1),), float(qmax))
@@ -2403,25 +2405,41 @@ def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
     return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt, h.gptq_embed)
 
 
-def salient_group(hessian: Tensor, width: int) -> int | None:
-    """AWQ-lite's group: the index of the `width`-column group whose inputs have the largest mean
-    square (the Hessian's diagonal), or None where the columns are not several whole groups (or
-    more than the 128 an int8 index names)."""
-    cols = hessian.size(0)
-    if not width or cols % width or not 2 <= cols // width <= 128:
-        return None
-    return int(hessian.diagonal().float().view(-1, width).mean(dim=1).argmax())
+def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dict[str, Tensor],
+                   count: int) -> dict[str, list[int]]:
+    """AWQ-lite's choice (PR #1908): over every GPTQ'd matrix below int8 whose columns are 1 to 128
+    whole AWQ_WIDTH groups, each group's saliency is the sum over its columns of the input RMS (the
+    root of the Hessian's diagonal) x the column's mean |w|; the `count` most salient groups of the
+    model, as {name: [group index, ...]}."""
+    scored = []
+    for name, hessian in hessians.items():
+        w, cls = state[name].detach().float(), plan.get(name)
+        if cls not in QUANT_BITS or QUANT_BITS[cls] >= 8 or w.dim() != 2 or w.size(1) % AWQ_WIDTH or \
+                w.size(1) > 128 * AWQ_WIDTH:
+            continue
+        saliency = hessian.diagonal().float().clamp_min(0).sqrt().cpu() * w.abs().mean(dim=0).cpu()
+        for g, score in enumerate(saliency.view(-1, AWQ_WIDTH).sum(dim=1).tolist()):
+            scored.append((-score, name, g))
+    chosen: dict[str, list[int]] = {}
+    for _, name, g in sorted(scored)[:count]:
+        chosen.setdefault(name, []).append(g)
+    return {name: sorted(groups) for name, groups in chosen.items()}
+
+
+def awq_columns(groups) -> Tensor:
+    """The column indices of AWQ_WIDTH-column groups (empty for none)."""
+    return torch.tensor([g * AWQ_WIDTH + i for g in groups for i in range(AWQ_WIDTH)], dtype=torch.long)
 
 
 def awq_scale(scale: Tensor, bits: int) -> Tensor:
-    """AWQ_COLS's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
+    """AWQ_GROUPS's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
     return scale.float() * (2 ** (bits - 1) - 1) / 127
 
 
 def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
-                    clip_k: float = 0.0, awq_cols: int = 0) -> dict:
+                    clip_k: float = 0.0, awq: list[int] | tuple[int, ...] = ()) -> dict:
     """One tensor's artifact entry: int values and row scales (rows: the last dimension), GPTQ-rounded
-    given a Hessian, with AWQ_COLS's int8 group (AWQ_PARTS) when awq_cols > 0; or fp16 values."""
+    given a Hessian, with the AWQ_WIDTH-column groups `awq` at int8 (AWQ_PARTS); or fp16 values."""
     tensor = tensor.detach().float()
     if cls not in QUANT_BITS:
         return {"class": cls, "shape": list(tensor.shape), "arrays": {"value": tensor.half().cpu().numpy()}}
@@ -2429,14 +2447,10 @@ def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian:
     q, scale = quantize_rows(rows, bits, clip_search, clip_k)
     arrays = {}
     if hessian is not None:
-        group = salient_group(hessian, awq_cols) if bits < 8 else None
-        keep = None
-        if group is not None:
-            cols = slice(group * awq_cols, (group + 1) * awq_cols)
-            keep = (cols, awq_scale(scale, bits))
-        q = gptq_round(rows, hessian, bits, scale, keep=keep)
-        if keep is not None:
-            arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor([group], dtype=torch.int8)}
+        cols = awq_columns(awq)
+        q = gptq_round(rows, hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
+        if awq:
+            arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(list(awq), dtype=torch.int8)}
             q[:, cols] = 0  # the class's section keeps the class's range
     arrays.update(q=q, scale=scale)
     return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
@@ -2448,10 +2462,11 @@ def dequantize_tensor(entry: dict) -> Tensor:
         return arrays["value"].float().view(entry["shape"])
     w = dequantize_rows(arrays["q"], arrays["scale"])
     if "awq_q" in arrays:
-        width = arrays["awq_q"].shape[1]
-        start = int(arrays["awq_group"][0]) * width
+        groups = arrays["awq_group"].tolist()
+        if any(not 0 <= g < w.size(1) // AWQ_WIDTH for g in groups):
+            raise ValueError(f"AWQ groups {groups} outside the {w.size(1)} columns")
         step = awq_scale(arrays["scale"], QUANT_BITS[entry["class"]])
-        w[:, start:start + width] = arrays["awq_q"].float() * step[:, None]
+        w[:, awq_columns(groups)] = arrays["awq_q"].float() * step[:, None]
     if "lqer_a" in arrays:
         w = w + low_rank_product(arrays)
     return w.view(entry["shape"])
@@ -2492,10 +2507,11 @@ def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict
 
 def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
                    hessians: dict[str, Tensor] | None = None, clip_k: dict[str, float] | None = None,
-                   awq_cols: int = 0) -> dict[str, dict]:
+                   awq_groups: int = 0) -> dict[str, dict]:
     hessians, clip_k = hessians or {}, clip_k or {}
+    awq = salient_groups(state, plan, hessians, awq_groups) if awq_groups else {}
     return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name), clip_k.get(name, 0.0),
-                                  awq_cols) for name in plan}
+                                  awq.get(name, ())) for name in plan}
 
 
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
@@ -2513,7 +2529,7 @@ def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
 
 def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
                  hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
-                 clip_k: dict[str, float] | None = None, awq_cols: int = 0) -> tuple[bytes, list[str]]:
+                 clip_k: dict[str, float] | None = None) -> tuple[bytes, list[str]]:
     """Serializes; while over `budget` bytes, demotes the cheapest tensors and re-measures.
 
     A demotion's cost is the output error it adds (output_error) per byte it is expected to save
@@ -2529,7 +2545,7 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
             if target is None or re.fullmatch(CONTROL_TENSORS, name):
                 continue
             hessian = hessians.get(name)
-            demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0), awq_cols)
+            demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0))
             saving = (CLASS_BITS[entry["class"]] - CLASS_BITS[target]) * state[name].numel() / 8
             cost = output_error(state[name], demoted, hessian) - output_error(state[name], entry, hessian)
             candidates.append((cost / saving, name, target, demoted, saving))
@@ -2866,7 +2882,7 @@ POST_TRAINING_FIELDS = frozenset((
     "artifact_path", "artifact_limit_bytes", "zstd_level", "eval_only", "gptq_calib_tokens",
     "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn", "quant_bits_embed", "compressor",
     "int6_matrices", "gptq_selfgen_seqs", "gptq_selfgen_len", "sdclip_attn", "sdclip_mlp", "sdclip_embed",
-    "sdclip_other", "gptq_embed", "quant_gates_int8", "lqer_top", "awq_cols"))
+    "sdclip_other", "gptq_embed", "quant_gates_int8", "lqer_top", "awq_groups"))
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
 
 
@@ -3412,11 +3428,11 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
         int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
         log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
     clip_k = clip_widths(plan, h)
-    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_cols)
+    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups)
     if h.lqer_top:
         log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
     blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
-                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k, h.awq_cols)
+                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")

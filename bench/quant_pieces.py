@@ -34,7 +34,7 @@ from bench.quant_gap import score, trained_state  # noqa: E402
 
 SDCLIP = dict(sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_other=12.85)  # PR #1855's widths
 EMBED = dict(quant_bits_embed=7, gptq_embed=True, sdclip_embed=14.0)
-ALL_ON = dict(**SDCLIP, **EMBED, quant_gates_int8=True, lqer_top=3, awq_cols=64)
+ALL_ON = dict(**SDCLIP, **EMBED, quant_gates_int8=True, lqer_top=3, awq_groups=1)
 # Each variant: overrides of the base (int6 everywhere, int8 embedding, clip search) and whether GPTQ runs.
 VARIANTS = [
     ("rtn_clip_search", {}, False),
@@ -43,11 +43,11 @@ VARIANTS = [
     ("+embed_int7_gptq", dict(**SDCLIP, **EMBED), True),
     ("+gates_int8", dict(**SDCLIP, **EMBED, quant_gates_int8=True), True),
     ("+lqer_3", dict(**SDCLIP, **EMBED, quant_gates_int8=True, lqer_top=3), True),
-    ("+awq_64 (all on)", ALL_ON, True),
-    ("all - gptq", ALL_ON | dict(gptq_embed=False, awq_cols=0), False),
+    ("+awq_1 (all on)", ALL_ON, True),
+    ("all - gptq", ALL_ON | dict(gptq_embed=False, awq_groups=0), False),
     ("all - sdclip", ALL_ON | dict(sdclip_attn=0.0, sdclip_mlp=0.0, sdclip_other=0.0, sdclip_embed=0.0), True),
     ("all - lqer", ALL_ON | dict(lqer_top=0), True),
-    ("all - awq", ALL_ON | dict(awq_cols=0), True),
+    ("all - awq", ALL_ON | dict(awq_groups=0), True),
 ]
 
 
@@ -55,7 +55,7 @@ def quantize(h, state, hessians) -> dict:
     """write_artifact's quantization, without the fitting."""
     plan = tg.quant_plan(state, h)
     clip_k = tg.clip_widths(plan, h)
-    quantized = tg.quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_cols)
+    quantized = tg.quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups)
     if h.lqer_top:
         tg.add_low_rank_corrections(state, quantized, h.lqer_top)
     return quantized
@@ -92,7 +92,7 @@ def class_costs(quantized: dict) -> dict[str, dict]:
                                                                          if "value" in e["arrays"]]),
             scale_bytes=zstd_bytes([e["arrays"]["scale"] for e in quant]),
             awq_bytes=zstd_bytes([e["arrays"][p] for e in quant if "awq_q" in e["arrays"] for p in tg.AWQ_PARTS]),
-            awq_rows=sum(len(e["arrays"]["scale"]) for e in quant if "awq_q" in e["arrays"]),
+            awq_values=sum(e["arrays"]["awq_q"].size for e in quant if "awq_q" in e["arrays"]),
             classes=sorted({e["class"] for e in entries}),
         )
     return costs
@@ -172,30 +172,28 @@ def main() -> None:
         out(f"{name:22s} {bpb:9.5f} {bpb - base_bpb:+9.5f} {len(blob):12d} {len(blob) - reference:+9d} {seconds:8.1f}")
         results[name] = quantized
     all_on = dataclasses.replace(h, **ALL_ON)
-    proxy_bytes = len(tg.serialize_artifact(results["+awq_64 (all on)"], tg.model_config(all_on), h.zstd_level))
-    estimate(results["all - awq"], results["+awq_64 (all on)"], proxy_bytes, args.code_bytes, out)
+    proxy_bytes = len(tg.serialize_artifact(results["+awq_1 (all on)"], tg.model_config(all_on), h.zstd_level))
+    estimate(results["all - awq"], results["+awq_1 (all on)"], proxy_bytes, args.code_bytes, out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print(f"written to {args.out}")
 
 
 def estimate(no_awq: dict, all_on: dict, proxy_bytes: int, code_bytes: int, out) -> None:
-    """Bytes per value of each kind from `no_awq` (AWQ's zeroed group columns would flatter them),
-    AWQ's extra bytes per row from `all_on` (its 64 int8 columns less the 64 values they replace)."""
+    """Bytes per value of each kind from `no_awq` (AWQ's zeroed group columns would flatter them);
+    AWQ and LQER from `all_on`, scaled to the full size's largest matrix (bounds)."""
     costs, awq_costs = class_costs(no_awq), class_costs(all_on)
     out("\nproxy, all on but AWQ: compressed bytes per kind (zstd-22 of that kind alone)")
-    out(f"{'kind':6s} {'classes':14s} {'values':>9s} {'rows':>6s} {'bits/value':>10s} {'scale B/row':>11s} "
-        f"{'awq +B/row':>10s}")
-    awq_extra = {}
+    out(f"{'kind':6s} {'classes':14s} {'values':>9s} {'rows':>6s} {'bits/value':>10s} {'scale B/row':>11s}")
     for label, c in costs.items():
-        rate = c["value_bytes"] / c["values"]
-        awq = awq_costs[label]  # over the matrices AWQ took (2+ groups of 64 columns): at full size, all
-        awq_extra[label] = awq["awq_bytes"] / awq["awq_rows"] - 64 * rate if awq["awq_rows"] else 0.0
-        out(f"{label:6s} {','.join(c['classes']):14s} {c['values']:9d} {c['rows']:6d} {8 * rate:10.3f} "
-            f"{c['scale_bytes'] / max(c['rows'], 1):11.3f} {awq_extra[label]:10.3f}")
+        out(f"{label:6s} {','.join(c['classes']):14s} {c['values']:9d} {c['rows']:6d} "
+            f"{8 * c['value_bytes'] / c['values']:10.3f} {c['scale_bytes'] / max(c['rows'], 1):11.3f}")
+    awq_bytes = sum(c["awq_bytes"] for c in awq_costs.values())
+    awq_values = sum(c["awq_values"] for c in awq_costs.values())
     lqer_bytes, lqer_values = lqer_cost(all_on)
     parts = sum(c["value_bytes"] + c["scale_bytes"] + c["awq_bytes"] for c in awq_costs.values()) + lqer_bytes
-    out(f"lqer: {lqer_bytes} bytes for {lqer_values} values and scales")
+    out(f"awq: {awq_bytes} bytes for {awq_values} int8 values; lqer: {lqer_bytes} bytes for {lqer_values} values "
+        f"and scales")
     out(f"all on: sum of the kinds {parts} bytes; the proxy artifact {proxy_bytes} bytes (header and framing: "
         f"{proxy_bytes - parts})")
     counts, total_params = full_size_counts()
@@ -207,15 +205,18 @@ def estimate(no_awq: dict, all_on: dict, proxy_bytes: int, code_bytes: int, out)
         if proxy is None or not c["rows"]:  # fp16, or a kind the proxy lacks: 2 bytes a value
             nbytes = c["values"] * 2
         else:
-            per_row = proxy["scale_bytes"] / proxy["rows"] + (awq_extra[label] if label != "gates" else 0.0)
-            nbytes = c["values"] * proxy["value_bytes"] / proxy["values"] + c["rows"] * per_row
+            nbytes = c["values"] * proxy["value_bytes"] / proxy["values"] + \
+                c["rows"] * proxy["scale_bytes"] / proxy["rows"]
         total += nbytes
         out(f"{label:6s} {','.join(sorted(c['classes'])):14s} {c['values']:9d} values {c['rows']:6d} rows "
             f"-> {nbytes:12.0f} bytes ({8 * nbytes / c['values']:.3f} bits/value)")
-    # LQER at full size, bounded above: 3 corrections of the widest matrix (the 8192 x 512 embedding)
+    # bounds: the AWQ groups and LQER's 3 corrections as if all on the widest matrix (the 8192 x 512 embedding)
+    groups = sum(len(e["arrays"]["awq_group"]) for e in all_on.values() if "awq_q" in e["arrays"])
+    full_awq = groups * 8192 * tg.AWQ_WIDTH * awq_bytes / max(awq_values, 1)
     full_lqer = 3 * (tg.LQER_RANK * (8192 + 512) + 8192 * tg.LQER_RANK // 512 + 1) * lqer_bytes / max(lqer_values, 1)
     header = proxy_bytes - parts
-    total += full_lqer + header
+    total += full_awq + full_lqer + header
+    out(f"awq (<= {groups} group(s) of 8192 rows at the proxy's bytes per value, less nothing): {full_awq:.0f} bytes")
     out(f"lqer (<= 3 x the embedding's factors at the proxy's bytes per value): {full_lqer:.0f} bytes")
     out(f"header and framing (as the proxy's): {header}")
     out(f"model ~{total:.0f} bytes + code {code_bytes} = ~{total + code_bytes:.0f}; margin under 16,000,000: "

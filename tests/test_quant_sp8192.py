@@ -198,15 +198,28 @@ def test_lqer_recovers_a_low_rank_error():
     assert float((tg.dequantize_tensor(entry) - state["m"]).norm()) < 0.5 * error
 
 
-def test_awq_keeps_the_most_salient_group_at_int8_inside_the_gptq_solve():
+def test_awq_picks_the_most_salient_groups_of_the_whole_model():
+    g = torch.Generator().manual_seed(3)
+    state = {"a": torch.randn(32, 256, generator=g) * 0.02, "b": torch.randn(32, 128, generator=g) * 0.02,
+             "c": torch.randn(32, 256, generator=g) * 0.02}
+    hessians = {"a": correlated_hessian(256, hot=slice(128, 192)), "b": correlated_hessian(128, seed=1),
+                "c": correlated_hessian(256, seed=2)}
+    state["c"][:, 0:64] *= 20  # salient by weight magnitude, at an ordinary input RMS
+    plan = {"a": "int6", "b": "int6", "c": "int8"}  # int8 matrices are never candidates
+    assert tg.salient_groups(state, plan, hessians, 1) == {"a": [2]}
+    plan["c"] = "int6"
+    assert tg.salient_groups(state, plan, hessians, 2) == {"a": [2], "c": [0]}
+    assert tg.salient_groups(state, plan, {}, 1) == {}  # no Hessians (no GPTQ): nothing to choose by
+
+
+def test_awq_keeps_its_groups_at_int8_inside_the_gptq_solve():
     g = torch.Generator().manual_seed(2)
     w = torch.randn(80, 256, generator=g) * 0.02
     hot = slice(128, 192)
     hessian = correlated_hessian(256, hot=hot)
-    assert tg.salient_group(hessian, 64) == 2
-    entry = tg.quantize_tensor(w, "int5", hessian=hessian, awq_cols=64)
+    entry = tg.quantize_tensor(w, "int5", hessian=hessian, awq=[2])
     arrays = entry["arrays"]
-    assert int(arrays["awq_group"][0]) == 2 and arrays["awq_q"].shape == (80, 64) and "awq_scale" not in arrays
+    assert arrays["awq_group"].tolist() == [2] and arrays["awq_q"].shape == (80, 64)
     assert np.abs(arrays["awq_q"]).max() > 15 and np.abs(arrays["awq_q"]).max() <= 127  # int8, beyond int5
     assert not arrays["q"][:, hot].any() and np.abs(arrays["q"]).max() <= 15
     deq = tg.dequantize_tensor(entry)
@@ -220,6 +233,9 @@ def test_awq_keeps_the_most_salient_group_at_int8_inside_the_gptq_solve():
     assert output_error(w, deq, hessian) < output_error(w, patched, hessian)
     loaded = roundtrip({"m": entry}, tiny_hparams())["m"]
     assert torch.equal(tg.dequantize_tensor(loaded), deq)
+    two = tg.quantize_tensor(w, "int5", hessian=hessian, awq=[0, 2])  # several groups of one matrix
+    assert two["arrays"]["awq_q"].shape == (80, 128)
+    assert torch.equal(tg.dequantize_tensor(roundtrip({"m": two}, tiny_hparams())["m"]), tg.dequantize_tensor(two))
 
 
 def test_an_entry_with_part_of_its_extra_arrays_is_a_damaged_artifact():
@@ -232,12 +248,22 @@ def test_an_entry_with_part_of_its_extra_arrays_is_a_damaged_artifact():
         roundtrip(quantized, tiny_hparams())
 
 
+@pytest.mark.parametrize("group", [-1, 4])
+def test_an_awq_group_outside_the_matrix_is_a_damaged_artifact(group):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(16, 256, generator=g)
+    entry = tg.quantize_tensor(w, "int6", hessian=correlated_hessian(256), awq=[1])
+    entry["arrays"]["awq_group"] = np.array([group], dtype=np.int8)
+    with pytest.raises(ValueError, match="AWQ groups"):
+        tg.dequantize_tensor(entry)
+
+
 @pytest.mark.parametrize("compressor", ["zstd", "brotli"])
 def test_write_artifact_with_every_piece_on_reloads_what_it_quantized(tmp_path, compressor):
     pytest.importorskip(compressor if compressor == "brotli" else "zstandard")
     h = tiny_hparams(gptq_calib_tokens=2048, gptq_embed=True, quant_bits_embed=7, quant_bits_mlp=6,
                      sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85, skip_gates=True,
-                     quant_gates_int8=True, attn_gate_window=12, lqer_top=3, awq_cols=16, compressor=compressor,
+                     quant_gates_int8=True, attn_gate_window=12, lqer_top=3, awq_groups=2, compressor=compressor,
                      int6_matrices=4)
     model = tiny_model(h)
     loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, CPU.device)
@@ -250,8 +276,8 @@ def test_write_artifact_with_every_piece_on_reloads_what_it_quantized(tmp_path, 
     tg.load_weights(restored, state, tmp_path / "a.ptz")
     _, quantized = tg.deserialize_artifact((tmp_path / "a.ptz").read_bytes(), "a")
     assert sum("lqer_a" in e["arrays"] for e in quantized.values()) == 3
-    assert sum("awq_q" in e["arrays"] for e in quantized.values()) >= 8  # every block matrix with 2+ groups
-    assert quantized["tok_emb.weight"]["class"] == "int7" and "awq_q" in quantized["tok_emb.weight"]["arrays"]
+    assert sum(len(e["arrays"]["awq_group"]) for e in quantized.values() if "awq_q" in e["arrays"]) == 2
+    assert quantized["tok_emb.weight"]["class"] == "int7"
     assert (tmp_path / "a.ptz").read_bytes().startswith(tg.COMPRESSORS[compressor])
     assert sum(e["class"] == "int6" for n, e in quantized.items() if re.fullmatch(tg.BLOCK_MATRICES, n)) == 4
 
@@ -259,7 +285,7 @@ def test_write_artifact_with_every_piece_on_reloads_what_it_quantized(tmp_path, 
 @pytest.mark.parametrize("env, words", [
     ({"GPTQ_EMBED": "1"}, "GPTQ_EMBED"), ({"GPTQ_EMBED": "1", "QUANT_BITS_EMBED": "7", "GPTQ_CALIB_TOKENS": "0"},
                                           "GPTQ_EMBED"),
-    ({"AWQ_COLS": "64", "GPTQ_CALIB_TOKENS": "0"}, "AWQ_COLS"),
+    ({"AWQ_GROUPS": "1", "GPTQ_CALIB_TOKENS": "0"}, "AWQ_GROUPS"),
 ])
 def test_pieces_that_need_gptq_say_so(env, words):
     with pytest.raises(tg.RunError, match=words):

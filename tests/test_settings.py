@@ -93,7 +93,7 @@ IMPOSSIBLE = {
     "compressor": ["lzma", "ZSTD"], "int6_matrices": ["-1"], "gptq_selfgen_seqs": ["-1"],
     "gptq_selfgen_len": ["1", "-1", "129"],
     "sdclip_attn": ["-1", "nan"], "sdclip_mlp": ["-11.5"], "sdclip_embed": ["-14", "inf"], "sdclip_other": ["-0.1"],
-    "gptq_embed": ["2"], "quant_gates_int8": ["yes"], "lqer_top": ["-1", "1.5"], "awq_cols": ["-64"],
+    "gptq_embed": ["2"], "quant_gates_int8": ["yes"], "lqer_top": ["-1", "1.5"], "awq_groups": ["-1"],
     "doc_attention": ["2"], "attn_gate_window": ["-1", "65"], "smear_window": ["-1", "12"],  # smoke: 64 dims, channel
     "recur_repeats": ["0", "9"], "recur_in_unet": ["2"], "warmdown_frac": ["-0.1", "1.5", "nan"],
     "train_seq_schedule": ["x", "64:0.5", "128:0,64:0"], "muon_wd_taper": ["-1", "nan"],
