@@ -396,20 +396,22 @@ def test_sp8192_partitions_every_parameter_once_for_optimizers_and_quantization(
 STACK_ON_SMOKE = {"NUM_LAYERS": "4", "RECUR_BLOCKS": "1,2", "RECUR_REPEATS": "2", "RECUR_IN_UNET": "1",
                   "RECUR_START_FRAC": "0.5", "LANES_FROM": "3", "LANE_FORMULA": "parallel", "SKIP_GATES": "1",
                   "BIGRAM_VOCAB_SIZE": "0", "WARMDOWN_ITERS": "0", "WARMDOWN_FRAC": "0.85", "LR_FLOOR": "0.1",
-                  "MUON_WD_TAPER": "0.5", "TRAIN_SEQ_LEN": "128", "TRAIN_SEQ_SCHEDULE": "32:0,64:0.3,128:0.6",
+                  "MUON_WD_TAPER": "0.5", "TRAIN_SEQ_LEN": "128", "TRAIN_SEQ_SCHEDULE": "64:0,128:0.3",
                   "ITERATIONS": "24", "VAL_LOSS_EVERY": "0", "VAL_TOKENS": "8192", "EVAL_STRIDE": "0",
-                  "GPTQ_CALIB_TOKENS": "4096", "WARMUP_STEPS": "3"}
+                  "GPTQ_CALIB_TOKENS": "4096", "WARMUP_STEPS": "3", "SMEAR_MODE": "scalar", "SMEAR_WINDOW": "12",
+                  "ATTN_GATE_WINDOW": "12", "DOC_ATTENTION": "1", "MUON_NS": "polar_express"}
 
 
 @pytest.mark.slow
 def test_compiled_run_with_loops_and_progressive_context_compiles_nothing_in_the_loop(run_script):
     # The timed loop runs under set_stance("fail_on_recompile"): every (length, recurrence) graph must
-    # come from warm-up. The switches happen inside the loop: lengths at steps 9 and 16, loops at 13.
+    # come from warm-up, with the gates and within-document attention on. The switches happen inside
+    # the loop: the length at step 9, the loops at 13. (Two lengths, not three: each adds two graphs.)
     run = run_script({"COMPILE": "1", **STACK_ON_SMOKE}, timeout=1500)
     assert run.returncode == 0, run.explain()
     assert "compile:True" in run.body
     lengths = re.findall(r"^train_seq_len:(\d+) from step (\d+)", run.body, re.M)
-    assert [n for n, _ in lengths] == ["64", "128"], lengths
+    assert [n for n, _ in lengths] == ["128"], lengths
     switch = re.search(r"^recurrence: blocks 1,2 run 3 times from step (\d+)", run.body, re.M)
     assert switch and 1 < int(switch[1]) < 24, run.body[-2000:]
     assert "final_roundtrip " in run.body
