@@ -2707,7 +2707,9 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
             if not any(parts == expected.union(*extra) for extra in itertools.product(*[(set(), o) for o in optional])):
                 raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays or has others")
         defaults = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
-        config = header["model"]
+        # A field the writer did not know yet was off there: every model field's default is the behaviour
+        # before it, so an older artifact still loads. A field this script does not know is damage.
+        config = {**{k: defaults[k] for k in MODEL_FIELDS}, **header["model"]}
         if sorted(config) != sorted(MODEL_FIELDS) or any(type(v) is not type(defaults[k]) for k, v in config.items()):
             raise ValueError("the model's shape is not described as this script describes it")
         return config, quantized

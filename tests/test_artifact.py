@@ -220,6 +220,16 @@ def test_every_damage_is_the_one_line_error_or_changes_nothing(artifact):
     assert len(harmless) <= 5, harmless  # the reserved bit of each of the 5 frame headers, at most
 
 
+def test_an_artifact_written_before_a_model_field_existed_loads_with_the_field_off(artifact):
+    """A writer that did not know the newest fields (the 1.06 stack's) wrote a model with them off."""
+    newest = ("doc_attention", "attn_gate_window", "smear_window", "recur_repeats", "recur_in_unet")
+    older = with_header(artifact, lambda hd: [hd["model"].pop(name) for name in newest])
+    config, quantized = tg.deserialize_artifact(older, "older.ptz")
+    intact_config, _ = tg.deserialize_artifact(artifact, "intact.ptz")
+    defaults = tg.Hyperparameters()
+    assert config == intact_config and all(config[name] == getattr(defaults, name) for name in newest)
+
+
 def test_an_artifact_whose_tensors_do_not_fit_its_model_is_the_one_line_error(artifact):
     config, quantized = tg.deserialize_artifact(with_header(artifact, lambda hd: hd["model"].update(num_layers=4)),
                                                 "wrong.ptz")
