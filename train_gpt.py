@@ -3162,6 +3162,14 @@ def next_clock_check(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: f
     return step + max(int(gap), 1)
 
 
+def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: float, cap_ms: float, scale: float,
+                 log) -> None:
+    step_ms = elapsed_ms / step
+    eta_s = min(h.iterations - step, (cap_ms - elapsed_ms) / step_ms if cap_ms else math.inf) * step_ms / 1000
+    log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+        f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
+
+
 def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, list]:
     """The timed loop. Returns (steps taken, training time in ms, the weight averagers).
 
@@ -3200,20 +3208,16 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
         watch.stop_if_diverged(bad_step, step)
         elapsed_ms, agreed_step = agreed_ms, step
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
-        progress = run_progress(h, step, elapsed_ms)
-        if base_model.recur_blocks and not base_model.recur_active and progress >= h.recur_start_frac:
+        if base_model.recur_blocks and not base_model.recur_active and \
+                run_progress(h, step, elapsed_ms) >= h.recur_start_frac:
             base_model.start_recurrence()  # its compiled graph was built during warm-up
             times = "twice" if h.recur_repeats == 1 else f"{h.recur_repeats + 1} times"
             log(f"recurrence: blocks {h.recur_blocks} run {times} from step {step + 1}")
         recur_pending = bool(base_model.recur_blocks) and not base_model.recur_active
         check_at = next_clock_check(h, step, elapsed_ms, cap_ms, recur_pending)
         last = last or reached_cap
-        if step % h.train_log_every == 0 or last:
-            train_loss = mean_over_ranks(rt, loss)  # finite: the divergence check ran at this step
-            step_ms = elapsed_ms / step
-            eta_s = (min(h.iterations - step, (cap_ms - elapsed_ms) / step_ms if cap_ms else math.inf)) * step_ms / 1000
-            log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-                f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
+        if step % h.train_log_every == 0 or last:  # the loss is finite: the divergence check ran at this step
+            log_progress(h, step, mean_over_ranks(rt, loss), elapsed_ms, cap_ms, scale, log)
         if validate_now and not last:
             train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while we validate
             val_loss, val_bpb = evaluate(model_for_eval(model), val, h.model_eval_seq_len, h.model_eval_seq_len,
@@ -3514,6 +3518,27 @@ def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: Valid
             f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
 
 
+def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
+              log) -> tuple[dict | None, float]:
+    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training: calibration on
+    training tokens does; on self-sampled text it reads no data and does not (PR #1204 ran it after its
+    600 s)."""
+    if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
+        return None, 0.0
+    t0 = time.perf_counter()
+    if h.gptq_calib_tokens:
+        hessians = collect_hessians(base_model, loader, h, rt)
+        source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
+    else:
+        hessians = selfgen_hessians(base_model, h, rt)
+        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.gptq_selfgen_len or h.train_seq_len} tokens"
+    rt.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
+        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
+    return hessians, ms if h.gptq_calib_tokens else 0.0
+
+
 def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
     """Builds, warms up and trains the model, loads its weight average and, with GPTQ on, calibrates.
 
@@ -3556,22 +3581,8 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     if average is not None:
         base_model.load_state_dict(average, strict=True)
     log(summary)
-    hessians = None
-    if h.gptq_calib_tokens:
-        t0 = time.perf_counter()
-        hessians = collect_hessians(base_model, loader, h, rt)
-        rt.sync()
-        calib_ms = 1000 * (time.perf_counter() - t0)
-        train_ms += calib_ms
-        calib_tokens = -(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens
-        log(f"gptq_calibration: {len(hessians)} matrices from {calib_tokens} training tokens in {calib_ms:.0f}ms")
-    elif h.gptq_selfgen_seqs:  # reads no data: not training time (PR #1204 ran it after its 600 s)
-        t0 = time.perf_counter()
-        hessians = selfgen_hessians(base_model, h, rt)
-        rt.sync()
-        log(f"gptq_calibration: {len(hessians)} matrices from {h.gptq_selfgen_seqs} sampled sequences of "
-            f"{h.gptq_selfgen_len or h.train_seq_len} tokens in {1000 * (time.perf_counter() - t0):.0f}ms "
-            f"(no data read; not in train_time_ms)")
+    hessians, calib_ms = calibrate(h, rt, base_model, loader, log)
+    train_ms += calib_ms
     log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
     if h.max_wallclock_seconds and train_ms > 1000 * h.max_wallclock_seconds:
         log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
