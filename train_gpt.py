@@ -195,9 +195,9 @@ class Hyperparameters:
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
     quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
-    int6_matrices: int = 0  # N > 0: block matrices int5 but the N of largest input-Hessian trace int6 (PR #1204: 32)
+    int6_matrices: int = 0  # N > 0: block matrices (and the bigram projection) int5 but the N of largest input-Hessian trace int6, the bigram table int8 (PR #1204: 32)
     zstd_level: int = 22
-    compressor: str = "zstd"  # zstd (at ZSTD_LEVEL) | brotli (quality 11, PR #1204; needs the brotli package)
+    compressor: str = "zstd"  # zstd (at ZSTD_LEVEL) | brotli (quality 11, PR #1204) | ans (the integer codes ANS-coded, the rest brotli)
     # The 1.06 stack's quantizer (FRONTIER.md; PR #1855, #1908), each off at its default (see Quantization).
     sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
     sdclip_mlp: float = 0.0  # ... for MLP matrices
@@ -283,7 +283,7 @@ SP8192 = dict(
     warmdown_iters=0, warmdown_frac=0.85, lr_floor=0.1, swa_interval=0, ema_decay=0.9965,
     gptq_calib_tokens=32 * 786_432, gptq_reserve_seconds=12.0, quant_bits_mlp=6, quant_bits_embed=7,
     gptq_embed=True, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85,
-    quant_gates_int8=True, lqer_top=3, compressor="brotli", ttt_enabled=True, ttt_phases="833,1666,2500",
+    quant_gates_int8=True, lqer_top=3, compressor="ans", ttt_enabled=True, ttt_phases="833,1666,2500",
 )
 SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
@@ -2143,7 +2143,8 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
 # 1/15 cost PR #236 0.020 bpb). With GPTQ_CALIB_TOKENS (the default), block matrices are then
 # rounded by gptq_round() on those scales, calibrated on training tokens after training (or on
 # text the model samples itself, GPTQ_SELFGEN_SEQS). INT6_MATRICES replaces the MLP/attention classes
-# by a ranking: int6 for the matrices whose inputs carry the most signal, int5 for the rest. The tied
+# by a ranking: int6 for the matrices whose inputs carry the most signal, int5 for the rest (PR #1204
+# ranks the bigram projection too, and stores the bigram table int8). The tied
 # embedding (unless QUANT_BITS_EMBED=7 or 8) and the small control tensors stay fp16. Values sit in int8 containers: zstd's
 # entropy stage finds the unused high bits (bit-packing them compresses worse).
 #
@@ -2193,7 +2194,9 @@ DEMOTIONS = {"fp16": "int8", "int7": "int6", "int6": "int5", "int5": "int4"}
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
 ARTIFACT_MAGIC = b"PGOLF\x00A3"  # zstd frames
 BROTLI_MAGIC = b"PGOLF\x00B3"  # brotli streams, each after the CRC-32 of its part (brotli has no checksum)
-COMPRESSORS = {"zstd": ARTIFACT_MAGIC, "brotli": BROTLI_MAGIC}
+ANS_MAGIC = b"PGOLF\x00N3"  # as BROTLI_MAGIC, but the integer sections ANS-coded: each frame tagged A or B
+COMPRESSORS = {"zstd": ARTIFACT_MAGIC, "brotli": BROTLI_MAGIC, "ans": ANS_MAGIC}
+ANS_COLUMN_BUCKETS = 4  # COMPRESSOR=ans: a kind of matrix's columns in this many models, by the RMS of their codes
 BROTLI_QUALITY = 11  # brotli's highest, as PR #1204 (its default 4 MiB window)
 SELFGEN_TEMPERATURE = 0.8  # PR #1204's sampling temperature for its GPTQ calibration text
 SELFGEN_BATCH = 8  # sequences sampled side by side (PR #1204)
@@ -2245,14 +2248,16 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
 def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
                hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
     """name -> quantization class, from quant_rules(h) (each tensor in exactly one class); with
-    INT6_MATRICES the block matrices' classes come from int6_by_trace() instead; with
+    INT6_MATRICES the classes of the block matrices and the bigram projection come from int6_by_trace()
+    instead and the bigram table is int8 (PR #1204's export); with
     QUANT_GATES_INT8, int8 for the attention output gates (GATE_TENSORS; the skip and smear gates stay
     fp16, as in PR #1855)."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
     plan = {name: cls for cls, members in classes.items() for name, _ in members}
-    if h.int6_matrices:
-        plan.update(int6_by_trace([n for n in plan if re.fullmatch(BLOCK_MATRICES, n)], hessians or {},
-                                  recurrence_blocks(h), h.int6_matrices))
+    if h.int6_matrices:  # PR #1204's mixed export: the bigram projection ranked too (no Hessian: int5), its table int8
+        ranked = [n for n in plan if re.fullmatch(BLOCK_MATRICES, n) or n == "bigram.proj.weight"]
+        plan.update(int6_by_trace(ranked, hessians or {}, recurrence_blocks(h), h.int6_matrices))
+        plan.update({n: "int8" for n in plan if n == "bigram.table.weight"})
     if h.quant_gates_int8:
         gates = [name for name in plan if re.fullmatch(GATE_TENSORS, name)]
         if not gates:
@@ -2514,6 +2519,21 @@ def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: 
                                   awq.get(name, ())) for name in plan}
 
 
+def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None,
+                   log=lambda msg: None) -> tuple[dict[str, dict], dict[str, float]]:
+    """The export's quantization, before any fitting: the classes (quant_plan), SDClip's widths, GPTQ
+    and AWQ (quantize_state), LQER. Returns (quantized state, SDClip's k per tensor)."""
+    plan = quant_plan(state, h, hessians)
+    if h.int6_matrices:
+        int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
+        log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
+    clip_k = clip_widths(plan, h)
+    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups)
+    if h.lqer_top:
+        log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
+    return quantized, clip_k
+
+
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
     return {name: dequantize_tensor(entry) for name, entry in quantized.items()}
 
@@ -2580,7 +2600,8 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
     """One zstd frame (or brotli stream) per section: the JSON header, the integer values of each
     class, the scales, the fp16 values. (In a single frame over all of them, zstd-22 compressed a
     12-layer model 0.3% to 6% worse depending on where its blocks happened to fall; each section
-    alone compresses to within 0.5% of its order-0 entropy.)"""
+    alone compresses to within 0.5% of its order-0 entropy.) COMPRESSOR=ans codes the integer
+    sections with ans_encode() instead, the rest as brotli."""
     blobs, sections, offset = [], [], 0
     extras = [(part, None) for part in sorted(AWQ_PARTS + LQER_PARTS)]
     for part, cls in [("q", cls) for cls in QUANT_BITS] + [("scale", None), ("value", None)] + extras:
@@ -2590,21 +2611,31 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
                 array = np.asarray(entry["arrays"][part], order="C")  # (ascontiguousarray makes 0-d 1-d)
                 blobs.append(dict(name=name, part=part, dtype=array.dtype.name, shape=list(array.shape),
                                   offset=offset, nbytes=array.nbytes))
-                chunks.append(to_byte_planes(array))
+                chunks.append((name, array) if part == "q" and compressor == "ans" else to_byte_planes(array))
                 offset += array.nbytes
         if chunks:
-            sections.append(b"".join(chunks))
+            sections.append(chunks if part == "q" and compressor == "ans" else b"".join(chunks))
     header = json.dumps(dict(model=model_config, classes={n: e["class"] for n, e in quantized.items()},
                              shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
     return pack_frames([header] + sections, zstd_level, compressor)
 
 
-def pack_frames(parts: list[bytes], zstd_level: int, compressor: str = "zstd") -> bytes:
+def pack_frames(parts: list, zstd_level: int, compressor: str = "zstd") -> bytes:
     """The compressor's MAGIC, u32 frame count, u64 length of each frame, then the frames: checksummed
-    zstd frames, or each part's CRC-32 (u32) followed by its brotli stream."""
-    if compressor == "brotli":
+    zstd frames, or each part's CRC-32 (u32) followed by its brotli stream. COMPRESSOR=ans: each frame
+    starts with a tag, b"B" before a brotli frame, b"A" before the CRC-32 and ans_encode()'s payload of
+    a part given as a list of (name, int8 array), where that is the shorter (a barely trained
+    embedding's rows can repeat, which brotli finds and ANS's column models do not)."""
+    if compressor in ("brotli", "ans"):
         codec = brotli_module()
-        frames = [struct.pack("<I", zlib.crc32(part)) + codec.compress(part, quality=BROTLI_QUALITY) for part in parts]
+        frames = []
+        for part in parts:
+            data = b"".join(array.tobytes() for _, array in part) if isinstance(part, list) else part
+            frame = struct.pack("<I", zlib.crc32(data)) + codec.compress(data, quality=BROTLI_QUALITY)
+            if isinstance(part, list):
+                coded = b"A" + struct.pack("<I", zlib.crc32(data)) + ans_encode(part)
+                frame = coded if len(coded) < 1 + len(frame) else b"B" + frame
+            frames.append(b"B" + frame if compressor == "ans" and not isinstance(part, list) else frame)
     else:
         zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
         frames = [zstd.compress(part) for part in parts]
@@ -2612,13 +2643,99 @@ def pack_frames(parts: list[bytes], zstd_level: int, compressor: str = "zstd") -
     return COMPRESSORS[compressor] + table + b"".join(frames)
 
 
-def brotli_module():
-    """The brotli package, imported only where it is used: COMPRESSOR=brotli or an artifact it wrote."""
+def brotli_module(package: str = "brotli"):
+    """The brotli package (or constriction, COMPRESSOR=ans's coder), imported only where it is used: by
+    COMPRESSOR=brotli or ans, or reading an artifact written with it."""
     try:
-        return importlib.import_module("brotli")
+        return importlib.import_module(package)
     except ImportError:
-        raise RunError("the brotli compressor (COMPRESSOR=brotli, or reading an artifact written with it) "
-                       "needs the brotli package: pip install brotli") from None
+        raise RunError(f"COMPRESSOR={'ans' if package == 'constriction' else 'brotli'} (or reading an artifact "
+                       f"written with it) needs the {package} package: pip install {package}") from None
+
+
+def ans_encode(arrays: list[tuple[str, np.ndarray]]) -> bytes:
+    """Integer codes entropy-coded with ANS (asymmetric numeral systems; the constriction package's
+    AnsCoder) under a static categorical model per (kind of matrix, column bucket). A kind is the
+    tensor's name without its block index (every block's c_q shares one set of models); a matrix's
+    columns fall into ANS_COLUMN_BUCKETS buckets by the RMS of their codes (columns fed by loud input
+    channels carry wider codes), the per-column context that per-group lrzip finds with its rows
+    reordered and transposed (PR #1855). Each array is read as (shape[0], rest). Payload: u32 length
+    of the brotli'd JSON of shapes, kinds, buckets and each model's symbol counts, then the ANS words
+    (u32). Returns the payload; ans_decode() inverts it."""
+    constriction = brotli_module("constriction")
+    matrices = [array.reshape((array.shape[0], math.prod(array.shape[1:])) if array.ndim > 1 else (1, array.size))
+                .astype(np.int32) for _, array in arrays]
+    kinds = [re.sub(r"\.\d+\.", ".", name) for name, _ in arrays]
+    buckets = []
+    for m in matrices:
+        rms = np.sqrt(np.square(m, dtype=np.float64).mean(0)) if m.size else np.zeros(m.shape[1])
+        edges = np.quantile(rms, np.linspace(0, 1, ANS_COLUMN_BUCKETS + 1)[1:-1]) if m.size else []
+        buckets.append(np.searchsorted(edges, rms, side="right"))
+    models, symbols = [], []
+    for group in ans_groups(kinds, buckets):
+        values = np.concatenate([matrices[i][:, buckets[i] == b].ravel() for i, b in group])
+        low = int(values.min()) if values.size else 0
+        models.append([low, np.bincount(values - low).tolist() if values.size else []])
+        symbols.append(values - low)
+    meta = dict(shapes=[list(m.shape) for m in matrices], kinds=kinds, buckets=[b.tolist() for b in buckets],
+                models=models)
+    coder = constriction.stream.stack.AnsCoder()
+    for (low, counts), values in reversed(list(zip(models, symbols))):  # a stack: the last group first
+        if values.size:
+            coder.encode_reverse(values.astype(np.int32), ans_model(constriction, counts))
+    head = brotli_module().compress(json.dumps(meta).encode(), quality=BROTLI_QUALITY)
+    return struct.pack("<I", len(head)) + head + coder.get_compressed().astype("<u4").tobytes()
+
+
+def ans_groups(kinds: list[str], buckets: list[np.ndarray]) -> list[list[tuple[int, int]]]:
+    """The (matrix index, bucket) members of each model, in coding order: kinds sorted, buckets up."""
+    return [[(i, b) for i in range(len(kinds)) if kinds[i] == kind] for kind in sorted(set(kinds))
+            for b in range(ANS_COLUMN_BUCKETS)]
+
+
+def ans_model(constriction, counts: list[int]):
+    """The coder's model of one group: symbol i (the code low + i) with probability counts[i] / sum;
+    a one-symbol group gets an unused second symbol (the coder needs two)."""
+    return constriction.stream.model.Categorical(np.asarray(list(counts) + [0] * (len(counts) < 2), dtype=np.float64),
+                                                 perfect=False)
+
+
+def ans_decode(payload: bytes, max_bytes: int) -> bytes:
+    """ans_encode()'s arrays as int8 bytes, end to end; ValueError where the payload does not describe
+    at most `max_bytes` values consistently (checked before anything is decoded)."""
+    constriction, codec = brotli_module("constriction"), brotli_module()
+    (head_len,) = struct.unpack_from("<I", payload)
+    decoder = codec.Decompressor()
+    try:
+        meta = json.loads(decoder.process(payload[4:4 + head_len], output_buffer_limit=ARTIFACT_MAX_HEADER_BYTES))
+    except codec.error as exc:
+        raise ValueError(f"an ANS frame whose description does not decode ({exc})") from None
+    shapes, kinds, buckets = meta["shapes"], meta["kinds"], [np.asarray(b, dtype=np.int64) for b in meta["buckets"]]
+    if (not decoder.is_finished() or not len(shapes) == len(kinds) == len(buckets)
+            or sum(r * c for r, c in shapes) > max_bytes or (len(payload) - 4 - head_len) % 4
+            or any(b.shape != (c,) or (b.size and not 0 <= b.min() <= b.max() < ANS_COLUMN_BUCKETS)
+                   for b, (r, c) in zip(buckets, shapes))):
+        raise ValueError("an ANS frame whose description does not add up")
+    matrices = [np.zeros((r, c), dtype=np.int32) for r, c in shapes]
+    groups = ans_groups(kinds, buckets)
+    if len(groups) != len(meta["models"]):
+        raise ValueError("an ANS frame with a model too many or too few")
+    words = np.frombuffer(payload[4 + head_len:], dtype="<u4").astype(np.uint32)
+    coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+    for group, (low, counts) in zip(groups, meta["models"]):
+        sizes = [shapes[i][0] * int((buckets[i] == b).sum()) for i, b in group]
+        if sum(counts) != sum(sizes) or min(counts, default=0) < 0:
+            raise ValueError("an ANS model that counts other values than its columns hold")
+        try:
+            values = coder.decode(ans_model(constriction, counts), sum(sizes)) + low if sum(sizes) else np.zeros(0, np.int32)
+        except Exception as exc:  # the coder's own error on a damaged stream
+            raise ValueError(f"an ANS stream that does not decode ({type(exc).__name__}: {exc})") from None
+        for (i, b), chunk in zip(group, np.split(values, np.cumsum(sizes)[:-1])):
+            columns = buckets[i] == b
+            matrices[i][:, columns] = chunk.reshape(shapes[i][0], int(columns.sum()))
+    if not all(-128 <= int(m.min(initial=0)) and int(m.max(initial=0)) <= 127 for m in matrices):
+        raise ValueError("ANS codes outside int8")
+    return b"".join(m.astype(np.int8).tobytes() for m in matrices)
 
 
 def unpack_frames(data: bytes) -> list[bytes]:
@@ -2642,7 +2759,16 @@ def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> 
     (zstd allocates what the header declares: one flipped bit there asked for exabytes) or lacks the
     checksum that every frame of ours carries; trailing bytes are refused too. A brotli stream declares
     no size: it is decoded into at most `max_bytes` + 1 bytes and must end there and match its CRC-32."""
-    if compressor == "brotli":
+    if compressor == "ans":
+        tag, frame = frame[:1], frame[1:]
+        if tag == b"A":
+            part = ans_decode(frame[4:], max_bytes)
+            if struct.unpack_from("<I", frame)[0] != zlib.crc32(part):
+                raise ValueError("an ANS frame failing its CRC-32")
+            return part
+        if tag != b"B":
+            raise ValueError("a frame tagged neither A nor B")
+    if compressor in ("brotli", "ans"):
         codec = brotli_module()
         decoder = codec.Decompressor()
         try:
@@ -3429,14 +3555,7 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
                            "model "
                            "cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
-    plan = quant_plan(state, h, hessians)
-    if h.int6_matrices:
-        int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
-        log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
-    clip_k = clip_widths(plan, h)
-    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups)
-    if h.lqer_top:
-        log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
+    quantized, clip_k = quantize_model(state, h, hessians, log)
     blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
                                h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k)
     for cls in sorted({e["class"] for e in quantized.values()}):
@@ -3607,8 +3726,8 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
 
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
     t_start = time.perf_counter()
-    if h.compressor == "brotli" and not h.eval_only:
-        brotli_module()  # missing, it stops the run here rather than after training
+    if h.compressor in ("brotli", "ans") and not h.eval_only:  # missing, they stop the run here, not after training
+        brotli_module(), h.compressor == "ans" and brotli_module("constriction")
     if h.eval_only:
         config, state = load_artifact(Path(h.eval_only), h.artifact_limit_bytes)
         h = dataclasses.replace(h, **config)  # the artifact decides the model's shape

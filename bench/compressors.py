@@ -11,13 +11,16 @@ Every method compresses the same parts the artifact holds (the JSON header, then
 section: the integer values of each class, the scales, the fp16 values), each part on its own as
 train_gpt.py does, with the multi-byte arrays as byte planes (the artifact's layout) or in their
 native byte order. Bytes are the whole file: magic, frame table and frames (brotli's frames carry
-a 4-byte CRC-32). lrzip and zpaq run only where their binaries are installed. Results go to stdout.
+a 4-byte CRC-32). lrzip and zpaq run only where their binaries are installed. Then whole artifacts:
+brotli, COMPRESSOR=ans, and PR #1855's per-group lrzip with and without its row reordering (lrzip
+installed). Results go to stdout.
 """
 
 import argparse
 import json
 import lzma
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,7 +53,7 @@ def quantized_from_state(spec: str) -> tuple[dict, dict[str, dict]]:
     elif h.gptq_calib_tokens:
         loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, rt.device)
         hessians = tg.collect_hessians(model, loader, h, rt)
-    quantized = tg.quantize_state(state, tg.quant_plan(state, h, hessians), h.clip_search, hessians)
+    quantized, _ = tg.quantize_model(state, h, hessians)
     print(f"quantized {spec} ({sum(v.numel() for v in state.values())} params) in {time.perf_counter() - t0:.0f}s: "
           f"{json.dumps({c: sum(e['class'] == c for e in quantized.values()) for c in tg.CLASS_BITS})}")
     return tg.model_config(h), quantized
@@ -146,6 +149,60 @@ def main() -> None:
     base = next(r[2] for r in rows if r[:2] == ("zstd-22", "byte planes"))
     for name, layout, size, c_s, d_s in rows:
         print(f"{name:<20} {layout:<13} {size:>10} {size - base:>+18} {c_s:>11.2f} {d_s:>13.2f}")
+    print("\nwhole artifacts, the integer codes coded otherwise (the rest: the brotli frames above):")
+    whole = [(c, *timed(lambda c=c: len(tg.serialize_artifact(quantized, config, 22, c)))) for c in ("brotli", "ans")]
+    if shutil.which("lrzip"):
+        whole += [(f"per-group lrzip{' rows reordered' if sort else ''}", *timed(lambda sort=sort: per_group_lrzip(quantized, config, sort)))
+                  for sort in (False, True)]
+    else:
+        print("lrzip: no binary on this machine: per-group lrzip not measured")
+    brotli_bytes = whole[0][1]
+    for name, size, seconds in whole:
+        print(f"{name:<34} {size:>10} {size - brotli_bytes:>+9} vs brotli ({100 * (size / brotli_bytes - 1):+.2f}%) {seconds:>7.1f} s")
+
+
+def timed(fn) -> tuple[int, float]:
+    t0 = time.perf_counter()
+    return fn(), time.perf_counter() - t0
+
+
+def per_group_lrzip(quantized: dict[str, dict], config: dict, sort: bool) -> int:
+    """Bytes of PR #1855's layout: the integer codes of each kind of matrix (every block's c_q, ...,
+    the embedding) as one lrzip -z -L 9 (ZPAQ) stream, each matrix transposed (a column's values
+    adjacent), rows first reordered greedily by nearest neighbour in L1 for the embedding, c_q and
+    mlp.fc (sort; the order costs 2 bytes a row); the other sections brotli-11, as COMPRESSOR=brotli."""
+    groups, rest = {}, {}
+    for name, entry in quantized.items():
+        q = entry["arrays"].get("q")
+        if q is not None and q.ndim == 2 and re.fullmatch(tg.BLOCK_MATRICES + r"|tok_emb\.weight", name):
+            groups.setdefault(re.sub(r"\.\d+\.", ".", name), []).append(q)
+            rest[name] = dict(entry, arrays={k: v for k, v in entry["arrays"].items() if k != "q"})
+        else:
+            rest[name] = entry
+    total = 0
+    for kind, arrays in groups.items():
+        reorder = sort and kind in ("tok_emb.weight", "blocks.attn.c_q.weight", "blocks.mlp.fc.weight")
+        if reorder:
+            arrays = [a[nearest_neighbour_order(a)] for a in arrays]
+            total += sum(2 * a.shape[0] for a in arrays)
+        total += external("lrzip", ["-z", "-q", "-L", "9"], ".lrz")(b"".join(np.ascontiguousarray(a.T).tobytes() for a in arrays))[0]
+    # the rest as the brotli artifact holds it, less the empty "q" entries' headers
+    sections = tg.unpack_frames(tg.serialize_artifact(
+        {n: e for n, e in rest.items() if e["arrays"]}, config, 22, "brotli"))
+    return total + len(tg.BROTLI_MAGIC) + 4 + 8 * len(sections) + sum(map(len, sections))
+
+
+def nearest_neighbour_order(matrix: np.ndarray) -> np.ndarray:
+    """Rows in greedy nearest-neighbour order (L1), from row 0."""
+    rows = matrix.astype(np.int32)
+    free, order = np.ones(len(rows), dtype=bool), [0]
+    free[0] = False
+    for _ in range(len(rows) - 1):
+        candidates = np.flatnonzero(free)
+        best = candidates[np.abs(rows[candidates] - rows[order[-1]]).sum(1).argmin()]
+        order.append(best)
+        free[best] = False
+    return np.array(order)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@
     python3 bench/gpu_check.py --dry-run                      # the plan: each step with its cap, and the total
     python3 bench/gpu_check.py --out $OUT                     # on the device (run carry: .whl, .devdata)
 
-Setup installs the carried zstandard and brotli wheels where they are missing (the device image lacks
-them; brotli compresses PRESET=pr1204's artifact) and
+Setup installs the carried zstandard, brotli and constriction wheels where they are missing (the device
+image lacks them; brotli compresses PRESET=pr1204's artifact, constriction PRESET=sp8192's) and
 unpacks the carried proxy shards (.devdata/, zstd-compressed) into a scratch folder. Then, in order,
 each step a subprocess whose cap comes from the time left (--budget-s less the minimum kept for the
 steps after it that must run); a step that fails or runs out of time is recorded and the next one
@@ -48,7 +48,7 @@ PROXY_DATA, PROXY_TOKENIZER = "datasets/proxy_sp1024", "tokenizers/proxy_1024_bp
 PROXY_VOCAB = 1024
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # the challenge's shard header (as train_gpt reads it)
 SPEED_PRESETS = ("frontier", "pr1204", "sp8192", "pr76")  # in this order, those train_gpt defines
-WHEELS_NEEDED = {"zstandard": "zstandard==0.25.0", "brotli": "brotli==1.2.1"}  # module: pip requirement
+WHEELS_NEEDED = {"zstandard": "zstandard==0.25.0", "brotli": "brotli==1.2.1", "constriction": "constriction==0.5.0"}  # module: pip requirement
 DEVICE_PYTHON = "3.12"  # the device image's python3 (/work/.library/device/KINDS.md)
 
 # Seconds per step: at most (max_s) and the least worth starting (min_s). Estimates, not measurements:
@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan with each step's cap, run nothing")
     p.add_argument("--prepare", type=Path, metavar="SHARED_DATA", default=None,
                    help="here, before the call: copy the compressed proxy corpus from SHARED_DATA into .devdata/ "
-                        "and download the zstandard and brotli wheels for the device's Python into .whl/")
+                        "and download the zstandard, brotli and constriction wheels for the device's Python into .whl/")
     args = p.parse_args(argv)
     if args.budget_s <= 0 or args.speed_steps < 4 or args.e2e_steps < 2:
         p.error("--budget-s must be > 0, --speed-steps >= 4, --e2e-steps >= 2")
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def prepare(shared: Path, data: Path = DEVDATA, wheels: Path = WHEELS) -> None:
     """Copies the .zst shards and the tokenizer (as they are: they are unpacked on the device) and
-    downloads the zstandard and brotli wheels for the device's CPython on x86-64 Linux."""
+    downloads the zstandard, brotli and constriction wheels for the device's CPython on x86-64 Linux."""
     (data / PROXY_DATA).mkdir(parents=True, exist_ok=True)
     (data / "tokenizers").mkdir(parents=True, exist_ok=True)
     for f in sorted((shared / PROXY_DATA).glob("*.bin.zst")):
@@ -204,7 +204,7 @@ def step_cap(step: dict, left: float, later: list[dict]) -> float:
 def print_plan(steps: list[dict], budget_s: float, setup_s: float) -> None:
     """Each step with the cap it gets when every step before it uses its whole cap; the total."""
     left, total = budget_s - setup_s, setup_s
-    print(f"setup: cap {setup_s:.0f} s: install the carried zstandard and brotli wheels if missing; "
+    print(f"setup: cap {setup_s:.0f} s: install the carried wheels if missing; "
           f"unpack .devdata/*.zst")
     for i, step in enumerate(steps):
         cap = step_cap(step, left, steps[i + 1:])

@@ -53,12 +53,7 @@ VARIANTS = [
 
 def quantize(h, state, hessians) -> dict:
     """write_artifact's quantization, without the fitting."""
-    plan = tg.quant_plan(state, h)
-    clip_k = tg.clip_widths(plan, h)
-    quantized = tg.quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups)
-    if h.lqer_top:
-        tg.add_low_rank_corrections(state, quantized, h.lqer_top)
-    return quantized
+    return tg.quantize_model(state, h, hessians)[0]
 
 
 def kind(name: str) -> str:

@@ -1,6 +1,7 @@
 # OMP_NUM_THREADS=1 python3 -m pytest -q tests/test_compressors_bench.py
 """bench/compressors.py: both layouts hold exactly the artifact's arrays (byte planes as written, and
-each array's native bytes), and a run on an artifact prints one row per method and layout."""
+each array's native bytes), and a run on an artifact prints one row per method and layout, then the
+whole artifacts' sizes as train_gpt.py writes them."""
 
 import importlib.util
 import json
@@ -40,8 +41,14 @@ def test_a_run_on_an_artifact_prints_a_row_per_method_and_layout(tmp_path):
     run = subprocess.run([sys.executable, "bench/compressors.py", str(path)], cwd=REPO, env=clean_env(),
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    rows = [(line[:20].strip(), line[21:34].strip()) for line in run.stdout.splitlines()
+    per_part, whole = run.stdout.split("whole artifacts")
+    rows = [(line[:20].strip(), line[21:34].strip()) for line in per_part.splitlines()
             if line.startswith(("zstd", "brotli", "lzma"))]
+    # the whole artifacts: brotli, ans (and per-group lrzip where it is installed), sizes as written
+    sizes = {line[:34].strip(): int(line[34:45]) for line in whole.splitlines()[1:] if line[:1].isalpha() and "vs brotli" in line}
+    assert sizes["brotli"] == len(tg.serialize_artifact(quantized, config, 22, "brotli"))
+    assert sizes["ans"] == len(tg.serialize_artifact(quantized, config, 22, "ans"))
+    assert ("per-group lrzip" in sizes) == bool(compressors.shutil.which("lrzip"))
     names = {"zstd-22", "brotli-11", "brotli-11 lgwin 24", "lzma-9e (xz -9e)"}
     assert sorted(rows) == sorted((n, layout) for n in names for layout in ("byte planes", "native order"))
     base = next(line for line in run.stdout.splitlines() if line.startswith("zstd-22") and "byte planes" in line)

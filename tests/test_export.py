@@ -42,17 +42,22 @@ def test_int6_goes_to_the_repeated_blocks_first_then_to_the_largest_traces():
     assert {n for n, c in two.items() if c == "int6"} == {"blocks.1.mlp.proj.weight", "blocks.1.attn.c_q.weight"}
 
 
-def test_int6_matrices_changes_only_the_block_matrices_classes():
-    h = tiny_hparams(gptq_calib_tokens=2048, quant_bits_embed=8)
+def test_int6_matrices_changes_only_the_block_matrices_and_bigram_classes():
+    h = tiny_hparams(gptq_calib_tokens=2048, quant_bits_embed=8, bigram_vocab_size=64, bigram_dim=16)
     state = tiny_model(h).state_dict()
     blocks = [n for n in state if re.fullmatch(tg.BLOCK_MATRICES, n)]
     hessians = diagonal_hessians({n: float(i) for i, n in enumerate(blocks)})
     by_name = tg.quant_plan(state, h, hessians)
     assert by_name == tg.quant_plan(state, h)  # off: the Hessians change nothing
+    assert (by_name["bigram.proj.weight"], by_name["bigram.table.weight"]) == ("fp16", "int6")
     ranked = tg.quant_plan(state, dataclasses.replace(h, int6_matrices=3), hessians)
     assert sorted(n for n, c in ranked.items() if c == "int6" and n in blocks) == sorted(blocks[-3:])
     assert all(ranked[n] == "int5" for n in blocks[:-3])
-    assert {n: c for n, c in ranked.items() if n not in blocks} == {n: c for n, c in by_name.items() if n not in blocks}
+    # PR #1204's export: the projection ranked with them (no Hessian, so last: int5), the table int8
+    assert (ranked["bigram.proj.weight"], ranked["bigram.table.weight"]) == ("int5", "int8")
+    bigram = {"bigram.proj.weight", "bigram.table.weight"}
+    assert ({n: c for n, c in ranked.items() if n not in blocks and n not in bigram}
+            == {n: c for n, c in by_name.items() if n not in blocks and n not in bigram})
 
 
 def test_int6_matrices_needs_a_calibration():
@@ -147,3 +152,91 @@ def test_a_missing_brotli_is_a_one_line_error_only_where_it_is_used(quantized, m
         with pytest.raises(tg.RunError) as error:
             use()
         assert_one_line_error(error, "pip install brotli")
+
+
+# COMPRESSOR=ans: the integer sections entropy-coded under per-column models (train_gpt.ans_encode).
+
+def column_coded(rows: int, cols: int, seed: int) -> np.ndarray:
+    """int6-like codes whose spread depends on the column (1 to 8), as in trained matrices."""
+    rng = np.random.default_rng(seed)
+    spread = np.linspace(1.0, 8.0, cols)[rng.permutation(cols)]
+    return np.clip(np.rint(rng.standard_normal((rows, cols)) * spread), -31, 31).astype(np.int8)
+
+
+@pytest.fixture(scope="module")
+def column_quantized(quantized):
+    """The tiny model's quantized state with two block matrices replaced by column_coded() codes."""
+    h, q = quantized
+    out = {name: dict(entry, arrays=dict(entry["arrays"])) for name, entry in q.items()}
+    for i, name in enumerate(["blocks.0.mlp.fc.weight", "blocks.1.mlp.fc.weight"]):
+        rows = out[name]["arrays"]["q"].shape[0]
+        out[name] = dict(out[name], shape=[rows, 256], arrays=dict(q=column_coded(rows, 256, i), scale=out[name]["arrays"]["scale"]))
+    return h, out
+
+
+def test_ans_codes_to_within_a_percent_of_the_column_conditional_entropy_and_under_brotli():
+    arrays = [(f"blocks.{i}.mlp.fc.weight", column_coded(512, 256, i)) for i in range(3)]
+    constant = [("blocks.0.attn.gate", np.full((4, 12), 3, dtype=np.int8)), ("x", np.zeros((0, 5), dtype=np.int8))]
+    assert tg.ans_decode(tg.ans_encode(constant), 48) == constant[0][1].tobytes()  # one symbol, no values
+    payload = tg.ans_encode(arrays)
+    data = b"".join(a.tobytes() for _, a in arrays)
+    assert tg.ans_decode(payload, len(data)) == data
+    # the entropy each column's own distribution allows (the models see 4 buckets of columns, not 256)
+    bits = 0.0
+    for _, a in arrays:
+        for col in a.T:
+            _, counts = np.unique(col, return_counts=True)
+            bits -= float((counts * np.log2(counts / counts.sum())).sum())
+    assert len(payload) < 1.03 * bits / 8
+    one_model = tg.ANS_COLUMN_BUCKETS
+    try:  # the column buckets are what beats brotli: with one model per kind, ANS codes no better than order 0
+        tg.ANS_COLUMN_BUCKETS = 1
+        assert len(tg.ans_encode(arrays)) > 1.04 * len(payload)
+    finally:
+        tg.ANS_COLUMN_BUCKETS = one_model
+    assert len(payload) < 0.97 * len(tg.brotli_module().compress(data, quality=11))
+
+
+def test_ans_artifact_loads_without_any_setting_to_the_same_model(column_quantized):
+    h, q = column_quantized
+    blobs = {c: tg.serialize_artifact(q, tg.model_config(h), 3, c) for c in ("zstd", "brotli", "ans")}
+    assert blobs["ans"].startswith(tg.ANS_MAGIC)
+    tags = [frame[:1] for frame in tg.unpack_frames(blobs["ans"])]
+    assert tags.count(b"A") == 1 and set(tags) == {b"A", b"B"}  # the int6 section ANS-coded, the rest brotli
+    assert len(blobs["ans"]) < len(blobs["brotli"])
+    loaded = {c: tg.deserialize_artifact(b, c) for c, b in blobs.items()}
+    assert loaded["ans"][0] == loaded["zstd"][0]
+    for name, entry in loaded["zstd"][1].items():
+        for part, array in entry["arrays"].items():
+            assert np.array_equal(array, loaded["ans"][1][name]["arrays"][part]), (name, part)
+
+
+def test_damaged_ans_artifacts_give_a_clear_error_or_the_same_model(column_quantized):
+    h, q = column_quantized
+    blob = tg.serialize_artifact(q, tg.model_config(h), 3, "ans")
+    intact = tg.dequantize_state(tg.deserialize_artifact(blob, "intact")[1])
+    rng = random.Random(1)
+    damaged = [blob[:cut] for cut in range(0, len(blob), 211)]
+    for _ in range(300):
+        pos = rng.randrange(len(blob))
+        damaged.append(blob[:pos] + bytes([blob[pos] ^ (1 << rng.randrange(8))]) + blob[pos + 1:])
+    for bad in damaged:
+        try:
+            loaded = tg.dequantize_state(tg.deserialize_artifact(bad, "damaged.ptz")[1])
+        except tg.RunError as exc:
+            assert "damaged.ptz: corrupt or truncated artifact" in str(exc) and "\n" not in str(exc)
+            continue
+        assert all(torch.equal(loaded[n], intact[n]) for n in intact)
+
+
+def test_a_missing_constriction_is_a_one_line_error_where_ans_is_used(column_quantized, monkeypatch):
+    h, q = column_quantized
+    blob = tg.serialize_artifact(q, tg.model_config(h), 3, "ans")
+    real = tg.importlib.import_module
+    monkeypatch.setattr(tg.importlib, "import_module",
+                        lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "constriction" else real(name, *a))
+    tg.deserialize_artifact(tg.serialize_artifact(q, tg.model_config(h), 3, "brotli"), "b")  # brotli needs no constriction
+    for use in (lambda: tg.serialize_artifact(q, tg.model_config(h), 3, "ans"), lambda: tg.deserialize_artifact(blob, "a.ptz")):
+        with pytest.raises(tg.RunError) as error:
+            use()
+        assert_one_line_error(error, "pip install constriction")

@@ -136,7 +136,7 @@ def test_carried_shards_are_unpacked_and_checked(tmp_path):
         gc.unpack_corpus(tmp_path / "nothing", tmp_path / "data")
 
 
-@pytest.mark.parametrize("module", ["zstandard", "brotli"])
+@pytest.mark.parametrize("module", ["zstandard", "brotli", "constriction"])
 def test_a_missing_module_without_a_carried_wheel_is_one_clear_error(monkeypatch, tmp_path, module):
     monkeypatch.setitem(sys.modules, module, None)  # importing it now raises ImportError
     with pytest.raises(RuntimeError, match=f"{module} is not installed and no {module} wheel was carried"):

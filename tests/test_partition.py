@@ -212,10 +212,15 @@ def test_pr1204_optimizer_groups_follow_the_record():
 @pytest.mark.parametrize("name", ["pr1204", "frontier"])
 def test_pr1204_export_puts_32_block_matrices_at_int6_those_of_the_repeated_blocks_among_them(name):
     """The record's log: 'mixed_quant: 32 int6, 35 int5 ... forced_recur_int6=16/16' (its 35th int5 is
-    the bigram projection, which it counts among its attention matrices; here it stays fp16)."""
+    the bigram projection, which it counts among its attention matrices, as here)."""
     h = preset(name)
-    plan = tg.quant_plan(meta_model(h).state_dict(), h)
+    state = meta_model(h).state_dict()
+    # a calibration gives every block matrix a Hessian (equal traces here) and the bigram projection none
+    hessians = {n: torch.eye(2) for n in state if re.fullmatch(tg.BLOCK_MATRICES, n)}
+    plan = tg.quant_plan(state, h, hessians)
     blocks = {n: c for n, c in plan.items() if re.fullmatch(tg.BLOCK_MATRICES, n)}
     assert len(blocks) == 66 and sorted(blocks.values()).count("int6") == h.int6_matrices == 32
+    ranked = [c for n, c in plan.items() if n in blocks or n == "bigram.proj.weight"]
+    assert (ranked.count("int6"), ranked.count("int5"), plan["bigram.table.weight"]) == (32, 35, "int8")
     repeated = [n for n in blocks if n.startswith(("blocks.4.", "blocks.5.", "repeat_mlps."))]
     assert len(repeated) == 16 and all(blocks[n] == "int6" for n in repeated)

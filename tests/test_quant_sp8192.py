@@ -258,9 +258,8 @@ def test_an_awq_group_outside_the_matrix_is_a_damaged_artifact(group):
         tg.dequantize_tensor(entry)
 
 
-@pytest.mark.parametrize("compressor", ["zstd", "brotli"])
+@pytest.mark.parametrize("compressor", ["zstd", "brotli", "ans"])
 def test_write_artifact_with_every_piece_on_reloads_what_it_quantized(tmp_path, compressor):
-    pytest.importorskip(compressor if compressor == "brotli" else "zstandard")
     h = tiny_hparams(gptq_calib_tokens=2048, gptq_embed=True, quant_bits_embed=7, quant_bits_mlp=6,
                      sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85, skip_gates=True,
                      quant_gates_int8=True, attn_gate_window=12, lqer_top=3, awq_groups=2, compressor=compressor,
