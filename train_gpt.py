@@ -2632,10 +2632,10 @@ def pack_frames(parts: list, zstd_level: int, compressor: str = "zstd") -> bytes
         for part in parts:
             data = b"".join(array.tobytes() for _, array in part) if isinstance(part, list) else part
             frame = struct.pack("<I", zlib.crc32(data)) + codec.compress(data, quality=BROTLI_QUALITY)
-            if isinstance(part, list):
-                coded = b"A" + struct.pack("<I", zlib.crc32(data)) + ans_encode(part)
-                frame = coded if len(coded) < 1 + len(frame) else b"B" + frame
-            frames.append(b"B" + frame if compressor == "ans" and not isinstance(part, list) else frame)
+            if compressor == "ans":
+                coded = struct.pack("<I", zlib.crc32(data)) + ans_encode(part) if isinstance(part, list) else frame
+                frame = b"A" + coded if len(coded) < len(frame) else b"B" + frame
+            frames.append(frame)
     else:
         zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
         frames = [zstd.compress(part) for part in parts]
