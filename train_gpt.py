@@ -195,6 +195,7 @@ class Hyperparameters:
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
     quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
+    quant_min_range: float = 0.0  # > 0: every row's step at least this / qmax (its grid spans at least +-this; PR #1204: 1.0)
     int6_matrices: int = 0  # N > 0: block matrices (and the bigram projection) int5 but the N of largest input-Hessian trace int6, the bigram table int8 (PR #1204: 32)
     zstd_level: int = 22
     compressor: str = "zstd"  # zstd (at ZSTD_LEVEL) | brotli (quality 11, PR #1204) | ans (the integer codes ANS-coded, the rest brotli)
@@ -259,7 +260,7 @@ PR1204 = dict(  # the 1.1063 record as it ran (its README command, code defaults
     rope_ntk_len=1024, ln_scale=True, mlp_negative_slope=0.5, ve_layers="9,10", first_block_mlp_only=True,
     lanes_from=7, lane_formula="read", skip_gates=True, recur_blocks="4,5", recur_start_frac=0.48,
     recur_untie_mlp=True, virtual_depth=True, quant_bits_mlp=5, quant_bits_embed=8, int6_matrices=32,
-    gptq_calib_tokens=0, gptq_selfgen_seqs=64, compressor="brotli",
+    gptq_calib_tokens=0, gptq_selfgen_seqs=64, compressor="brotli", quant_min_range=1.0,
 )
 # Ours: the record as it ran plus only what the leaderboard measured beating it (FRONTIER.md: the later
 # records' MuonEq-R, ~-0.001, and query gain 5.0 instead of 1.5, -0.0008 for 4 -> 5).
@@ -462,6 +463,7 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
         (h.compressor in COMPRESSORS, f"COMPRESSOR={h.compressor!r}: expected one of {', '.join(COMPRESSORS)}"),
         (h.int6_matrices >= 0, "INT6_MATRICES must be >= 0"),
+        (0 <= h.quant_min_range < math.inf, "QUANT_MIN_RANGE must be a finite value >= 0"),
         (h.gptq_selfgen_seqs >= 0, "GPTQ_SELFGEN_SEQS must be >= 0"),
         (h.gptq_selfgen_len == 0 or 2 <= h.gptq_selfgen_len <= h.train_seq_len,
          "GPTQ_SELFGEN_LEN must be 0 (TRAIN_SEQ_LEN) or in 2..TRAIN_SEQ_LEN"),
@@ -2216,20 +2218,23 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "recur_repeats", "recur_in_unet")
 
 
-def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0) -> tuple[Tensor, Tensor]:
+def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0,
+                  min_range: float = 0.0) -> tuple[Tensor, Tensor]:
     """int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1] and one fp16 scale per row of w (rows, cols).
     The scale: with clip_k > 0 (SDClip), clip_k x std(row) / qmax (the unbiased std, as PR #1855);
-    else searched (clip_search) or the row's absolute max / qmax."""
+    else searched (clip_search) or the row's absolute max / qmax; never below min_range / qmax
+    (QUANT_MIN_RANGE: PR #1204's floor, 1/qmax, which makes every row whose values lie within +-1 share
+    one coarse grid)."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.float()
+    w, floor = w.float(), max(2.0 ** -24, min_range / qmax)
     if clip_k > 0:
-        scale = (clip_k * w.std(dim=1, keepdim=True) / qmax).clamp_min(2.0 ** -24).half().float()
+        scale = (clip_k * w.std(dim=1, keepdim=True) / qmax).clamp_min(floor).half().float()
         return torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8), scale.squeeze(1).half()
     amax = w.abs().amax(dim=1, keepdim=True)
     best_q = best_scale = best_err = None
     for ratio in CLIP_RATIOS if clip_search else (1.0,):
         # fp16 rounds to within 2^-11 relative: the nudge keeps ratio x amax representable
-        scale = (amax * ratio / qmax * (1 + 2.0 ** -10)).clamp_min(2.0 ** -24).half().float()
+        scale = (amax * ratio / qmax * (1 + 2.0 ** -10)).clamp_min(floor).half().float()
         q = torch.clamp(torch.round(w / scale), -qmax, qmax)
         err = (q * scale - w).square().sum(dim=1, keepdim=True)
         if best_err is None:
@@ -2442,14 +2447,14 @@ def awq_scale(scale: Tensor, bits: int) -> Tensor:
 
 
 def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
-                    clip_k: float = 0.0, awq: list[int] | tuple[int, ...] = ()) -> dict:
+                    clip_k: float = 0.0, awq: list[int] | tuple[int, ...] = (), min_range: float = 0.0) -> dict:
     """One tensor's artifact entry: int values and row scales (rows: the last dimension), GPTQ-rounded
     given a Hessian, with the AWQ_WIDTH-column groups `awq` at int8 (AWQ_PARTS); or fp16 values."""
     tensor = tensor.detach().float()
     if cls not in QUANT_BITS:
         return {"class": cls, "shape": list(tensor.shape), "arrays": {"value": tensor.half().cpu().numpy()}}
     bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
-    q, scale = quantize_rows(rows, bits, clip_search, clip_k)
+    q, scale = quantize_rows(rows, bits, clip_search, clip_k, min_range)
     arrays = {}
     if hessian is not None:
         cols = awq_columns(awq)
@@ -2512,11 +2517,11 @@ def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict
 
 def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
                    hessians: dict[str, Tensor] | None = None, clip_k: dict[str, float] | None = None,
-                   awq_groups: int = 0) -> dict[str, dict]:
+                   awq_groups: int = 0, min_range: float = 0.0) -> dict[str, dict]:
     hessians, clip_k = hessians or {}, clip_k or {}
     awq = salient_groups(state, plan, hessians, awq_groups) if awq_groups else {}
     return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name), clip_k.get(name, 0.0),
-                                  awq.get(name, ())) for name in plan}
+                                  awq.get(name, ()), min_range) for name in plan}
 
 
 def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None,
@@ -2528,7 +2533,7 @@ def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[
         int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
         log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
     clip_k = clip_widths(plan, h)
-    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups)
+    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups, h.quant_min_range)
     if h.lqer_top:
         log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
     return quantized, clip_k
@@ -2549,7 +2554,7 @@ def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
 
 def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
                  hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
-                 clip_k: dict[str, float] | None = None) -> tuple[bytes, list[str]]:
+                 clip_k: dict[str, float] | None = None, min_range: float = 0.0) -> tuple[bytes, list[str]]:
     """Serializes; while over `budget` bytes, demotes the cheapest tensors and re-measures.
 
     A demotion's cost is the output error it adds (output_error) per byte it is expected to save
@@ -2565,7 +2570,7 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
             if target is None or re.fullmatch(CONTROL_TENSORS, name):
                 continue
             hessian = hessians.get(name)
-            demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0))
+            demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0), (), min_range)
             saving = (CLASS_BITS[entry["class"]] - CLASS_BITS[target]) * state[name].numel() / 8
             cost = output_error(state[name], demoted, hessian) - output_error(state[name], entry, hessian)
             candidates.append((cost / saving, name, target, demoted, saving))
@@ -3010,7 +3015,7 @@ POST_TRAINING_FIELDS = frozenset((
     "artifact_path", "artifact_limit_bytes", "zstd_level", "eval_only", "gptq_calib_tokens",
     "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn", "quant_bits_embed", "compressor",
     "int6_matrices", "gptq_selfgen_seqs", "gptq_selfgen_len", "sdclip_attn", "sdclip_mlp", "sdclip_embed",
-    "sdclip_other", "gptq_embed", "quant_gates_int8", "lqer_top", "awq_groups"))
+    "sdclip_other", "gptq_embed", "quant_gates_int8", "lqer_top", "awq_groups", "quant_min_range"))
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
 
 
@@ -3557,7 +3562,8 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
         config["recur_blocks"] = ""
     quantized, clip_k = quantize_model(state, h, hessians, log)
     blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
-                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k)
+                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k,
+                               h.quant_min_range)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")

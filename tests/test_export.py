@@ -223,3 +223,22 @@ def test_a_missing_constriction_is_a_one_line_error_where_ans_is_used(column_qua
         with pytest.raises(tg.RunError) as error:
             use()
         assert_one_line_error(error, "pip install constriction")
+
+
+def test_quant_min_range_puts_small_rows_on_one_grid_of_step_one_over_qmax():
+    """PR #1204's floor: a row whose values lie within +-1 is rounded on the grid k / qmax, whatever its
+    own range; a row wider than +-1 keeps its own scale. Off (0), every row has its own scale."""
+    torch.manual_seed(0)
+    w = torch.cat([torch.randn(3, 64) * 0.02, torch.randn(1, 64) * 2.0])  # three small rows, one wide
+    for bits in (5, 6, 8):
+        qmax = 2 ** (bits - 1) - 1
+        q, scale = tg.quantize_rows(w, bits, clip_search=True, min_range=1.0)
+        assert torch.equal(scale[:3].float(), torch.full((3,), 1 / qmax).half().float())
+        assert torch.equal(q[:3].float(), torch.round(w[:3] / scale[:3, None].float()))  # values under 1 step: few codes
+        assert scale[3] > 1 / qmax and torch.equal(scale[3], tg.quantize_rows(w, bits, True)[1][3])
+        assert (tg.quantize_rows(w, bits, True)[1][:3] < 1 / qmax).all()
+    assert tg.PRESETS["pr1204"]["quant_min_range"] == 1.0 and "quant_min_range" not in tg.PRESETS["sp8192"]
+    # GPTQ keeps the floor: its scales are quantize_rows'
+    hessian = torch.eye(64) + 0.1
+    entry = tg.quantize_tensor(w, "int6", hessian=hessian, min_range=1.0)
+    assert np.allclose(entry["arrays"]["scale"][:3].astype(np.float32), np.float16(1 / 31))

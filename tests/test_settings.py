@@ -90,7 +90,7 @@ IMPOSSIBLE = {
     "virtual_depth": ["2"], "recur_untie_mlp": ["yes"], "first_block_mlp_only": ["-1"], "ve_layers": ["x", "99"],
     "skip_gates": ["on"], "lane_formula": ["both"], "smear_zero_start": ["2"], "rope_ntk_len": ["-1"],
     "bigram_proj_adam": ["maybe"], "bigram_proj_gain": ["-1", "nan"], "ve_dim": ["0", "-1"],
-    "compressor": ["lzma", "ZSTD"], "int6_matrices": ["-1"], "gptq_selfgen_seqs": ["-1"],
+    "compressor": ["lzma", "ZSTD"], "int6_matrices": ["-1"], "quant_min_range": ["-1", "inf"], "gptq_selfgen_seqs": ["-1"],
     "gptq_selfgen_len": ["1", "-1", "129"],
     "sdclip_attn": ["-1", "nan"], "sdclip_mlp": ["-11.5"], "sdclip_embed": ["-14", "inf"], "sdclip_other": ["-0.1"],
     "gptq_embed": ["2"], "quant_gates_int8": ["yes"], "lqer_top": ["-1", "1.5"], "awq_groups": ["-1"],
