@@ -205,7 +205,7 @@ class Hyperparameters:
     sdclip_embed: float = 0.0  # ... for the tied embedding
     sdclip_other: float = 0.0  # ... for the other quantized matrices (bigram and value-embedding tables; not gates)
     gptq_embed: bool = False  # GPTQ rounds the tied embedding as the output head (Hessian of the head's input)
-    quant_gates_int8: bool = False  # every tensor named *gate* int8 per row (else as its name rule says)
+    quant_gates_int8: bool = False  # the attention output gates (GATE_TENSORS) int8 per row (else fp16)
     lqer_top: int = 0  # LQER: rank-4 int2 x int4 correction of the LQER_TOP matrices with the largest error
     awq_groups: int = 0  # AWQ-lite: the AWQ_GROUPS most salient 64-column groups of the model kept at int8
     # Systems.
@@ -462,15 +462,13 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
         (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
         (h.compressor in COMPRESSORS, f"COMPRESSOR={h.compressor!r}: expected one of {', '.join(COMPRESSORS)}"),
-        (h.int6_matrices >= 0, "INT6_MATRICES must be >= 0"),
-        (0 <= h.quant_min_range < math.inf, "QUANT_MIN_RANGE must be a finite value >= 0"),
-        (h.gptq_selfgen_seqs >= 0, "GPTQ_SELFGEN_SEQS must be >= 0"),
+        (h.int6_matrices >= 0 and h.quant_min_range >= 0, "INT6_MATRICES and QUANT_MIN_RANGE must be >= 0"),
         (h.gptq_selfgen_len == 0 or 2 <= h.gptq_selfgen_len <= h.train_seq_len,
          "GPTQ_SELFGEN_LEN must be 0 (TRAIN_SEQ_LEN) or in 2..TRAIN_SEQ_LEN"),
         (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
         (h.attn_backend in ATTN_BACKENDS, f"ATTN_BACKEND={h.attn_backend!r}: expected one of {', '.join(ATTN_BACKENDS)}"),
-        (h.gptq_calib_tokens >= 0 and h.gptq_reserve_seconds >= 0,
-         "GPTQ_CALIB_TOKENS and GPTQ_RESERVE_SECONDS must be >= 0"),
+        (min(h.gptq_calib_tokens, h.gptq_reserve_seconds, h.gptq_selfgen_seqs) >= 0,
+         "GPTQ_CALIB_TOKENS, GPTQ_RESERVE_SECONDS and GPTQ_SELFGEN_SEQS must be >= 0"),
     ]
 
 
@@ -2262,7 +2260,8 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
     if h.int6_matrices:  # PR #1204's mixed export: the bigram projection ranked too (no Hessian: int5), its table int8
         ranked = [n for n in plan if re.fullmatch(BLOCK_MATRICES, n) or n == "bigram.proj.weight"]
         plan.update(int6_by_trace(ranked, hessians or {}, recurrence_blocks(h), h.int6_matrices))
-        plan.update({n: "int8" for n in plan if n == "bigram.table.weight"})
+        if "bigram.table.weight" in plan:
+            plan["bigram.table.weight"] = "int8"
     if h.quant_gates_int8:
         gates = [name for name in plan if re.fullmatch(GATE_TENSORS, name)]
         if not gates:
