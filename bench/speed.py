@@ -70,28 +70,39 @@ PEAK_BF16_TFLOPS = (("H100 80GB HBM3", 989.0), ("H100 SXM", 989.0), ("H200", 989
 # forward, 12Td forward + backward, halved because a causal token sees on average half the
 # sequence (the exact mean is (T+1)/2): 6Td per token per layer. Norms, RoPE, softcap, relu^2, the
 # loss and the optimizers are not counted. For the record: 6 x 28,884,992 + 6 x 12 x 1024 x 512 =
-# 211.06 MFLOP per token, the issue's ~211.
+# 211.06 MFLOP per token, the issue's ~211. With the depth recurrence on, a token passes through
+# more blocks than NUM_LAYERS (block_positions) and each pass counts. Within-document attention
+# (DOC_ATTENTION) is counted as causal attention, as the records' MFU figures count it.
 
 
-def matmul_params(h: tg.Hyperparameters) -> dict[str, int]:
-    """Matrix parameters multiplied once per token, by part."""
+def block_positions(h: tg.Hyperparameters, recurrence: bool = False) -> int:
+    """Blocks a token passes through: NUM_LAYERS, or with the depth recurrence on, every repeated pass
+    too (the blocks in RECUR_BLOCKS run RECUR_REPEATS more times: sp8192 17 from 11, pr1204 13)."""
+    return tg.run_positions(h) if recurrence else h.num_layers
+
+
+def matmul_params(h: tg.Hyperparameters, recurrence: bool = False) -> dict[str, int]:
+    """Matrix parameters multiplied once per token, by part; a repeated block's matrices count once
+    per pass (they do the work again, shared or not)."""
     d, kv_dim, hidden = h.model_dim, h.num_kv_heads * (h.model_dim // h.num_heads), h.mlp_mult * h.model_dim
     per_block = 2 * d * d + 2 * d * kv_dim + 2 * d * hidden  # c_q, proj; c_k, c_v; mlp fc, proj
-    return {"blocks": h.num_layers * per_block, "bigram_proj": h.bigram_dim * d, "head": h.vocab_size * d}
+    return {"blocks": block_positions(h, recurrence) * per_block, "bigram_proj": h.bigram_dim * d,
+            "head": h.vocab_size * d}
 
 
 def attention_flops_per_token(h: tg.Hyperparameters, seq_len: int, training: bool = True,
-                              causal: bool = True) -> float:
+                              causal: bool = True, recurrence: bool = False) -> float:
     passes = 3 if training else 1  # backward: twice the forward's products
-    return passes * 4 * seq_len * h.model_dim * h.num_layers * (0.5 if causal else 1.0)
+    return passes * 4 * seq_len * h.model_dim * block_positions(h, recurrence) * (0.5 if causal else 1.0)
 
 
 def model_flops_per_token(h: tg.Hyperparameters, seq_len: int | None = None, training: bool = True,
-                          causal: bool = True) -> float:
-    """Model FLOPs per token (see the convention above); forward only with training=False."""
+                          causal: bool = True, recurrence: bool = False) -> float:
+    """Model FLOPs per token (see the convention above); forward only with training=False; with the
+    depth recurrence on (`recurrence`), every pass of a repeated block counts."""
     seq_len = seq_len or h.train_seq_len
-    matmul = (6 if training else 2) * sum(matmul_params(h).values())
-    return matmul + attention_flops_per_token(h, seq_len, training, causal)
+    matmul = (6 if training else 2) * sum(matmul_params(h, recurrence).values())
+    return matmul + attention_flops_per_token(h, seq_len, training, causal, recurrence)
 
 
 # -----------------------------------------------------------------------------
@@ -206,14 +217,17 @@ def time_steps(h, rt, model, optimizers, loader, first_step: int, count: int, sy
                base_model=None, recur_at: int | None = None) -> dict:
     """count train_gpt.train_step calls. sync_each: a device sync after every step (per-step times);
     else one at the end (the device queue stays full, as it would without the loop's host syncs).
-    recur_at: the step from which the depth recurrence runs (its graph was built in the warm-up)."""
-    losses, step_ms = [], []
+    recur_at: the step from which the depth recurrence runs (its graph was built in the warm-up); the
+    peak memory before it is kept ("memory_recur_off") and the peak restarts there."""
+    losses, step_ms, switch_memory = [], [], None
     rt.sync()
     t_start = time.perf_counter()
     for i in range(count):
         t0 = time.perf_counter()
         step = first_step + i
-        if recur_at is not None and step >= recur_at:
+        if recur_at is not None and step >= recur_at and not base_model.recur_active:
+            switch_memory = memory_stats(rt)
+            reset_peak_memory(rt)
             base_model.recur_active = True
         losses.append(tg.train_step(h, rt, model, optimizers, loader, step, tg.lr_scale(h, step, 0.0)))
         if sync_each:
@@ -225,7 +239,8 @@ def time_steps(h, rt, model, optimizers, loader, first_step: int, count: int, sy
     rt.sync()
     total_ms = 1000 * (time.perf_counter() - t_start)
     mean_losses = [tg.mean_over_ranks(rt, loss) for loss in losses]
-    return {"steps": count, "total_ms": total_ms, "step_ms": step_ms, "losses": mean_losses}
+    return {"steps": count, "total_ms": total_ms, "step_ms": step_ms, "losses": mean_losses,
+            "memory_recur_off": switch_memory}
 
 
 def count_host_syncs(h, rt, model, optimizers, loader, step: int) -> dict:
@@ -263,7 +278,7 @@ def no_recompiles(compile_on: bool):
         raise
 
 
-def time_evaluation(h, rt, model, val: tg.ValidationSet) -> dict:
+def time_evaluation(h, rt, model, val: tg.ValidationSet, recurrence: bool) -> dict:
     seq_len, stride = h.model_eval_seq_len, h.eval_stride or h.model_eval_seq_len
     windows = len(tg.window_plan(val.num_targets, seq_len, stride)[0])
     reset_peak_memory(rt)
@@ -273,7 +288,7 @@ def time_evaluation(h, rt, model, val: tg.ValidationSet) -> dict:
     val_loss, _ = tg.evaluate(tg.model_for_eval(model), val, seq_len, stride, h.val_batch_size, rt)
     rt.sync()
     seconds = time.perf_counter() - t0
-    flops = windows * seq_len * model_flops_per_token(h, seq_len, training=False)
+    flops = windows * seq_len * model_flops_per_token(h, seq_len, training=False, recurrence=recurrence)
     return {"seconds": seconds, "seq_len": seq_len, "stride": stride, "targets": val.num_targets,
             "windows": windows, "window_tokens": windows * seq_len, "targets_per_s": val.num_targets / seconds,
             "model_tflop": flops / 1e12, "tflops_per_gpu": flops / seconds / rt.world_size / 1e12,
@@ -317,15 +332,19 @@ def profile_steps(h, rt, model, optimizers, loader, first_step: int, count: int)
     return averages.table(sort_by=key, row_limit=30), attention
 
 
-def recurrence_phases(step_ms: list[float], recur_at: int, h) -> dict:
-    """ms/step and tokens/s of the synced steps before and after the recurrence switch (the forward
-    passes through the repeated blocks twice after it: a slower step, timed apart)."""
+def recurrence_phases(step_ms: list[float], recur_at: int, h, rt, peak: float | None, memory: dict) -> dict:
+    """ms/step, tokens/s, model TFLOP/s (every pass of a repeated block counted) and peak memory of the
+    synced steps before and after the recurrence switch (after it a token passes through more blocks:
+    a slower step, timed apart). memory: label -> memory_stats of that phase."""
     phases = {}
-    for label, ms in (("recur_off", step_ms[:recur_at]), ("recur_on", step_ms[recur_at:])):
+    for label, ms, on in (("recur_off", step_ms[:recur_at], False), ("recur_on", step_ms[recur_at:], True)):
         if ms:
             median = statistics.median(ms)
-            phases[label] = {"steps": len(ms), "ms_per_step_median": median,
-                             "tokens_per_s": h.train_batch_tokens / (median / 1000)}
+            tokens_per_gpu_s = h.train_batch_tokens / (median / 1000) / rt.world_size
+            tflops = model_flops_per_token(h, recurrence=on) * tokens_per_gpu_s / 1e12
+            phases[label] = {"steps": len(ms), "ms_per_step_median": median, "positions": block_positions(h, on),
+                             "tokens_per_s": h.train_batch_tokens / (median / 1000), "model_tflops_per_gpu": tflops,
+                             "mfu": tflops / peak if peak else None, "memory": memory.get(label)}
     return phases
 
 
@@ -373,6 +392,15 @@ def config_summary(h: tg.Hyperparameters, preset: str, base_model: tg.GPT) -> di
             "params": sum(p.numel() for p in base_model.parameters()), "matmul_params": matmul_params(h)}
 
 
+def peak_mib(memory: dict | None) -> str:
+    """The phase's peak: CUDA allocated/reserved MiB, else the process's max RSS."""
+    if not memory:
+        return "n/a"
+    if "peak_allocated_mib" in memory:
+        return f"{memory['peak_allocated_mib']:.0f}/{memory['peak_reserved_mib']:.0f} MiB allocated/reserved"
+    return f"max RSS {memory['max_rss_mib']:.0f} MiB"
+
+
 def fmt(value, spec: str = ".2f", unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
@@ -401,9 +429,12 @@ def report_table(r: dict) -> str:
         ("tokens/s per GPU", f"{s['tokens_per_s_per_gpu']:,.0f}"),
         ("recurrence", "off throughout" if not s.get("recurrence") else
          f"blocks {s['recurrence']['blocks']} on from timed step {s['recurrence']['recur_at']}: " + "; ".join(
-             f"{label} {p['ms_per_step_median']:.2f} ms/step ({p['steps']} steps)"
-             for label, p in s["recurrence"].items() if isinstance(p, dict))),
-        ("model FLOP/token", f"{r['flops_per_token'] / 1e6:.2f} M (train; 6N + causal attention)"),
+             f"{label} {p['ms_per_step_median']:.2f} ms/step ({p['steps']} steps, {p['positions']} block passes, "
+             f"{p['model_tflops_per_gpu']:.3f} TFLOP/s, MFU {fmt(p['mfu'] and 100 * p['mfu'], '.1f', '%')}, "
+             f"peak {peak_mib(p['memory'])})" for label, p in s["recurrence"].items() if isinstance(p, dict))),
+        ("model FLOP/token", f"{r['flops_per_token'] / 1e6:.2f} M (train; 6N + causal attention; of the first "
+                             f"timed step" + (f"; {r['flops_per_token_recurrence'] / 1e6:.2f} M with the recurrence "
+                                              f"on" if r.get("flops_per_token_recurrence") else "") + ")"),
         ("TFLOP/s per GPU", f"{s['model_tflops_per_gpu']:.3f}"),
         ("MFU", fmt(s["mfu"] and 100 * s["mfu"], ".1f", "%") + f" of {fmt(r['peak_tflops'], '.0f')} TFLOP/s"),
         ("memory (MiB)", mem),
@@ -560,7 +591,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
     host_syncs = count_host_syncs(h, rt, model, optimizers, loader, next_step)
     profile, profiled_attention = profile_steps(h, rt, model, optimizers, loader, next_step + 1, args.profile_steps) \
         if args.profile_steps else (None, None)
-    flops_per_token = model_flops_per_token(h)
+    flops_per_token = model_flops_per_token(h, recurrence=args.recur_at == 0)  # of the first timed step
     peak = peak_tflops(name, args.peak_tflops) if (rt.bf16 or args.peak_tflops) else None
     result = {
         "device": name, "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -573,6 +604,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
         "timed_steps": args.steps, "flops_per_token": flops_per_token,
         "flops_per_token_parts": {"matmul": 6 * sum(matmul_params(h).values()),
                                   "attention": attention_flops_per_token(h, h.train_seq_len)},
+        "flops_per_token_recurrence": model_flops_per_token(h, recurrence=True) if h.recur_blocks else None,
         "peak_tflops": peak, "warmup_ms": warmup_ms,
         "train": summarize_steps(timed, pipelined, h, rt, flops_per_token, peak),
         "compile": {"warmup": warmup_compiles, "timed": timed_compiles},
@@ -581,11 +613,12 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
     }
     if args.recur_at is not None:
         result["train"]["recurrence"] = {"recur_at": args.recur_at, "blocks": h.recur_blocks,
-                                         **recurrence_phases(timed["step_ms"], args.recur_at, h)}
+                                         **recurrence_phases(timed["step_ms"], args.recur_at, h, rt, peak, {
+                                             "recur_off": timed["memory_recur_off"], "recur_on": memory_timed})}
     if args.eval:
         log("bench: timing the sliding-window evaluation")
         with no_recompiles(compile_on):
-            result["eval"] = time_evaluation(h, rt, model, val)
+            result["eval"] = time_evaluation(h, rt, model, val, base_model.recur_active)
         # the model scored has taken every step above (the sync count's one only on CUDA)
         result["eval"]["after_steps"] = next_step + (rt.device.type == "cuda") + args.profile_steps
     if args.quant:
