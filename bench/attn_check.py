@@ -1,28 +1,34 @@
 """Attention kernels at the presets' real shapes: which ones run, whether they match, how fast.
 
     python3 bench/attn_check.py                               # CUDA: the GPU presets' shapes, every candidate
-    python3 bench/attn_check.py --out $OUT/attn.json          # as bench/gpu_check.py runs it
+    python3 bench/attn_check.py --presets sp8192 --cases documents --out $OUT/attention.json   # the device call
     OMP_NUM_THREADS=1 python3 bench/attn_check.py --shape 2,4,2,64,16 --reps 1    # CPU: a toy shape
 
 Cases: `causal` at each preset's per-GPU micro-batch (TRAIN_BATCH_TOKENS / 8 / TRAIN_SEQ_LEN sequences
-x NUM_HEADS / NUM_KV_HEADS heads x TRAIN_SEQ_LEN x head dim, bf16 on CUDA: 48 x 8/4 x 2048 x 64 for the
-frontier), and `documents`: causal attention within documents only (block-diagonal causal, the mask a
-preset that keeps attention inside a document needs), on the first shape, with seeded document lengths.
+x NUM_HEADS / NUM_KV_HEADS heads x TRAIN_SEQ_LEN x head dim, bf16 on CUDA: 48 x 8/4 x 2048 x 64 for
+sp8192 and the frontier), and `documents`: causal attention within documents only (DOC_ATTENTION), on
+sp8192's shape (else the first), the rows holding seeded documents back to back, a BOS starting each
+(--documents lognormal: FineWeb-like lengths, mean DOC_MEAN_TOKENS; uniform: 1/32 .. 1/2 of a row).
 Candidates: SDPA as ATTN_BACKEND=auto leaves it (the row names the aten op torch dispatched), each SDPA
 kernel alone (flash, efficient, cudnn; math as the slow baseline), FlashAttention 3 and 4 where they
-import (`flash_attn_interface`, `flash_attn.cute`: not installed is a row, not an error), and for
-documents SDPA with a dense mask, FlexAttention with a block mask (compiled on CUDA) and the FA varlen
-entry points. Each is compared with one reference, fp32 math attention on the same inputs: the
-relative error ||out - ref|| / ||ref|| of the output and of the gradients of q, k, v (for a random
-output gradient), on the first --check-batch sequences; then forward and forward+backward are timed
-on the whole micro-batch (median of --reps after a warm-up; CUDA events). A kernel that rejects a
-shape says why in its row; nothing here stops at a failure.
+import (`flash_attn_interface`, `flash_attn.cute`: not installed is a row, not an error); for documents
+SDPA with train_gpt's dense (B, 1, T, T) mask, FlexAttention with a block mask (compiled on CUDA;
+train_gpt's document_block_mask where it has one), torch's varlen_attn and the FA varlen entry points
+(documents as variable-length sequences), and SDPA cuDNN plain causal, the no-document baseline (checked
+against the causal reference). Each is compared with one reference, fp32 math attention on the same
+inputs: the relative error ||out - ref|| / ||ref|| of the output and of the gradients of q, k, v (for a
+random output gradient), on the first --check-batch sequences; then forward and forward+backward are
+timed on the whole micro-batch (median of --reps after a warm-up; CUDA events). A kernel that rejects
+a shape says why in its row; nothing here stops at a failure.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
+import math
 import statistics
 import sys
 import time
@@ -39,6 +45,10 @@ import train_gpt as tg  # noqa: E402
 
 GPU_PRESET_ORDER = ("frontier", "pr1204", "sp8192", "pr76")  # the shapes worth the device's time, first first
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # relative error that still matches
+CASES = ("causal", "documents")
+# FineWeb-like documents: mean ~800 tokens (the SP8192 validation split holds 40,540,160 targets in 50,000
+# documents: 811); the spread, lognormal with sigma 1 (median ~490), is an assumption, not a measurement.
+DOC_MEAN_TOKENS, DOC_SIGMA = 800, 1.0
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,12 +56,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--presets", default="", help="comma-separated presets whose shapes to check "
                                                   "(default: those of frontier, pr1204, sp8192, pr76 that exist)")
     p.add_argument("--shape", default="", help="B,H,HKV,T,HD instead of the presets' shapes (a toy shape for CPU)")
+    p.add_argument("--cases", default=",".join(CASES), help="comma-separated: causal, documents")
+    p.add_argument("--documents", choices=("lognormal", "uniform"), default="lognormal",
+                   help="document lengths of the documents case")
     p.add_argument("--check-batch", type=int, default=2, help="sequences compared with the fp32 reference")
     p.add_argument("--reps", type=int, default=10, help="timed repetitions (median)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (the table is printed)")
     args = p.parse_args(argv)
     if args.reps < 1 or args.check_batch < 1:
         p.error("--reps and --check-batch must be >= 1")
+    if not set(args.cases.split(",")) <= set(CASES):
+        p.error(f"--cases {args.cases!r}: expected a comma-separated subset of {', '.join(CASES)}")
     return args
 
 
@@ -70,51 +85,101 @@ def preset_shapes(names: list[str]) -> list[dict]:
     return shapes
 
 
-def document_lengths(total: int, seq_len: int, seed: int = 0) -> list[int]:
-    """Seeded document lengths of seq_len/32 .. seq_len/2 tokens (64..1024 at 2048) that tile `total`
-    (documents cross sequence ends, as in the token stream)."""
-    rng, lengths = torch.Generator().manual_seed(seed), []
-    while sum(lengths) < total:
-        lengths.append(int(torch.randint(max(1, seq_len // 32), seq_len // 2 + 1, (1,), generator=rng)))
-    lengths[-1] -= sum(lengths) - total
+# -----------------------------------------------------------------------------
+# Documents: token rows with a BOS starting each document, and the pieces attention sees
+
+
+def document_lengths(total: int, seq_len: int, kind: str = "lognormal", seed: int = 0) -> list[int]:
+    """Seeded document lengths (tokens) that tile `total`: `lognormal` with mean DOC_MEAN_TOKENS and
+    sigma DOC_SIGMA (at least 1 token), `uniform` seq_len/32 .. seq_len/2 (64..1024 at 2048). The last
+    is cut to fit."""
+    rng, lengths, filled = torch.Generator().manual_seed(seed), [], 0
+    mu = math.log(DOC_MEAN_TOKENS) - DOC_SIGMA ** 2 / 2  # the lognormal's mean is exp(mu + sigma^2 / 2)
+    while filled < total:
+        if kind == "lognormal":
+            length = max(1, round(math.exp(mu + DOC_SIGMA * float(torch.randn(1, generator=rng)))))
+        else:
+            length = int(torch.randint(max(1, seq_len // 32), seq_len // 2 + 1, (1,), generator=rng))
+        lengths.append(min(length, total - filled))
+        filled += lengths[-1]
     return lengths
 
 
-def document_ids(batch: int, seq_len: int, device) -> torch.Tensor:
-    """(B, T) document index of every position of B sequences cut from one stream of documents."""
-    lengths = document_lengths(batch * seq_len, seq_len)
-    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    return ids.view(batch, seq_len).to(device)
+def document_tokens(batch: int, seq_len: int, device, kind: str = "lognormal") -> torch.Tensor:
+    """(B, T) token ids: documents of document_lengths back to back, cut into rows (a document crosses a
+    row's end as in the token stream), tg.BOS_ID starting each; the other ids are 4 (only BOS matters)."""
+    lengths = torch.tensor(document_lengths(batch * seq_len, seq_len, kind))
+    tokens = torch.full((batch * seq_len,), 4, dtype=torch.long)
+    tokens[lengths.cumsum(0)[:-1]] = tg.BOS_ID
+    tokens[0] = tg.BOS_ID
+    return tokens.view(batch, seq_len).to(device)
 
 
-def reference(q, k, v, docs=None):
-    """fp32 math attention, GQA by repeating k, v; causal, within documents when docs is given."""
+def document_ids(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, T) document number of each position within its row, as tg.document_mask counts them: a BOS
+    starts one, and so does a row's start (the part of a document carried over from the last row)."""
+    return torch.cumsum(tokens == tg.BOS_ID, dim=1)
+
+
+def piece_lengths(tokens: torch.Tensor) -> torch.Tensor:
+    """Lengths of the pieces attention sees in tokens (B, T), row after row: a piece starts at a BOS or
+    at a row's start. The variable-length sequences of a varlen kernel."""
+    starts = tokens == tg.BOS_ID
+    starts[:, 0] = True
+    first = starts.flatten().nonzero().flatten()
+    return torch.diff(first, append=torch.tensor([tokens.numel()], device=first.device))
+
+
+def reference(q, k, v, tokens=None):
+    """fp32 math attention, GQA by repeating k, v; causal, within documents when tokens are given."""
     group = q.size(1) // k.size(1)
     q, k, v = q.float(), k.float().repeat_interleave(group, 1), v.float().repeat_interleave(group, 1)
     T = q.size(2)
     allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if docs is not None:
+    if tokens is not None:
+        docs = document_ids(tokens)
         allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
     scores = (q @ k.mT) / q.size(-1) ** 0.5
     return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
 
 
 # -----------------------------------------------------------------------------
-# Candidates: each a function (q, k, v, docs) -> out, with q (B, H, T, hd), k, v (B, Hkv, T, hd)
+# Candidates: each a function (q, k, v, tokens) -> out, with q (B, H, T, hd), k, v (B, Hkv, T, hd) and
+# tokens (B, T) or None (causal case). Optional attributes: `note` (said in the row) and `documents`
+# (False: a baseline that ignores documents, checked against the causal reference).
+
+
+def per_input(build):
+    """build(tokens), made once per input tensor: a training step builds its masks once per batch and
+    every layer shares them."""
+    cache = {}
+
+    def get(tokens):
+        key = (tokens.data_ptr(), tuple(tokens.shape))
+        if key not in cache:
+            cache[key] = build(tokens)
+        return cache[key]
+    return get
 
 
 def sdpa(backend: SDPBackend | None, masked: bool = False):
-    def run(q, k, v, docs):
+    masks = per_input(tg.document_mask)  # train_gpt's own (B, 1, T, T) mask
+
+    def run(q, k, v, tokens):
         gqa = k.size(1) != q.size(1)
         context = sdpa_kernel(backend) if backend is not None else sdpa_kernel(
             [b for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)])
         with context:
             if not masked:
                 return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-            T = q.size(2)
-            mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril() & (docs[:, None, :, None] ==
-                                                                                 docs[:, None, None, :])
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=masks(tokens), enable_gqa=gqa)
+    return run
+
+
+def causal_baseline():
+    """SDPA cuDNN, plain causal: what attention costs without documents."""
+    run = sdpa(SDPBackend.CUDNN_ATTENTION)
+    run.documents, run.note = False, "no documents: the causal baseline"
     return run
 
 
@@ -122,50 +187,82 @@ def flash_attn_dense(module_name: str):
     module = optional_module(module_name)
     if module is None:
         return None
-    return lambda q, k, v, docs: tg.causal_attention(q, k, v, module.flash_attn_func)
+    return lambda q, k, v, tokens: tg.causal_attention(q, k, v, module.flash_attn_func)
 
 
-def flash_attn_varlen(module_name: str):
-    """Documents as variable-length sequences: (total, heads, hd) with cumulative lengths (int32)."""
-    module = optional_module(module_name)
-    if module is None or not hasattr(module, "flash_attn_varlen_func"):
-        return None
+def varlen(call):
+    """A varlen kernel as a candidate: the pieces (piece_lengths) as variable-length sequences, q, k, v
+    packed (B * T, heads, hd), cumulative lengths int32; call(q, k, v, cu_seqlens, longest) -> out."""
+    def cumulative(tokens):
+        lengths = piece_lengths(tokens)
+        return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max())
+    pieces = per_input(cumulative)
 
-    def run(q, k, v, docs):
+    def run(q, k, v, tokens):
         B, H, T, hd = q.shape
-        flat = docs.flatten() + (torch.arange(B, device=q.device) * (docs.max() + 1)).repeat_interleave(T)
-        lengths = torch.unique_consecutive(flat, return_counts=True)[1]  # documents, cut at sequence ends
-        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        cu, longest = pieces(tokens)
         pack = lambda x: x.transpose(1, 2).reshape(B * T, x.size(1), hd)
-        y = module.flash_attn_varlen_func(pack(q), pack(k), pack(v), cu_seqlens_q=cu, cu_seqlens_k=cu,
-                                          max_seqlen_q=int(lengths.max()), max_seqlen_k=int(lengths.max()),
-                                          causal=True)
+        y = call(pack(q), pack(k), pack(v), cu, longest)
         y = y[0] if isinstance(y, tuple) else y
         return y.view(B, T, H, hd).transpose(1, 2)
     return run
 
 
+def flash_attn_varlen(module_name: str):
+    module = optional_module(module_name)
+    if module is None or not hasattr(module, "flash_attn_varlen_func"):
+        return None
+    return varlen(lambda q, k, v, cu, n: module.flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=n, max_seqlen_k=n, causal=True))
+
+
+def torch_varlen():
+    """torch.nn.attention.varlen.varlen_attn where this torch has it: causal by window_size=(-1, 0)
+    (or is_causal in the first versions); GQA by enable_gqa from torch 2.12, else the KV heads are
+    expanded to the query heads (said in the row)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+
+    def call(q, k, v, cu, n):
+        group = q.size(1) // k.size(1)
+        if group > 1 and not gqa:
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        extra = {"enable_gqa": True} if group > 1 and gqa else {}
+        return varlen_attn(q, k, v, cu, cu, n, n, **causal, **extra)
+    run = varlen(call)
+    run.note = "GQA: enable_gqa" if gqa else "GQA: KV heads expanded (no enable_gqa in this torch)"
+    return run
+
+
 def flex(compiled: bool):
+    """FlexAttention with a block mask: train_gpt's document_block_mask where it has one, else this
+    bench's (causal and same document, documents numbered as document_ids)."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
     kernel = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
-    masks = {}
 
-    def run(q, k, v, docs):
-        B, _, T, _ = q.shape
-        key = (docs.data_ptr(), B, T)
-        if key not in masks:  # built once per input, as a training step would per batch
-            mask_mod = lambda b, h, qi, ki: (qi >= ki) & (docs[b, qi] == docs[b, ki])
-            masks[key] = create_block_mask(mask_mod, B, None, T, T, device=q.device)
-        return kernel(q, k, v, block_mask=masks[key], enable_gqa=k.size(1) != q.size(1))
+    def own_block_mask(tokens):
+        docs = document_ids(tokens)
+        mask_mod = lambda b, h, qi, ki: (qi >= ki) & (docs[b, qi] == docs[b, ki])
+        return create_block_mask(mask_mod, tokens.size(0), None, tokens.size(1), tokens.size(1), device=tokens.device)
+    ours = getattr(tg, "document_block_mask", None)
+    masks = per_input(ours or own_block_mask)
+
+    def run(q, k, v, tokens):
+        return kernel(q, k, v, block_mask=masks(tokens), enable_gqa=k.size(1) != q.size(1))
+    run.note = "mask: train_gpt.document_block_mask" if ours else "mask: the bench's (no tg.document_block_mask)"
     return run
 
 
 def optional_module(name: str):
     try:
-        import importlib
         return importlib.import_module(name)
     except Exception:
         return None
@@ -181,11 +278,12 @@ def candidates(device: torch.device, case: str) -> dict:
         for name, module in tg.OPTIONAL_KERNELS.items():
             found[name] = flash_attn_dense(module) if cuda else None
         return found
-    found = {"sdpa-efficient-mask": sdpa(SDPBackend.EFFICIENT_ATTENTION, masked=True),
-             "sdpa-cudnn-mask": sdpa(SDPBackend.CUDNN_ATTENTION, masked=True),
-             "sdpa-math-mask": sdpa(SDPBackend.MATH, masked=True), "flex": flex(compiled=cuda)}
+    found = {"flex": flex(compiled=cuda), "torch-varlen": torch_varlen() if cuda else None}
     for name, module in tg.OPTIONAL_KERNELS.items():
         found[f"{name}-varlen"] = flash_attn_varlen(module) if cuda else None
+    found.update({"sdpa-cudnn-mask": sdpa(SDPBackend.CUDNN_ATTENTION, masked=True),
+                  "sdpa-efficient-mask": sdpa(SDPBackend.EFFICIENT_ATTENTION, masked=True),
+                  "sdpa-math-mask": sdpa(SDPBackend.MATH, masked=True), "sdpa-cudnn-causal": causal_baseline()})
     return found
 
 
@@ -204,16 +302,17 @@ def make_inputs(shape, dtype, device, seed: int):
     return make(H), make(Hkv), make(Hkv), make(H)  # q, k, v, the output's gradient
 
 
-def check(run, shape, dtype, device, docs, seed: int) -> dict:
-    """Output and q/k/v-gradient errors against the fp32 reference (fresh random inputs)."""
+def check(run, shape, dtype, device, tokens, seed: int) -> dict:
+    """Output and q/k/v-gradient errors against the fp32 reference (fresh random inputs): within the
+    documents of `tokens`, or causal for a candidate that ignores them (documents=False)."""
     q, k, v, grad = make_inputs(shape, dtype, device, seed)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     recorder = tg.DispatchedOps()
     with recorder:
-        out = run(*leaves, docs)
+        out = run(*leaves, tokens)
     out.backward(grad)
     ref_leaves = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref = reference(*ref_leaves, docs)
+    ref = reference(*ref_leaves, tokens if getattr(run, "documents", True) else None)
     ref.backward(grad.float())
     errors = {"out": relative_error(out.detach(), ref.detach())}
     for name, mine, theirs in zip("qkv", leaves, ref_leaves):
@@ -240,17 +339,17 @@ def timer(device: torch.device):
     return measure
 
 
-def time_kernel(run, shape, dtype, device, docs, reps: int) -> dict:
+def time_kernel(run, shape, dtype, device, tokens, reps: int) -> dict:
     q, k, v, grad = make_inputs(shape, dtype, device, seed=1)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     measure = timer(device)
 
     def forward():
         with torch.no_grad():
-            run(q, k, v, docs)
+            run(q, k, v, tokens)
 
     def forward_backward():
-        run(q, k, v, docs).backward(grad)
+        run(q, k, v, tokens).backward(grad)
 
     forward(), forward_backward()  # warm-up: compilation, workspace allocation, cuDNN plans
     fwd = statistics.median(measure(forward) for _ in range(reps))
@@ -258,19 +357,27 @@ def time_kernel(run, shape, dtype, device, docs, reps: int) -> dict:
     return {"fwd_ms": fwd, "fwd_bwd_ms": both}
 
 
-def attention_flops(shape, docs=None) -> float:
-    """Forward FLOPs of the scores and the weighted sum over the pairs a query attends to."""
+def attention_flops(shape, tokens=None) -> float:
+    """Forward FLOPs of the scores and the weighted sum over the pairs a query attends to: causal over
+    the row, or within the pieces of `tokens` (piece_lengths)."""
     B, H, _, T, hd = shape
-    pairs = B * T * (T + 1) / 2 if docs is None else float(
-        sum((c * (c + 1) // 2) for c in torch.unique_consecutive(docs.flatten().cpu(), return_counts=True)[1].tolist()))
-    return 4 * pairs * H * hd
+    pieces = torch.full((B,), T) if tokens is None else piece_lengths(tokens).cpu()
+    return 4 * float((pieces * (pieces + 1) // 2).sum()) * H * hd
+
+
+def documents_summary(tokens: torch.Tensor, kind: str) -> dict:
+    """What the documents case ran on: its pieces and their attention work against causal's."""
+    pieces = piece_lengths(tokens).cpu()
+    shape = (tokens.size(0), 1, 1, tokens.size(1), 1)
+    return {"kind": kind, "mean_document_tokens": DOC_MEAN_TOKENS if kind == "lognormal" else None,
+            "pieces": len(pieces), "mean_piece_tokens": float(pieces.float().mean()),
+            "work_vs_causal": attention_flops(shape, tokens) / attention_flops(shape)}
 
 
 def run_case(case: str, shape, dtype, device, args, rows: list[dict], save) -> None:
-    docs = document_ids(shape[0], shape[3], device) if case == "documents" else None
+    tokens = document_tokens(shape[0], shape[3], device, args.documents) if case == "documents" else None
     check_shape = (min(args.check_batch, shape[0]), *shape[1:])
-    check_docs = docs[:check_shape[0]] if docs is not None else None
-    flops = attention_flops(shape, docs)
+    check_tokens = tokens[:check_shape[0]] if tokens is not None else None
     for name, run in candidates(device, case).items():
         row = {"case": case, "shape": "x".join(map(str, shape)), "kernel": name}
         rows.append(row)
@@ -279,13 +386,15 @@ def run_case(case: str, shape, dtype, device, args, rows: list[dict], save) -> N
             print(table_row(row), flush=True)
             save()
             continue
+        row["note"] = getattr(run, "note", "")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                row.update(check(run, check_shape, dtype, device, check_docs, seed=0))
+                row.update(check(run, check_shape, dtype, device, check_tokens, seed=0))
                 worst = max(row["errors"].values())
                 row["status"] = "match" if worst <= TOLERANCE[dtype] else f"MISMATCH ({worst:.2e})"
-                row.update(time_kernel(run, shape, dtype, device, docs, args.reps))
+                row.update(time_kernel(run, shape, dtype, device, tokens, args.reps))
+            flops = attention_flops(shape, tokens if getattr(run, "documents", True) else None)
             row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
             row["fwd_bwd_tflops"] = 3.5 * flops / row["fwd_bwd_ms"] / 1e9  # backward ~2.5x the forward's products
         except Exception as exc:  # a kernel that rejects the shape: its row says why, the rest go on
@@ -303,7 +412,7 @@ def table_row(row: dict) -> str:
     speed = (f"fwd {row['fwd_ms']:.3f} ms ({row['fwd_tflops']:.0f} TF/s) fwd+bwd {row['fwd_bwd_ms']:.3f} ms"
              if "fwd_ms" in row else "")
     return f"{row['case']:<10} {row['shape']:<16} {row['kernel']:<20} {row['status']:<24} {err:<26} {speed} " \
-           f"{row.get('aten_op') or ''}".rstrip()
+           f"{row.get('aten_op') or ''} {row.get('note') or ''}".rstrip()
 
 
 def main(argv=None) -> int:
@@ -333,10 +442,15 @@ def main(argv=None) -> int:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=1, default=str) + "\n")
 
-    for case in cases:
+    wanted = args.cases.split(",")
+    for case in cases if "causal" in wanted else []:
         run_case("causal", case["shape"], dtype, device, args, rows, save)
-    documents = next((c for c in cases if c["preset"] == "sp8192"), cases[0])  # the preset that will need it
-    run_case("documents", documents["shape"], dtype, device, args, rows, save)
+    if "documents" in wanted:
+        shape = next((c for c in cases if c["preset"] == "sp8192"), cases[0])["shape"]  # the preset that needs it
+        result["documents"] = documents_summary(document_tokens(shape[0], shape[3], "cpu", args.documents),
+                                                args.documents)
+        print(f"attn_check: documents {result['documents']}", flush=True)
+        run_case("documents", shape, dtype, device, args, rows, save)
     failed = [r for r in rows if r["status"].startswith("MISMATCH")]
     print(f"attn_check: {sum(r['status'] == 'match' for r in rows)} kernels match, {len(failed)} mismatch, "
           f"{sum(r['status'].startswith('error') for r in rows)} rejected a shape", flush=True)
