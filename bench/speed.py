@@ -204,6 +204,15 @@ def memory_stats(rt: tg.Runtime) -> dict:
     return {"max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
 
 
+H100_LIMIT_GIB = 75.0  # a peak above this would not fit an H100 (80 GB, ~79 GiB, less the CUDA context)
+
+
+def over_h100(memory: dict | None) -> bool:
+    """Whether a CUDA peak (memory_stats) passes H100_LIMIT_GIB: the reserved bytes, what the allocator
+    holds (on an H200 a run can pass it and still finish)."""
+    return bool(memory) and memory.get("peak_reserved_mib", 0) > H100_LIMIT_GIB * 1024
+
+
 def reset_peak_memory(rt: tg.Runtime) -> None:
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
