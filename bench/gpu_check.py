@@ -1,26 +1,26 @@
-"""The one device call (issue 16): every GPU question in one command of at most 10 minutes.
+"""The one device call (issue 22: sp8192 first): every GPU question in one command of at most 10 minutes.
 
     python3 bench/gpu_check.py --prepare /work/shared/data    # here, once: fill .devdata/ and .whl/ (git-ignored)
-    python3 bench/gpu_check.py --dry-run                      # the plan: each step with its cap, and the total
-    python3 bench/gpu_check.py --out $OUT                     # on the device (run carry: .whl, .devdata)
+    python3 bench/gpu_check.py --dry-run                      # the plan with its caps, the ms/step estimates,
+                                                              # sp8192's evaluation plan
+    python3 bench/gpu_check.py --out $OUT --budget-s 540      # on the device (run carry: .whl, .devdata)
 
 Setup installs the carried zstandard, brotli and constriction wheels where they are missing (the device
-image lacks them; brotli compresses PRESET=pr1204's artifact, constriction PRESET=sp8192's) and
-unpacks the carried proxy shards (.devdata/, zstd-compressed) into a scratch folder. Then, in order,
-each step a subprocess whose cap comes from the time left (--budget-s less the minimum kept for the
-steps after it that must run); a step that fails or runs out of time is recorded and the next one
-runs; a step with less than its minimum left is skipped and says so:
+image lacks them) and unpacks the carried proxy shards (.devdata/, zstd-compressed) into a scratch
+folder. Then the steps of PLAN in order, each a subprocess whose cap comes from the time left
+(--budget-s less the minimum kept for the later steps that must run); a step that fails or runs out of
+time is recorded and the next one runs; a step with less than its minimum left is skipped and says so:
 
-  attention      bench/attn_check.py: the candidate kernels at the presets' shapes, checked and timed
-  speed:<preset> bench/speed.py on real proxy tokens (one GPU, 8 accumulation slices: the 8-GPU per-rank
-                 shapes), the frontier with the recurrence off then on (--recur-at), then pr1204, sp8192
-                 and pr76 where train_gpt defines them, each as far as time allows; the per-step losses
-                 are a loss curve at equal tokens
-  e2e:frontier   train_gpt.py for a few steps on the warm compile cache, through GPTQ, quantization,
-                 the artifact, its reload and both evaluations (per-rank evaluation batch as on 8 GPUs)
+  attention      bench/attn_check.py: sp8192's per-GPU shape within FineWeb-like documents: FlexAttention,
+                 torch's varlen_attn, FA3 varlen, SDPA cuDNN with the dense mask, SDPA cuDNN plain causal
+  speed:sp8192   bench/speed.py (one GPU, 8 accumulation slices: the 8-GPU per-rank shapes) with the loops
+                 off, then on (--recur-at), each phase's ms/step, MFU and peak memory
+  ttt:sp8192     bench/ttt_chunk.py: one compiled TTT chunk at the preset's shape, its time and peak memory
+  speed:pr1204   bench/speed.py on real proxy tokens, as far as time allows
 
 After every step the results so far are written to --out: summary.md, summary.json and results.tgz
-(each step's output and the files it made), so a call cut at its limit still returns what finished.
+(each step's output and the files it made), so a call cut at its limit still returns what finished. A
+peak over 75 GiB (bench/speed.py's H100_LIMIT_GIB) is flagged in the summary: an H100 would not hold it.
 Without CUDA the GPU steps are skipped (this is what the tests run here).
 """
 
@@ -31,7 +31,6 @@ import importlib
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import struct
@@ -43,23 +42,28 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))  # speed (the memory limit), step_estimate
 DEVDATA, WHEELS = REPO / ".devdata", REPO / ".whl"
 PROXY_DATA, PROXY_TOKENIZER = "datasets/proxy_sp1024", "tokenizers/proxy_1024_bpe.model"
 PROXY_VOCAB = 1024
 SHARD_MAGIC, SHARD_VERSION = 20240520, 1  # the challenge's shard header (as train_gpt reads it)
-SPEED_PRESETS = ("frontier", "pr1204", "sp8192", "pr76")  # in this order, those train_gpt defines
+GPU_PRESETS = ("sp8192", "pr1204", "frontier", "pr76")  # the dry run's estimates, those train_gpt defines
 WHEELS_NEEDED = {"zstandard": "zstandard==0.25.0", "brotli": "brotli==1.2.1", "constriction": "constriction==0.5.0"}  # module: pip requirement
 DEVICE_PYTHON = "3.12"  # the device image's python3 (/work/.library/device/KINDS.md)
 
-# Seconds per step: at most (max_s) and the least worth starting (min_s). Estimates, not measurements:
-# no line of this has run on a GPU yet. A cold torch.compile of the frontier is guessed at 1-2 min on
-# an H100 (the CPU smoke model took 45 s); one frontier step on one GPU (8 slices of 98,304 tokens)
-# at ~0.7-1 s; zstd-22 of the artifact at 20-60 s (39-61 s on one loaded core here). `reserve`: the
-# steps before it leave it its minimum.
-CAPS = {"attention": dict(max_s=90, min_s=30, reserve=True),
-        "speed:frontier": dict(max_s=230, min_s=120, reserve=True),
-        "speed": dict(max_s=150, min_s=90, reserve=False),
-        "e2e": dict(max_s=200, min_s=130, reserve=True)}
+# The call's steps, in the order of what issue 22 needs answered first; a step whose preset train_gpt
+# lacks is left out. Seconds per step: at most (max_s) and the least worth starting (min_s). Estimates,
+# not measurements: no line of this has run on a GPU yet. A cold torch.compile of a full model is
+# guessed at 1-2 min on an H100 (the CPU smoke model took 45 s; the compile of sp8192's TTT chunk with
+# aot_eager_decomp_partition took ~50 s on this CPU); the speed steps compile three graphs (loops off,
+# on, the evaluation's); one sp8192 step on one GPU (8 slices of 48 x 2048) ~0.8-1.2 s (8 x the
+# records' 95-140 ms), pr1204's ~0.8 s; FlexAttention's compile ~30-60 s. `reserve`: the steps before
+# it leave it its minimum.
+PLAN = ("attention", "speed:sp8192", "ttt:sp8192", "speed:pr1204")
+CAPS = {"attention": dict(max_s=80, min_s=40, reserve=True),
+        "speed:sp8192": dict(max_s=200, min_s=140, reserve=True),
+        "ttt:sp8192": dict(max_s=120, min_s=80, reserve=True),
+        "speed:pr1204": dict(max_s=120, min_s=90, reserve=False)}
 SETUP_S = 20  # the plan's allowance for installing the wheel and unpacking 26 MB of shards (not a cap)
 
 
@@ -69,15 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="results folder (default $OUT, else logs/bench/gpu_check)")
     p.add_argument("--budget-s", type=float, default=540.0, help="wallclock for the whole call, setup included")
     p.add_argument("--speed-steps", type=int, default=16, help="synced timed steps of each speed step")
-    p.add_argument("--e2e-steps", type=int, default=24, help="ITERATIONS of the end-to-end run")
     p.add_argument("--data", type=Path, default=DEVDATA, help="the carried proxy corpus (.zst shards)")
     p.add_argument("--dry-run", action="store_true", help="print the plan with each step's cap, run nothing")
     p.add_argument("--prepare", type=Path, metavar="SHARED_DATA", default=None,
                    help="here, before the call: copy the compressed proxy corpus from SHARED_DATA into .devdata/ "
                         "and download the zstandard, brotli and constriction wheels for the device's Python into .whl/")
     args = p.parse_args(argv)
-    if args.budget_s <= 0 or args.speed_steps < 4 or args.e2e_steps < 2:
-        p.error("--budget-s must be > 0, --speed-steps >= 4, --e2e-steps >= 2")
+    if args.budget_s <= 0 or args.speed_steps < 4:
+        p.error("--budget-s must be > 0, --speed-steps >= 4")
     return args
 
 
@@ -152,10 +155,6 @@ def unpack_corpus(source: Path, target: Path) -> int:
 # The plan
 
 
-def speed_presets(tg) -> list[str]:
-    return [name for name in SPEED_PRESETS if name in tg.PRESETS]
-
-
 def one_gpu_env(tg, preset: str, data: Path) -> dict:
     """The environment of a one-GPU run of `preset` with the 8-GPU per-rank shapes: training already
     accumulates 8 slices of one rank's size; evaluation gets 1/8 of VAL_BATCH_SIZE (its windows per
@@ -167,31 +166,41 @@ def one_gpu_env(tg, preset: str, data: Path) -> dict:
     return env
 
 
+def attention_step(args, tg, data: Path, work: Path, preset: str) -> dict:
+    """sp8192's per-GPU shape (else every GPU preset's), within lognormal documents only."""
+    presets = ["--presets", "sp8192"] if "sp8192" in tg.PRESETS else []
+    return dict(cmd=[sys.executable, "bench/attn_check.py", *presets, "--cases", "documents", "--documents",
+                     "lognormal", "--out", str(work / "attention.json")], env={})
+
+
+def speed_step(args, tg, data: Path, work: Path, preset: str) -> dict:
+    """Half the synced steps with the loops off, half on (where the preset repeats blocks)."""
+    env = {**one_gpu_env(tg, preset, data), "WARMUP_STEPS": "3"}
+    h, _ = tg.hyperparameters_from_env({"PRESET": preset}, True)
+    cmd = [sys.executable, "bench/speed.py", "--tokens", "real" if "DATA_PATH" in env else "synthetic",
+           "--steps", str(args.speed_steps), "--pipelined-steps", "6", "--profile-steps", "1",
+           "--out", str(work / f"speed_{preset}.json")]
+    if h.recur_blocks:
+        cmd += ["--recur-at", str(args.speed_steps // 2)]
+    return dict(cmd=cmd, env=env)
+
+
+def ttt_step(args, tg, data: Path, work: Path, preset: str) -> dict:
+    out = work / f"ttt_{preset}.json"
+    return dict(cmd=[sys.executable, "bench/ttt_chunk.py", "--preset", preset, "--out", str(out)], env={})
+
+
+STEP_KINDS = {"attention": attention_step, "speed": speed_step, "ttt": ttt_step}
+
+
 def plan_steps(args, tg, data: Path, work: Path) -> list[dict]:
-    """The steps in order: name, command, environment, caps, and the files each leaves in `work`."""
-    python = sys.executable
-    steps = [dict(name="attention", cmd=[python, "bench/attn_check.py", "--out", str(work / "attention.json")],
-                  env={}, **CAPS["attention"])]
-    for preset in speed_presets(tg):
-        env = {**one_gpu_env(tg, preset, data), "WARMUP_STEPS": "3"}
-        h, _ = tg.hyperparameters_from_env({"PRESET": preset}, True)
-        cmd = [python, "bench/speed.py", "--tokens", "real" if "DATA_PATH" in env else "synthetic",
-               "--steps", str(args.speed_steps), "--pipelined-steps", "6", "--profile-steps", "1",
-               "--out", str(work / f"speed_{preset}.json")]
-        if h.recur_blocks:  # half the synced steps without the repeated blocks, half with them
-            cmd += ["--recur-at", str(args.speed_steps // 2)]
-        steps.append(dict(name=f"speed:{preset}", cmd=cmd, env=env, **CAPS.get(f"speed:{preset}", CAPS["speed"])))
-    env = {**one_gpu_env(tg, "frontier", data), "RUN_ID": "gpu_check_e2e_frontier", "ITERATIONS": str(args.e2e_steps),
-           "WARMUP_STEPS": "3", "MAX_WALLCLOCK_SECONDS": "0", "TRAIN_LOG_EVERY": "4",
-           "ARTIFACT_PATH": str(work / "e2e_frontier.ptz"),
-           # a model of a few dozen steps compresses worse than a trained one: no fitting rounds
-           "ARTIFACT_LIMIT_BYTES": "64000000",
-           # one batch of 8 sampled calibration sequences: each GPU's share of the 8-GPU run's 64
-           "GPTQ_CALIB_TOKENS": "0", "GPTQ_SELFGEN_SEQS": "8"}
-    steps.append(dict(name="e2e:frontier", cmd=[python, "train_gpt.py"], env=env,
-                      moves={REPO / "logs" / "gpu_check_e2e_frontier.txt": "e2e_frontier.txt"}, **CAPS["e2e"]))
-    for step in steps:
-        step["needs_cuda"] = True
+    """PLAN's steps whose preset train_gpt defines: name, command, environment, caps."""
+    steps = []
+    for name in PLAN:
+        kind, _, preset = name.partition(":")
+        if preset and preset not in tg.PRESETS:
+            continue
+        steps.append(dict(name=name, **STEP_KINDS[kind](args, tg, data, work, preset), **CAPS[name], needs_cuda=True))
     return steps
 
 
@@ -212,11 +221,26 @@ def print_plan(steps: list[dict], budget_s: float, setup_s: float) -> None:
         if cap < step["min_s"]:
             print(f"{step['name']}: skipped in this plan ({max(cap, 0):.0f} s left for it, needs {step['min_s']} s)")
             continue
-        print(f"{step['name']}: cap {cap:.0f} s (min {step['min_s']} s): {env} python3 "
-              f"{' '.join(str(c) for c in step['cmd'][1:])}".replace(str(REPO) + "/", ""))
+        command = " ".join([*filter(None, [env]), "python3", *(str(c) for c in step["cmd"][1:])])
+        print(f"{step['name']}: cap {cap:.0f} s (min {step['min_s']} s): {command}".replace(str(REPO) + "/", ""))
         left -= cap
         total += cap
     print(f"total: {total:.0f} s of the {budget_s:.0f} s budget (caps; steps that end sooner leave time to the next)")
+
+
+# sp8192's evaluation at full size on the two splits it may score (train_gpt's eval_plan: its time budget
+# line), targets and documents of the split as downloaded (documents: 50,000 each).
+EVAL_SPLITS = {"SP8192": (40_540_160, 50_000), "SP8192 CaseOps": (47_851_520, 50_000)}
+
+
+def eval_plan_lines(tg) -> list[str]:
+    """One `eval_plan` line per split from train_gpt's eval_plan(h, num_targets, num_documents), or a line
+    saying this train_gpt.py has none (it is being added beside this bench)."""
+    if not hasattr(tg, "eval_plan") or "sp8192" not in tg.PRESETS:
+        return ["eval_plan: not in this train_gpt.py"]
+    h, _ = tg.hyperparameters_from_env({"PRESET": "sp8192"}, True)
+    return [f"{split} ({targets:,} targets, {documents:,} documents): {tg.eval_plan(h, targets, documents)}"
+            for split, (targets, documents) in EVAL_SPLITS.items()]
 
 
 # -----------------------------------------------------------------------------
@@ -245,59 +269,61 @@ def last_line(path: Path) -> str:
     return lines[-1][:300] if lines else "(no output)"
 
 
+def memory_figures(memories: list[dict | None]) -> dict:
+    """The largest CUDA peak among a step's phases (GiB, allocated and reserved), flagged where it passes
+    speed.H100_LIMIT_GIB (an H100 would not hold it)."""
+    import speed
+    peaks = [m for m in memories if m and "peak_reserved_mib" in m]
+    if not peaks:
+        return {}
+    top = max(peaks, key=lambda m: m["peak_reserved_mib"])
+    found = {"peak_allocated_gib": round(top["peak_allocated_mib"] / 1024, 1),
+             "peak_reserved_gib": round(top["peak_reserved_mib"] / 1024, 1)}
+    if speed.over_h100(top):
+        found["FLAG"] = f"peak over {speed.H100_LIMIT_GIB:g} GiB: an H100 would not hold it"
+    return found
+
+
+def attention_figures(work: Path, preset: str) -> dict:
+    rows = json.loads((work / "attention.json").read_text())["rows"]
+    return {f"{r['case']}/{r['kernel']}": r["status"] + (f", fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd_bwd_ms']:.2f} ms"
+                                                         if "fwd_bwd_ms" in r else "") for r in rows}
+
+
+def speed_figures(work: Path, preset: str) -> dict:
+    r = json.loads((work / f"speed_{preset}.json").read_text())
+    t = r["train"]
+    found = {"ms_per_step": round(t["ms_per_step_median"], 1), "ms_per_step_1sync":
+             round(t.get("pipelined_ms_per_step") or 0, 1), "attention": r["attention_backend"],
+             "warmup_s": round(r["warmup_ms"] / 1000, 1), "recompiles_timed": r["compile"]["timed"]["recompiles"],
+             "host_syncs_per_step": r["host_syncs"]["count"], "last_loss": round(t["losses"][-1], 4)}
+    phases = {label: phase for label, phase in t.get("recurrence", {}).items() if isinstance(phase, dict)}
+    for label, phase in phases.items():
+        found[f"ms_per_step_{label}"] = round(phase["ms_per_step_median"], 1)
+        found[f"mfu_{label}"] = phase["mfu"] and round(100 * phase["mfu"], 1)
+        found.update({f"{k}_{label}": v for k, v in memory_figures([phase["memory"]]).items() if k != "FLAG"})
+    memories = [*r["memory"].values(), *(phase["memory"] for phase in phases.values())]
+    return {**found, **memory_figures(memories)}
+
+
+def ttt_figures(work: Path, preset: str) -> dict:
+    r = json.loads((work / f"ttt_{preset}.json").read_text())
+    return {"ms_per_chunk": round(r["chunk"]["ms"], 1), "forward_only_ms": round(r["forward_only"]["ms"], 1),
+            "warmup_s": round(r["chunk"]["warmup_s"] + r["forward_only"]["warmup_s"], 1),
+            "losses_finite": r["losses_finite"], "forward": r["forward"],
+            **memory_figures([r["chunk"]["memory"], r["forward_only"]["memory"]])}
+
+
+FIGURES = {"attention": attention_figures, "speed": speed_figures, "ttt": ttt_figures}
+
+
 def figures(step: dict, work: Path) -> dict:
     """The step's headline figures, from the files it wrote (none when it wrote none)."""
+    kind, _, preset = step["name"].partition(":")
     try:
-        if step["name"] == "attention":
-            rows = json.loads((work / "attention.json").read_text())["rows"]
-            return {f"{r['case']}/{r['kernel']}": r["status"] + (f", fwd+bwd {r['fwd_bwd_ms']:.2f} ms"
-                                                                 if "fwd_bwd_ms" in r else "") for r in rows}
-        if step["name"].startswith("speed:"):
-            r = json.loads((work / f"speed_{step['name'][6:]}.json").read_text())
-            t = r["train"]
-            found = {"ms_per_step": round(t["ms_per_step_median"], 1), "ms_per_step_1sync":
-                     round(t.get("pipelined_ms_per_step") or 0, 1), "attention": r["attention_backend"],
-                     "warmup_s": round(r["warmup_ms"] / 1000, 1), "recompiles_timed": r["compile"]["timed"]["recompiles"],
-                     "host_syncs_per_step": r["host_syncs"]["count"], "last_loss": round(t["losses"][-1], 4)}
-            for label, phase in t.get("recurrence", {}).items():
-                if isinstance(phase, dict):
-                    found[f"ms_per_step_{label}"] = round(phase["ms_per_step_median"], 1)
-            return found
-        if step["name"].startswith("e2e:"):
-            return figures_from_log((work / "e2e_frontier.txt").read_text())
+        return FIGURES[kind](work, preset) if kind in FIGURES else {}
     except (OSError, KeyError, ValueError, TypeError, IndexError) as exc:
         return {"figures": f"unreadable: {exc!r}"}
-    return {}
-
-
-LOG_KEYS = ("attention_backend", "step_avg", "train_time_ms", "steps", "peak_memory_allocated_mib",
-            "artifact_bytes", "model_bytes", "eval_time_ms")
-
-
-def figures_from_log(text: str) -> dict:
-    """The log lines' key:value figures (the last value of each key wins), read outside the source of
-    train_gpt.py that the log embeds (its f-strings look like log lines)."""
-    found, in_source = {}, False
-    for line in text.splitlines():
-        if line.startswith("====== source ") or line == "====== end source ======":
-            in_source = line.startswith("====== source ")
-            continue
-        if in_source:
-            continue
-        for label in ("pre_quant", "final_roundtrip", "final_sliding"):
-            if line.startswith(label + " "):
-                found[f"{label}_val_bpb"] = re.search(r"val_bpb:(\S+)", line).group(1)
-        for label, pattern in (("warmup_ms", r"^warmup:.* in (\d+)ms"), ("quantize_ms", r"^quantize\+compress: (\d+)ms"),
-                               ("gptq_calibration_ms", r"^gptq_calibration:.* in (\d+)ms")):
-            match = re.search(pattern, line)
-            if match:
-                found[label] = match.group(1)
-        for key, value in re.findall(r"(\w+):(\S+)", line):
-            if key in LOG_KEYS:
-                found[key] = value
-        if "WARNING" in line or line.startswith("error:"):
-            found["warning"] = line
-    return found
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -351,9 +377,6 @@ def execute(steps: list[dict], budget_s: float, out: Path, work: Path, header: d
             code, seconds = run_step(step, cap, log_path)
             row["seconds"] = round(seconds, 1)
             row["status"] = "ok" if code == 0 else ("timeout" if code is None else f"exit {code}")
-            for produced, name in step.get("moves", {}).items():
-                if Path(produced).is_file():
-                    shutil.move(produced, work / name)
             row["figures"] = figures(step, work)
             if code != 0:
                 row["last_line"] = last_line(log_path)
@@ -387,6 +410,9 @@ def main(argv=None) -> int:
     steps = plan_steps(args, tg, data, work)
     if args.dry_run:
         print_plan(steps, args.budget_s, setup_s=SETUP_S)
+        import step_estimate
+        step_estimate.print_estimates([name for name in GPU_PRESETS if name in tg.PRESETS])
+        print("\n".join(eval_plan_lines(tg)))
         return 0
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)

@@ -1,9 +1,10 @@
 # The device call's CPU-testable parts: python3 -m pytest -q tests/test_gpu_check.py
-"""bench/gpu_check.py: the plan (presets from train_gpt's PRESETS in the issue's order, the recurrence
-timed off then on, the one-GPU environment), caps from the time left with the minimum of later steps
-kept, a failed or timed-out step not stopping the rest, results written to the output folder after
-every step, the dry run's plan and total, the carried shards unpacked and checked, a missing
-zstandard wheel, and the figures read from a train log."""
+"""bench/gpu_check.py: the plan (issue 22's order, steps whose preset train_gpt lacks left out, the
+loops timed off then on, the one-GPU environment), caps that sum to the budget and come from the time
+left with the minimum of later steps kept, a failed or timed-out step not stopping the rest, results
+written after every step, the figures read from each step's JSON with a peak over 75 GiB flagged, the
+dry run's sections (plan, ms/step estimates, evaluation plan), the estimate model's arithmetic, the
+carried shards unpacked and checked, and a missing wheel."""
 import importlib.util
 import json
 import sys
@@ -16,10 +17,12 @@ import pytest
 import zstandard
 
 from conftest import REPO
+import train_gpt as tg
 
 _spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
 gc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gc)
+import step_estimate as se  # noqa: E402  (gpu_check put bench/ on the path)
 
 
 def fake_train_gpt(presets: dict[str, dict]):
@@ -31,28 +34,38 @@ def fake_train_gpt(presets: dict[str, dict]):
     return types.SimpleNamespace(PRESETS=presets, SLICES_PER_STEP=8, hyperparameters_from_env=hyperparameters_from_env)
 
 
-@pytest.mark.parametrize("argv", [["--budget-s", "0"], ["--speed-steps", "3"], ["--e2e-steps", "1"]])
+GPU_PRESETS = {"smoke": {}, "pr76": {}, "sp8192": {"vocab": 8192, "recur": "3,4,5"}, "frontier": {"recur": "4,5"},
+               "pr1204": {"recur": "4,5"}}
+
+
+@pytest.mark.parametrize("argv", [["--budget-s", "0"], ["--speed-steps", "3"]])
 def test_bad_arguments_are_usage_errors(argv):
     with pytest.raises(SystemExit) as exit_:
         gc.parse_args(argv)
     assert exit_.value.code == 2
 
 
-def test_plan_takes_presets_from_train_gpt_in_the_issues_order(tmp_path):
-    tg = fake_train_gpt({"smoke": {}, "pr76": {}, "pr236": {}, "sp8192": {"vocab": 8192}, "frontier": {"recur": "4,5"},
-                         "pr1204": {"recur": "3,4"}})
-    steps = gc.plan_steps(gc.parse_args(["--speed-steps", "16"]), tg, tmp_path / "data", tmp_path)
-    assert [s["name"] for s in steps] == ["attention", "speed:frontier", "speed:pr1204", "speed:sp8192", "speed:pr76",
-                                          "e2e:frontier"]
-    speed = {s["name"]: s for s in steps if s["name"].startswith("speed:")}
-    assert speed["speed:frontier"]["cmd"][-2:] == ["--recur-at", "8"] and "--recur-at" not in speed["speed:pr76"]["cmd"]
-    # real proxy tokens where the vocabulary is the proxy's; sp8192 times on synthetic tokens
-    assert speed["speed:pr76"]["env"]["DATA_PATH"] == str(tmp_path / "data" / gc.PROXY_DATA)
-    assert "--tokens real" in " ".join(speed["speed:pr76"]["cmd"]) and "DATA_PATH" not in speed["speed:sp8192"]["env"]
-    e2e = steps[-1]
-    assert e2e["env"]["VAL_BATCH_SIZE"] == "65536"  # 524,288 / 8: the per-rank evaluation batch of 8 GPUs
-    assert e2e["env"]["MAX_WALLCLOCK_SECONDS"] == "0" and e2e["cmd"][1:] == ["train_gpt.py"]
+def test_plan_answers_sp8192_first_in_issue_22s_order(tmp_path):
+    steps = gc.plan_steps(gc.parse_args(["--speed-steps", "16"]), fake_train_gpt(GPU_PRESETS), tmp_path / "data",
+                          tmp_path)
+    assert [s["name"] for s in steps] == ["attention", "speed:sp8192", "ttt:sp8192", "speed:pr1204"]
+    attention, sp8192, ttt, pr1204 = (" ".join(s["cmd"][1:]) for s in steps)
+    assert "bench/attn_check.py --presets sp8192 --cases documents --documents lognormal" in attention
+    assert sp8192.endswith("--recur-at 8") and "--tokens synthetic" in sp8192  # 8192 pieces: not the proxy's
+    assert "DATA_PATH" not in steps[1]["env"] and steps[1]["env"]["VAL_BATCH_SIZE"] == "65536"  # 524,288 / 8
+    assert ttt.startswith("bench/ttt_chunk.py --preset sp8192 --out")
+    assert "--tokens real" in pr1204 and steps[3]["env"]["DATA_PATH"] == str(tmp_path / "data" / gc.PROXY_DATA)
     assert all(s["needs_cuda"] for s in steps)
+    without = gc.plan_steps(gc.parse_args([]), fake_train_gpt({"pr1204": {}}), tmp_path / "data", tmp_path)
+    assert [s["name"] for s in without] == ["attention", "speed:pr1204"]
+    assert "--presets" not in without[0]["cmd"]
+
+
+def test_caps_fill_the_budget_in_the_plans_order():
+    assert list(gc.CAPS) == list(gc.PLAN)
+    assert gc.SETUP_S + sum(c["max_s"] for c in gc.CAPS.values()) == 540
+    assert all(c["min_s"] <= c["max_s"] for c in gc.CAPS.values())
+    assert not gc.CAPS[gc.PLAN[-1]]["reserve"]  # the last step runs as far as time allows
 
 
 def test_caps_come_from_the_time_left_keeping_later_minimums():
@@ -102,16 +115,76 @@ def test_gpu_steps_are_skipped_without_cuda(tmp_path):
     assert rows[0]["status"] == "skipped: no CUDA"
 
 
-def test_dry_run_prints_each_step_with_its_cap_and_the_total(capsys):
+def test_dry_run_prints_the_plan_the_estimates_and_the_evaluation_plan(capsys):
     assert gc.main(["--dry-run", "--budget-s", "540"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("setup: cap 20 s")
-    assert lines[1].startswith("attention: cap 90 s (min 30 s):") and "bench/attn_check.py" in lines[1]
-    assert lines[2].startswith("speed:frontier: cap 230 s") and "--recur-at 8" in lines[2]
-    assert lines[-2].startswith("e2e:frontier: cap 200 s") and "train_gpt.py" in lines[-2]
-    total = int(lines[-1].split()[1])
-    caps = [int(line.split("cap ")[1].split()[0]) for line in lines[:-1] if ": cap " in line]
-    assert lines[-1].startswith("total: ") and total == sum(caps) <= 540
+    plan = lines[1:lines.index(next(line for line in lines if line.startswith("total: ")))]
+    assert [line.split(": cap ")[0] for line in plan] == ["attention", "speed:sp8192", "ttt:sp8192", "speed:pr1204"]
+    caps = [int(line.split("cap ")[1].split()[0]) for line in lines[:len(plan) + 1]]
+    total = next(line for line in lines if line.startswith("total: "))
+    assert int(total.split()[1]) == sum(caps) == 540
+    assert "bench/ttt_chunk.py --preset sp8192" in plan[2] and "--recur-at 8" in plan[1]
+    estimates = lines[lines.index(total) + 1:]
+    assert estimates[0].startswith("estimate: ms/step on 8xH100, ESTIMATED")
+    rows = {tuple(line.split()[:2]): line.split() for line in estimates if line.split()[:1] and
+            line.split()[0] in gc.GPU_PRESETS}
+    assert {("sp8192", "flex"), ("sp8192", "cudnn-mask"), ("pr1204", "cudnn"), ("frontier", "cudnn")} <= set(rows)
+    assert rows[("sp8192", "flex")][2] == "11/17" and rows[("pr1204", "cudnn")][2] == "11/13"
+    assert any(line.startswith("  flex: w=documents, s=0.65") and "137036" in line for line in estimates)
+    if hasattr(tg, "eval_plan"):
+        plans = [line for line in estimates if line.startswith("SP8192")]
+        assert plans[0].startswith("SP8192 (40,540,160 targets, 50,000 documents): eval_plan")
+        assert plans[1].startswith("SP8192 CaseOps (47,851,520 targets, 50,000 documents): eval_plan")
+        assert all("total_s:" in line for line in plans)
+    else:
+        assert estimates[-1] == "eval_plan: not in this train_gpt.py"
+
+
+def test_estimate_arithmetic_on_a_known_case():
+    flex = se.Kernel("documents", 0.5, "test")
+    assert se.work_per_token(100, 50, flex, doc_fraction=0.5) == 150  # 100 + 50 x 0.5 / 0.5
+    after = se.Record(10.0, "after", "fa3", "test")
+    x = se.throughput(after, tokens=1000, work_off=90, work_on=125)
+    assert x == 12_500 and 1000 * 150 / x == 12.0  # our kernel's step: 12 ms against the record's 10
+    average = se.Record(12.0, 0.25, "fa3", "test")
+    x = se.throughput(average, tokens=1000, work_off=100, work_on=200)
+    before, later = 1000 * 100 / x, 1000 * 200 / x
+    assert later == 2 * before and se.harmonic_average(before, later, 0.25) == pytest.approx(12.0)
+
+
+def test_estimates_reproduce_the_records_they_are_calibrated_on():
+    fa3, flex = (next(r for r in se.estimate_rows("sp8192") if r["kernel"] == k) for k in ("fa3", "flex"))
+    assert se.harmonic_average(fa3["before_ms"], fa3["after_ms"], 0.35) == pytest.approx(121.6)
+    assert fa3["doc_fraction"] == flex["doc_fraction"] and 0.3 < fa3["doc_fraction"] < 1
+    assert flex["before_ms"] > fa3["before_ms"] and flex["after_ms"] > fa3["after_ms"]
+    cudnn = se.estimate_rows("pr1204")[0]
+    (m, a) = cudnn["flops"][True]  # the record ran FA3 causal: ours is its step with attention at 0.9x the speed
+    assert cudnn["kernel"] == "cudnn" and cudnn["after_ms"] == pytest.approx(96.1 * (m + a / 0.9) / (m + a))
+    assert se.estimate_rows("pr76")[0]["before_ms"] == pytest.approx(65.0)  # its kernel taken as ours
+
+
+def test_figures_come_from_each_steps_json_and_a_peak_over_75_gib_is_flagged(tmp_path):
+    mib = lambda gib: {"peak_allocated_mib": gib * 1024 - 512, "peak_reserved_mib": gib * 1024}
+    phase = lambda ms, mfu, memory: {"ms_per_step_median": ms, "mfu": mfu, "memory": memory}
+    speed = {"train": {"ms_per_step_median": 900.0, "pipelined_ms_per_step": 880.0, "losses": [9.0, 8.5],
+                       "recurrence": {"recur_at": 8, "blocks": "3,4,5", "recur_off": phase(800.0, 0.3, mib(40)),
+                                      "recur_on": phase(1100.0, 0.35, mib(76))}},
+             "attention_backend": "flex", "warmup_ms": 95_000, "compile": {"timed": {"recompiles": 0}},
+             "host_syncs": {"count": 0}, "memory": {"warmup": mib(30), "timed_steps": mib(76)}}
+    (tmp_path / "speed_sp8192.json").write_text(json.dumps(speed))
+    found = gc.figures({"name": "speed:sp8192"}, tmp_path)
+    assert (found["ms_per_step_recur_off"], found["ms_per_step_recur_on"]) == (800.0, 1100.0)
+    assert found["mfu_recur_on"] == 35.0
+    assert found["peak_reserved_gib_recur_off"] == 40 and found["peak_reserved_gib"] == 76
+    assert found["FLAG"].startswith("peak over 75 GiB")
+    chunk = lambda memory: {"ms": 250.0, "warmup_s": 60.0, "memory": memory}
+    ttt = {"chunk": chunk(mib(60)), "forward_only": chunk(mib(20)), "losses_finite": True,
+           "forward": "one_document=True"}
+    (tmp_path / "ttt_sp8192.json").write_text(json.dumps(ttt))
+    found = gc.figures({"name": "ttt:sp8192"}, tmp_path)
+    assert found["ms_per_chunk"] == 250.0 and found["peak_reserved_gib"] == 60 and "FLAG" not in found
+    assert gc.figures({"name": "ttt:pr1204"}, tmp_path)["figures"].startswith("unreadable")
 
 
 def shard_bytes(tokens: np.ndarray) -> bytes:
@@ -143,50 +216,35 @@ def test_a_missing_module_without_a_carried_wheel_is_one_clear_error(monkeypatch
         gc.ensure_installed(module, wheels=tmp_path)
 
 
-def test_figures_are_read_from_a_train_log_outside_its_embedded_source():
-    log = "\n".join([
-        "run_id:x", "====== source train_gpt.py (9 bytes) ======", 'log(f"attention_backend:{name}")',
-        '    log(f"WARNING: {message}")', "====== end source ======",
-        "attention_backend:cudnn (aten._scaled_dot_product_cudnn_attention) for 48x8/4 heads x 2048 x 64 bfloat16",
-        "warmup: 3 steps and one eval batch (training tokens) in 61234ms; weights reset",
-        "step:20/20 train_loss:5.1 train_time:9000ms step_avg:450.00ms eta:0s lr_scale:0.0",
-        "gptq_calibration: 66 matrices from 786432 training tokens in 812ms",
-        "train_done steps:20 train_time_ms:9100", "pre_quant val_loss:3.1 val_bpb:1.9000",
-        "quantize+compress: 31000ms", "artifact_bytes:17000000 code_bytes:70000 model_bytes:16930000 limit:64000000",
-        "final_sliding val_loss:3.1 val_bpb:1.8800 seq_len:1024 stride:256 eval_time_ms:4000"])
-    figures = gc.figures_from_log(log)
-    assert figures["attention_backend"] == "cudnn" and figures["warmup_ms"] == "61234" and "warning" not in figures
-    assert figures["gptq_calibration_ms"] == "812" and figures["quantize_ms"] == "31000"
-    assert (figures["pre_quant_val_bpb"], figures["final_sliding_val_bpb"]) == ("1.9000", "1.8800")
-
-
 @pytest.mark.slow
 def test_the_plans_own_commands_run_end_to_end_on_cpu(tmp_path, monkeypatch):
-    """The real plan (train_gpt's presets), each command as planned but with the smoke preset on the
-    bundled sample in place of the GPU presets and a toy attention shape: every step runs, its
-    figures are read, and its files are in the results."""
-    import train_gpt as tg
+    """The real plan (train_gpt's presets), each command as planned but at toy size: the smoke preset on
+    the bundled sample in place of the GPU presets, a toy attention shape, a toy TTT chunk compiled with
+    the eager backend. Every step runs, its figures are read, and its files are in the results."""
     from conftest import SAMPLE, TOKENIZER, clean_env
 
     work, out = tmp_path / "work", tmp_path / "out"
     work.mkdir()
     steps = gc.plan_steps(gc.parse_args([]), tg, tmp_path / "data", work)
-    steps = [s for s in steps if s["name"] in ("attention", "speed:frontier", "e2e:frontier")]
+    steps = [s for s in steps if s["name"] in ("attention", "speed:sp8192", "ttt:sp8192")]
     for step in steps:
         if "PRESET" in step["env"]:
             step["env"].update(PRESET="smoke", DATA_PATH=str(SAMPLE), TOKENIZER_PATH=str(TOKENIZER),
                                VAL_BATCH_SIZE="2048")
         if step["name"] == "attention":
             step["cmd"] += ["--shape", "2,4,2,64,16", "--reps", "1"]
+        if step["name"] == "ttt:sp8192":
+            step["cmd"][step["cmd"].index("sp8192")] = "smoke"
+            step["cmd"] += ["--rows", "2", "--len", "32", "--backend", "eager", "--warmup", "1", "--reps", "1"]
     header = {"device": "cpu", "torch": "x", "date": "d", "budget_s": 1000}
     monkeypatch.setattr(gc.os, "environ", clean_env())  # the children's environment: no knobs, no CUDA
     rows = gc.execute(steps, 1000, out, work, header, cuda=True, started=time.monotonic())
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("last_line") for r in rows]
-    speed, e2e = rows[1]["figures"], rows[2]["figures"]
+    attention, speed, ttt = (r["figures"] for r in rows)
+    assert attention["documents/sdpa-math-mask"].startswith("match") and "causal/sdpa-auto" not in attention
     assert speed["ms_per_step_recur_off"] > 0 and speed["ms_per_step_recur_on"] > 0 and speed["recompiles_timed"] == 0
     assert speed["attention"].startswith("flash-cpu")
-    assert float(e2e["final_sliding_val_bpb"]) > 0 and int(e2e["gptq_calibration_ms"]) >= 0
-    assert rows[0]["figures"]["causal/sdpa-auto"].startswith("match")
+    assert ttt["ms_per_chunk"] > 0 and ttt["losses_finite"] is True
     with tarfile.open(out / "results.tgz") as tar:
         names = set(tar.getnames())
-    assert {"attention.json", "speed_frontier.json", "speed_frontier.txt", "e2e_frontier.txt"} <= names
+    assert {"attention.json", "speed_sp8192.json", "speed_sp8192.txt", "ttt_sp8192.json"} <= names
