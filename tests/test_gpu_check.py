@@ -141,6 +141,20 @@ def test_dry_run_prints_the_plan_the_estimates_and_the_evaluation_plan(capsys):
         assert estimates[-1] == "eval_plan: not in this train_gpt.py"
 
 
+def test_eval_plan_lines_call_train_gpts_eval_plan_for_both_splits():
+    calls = []
+
+    def eval_plan(h, num_targets, num_documents):
+        calls.append((h.ttt_batch_docs, num_targets, num_documents))
+        return f"eval_plan: targets:{num_targets} total_s:1"
+    fake = types.SimpleNamespace(PRESETS=tg.PRESETS, hyperparameters_from_env=tg.hyperparameters_from_env,
+                                 eval_plan=eval_plan)
+    lines = gc.eval_plan_lines(fake)
+    assert calls == [(64, 40_540_160, 50_000), (64, 47_851_520, 50_000)]  # sp8192 at full size
+    assert lines[1] == "SP8192 CaseOps (47,851,520 targets, 50,000 documents): eval_plan: targets:47851520 total_s:1"
+    assert gc.eval_plan_lines(types.SimpleNamespace(PRESETS=tg.PRESETS)) == ["eval_plan: not in this train_gpt.py"]
+
+
 def test_estimate_arithmetic_on_a_known_case():
     flex = se.Kernel("documents", 0.5, "test")
     assert se.work_per_token(100, 50, flex, doc_fraction=0.5) == 150  # 100 + 50 x 0.5 / 0.5
