@@ -9,7 +9,7 @@ takes), `mask-build` (document_mask from the tokens: once per forward pass, shar
 FlexAttention with a document block mask, eager and compiled (CPU has no FlexAttention backward in
 torch 2.13, so only its forward is timed), and `block-mask-build` (create_block_mask). Then the whole
 proxy model (the lab's shape: frontier at d128, 11 layers, 2 x 256 tokens a micro-batch) forward and
-backward with DOC_ATTENTION off and on. Documents: bench/attn_check.py's seeded lengths (T/32 .. T/2).
+backward with DOC_ATTENTION off and on. Documents: bench/attn_check.py's seeded uniform lengths (T/32 .. T/2).
 Times are medians of --reps (ms); on a shared CPU expect +-10% between runs.
 """
 
@@ -49,20 +49,13 @@ def median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def tokens_of(docs: torch.Tensor) -> torch.Tensor:
-    """Tokens whose BOS positions start the documents of `docs` (B, T) (a row starts one anyway)."""
-    starts = torch.ones_like(docs, dtype=torch.bool)
-    starts[:, 1:] = docs[:, 1:] != docs[:, :-1]
-    return torch.where(starts, tg.BOS_ID, 5)
-
-
 def attention_rows(name: str, shape, reps: int) -> list[tuple[str, str]]:
     B, H, Hkv, T, hd = shape
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(B, heads, T, hd, generator=g) for heads in (H, Hkv, Hkv))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    docs = attn_check.document_ids(B, T, "cpu")
-    tokens = tokens_of(docs)
+    tokens = attn_check.document_tokens(B, T, "cpu", "uniform")
+    docs = attn_check.document_ids(tokens)
     mask = tg.document_mask(tokens)
     fwd_bwd = lambda run: lambda: run(*leaves).sum().backward()
     rows = [("causal fwd+bwd", median_ms(fwd_bwd(lambda a, b, c: tg.causal_attention(a, b, c)), reps)),
@@ -75,13 +68,13 @@ def attention_rows(name: str, shape, reps: int) -> list[tuple[str, str]]:
             warnings.simplefilter("ignore")
             for label, compiled in (("flex eager fwd", False), ("flex compiled fwd", True)):
                 run = attn_check.flex(compiled)
-                rows.append((label, median_ms(lambda: run(q, k, v, docs), max(1, reps // 2))))
+                rows.append((label, median_ms(lambda: run(q, k, v, tokens), max(1, reps // 2))))
             from torch.nn.attention.flex_attention import create_block_mask
             mask_mod = lambda b, h, qi, ki: (qi >= ki) & (docs[b, qi] == docs[b, ki])
             rows.append(("block-mask-build", median_ms(lambda: create_block_mask(mask_mod, B, None, T, T, device="cpu"),
                                                        max(1, reps // 2))))
     try:
-        attn_check.flex(False)(*leaves, docs).sum().backward()
+        attn_check.flex(False)(*leaves, tokens).sum().backward()
         backward = "runs"
     except Exception as exc:  # torch 2.13: "FlexAttention does not support backward on CPU"
         backward = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
