@@ -291,7 +291,11 @@ def report(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    h = preset_hparams(args.preset, args.dim)
+    try:
+        h = preset_hparams(args.preset, args.dim)
+    except tg.RunError as exc:  # an unknown preset, a --dim the heads do not divide
+        print(f"ttt_chunk: {exc}", file=sys.stderr)
+        return 2
     cuda = torch.cuda.is_available()
     if not args.estimate and not cuda and args.backend == "inductor":
         print("ttt_chunk: no CUDA; use --estimate (or --backend eager for a toy run)", file=sys.stderr)
