@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -43,11 +44,11 @@ import shutil
 import struct
 import sys
 import time
+import typing
 import uuid
 import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +58,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import zstandard
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -188,6 +190,7 @@ class Hyperparameters:
     ttt_chunk_tokens: int = 48  # tokens scored, then trained on, per step of a document
     ttt_batch_docs: int = 64  # documents adapting side by side (per GPU)
     ttt_phases: str = "2500"  # global SGD phases after these numbers of scored documents (empty: none)
+    ttt_plain_score: bool = False  # also score per document without adapters first (final_document): TTT's baseline
     eval_budget_seconds: float = 600.0  # TTT stops adapting (and keeps scoring) rather than pass this
     # Artifact.
     artifact_path: str = ""  # empty: logs/<RUN_ID>.ptz
@@ -211,7 +214,7 @@ class Hyperparameters:
     # Systems.
     compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
-    attn_backend: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 (see Model)
+    attn_backend: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 | flex (see Model)
     eval_only: str = ""  # path to an artifact: score it (model shape from the artifact), train nothing
     # GPTQ rounding, calibrated on training tokens after training (0: off; rounded up to whole
     # steps). Reading training data counts toward the training time, so the loop stops
@@ -285,6 +288,7 @@ SP8192 = dict(
     gptq_calib_tokens=32 * 786_432, gptq_reserve_seconds=12.0, quant_bits_mlp=6, quant_bits_embed=7,
     gptq_embed=True, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85,
     quant_gates_int8=True, lqer_top=3, compressor="ans", ttt_enabled=True, ttt_phases="833,1666,2500",
+    eval_stride=0,  # TTT scores every token: no sliding window beside it, as the record evaluated
 )
 SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
@@ -566,7 +570,9 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (not h.quant_gates_int8 or h.attn_gate_window, "QUANT_GATES_INT8 quantizes the attention output gates: "
                                                        "it needs ATTN_GATE_WINDOW > 0"),
         (not h.doc_attention or h.attn_backend not in ("flash", *OPTIONAL_KERNELS),
-         f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, efficient, cudnn, math"),
+         f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, flex, efficient, cudnn, math"),
+        (h.attn_backend != "flex" or h.doc_attention, "ATTN_BACKEND=flex is the kernel of attention within "
+                                                       "documents: it needs DOC_ATTENTION=1 (else use auto)"),
         (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
          f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
         (0 <= h.xsa_last_n <= virtual_depth(h), "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
@@ -1221,8 +1227,10 @@ def low_rank_added(x: Tensor, y: Tensor, lora) -> Tensor:
 class Rotary(nn.Module):
     """RoPE on the first `dims` dims of each head, frequencies computed over those dims; the rest of
     the head carries no position (partial RoPE, FRONTIER.md, with dims < head_dim). With ntk_len, a
-    sequence of T > ntk_len positions uses the base NTK-scaled by (T / ntk_len)^(dims / (dims - 2)),
-    as PR #1204's rotary did (its training length was fixed at 1024: at 2048 and 16 dims, ~22,082)."""
+    sequence of length n > ntk_len uses the base NTK-scaled by (n / ntk_len)^(dims / (dims - 2)), as
+    PR #1204's rotary did (its training length was fixed at 1024: at 2048 and 16 dims, ~22,082). n is
+    the row's length, or `length` where rows are cut from a longer context (the per-document TTT rows
+    use the base of the length the model is scored at)."""
 
     def __init__(self, dims: int, max_len: int, base: float, ntk_len: int = 0):
         super().__init__()
@@ -1234,10 +1242,11 @@ class Rotary(nn.Module):
     def inverse_frequencies(self, base: float) -> Tensor:
         return 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims)
 
-    def forward(self, x: Tensor) -> Tensor:  # x: (B, heads, T, hd)
+    def forward(self, x: Tensor, length: int = 0) -> Tensor:  # x: (B, heads, T, hd)
         T = x.size(-2)
-        if self.ntk_len and T > self.ntk_len:
-            base = self.base * (T / self.ntk_len) ** (self.dims / (self.dims - 2))
+        n = max(T, length)
+        if self.ntk_len and n > self.ntk_len:
+            base = self.base * (n / self.ntk_len) ** (self.dims / (self.dims - 2))
             angles = torch.outer(torch.arange(T, dtype=torch.float32), self.inverse_frequencies(base)).to(x.device)
             cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         else:
@@ -1264,20 +1273,23 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
 # import and the tensors are on CUDA, else SDPA `auto` runs and the log says so. The choice is set
 # once, in configure(), as torch's global SDPA switches: no context is entered on the hot path.
 # Which kernel really runs is read, not assumed: attention_kernel_report() runs the training shape
-# forward and backward and names the aten op torch dispatched (torch >= 2.11 picks cuDNN on H100/H200
-# where `auto` is allowed it; the first kernel of a list that accepts a shape need not be the one).
+# forward and backward and names the aten op torch dispatched.
 #
 # DOC_ATTENTION (the records' variable-length kernel, PR #1530 on): a query attends to the keys of its
-# own document only, a document running from a BOS to the next. The same SDPA call takes a boolean mask
-# (built once per forward pass from the tokens, shared by every layer) instead of is_causal. Of the
-# ways PyTorch offers, it is the one that trains on CPU: FlexAttention has no backward on CPU (torch
-# 2.13). On CPU the masked kernel's forward and backward cost 1.14x plain causal at the proxy's shape
-# (the whole proxy model's step 1.03x) and 1.65x at 8/4 heads x 2048 (bench/doc_attention.py,
-# logs/bench/doc_attention_cpu.txt). On CUDA the efficient, cuDNN and math kernels take a mask (the
-# kernel report at start names the one that ran); flash, FA3 and FA4 do not and are refused at start.
+# own document only, a document running from a BOS to the next. The mask is built once per forward
+# pass from the tokens and shared by every layer (attention_mask), in one of two forms:
+# - FlexAttention (torch.nn.attention.flex_attention) with a BlockMask: 128 x 128 tiles that lie
+#   outside every document are skipped, tiles inside one document run unmasked, and only the tiles
+#   a boundary crosses evaluate the mask. `flex`, and `auto` on CUDA. FlexAttention has no backward on
+#   CPU (torch 2.13): there it serves forward passes only (evaluation), and gradients take the dense form.
+# - SDPA with a dense (B, 1, T, T) boolean mask: the reference, and the CPU training path. On CUDA
+#   with torch 2.11 only cuDNN runs it (flash takes no mask, memory-efficient no GQA), over the full
+#   square: ~2.7x the work of a document kernel on FineWeb's lengths (an estimate).
+# Rows that hold one document each (the per-document TTT rows) need no mask: plain causal attention.
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
-ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS)
+ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS, "flex")
+FLEX_BLOCK = 128  # FlexAttention's tile: a row length that is a multiple of it runs the block mask
 SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "flash-cpu"),  # most specific names first
             ("_scaled_dot_product_flash_attention", "flash"), ("_scaled_dot_product_efficient_attention", "efficient"),
             ("_efficient_attention_forward", "efficient"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
@@ -1304,23 +1316,71 @@ def optional_kernel(name: str):
         return None
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor | None = None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor | BlockMask | None = None) -> Tensor:
     """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA).
     `kernel`: an optional flash_attn_func (FA3 / FA4), which takes (B, T, heads, hd) and GQA as is.
-    `mask`: (B, 1, T, T) bool, True where a query may attend (document_mask), replacing causality."""
+    `mask` (attention_mask): a BlockMask (FlexAttention) or a (B, 1, T, T) bool, True where a query may
+    attend, replacing causality; None: plain causal."""
+    gqa = k.size(1) != q.size(1)
+    if isinstance(mask, BlockMask):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     if kernel is not None and q.is_cuda and mask is None:
         y = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
         return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # some versions also return the LSE
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=k.size(1) != q.size(1))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+
+
+def document_ids(tokens: Tensor) -> Tensor:
+    """(B, T) from tokens (B, T): how many BOS up to and including t (a row's first position starts a
+    document too, whatever its token)."""
+    return torch.cumsum(tokens == BOS_ID, dim=1)
 
 
 def document_mask(tokens: Tensor) -> Tensor:
-    """(B, 1, T, T) bool from tokens (B, T): query t may attend to key s <= t of its own document (a BOS
-    starts one; a row's first position starts one too)."""
-    document = torch.cumsum(tokens == BOS_ID, dim=1)  # (B, T): how many BOS up to and including t
+    """(B, 1, T, T) bool from tokens (B, T): query t may attend to key s <= t of its own document."""
+    document = document_ids(tokens)
     causal = torch.ones(tokens.size(1), tokens.size(1), dtype=torch.bool, device=tokens.device).tril()
     return (document[:, None, :, None] == document[:, None, None, :]) & causal
+
+
+def document_block_mask(tokens: Tensor) -> BlockMask:
+    """document_mask() as FlexAttention's BlockMask, tokens (B, T) with T a multiple of FLEX_BLOCK.
+
+    Documents are contiguous, so query tile i and key tile j <= i share a document exactly when the
+    document at the start of tile i is no later than the one at the end of tile j; the pair is full
+    (no mask to evaluate) when j < i and both tiles lie in that one document. Built from (B, T / 128)
+    tile summaries, not from the T x T square."""
+    B, T = tokens.shape
+    document = document_ids(tokens)
+    tiles = document.view(B, T // FLEX_BLOCK, FLEX_BLOCK)
+    first, last = tiles[..., 0], tiles[..., -1]  # (B, tiles)
+    n = T // FLEX_BLOCK
+    below = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
+    touch = below & (first[:, :, None] <= last[:, None, :])  # (B, query tile, key tile)
+    full = below.tril(-1) & (first[:, None, :] == last[:, :, None])
+    partial = touch & ~full
+
+    def tile_lists(chosen: Tensor) -> tuple[Tensor, Tensor]:  # counts (B, 1, n), indices (B, 1, n, n)
+        order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)
+        return chosen.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+
+    def same_document(b, h, q, kv):
+        return (q >= kv) & (document[b, q] == document[b, kv])
+
+    counts, indices = tile_lists(partial)
+    full_counts, full_indices = tile_lists(full)
+    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=same_document, seq_lengths=(T, T))
+
+
+def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
+    """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: FlexAttention's BlockMask
+    where ATTN_BACKEND (flex, or auto on CUDA) asks for it, T is a multiple of FLEX_BLOCK and it can
+    run (CUDA, or CPU without gradients); the dense SDPA mask otherwise."""
+    flex = backend == "flex" or (backend == "auto" and tokens.is_cuda)
+    if flex and tokens.size(1) % FLEX_BLOCK == 0 and (tokens.is_cuda or not torch.is_grad_enabled()):
+        return document_block_mask(tokens)
+    return document_mask(tokens)
 
 
 class DispatchedOps(TorchDispatchMode):
@@ -1337,38 +1397,61 @@ class DispatchedOps(TorchDispatchMode):
 
 def attention_kernel_report(h: Hyperparameters, rt) -> str:
     """The kernel causal_attention runs for one micro-batch of the training shape (batch 1 on CPU),
-    in the training dtype, forward and backward, with the ATTN_BACKEND in force: named from the aten
-    op torch dispatched (`math`: no fused op ran). A pinned kernel that rejects the shape is an error."""
+    in the training dtype, forward and backward (forward only for EVAL_ONLY), with the ATTN_BACKEND
+    in force: named from the aten op torch dispatched (`math`: no fused op ran). With DOC_ATTENTION,
+    the mask is the one the model builds (attention_mask), here with a BOS every 200 positions. A
+    pinned kernel that rejects the shape is an error."""
     head_dim = h.model_dim // h.num_heads
     batch = h.train_batch_tokens // SLICES_PER_STEP // h.train_seq_len if rt.device.type == "cuda" else 1
+    batch = 1 if h.doc_attention else batch  # uncompiled FlexAttention materializes the scores: one row
     dtype = torch.bfloat16 if rt.bf16 else torch.float32
     shape = f"{batch}x{h.num_heads}/{h.num_kv_heads} heads x {h.train_seq_len} x {head_dim} {str(dtype)[6:]}"
-    q = torch.randn(batch, h.num_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype, requires_grad=True)
+    grad = not h.eval_only
+    q = torch.randn(batch, h.num_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype, requires_grad=grad)
     k, v = (torch.randn(batch, h.num_kv_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype,
-                        requires_grad=True) for _ in range(2))
+                        requires_grad=grad) for _ in range(2))
     kernel = optional_kernel(h.attn_backend) if rt.device.type == "cuda" else None
     mask = None
-    if h.doc_attention:  # a BOS every 200 positions: the mask the training batches bring
-        mask = document_mask((torch.arange(h.train_seq_len, device=rt.device)[None] % 200 == 0).long() * BOS_ID)
-        shape += " within documents"
     recorder = DispatchedOps()
     try:
-        with warnings.catch_warnings(), recorder:
+        with warnings.catch_warnings(), recorder, torch.set_grad_enabled(grad):
             warnings.simplefilter("ignore")  # torch warns why each kernel does not apply; the error says it
-            causal_attention(q, k, v, kernel, mask).sum().backward()
+            if h.doc_attention:
+                tokens = (torch.arange(h.train_seq_len, device=rt.device)[None] % 200 == 0).long() * BOS_ID
+                mask = attention_mask(tokens.expand(batch, -1), h.attn_backend)
+                shape += " within documents"
+            y = causal_attention(q, k, v, kernel, mask)
+            if grad:
+                y.sum().backward()
     except RuntimeError as exc:
         raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention of {shape} on "
                        f"{rt.device.type} ({str(exc).splitlines()[0][:200]})") from None
     if kernel is not None:
         return f"{h.attn_backend} ({OPTIONAL_KERNELS[h.attn_backend]}.flash_attn_func) for {shape}"
+    if isinstance(mask, BlockMask):
+        slow = "" if compile_enabled(h, rt) else "; WARNING: without torch.compile FlexAttention runs unfused (slow)"
+        return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) for {shape}{slow}"
     ran = next((label for op, label in SDPA_OPS if any(n.startswith(op) for n in recorder.names)), "math")
     op = next((f"aten.{n.removesuffix('.default')}" for n in recorder.names if "attention" in n), "bmm + softmax")
     report = f"{ran} ({op}) for {shape}"
+    if h.doc_attention:
+        report += " (dense mask)"
     if h.attn_backend in OPTIONAL_KERNELS:
         module = OPTIONAL_KERNELS[h.attn_backend]
         why = f"{module} does not import" if optional_kernel(h.attn_backend) is None else f"{module} needs CUDA"
         report += f"; ATTN_BACKEND={h.attn_backend}: {why}, SDPA auto ran instead"
+    if h.attn_backend == "flex":
+        why = ("FlexAttention has no backward on CPU: training takes the dense mask" if grad and rt.device.type == "cpu"
+               else f"TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}")
+        report += f"; ATTN_BACKEND=flex: {why}"
     return report
+
+
+class Attend(typing.NamedTuple):
+    """What every attention layer of one forward pass shares: the DOC_ATTENTION mask (attention_mask;
+    None: plain causal) and the length whose RoPE base the rows use (0: their own)."""
+    mask: Tensor | BlockMask | None = None
+    rope_len: int = 0
 
 
 ATTN_GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
@@ -1396,7 +1479,7 @@ class Attention(nn.Module):
         self.gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate_window else None
 
     def forward(self, x: Tensor, q_gain: Tensor, xsa: bool, value_embed: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                attend: Attend = Attend()) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
@@ -1404,9 +1487,9 @@ class Attention(nn.Module):
         if value_embed is not None:  # (B, T, Hkv * hd)
             v = v + value_embed
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = self.rotary(rms_norm(q)) * q_gain.to(q.dtype)[None, :, None, None]
-        k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v, self.kernel, mask)
+        q = self.rotary(rms_norm(q), attend.rope_len) * q_gain.to(q.dtype)[None, :, None, None]
+        k = self.rotary(rms_norm(k), attend.rope_len)
+        y = causal_attention(q, k, v, self.kernel, attend.mask)
         if xsa:
             y = remove_self_value(y, v)
         if self.gate is not None:
@@ -1468,14 +1551,14 @@ class Block(nn.Module):
             self.lane_keep = nn.Parameter(torch.full((2,), keep))
 
     def forward(self, x: Tensor, x0: Tensor, body: "Block | None" = None, mlp: "MLP | None" = None,
-                value_embed: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        # x: (lanes, B, T, C), x0: (B, T, C); mask: DOC_ATTENTION's (B, 1, T, T) or None
+                value_embed: Tensor | None = None, attend: Attend = Attend()) -> Tensor:
+        # x: (lanes, B, T, C), x0: (B, T, C)
         body = body or self
         if body.lane_parallel:
             a = 0.0
             if body.attn is not None:
                 a_in = rms_norm(self.mix(x[0], x0)) * self.norm_scale
-                a = self.attn_scale * body.attn(a_in, self.q_gain, self.xsa, value_embed, mask)
+                a = self.attn_scale * body.attn(a_in, self.q_gain, self.xsa, value_embed, attend)
             m = self.mlp_scale * (mlp or body.mlp)(rms_norm(x[1]) * self.norm_scale)
             return body.lane_keep[:, None, None, None] * x + body.lane_weights(0) * a + body.lane_weights(1) * m
         if not body.lane_read:
@@ -1484,7 +1567,7 @@ class Block(nn.Module):
                 x = body.lane_keep[:, None, None, None] * x
         if body.attn is not None:
             a = self.attn_scale * body.attn(self.sublayer_input(x[0], x0, body), self.q_gain, self.xsa, value_embed,
-                                            mask)
+                                            attend)
             x = body.keep(x, 0) + body.lane_weights(0) * a
         m = self.mlp_scale * (mlp or body.mlp)(self.sublayer_input(x[-1], x0, body))
         return body.keep(x, 1) + body.lane_weights(1) * m
@@ -1599,7 +1682,8 @@ class GPT(nn.Module):
         self.recur_active = False  # set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
         self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
-        self.doc_attention = h.doc_attention
+        self.doc_attention = h.attn_backend if h.doc_attention else ""  # the backend the mask is built for
+        self.rope_len = h.model_eval_seq_len  # the context the per-document rows are cut from
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
@@ -1663,8 +1747,11 @@ class GPT(nn.Module):
             lanes = torch.lerp(skip, lanes, torch.sigmoid(self.skip_gates[pair]))
         return torch.cat((lanes, x[1:])) if first_lane_only else lanes
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean") -> Tensor:
+    def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
+                one_document: bool = False) -> Tensor:
         """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T).
+        one_document: each row holds (part of) one document, cut from a context of EVAL_SEQ_LEN (the
+        per-document TTT rows): plain causal attention, RoPE at the base of that context.
 
         U-Net: the first half of the positions push their output, the second half pop it in reverse
         order. Without VIRTUAL_DEPTH or RECUR_IN_UNET the halves are of the NUM_LAYERS blocks and a
@@ -1672,7 +1759,10 @@ class GPT(nn.Module):
         once in 11 blocks; 17 with 3-5 repeated twice: 8 push, 9 pop, the last without a skip)."""
         x0 = self.embed(input_ids)
         ve = self.value_embed(input_ids) if self.value_embed is not None else None
-        mask = document_mask(input_ids) if self.doc_attention else None
+        if one_document:
+            attend = Attend(None, self.rope_len)
+        else:
+            attend = Attend(attention_mask(input_ids, self.doc_attention) if self.doc_attention else None)
         x = x0[None]  # (lanes, B, T, C)
         schedule = self.block_schedule()
         num_encoder = len(schedule) // 2 if self.unet_by_position else self.num_layers // 2
@@ -1692,7 +1782,7 @@ class GPT(nn.Module):
             value_embed = None
             if ve is not None and c in self.value_embed.positions:
                 value_embed = ve * self.value_embed.position_scales[self.value_embed.positions.index(c)]
-            x = block(x, x0, body, mlp, value_embed, mask)
+            x = block(x, x0, body, mlp, value_embed, attend)
             if encoder:
                 skips.append(x)
         hidden = self.head_input(rms_norm(x.mean(dim=0)))
@@ -1841,22 +1931,29 @@ def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[floa
 # -----------------------------------------------------------------------------
 # Score-first test-time training (TTT)
 #
-# The evaluation the best records used (FRONTIER.md, "Score-first TTT"). The validation stream is split
-# at BOS into documents, each scored in its own rows (no attention across documents). Document d's
-# segment is its BOS, its text and the next document's BOS, so its last target is that BOS and every
-# target of the split is scored exactly once, as in the stream evaluation. Its targets are walked in
-# chunks of TTT_CHUNK_TOKENS; each chunk is scored in a window of up to EVAL_SEQ_LEN tokens ending with
-# it (the sliding rule with the chunk as the stride) and only then, if the document goes on, used for
-# one step of the document's own LoRA adapters. TTT_BATCH_DOCS documents adapt side by side, one
-# adapter slot each, in an order fixed before the first score (longest first); ranks claim batches as
-# they finish. After the document counts in TTT_PHASES every rank pauses for one epoch of SGD over the
-# base weights on the documents scored so far. A token's probability thus depends on the artifact and
-# on tokens scored before it only; it is a full softmax, computed once (tests/test_ttt.py). With
-# TTT_LR_SCALE=0 nothing moves: the score is the per-document plain score, bit for bit.
+# The evaluation the best records used (PR #1855 and later). The validation stream is split at BOS into
+# documents, each scored in rows of its own. Document d's segment is its BOS, its text and the next
+# document's BOS, so its last target is that BOS and every target of the split is scored exactly once.
+# Its targets are walked in chunks of TTT_CHUNK_TOKENS; chunk [lo, lo + chunk) is scored in the window
+# of up to EVAL_SEQ_LEN tokens that ends at lo + chunk (the sliding rule with the chunk as the stride;
+# where the document ends does not move it) and only then, if the document goes on, used for one step
+# of the document's own LoRA adapters. TTT_BATCH_DOCS documents adapt side by side, one adapter slot
+# each, in an order fixed before the first score (longest first); ranks claim batches as they finish.
+# After the document counts in TTT_PHASES every rank pauses for one epoch of SGD over the base weights
+# on the documents scored so far. A token's probability thus depends on the artifact and on tokens
+# scored before it only; it is a full softmax, computed once (tests/test_ttt.py). With TTT_LR_SCALE=0
+# nothing moves: the score is the per-document plain score, bit for bit.
+#
+# Compiled, the rows come in few shapes: TTT_BATCH_DOCS rows padded to a power of two of at least
+# TTT_MIN_ROW (64, 128, ... EVAL_SEQ_LEN), each with adapters and gradients or plain, and the phase's
+# packed rows: warm_up_ttt builds exactly these (ttt_graphs), and scoring runs where a new graph is an
+# error. The time budget (TTTBudget) plans from the work known before the first score.
 
 TTT_LORA_ALPHA = 144.0  # the records' LoRA scale is alpha / rank, alpha 144 at rank 80
 TTT_LR, TTT_BETA2, TTT_WEIGHT_DECAY = 1e-4, 0.99, 0.5  # the adapters' Adam (no momentum), as the records
 TTT_PHASE_LR, TTT_PHASE_MOMENTUM, TTT_PHASE_ROWS, TTT_PHASE_CLIP = 1e-3, 0.9, 32, 1.0  # the global SGD phase
+TTT_MIN_ROW = 64  # the shortest padded row: shorter documents share one shape
+H100_MEMORY_GIB = 75  # a peak above this would not fit an 80 GB H100 (what an H200 would hide)
 CLAIM_KEYS = itertools.count()  # names the store counters of each per-document evaluation of a run
 
 
@@ -1883,9 +1980,10 @@ class DocumentAdapters:
     """LoRA (Hu et al. 2021, arXiv 2106.09685) in `slots` independent slots on every block matrix and
     the tied head: for a matrix (out, in), A (slots, rank, in) and B (slots, out, rank), and row b of a
     batch gets (x A_b^T) B_b^T * alpha / rank added to the matrix's output. Each reset restores A to
-    one seeded random draw and B to zero (the model unchanged), with Adam's state (no momentum,
-    decoupled weight decay). The records kept A from a slot's earlier documents; fresh adapters make a
-    document's score independent of which GPU took which batch."""
+    one seeded random draw, the same in every slot, and B to zero (the model unchanged), with Adam's
+    state (no momentum, decoupled weight decay). The records kept A from a slot's earlier documents;
+    fresh, equal adapters make a document's score independent of its slot, its batch and which GPU
+    took the batch."""
 
     def __init__(self, model: GPT, slots: int, rank: int):
         device = model.tok_emb.weight.device
@@ -1894,7 +1992,7 @@ class DocumentAdapters:
         self.scale, self.a, self.b, self.a_init = TTT_LORA_ALPHA / rank, [], [], []
         for site in self.sites:
             out_dim, in_dim = (site.tok_emb.weight if site is model else site.weight).shape
-            a = (2 * torch.rand(slots, rank, in_dim, generator=generator) - 1) * in_dim ** -0.5
+            a = ((2 * torch.rand(1, rank, in_dim, generator=generator) - 1) * in_dim ** -0.5).repeat(slots, 1, 1)
             self.a_init.append(a.to(device))
             self.a.append(a.to(device, copy=True).requires_grad_())
             self.b.append(torch.zeros(slots, out_dim, rank, device=device, requires_grad=True))
@@ -1924,57 +2022,132 @@ class DocumentAdapters:
 
 
 def padded_length(width: int, seq_len: int) -> int:
-    """Rows are padded to a power of two (at most EVAL_SEQ_LEN): few shapes for torch.compile."""
-    return min(1 << max(width - 1, 0).bit_length(), seq_len)
+    """A row of `width` positions padded to a power of two, at least TTT_MIN_ROW, at most EVAL_SEQ_LEN."""
+    return min(max(1 << max(width - 1, 0).bit_length(), TTT_MIN_ROW), seq_len)
 
 
-def document_rows(tokens: Tensor, start: np.ndarray, n: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                  seq_len: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rows scoring targets [lo, hi) of each document (start: its first token, n: its targets), each
-    in a window of up to seq_len ending at hi. Returns inputs and targets (B, T), the scored mask and
-    the validation target index of each position; a row with lo >= hi scores nothing. Positions past
-    a row's end are padding that causality keeps from the scored ones."""
-    first = np.maximum(hi - seq_len, 0)
-    T = padded_length(int(max((hi - first).max(), 1)), seq_len)
-    pos = first[:, None] + np.arange(T)[None, :]  # target index within the document
-    scored = (pos >= lo[:, None]) & (pos < hi[:, None])
-    index = start[:, None] + np.minimum(pos, np.maximum(n - 1, 0)[:, None])
-    index = torch.from_numpy(index).to(tokens.device)
-    return tokens[index], tokens[index + 1], torch.from_numpy(scored).to(tokens.device), index
+def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """(lo, first, T) per chunk of a batch whose longest document has num_targets targets: the chunk
+    scores targets [lo, lo + chunk) in the window of targets [first, first + T) (T padded)."""
+    windows = []
+    for lo in range(0, max(num_targets, 1), chunk):
+        first = max(lo + chunk - seq_len, 0)
+        windows.append((lo, first, padded_length(lo + chunk - first, seq_len)))
+    return windows
 
 
-def score_batch(model: nn.Module, adapters: DocumentAdapters | None, val: ValidationSet, docs: Documents,
-                batch: np.ndarray, h: Hyperparameters, rt, lr: float, trace: list | None) -> Tensor:
+def ttt_graphs(h: Hyperparameters) -> list[int]:
+    """The padded row lengths TTT runs (each with adapters and gradients, and plain)."""
+    return sorted({padded_length(w, h.model_eval_seq_len) for w in (1 << i for i in range(32))
+                   if w <= 2 * h.model_eval_seq_len})
+
+
+def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int, T: int,
+                  chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Rows scoring targets [lo, lo + chunk) of each document (start: its first token, n: its targets;
+    device tensors (B,)) in the window of targets [first, first + T). Returns inputs and targets (B, T),
+    the scored mask and the validation target index of each position, all made on the device (no
+    host copy). A row whose document is shorter scores fewer targets, or none; positions past a
+    document's end are padding that causality keeps from the scored ones."""
+    pos = torch.arange(first, first + T, device=tokens.device)[None, :]  # (1, T) target index in the document
+    scored = (pos >= lo) & (pos < torch.clamp(n, max=lo + chunk)[:, None])
+    index = start[:, None] + torch.minimum(pos, (n - 1).clamp_min(0)[:, None])
+    return tokens[index], tokens[index + 1], scored, index
+
+
+class TTTBudget:
+    """When score-first TTT stops adapting, so that the evaluation ends by `deadline` (a `clock` time).
+
+    The work is known before the first score: every chunk of every batch, in positions (rows x padded
+    length). Before each chunk, a rank adapts it only if the time left covers that chunk adapted plus
+    all the work after it scored plain, at the seconds per position measured so far (plain: measured,
+    or PLAIN_SHARE of the adapted rate until a plain chunk has run). The work after it is the rest of
+    this batch and an equal share of the batches no rank has reached (an estimate on several ranks:
+    batches are claimed as ranks finish). Once stopped, a rank scores the rest plain (adapters detached)
+    and no phase runs. A phase runs only if it fits the same way, at the adapted rate (then its own)."""
+
+    PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
+
+    def __init__(self, work: list[list[int]], world_size: int, deadline: float, clock=time.perf_counter):
+        self.work, self.world_size, self.deadline, self.clock = work, world_size, deadline, clock
+        self.after = np.cumsum([sum(w) for w in work][::-1])[::-1].tolist() + [0]  # work of batches b.. on
+        self.spent = {True: [0.0, 0], False: [0.0, 0]}  # adapted / plain: seconds, positions
+        self.phase_rate = None
+        self.adapting = True
+
+    def rate(self, adapted: bool) -> float:
+        seconds, positions = self.spent[adapted]
+        if positions:
+            return seconds / positions
+        return self.rate(True) * self.PLAIN_SHARE if not adapted and self.spent[True][1] else 0.0
+
+    def left_after(self, batch: int, chunk: int) -> float:
+        """Positions after chunk `chunk` of batch `batch` that this rank can expect to score."""
+        return sum(self.work[batch][chunk + 1:]) + self.after[batch + 1] / self.world_size
+
+    def adapt(self, batch: int, chunk: int) -> bool:
+        if self.adapting and self.spent[True][1]:
+            need = self.work[batch][chunk] * self.rate(True) + self.left_after(batch, chunk) * self.rate(False)
+            self.adapting = self.clock() + need <= self.deadline
+        return self.adapting
+
+    def observe(self, positions: int, seconds: float, adapted: bool) -> None:
+        self.spent[adapted][0] += seconds
+        self.spent[adapted][1] += positions
+
+    def phase_fits(self, positions: int, next_batch: int) -> bool:
+        rate = self.phase_rate if self.phase_rate is not None else self.rate(True)
+        plain = self.after[next_batch] / self.world_size * self.rate(False)
+        return self.adapting and self.clock() + positions / self.world_size * rate + plain <= self.deadline
+
+
+def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -> list[list[int]]:
+    """Positions per chunk of each batch: the rows (TTT_BATCH_DOCS) times the padded window length."""
+    return [[h.ttt_batch_docs * T for _, _, T in chunk_windows(int(docs.num_targets[b].max()), h.ttt_chunk_tokens,
+                                                                h.model_eval_seq_len)] for b in batches]
+
+
+def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTTBudget | None, index: int,
+                val: ValidationSet, docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, lr: float,
+                trace: list | None) -> Tensor:
     """Scores the documents `batch` (one adapter slot each; shorter batches are padded with empty
-    rows), chunk after chunk, each chunk adapting the slots before the next is scored when `adapters`
-    is given. Returns (loss in nats, targets, bytes) as float64 on the device."""
+    rows), chunk after chunk; while `budget` allows, each chunk adapts the slots before the next is
+    scored. Returns (loss in nats, targets, bytes) as float64 on the device."""
     slots = h.ttt_batch_docs
-    start = np.zeros(slots, dtype=np.int64)
-    n = np.zeros(slots, dtype=np.int64)
-    start[:len(batch)], n[:len(batch)] = docs.start[batch], docs.num_targets[batch]
+    n_host = np.zeros(slots, dtype=np.int64)
+    n_host[:len(batch)] = docs.num_targets[batch]
+    start = torch.zeros(slots, dtype=torch.int64)
+    start[:len(batch)] = torch.from_numpy(docs.start[batch])
+    start, n = start.to(rt.device), torch.from_numpy(n_host).to(rt.device)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     if adapters is not None:
         adapters.reset()
-    for lo in range(0, int(n.max()), h.ttt_chunk_tokens):
-        lo_arr = np.full(slots, lo)
-        hi = np.minimum(lo + h.ttt_chunk_tokens, n)
-        inputs, targets, scored, index = document_rows(val.tokens, start, n, lo_arr, hi, h.model_eval_seq_len)
-        train = adapters is not None and bool((hi < n).any())  # decided on the host: no device sync
-        goes_on = torch.from_numpy(hi < n).to(rt.device)
-        with torch.set_grad_enabled(train), rt.autocast():
-            losses = model(inputs, targets, reduction="none")
+    for c, (lo, first, T) in enumerate(chunk_windows(int(n_host.max()), h.ttt_chunk_tokens, h.model_eval_seq_len)):
+        t0 = time.perf_counter()
+        adapt = adapters is not None and budget.adapt(index, c)
+        if adapters is not None and not adapt and adapters.sites[0].lora is not None:
+            adapters.attach(False)  # out of time: the rest is scored plain
+        inputs, targets, scored, where = document_rows(val.tokens, start, n, lo, first, T, h.ttt_chunk_tokens)
+        with torch.set_grad_enabled(adapt), rt.autocast():
+            losses = model(inputs, targets, reduction="none", one_document=True)
         sums += torch.stack((torch.where(scored, losses.detach().double(), 0.0).sum(), scored.sum().double(),
-                             torch.where(scored, val.target_bytes[index], 0).sum().double()))
+                             torch.where(scored, val.target_bytes[where], 0).sum().double()))
+        goes_on = lo + h.ttt_chunk_tokens < n_host  # decided on the host: no device sync
         if trace is not None:  # tests: what was scored, in order, with each target's loss
-            trace += [("score", int(d), lo, int(e), row[mask].tolist()) for d, e, row, mask
-                      in zip(batch, hi, losses.detach().double(), scored) if lo < e]
-        if train:
+            trace += [("score", int(d), lo, int(min(lo + h.ttt_chunk_tokens, e)), row[mask].tolist())
+                      for d, e, row, mask in zip(batch, n_host, losses.detach().double(), scored) if lo < e]
+        if adapt and goes_on.any():
             counts = scored.sum(dim=1).clamp_min(1)
             per_doc = torch.where(scored, losses, 0.0).sum(dim=1) / counts
-            (per_doc * goes_on).sum().backward()
+            (per_doc * (n > lo + h.ttt_chunk_tokens)).sum().backward()  # the documents that go on
             adapters.step(lr)
             if trace is not None:
-                trace += [("update", int(d), lo, int(e)) for d, e, g in zip(batch, hi, goes_on.tolist()) if g]
+                trace += [("update", int(d), lo, lo + h.ttt_chunk_tokens) for d, g in zip(batch, goes_on) if g]
+        if budget is not None:
+            rt.sync()
+            budget.observe(slots * T, time.perf_counter() - t0, adapt)
+    if adapters is not None:
+        adapters.attach(budget.adapting)
     return sums
 
 
@@ -1989,27 +2162,37 @@ def claimed_batches(rt, first: int, stop: int, key: str):
         yield index
 
 
-def global_phase(model: GPT, val: ValidationSet, docs: Documents, scored: np.ndarray, h: Hyperparameters, rt,
-                 lr: float) -> tuple[int, int]:
-    """One epoch of SGD (momentum, cosine LR, clip) over the base weights on the documents `scored`,
-    each cut into rows of at most EVAL_SEQ_LEN targets (no attention across documents), TTT_PHASE_ROWS
-    rows a step, shared across ranks with the gradients all-reduced. Returns (rows, steps)."""
-    seq = h.model_eval_seq_len
-    rows = [(docs.start[d], docs.num_targets[d], a) for d in scored for a in range(0, docs.num_targets[d], seq)]
-    params = [p for p in model.parameters()]
+def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
+    """The documents `scored` packed back to back into rows of seq_len inputs, as training reads its
+    stream (attention within documents where the model has it): (steps, SLICES_PER_STEP, rows per
+    slice, seq_len) validation target indices, -1 where a row is padding. TTT_PHASE_ROWS rows a step,
+    in SLICES_PER_STEP slices that the ranks share as training's micro-batches (the same steps on any
+    world size, one row shape)."""
+    flat = np.concatenate([np.arange(docs.start[d], docs.start[d] + docs.num_targets[d]) for d in scored])
+    per_slice = -(-TTT_PHASE_ROWS // SLICES_PER_STEP)
+    step = SLICES_PER_STEP * per_slice * seq_len
+    padded = np.full(-(-len(flat) // step) * step, -1, dtype=np.int64)
+    padded[:len(flat)] = flat
+    return padded.reshape(-1, SLICES_PER_STEP, per_slice, seq_len)
+
+
+def global_phase(model: GPT, forward: nn.Module, val: ValidationSet, rows: np.ndarray, rt, lr: float) -> int:
+    """One epoch of SGD (momentum, cosine LR, clip) over the base weights on `rows` (phase_rows): this
+    rank's slices of each step, the gradients accumulated and all-reduced. Returns the steps."""
+    params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=lr, momentum=TTT_PHASE_MOMENTUM)
-    steps = -(-len(rows) // TTT_PHASE_ROWS)
+    steps = len(rows)
     for step in range(steps):
-        part = rows[step * TTT_PHASE_ROWS:(step + 1) * TTT_PHASE_ROWS]
-        mine = part[rt.rank::rt.world_size] or [(0, 0, 0)]  # a rank without rows adds zero gradients
-        start, n, a = (np.array(column, dtype=np.int64) for column in zip(*mine))
-        inputs, targets, mask, _ = document_rows(val.tokens, start, n, a, np.minimum(a + seq, n), seq)
-        total = sum(min(seq, r[1] - r[2]) for r in part)
-        with rt.autocast():
-            losses = model(inputs, targets, reduction="none")
-        (torch.where(mask, losses, 0.0).sum() / total).backward()
+        real_targets = max(int((rows[step] >= 0).sum()), 1)
+        for part in rows[step, rt.rank * rt.grad_accum_steps:(rt.rank + 1) * rt.grad_accum_steps]:
+            index = torch.from_numpy(part).to(rt.device)
+            real = index >= 0
+            index = index.clamp_min(0)
+            with rt.autocast():
+                losses = forward(val.tokens[index], val.tokens[index + 1], reduction="none")
+            (torch.where(real, losses, 0.0).sum() / real_targets).backward()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -2022,7 +2205,7 @@ def global_phase(model: GPT, val: ValidationSet, docs: Documents, scored: np.nda
         opt.zero_grad(set_to_none=True)
     for p in params:
         p.requires_grad_(False)
-    return len(rows), steps
+    return steps
 
 
 def phase_ends(h: Hyperparameters, num_batches: int) -> list[int]:
@@ -2036,10 +2219,9 @@ def phase_ends(h: Hyperparameters, num_batches: int) -> list[int]:
 def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
                        log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
     """Per-document evaluation of `model`, run through `forward` (the model or its compiled form; the
-    phases change its base weights): plain, or with score-first TTT when `adapt`. Adaptation stops
-    (scoring goes on) where the projected time would pass `deadline` (a time.perf_counter() time).
-    Returns (val_loss, val_bpb) after checking that every target was scored once and the bytes are
-    the split's."""
+    phases change its base weights): plain, or with score-first TTT when `adapt`, adapting while
+    TTTBudget finds the time (`deadline`: a time.perf_counter() time). Returns (val_loss, val_bpb)
+    after checking that every target was scored once and the bytes are the split's."""
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
     batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
@@ -2047,42 +2229,42 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
     for p in model.parameters():
         p.requires_grad_(False)
     adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
+    budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline) if adapt else None
     if adapters is not None:
         adapters.attach(True)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     key = f"ttt{next(CLAIM_KEYS)}"  # every rank makes the same calls, so the keys agree
-    first, batch_s, adapting = 0, [], adapt
+    first = 0
     try:
         for phase, stop in enumerate(phase_ends(h, len(batches))):
             for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
-                tb = time.perf_counter()
-                sums += score_batch(forward, adapters if adapting else None, val, docs, batches[b], h, rt, lr, trace)
-                rt.sync()
-                batch_s.append(time.perf_counter() - tb)
-                left = (len(batches) - b - 1) / rt.world_size * (sum(batch_s) / len(batch_s))
-                if adapting and time.perf_counter() + left > deadline:
-                    adapting = False
-                    log(f"ttt: adaptation stopped after batch {b + 1} of {len(batches)}, "
-                        f"{time.perf_counter() - t0:.0f}s in: the rest would pass EVAL_BUDGET_SECONDS="
-                        f"{h.eval_budget_seconds:g} of evaluation; scoring goes on without it")
+                was = budget is not None and budget.adapting
+                sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, lr, trace)
+                if was and not budget.adapting:
+                    log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)}, "
+                        f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
+                        f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
             first = stop
             if stop == len(batches) or not adapt:
                 continue
-            go = torch.tensor([float(adapting)], device=rt.device)
+            rows = phase_rows(docs, np.concatenate(batches[:stop]), h.model_eval_seq_len)
+            go = torch.tensor([float(budget.phase_fits(rows.size, stop))], device=rt.device)
             if rt.distributed:
                 dist.all_reduce(go, op=dist.ReduceOp.MIN)  # also the barrier: every batch before it is scored
-            adapting = bool(go.item())
-            if adapting:
-                tp = time.perf_counter()
-                scored = np.concatenate(batches[:stop])
-                if adapters is not None:
-                    adapters.attach(False)
-                rows, steps = global_phase(model, val, docs, scored, h, rt, TTT_PHASE_LR * h.ttt_lr_scale)
-                adapters.attach(True)
-                if trace is not None:
-                    trace.append(("phase", tuple(int(d) for d in scored)))
-                log(f"ttt_phase:{phase + 1} documents_scored:{len(scored)} rows:{rows} steps:{steps} "
-                    f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+            if not go.item():
+                budget.adapting = False
+                adapters.attach(False)
+                continue
+            tp = time.perf_counter()
+            adapters.attach(False)
+            steps = global_phase(model, forward, val, rows, rt, TTT_PHASE_LR * h.ttt_lr_scale)
+            adapters.attach(True)
+            rt.sync()
+            budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
+            if trace is not None:
+                trace.append(("phase", tuple(int(d) for d in np.concatenate(batches[:stop]))))
+            log(f"ttt_phase:{phase + 1} documents_scored:{stop * h.ttt_batch_docs} steps:{steps} "
+                f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
     finally:
         if adapters is not None:
             adapters.attach(False)
@@ -2091,36 +2273,61 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
     return checked_score(rt, sums, val, "per-document evaluation")
 
 
-def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, tables, log) -> float:
-    """Builds the graphs TTT runs (every padded length, with and without gradients, and a phase) on
-    random tokens, then restores the weights: compilation stays out of the evaluation time, and no
-    validation token is read before it is scored. Nothing to build without torch.compile."""
+def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
+    """Builds every graph TTT runs (ttt_graphs: each row length with adapters and gradients, and
+    plain; the phase's packed rows) on random tokens, with no optimizer step: compilation stays out of
+    the evaluation time, and no validation token is read before it is scored. On CUDA it logs the peak
+    memory of that work (a chunk at TTT_BATCH_DOCS x EVAL_SEQ_LEN with adapters is the largest).
+    Nothing to build without torch.compile. Returns the seconds taken."""
     if not compile_enabled(h, rt):
         return 0.0
     t0 = time.perf_counter()
-    state = copy.deepcopy(model.state_dict())
-    length = h.model_eval_seq_len + h.ttt_chunk_tokens  # a document that reaches every padded length
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
     generator = torch.Generator().manual_seed(0)
-    docs = torch.randint(BOS_ID + 3, h.vocab_size, (2 * h.ttt_batch_docs, length), generator=generator)
-    docs[:, 0] = BOS_ID
-    stand_in = training_tokens_as_eval_set(torch.cat((docs.flatten(), docs[:1, 0])).numpy(), tables)
-    warm = dataclasses.replace(h, ttt_phases=str(h.ttt_batch_docs))
-    for adapt in (False, True):  # final_document's graphs (no adapters), then final_ttt's
-        evaluate_documents(warm, rt, model, forward, stand_in, adapt, lambda message: None, math.inf)
-    model.load_state_dict(state, strict=True)
+
+    def tokens(rows: int, length: int) -> tuple[Tensor, Tensor]:  # inputs, targets: contiguous, as scoring's
+        ids = torch.randint(BOS_ID + 3, h.vocab_size, (rows, length + 1), generator=generator)
+        ids[:, 0] = BOS_ID
+        return ids[:, :-1].contiguous().to(rt.device), ids[:, 1:].contiguous().to(rt.device)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank)
+    lengths = ttt_graphs(h)
+    for T in lengths:
+        inputs, targets = tokens(h.ttt_batch_docs, T)
+        adapters.attach(True)
+        with rt.autocast():
+            forward(inputs, targets, reduction="none", one_document=True).mean().backward()
+        adapters.attach(False)
+        with torch.no_grad(), rt.autocast():
+            forward(inputs, targets, reduction="none", one_document=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    inputs, targets = tokens(-(-TTT_PHASE_ROWS // SLICES_PER_STEP), h.model_eval_seq_len)
+    with rt.autocast():
+        forward(inputs, targets, reduction="none").mean().backward()
+    model.zero_grad(set_to_none=True)
     rt.sync()
-    log(f"ttt_warmup: graphs built on random tokens in {1000 * (time.perf_counter() - t0):.0f}ms "
-        f"(not evaluation time)")
+    memory = ""
+    if rt.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
+        memory = f"; peak_memory_gib:{peak:.1f}"
+        if peak > H100_MEMORY_GIB:
+            memory += f" WARNING: over {H100_MEMORY_GIB} GiB, an 80 GB H100 would not hold it"
+    log(f"ttt_warmup: {2 * len(lengths) + 1} graphs (rows {lengths[0]}..{lengths[-1]}, a phase) built on random "
+        f"tokens in {1000 * (time.perf_counter() - t0):.0f}ms (not evaluation time){memory}")
     return time.perf_counter() - t0
 
 
 def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
                     deadline: float) -> None:
-    """The per-document lines: plain (final_document), then with score-first TTT (final_ttt), whose
-    adaptation stops where it would pass `deadline` (time.perf_counter(): the evaluation's start plus
-    EVAL_BUDGET_SECONDS, so the standard lines' time counts against it too)."""
+    """The per-document lines: plain (final_document, with TTT_PLAIN_SCORE), then with score-first TTT
+    (final_ttt), whose adaptation stops where it would pass `deadline` (time.perf_counter(): the
+    evaluation's start plus EVAL_BUDGET_SECONDS, so the standard lines' time counts against it too)."""
     t_start = time.perf_counter()
-    for label, adapt in (("final_document", False), ("final_ttt", True)):
+    for label, adapt in (("final_document", False),) * h.ttt_plain_score + (("final_ttt", True),):
         rt.sync()
         t0 = time.perf_counter()
         val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, adapt, log, deadline)
@@ -2129,6 +2336,39 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
             f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
         log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
     log(f"ttt_eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
+
+
+# The evaluation plan: each scoring pass with its estimated seconds on 8xH100, from the work the split
+# holds and the rates the 1.0611 record logged (PR #1855, seed 42, SP8192-CaseOps, 47,851,520 targets):
+# its quantized standard evaluation scored them in 6.7 s; its phased TTT took 508.8 s, of which its three
+# phases (833, 1,666 and 2,500 documents) took 16.6, 29.8 and 38.0 s. The per-document plain score has
+# no record figure: 3x the TTT rate (forward only) is an estimate. Until the device measures ours.
+RECORD_RATES = dict(forward=47_851_520 / 6.718, ttt=47_851_520 / (508.8 - 84.4), phase=(833 + 1666 + 2500) / 84.4)
+
+
+def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
+    """The `eval_plan:` log line: seconds per pass on 8xH100 at RECORD_RATES (targets/s; phase:
+    documents/s), the total, and a warning when the total passes EVAL_BUDGET_SECONDS."""
+    seq_len = h.model_eval_seq_len
+    passes = {"roundtrip": num_targets / RECORD_RATES["forward"]}
+    if h.eval_stride:
+        passes["sliding"] = num_targets * seq_len / h.eval_stride / RECORD_RATES["forward"]
+    if h.ttt_enabled:
+        if h.ttt_plain_score:
+            passes["document"] = num_targets / (3 * RECORD_RATES["ttt"])
+        passes["ttt"] = num_targets / RECORD_RATES["ttt"]
+        phases = [min(int(c), num_documents) for c in h.ttt_phases.split(",") if c.strip()]
+        if phases:
+            passes["ttt_phases"] = sum(phases) / RECORD_RATES["phase"]
+    total = sum(passes.values())
+    line = (" ".join(f"{name}_s:{seconds:.0f}" for name, seconds in passes.items()) + f" total_s:{total:.0f} "
+            f"budget_s:{h.eval_budget_seconds:g} (estimates for 8xH100 at PR #1855's logged rates: forward "
+            f"{RECORD_RATES['forward'] / 1e6:.2f}M targets/s, TTT {RECORD_RATES['ttt'] / 1e3:.1f}K targets/s, "
+            f"phases {RECORD_RATES['phase']:.1f} documents/s; {num_targets} targets, {num_documents} documents)")
+    if total > h.eval_budget_seconds:
+        line += (f" WARNING: over EVAL_BUDGET_SECONDS: TTT would stop adapting early"
+                 + (" (EVAL_STRIDE=0 drops the sliding window)" if h.eval_stride else ""))
+    return "eval_plan: " + line
 
 
 # -----------------------------------------------------------------------------
@@ -3108,7 +3348,7 @@ class Runtime:
         return SLICES_PER_STEP // self.world_size
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
 
     def sync(self) -> None:
         if self.device.type == "cuda":
@@ -3159,7 +3399,7 @@ def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, lo
     for micro in range(rt.grad_accum_steps):
         inputs, targets = loader.next_batch(tokens_per_slice, seq_len)
         last = micro == rt.grad_accum_steps - 1
-        with (model.no_sync() if rt.distributed and not last else nullcontext()), rt.autocast():
+        with (model.no_sync() if rt.distributed and not last else contextlib.nullcontext()), rt.autocast():
             loss = model(inputs, targets)
         (loss / rt.grad_accum_steps).backward()
         total += loss.detach()
@@ -3520,8 +3760,41 @@ def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
     return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
 
 
+def compiled_graphs(h: Hyperparameters) -> int:
+    """The graphs of the compiled forward a run builds in its warm-ups: per recurrence state, a training
+    step per TRAIN_SEQ_SCHEDULE length and the evaluation batch; with TTT, ttt_graphs' rows with and
+    without adapters and the phase. Each is an entry of dynamo's cache for GPT.forward."""
+    training = (2 if h.recur_blocks else 1) * (len(seq_schedule(h)) + 1)
+    return training + (2 * len(ttt_graphs(h)) + 1 if h.ttt_enabled else 0)
+
+
 def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "inductor") -> nn.Module:
-    return torch.compile(model, dynamic=False, backend=backend) if compile_enabled(h, rt) else model
+    """The model compiled (where enabled), with dynamo's recompile limit (8 by default; past it a new
+    shape runs eagerly, silently) raised to cover every graph the warm-ups build, with room to spare
+    so that an unplanned graph meets the no-recompile guard (compiled_graphs_only) instead."""
+    if not compile_enabled(h, rt):
+        return model
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, compiled_graphs(h) + 8)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * config.recompile_limit)
+    return torch.compile(model, dynamic=False, backend=backend)
+
+
+@contextlib.contextmanager
+def compiled_graphs_only(h: Hyperparameters, rt: Runtime, where: str):
+    """Inside it torch.compile may build nothing (set_stance fail_on_recompile): every graph the timed
+    loop and the scoring use was built in a warm-up. A compilation stops the run with one line."""
+    if not compile_enabled(h, rt):
+        yield
+        return
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            yield
+    except RuntimeError as exc:
+        if "recompil" not in str(exc).lower():
+            raise
+        raise RunError(f"torch.compile compiled {where}; every graph must be built during warm-up "
+                       f"({first_line(exc)})") from None
 
 
 def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = "inductor") -> nn.Module:
@@ -3619,13 +3892,25 @@ def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 
-def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> None:
-    """Scores one batch of `tokens` (>= EVAL_SEQ_LEN targets; training tokens during the warm-up) so
-    that torch.compile builds the evaluation graph, with evaluate()'s shapes, before any timing."""
+def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> float:
+    """Scores one batch of `tokens` (>= EVAL_SEQ_LEN targets: training tokens in the training warm-up,
+    random ones for EVAL_ONLY, never the validation split) so that torch.compile builds the evaluation
+    graph, with evaluate()'s shapes, before any timing. Returns the seconds taken."""
+    t0 = time.perf_counter()
     seq_len = h.model_eval_seq_len
     batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
     with torch.no_grad():
         score_windows(model, tokens, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
+    rt.sync()
+    return time.perf_counter() - t0
+
+
+def random_eval_set(h: Hyperparameters, tables) -> ValidationSet:
+    """EVAL_SEQ_LEN + 1 seeded random tokens, BOS first, as a ValidationSet: what EVAL_ONLY's compile
+    warm-up scores."""
+    tokens = np.random.default_rng(0).integers(BOS_ID + 3, h.vocab_size, h.model_eval_seq_len + 1)
+    tokens[0] = BOS_ID
+    return training_tokens_as_eval_set(tokens, tables)
 
 
 def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
@@ -3689,15 +3974,8 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
         model = wrap_model(h, rt, base_model)
         warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
         loader = make_loader()
-        stance = torch.compiler.set_stance("fail_on_recompile") if compile_enabled(h, rt) else nullcontext()
-        try:
-            with stance:
-                steps, train_ms, averagers = train(h, rt, base_model, model, optimizers, loader, val, log)
-        except RuntimeError as exc:
-            if "recompil" in str(exc).lower():
-                raise RunError(f"torch.compile compiled inside the timed loop; every graph must be built during "
-                               f"warm-up (WARMUP_STEPS >= 1) ({str(exc).splitlines()[0]})") from None
-            raise
+        with compiled_graphs_only(h, rt, "inside the timed loop (WARMUP_STEPS >= 1 builds them)"):
+            steps, train_ms, averagers = train(h, rt, base_model, model, optimizers, loader, val, log)
         averages = {averager.name: (averager.average(), averager.summary()) for averager in averagers}
         if h.checkpoint_out and rt.is_main:
             save_checkpoint(h, base_model, loader, steps, train_ms, averages, log)
@@ -3746,6 +4024,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     log(f"attention_backend:{attention_kernel_report(h, rt)}")
     sp = load_tokenizer(h)
     val = load_validation(h, sp, rt.device, log, rt.rank, rt.world_size)
+    log(eval_plan(h, val.num_targets, len(document_starts(val.tokens.cpu().numpy()))))
 
     if h.eval_only:
         log(f"eval_only: scoring {artifact_path}; nothing is trained")
@@ -3753,26 +4032,27 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         load_weights(base_model, state, artifact_path)
         base_model.recur_active = bool(base_model.recur_blocks)  # the artifact names them only if they ran
         eval_model = maybe_compile(h, rt, base_model)  # evaluation needs no DDP
-        # Nothing trains here: the graph is built on the split it scores, as scoring-time work (an
-        # evaluation-only folder need not hold training shards).
-        build_eval_graph(h, rt, eval_model, val)
-        if h.ttt_enabled:  # compilation on random tokens: not evaluation time
-            t_start += warm_up_ttt(h, rt, base_model, eval_model, val.tables, log)
+        # Compilation on random tokens (no validation token is read before it is scored): not evaluation time.
+        t_start += build_eval_graph(h, rt, eval_model, random_eval_set(h, val.tables))
+        if h.ttt_enabled:
+            t_start += warm_up_ttt(h, rt, base_model, eval_model, log)
         log_artifact_bytes(h, artifact_path, len(shipped), None, log)
     else:
         base_model, eval_model, hessians = train_model(h, rt, val, log)
-        val_loss, val_bpb = evaluate(eval_model, val, h.model_eval_seq_len, h.model_eval_seq_len,
-                                     h.val_batch_size, rt)
+        with compiled_graphs_only(h, rt, "in the pre-quantization evaluation"):
+            val_loss, val_bpb = evaluate(eval_model, val, h.model_eval_seq_len, h.model_eval_seq_len,
+                                         h.val_batch_size, rt)
         log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
         write_artifact(h, rt, base_model, artifact_path, len(shipped), log, hessians)
         if h.ttt_enabled:
-            warm_up_ttt(h, rt, base_model, eval_model, val.tables, log)
+            warm_up_ttt(h, rt, base_model, eval_model, log)
         t_start = time.perf_counter()  # evaluation starts from the artifact on disk
         _, state = load_artifact(artifact_path, h.artifact_limit_bytes)
         load_weights(base_model, state, artifact_path)
-    score_artifact(h, rt, eval_model, val, log)
-    if h.ttt_enabled:
-        score_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
+    with compiled_graphs_only(h, rt, "while scoring"):
+        score_artifact(h, rt, eval_model, val, log)
+        if h.ttt_enabled:
+            score_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
 

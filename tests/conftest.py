@@ -202,13 +202,14 @@ def clean_env() -> dict[str, str]:
 
 @pytest.fixture
 def run_script(tmp_path):
-    """run_script(env, nproc=1) runs train_gpt.py (under torch.distributed.run when nproc > 1) from
+    """run_script(env, nproc=1) runs train_gpt.py (or `script`, a wrapper that imports it; under
+    torch.distributed.run when nproc > 1) from
     an empty working directory, with RUN_ID=pytest_... (unless env sets one) and ARTIFACT_PATH in
     tmp_path; the log (of the run id the run really took) and any artifact under <repo>/logs are
     deleted afterwards."""
     leftovers = []
 
-    def run(env: dict[str, str] | None = None, nproc: int = 1, timeout: float = 300) -> ScriptRun:
+    def run(env: dict[str, str] | None = None, nproc: int = 1, timeout: float = 300, script: Path = SCRIPT) -> ScriptRun:
         run_id = (env or {}).get("RUN_ID") or f"pytest_{uuid.uuid4().hex[:10]}"
         cwd = tmp_path / f"cwd_{uuid.uuid4().hex[:10]}"
         cwd.mkdir()
@@ -216,7 +217,7 @@ def run_script(tmp_path):
                     **(env or {})}
         launcher = [sys.executable] if nproc == 1 else [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        proc = subprocess.run(launcher + [str(SCRIPT)], cwd=cwd, env=full_env, capture_output=True, text=True,
+        proc = subprocess.run(launcher + [str(script)], cwd=cwd, env=full_env, capture_output=True, text=True,
                               timeout=timeout)
         taken = re.search(r"^run_id:(\S+)", proc.stdout, re.M)  # a taken RUN_ID becomes RUN_ID_2, ...
         log_path = REPO / "logs" / f"{taken[1] if taken else run_id}.txt"

@@ -148,40 +148,147 @@ def test_adapter_slots_are_independent():
     assert torch.equal(after[0], before[0]) and not torch.allclose(after[1], before[1])
 
 
-def test_adaptation_stops_within_the_budget_and_scoring_goes_on():
-    h, model, val = setup()
+# ----------------------------------------------------------------------------- the time budget
+
+
+def lognormal_documents(count: int = 50_000, mean: float = 800.0, seed: int = 0) -> tg.Documents:
+    """FineWeb-like document lengths (lognormal, sigma 1, the given mean) as a Documents split."""
+    lengths = np.maximum(np.random.default_rng(seed).lognormal(np.log(mean) - 0.5, 1.0, count).astype(np.int64), 1)
+    start = np.concatenate(([0], np.cumsum(lengths + 1)[:-1]))
+    end = start + lengths + 2  # BOS, the text, the next BOS
+    return tg.Documents(start, end, np.lexsort((start, start - end)))
+
+
+def simulate(work: list[list[int]], budget_s: float, rate: float = 1e-6):
+    """Drives TTTBudget as score_batch does, on a clock that advances by each chunk's cost: `rate`
+    seconds per position adapted, a third of that plain. Returns (seconds, adapted flags in order)."""
+    clock = [0.0]
+    budget = tg.TTTBudget(work, 1, budget_s, lambda: clock[0])
+    adapted = []
+    for b, chunks in enumerate(work):
+        for c, positions in enumerate(chunks):
+            adapt = budget.adapt(b, c)
+            cost = positions * rate * (1 if adapt else tg.TTTBudget.PLAIN_SHARE)
+            clock[0] += cost
+            budget.observe(positions, cost, adapt)
+            adapted.append(adapt)
+    return clock[0], adapted
+
+
+def test_the_budget_rule_plans_on_50000_fineweb_like_documents():
+    """Planned work at half the budget adapts every document; at 1.5x the budget adaptation stops at
+    the chunk the plan gives (the last whose adapted cost plus the rest scored plain fits) and the
+    evaluation ends within the budget."""
+    h = tiny_hparams(ttt_batch_docs=64, ttt_chunk_tokens=48, eval_seq_len=2048, train_seq_len=2048,
+                     train_batch_tokens=8 * 2048)
+    docs = lognormal_documents()
+    assert 780 < docs.num_targets.mean() < 820
+    batches = [docs.order[i:i + 64] for i in range(0, len(docs.order), 64)]
+    work = tg.batch_work(docs, batches, h)
+    flat = np.array([p for chunks in work for p in chunks], dtype=np.float64)
+    adapted_s = flat.sum() * 1e-6
+    seconds, adapted = simulate(work, 2 * adapted_s)
+    assert all(adapted) and seconds == pytest.approx(adapted_s)
+    budget = adapted_s / 1.5
+    seconds, adapted = simulate(work, budget)
+    cost_if_stopped_after = np.cumsum(flat) * 1e-6 + (flat.sum() - np.cumsum(flat)) * 1e-6 / 3
+    planned = int(np.argmax(cost_if_stopped_after > budget))  # the first chunk that no longer fits adapted
+    assert adapted == [True] * planned + [False] * (len(flat) - planned)
+    share = flat[:planned].sum() / flat.sum()  # a + (1 - a) / 3 = 1 / 1.5: half the work adapted
+    assert 0.49 < share <= 0.5 and budget - flat.max() * 1e-6 < seconds <= budget, (share, seconds)
+
+
+def test_once_adaptation_stops_the_rest_is_the_plain_per_document_score_bit_for_bit(monkeypatch):
+    h, model, val = setup(ttt_phases="")
+    _, _, plain = run(h, model, val, adapt=False)
+    calls = []
+
+    def adapt(self, batch, chunk):  # out of time at the 5th chunk (a time-free stand-in for the clock)
+        calls.append((batch, chunk))
+        self.adapting = self.adapting and len(calls) < 5
+        return self.adapting
+
+    monkeypatch.setattr(tg.TTTBudget, "adapt", adapt)
     lines = []
-    loss, bpb, trace = run(h, model, val, log=lines.append, deadline=time.perf_counter() + 1e-6)
-    assert any(line.startswith("ttt: adaptation stopped after batch 1 of") for line in lines)
-    updates = [e for e in trace if e[0] == "update"]
-    first_batch = set(tg.split_documents(val.tokens.numpy()).order[:h.ttt_batch_docs].tolist())
-    assert updates and {e[1] for e in updates} <= first_batch
-    assert not any(e[0] == "phase" for e in trace)
-    assert np.isfinite(bpb)
+    _, _, adapted = run(h, model, val, log=lines.append)
+    assert any(line.startswith("ttt: adaptation stopped in batch 1 of") for line in lines), lines
+    scores = [e for e in adapted if e[0] == "score"]
+    plain_scores = [e for e in plain if e[0] == "score"]
+    assert [e[:4] for e in scores] == [e[:4] for e in plain_scores]
+    first_chunk_scores = sum(1 for e in scores if e[2] == 0 and e[1] in tg.split_documents(val.tokens.numpy()).order[:2])
+    stop = next(i for i, e in enumerate(scores) if e[2] == 4 * h.ttt_chunk_tokens)  # the 5th chunk of batch 1
+    assert first_chunk_scores and scores[stop:] == plain_scores[stop:]
+    assert scores[first_chunk_scores:stop] != plain_scores[first_chunk_scores:stop]  # adapted before the stop
+    assert all(e[0] != "update" or e[2] < 4 * h.ttt_chunk_tokens for e in adapted)
 
 
-def test_the_compile_warm_up_reads_random_tokens_and_restores_the_weights(monkeypatch):
-    """warm_up_ttt gets the byte tables, never the split; it runs the whole TTT path (a phase too)
-    on random tokens and leaves the weights as they were."""
-    h, model, val = setup()
+def test_where_a_document_ends_changes_none_of_its_earlier_scores():
+    """Move the BOS that ends a document later: every earlier target of it scores the same, adapted."""
+    h, model, val = setup(ttt_phases="")
+    state = copy.deepcopy(model.state_dict())
+    docs = tg.split_documents(val.tokens.numpy())
+    d = int(docs.order[1])
+    end = int(docs.start[d] + docs.num_targets[d])  # the token index of the BOS that ends d
+    assert val.tokens[end] == tg.BOS_ID and docs.num_targets[d] > 3 * h.ttt_chunk_tokens
+    tokens = val.tokens.clone()
+    tokens[end], tokens[end + 5] = tokens[end + 5], tg.BOS_ID  # d now ends 5 tokens later
+    moved = tg.ValidationSet(tokens, val.num_targets, val.num_bytes, val.tables, val.split_targets, val.target_bytes)
+
+    def losses_of_d(trace, until):
+        out = []
+        for e in trace:
+            if e[0] == "score" and e[1] == d:
+                out += e[4][:max(0, until - e[2])]
+        return out[:until]
+
+    _, _, before = run(h, model, val)
+    model.load_state_dict(state)
+    _, _, after = run(h, model, moved)
+    n = int(docs.num_targets[d]) - 1  # d's targets before the moved BOS
+    assert len(losses_of_d(before, n)) == n and losses_of_d(after, n) == losses_of_d(before, n)
+
+
+# ----------------------------------------------------------------------------- compiled: every graph built in warm-up
+
+
+def test_warm_up_builds_every_graph_ttt_runs_and_scoring_compiles_nothing(monkeypatch):
+    """On dynamo's eager backend: warm_up_ttt builds one graph per (row length, adapters) and the phase,
+    on random tokens, without changing a weight; then plain and adapted scoring (a phase, documents
+    shorter than 64, a stop mid-batch) run under fail_on_recompile."""
+    h, model, val = setup(eval_seq_len=256, ttt_phases="2")
     monkeypatch.setattr(tg, "compile_enabled", lambda h, rt: True)
-    seen = []
-    real = tg.evaluate_documents
-    monkeypatch.setattr(tg, "evaluate_documents", lambda h, rt, m, f, v, adapt, log, deadline, trace=None:
-                        seen.append((v, adapt)) or real(h, rt, m, f, v, adapt, log, deadline, trace))
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(len(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = tg.maybe_compile(h, cpu_runtime(), model, backend=counting)
     before = copy.deepcopy(model.state_dict())
     lines = []
-    tg.warm_up_ttt(h, cpu_runtime(), model, model, val.tables, lines.append)
-    [(plain, no), (stand_in, adapt)] = seen  # both evaluations' graphs: without adapters, then with
-    assert plain is stand_in and not no and adapt and stand_in.num_targets == 2 * h.ttt_batch_docs * (h.model_eval_seq_len + h.ttt_chunk_tokens)
-    assert not any(torch.equal(stand_in.tokens[:64], val.tokens[i:i + 64]) for i in range(0, 1000))
+    tg.warm_up_ttt(h, cpu_runtime(), model, compiled, lines.append)
+    assert tg.ttt_graphs(h) == [64, 128, 256]
+    assert len(graphs) == 2 * 3 + 1, graphs
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert re.match(r"ttt_warmup: graphs built on random tokens in \d+ms", lines[0])
+    assert re.match(r"ttt_warmup: 7 graphs \(rows 64\.\.256, a phase\) built on random tokens in \d+ms", lines[0])
+    tokens = val.tokens.clone()
+    tokens[[100, 130, 140]] = tg.BOS_ID  # documents of 29 and 9 targets: rows shorter than 64
+    val = tg.ValidationSet(tokens, val.num_targets, val.num_bytes, val.tables, val.split_targets, val.target_bytes)
+    assert (tg.split_documents(tokens.numpy()).num_targets < 32).sum() == 2
+    with torch.compiler.set_stance("fail_on_recompile"):
+        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, False, lambda m: None)
+        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, True, lines.append)
+        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, True, lines.append, time.perf_counter())
+    assert any(line.startswith("ttt_phase:1 ") for line in lines)
+    assert any(line.startswith("ttt: adaptation stopped") for line in lines)
+    assert len(graphs) == 7
+    torch._dynamo.reset()
 
 
 @pytest.mark.slow
 def test_a_ttt_run_logs_both_scores_and_two_processes_agree_with_one(run_script):
-    ttt = {"TTT_ENABLED": "1", "TTT_PHASES": "2", "VAL_TOKENS": "5000", "TTT_BATCH_DOCS": "2"}
+    ttt = {"TTT_ENABLED": "1", "TTT_PHASES": "2", "VAL_TOKENS": "5000", "TTT_BATCH_DOCS": "2", "TTT_PLAIN_SCORE": "1"}
     env = {"ITERATIONS": "12", **ttt}
     one = run_script(env)
     assert one.returncode == 0, one.explain()
