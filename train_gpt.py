@@ -298,7 +298,7 @@ SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in
 )
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
            "smoke": SMOKE}
-FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 (in a clone of openai/parameter-golf)"
+FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} (in a clone of openai/parameter-golf)"
 
 
 EXPECTED_KIND = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}
@@ -329,7 +329,8 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
     data_path = values.get("data_path", Hyperparameters.data_path)
     if not Path(data_path).is_dir():
         raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
-                       f"{FINEWEB_DOWNLOAD}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
+                       f"{FINEWEB_DOWNLOAD.format(vocab_size=values.get('vocab_size', Hyperparameters.vocab_size))}, set "
+                       f"DATA_PATH, or run PRESET=smoke for the pre-flight check")
     return "frontier"
 
 
@@ -369,6 +370,10 @@ _FOREIGN_PREFIXES = ("CUDA", "TORCH", "NCCL", "NV", "CUDNN", "CUBLAS", "TRITON",
                      "HUGGING", "TOKENIZERS_", "TRANSFORMERS", "WANDB", "CI_", "RUNNER_", "DOCKER", "KUBERNETES",
                      "AWS_", "GOOGLE", "AZURE", "RUNPOD", "JUPYTER", "SUDO_")
 _FOREIGN_NAMES = {"CI", "RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "LANG", "TERM"}
+# Other trainers' names for ITERATIONS (nanoGPT's max_iters, Hugging Face's max_steps), which the rules
+# above would read as WARMUP_STEPS or TRAIN_SEQ_LEN.
+_ALIASES = {name: "ITERATIONS" for name in ("STEPS", "TRAIN_STEPS", "NUM_STEPS", "MAX_STEPS", "TOTAL_STEPS",
+                                             "ITERS", "MAX_ITERS", "TRAIN_ITERS", "NUM_ITERS")}
 
 
 def resembled_setting(name: str) -> str | None:
@@ -377,6 +382,8 @@ def resembled_setting(name: str) -> str | None:
     known = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
     if upper in known:
         return upper
+    if upper in _ALIASES:
+        return _ALIASES[upper]
     if upper in _FOREIGN_NAMES or upper.startswith(_FOREIGN_PREFIXES):
         return None
     part = [k for k in known if len(upper) >= 5 and (k.startswith(upper + "_") or k.endswith("_" + upper))]
@@ -729,9 +736,15 @@ def shard_files(data_path: str, split: str) -> list[str]:
                   if not os.path.basename(f).startswith("fineweb_val_bytes_"))
 
 
+def download_hint(h: Hyperparameters) -> str:
+    """What to do when DATA_PATH or TOKENIZER_PATH is missing (the default paths are the download's)."""
+    return (f"download FineWeb with {FINEWEB_DOWNLOAD.format(vocab_size=h.vocab_size)}, or set DATA_PATH and "
+            f"TOKENIZER_PATH")
+
+
 def find_shards(h: Hyperparameters, split: str) -> list[str]:
     if not os.path.isdir(h.data_path):
-        raise RunError(f"DATA_PATH={h.data_path}: no such directory")
+        raise RunError(f"DATA_PATH={h.data_path}: no such directory; {download_hint(h)}")
     files = shard_files(h.data_path, split)
     if not files:
         raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards")
@@ -860,7 +873,7 @@ class DistributedTokenLoader:
 
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(h.tokenizer_path):
-        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file")
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file; {download_hint(h)}")
     try:
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     except (RuntimeError, OSError) as exc:

@@ -269,6 +269,18 @@ def test_bad_input_is_one_error_line(tmp_path, case):
     assert {"missing": "nope.jsonl", "no_text": "d.jsonl:2", "too_few": "--val-docs 3", "vocab": "--vocab-size 70000"}[case] in lines[0]
 
 
+def test_a_jsonl_line_that_is_not_utf8_names_the_file_line_and_byte_offset(tmp_path):
+    """Issue 24, item 10: one byte of Latin-1 in a JSON line (docs exported by another tool)."""
+    good = '{"text": "one document"}\n'.encode()
+    docs_file = tmp_path / "d.jsonl"
+    docs_file.write_bytes(good + b'{"text": "caf\xe9"}\n' + good)
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_dataset.py"), "--docs", str(docs_file),
+                           "--vocab-size", "300", "--val-docs", "1", "--out", str(tmp_path / "o")],
+                          capture_output=True, text=True, timeout=60)
+    offset = len(good) + len(b'{"text": "caf')
+    assert proc.returncode == 1 and proc.stderr == f"error: {docs_file}:2: not UTF-8 (byte 0xe9 at byte offset {offset} of the file)\n"
+
+
 def test_plain_text_input_splits_on_blank_lines(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("First doc\nstill first.\n\n \nSecond doc.\n\n\nThird.\n", encoding="utf-8")

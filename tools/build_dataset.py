@@ -106,10 +106,17 @@ def read_documents(paths: list[Path]) -> Iterator[str]:
     """The raw documents of every input, in order (see the module docstring for the formats)."""
     for path in paths:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
+            with path.open("rb") as f:
+                offset = 0  # where the line starts in the file, for the error below
+                for line_no, raw in enumerate(f, 1):
+                    line_start, offset = offset, offset + len(raw)
+                    if not raw.strip():
                         continue
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise BuildError(f"{path}:{line_no}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
+                                         f"{line_start + exc.start} of the file)") from None
                     try:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
