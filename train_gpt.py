@@ -953,12 +953,20 @@ def document_starts(tokens: np.ndarray) -> np.ndarray:
     return np.flatnonzero(tokens == BOS_ID)
 
 
+BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
+
+
 def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
     """Logs the data builder's manifest (tools/build_dataset.py writes DATA_PATH/manifest.json) when there
     is one, and checks the validation files against the sizes and sha256 it lists: a file changed or
-    swapped since the build is an error. Training shards are not hashed (16 GB at pod size)."""
+    swapped since the build is an error. Training shards are not hashed (16 GB at pod size). A folder
+    with the builder's marker and no manifest is an unfinished build (part of the validation split,
+    perhaps): an error. A folder with neither (the challenge's downloads) is taken as it is."""
     path = Path(h.data_path) / "manifest.json"
     if not path.is_file():
+        if (Path(h.data_path) / BUILD_MARKER).is_file():
+            raise RunError(f"DATA_PATH={h.data_path}: an unfinished build: tools/build_dataset.py's {BUILD_MARKER} "
+                           f"is there but not the manifest.json it writes last; build the dataset again")
         return
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))

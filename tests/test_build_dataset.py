@@ -233,6 +233,54 @@ def test_refusal_message_names_the_folder(tmp_path, capsys):
     assert err.startswith("error: --out") and str(tmp_path / "out") in err and "refusing" in err and "\n" not in err
 
 
+# An interrupted build (issue 24, item 1): the builder killed once the first validation shard is written,
+# as kill -9, an out-of-memory kill or a lost machine would stop it.
+KILLED_BUILD = """
+import os, signal, sys
+sys.path.insert(0, {tools!r})
+import build_dataset as bd
+flush = bd.ShardWriter.flush
+def flush_then_die(self):
+    flush(self)
+    if self.split == "val" and self.files:
+        os.kill(os.getpid(), signal.SIGKILL)
+bd.ShardWriter.flush = flush_then_die
+sys.exit(bd.main(sys.argv[1:]))
+"""
+
+
+def test_an_interrupted_build_leaves_no_dataset_and_its_folder_is_refused(tmp_path, run_script):
+    from conftest import assert_one_line_error
+    docs_file = write_jsonl(tmp_path / "docs.jsonl", fixture_documents()[:300])
+    out = tmp_path / "data"
+    args = ["--docs", str(docs_file), "--vocab-size", "1024", "--tokenizer", str(TOKENIZER), "--val-docs",
+            str(VAL_DOCS), "--shard-tokens", "1000", "--out", str(out), "--threads", "1"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD.format(tools=str(REPO / "tools")), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()  # the folder the user named appears only complete
+    [partial] = tmp_path.glob(".data.partial-*")
+    assert (partial / tg.BUILD_MARKER).is_file() and (partial / "fineweb_val_000000.bin").is_file()
+    assert not (partial / "fineweb_val_000001.bin").exists() and not (partial / "manifest.json").exists()
+    # pointed at the unfinished folder (part of the validation split), train_gpt.py refuses it in one line
+    run = run_script({"DATA_PATH": str(partial), "TOKENIZER_PATH": str(TOKENIZER)})
+    assert_one_line_error(run, f"DATA_PATH={partial}: an unfinished build")
+    # the next build of the same folder completes, and says what the leftover folder is
+    rebuilt = subprocess.run([sys.executable, str(REPO / "tools" / "build_dataset.py"), *args],
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr
+    assert f"note: {partial} is the unfinished folder of an interrupted build" in rebuilt.stdout
+    assert (out / "manifest.json").is_file() and (out / tg.BUILD_MARKER).is_file()
+    assert list(tmp_path.glob(".data.partial-*")) == [partial]  # only the killed build's is left
+
+
+def test_a_build_that_fails_leaves_nothing(tmp_path):
+    docs_file = write_jsonl(tmp_path / "d.jsonl", fixture_documents()[:100])
+    assert bd.main(["--docs", str(docs_file), "--vocab-size", "1024", "--caseops", "--tokenizer", str(TOKENIZER),
+                    "--val-docs", "10", "--out", str(tmp_path / "o")]) == 1  # a plain tokenizer for CaseOps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]
+
+
 def test_plain_build_with_a_reused_tokenizer(tmp_path):
     """--tokenizer: the bundled sp1024 model, plain text: no sidecar, and the validation split's bytes
     under train_gpt's own byte rule equal the documents' UTF-8 length."""

@@ -23,7 +23,10 @@ dummy prefix, pad/bos/eos/unk = 0/1/2/3, character coverage 0.999), trained on t
 text, the four operators reserved as user-defined pieces. --tokenizer FILE reuses a model instead
 (e.g. to compare CaseOps and plain text with one vocabulary); it is copied into DIR.
 
-Output (DIR must not hold shards or a manifest already; the builder refuses to mix datasets):
+Output (DIR must be new or empty: the builder refuses to mix datasets). Everything is written into
+.DIR.partial-PID beside DIR, which is renamed to DIR when the manifest is written, so an interrupted build
+leaves no DIR; its first file is built_by_build_dataset.txt, and train_gpt.py refuses a folder that holds
+it without manifest.json:
 - fineweb_val_XXXXXX.bin, fineweb_train_XXXXXX.bin: 256 little-endian int32 (magic 20240520,
   version 1, token count) then uint16 tokens; BOS (1) before every document, no EOS; shards of
   --shard-tokens tokens (default 100,000,000 like the challenge; a document may continue into the
@@ -318,10 +321,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise BuildError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least 1")
     if a.vocab_size > 1 << 16:
         raise BuildError(f"--vocab-size {a.vocab_size}: shards store uint16 token ids (at most 65536)")
-    existing = sorted(a.out.glob("fineweb_*.bin")) + sorted(a.out.glob("manifest.json")) if a.out.is_dir() else []
+    existing = sorted(a.out.iterdir()) if a.out.is_dir() else []
     if existing:
         raise BuildError(f"--out {a.out}: already holds {existing[0].name} (and {len(existing) - 1} more); "
-                         f"refusing to mix datasets, choose an empty folder")
+                         f"refusing to mix datasets, choose a new or empty folder")
     if a.out.exists() and not a.out.is_dir():
         raise BuildError(f"--out {a.out}: exists and is not a folder")
     return a
@@ -351,8 +354,27 @@ def split_documents(paths, normalize, val_docs: int, stats: dict, val_hashes: se
 
 
 def build(a: argparse.Namespace) -> tuple[Path, Path]:
+    """Writes the dataset into a folder beside --out, which becomes --out by one rename when it is complete:
+    an interrupted build leaves no --out (and its unfinished folder, named .OUT.partial-PID, holds the
+    marker and no manifest, which train_gpt.py refuses). Returns (the data folder, the tokenizer)."""
+    for stale in sorted(a.out.parent.glob(f".{a.out.name}.partial-*")):
+        print(f"note: {stale} is the unfinished folder of an interrupted build; nothing uses it, delete it", flush=True)
+    work = a.out.parent / f".{a.out.name}.partial-{os.getpid()}"  # same file system: the rename is atomic
+    work.mkdir(parents=True)
+    try:
+        (work / tg.BUILD_MARKER).write_text("built by tools/build_dataset.py; the build is complete when "
+                                            "manifest.json is here (written last)\n", encoding="utf-8")
+        tokenizer = write_dataset(a, work)
+        os.replace(work, a.out)  # onto nothing or an empty folder (parse_args refused any other)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return a.out.resolve(), (a.out / tokenizer.name).resolve()
+
+
+def write_dataset(a: argparse.Namespace, out: Path) -> Path:
+    """The tokenizer, the shards and, last, manifest.json, in `out`; returns the tokenizer's path."""
     t_start = time.time()
-    a.out.mkdir(parents=True, exist_ok=True)
     transform = caseops_encode if a.caseops else (lambda text: text)
     print(f"counting documents in {len(a.docs)} input file(s)", flush=True)
     total_docs = count_documents(a.docs)
@@ -380,9 +402,9 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
                     if taken == a.tokenizer_docs:
                         return
         print(f"training a {a.vocab_size}-piece BPE on up to {a.tokenizer_docs:,} training documents", flush=True)
-        tokenizer = train_tokenizer(training_texts(), a.out / name, a.vocab_size, a.caseops, a.threads)
+        tokenizer = train_tokenizer(training_texts(), out / name, a.vocab_size, a.caseops, a.threads)
     else:
-        tokenizer = a.out / (name + ".model")
+        tokenizer = out / (name + ".model")
         shutil.copyfile(a.tokenizer, tokenizer)
     tokenizer_seconds = time.time() - t_tok
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
@@ -392,8 +414,8 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
 
     stats = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
     splits = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("val", "train")}
-    writers = {"val": ShardWriter(a.out, "val", a.shard_tokens, a.caseops),
-               "train": ShardWriter(a.out, "train", a.shard_tokens, False)}
+    writers = {"val": ShardWriter(out, "val", a.shard_tokens, a.caseops),
+               "train": ShardWriter(out, "train", a.shard_tokens, False)}
     progress = Progress(total_docs, "encoding")
     t_enc, cpu_enc, done = time.time(), time.process_time(), 0
     for batch in batches(split_documents(a.docs, normalize, a.val_docs, stats, val_hashes), BATCH_DOCS):
@@ -448,10 +470,10 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
         "seconds": {"tokenizer": round(tokenizer_seconds, 2), "encode": round(encode_seconds, 2),
                     "encode_cpu": round(encode_cpu_seconds, 2),
                     "total": round(time.time() - t_start, 2)},
-        "files": {name: {"bytes": (a.out / name).stat().st_size, "sha256": file_sha256(a.out / name)} for name in files},
+        "files": {name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)} for name in files},
     }
-    (a.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return a.out.resolve(), tokenizer.resolve()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return tokenizer
 
 
 def check_val_document(sp: spm.SentencePieceProcessor, doc: str, ids: list[int], caseops: bool, index: int) -> None:
@@ -472,6 +494,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing written (the unfinished folder beside --out was removed)", file=sys.stderr)
+        return 130
     print(f"data_path:{data_path}")
     print(f"tokenizer_path:{tokenizer_path}")
     return 0
