@@ -328,9 +328,9 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
         return "smoke"
     data_path = values.get("data_path", Hyperparameters.data_path)
     if not Path(data_path).is_dir():
+        download = FINEWEB_DOWNLOAD.format(vocab_size=values.get("vocab_size", Hyperparameters.vocab_size))
         raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
-                       f"{FINEWEB_DOWNLOAD.format(vocab_size=values.get('vocab_size', Hyperparameters.vocab_size))}, set "
-                       f"DATA_PATH, or run PRESET=smoke for the pre-flight check")
+                       f"{download}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
     return "frontier"
 
 
@@ -985,6 +985,8 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
         f"created:{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} "
         f"caseops:{settings.get('caseops')} val_docs:{settings.get('val_docs')} "
         f"train_dropped_duplicates_of_val:{dropped} sha256:{file_sha256(str(path))}")
+    convention = manifest.get("val_bytes") or "not recorded (builder version 1: its sidecar counts the normalized text)"
+    log(f"data_val_bytes: {convention}")
 
 
 def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:

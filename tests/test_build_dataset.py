@@ -173,6 +173,95 @@ def test_sidecar_counts_the_original_bytes_of_each_document(caseops_build):
     assert ops.sum() > 10 and set(counts[ops].tolist()) == {0, 3}
 
 
+# The bytes convention (issue 24, item 4). The public CaseOps export (records/track_10min_16mb/
+# 2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/prepare_caseops_data.py) rewrites the raw
+# document, tokenizes it, and counts for each token the original bytes of its piece's surface: the span of the
+# raw text SentencePiece reports for it. Documents as they come: paragraphs, line breaks, indentation, runs of
+# spaces, characters NFKC rewrites, byte fallback, literal operators, whitespace at both ends.
+RAW_SPECIAL = ["  Leading and trailing whitespace, two  spaces,\ttabs and\n\nparagraphs. \n",
+               "Ligatures \ufb01ne and \ufb02ow, a non\u00a0breaking space, \u00bd and \u2122, Windows\r\nlines.",
+               f"Byte fallback \U0001f999 and \U0001d11e, \u65e5\u672c\u8a9e, {TITLE}literal{ESC} operators\n\n\n  end"]
+
+
+def multiline_documents() -> list[str]:
+    """Runs of three paragraphs of the fixture texts, as written (wrapped lines, indentation)."""
+    paras = [p for name in ("devil.txt", "jargon.txt") for p in (TEXT / name).read_text(encoding="utf-8").split("\n\n")
+             if len(p.split()) >= 8]
+    return ["\n\n".join(paras[i:i + 3]) for i in range(0, 1200, 3)]
+
+
+@pytest.fixture(scope="module")
+def raw_caseops_build(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("raw_caseops")
+    docs = RAW_SPECIAL + multiline_documents()
+    rc, out, err, folder = build(tmp, docs, "--vocab-size", "512", "--caseops")
+    assert rc == 0, err
+    return docs, folder, spm.SentencePieceProcessor(model_file=str(folder / "tokenizer_sp512_caseops.model"))
+
+
+def test_the_caseops_sidecar_counts_the_input_bytes_behind_each_token(raw_caseops_build):
+    docs, folder, sp = raw_caseops_build
+    pairs = val_documents_with_bytes(folder)
+    sums = [int(counts.sum()) for _, counts in pairs]
+    assert sums == [len(doc.strip().encode("utf-8")) for doc in docs[:VAL_DOCS]]
+    decoded = [len(tg.caseops_decode(sp.decode(tokens[1:].tolist())).encode("utf-8")) for tokens, _ in pairs]
+    assert sum(sums) > sum(decoded) * 1.01  # on this text the two conventions differ: the test can tell them apart
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["val_bytes"].startswith("original: ") and manifest["splits"]["val"]["bytes"] == sum(sums)
+    lines = []
+    tg.check_manifest(dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512), [],
+                      lines.append)
+    assert lines[-1] == f"data_val_bytes: {bd.VAL_BYTES['original']}"
+
+
+def records_surface_counts(sp, raw: str) -> tuple[list[int], list[int]]:
+    """(ids, per-token bytes) the public exporter's way: tokenize the rewritten raw document and count each
+    piece's surface, an operator 0 bytes unless ESC makes it a literal (written here from its description)."""
+    pieces = sp.encode_as_proto(bd.caseops_encode(raw)).pieces
+    counts, escaped = [], False
+    for piece in pieces:
+        n = 0
+        for ch in piece.surface:
+            if ch in tg.CASEOPS_OPERATORS and not escaped:
+                escaped = ch == ESC
+                continue
+            n, escaped = n + len(ch.encode("utf-8")), False
+        counts.append(n)
+    return [piece.id for piece in pieces], counts
+
+
+def test_the_sidecar_is_the_public_exporters_count_token_by_token(raw_caseops_build):
+    pytest.importorskip("google.protobuf", reason="SentencePiece reports piece surfaces only through protobuf")
+    docs, folder, sp = raw_caseops_build
+    differ = []
+    for i, (doc, (tokens, counts)) in enumerate(zip(docs, val_documents_with_bytes(folder))):
+        ids, expected = records_surface_counts(sp, doc)
+        assert int(counts.sum()) == sum(expected)
+        if tokens[1:].tolist() == ids:
+            assert counts[1:].tolist() == expected
+        else:
+            differ.append(i)
+    # The one document whose tokens differ: NFKC turns "\u2122" into "TM" after the export's CaseOps rewrite (so
+    # its tokenizer spells two capitals in byte pieces) and before ours (an ALLCAPS operator and "tm").
+    assert differ == [1]
+
+
+def test_the_normalized_convention_is_an_option_that_train_gpt_accepts(tmp_path):
+    """--val-bytes normalized: what the tokens decode to. train_gpt.py proves a sidecar against the decoded
+    text, so it takes this build of multi-line documents and refuses the default's (the public export's)."""
+    docs = multiline_documents()[:120]
+    rc, _, err, folder = build(tmp_path, docs, "--vocab-size", "512", "--caseops", "--val-bytes", "normalized")
+    assert rc == 0, err
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer_sp512_caseops.model"))
+    assert [int(c.sum()) for _, c in val_documents_with_bytes(folder)] == \
+        [len(" ".join(d.split()).encode("utf-8")) for d in docs[:VAL_DOCS]]
+    h = dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512,
+                            tokenizer_path=str(folder / "tokenizer_sp512_caseops.model"))
+    lines = []
+    tg.load_validation(h, sp, torch.device("cpu"), lines.append)
+    assert f"data_val_bytes: {bd.VAL_BYTES['normalized']}" in lines
+
+
 def test_caseops_sidecar_has_the_shard_header(caseops_build):
     _, _, folder = caseops_build
     for path in split_files(folder, "fineweb_val_bytes_*.bin"):

@@ -13,9 +13,21 @@ like the challenge), the rest training.
 Text: every document is first normalized with the tokenizer's own rule (nmt_nfkc, extra whitespace
 and newlines collapsed to one space: what the challenge's tokenizers do to the text anyway, and what
 decoding the tokens gives back). That normalized text is the document from then on: it is hashed,
-its UTF-8 length is the byte count in the manifest and in the sidecar, and decoding its tokens (then
-caseops_decode with --caseops) gives it back exactly, which the builder checks for every validation
-document. Documents that normalize to nothing are dropped and counted.
+tokenized, and decoding its tokens (then caseops_decode with --caseops) gives it back exactly, which
+the builder checks for every validation document. Documents that normalize to nothing are dropped and
+counted.
+
+Bytes (the bpb denominator; manifest.json "val_bytes" says which, train_gpt.py logs it): a plain build
+has no sidecar, so train_gpt.py counts the normalized text by its per-token rule, as for the
+challenge's sp1024/sp8192 exports. A --caseops build's sidecar counts, like the public CaseOps export
+(prepare_caseops_data.py of the 1.0611 record: each piece's surface in the raw document), the input
+document's own UTF-8 bytes: a run of whitespace or a line break as written, a character NFKC rewrites
+("\ufb01", "\u00bd", a non-breaking space) as it was, whitespace at either end of a document not at all.
+`--val-bytes normalized` counts the normalized text instead (train_gpt.py proves a sidecar against the
+decoded text, so it refuses the default's counts for any document whose whitespace or characters the
+normalization changed). The tokens are the export's but where NFKC makes ASCII capitals ("\u2122" is
+"TM", full-width letters): the export rewrites capitals before NFKC and spells those in byte pieces,
+this builder after it, with operators; the bytes counted are the same.
 
 Tokenizer: SentencePiece BPE with the challenge's settings (byte fallback, split digits, nmt_nfkc, no
 dummy prefix, pad/bos/eos/unk = 0/1/2/3, character coverage 0.999), trained on the first
@@ -32,8 +44,8 @@ it without manifest.json:
   --shard-tokens tokens (default 100,000,000 like the challenge; a document may continue into the
   next shard);
 - with --caseops, fineweb_val_bytes_XXXXXX.bin beside each validation shard: the same header and
-  length, one uint16 per validation token: the token's UTF-8 bytes in the document (BOS and
-  operators 0, an escaped literal operator 3), as in the public CaseOps export;
+  length, one uint16 per validation token: the bytes of the document behind it (see Bytes; BOS and
+  operators 0, an escaped literal operator 3);
 - manifest.json: documents, tokens and bytes per split, dropped documents, sha256 and size of every
   file, the settings, the inputs' sha256 and the builder's version.
 
@@ -61,10 +73,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_gpt as tg  # noqa: E402  (the shard format and caseops_decode; importing it has no side effects)
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: the CaseOps sidecar counts the input's bytes (val_bytes:original)
 BOS_ID = 1
 BATCH_DOCS = 512
 PROGRESS_SECONDS = 10.0
+# The bpb denominator (manifest.json "val_bytes"; train_gpt.py logs it): its convention, then what it counts.
+VAL_BYTES = {
+    "original": "original: the input document's UTF-8 bytes behind each token, as the public CaseOps export's "
+                "sidecar counts them (prepare_caseops_data.py: SentencePiece piece surfaces; whitespace runs and "
+                "NFKC-rewritten characters as written, whitespace at either end of a document not counted)",
+    "normalized": "normalized: the UTF-8 bytes of the normalized text each token decodes to (case restored)",
+    "rule": "rule: no sidecar; train_gpt.py's per-token rule on the decoded text, as for the challenge's plain "
+            "exports",
+}
 
 # -----------------------------------------------------------------------------
 # CaseOps, forward direction (the inverse, caseops_decode, is train_gpt.py's)
@@ -168,6 +189,22 @@ class Normalizer:
     def __call__(self, docs: list[str]) -> list[str]:
         return [doc.replace("\u2581", " ") for doc in self.sp.normalize(docs)]
 
+    def source_bytes(self, raw: str, doc: str) -> np.ndarray:
+        """Per character of `doc` (this normalization of `raw`): the UTF-8 bytes of the raw text it stands
+        for, by SentencePiece's own offsets, from which it reports a piece's surface: a collapsed run of
+        whitespace is one space holding the run's bytes, a character NFKC rewrote holds the original's,
+        whitespace at either end belongs to no character."""
+        text, offsets = self.sp.normalize(raw, with_offsets=True)
+        if text.replace("\u2581", " ") != doc:
+            raise BuildError("the normalizer gave two texts for one document (a builder bug)")
+        return np.diff(np.concatenate(([0], np.cumsum(utf8_lengths(raw))))[offsets])
+
+
+def utf8_lengths(text: str) -> np.ndarray:
+    """The UTF-8 length of each character of text."""
+    code = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    return 1 + (code >= 0x80) + (code >= 0x800) + (code >= 0x10000)
+
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -198,34 +235,41 @@ def train_tokenizer(texts: Iterator[str], prefix: Path, vocab_size: int, caseops
     return prefix.with_suffix(".model")
 
 
-def token_byte_table(sp: spm.SentencePieceProcessor, caseops: bool) -> np.ndarray:
-    """Per token id: its UTF-8 bytes in decoded text; control/unknown/unused pieces and the CaseOps
-    operators 0 (an escaped literal operator is fixed up in token_bytes)."""
-    table = np.zeros(sp.vocab_size(), dtype=np.int64)
+def piece_lengths(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id: the characters of text its piece spells (control pieces none, a byte piece one),
+    and whether it is a byte piece that continues a UTF-8 character (0x80-0xBF)."""
+    chars = np.zeros(sp.vocab_size(), dtype=np.int64)
+    continues = np.zeros(sp.vocab_size(), dtype=bool)
     for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        piece = sp.id_to_piece(i)
         if sp.is_byte(i):
-            table[i] = 1
-        elif not (caseops and piece in tg.CASEOPS_OPERATORS):
-            table[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-    return table
+            chars[i], continues[i] = 1, 0x80 <= int(sp.id_to_piece(i)[3:5], 16) < 0xC0  # "<0xE6>"
+        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+            chars[i] = len(sp.id_to_piece(i))
+    return chars, continues
 
 
-def token_bytes(ids: list[int], table: np.ndarray, esc_id: int | None) -> np.ndarray:
-    """The sidecar's counts for one document's tokens: an operator is 0 bytes, except the one right
-    after an (unescaped) ESC, which is that operator literally in the text (3 UTF-8 bytes)."""
-    counts = table[ids]
-    if esc_id is not None and esc_id in ids:
-        i = 0
-        while i < len(ids) - 1:
-            if ids[i] == esc_id:
-                counts[i + 1] = len(tg.CASEOPS_ESC.encode("utf-8"))  # every operator is 3 bytes
-                i += 2
-            else:
-                i += 1
-    return counts
+_CASEOPS_MARK = re.compile("\ue004[\ue001-\ue004]|[\ue001-\ue004]")  # an operator, or ESC and the literal after it
+
+
+def sidecar_counts(ids: list[int], lengths: tuple[np.ndarray, np.ndarray], text: str, char_bytes: np.ndarray
+                   ) -> np.ndarray:
+    """The sidecar's count for each of a document's tokens: the bytes (char_bytes, one per character of
+    the document before CaseOps) of the characters its piece spells in the CaseOps text `text`. An
+    operator is 0 bytes, a literal one after ESC is a character of the document, and a character that
+    byte fallback spells in several tokens counts on its last, as in the public export
+    (lossless_caps.surface_piece_original_byte_counts over SentencePiece's piece surfaces)."""
+    chars, continues = lengths
+    ids = np.asarray(ids)
+    spelled = chars[ids]
+    spelled[:-1][continues[ids[1:]]] = 0
+    ends = np.cumsum(spelled)
+    if ends[-1] != len(text):
+        raise BuildError(f"the tokens spell {ends[-1]} characters of a {len(text)}-character text (a builder bug)")
+    weights = np.zeros(len(text), dtype=np.int64)
+    operator = np.zeros(len(text), dtype=bool)
+    operator[[m.start() for m in _CASEOPS_MARK.finditer(text)]] = True
+    weights[~operator] = char_bytes
+    return np.diff(np.concatenate(([0], np.cumsum(weights)))[np.concatenate(([0], ends))])
 
 
 def check_tokenizer(sp: spm.SentencePieceProcessor, path: Path, vocab_size: int, caseops: bool) -> None:
@@ -304,6 +348,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, nargs="+", required=True, help="*.jsonl with a `text` field per line, or plain text files (documents separated by blank lines)")
     p.add_argument("--vocab-size", type=int, required=True, help="SentencePiece vocabulary size (equal to the reused tokenizer's with --tokenizer)")
     p.add_argument("--caseops", action="store_true", help="rewrite capitals with the CaseOps operators; write the validation byte sidecar")
+    p.add_argument("--val-bytes", choices=("original", "normalized"), default="original",
+                   help="with --caseops, what the sidecar counts: the input document's bytes behind each token "
+                        "(default, the public export's) or the normalized text's (what the tokens decode to)")
     p.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece model instead of training one")
     p.add_argument("--val-docs", type=int, default=50_000, help="the first K documents are validation (default 50,000, the challenge's)")
     p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards or a manifest)")
@@ -330,27 +377,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def normalized_documents(paths: list[Path], normalize: Normalizer, stats: dict) -> Iterator[str]:
-    """The non-empty normalized documents, in order; counts the dropped empty ones."""
+def normalized_documents(paths: list[Path], normalize: Normalizer, stats: dict) -> Iterator[tuple[str, str]]:
+    """(raw, normalized) of the documents that normalize to some text, in order; counts the dropped empty ones."""
     for batch in batches(read_documents(paths), BATCH_DOCS):
-        for doc in normalize(batch):
+        for raw, doc in zip(batch, normalize(batch)):
             if doc:
-                yield doc
+                yield raw, doc
             else:
                 stats["dropped_empty"] += 1
 
 
 def split_documents(paths, normalize, val_docs: int, stats: dict, val_hashes: set | None = None
-                    ) -> Iterator[tuple[str, str]]:
-    """(split, document) in order: the first val_docs documents, then the training ones, without
-    those whose text hash is a validation document's (when val_hashes is given, counted)."""
-    for n, doc in enumerate(normalized_documents(paths, normalize, stats)):
+                    ) -> Iterator[tuple[str, str, str]]:
+    """(split, raw, normalized document) in order: the first val_docs documents, then the training ones,
+    without those whose text hash is a validation document's (when val_hashes is given, counted)."""
+    for n, (raw, doc) in enumerate(normalized_documents(paths, normalize, stats)):
         if n < val_docs:
-            yield "val", doc
+            yield "val", raw, doc
         elif val_hashes is not None and text_hash(doc) in val_hashes:
             stats["dropped_duplicates_of_val"] += 1
         else:
-            yield "train", doc
+            yield "train", raw, doc
 
 
 def build(a: argparse.Namespace) -> tuple[Path, Path]:
@@ -385,7 +432,7 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
     # validation first: its hashes decide which training documents are duplicates
     scratch = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
     val_hashes = set()
-    for split, doc in split_documents(a.docs, normalize, a.val_docs, scratch):
+    for split, _, doc in split_documents(a.docs, normalize, a.val_docs, scratch):
         if split != "val":
             break
         val_hashes.add(text_hash(doc))
@@ -395,7 +442,7 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
     if a.tokenizer is None:
         def training_texts() -> Iterator[str]:
             taken = 0
-            for split, doc in split_documents(a.docs, normalize, a.val_docs, dict(scratch), val_hashes):
+            for split, _, doc in split_documents(a.docs, normalize, a.val_docs, dict(scratch), val_hashes):
                 if split == "train":
                     yield transform(doc)
                     taken += 1
@@ -409,8 +456,7 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
     tokenizer_seconds = time.time() - t_tok
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     check_tokenizer(sp, a.tokenizer or tokenizer, a.vocab_size, a.caseops)
-    table = token_byte_table(sp, a.caseops)
-    esc_id = sp.piece_to_id(tg.CASEOPS_ESC) if a.caseops else None
+    lengths = piece_lengths(sp)
 
     stats = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
     splits = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("val", "train")}
@@ -419,19 +465,21 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
     progress = Progress(total_docs, "encoding")
     t_enc, cpu_enc, done = time.time(), time.process_time(), 0
     for batch in batches(split_documents(a.docs, normalize, a.val_docs, stats, val_hashes), BATCH_DOCS):
-        encoded = sp.encode([transform(doc) for _, doc in batch], num_threads=a.threads)
-        for (split, doc), ids in zip(batch, encoded):
+        texts = [transform(doc) for _, _, doc in batch]
+        for (split, raw, doc), text, ids in zip(batch, texts, sp.encode(texts, num_threads=a.threads)):
             ids = [BOS_ID] + ids
-            counts = None
+            counts, n_bytes = None, len(doc.encode("utf-8"))
             if split == "val":
                 check_val_document(sp, doc, ids, a.caseops, splits["val"]["docs"])
-                counts = token_bytes(ids, table, esc_id) if a.caseops else None
-                if counts is not None and int(counts.sum()) != len(doc.encode("utf-8")):
+            if split == "val" and a.caseops:  # the denominator: the sidecar's sum
+                char_bytes = normalize.source_bytes(raw, doc) if a.val_bytes == "original" else utf8_lengths(doc)
+                counts, n_bytes = sidecar_counts(ids, lengths, text, char_bytes), int(char_bytes.sum())
+                if int(counts.sum()) != n_bytes:
                     raise BuildError(f"validation document {splits['val']['docs']}: sidecar sum {int(counts.sum())} "
-                                     f"!= {len(doc.encode('utf-8'))} UTF-8 bytes (a builder bug)")
+                                     f"!= {n_bytes} bytes (a builder bug)")
             writers[split].add(np.asarray(ids, dtype=np.int64), counts)
             s = splits[split]
-            s["docs"], s["tokens"], s["bytes"] = s["docs"] + 1, s["tokens"] + len(ids), s["bytes"] + len(doc.encode("utf-8"))
+            s["docs"], s["tokens"], s["bytes"] = s["docs"] + 1, s["tokens"] + len(ids), s["bytes"] + n_bytes
         done += len(batch)
         progress.update(done + stats["dropped_empty"] + stats["dropped_duplicates_of_val"])
     for w in writers.values():
@@ -466,6 +514,7 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
                    "train": {**splits["train"], "dropped_duplicates_of_val": stats["dropped_duplicates_of_val"]}},
         "dropped_empty": stats["dropped_empty"],
         "val_sidecar": "fineweb_val_bytes_*.bin" if a.caseops else None,
+        "val_bytes": VAL_BYTES[a.val_bytes if a.caseops else "rule"],
         "tokenizer": tokenizer.name,
         "seconds": {"tokenizer": round(tokenizer_seconds, 2), "encode": round(encode_seconds, 2),
                     "encode_cpu": round(encode_cpu_seconds, 2),
