@@ -980,11 +980,13 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
                            f"changed since the build)")
     if settings.get("vocab_size") != h.vocab_size:
         raise RunError(f"{path}: built for vocab size {settings.get('vocab_size')}, but VOCAB_SIZE={h.vocab_size}")
-    dropped = manifest.get("splits", {}).get("train", {}).get("dropped_duplicates_of_val")
+    train = manifest.get("splits", {}).get("train", {})
+    dropped, near = train.get("dropped_duplicates_of_val"), train.get("dropped_near_duplicates_of_val")
     log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} "
         f"created:{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} "
         f"caseops:{settings.get('caseops')} val_docs:{settings.get('val_docs')} "
-        f"train_dropped_duplicates_of_val:{dropped} sha256:{file_sha256(str(path))}")
+        f"train_dropped_duplicates_of_val:{dropped} train_dropped_near_duplicates_of_val:{near} "
+        f"sha256:{file_sha256(str(path))}")
     convention = manifest.get("val_bytes") or "not recorded (builder version 1: its sidecar counts the normalized text)"
     log(f"data_val_bytes: {convention}")
 
@@ -1178,7 +1180,9 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
         counts = tuple(int(c) for c in reduced.tolist())
     identical, scanned, hits = counts
     log(f"leak_check: val_docs_sampled:{len(val.doc_digests)} train_tokens_scanned:{scanned} hits:{hits} "
-        f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+        f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f} (sees exact repeats of "
+        f"documents only, by digest; a near duplicate, one character changed or a line added, is the data "
+        f"builder's to drop)")
     if hits or identical:
         log(f"WARNING: validation leak: {hits} validation documents found in {scanned} training tokens scanned, "
             f"{identical} training shards identical to a validation shard; the score would be invalid "

@@ -108,15 +108,25 @@ def build(tmp_path, docs, *extra, out="out"):
 
 
 # planted leaks: validation documents repeated in the training part, once verbatim and once with
-# whitespace that the normalization removes (same normalized text, so the same content hash)
+# whitespace that the normalization removes (same normalized text, so the same content hash); and two
+# near duplicates (issue 24, item 3), which hash otherwise: one character changed, a line appended
 PLANTED = 2
+NEAR_PLANTED = 2
+APPENDED_LINE = "\nThis line was added to a copy of the entry, with ten more words."
+
+
+def near_duplicates(docs: list[str]) -> list[str]:
+    """Of the first two validation documents of 60+ words: one with a letter changed, one with a line added."""
+    first, second = [d for d in docs[:VAL_DOCS] if len(d.split()) >= 60][:2]
+    middle = len(first) // 2 + first[len(first) // 2:].index("e")
+    return [first[:middle] + "a" + first[middle + 1:], second + APPENDED_LINE]
 
 
 @pytest.fixture(scope="module")
 def caseops_build(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("caseops")
     docs = fixture_documents()
-    docs = docs + [docs[3], "  " + docs[7].replace(" ", "   ") + "\n\n"]
+    docs = docs + [docs[3], "  " + docs[7].replace(" ", "   ") + "\n\n"] + near_duplicates(docs)
     rc, out, err, folder = build(tmp, docs, "--vocab-size", "512", "--caseops", "--shard-tokens", "50000")
     assert rc == 0, err
     return docs, out, folder
@@ -145,7 +155,7 @@ def test_shards_read_back_with_train_gpt(caseops_build):
     train_tokens = np.concatenate([tg.load_shard(str(p), 512) for p in train])
     assert val_tokens[0] == 1 and train_tokens[0] == 1 and 2 not in val_tokens  # BOS first, no EOS
     assert len(documents(val_tokens)) == VAL_DOCS
-    assert len(documents(train_tokens)) == len(docs) - VAL_DOCS - PLANTED
+    assert len(documents(train_tokens)) == len(docs) - VAL_DOCS - PLANTED - NEAR_PLANTED
     assert all(tg.read_shard_header(str(p)) == 50_000 for p in train[:-1])
 
 
@@ -262,6 +272,22 @@ def test_the_normalized_convention_is_an_option_that_train_gpt_accepts(tmp_path)
     assert f"data_val_bytes: {bd.VAL_BYTES['normalized']}" in lines
 
 
+def test_the_near_duplicate_bench_runs_on_the_sample(tmp_path):
+    """bench/near_duplicates.py (the figure in logs/data/near_duplicates_proxy.txt) on the bundled sample,
+    with a validation document planted in training with one token changed."""
+    from conftest import SAMPLE, write_shard
+    val = read_tokens(SAMPLE / "fineweb_val_000000.bin")
+    starts = list(tg.document_starts(val)) + [len(val)]
+    doc = next(val[s:e].copy() for s, e in zip(starts, starts[1:]) if e - s > 300)
+    doc[len(doc) // 2] = doc[len(doc) // 2 + 1]
+    write_shard(tmp_path / "fineweb_val_000000.bin", val)
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.concatenate((read_tokens(SAMPLE / "fineweb_train_000000.bin"), doc)))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "near_duplicates.py"), "--data", str(tmp_path),
+                           "--tokenizer", str(TOKENIZER)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "nearly equal to one, not equal (word 5-gram Jaccard >= 0.7): 1, repeating 1 distinct" in proc.stdout
+
+
 def test_caseops_sidecar_has_the_shard_header(caseops_build):
     _, _, folder = caseops_build
     for path in split_files(folder, "fineweb_val_bytes_*.bin"):
@@ -280,9 +306,30 @@ def test_no_validation_document_in_training(caseops_build):
     train_hashes = {normalized_hash(tg.caseops_decode(sp.decode(d))) for d in documents(train)}
     val_hashes = {normalized_hash(d) for d in docs[:VAL_DOCS]}
     assert not train_hashes & val_hashes
-    assert f"{PLANTED} training documents equal to a validation document" in out
+    assert f"{PLANTED} training documents equal to a validation document, {NEAR_PLANTED} nearly equal to one" in out
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["splits"]["train"]["dropped_duplicates_of_val"] == PLANTED
+    assert manifest["splits"]["train"]["dropped_near_duplicates_of_val"] == NEAR_PLANTED
+    near = {normalized_hash(d) for d in near_duplicates(docs)}
+    assert len(near) == NEAR_PLANTED and not train_hashes & near  # the near duplicates are not trained on
+
+
+def test_near_duplicates_are_found_and_other_documents_are_not():
+    """The index on its own: the kinds of near duplicate a copy-paste makes, and documents that share
+    words or a passage but are not copies."""
+    docs = fixture_documents()[2:VAL_DOCS]
+    index = bd.ValidationIndex()
+    for doc in docs:
+        index.add(doc)
+    long_doc = max(docs, key=len)
+    words = long_doc.split()
+    for copy in [*near_duplicates(fixture_documents()), long_doc.upper(), " ".join(words[:-3]),
+                 long_doc.replace(words[len(words) // 2], "changed", 1)]:
+        assert index.match(copy) == "dropped_near_duplicates_of_val", copy[:60]
+    assert index.match(long_doc) == "dropped_duplicates_of_val"
+    half = " ".join(words[:len(words) // 2])  # half of a document: Jaccard ~0.5
+    for other in [*fixture_documents()[VAL_DOCS:VAL_DOCS + 300], half, " ".join(reversed(words))]:
+        assert index.match(other) is None, other[:60]
 
 
 def test_manifest(caseops_build):
@@ -298,7 +345,7 @@ def test_manifest(caseops_build):
         assert manifest["splits"][split]["tokens"] == tokens
     assert manifest["splits"]["val"]["docs"] == VAL_DOCS
     assert manifest["splits"]["val"]["bytes"] == sum(len(d.encode("utf-8")) for d in docs[:VAL_DOCS])
-    assert manifest["splits"]["train"]["docs"] == len(docs) - VAL_DOCS - PLANTED
+    assert manifest["splits"]["train"]["docs"] == len(docs) - VAL_DOCS - PLANTED - NEAR_PLANTED
     s = manifest["settings"]
     assert (s["vocab_size"], s["caseops"], s["val_docs"], s["text_transform"]) == (512, True, VAL_DOCS, "lossless_caps_caseops_v1")
     assert manifest["builder_version"] == bd.BUILDER_VERSION and manifest["val_sidecar"] == "fineweb_val_bytes_*.bin"

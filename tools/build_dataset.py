@@ -50,8 +50,10 @@ it without manifest.json:
   file, the settings, the inputs' sha256 and the builder's version.
 
 Leaks: a training document whose normalized text has the sha256 of a validation document's is
-dropped (and counted in the manifest as `train.dropped_duplicates_of_val`), so no validation text is
-trained on, even when the input repeats it.
+dropped (counted in the manifest as `train.dropped_duplicates_of_val`), and so is one that nearly
+repeats a validation document (a character changed, a line added: see ValidationIndex; counted as
+`train.dropped_near_duplicates_of_val`), so no validation text is trained on, even when the input
+repeats it. train_gpt.py's own leak check sees only exact repeats.
 """
 from __future__ import annotations
 
@@ -63,9 +65,11 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Iterator
 
+import datasketch
 import numpy as np
 import sentencepiece as spm
 
@@ -208,6 +212,58 @@ def utf8_lengths(text: str) -> np.ndarray:
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# Near duplicates: a validation document repeated in training with a character changed or a line added
+# has another hash. Its set of word 5-grams (the shingles of FineWeb's own deduplication) is nearly the
+# validation document's: a MinHash LSH index (datasketch) over the validation documents' shingles finds
+# the candidates in about the time it takes to hash a document, and the Jaccard similarity of the two
+# sets of shingle hashes, computed exactly, decides. The index looks for candidates from 0.5 on, so that
+# MinHash's estimate (~0.04 standard deviation with 128 permutations) misses hardly any of 0.7.
+NEAR_SHINGLE_WORDS = 5
+NEAR_PERMUTATIONS = 128
+NEAR_CANDIDATE = 0.5
+NEAR_JACCARD = 0.7  # one changed word in 100 leaves 0.91; a 20-word line added to 100 words, 0.83
+
+
+def shingle_hashes(doc: str) -> np.ndarray:
+    """The sorted crc32 hashes of the lower-cased word 5-grams of doc (a shorter document is one shingle)."""
+    words, k = doc.lower().split(), NEAR_SHINGLE_WORDS
+    shingles = {" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))}
+    return np.unique(np.fromiter(map(zlib.crc32, shingles), dtype=np.uint32, count=len(shingles)))
+
+
+class ValidationIndex:
+    """The validation documents, for telling which training documents to drop: equal ones (sha256 of the
+    normalized text) and near duplicates (Jaccard similarity of the shingle sets >= NEAR_JACCARD)."""
+
+    def __init__(self):
+        self.hashes: set[str] = set()
+        self.shingles: list[np.ndarray] = []
+        self.lsh = datasketch.MinHashLSH(threshold=NEAR_CANDIDATE, num_perm=NEAR_PERMUTATIONS)
+        self.empty = datasketch.MinHash(num_perm=NEAR_PERMUTATIONS, seed=1, hashfunc=int)  # already hashed
+
+    def signature(self, shingles: np.ndarray) -> datasketch.MinHash:
+        signature = self.empty.copy()
+        signature.update_batch(shingles)
+        return signature
+
+    def add(self, doc: str) -> None:
+        self.hashes.add(text_hash(doc))
+        shingles = shingle_hashes(doc)
+        self.lsh.insert(len(self.shingles), self.signature(shingles))
+        self.shingles.append(shingles)
+
+    def match(self, doc: str) -> str | None:
+        """"dropped_duplicates_of_val", "dropped_near_duplicates_of_val", or None for a document to keep."""
+        if text_hash(doc) in self.hashes:
+            return "dropped_duplicates_of_val"
+        mine = shingle_hashes(doc)
+        for i in self.lsh.query(self.signature(mine)):
+            shared = len(np.intersect1d(mine, self.shingles[i], assume_unique=True))
+            if shared >= NEAR_JACCARD * (len(mine) + len(self.shingles[i]) - shared):
+                return "dropped_near_duplicates_of_val"
+        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -387,15 +443,15 @@ def normalized_documents(paths: list[Path], normalize: Normalizer, stats: dict) 
                 stats["dropped_empty"] += 1
 
 
-def split_documents(paths, normalize, val_docs: int, stats: dict, val_hashes: set | None = None
+def split_documents(paths, normalize, val_docs: int, stats: dict, val_index: ValidationIndex | None = None
                     ) -> Iterator[tuple[str, str, str]]:
     """(split, raw, normalized document) in order: the first val_docs documents, then the training ones,
-    without those whose text hash is a validation document's (when val_hashes is given, counted)."""
+    without those equal or nearly equal to a validation document (when val_index is given; counted)."""
     for n, (raw, doc) in enumerate(normalized_documents(paths, normalize, stats)):
         if n < val_docs:
             yield "val", raw, doc
-        elif val_hashes is not None and text_hash(doc) in val_hashes:
-            stats["dropped_duplicates_of_val"] += 1
+        elif val_index is not None and (dropped := val_index.match(doc)):
+            stats[dropped] += 1
         else:
             yield "train", raw, doc
 
@@ -429,20 +485,20 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
         raise BuildError(f"--val-docs {a.val_docs}: the input has only {total_docs} documents, none would be left for training")
     normalize = Normalizer(a.tokenizer)
 
-    # validation first: its hashes decide which training documents are duplicates
-    scratch = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
-    val_hashes = set()
+    # validation first: it decides which training documents are (near) duplicates
+    scratch = {"dropped_empty": 0, "dropped_duplicates_of_val": 0, "dropped_near_duplicates_of_val": 0}
+    val_index = ValidationIndex()
     for split, _, doc in split_documents(a.docs, normalize, a.val_docs, scratch):
         if split != "val":
             break
-        val_hashes.add(text_hash(doc))
+        val_index.add(doc)
 
     name = f"tokenizer_sp{a.vocab_size}{'_caseops' if a.caseops else ''}"
     t_tok = time.time()
     if a.tokenizer is None:
         def training_texts() -> Iterator[str]:
             taken = 0
-            for split, _, doc in split_documents(a.docs, normalize, a.val_docs, dict(scratch), val_hashes):
+            for split, _, doc in split_documents(a.docs, normalize, a.val_docs, dict(scratch), val_index):
                 if split == "train":
                     yield transform(doc)
                     taken += 1
@@ -458,13 +514,13 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
     check_tokenizer(sp, a.tokenizer or tokenizer, a.vocab_size, a.caseops)
     lengths = piece_lengths(sp)
 
-    stats = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
+    stats = dict.fromkeys(scratch, 0)
     splits = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("val", "train")}
     writers = {"val": ShardWriter(out, "val", a.shard_tokens, a.caseops),
                "train": ShardWriter(out, "train", a.shard_tokens, False)}
     progress = Progress(total_docs, "encoding")
     t_enc, cpu_enc, done = time.time(), time.process_time(), 0
-    for batch in batches(split_documents(a.docs, normalize, a.val_docs, stats, val_hashes), BATCH_DOCS):
+    for batch in batches(split_documents(a.docs, normalize, a.val_docs, stats, val_index), BATCH_DOCS):
         texts = [transform(doc) for _, _, doc in batch]
         for (split, raw, doc), text, ids in zip(batch, texts, sp.encode(texts, num_threads=a.threads)):
             ids = [BOS_ID] + ids
@@ -481,7 +537,7 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
             s = splits[split]
             s["docs"], s["tokens"], s["bytes"] = s["docs"] + 1, s["tokens"] + len(ids), s["bytes"] + n_bytes
         done += len(batch)
-        progress.update(done + stats["dropped_empty"] + stats["dropped_duplicates_of_val"])
+        progress.update(done + sum(stats.values()))
     for w in writers.values():
         w.flush()
     encode_seconds, encode_cpu_seconds = time.time() - t_enc, time.process_time() - cpu_enc
@@ -496,7 +552,8 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
         print(f"{split}: {s['docs']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes, "
               f"{s['tokens'] / max(s['bytes'], 1):.4f} tokens/byte (BOS included)", flush=True)
     print(f"dropped: {stats['dropped_empty']} empty documents, {stats['dropped_duplicates_of_val']} training "
-          f"documents equal to a validation document", flush=True)
+          f"documents equal to a validation document, {stats['dropped_near_duplicates_of_val']} nearly equal to one "
+          f"(word {NEAR_SHINGLE_WORDS}-gram Jaccard similarity >= {NEAR_JACCARD})", flush=True)
 
     files = writers["val"].files + writers["train"].files + [tokenizer.name]
     manifest = {
@@ -507,11 +564,14 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
                      "val_docs": a.val_docs, "shard_tokens": a.shard_tokens,
                      "tokenizer_docs": a.tokenizer_docs, "reused_tokenizer": str(a.tokenizer) if a.tokenizer else None,
                      "normalization": "nmt_nfkc, extra whitespace removed (the tokenizer's own)",
-                     "bos_id": BOS_ID, "eos": False},
+                     "bos_id": BOS_ID, "eos": False,
+                     "near_duplicates": {"shingle_words": NEAR_SHINGLE_WORDS, "jaccard": NEAR_JACCARD,
+                                         "minhash_permutations": NEAR_PERMUTATIONS, "lsh_threshold": NEAR_CANDIDATE,
+                                         "datasketch": datasketch.__version__}},
         "inputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in a.docs],
         "documents_in_input": total_docs,
         "splits": {"val": splits["val"],
-                   "train": {**splits["train"], "dropped_duplicates_of_val": stats["dropped_duplicates_of_val"]}},
+                   "train": {**splits["train"], **{k: v for k, v in stats.items() if k.endswith("_of_val")}}},
         "dropped_empty": stats["dropped_empty"],
         "val_sidecar": "fineweb_val_bytes_*.bin" if a.caseops else None,
         "val_bytes": VAL_BYTES[a.val_bytes if a.caseops else "rule"],
