@@ -40,6 +40,7 @@ import pickle
 import platform
 import re
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -3142,6 +3143,15 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+@dataclasses.dataclass
+class Progress:
+    """How far training got: the line an interrupt prints (run) says it."""
+    step: int = 0
+
+
+PROGRESS = Progress()
+
+
 def run_progress(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """How far the run is: the larger of step / ITERATIONS and elapsed time / the loop's cap."""
     cap_ms = 1000 * h.loop_cap_seconds
@@ -3353,6 +3363,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             log(f"train_seq_len:{seq_len} from step {step + 1}")
         loss = train_step(h, rt, model, optimizers, loader, step, scale, progress)
         step += 1
+        PROGRESS.step = step
         for averager in averagers:
             averager.observe(base_model, step, scale)
         watch.fold(loss, step)
@@ -3743,10 +3754,16 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     return base_model, model_for_eval(model), hessians
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, once run() has logged where the run was: main() exits 130."""
+
+
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
-    """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log."""
+    """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log, and so does an
+    interrupt, with one line saying where the run was and what it wrote."""
     run_id, log_path, artifact_path, note = claim_outputs(h, rt)
     log = Logger(log_path if rt.is_main else None)
+    t_start, PROGRESS.step = time.perf_counter(), 0
     try:
         if note:
             log(note)
@@ -3754,6 +3771,12 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
     except RunError as exc:
         log(f"error: {exc}", console=False)
         raise
+    except KeyboardInterrupt:
+        outputs = [h.checkpoint_out] + ([] if h.eval_only else [str(artifact_path)])  # claimed: new if present
+        written = [path for path in outputs if path and Path(path).exists()]
+        log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
+            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({log_path})")
+        raise Interrupted from None
 
 
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
@@ -3804,8 +3827,13 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     log(f"artifact_path:{artifact_path}")
 
 
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, kill, a launcher passing one on) ends the run as Ctrl-C does
+
+
 def main() -> int:
     rt = None
+    sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         rt = init_runtime()
         h, preset, rt = configure(rt)
@@ -3816,7 +3844,13 @@ def main() -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted:
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    except KeyboardInterrupt:
+        print("interrupted before the run began; nothing written", file=sys.stderr, flush=True)
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         if rt is not None and rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
 
