@@ -9,12 +9,12 @@ previous record (>= 0.005 nats of val_loss at p < 0.01, one-sided t-test), print
 submission.json (beside the first log, or --out; never over a file git tracks) with every number
 taken from the logs and, with --plot, draws the loss curves of all seeds into one PNG. A record
 needs 3 complete seeds, a significant improvement over --prev-* and 8xH100 runs; anything else is
-submitted with --non-record, which its JSON's track says. With --records DIR it also fills a records folder: the self-extracting form
-of train_gpt.py that the runs counted as code_bytes (train_gpt.shipped_form), the logs and
-submission.json. Exit status: 0 if no rule is violated, 1 if one is, 2 for bad arguments or
-unreadable logs. Needs what train_gpt.py needs (it imports train_gpt for the shipped form);
-matplotlib only for --plot (skipped with a message when it is missing). Not part of the counted
-artifact: only train_gpt.py ships.
+submitted with --non-record, which its JSON's track says. With --records DIR it also fills a
+records folder: the self-extracting form of train_gpt.py that the runs counted as code_bytes
+(train_gpt.shipped_form), the logs and submission.json. Exit status: 0 if no rule is violated, 1
+if one is, 2 for bad arguments, unreadable logs or a tracked --out. Needs what train_gpt.py needs
+(it imports train_gpt for the shipped form); matplotlib only for --plot (skipped with a message when
+it is missing). Not part of the counted artifact: only train_gpt.py ships.
 """
 
 from __future__ import annotations

@@ -409,7 +409,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "(default, the public export's) or the normalized text's (what the tokens decode to)")
     p.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece model instead of training one")
     p.add_argument("--val-docs", type=int, default=50_000, help="the first K documents are validation (default 50,000, the challenge's)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards or a manifest)")
+    p.add_argument("--out", type=Path, required=True, help="output folder, new or empty (built beside it, renamed to it when complete)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100,000,000, the challenge's)")
     p.add_argument("--tokenizer-docs", type=int, default=200_000, help="train the tokenizer on at most this many training documents (default 200,000)")
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="threads for SentencePiece training and encoding")
@@ -527,12 +527,9 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
             counts, n_bytes = None, len(doc.encode("utf-8"))
             if split == "val":
                 check_val_document(sp, doc, ids, a.caseops, splits["val"]["docs"])
-            if split == "val" and a.caseops:  # the denominator: the sidecar's sum
+            if split == "val" and a.caseops:  # the sidecar: its sum is the denominator
                 char_bytes = normalize.source_bytes(raw, doc) if a.val_bytes == "original" else utf8_lengths(doc)
                 counts, n_bytes = sidecar_counts(ids, lengths, text, char_bytes), int(char_bytes.sum())
-                if int(counts.sum()) != n_bytes:
-                    raise BuildError(f"validation document {splits['val']['docs']}: sidecar sum {int(counts.sum())} "
-                                     f"!= {n_bytes} bytes (a builder bug)")
             writers[split].add(np.asarray(ids, dtype=np.int64), counts)
             s = splits[split]
             s["docs"], s["tokens"], s["bytes"] = s["docs"] + 1, s["tokens"] + len(ids), s["bytes"] + n_bytes
