@@ -6,13 +6,15 @@
 Reads each log (it holds the run's source, every hyperparameter and one machine-readable line per
 result), checks the challenge rules per log and across seeds, tests the improvement over the
 previous record (>= 0.005 nats of val_loss at p < 0.01, one-sided t-test), prints a report, writes
-submission.json with every number taken from the logs and, with --plot, draws the loss curves of
-all seeds into one PNG. With --records DIR it also fills a records folder: the self-extracting form
-of train_gpt.py that the runs counted as code_bytes (train_gpt.shipped_form), the logs and
-submission.json. Exit status: 0 if no rule is violated, 1 if one is, 2 for bad arguments or
-unreadable logs. Needs what train_gpt.py needs (it imports train_gpt for the shipped form);
-matplotlib only for --plot (skipped with a message when it is missing). Not part of the counted
-artifact: only train_gpt.py ships.
+submission.json (beside the first log, or --out; never over a file git tracks) with every number
+taken from the logs and, with --plot, draws the loss curves of all seeds into one PNG. A record
+needs 3 complete seeds, a significant improvement over --prev-* and 8xH100 runs; anything else is
+submitted with --non-record, which its JSON's track says. With --records DIR it also fills a
+records folder: the self-extracting form of train_gpt.py that the runs counted as code_bytes
+(train_gpt.shipped_form), the logs and submission.json. Exit status: 0 if no rule is violated, 1
+if one is, 2 for bad arguments, unreadable logs or a tracked --out. Needs what train_gpt.py needs
+(it imports train_gpt for the shipped form); matplotlib only for --plot (skipped with a message when
+it is missing). Not part of the counted artifact: only train_gpt.py ships.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import math
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -39,6 +42,8 @@ ALPHA = 0.01  # ... at this one-sided significance level
 PER_SEED_HPARAMS = {"SEED", "RUN_ID", "ARTIFACT_PATH"}  # every other setting must match across seeds
 OFFICIAL_VAL_SPLITS = ("fineweb_sp1024", "fineweb_sp8192", "fineweb_sp8192_caseops")  # train_gpt.py's val_split: names
 TRACK = "10min-8xH100-16mb"
+NON_RECORD_TRACK = "non-record-16mb"  # the challenge's records/track_non_record_16mb submissions say so
+RECORD_SEEDS = 3  # a record is three runs that differ only in the seed
 
 # The result lines read from a log and the keys each must carry. A new field train_gpt.py logs is
 # read by adding its key here; final_sliding is required unless EVAL_STRIDE=0, final_ttt when
@@ -370,6 +375,35 @@ def rule_results(logs: list[Log], runs: list[Run | None], incomplete: list[str],
     return results
 
 
+def record_claim_results(runs: list[Run | None], sig: Significance | None, sig_wanted: bool,
+                         not_record: list[str]) -> list[tuple[str, list[str]]]:
+    """The rules of a record claim (every submission without --non-record), as rule_results gives them."""
+    complete = sum(run is not None for run in runs)
+    if sig is None:
+        untested = [f"not tested: {complete} complete log(s)" if sig_wanted else
+                    "no previous record to beat: give --prev-val-loss, --prev-bpb or --prev-logs"]
+    else:
+        untested = [] if sig.significant else [f"improvement {sig.improvement:+.6f} nats at p = {sig.p:.6f}"]
+    return [
+        (f"a record: at least {RECORD_SEEDS} complete seeds (else --non-record)",
+         [f"{complete} complete log(s)"] * (complete < RECORD_SEEDS)),
+        (f"a record: > {MARGIN_NATS} nats better than the previous record at p < {ALPHA} (else --non-record)",
+         untested),
+        ("a record: 8xH100 record runs (else --non-record)", not_record),
+    ]
+
+
+def tracked_by_git(path: Path) -> bool:
+    """Whether git tracks this file (in the repository holding its folder); False outside one or without git."""
+    if not path.parent.is_dir():
+        return False
+    try:
+        return subprocess.run(["git", "-C", str(path.parent), "ls-files", "--error-unmatch", "--", path.name],
+                              capture_output=True).returncode == 0
+    except OSError:
+        return False
+
+
 def not_record_reasons(logs: list[Log]) -> list[str]:
     """Why these logs are not 8xH100 record runs (empty if they are)."""
     reasons = []
@@ -486,14 +520,16 @@ def significance(args, runs: list[Run]) -> Significance | None:
 # Outputs: the report, submission.json, the curves
 
 
-def verdict(sig: Significance, violations: int, not_record: list[str]) -> str:
+def verdict(sig: Significance, violations: int, not_record: list[str], non_record: bool) -> str:
     reasons = [why for ok, why in ((sig.significant, f"not > {MARGIN_NATS} nats better at p < {ALPHA}"),
-                                   (not violations, "rule violations"), (not not_record, "not record runs")) if not ok]
+                                   (not violations, "rule violations"), (not not_record, "not record runs"),
+                                   (not non_record, "submitted as a non-record")) if not ok]
     return "no: " + ", ".join(reasons) if reasons else "yes"
 
 
-def report(logs, runs, results, not_record, sig, sig_wanted, code_path) -> str:
-    out = [f"submission check: {len(logs)} logs, code {code_path}", ""]
+def report(logs, runs, results, not_record, sig, sig_wanted, code_path, non_record: bool) -> str:
+    out = [f"submission check: {len(logs)} logs, code {code_path}, "
+           f"{'a non-record submission (--non-record)' if non_record else 'a record claim'}", ""]
     if not_record:
         out += [f"NOT A RECORD: these are not 8xH100 record runs ({'; '.join(not_record)}).",
                 "The numbers below are a pre-flight check, not a score; submission.json gets null numeric fields.", ""]
@@ -518,12 +554,13 @@ def report(logs, runs, results, not_record, sig, sig_wanted, code_path) -> str:
         out += [f"          {p}" for p in problems]
     if sig_wanted and not sig:
         out += ["", "significance: not tested, it needs at least 2 complete logs"]
+    other_violations = sum(len(problems) for title, problems in results if not title.startswith("a record"))
     if sig:
         out += ["", f"significance vs the previous record's val_loss {sig.prev_val_loss:.8f}",
                 f"  improvement  {sig.improvement:+.6f} nats (mean prev - mean new; required > {MARGIN_NATS})",
                 f"  test         {sig.test}, one-sided",
                 f"  t = {sig.t:.4f}, df = {sig.df:.2f}, p = {sig.p:.6f} (required < {ALPHA})",
-                f"  qualifies    {verdict(sig, sum(len(p) for _, p in results), not_record)}"]
+                f"  qualifies    {verdict(sig, other_violations, not_record, non_record)}"]
     return "\n".join(out)
 
 
@@ -563,7 +600,7 @@ def submission(args, logs, runs, not_record, sig) -> dict:
         blurb = (f"NOT A RECORD: these logs are not 8xH100 record runs ({'; '.join(not_record) or 'no complete log'}),"
                  f" so every numeric field is null until real 8xH100 logs exist. {blurb}").strip()
     return {"author": args.author, "github_id": args.github_id, "name": args.name, "blurb": blurb,
-            "date": args.date, "track": TRACK, **numbers}
+            "date": args.date, "track": NON_RECORD_TRACK if args.non_record else TRACK, **numbers}
 
 
 def plot_curves(logs: list[Log], runs: list[Run | None], path: Path) -> str:
@@ -615,7 +652,11 @@ def parse_args(argv):
                                                      "val_tokens/val_bytes")
     prev.add_argument("--prev-logs", nargs="+", help="the previous record's logs (Welch's test)")
     p.add_argument("--code", type=Path, default=SCRIPT_DIR / "train_gpt.py", help="the submitted train_gpt.py")
-    p.add_argument("--out", type=Path, help="where submission.json goes (default: ./submission.json, or in --records)")
+    p.add_argument("--non-record", action="store_true", help="submit as a non-record (track non-record-16mb): "
+                   f"without it, fewer than {RECORD_SEEDS} complete seeds, no significant improvement over --prev-* "
+                   "or runs that are not 8xH100 record runs are violations")
+    p.add_argument("--out", type=Path, help="where submission.json goes (default: beside the first log, or in "
+                   "--records); never a file git tracks")
     p.add_argument("--records", type=Path, help="fill this new folder: train_gpt.py (the shipped form), the logs, "
                    "submission.json")
     p.add_argument("--plot", type=Path, help="write the loss curves of all seeds to this PNG")
@@ -639,7 +680,11 @@ def fill_records(folder: Path, code: str, logs: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.out = args.out or (args.records or Path(args.logs[0]).parent) / "submission.json"
     try:
+        if tracked_by_git(args.out):
+            raise UsageError(f"{args.out} is tracked by git: submit.py never writes over a tracked file "
+                             f"(give --out another path)")
         code = read_text(args.code, "submitted code")
         logs = [read_log(Path(p)) for p in args.logs]
         runs, incomplete = measure_all(logs)
@@ -650,8 +695,9 @@ def main(argv: list[str] | None = None) -> int:
     results = rule_results(logs, runs, incomplete, code)
     not_record = not_record_reasons(logs)
     sig_wanted = any(x is not None for x in (args.prev_val_loss, args.prev_bpb, args.prev_logs))
-    print(report(logs, runs, results, not_record, sig, sig_wanted, args.code))
-    args.out = args.out or (args.records / "submission.json" if args.records else Path("submission.json"))
+    if not args.non_record:
+        results += record_claim_results(runs, sig, sig_wanted, not_record)
+    print(report(logs, runs, results, not_record, sig, sig_wanted, args.code, args.non_record))
     if args.records:
         print(fill_records(args.records, code, args.logs))
     args.out.write_text(json.dumps(submission(args, logs, runs, not_record, sig), indent=2) + "\n")

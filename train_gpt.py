@@ -41,6 +41,7 @@ import pickle
 import platform
 import re
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -302,7 +303,7 @@ SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in
 )
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
            "smoke": SMOKE}
-FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp1024 (in a clone of openai/parameter-golf)"
+FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} (in a clone of openai/parameter-golf)"
 
 
 EXPECTED_KIND = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}
@@ -332,8 +333,9 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
         return "smoke"
     data_path = values.get("data_path", Hyperparameters.data_path)
     if not Path(data_path).is_dir():
+        download = FINEWEB_DOWNLOAD.format(vocab_size=values.get("vocab_size", Hyperparameters.vocab_size))
         raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
-                       f"{FINEWEB_DOWNLOAD}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
+                       f"{download}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
     return "frontier"
 
 
@@ -373,6 +375,10 @@ _FOREIGN_PREFIXES = ("CUDA", "TORCH", "NCCL", "NV", "CUDNN", "CUBLAS", "TRITON",
                      "HUGGING", "TOKENIZERS_", "TRANSFORMERS", "WANDB", "CI_", "RUNNER_", "DOCKER", "KUBERNETES",
                      "AWS_", "GOOGLE", "AZURE", "RUNPOD", "JUPYTER", "SUDO_")
 _FOREIGN_NAMES = {"CI", "RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "LANG", "TERM"}
+# Other trainers' names for ITERATIONS (nanoGPT's max_iters, Hugging Face's max_steps), which the rules
+# above would read as WARMUP_STEPS or TRAIN_SEQ_LEN.
+_ALIASES = {name: "ITERATIONS" for name in ("STEPS", "TRAIN_STEPS", "NUM_STEPS", "MAX_STEPS", "TOTAL_STEPS",
+                                             "ITERS", "MAX_ITERS", "TRAIN_ITERS", "NUM_ITERS")}
 
 
 def resembled_setting(name: str) -> str | None:
@@ -381,6 +387,8 @@ def resembled_setting(name: str) -> str | None:
     known = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
     if upper in known:
         return upper
+    if upper in _ALIASES:
+        return _ALIASES[upper]
     if upper in _FOREIGN_NAMES or upper.startswith(_FOREIGN_PREFIXES):
         return None
     part = [k for k in known if len(upper) >= 5 and (k.startswith(upper + "_") or k.endswith("_" + upper))]
@@ -735,9 +743,15 @@ def shard_files(data_path: str, split: str) -> list[str]:
                   if not os.path.basename(f).startswith("fineweb_val_bytes_"))
 
 
+def download_hint(h: Hyperparameters) -> str:
+    """What to do when DATA_PATH or TOKENIZER_PATH is missing (the default paths are the download's)."""
+    return (f"download FineWeb with {FINEWEB_DOWNLOAD.format(vocab_size=h.vocab_size)}, or set DATA_PATH and "
+            f"TOKENIZER_PATH")
+
+
 def find_shards(h: Hyperparameters, split: str) -> list[str]:
     if not os.path.isdir(h.data_path):
-        raise RunError(f"DATA_PATH={h.data_path}: no such directory")
+        raise RunError(f"DATA_PATH={h.data_path}: no such directory; {download_hint(h)}")
     files = shard_files(h.data_path, split)
     if not files:
         raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards")
@@ -866,7 +880,7 @@ class DistributedTokenLoader:
 
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(h.tokenizer_path):
-        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file")
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file; {download_hint(h)}")
     try:
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     except (RuntimeError, OSError) as exc:
@@ -946,12 +960,20 @@ def document_starts(tokens: np.ndarray) -> np.ndarray:
     return np.flatnonzero(tokens == BOS_ID)
 
 
+BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
+
+
 def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
     """Logs the data builder's manifest (tools/build_dataset.py writes DATA_PATH/manifest.json) when there
     is one, and checks the validation files against the sizes and sha256 it lists: a file changed or
-    swapped since the build is an error. Training shards are not hashed (16 GB at pod size)."""
+    swapped since the build is an error. Training shards are not hashed (16 GB at pod size). A folder
+    with the builder's marker and no manifest is an unfinished build (part of the validation split,
+    perhaps): an error. A folder with neither (the challenge's downloads) is taken as it is."""
     path = Path(h.data_path) / "manifest.json"
     if not path.is_file():
+        if (Path(h.data_path) / BUILD_MARKER).is_file():
+            raise RunError(f"DATA_PATH={h.data_path}: an unfinished build: tools/build_dataset.py's {BUILD_MARKER} "
+                           f"is there but not the manifest.json it writes last; build the dataset again")
         return
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -965,11 +987,15 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
                            f"changed since the build)")
     if settings.get("vocab_size") != h.vocab_size:
         raise RunError(f"{path}: built for vocab size {settings.get('vocab_size')}, but VOCAB_SIZE={h.vocab_size}")
-    dropped = manifest.get("splits", {}).get("train", {}).get("dropped_duplicates_of_val")
+    train = manifest.get("splits", {}).get("train", {})
+    dropped, near = train.get("dropped_duplicates_of_val"), train.get("dropped_near_duplicates_of_val")
     log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} "
         f"created:{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} "
         f"caseops:{settings.get('caseops')} val_docs:{settings.get('val_docs')} "
-        f"train_dropped_duplicates_of_val:{dropped} sha256:{file_sha256(str(path))}")
+        f"train_dropped_duplicates_of_val:{dropped} train_dropped_near_duplicates_of_val:{near} "
+        f"sha256:{file_sha256(str(path))}")
+    convention = manifest.get("val_bytes") or "not recorded (builder version 1: its sidecar counts the normalized text)"
+    log(f"data_val_bytes: {convention}")
 
 
 def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:
@@ -1161,7 +1187,9 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
         counts = tuple(int(c) for c in reduced.tolist())
     identical, scanned, hits = counts
     log(f"leak_check: val_docs_sampled:{len(val.doc_digests)} train_tokens_scanned:{scanned} hits:{hits} "
-        f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+        f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f} (sees exact repeats of "
+        f"documents only, by digest; a near duplicate, one character changed or a line added, is the data "
+        f"builder's to drop)")
     if hits or identical:
         log(f"WARNING: validation leak: {hits} validation documents found in {scanned} training tokens scanned, "
             f"{identical} training shards identical to a validation shard; the score would be invalid "
@@ -3355,6 +3383,15 @@ class Runtime:
             torch.cuda.synchronize()
 
 
+@dataclasses.dataclass
+class Progress:
+    """How far training got: the line an interrupt prints (run) says it."""
+    step: int = 0
+
+
+PROGRESS = Progress()
+
+
 def run_progress(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """How far the run is: the larger of step / ITERATIONS and elapsed time / the loop's cap."""
     cap_ms = 1000 * h.loop_cap_seconds
@@ -3566,6 +3603,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             log(f"train_seq_len:{seq_len} from step {step + 1}")
         loss = train_step(h, rt, model, optimizers, loader, step, scale, progress)
         step += 1
+        PROGRESS.step = step
         for averager in averagers:
             averager.observe(base_model, step, scale)
         watch.fold(loss, step)
@@ -3994,10 +4032,16 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     return base_model, model_for_eval(model), hessians
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM, once run() has logged where the run was: main() exits 130."""
+
+
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
-    """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log."""
+    """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log, and so does an
+    interrupt, with one line saying where the run was and what it wrote."""
     run_id, log_path, artifact_path, note = claim_outputs(h, rt)
     log = Logger(log_path if rt.is_main else None)
+    t_start, PROGRESS.step = time.perf_counter(), 0
     try:
         if note:
             log(note)
@@ -4005,6 +4049,12 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
     except RunError as exc:
         log(f"error: {exc}", console=False)
         raise
+    except KeyboardInterrupt:
+        outputs = [h.checkpoint_out] + ([] if h.eval_only else [str(artifact_path)])  # claimed: new if present
+        written = [path for path in outputs if path and Path(path).exists()]
+        log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
+            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({log_path})")
+        raise Interrupted from None
 
 
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
@@ -4057,8 +4107,13 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     log(f"artifact_path:{artifact_path}")
 
 
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, kill, a launcher passing one on) ends the run as Ctrl-C does
+
+
 def main() -> int:
     rt = None
+    sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         rt = init_runtime()
         h, preset, rt = configure(rt)
@@ -4069,7 +4124,13 @@ def main() -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except Interrupted:
+        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+    except KeyboardInterrupt:
+        print("interrupted before the run began; nothing written", file=sys.stderr, flush=True)
+        return 130
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         if rt is not None and rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
 

@@ -102,6 +102,22 @@ def test_missing_tokenizer(tmp_path):
         tg.load_tokenizer(tiny_hparams(tokenizer_path=str(tmp_path / "missing.model")))
 
 
+@pytest.mark.parametrize("preset, vocab", [("pr76", 1024), ("sp8192", 8192)])
+def test_a_preset_without_its_data_names_the_missing_path_and_the_download_in_one_line(run_script, preset, vocab):
+    """Issue 24, item 10: PRESET=pr76 on a machine without FineWeb (run_script starts in an empty folder,
+    where the preset's relative paths lead nowhere)."""
+    from conftest import assert_one_line_error
+    run = run_script({"PRESET": preset})
+    assert_one_line_error(run, f"TOKENIZER_PATH=./data/tokenizers/fineweb_{vocab}_bpe.model: no such file",
+                          f"python3 data/cached_challenge_fineweb.py --variant sp{vocab}", "DATA_PATH")
+
+
+def test_a_missing_data_folder_names_the_download(tmp_path):
+    with pytest.raises(tg.RunError, match=r"DATA_PATH=.*nowhere: no such directory; download FineWeb with "
+                                          r"python3 data/cached_challenge_fineweb\.py --variant sp1024"):
+        tg.find_shards(h_for(tmp_path / "nowhere"), "val")
+
+
 def test_tokenizer_that_is_not_a_model(tmp_path):
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"not a sentencepiece model")

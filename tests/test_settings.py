@@ -44,7 +44,8 @@ def test_a_real_environment_is_never_read_as_a_misspelt_setting():
     ("VOCABSIZE", "VOCAB_SIZE"), ("PRESETS", "PRESET"), ("seed", "SEED"), ("Matrix_Lr", "MATRIX_LR"),
     ("NUMLAYERS", "NUM_LAYERS"), ("LAYERS", "NUM_LAYERS"), ("MAX_WALLCLOCK", "MAX_WALLCLOCK_SECONDS"),
     ("WARMUPSTEPS", "WARMUP_STEPS"), ("EMADECAY", "EMA_DECAY"), ("COMPILED", "COMPILE"),
-    ("TOKENIZER", "TOKENIZER_PATH"), ("MUON_MOMENTUMM", "MUON_MOMENTUM"), ("TRAIN_STEPS", "TRAIN_SEQ_LEN"),
+    ("TOKENIZER", "TOKENIZER_PATH"), ("MUON_MOMENTUMM", "MUON_MOMENTUM"), ("TRAIN_STEPS", "ITERATIONS"),
+    ("STEPS", "ITERATIONS"), ("MAX_STEPS", "ITERATIONS"), ("MAX_ITERS", "ITERATIONS"), ("TRAIN_SEQLEN", "TRAIN_SEQ_LEN"),
     ("EVALONLY", "EVAL_ONLY"), ("ARTIFACTPATH", "ARTIFACT_PATH"), ("LOGIT_SOFTCAPP", "LOGIT_SOFTCAP"),
 ])
 def test_a_misspelt_setting_stops_the_run_naming_the_setting(name, setting):

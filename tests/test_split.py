@@ -217,6 +217,20 @@ def test_validation_documents_inside_a_training_shard_are_found(tmp_path, shard)
     assert any(line.startswith("WARNING: validation leak") for line in lines)
 
 
+def test_the_leak_check_says_that_it_cannot_see_a_near_duplicate(tmp_path):
+    """Issue 24, item 3: a validation document repeated in training with one token changed is no hit,
+    and the log line says what the check sees (the data builder drops near duplicates)."""
+    val = read_tokens(SAMPLE / "fineweb_val_000000.bin")
+    starts = tg.document_starts(val)
+    doc = next(val[s:e].copy() for s, e in zip(starts, starts[1:]) if e - s >= 4 * tg.LEAK_MIN_TOKENS)
+    doc[len(doc) // 2] = doc[len(doc) // 2 + 1]  # one token of hundreds
+    train = [read_tokens(SAMPLE / f"fineweb_train_{i:06d}.bin") for i in range(2)]
+    train[0] = np.concatenate((doc, train[0]))
+    [line] = [line for line in leak_lines(sample_copy(tmp_path / "d", train=train)) if line.startswith("leak_check:")]
+    assert field([line], "hits") == "0"
+    assert "sees exact repeats of documents only" in line and "near duplicate" in line and "builder" in line
+
+
 def test_the_leak_check_runs_in_every_training_run_and_is_logged(run_script):
     run = run_script(dict(PRESET="smoke", ITERATIONS="2", VAL_TOKENS="4096"))
     assert run.returncode == 0, run.explain()

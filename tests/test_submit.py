@@ -6,6 +6,7 @@ values, the PNG. The contract test at the end checks that train_gpt.py still log
 import json
 import math
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,10 +87,16 @@ def write_logs(workdir, overrides=None, losses=LOSSES, **common):
     return paths
 
 
+PREV_VAL_LOSS = "2.5"  # a previous record these logs beat by far (so that a record claim's test passes)
+
+
 def run_submit(workdir, paths, *extra):
+    """submit.main on the logs; against PREV_VAL_LOSS unless `extra` names the previous record or says
+    --non-record."""
+    prev = [] if any(a.startswith(("--prev", "--non-record")) for a in extra) else ["--prev-val-loss", PREV_VAL_LOSS]
     argv = [*paths, "--author", "A. Golfer", "--github-id", "golfer", "--name", "Test run", "--blurb", "b",
             "--date", "2026-01-01T00:00:00Z", "--code", str(workdir / "train_gpt.py"),
-            "--out", str(workdir / "submission.json"), *extra]
+            "--out", str(workdir / "submission.json"), *prev, *extra]
     return submit.main(argv)
 
 
@@ -117,7 +124,8 @@ def test_clean_record_set_passes_and_submission_json_equals_the_logs(workdir, ca
     assert sub["val_loss"] == pytest.approx(sum(LOSSES) / 3, abs=1e-12)
     assert sub["val_bpb"] == pytest.approx(sum(float(f"{bpb(x):.8f}") for x in LOSSES) / 3, abs=1e-12)
     assert (sub["bytes_total"], sub["bytes_code"]) == (15_500_000 + len(CODE), len(CODE))
-    assert (sub["step_stop"], sub["wallclock_seconds"], sub["significance"]) == (9000, 599.0, None)
+    assert (sub["step_stop"], sub["wallclock_seconds"], sub["track"]) == (9000, 599.0, submit.TRACK)
+    assert sub["significance"]["prev_val_loss"] == float(PREV_VAL_LOSS) and sub["significance"]["significant"]
 
 
 @pytest.mark.parametrize("index, change, rule", [
@@ -126,7 +134,7 @@ def test_clean_record_set_passes_and_submission_json_equals_the_logs(workdir, ca
     (0, dict(eval_ms=(300_000, 300_500)), "evaluation <= 600 s"),
     (1, dict(code=CODE + "# tuned\n"), "code in the log identical"),
     (2, dict(hparams={"MATRIX_LR": "0.03"}), "configuration identical across seeds"),
-    (0, dict(crash=True), "log complete"),
+    (0, dict(crash=True), ("log complete", "a record: at least 3 complete seeds")),
     (1, dict(val_tokens=VAL_TOKENS - 1), "same validation set"),
     (2, dict(hparams={"SEED": "1"}), "seeds distinct"),
     (0, dict(val_split="custom"), "an official validation split"),
@@ -142,7 +150,8 @@ def test_each_violation_is_reported_alone(workdir, capsys, index, change, rule):
     paths = write_logs(workdir, {index: change})
     assert run_submit(workdir, paths) == 1
     failed = failed_rules(capsys.readouterr().out)
-    assert len(failed) == 1 and failed[0].startswith(rule), failed
+    rules = rule if isinstance(rule, tuple) else (rule,)
+    assert len(failed) == len(rules) and all(f.startswith(r) for f, r in zip(failed, rules)), failed
 
 
 def test_inconsistent_byte_counts_and_bpb_are_violations(workdir, capsys):
@@ -168,10 +177,13 @@ def test_extra_fields_and_spaces_in_device_names_parse(workdir, capsys):
 
 def test_smoke_logs_get_null_numbers_and_a_blurb_saying_why(workdir, capsys):
     paths = write_logs(workdir, device="cpu", world_size=1, preset="smoke", hparams={"PRESET": "smoke"})
-    assert run_submit(workdir, paths, "--prev-val-loss", "2.0") == 0
+    assert run_submit(workdir, paths, "--prev-val-loss", "2.0") == 1  # claimed as a record
+    assert failed_rules(capsys.readouterr().out) == ["a record: 8xH100 record runs (else --non-record)"]
+    assert run_submit(workdir, paths, "--prev-val-loss", "2.0", "--non-record") == 0
     out = capsys.readouterr().out
-    assert "NOT A RECORD" in out and "qualifies    no: not record runs" in out
+    assert "NOT A RECORD" in out and "qualifies    no: not record runs, submitted as a non-record" in out
     sub = json.loads((workdir / "submission.json").read_text())
+    assert sub["track"] == submit.NON_RECORD_TRACK
     assert sub["blurb"].startswith("NOT A RECORD") and "preset:smoke" in sub["blurb"] and "world_size:1" in sub["blurb"]
     assert sub["val_loss"] is None and sub["val_bpb"] is None and sub["bytes_total"] is None
     assert all(v is None for k, v in sub["seeds"]["2"].items() if k not in ("log", "score_line"))
@@ -207,8 +219,11 @@ def test_one_sample_test_hand_computed(workdir, capsys):
     assert (sig.improvement, sig.t, sig.df, sig.p) == pytest.approx((0.012, t, 2, p), rel=1e-9)
     assert p == pytest.approx(0.013075, abs=1e-6) and not sig.significant  # 2.4x the margin, yet p > 0.01
     paths = write_logs(workdir, losses=(1.990, 1.988, 1.986))
-    assert run_submit(workdir, paths, "--prev-val-loss", "2.0") == 0
-    assert f"p = {p:.6f}" in capsys.readouterr().out
+    assert run_submit(workdir, paths, "--prev-val-loss", "2.0") == 1  # not significant: no record
+    out = capsys.readouterr().out
+    assert f"p = {p:.6f}" in out and failed_rules(out) == [
+        "a record: > 0.005 nats better than the previous record at p < 0.01 (else --non-record)"]
+    assert f"improvement +0.012000 nats at p = {p:.6f}" in out
     assert json.loads((workdir / "submission.json").read_text())["significance"]["p_value"] == pytest.approx(p)
 
 
@@ -280,9 +295,57 @@ def test_unreadable_logs_are_one_line_errors(workdir, capsys, content, message):
 
 
 def test_one_seed_is_reported_but_not_t_tested(workdir, capsys):
-    assert run_submit(workdir, write_logs(workdir)[:1], "--prev-val-loss", "2.0") == 0
+    assert run_submit(workdir, write_logs(workdir)[:1], "--prev-val-loss", "2.0", "--non-record") == 0
     assert "significance: not tested, it needs at least 2 complete logs" in capsys.readouterr().out
-    assert json.loads((workdir / "submission.json").read_text())["significance"] is None
+    sub = json.loads((workdir / "submission.json").read_text())
+    assert sub["significance"] is None and sub["track"] == submit.NON_RECORD_TRACK
+
+
+# -----------------------------------------------------------------------------
+# A record claim and where the JSON goes (issue 24, item 2)
+
+
+@pytest.mark.parametrize("prev", [["--prev-val-loss", "2.0"], []])
+def test_a_one_seed_record_is_refused(workdir, capsys, prev):
+    """One clean 8xH100 log, claimed as a record (no --non-record): once exit 0 with significance null."""
+    assert submit.main([write_logs(workdir)[0], "--author", "a", "--github-id", "g", "--name", "n",
+                        "--code", str(workdir / "train_gpt.py"), *prev]) == 1
+    out = capsys.readouterr().out
+    assert failed_rules(out) == ["a record: at least 3 complete seeds (else --non-record)",
+                                 "a record: > 0.005 nats better than the previous record at p < 0.01 (else --non-record)"]
+    assert "          1 complete log(s)" in out and "\n2 violation(s)" in out
+    assert ("not tested: 1 complete log(s)" if prev else "no previous record to beat: give --prev-val-loss") in out
+
+
+def test_three_seeds_without_a_previous_record_are_no_record(workdir, capsys):
+    assert submit.main([*write_logs(workdir), "--author", "a", "--github-id", "g", "--name", "n",
+                        "--code", str(workdir / "train_gpt.py")]) == 1
+    assert failed_rules(capsys.readouterr().out) == [
+        "a record: > 0.005 nats better than the previous record at p < 0.01 (else --non-record)"]
+
+
+def test_the_json_goes_beside_the_logs_by_default(workdir, capsys):
+    logs = workdir / "runs"
+    logs.mkdir()
+    paths = write_logs(logs)
+    assert submit.main([*paths, "--author", "a", "--github-id", "g", "--name", "n", "--code",
+                        str(workdir / "train_gpt.py"), "--non-record"]) == 0
+    assert f"wrote {logs / 'submission.json'}" in capsys.readouterr().out
+    assert json.loads((logs / "submission.json").read_text())["track"] == submit.NON_RECORD_TRACK
+    assert not (workdir / "submission.json").exists()
+
+
+def test_a_file_git_tracks_is_never_written_over(workdir, capsys):
+    tracked = workdir / "submission.json"
+    tracked.write_text("{}\n")
+    git = ["git", "-C", str(workdir), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "submission.json"], ["commit", "-qm", "x"]):
+        subprocess.run(git + args, check=True, capture_output=True)
+    assert run_submit(workdir, write_logs(workdir)) == 2  # --out submission.json in a repository that tracks it
+    err = capsys.readouterr().err
+    assert err == f"error: {tracked} is tracked by git: submit.py never writes over a tracked file (give --out " \
+                  f"another path)\n"
+    assert tracked.read_text() == "{}\n"
 
 
 def test_train_gpt_still_logs_what_submit_reads():

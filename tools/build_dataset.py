@@ -13,9 +13,21 @@ like the challenge), the rest training.
 Text: every document is first normalized with the tokenizer's own rule (nmt_nfkc, extra whitespace
 and newlines collapsed to one space: what the challenge's tokenizers do to the text anyway, and what
 decoding the tokens gives back). That normalized text is the document from then on: it is hashed,
-its UTF-8 length is the byte count in the manifest and in the sidecar, and decoding its tokens (then
-caseops_decode with --caseops) gives it back exactly, which the builder checks for every validation
-document. Documents that normalize to nothing are dropped and counted.
+tokenized, and decoding its tokens (then caseops_decode with --caseops) gives it back exactly, which
+the builder checks for every validation document. Documents that normalize to nothing are dropped and
+counted.
+
+Bytes (the bpb denominator; manifest.json "val_bytes" says which, train_gpt.py logs it): a plain build
+has no sidecar, so train_gpt.py counts the normalized text by its per-token rule, as for the
+challenge's sp1024/sp8192 exports. A --caseops build's sidecar counts, like the public CaseOps export
+(prepare_caseops_data.py of the 1.0611 record: each piece's surface in the raw document), the input
+document's own UTF-8 bytes: a run of whitespace or a line break as written, a character NFKC rewrites
+("\ufb01", "\u00bd", a non-breaking space) as it was, whitespace at either end of a document not at all.
+`--val-bytes normalized` counts the normalized text instead (train_gpt.py proves a sidecar against the
+decoded text, so it refuses the default's counts for any document whose whitespace or characters the
+normalization changed). The tokens are the export's but where NFKC makes ASCII capitals ("\u2122" is
+"TM", full-width letters): the export rewrites capitals before NFKC and spells those in byte pieces,
+this builder after it, with operators; the bytes counted are the same.
 
 Tokenizer: SentencePiece BPE with the challenge's settings (byte fallback, split digits, nmt_nfkc, no
 dummy prefix, pad/bos/eos/unk = 0/1/2/3, character coverage 0.999), trained on the first
@@ -23,20 +35,25 @@ dummy prefix, pad/bos/eos/unk = 0/1/2/3, character coverage 0.999), trained on t
 text, the four operators reserved as user-defined pieces. --tokenizer FILE reuses a model instead
 (e.g. to compare CaseOps and plain text with one vocabulary); it is copied into DIR.
 
-Output (DIR must not hold shards or a manifest already; the builder refuses to mix datasets):
+Output (DIR must be new or empty: the builder refuses to mix datasets). Everything is written into
+.DIR.partial-PID beside DIR, which is renamed to DIR when the manifest is written, so an interrupted build
+leaves no DIR; its first file is built_by_build_dataset.txt, and train_gpt.py refuses a folder that holds
+it without manifest.json:
 - fineweb_val_XXXXXX.bin, fineweb_train_XXXXXX.bin: 256 little-endian int32 (magic 20240520,
   version 1, token count) then uint16 tokens; BOS (1) before every document, no EOS; shards of
   --shard-tokens tokens (default 100,000,000 like the challenge; a document may continue into the
   next shard);
 - with --caseops, fineweb_val_bytes_XXXXXX.bin beside each validation shard: the same header and
-  length, one uint16 per validation token: the token's UTF-8 bytes in the document (BOS and
-  operators 0, an escaped literal operator 3), as in the public CaseOps export;
+  length, one uint16 per validation token: the bytes of the document behind it (see Bytes; BOS and
+  operators 0, an escaped literal operator 3);
 - manifest.json: documents, tokens and bytes per split, dropped documents, sha256 and size of every
   file, the settings, the inputs' sha256 and the builder's version.
 
 Leaks: a training document whose normalized text has the sha256 of a validation document's is
-dropped (and counted in the manifest as `train.dropped_duplicates_of_val`), so no validation text is
-trained on, even when the input repeats it.
+dropped (counted in the manifest as `train.dropped_duplicates_of_val`), and so is one that nearly
+repeats a validation document (a character changed, a line added: see ValidationIndex; counted as
+`train.dropped_near_duplicates_of_val`), so no validation text is trained on, even when the input
+repeats it. train_gpt.py's own leak check sees only exact repeats.
 """
 from __future__ import annotations
 
@@ -48,9 +65,11 @@ import re
 import shutil
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Iterator
 
+import datasketch
 import numpy as np
 import sentencepiece as spm
 
@@ -58,10 +77,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_gpt as tg  # noqa: E402  (the shard format and caseops_decode; importing it has no side effects)
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"  # 2: the CaseOps sidecar counts the input's bytes (val_bytes:original)
 BOS_ID = 1
 BATCH_DOCS = 512
 PROGRESS_SECONDS = 10.0
+# The bpb denominator (manifest.json "val_bytes"; train_gpt.py logs it): its convention, then what it counts.
+VAL_BYTES = {
+    "original": "original: the input document's UTF-8 bytes behind each token, as the public CaseOps export's "
+                "sidecar counts them (prepare_caseops_data.py: SentencePiece piece surfaces; whitespace runs and "
+                "NFKC-rewritten characters as written, whitespace at either end of a document not counted)",
+    "normalized": "normalized: the UTF-8 bytes of the normalized text each token decodes to (case restored)",
+    "rule": "rule: no sidecar; train_gpt.py's per-token rule on the decoded text, as for the challenge's plain "
+            "exports",
+}
 
 # -----------------------------------------------------------------------------
 # CaseOps, forward direction (the inverse, caseops_decode, is train_gpt.py's)
@@ -106,10 +134,17 @@ def read_documents(paths: list[Path]) -> Iterator[str]:
     """The raw documents of every input, in order (see the module docstring for the formats)."""
     for path in paths:
         if path.suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
-                    if not line.strip():
+            with path.open("rb") as f:
+                offset = 0  # where the line starts in the file, for the error below
+                for line_no, raw in enumerate(f, 1):
+                    line_start, offset = offset, offset + len(raw)
+                    if not raw.strip():
                         continue
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise BuildError(f"{path}:{line_no}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte offset "
+                                         f"{line_start + exc.start} of the file)") from None
                     try:
                         text = json.loads(line)["text"]
                     except (json.JSONDecodeError, KeyError, TypeError):
@@ -158,9 +193,77 @@ class Normalizer:
     def __call__(self, docs: list[str]) -> list[str]:
         return [doc.replace("\u2581", " ") for doc in self.sp.normalize(docs)]
 
+    def source_bytes(self, raw: str, doc: str) -> np.ndarray:
+        """Per character of `doc` (this normalization of `raw`): the UTF-8 bytes of the raw text it stands
+        for, by SentencePiece's own offsets, from which it reports a piece's surface: a collapsed run of
+        whitespace is one space holding the run's bytes, a character NFKC rewrote holds the original's,
+        whitespace at either end belongs to no character."""
+        text, offsets = self.sp.normalize(raw, with_offsets=True)
+        if text.replace("\u2581", " ") != doc:
+            raise BuildError("the normalizer gave two texts for one document (a builder bug)")
+        return np.diff(np.concatenate(([0], np.cumsum(utf8_lengths(raw))))[offsets])
+
+
+def utf8_lengths(text: str) -> np.ndarray:
+    """The UTF-8 length of each character of text."""
+    code = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
+    return 1 + (code >= 0x80) + (code >= 0x800) + (code >= 0x10000)
+
 
 def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# Near duplicates: a validation document repeated in training with a character changed or a line added
+# has another hash. Its set of word 5-grams (the shingles of FineWeb's own deduplication) is nearly the
+# validation document's: a MinHash LSH index (datasketch) over the validation documents' shingles finds
+# the candidates in about the time it takes to hash a document, and the Jaccard similarity of the two
+# sets of shingle hashes, computed exactly, decides. The index looks for candidates from 0.5 on, so that
+# MinHash's estimate (~0.04 standard deviation with 128 permutations) misses hardly any of 0.7.
+NEAR_SHINGLE_WORDS = 5
+NEAR_PERMUTATIONS = 128
+NEAR_CANDIDATE = 0.5
+NEAR_JACCARD = 0.7  # one changed word in 100 leaves 0.91; a 20-word line added to 100 words, 0.83
+
+
+def shingle_hashes(doc: str) -> np.ndarray:
+    """The sorted crc32 hashes of the lower-cased word 5-grams of doc (a shorter document is one shingle)."""
+    words, k = doc.lower().split(), NEAR_SHINGLE_WORDS
+    shingles = {" ".join(words[i:i + k]).encode() for i in range(max(1, len(words) - k + 1))}
+    return np.unique(np.fromiter(map(zlib.crc32, shingles), dtype=np.uint32, count=len(shingles)))
+
+
+class ValidationIndex:
+    """The validation documents, for telling which training documents to drop: equal ones (sha256 of the
+    normalized text) and near duplicates (Jaccard similarity of the shingle sets >= NEAR_JACCARD)."""
+
+    def __init__(self):
+        self.hashes: set[str] = set()
+        self.shingles: list[np.ndarray] = []
+        self.lsh = datasketch.MinHashLSH(threshold=NEAR_CANDIDATE, num_perm=NEAR_PERMUTATIONS)
+        self.empty = datasketch.MinHash(num_perm=NEAR_PERMUTATIONS, seed=1, hashfunc=int)  # already hashed
+
+    def signature(self, shingles: np.ndarray) -> datasketch.MinHash:
+        signature = self.empty.copy()
+        signature.update_batch(shingles)
+        return signature
+
+    def add(self, doc: str) -> None:
+        self.hashes.add(text_hash(doc))
+        shingles = shingle_hashes(doc)
+        self.lsh.insert(len(self.shingles), self.signature(shingles))
+        self.shingles.append(shingles)
+
+    def match(self, doc: str) -> str | None:
+        """"dropped_duplicates_of_val", "dropped_near_duplicates_of_val", or None for a document to keep."""
+        if text_hash(doc) in self.hashes:
+            return "dropped_duplicates_of_val"
+        mine = shingle_hashes(doc)
+        for i in self.lsh.query(self.signature(mine)):
+            shared = len(np.intersect1d(mine, self.shingles[i], assume_unique=True))
+            if shared >= NEAR_JACCARD * (len(mine) + len(self.shingles[i]) - shared):
+                return "dropped_near_duplicates_of_val"
+        return None
 
 
 def file_sha256(path: Path) -> str:
@@ -188,34 +291,41 @@ def train_tokenizer(texts: Iterator[str], prefix: Path, vocab_size: int, caseops
     return prefix.with_suffix(".model")
 
 
-def token_byte_table(sp: spm.SentencePieceProcessor, caseops: bool) -> np.ndarray:
-    """Per token id: its UTF-8 bytes in decoded text; control/unknown/unused pieces and the CaseOps
-    operators 0 (an escaped literal operator is fixed up in token_bytes)."""
-    table = np.zeros(sp.vocab_size(), dtype=np.int64)
+def piece_lengths(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray]:
+    """Per token id: the characters of text its piece spells (control pieces none, a byte piece one),
+    and whether it is a byte piece that continues a UTF-8 character (0x80-0xBF)."""
+    chars = np.zeros(sp.vocab_size(), dtype=np.int64)
+    continues = np.zeros(sp.vocab_size(), dtype=bool)
     for i in range(sp.vocab_size()):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            continue
-        piece = sp.id_to_piece(i)
         if sp.is_byte(i):
-            table[i] = 1
-        elif not (caseops and piece in tg.CASEOPS_OPERATORS):
-            table[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-    return table
+            chars[i], continues[i] = 1, 0x80 <= int(sp.id_to_piece(i)[3:5], 16) < 0xC0  # "<0xE6>"
+        elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+            chars[i] = len(sp.id_to_piece(i))
+    return chars, continues
 
 
-def token_bytes(ids: list[int], table: np.ndarray, esc_id: int | None) -> np.ndarray:
-    """The sidecar's counts for one document's tokens: an operator is 0 bytes, except the one right
-    after an (unescaped) ESC, which is that operator literally in the text (3 UTF-8 bytes)."""
-    counts = table[ids]
-    if esc_id is not None and esc_id in ids:
-        i = 0
-        while i < len(ids) - 1:
-            if ids[i] == esc_id:
-                counts[i + 1] = len(tg.CASEOPS_ESC.encode("utf-8"))  # every operator is 3 bytes
-                i += 2
-            else:
-                i += 1
-    return counts
+_CASEOPS_MARK = re.compile("\ue004[\ue001-\ue004]|[\ue001-\ue004]")  # an operator, or ESC and the literal after it
+
+
+def sidecar_counts(ids: list[int], lengths: tuple[np.ndarray, np.ndarray], text: str, char_bytes: np.ndarray
+                   ) -> np.ndarray:
+    """The sidecar's count for each of a document's tokens: the bytes (char_bytes, one per character of
+    the document before CaseOps) of the characters its piece spells in the CaseOps text `text`. An
+    operator is 0 bytes, a literal one after ESC is a character of the document, and a character that
+    byte fallback spells in several tokens counts on its last, as in the public export
+    (lossless_caps.surface_piece_original_byte_counts over SentencePiece's piece surfaces)."""
+    chars, continues = lengths
+    ids = np.asarray(ids)
+    spelled = chars[ids]
+    spelled[:-1][continues[ids[1:]]] = 0
+    ends = np.cumsum(spelled)
+    if ends[-1] != len(text):
+        raise BuildError(f"the tokens spell {ends[-1]} characters of a {len(text)}-character text (a builder bug)")
+    weights = np.zeros(len(text), dtype=np.int64)
+    operator = np.zeros(len(text), dtype=bool)
+    operator[[m.start() for m in _CASEOPS_MARK.finditer(text)]] = True
+    weights[~operator] = char_bytes
+    return np.diff(np.concatenate(([0], np.cumsum(weights)))[np.concatenate(([0], ends))])
 
 
 def check_tokenizer(sp: spm.SentencePieceProcessor, path: Path, vocab_size: int, caseops: bool) -> None:
@@ -294,9 +404,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, nargs="+", required=True, help="*.jsonl with a `text` field per line, or plain text files (documents separated by blank lines)")
     p.add_argument("--vocab-size", type=int, required=True, help="SentencePiece vocabulary size (equal to the reused tokenizer's with --tokenizer)")
     p.add_argument("--caseops", action="store_true", help="rewrite capitals with the CaseOps operators; write the validation byte sidecar")
+    p.add_argument("--val-bytes", choices=("original", "normalized"), default="original",
+                   help="with --caseops, what the sidecar counts: the input document's bytes behind each token "
+                        "(default, the public export's) or the normalized text's (what the tokens decode to)")
     p.add_argument("--tokenizer", type=Path, help="reuse this SentencePiece model instead of training one")
     p.add_argument("--val-docs", type=int, default=50_000, help="the first K documents are validation (default 50,000, the challenge's)")
-    p.add_argument("--out", type=Path, required=True, help="output folder (must not hold shards or a manifest)")
+    p.add_argument("--out", type=Path, required=True, help="output folder, new or empty (built beside it, renamed to it when complete)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (default 100,000,000, the challenge's)")
     p.add_argument("--tokenizer-docs", type=int, default=200_000, help="train the tokenizer on at most this many training documents (default 200,000)")
     p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="threads for SentencePiece training and encoding")
@@ -311,41 +424,60 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             raise BuildError(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least 1")
     if a.vocab_size > 1 << 16:
         raise BuildError(f"--vocab-size {a.vocab_size}: shards store uint16 token ids (at most 65536)")
-    existing = sorted(a.out.glob("fineweb_*.bin")) + sorted(a.out.glob("manifest.json")) if a.out.is_dir() else []
+    existing = sorted(a.out.iterdir()) if a.out.is_dir() else []
     if existing:
         raise BuildError(f"--out {a.out}: already holds {existing[0].name} (and {len(existing) - 1} more); "
-                         f"refusing to mix datasets, choose an empty folder")
+                         f"refusing to mix datasets, choose a new or empty folder")
     if a.out.exists() and not a.out.is_dir():
         raise BuildError(f"--out {a.out}: exists and is not a folder")
     return a
 
 
-def normalized_documents(paths: list[Path], normalize: Normalizer, stats: dict) -> Iterator[str]:
-    """The non-empty normalized documents, in order; counts the dropped empty ones."""
+def normalized_documents(paths: list[Path], normalize: Normalizer, stats: dict) -> Iterator[tuple[str, str]]:
+    """(raw, normalized) of the documents that normalize to some text, in order; counts the dropped empty ones."""
     for batch in batches(read_documents(paths), BATCH_DOCS):
-        for doc in normalize(batch):
+        for raw, doc in zip(batch, normalize(batch)):
             if doc:
-                yield doc
+                yield raw, doc
             else:
                 stats["dropped_empty"] += 1
 
 
-def split_documents(paths, normalize, val_docs: int, stats: dict, val_hashes: set | None = None
-                    ) -> Iterator[tuple[str, str]]:
-    """(split, document) in order: the first val_docs documents, then the training ones, without
-    those whose text hash is a validation document's (when val_hashes is given, counted)."""
-    for n, doc in enumerate(normalized_documents(paths, normalize, stats)):
+def split_documents(paths, normalize, val_docs: int, stats: dict, val_index: ValidationIndex | None = None
+                    ) -> Iterator[tuple[str, str, str]]:
+    """(split, raw, normalized document) in order: the first val_docs documents, then the training ones,
+    without those equal or nearly equal to a validation document (when val_index is given; counted)."""
+    for n, (raw, doc) in enumerate(normalized_documents(paths, normalize, stats)):
         if n < val_docs:
-            yield "val", doc
-        elif val_hashes is not None and text_hash(doc) in val_hashes:
-            stats["dropped_duplicates_of_val"] += 1
+            yield "val", raw, doc
+        elif val_index is not None and (dropped := val_index.match(doc)):
+            stats[dropped] += 1
         else:
-            yield "train", doc
+            yield "train", raw, doc
 
 
 def build(a: argparse.Namespace) -> tuple[Path, Path]:
+    """Writes the dataset into a folder beside --out, which becomes --out by one rename when it is complete:
+    an interrupted build leaves no --out (and its unfinished folder, named .OUT.partial-PID, holds the
+    marker and no manifest, which train_gpt.py refuses). Returns (the data folder, the tokenizer)."""
+    for stale in sorted(a.out.parent.glob(f".{a.out.name}.partial-*")):
+        print(f"note: {stale} is the unfinished folder of an interrupted build; nothing uses it, delete it", flush=True)
+    work = a.out.parent / f".{a.out.name}.partial-{os.getpid()}"  # same file system: the rename is atomic
+    work.mkdir(parents=True)
+    try:
+        (work / tg.BUILD_MARKER).write_text("built by tools/build_dataset.py; the build is complete when "
+                                            "manifest.json is here (written last)\n", encoding="utf-8")
+        tokenizer = write_dataset(a, work)
+        os.replace(work, a.out)  # onto nothing or an empty folder (parse_args refused any other)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return a.out.resolve(), (a.out / tokenizer.name).resolve()
+
+
+def write_dataset(a: argparse.Namespace, out: Path) -> Path:
+    """The tokenizer, the shards and, last, manifest.json, in `out`; returns the tokenizer's path."""
     t_start = time.time()
-    a.out.mkdir(parents=True, exist_ok=True)
     transform = caseops_encode if a.caseops else (lambda text: text)
     print(f"counting documents in {len(a.docs)} input file(s)", flush=True)
     total_docs = count_documents(a.docs)
@@ -353,58 +485,56 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
         raise BuildError(f"--val-docs {a.val_docs}: the input has only {total_docs} documents, none would be left for training")
     normalize = Normalizer(a.tokenizer)
 
-    # validation first: its hashes decide which training documents are duplicates
-    scratch = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
-    val_hashes = set()
-    for split, doc in split_documents(a.docs, normalize, a.val_docs, scratch):
+    # validation first: it decides which training documents are (near) duplicates
+    scratch = {"dropped_empty": 0, "dropped_duplicates_of_val": 0, "dropped_near_duplicates_of_val": 0}
+    val_index = ValidationIndex()
+    for split, _, doc in split_documents(a.docs, normalize, a.val_docs, scratch):
         if split != "val":
             break
-        val_hashes.add(text_hash(doc))
+        val_index.add(doc)
 
     name = f"tokenizer_sp{a.vocab_size}{'_caseops' if a.caseops else ''}"
     t_tok = time.time()
     if a.tokenizer is None:
         def training_texts() -> Iterator[str]:
             taken = 0
-            for split, doc in split_documents(a.docs, normalize, a.val_docs, dict(scratch), val_hashes):
+            for split, _, doc in split_documents(a.docs, normalize, a.val_docs, dict(scratch), val_index):
                 if split == "train":
                     yield transform(doc)
                     taken += 1
                     if taken == a.tokenizer_docs:
                         return
         print(f"training a {a.vocab_size}-piece BPE on up to {a.tokenizer_docs:,} training documents", flush=True)
-        tokenizer = train_tokenizer(training_texts(), a.out / name, a.vocab_size, a.caseops, a.threads)
+        tokenizer = train_tokenizer(training_texts(), out / name, a.vocab_size, a.caseops, a.threads)
     else:
-        tokenizer = a.out / (name + ".model")
+        tokenizer = out / (name + ".model")
         shutil.copyfile(a.tokenizer, tokenizer)
     tokenizer_seconds = time.time() - t_tok
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     check_tokenizer(sp, a.tokenizer or tokenizer, a.vocab_size, a.caseops)
-    table = token_byte_table(sp, a.caseops)
-    esc_id = sp.piece_to_id(tg.CASEOPS_ESC) if a.caseops else None
+    lengths = piece_lengths(sp)
 
-    stats = {"dropped_empty": 0, "dropped_duplicates_of_val": 0}
+    stats = dict.fromkeys(scratch, 0)
     splits = {s: {"docs": 0, "tokens": 0, "bytes": 0} for s in ("val", "train")}
-    writers = {"val": ShardWriter(a.out, "val", a.shard_tokens, a.caseops),
-               "train": ShardWriter(a.out, "train", a.shard_tokens, False)}
+    writers = {"val": ShardWriter(out, "val", a.shard_tokens, a.caseops),
+               "train": ShardWriter(out, "train", a.shard_tokens, False)}
     progress = Progress(total_docs, "encoding")
     t_enc, cpu_enc, done = time.time(), time.process_time(), 0
-    for batch in batches(split_documents(a.docs, normalize, a.val_docs, stats, val_hashes), BATCH_DOCS):
-        encoded = sp.encode([transform(doc) for _, doc in batch], num_threads=a.threads)
-        for (split, doc), ids in zip(batch, encoded):
+    for batch in batches(split_documents(a.docs, normalize, a.val_docs, stats, val_index), BATCH_DOCS):
+        texts = [transform(doc) for _, _, doc in batch]
+        for (split, raw, doc), text, ids in zip(batch, texts, sp.encode(texts, num_threads=a.threads)):
             ids = [BOS_ID] + ids
-            counts = None
+            counts, n_bytes = None, len(doc.encode("utf-8"))
             if split == "val":
                 check_val_document(sp, doc, ids, a.caseops, splits["val"]["docs"])
-                counts = token_bytes(ids, table, esc_id) if a.caseops else None
-                if counts is not None and int(counts.sum()) != len(doc.encode("utf-8")):
-                    raise BuildError(f"validation document {splits['val']['docs']}: sidecar sum {int(counts.sum())} "
-                                     f"!= {len(doc.encode('utf-8'))} UTF-8 bytes (a builder bug)")
+            if split == "val" and a.caseops:  # the sidecar: its sum is the denominator
+                char_bytes = normalize.source_bytes(raw, doc) if a.val_bytes == "original" else utf8_lengths(doc)
+                counts, n_bytes = sidecar_counts(ids, lengths, text, char_bytes), int(char_bytes.sum())
             writers[split].add(np.asarray(ids, dtype=np.int64), counts)
             s = splits[split]
-            s["docs"], s["tokens"], s["bytes"] = s["docs"] + 1, s["tokens"] + len(ids), s["bytes"] + len(doc.encode("utf-8"))
+            s["docs"], s["tokens"], s["bytes"] = s["docs"] + 1, s["tokens"] + len(ids), s["bytes"] + n_bytes
         done += len(batch)
-        progress.update(done + stats["dropped_empty"] + stats["dropped_duplicates_of_val"])
+        progress.update(done + sum(stats.values()))
     for w in writers.values():
         w.flush()
     encode_seconds, encode_cpu_seconds = time.time() - t_enc, time.process_time() - cpu_enc
@@ -419,7 +549,8 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
         print(f"{split}: {s['docs']:,} documents, {s['tokens']:,} tokens, {s['bytes']:,} bytes, "
               f"{s['tokens'] / max(s['bytes'], 1):.4f} tokens/byte (BOS included)", flush=True)
     print(f"dropped: {stats['dropped_empty']} empty documents, {stats['dropped_duplicates_of_val']} training "
-          f"documents equal to a validation document", flush=True)
+          f"documents equal to a validation document, {stats['dropped_near_duplicates_of_val']} nearly equal to one "
+          f"(word {NEAR_SHINGLE_WORDS}-gram Jaccard similarity >= {NEAR_JACCARD})", flush=True)
 
     files = writers["val"].files + writers["train"].files + [tokenizer.name]
     manifest = {
@@ -430,21 +561,25 @@ def build(a: argparse.Namespace) -> tuple[Path, Path]:
                      "val_docs": a.val_docs, "shard_tokens": a.shard_tokens,
                      "tokenizer_docs": a.tokenizer_docs, "reused_tokenizer": str(a.tokenizer) if a.tokenizer else None,
                      "normalization": "nmt_nfkc, extra whitespace removed (the tokenizer's own)",
-                     "bos_id": BOS_ID, "eos": False},
+                     "bos_id": BOS_ID, "eos": False,
+                     "near_duplicates": {"shingle_words": NEAR_SHINGLE_WORDS, "jaccard": NEAR_JACCARD,
+                                         "minhash_permutations": NEAR_PERMUTATIONS, "lsh_threshold": NEAR_CANDIDATE,
+                                         "datasketch": datasketch.__version__}},
         "inputs": [{"path": str(p), "bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in a.docs],
         "documents_in_input": total_docs,
         "splits": {"val": splits["val"],
-                   "train": {**splits["train"], "dropped_duplicates_of_val": stats["dropped_duplicates_of_val"]}},
+                   "train": {**splits["train"], **{k: v for k, v in stats.items() if k.endswith("_of_val")}}},
         "dropped_empty": stats["dropped_empty"],
         "val_sidecar": "fineweb_val_bytes_*.bin" if a.caseops else None,
+        "val_bytes": VAL_BYTES[a.val_bytes if a.caseops else "rule"],
         "tokenizer": tokenizer.name,
         "seconds": {"tokenizer": round(tokenizer_seconds, 2), "encode": round(encode_seconds, 2),
                     "encode_cpu": round(encode_cpu_seconds, 2),
                     "total": round(time.time() - t_start, 2)},
-        "files": {name: {"bytes": (a.out / name).stat().st_size, "sha256": file_sha256(a.out / name)} for name in files},
+        "files": {name: {"bytes": (out / name).stat().st_size, "sha256": file_sha256(out / name)} for name in files},
     }
-    (a.out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return a.out.resolve(), tokenizer.resolve()
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return tokenizer
 
 
 def check_val_document(sp: spm.SentencePieceProcessor, doc: str, ids: list[int], caseops: bool, index: int) -> None:
@@ -465,6 +600,9 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: nothing written (the unfinished folder beside --out was removed)", file=sys.stderr)
+        return 130
     print(f"data_path:{data_path}")
     print(f"tokenizer_path:{tokenizer_path}")
     return 0
