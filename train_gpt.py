@@ -963,9 +963,9 @@ def document_starts(tokens: np.ndarray) -> np.ndarray:
 BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
 
 
-def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
+def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     """Logs the data builder's manifest (tools/build_dataset.py writes DATA_PATH/manifest.json) when there
-    is one, and checks the validation files against the sizes and sha256 it lists: a file changed or
+    is one and returns its byte convention (None without one), and checks the validation files against the sizes and sha256 it lists: a file changed or
     swapped since the build is an error. Training shards are not hashed (16 GB at pod size). A folder
     with the builder's marker and no manifest is an unfinished build (part of the validation split,
     perhaps): an error. A folder with neither (the challenge's downloads) is taken as it is."""
@@ -974,7 +974,7 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
         if (Path(h.data_path) / BUILD_MARKER).is_file():
             raise RunError(f"DATA_PATH={h.data_path}: an unfinished build: tools/build_dataset.py's {BUILD_MARKER} "
                            f"is there but not the manifest.json it writes last; build the dataset again")
-        return
+        return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
         listed, settings = manifest["files"], manifest["settings"]
@@ -994,8 +994,9 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> None:
         f"caseops:{settings.get('caseops')} val_docs:{settings.get('val_docs')} "
         f"train_dropped_duplicates_of_val:{dropped} train_dropped_near_duplicates_of_val:{near} "
         f"sha256:{file_sha256(str(path))}")
-    convention = manifest.get("val_bytes") or "not recorded (builder version 1: its sidecar counts the normalized text)"
+    convention = manifest.get("val_bytes") or "normalized: not recorded (builder version 1: its sidecar counts the normalized text)"
     log(f"data_val_bytes: {convention}")
+    return convention
 
 
 def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:
@@ -1014,33 +1015,42 @@ def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: li
 
 
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
-                       caseops: bool) -> tuple[int, str]:
-    """(index, what is wrong) of the first document in `docs` whose decoded text (case-restored for
-    CaseOps) is not as long in UTF-8 as its counted bytes ("bytes"), or that does not re-encode to its
-    own ids ("ids", checked on every len(starts) // REENCODE_DOCS-th document); (len(starts), "") if none."""
+                       caseops: bool, exact: bool = True) -> tuple[int, str, np.ndarray]:
+    """(index, what is wrong, [decoded bytes, documents whose count differs] so far) of the first document
+    in `docs` whose decoded text (case-restored for CaseOps) is not as long in UTF-8 as its counted
+    bytes ("bytes"; only when `exact`: the counts are of the decoded text), or that does not re-encode
+    to its own ids ("ids", checked on every len(starts) // REENCODE_DOCS-th document); (len(starts),
+    "", the totals over `docs`) if none."""
     ends = np.append(starts[1:], len(tokens))
     ids = [tokens[starts[d] + 1:ends[d]].tolist() for d in docs]
     reencode_every = max(1, len(starts) // REENCODE_DOCS)
+    totals = np.zeros(2, dtype=np.int64)
     for d, doc_ids, text in zip(docs, ids, sp.decode(ids)):
         if d % reencode_every == 0 and sp.encode(text) != doc_ids:
-            return d, "ids"
+            return d, "ids", totals
         try:
-            original = caseops_decode(text) if caseops else text
+            length = len((caseops_decode(text) if caseops else text).encode("utf-8"))
         except ValueError as exc:  # an operator where the rewrite never puts one
-            return d, f"bytes: {exc}"
+            return d, f"bytes: {exc}", totals
         counted = int(token_bytes[starts[d] + 1:ends[d]].sum())
-        if len(original.encode("utf-8")) != counted:
-            return d, f"bytes: it decodes to {len(original.encode('utf-8'))} UTF-8 bytes, {counted} are counted"
-    return len(starts), ""
+        if exact and length != counted:
+            return d, f"bytes: it decodes to {length} UTF-8 bytes, {counted} are counted", totals
+        totals += (length, length != counted)
+    return len(starts), "", totals
 
 
 def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_bytes: np.ndarray, sidecar: bool,
-                          caseops: bool, device: torch.device, rank: int, world_size: int) -> None:
-    """Proves the bpb denominator and the tokenizer against the data, before anything trains.
+                          caseops: bool, device: torch.device, rank: int, world_size: int,
+                          exact: bool = True) -> tuple[int, int]:
+    """Proves the bpb denominator and the tokenizer against the data, before anything trains; returns the
+    UTF-8 bytes of the decoded validation text and the documents whose counts differ from it.
 
     Every validation document is decoded (ranks share them) and its UTF-8 length compared with the
     bytes counted for its tokens: the denominator is checked whole, not sampled (a wrong rule for
-    one kind of piece shows up only in the documents that hold it). The tokenizer is proved by
+    one kind of piece shows up only in the documents that hold it). A sidecar of the original text's
+    bytes (the public CaseOps export's convention; not `exact`) counts what the tokenizer's
+    normalization changed as written, so there only its BOS and its token count are checked and the
+    log gives both totals and the documents that differ. The tokenizer is proved by
     re-encoding REENCODE_DOCS documents spread over the split: ids made by another tokenizer decode
     to text that re-encodes otherwise in nearly every document, so 512 leave no realistic chance of
     a miss, at ~0.3 s. A BOS must count 0 bytes. Costs are in README (Data)."""
@@ -1050,23 +1060,27 @@ def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_byte
                        f"every document must (is it a split of this format?)")
     if token_bytes[starts].any():
         raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar gives a BOS nonzero bytes")
-    bad, reason = first_disagreement(sp, tokens, token_bytes, starts, range(rank, len(starts), world_size), caseops)
+    mine = range(rank, len(starts), world_size)
+    bad, reason, totals = first_disagreement(sp, tokens, token_bytes, starts, mine, caseops, exact)
     if world_size > 1:
         first = torch.tensor([bad], dtype=torch.int64, device=device)
+        summed = torch.from_numpy(totals).to(device)
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
-        bad = int(first.item())
+        dist.all_reduce(summed)
+        bad, totals = int(first.item()), summed.cpu().numpy()
         if bad < len(starts):
-            _, reason = first_disagreement(sp, tokens, token_bytes, starts, range(bad, bad + 1), caseops)
+            _, reason, _ = first_disagreement(sp, tokens, token_bytes, starts, range(bad, bad + 1), caseops, exact)
     where = f"validation document {bad} (from token {starts[bad]})" if bad < len(starts) else ""
     if reason == "ids":
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} does not re-encode to its own ids: this is not "
                        f"the tokenizer the shards were made with")
     if reason and sidecar:
-        raise RunError(f"DATA_PATH={h.data_path}: fineweb_val_bytes_*.bin: {where} {reason[7:]} by the sidecar "
-                       f"(its counts are not the original text's bytes)")
+        raise RunError(f"DATA_PATH={h.data_path}: fineweb_val_bytes_*.bin: {where}: {reason[7:]} by the sidecar, "
+                       f"which its manifest says counts the decoded text")
     if reason:
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} {reason[7:]} by the per-token rule: "
                        f"a piece this rule does not count right")
+    return int(totals[0]), int(totals[1])
 
 
 @dataclasses.dataclass
@@ -1085,7 +1099,7 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
     """Reads the validation split, names it, counts its bytes and proves them (check_validation_text)."""
     files = find_shards(h, "val")
     sidecar = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")))
-    check_manifest(h, files + sidecar, log)
+    convention = check_manifest(h, files + sidecar, log)
     tokens = np.concatenate([load_shard(f, h.vocab_size) for f in files])
     tables = byte_tables(sp)
     caseops = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
@@ -1093,8 +1107,11 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path} spells CaseOps operators, but DATA_PATH={h.data_path} "
                        f"has no byte sidecar fineweb_val_bytes_*.bin: the bytes of the original text are unknown")
     token_bytes = load_token_bytes(h, tokens, tables, sidecar)
-    check_validation_text(h, sp, tokens, token_bytes, bool(sidecar), caseops and bool(sidecar), device, rank,
-                          world_size)
+    # A sidecar counts the original text (the public export; our builder's default) unless its manifest
+    # says it counts the normalized text, which the decoded text then proves exactly.
+    exact = not sidecar or (convention or "").startswith("normalized")
+    decoded, differ = check_validation_text(h, sp, tokens, token_bytes, bool(sidecar), caseops and bool(sidecar),
+                                            device, rank, world_size, exact)
     starts = document_starts(tokens)
     if not token_bytes.any():
         raise RunError(f"DATA_PATH={h.data_path}: the validation split has nothing to score: {len(tokens) - 1} "
@@ -1103,8 +1120,11 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
     name = split_name(h.vocab_size, bool(sidecar), len(starts), split_targets)
     log(f"val_split:{name} val_split_targets:{split_targets} val_split_sha256:"
         f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{len(starts)}")
-    log(f"val_bytes_source:{'sidecar' if sidecar else 'rule'} val_split_bytes:{int(token_bytes.sum())} "
-        f"documents_checked:{len(starts)} reencoded:{min(REENCODE_DOCS, len(starts))}")
+    source = "rule" if not sidecar else "sidecar" if exact else "sidecar_original"
+    log(f"val_bytes_source:{source} val_split_bytes:{int(token_bytes.sum())} decoded_text_bytes:{decoded} "
+        f"documents_checked:{len(starts)} reencoded:{min(REENCODE_DOCS, len(starts))}"
+        + (f" documents_counted_otherwise:{differ} (the sidecar counts the original text's bytes, the "
+           f"denominator; the tokenizer's normalization changed these documents)" if not exact else ""))
     digests = frozenset(document_digests(tokens, complete_last=True))
     if h.val_tokens > split_targets:
         raise RunError(f"VAL_TOKENS={h.val_tokens}: the validation split has only {split_targets} targets")
@@ -1440,14 +1460,16 @@ def attention_kernel_report(h: Hyperparameters, rt) -> str:
                         requires_grad=grad) for _ in range(2))
     kernel = optional_kernel(h.attn_backend) if rt.device.type == "cuda" else None
     mask = None
-    recorder = DispatchedOps()
+    if h.doc_attention:
+        tokens = (torch.arange(h.train_seq_len, device=rt.device)[None] % 200 == 0).long() * BOS_ID
+        with torch.set_grad_enabled(grad):
+            mask = attention_mask(tokens.expand(batch, -1), h.attn_backend)
+        shape += " within documents"
+    recorder = DispatchedOps()  # FlexAttention (a higher-order op) runs outside it: its kernel is known
     try:
-        with warnings.catch_warnings(), recorder, torch.set_grad_enabled(grad):
+        with (warnings.catch_warnings(), torch.set_grad_enabled(grad),
+              contextlib.nullcontext() if isinstance(mask, BlockMask) else recorder):
             warnings.simplefilter("ignore")  # torch warns why each kernel does not apply; the error says it
-            if h.doc_attention:
-                tokens = (torch.arange(h.train_seq_len, device=rt.device)[None] % 200 == 0).long() * BOS_ID
-                mask = attention_mask(tokens.expand(batch, -1), h.attn_backend)
-                shape += " within documents"
             y = causal_attention(q, k, v, kernel, mask)
             if grad:
                 y.sum().backward()
@@ -3763,6 +3785,9 @@ def write_atomically(path: Path, write) -> None:
     except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
         tmp.unlink(missing_ok=True)
         raise RunError(f"{path}: cannot write ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
+    except KeyboardInterrupt:  # Ctrl-C mid-write: no partial file either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, shipped: bytes,

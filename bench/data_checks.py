@@ -71,7 +71,7 @@ def main() -> int:
     starts = tg.document_starts(tokens)
     print(f"validation: {len(tokens)} tokens, {len(starts)} documents, {int(token_bytes.sum())} bytes")
     mine = range(0, len(starts), args.world_size)
-    bad, _ = timed(f"decode {len(mine)} documents (rank 0 of {args.world_size}) and re-encode "
+    bad, _, _ = timed(f"decode {len(mine)} documents (rank 0 of {args.world_size}) and re-encode "
                    f"{len(range(0, len(mine), max(1, len(starts) // tg.REENCODE_DOCS)))}",
                    tg.first_disagreement, sp, tokens, token_bytes, starts, mine, False)
     print(f"first disagreement: {bad if bad < len(starts) else 'none'}")

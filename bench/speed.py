@@ -28,7 +28,6 @@ comparable to a GPU's.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -269,22 +268,6 @@ def count_host_syncs(h, rt, model, optimizers, loader, step: int) -> dict:
         return {"count": len(syncs), "where": sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})}
     except Exception as exc:
         return {"count": None, "where": [f"failed: {exc!r}"]}
-
-
-@contextlib.contextmanager
-def no_recompiles(compile_on: bool):
-    """torch.compile's fail_on_recompile stance, as train_gpt's timed loop runs under: every graph
-    must come from the warm-up; a compilation here is a RunError naming the cause."""
-    if not compile_on:
-        yield
-        return
-    try:
-        with torch.compiler.set_stance("fail_on_recompile"):
-            yield
-    except RuntimeError as exc:
-        if "recompil" in str(exc).lower():
-            raise tg.RunError(f"torch.compile compiled inside the timed steps ({str(exc).splitlines()[0]})") from None
-        raise
 
 
 def time_evaluation(h, rt, model, val: tg.ValidationSet, recurrence: bool) -> dict:
@@ -590,7 +573,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
     reset_peak_memory(rt)
     snapshot = compile_snapshot()
     # As in train_gpt's loop: a compilation inside the timed steps is an error, not a slow step.
-    with no_recompiles(compile_on):
+    with tg.compiled_graphs_only(h, rt, "inside the timed steps"):
         timed = time_steps(h, rt, model, optimizers, loader, 0, args.steps, sync_each=True, base_model=base_model,
                            recur_at=args.recur_at)
         pipelined = time_steps(h, rt, model, optimizers, loader, args.steps, args.pipelined_steps, sync_each=False)
@@ -626,7 +609,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
                                              "recur_off": timed["memory_recur_off"], "recur_on": memory_timed})}
     if args.eval:
         log("bench: timing the sliding-window evaluation")
-        with no_recompiles(compile_on):
+        with tg.compiled_graphs_only(h, rt, "inside the timed steps"):
             result["eval"] = time_evaluation(h, rt, model, val, base_model.recur_active)
         # the model scored has taken every step above (the sync count's one only on CUDA)
         result["eval"]["after_steps"] = next_step + (rt.device.type == "cuda") + args.profile_steps

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import math
 import statistics
@@ -107,13 +106,8 @@ def chunk_batch(h: tg.Hyperparameters, rows: int, length: int, device, seed: int
 
 def one_document_forward(model: tg.GPT, run) -> tuple:
     """(inputs, targets) -> per-token losses (rows, length) of rows that hold one document each, through
-    `run` (the model or its compiled form): one_document=True where GPT.forward takes it; in a
-    train_gpt.py without it, DOC_ATTENTION is switched off on the model instead (the same attention for
-    such rows). Returns the function and what it does."""
-    if "one_document" in inspect.signature(tg.GPT.forward).parameters:
-        return (lambda x, y: run(x, y, reduction="none", one_document=True)), "one_document=True"
-    model.doc_attention = False
-    return (lambda x, y: run(x, y, reduction="none")), "doc_attention off (no one_document in this train_gpt.py)"
+    `run` (the model or its compiled form), as score_batch calls it. Returns the function and its name."""
+    return (lambda x, y: run(x, y, reduction="none", one_document=True)), "one_document=True"
 
 
 def adapt_on_chunk(forward, adapters: tg.DocumentAdapters, batch, lr: float, autocast) -> torch.Tensor:

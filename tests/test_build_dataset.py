@@ -222,6 +222,15 @@ def test_the_caseops_sidecar_counts_the_input_bytes_behind_each_token(raw_caseop
     tg.check_manifest(dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512), [],
                       lines.append)
     assert lines[-1] == f"data_val_bytes: {bd.VAL_BYTES['original']}"
+    # train_gpt.py takes the default build: the sidecar's total is the denominator, the decoded text's beside it
+    h = dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512,
+                            tokenizer_path=str(folder / "tokenizer_sp512_caseops.model"))
+    lines = []
+    val = tg.load_validation(h, sp, torch.device("cpu"), lines.append)
+    source = next(line for line in lines if line.startswith("val_bytes_source:"))
+    assert source.startswith(f"val_bytes_source:sidecar_original val_split_bytes:{sum(sums)} "
+                             f"decoded_text_bytes:{sum(decoded)} "), source
+    assert val.num_bytes == sum(sums)
 
 
 def records_surface_counts(sp, raw: str) -> tuple[list[int], list[int]]:
@@ -257,8 +266,8 @@ def test_the_sidecar_is_the_public_exporters_count_token_by_token(raw_caseops_bu
 
 
 def test_the_normalized_convention_is_an_option_that_train_gpt_accepts(tmp_path):
-    """--val-bytes normalized: what the tokens decode to. train_gpt.py proves a sidecar against the decoded
-    text, so it takes this build of multi-line documents and refuses the default's (the public export's)."""
+    """--val-bytes normalized: what the tokens decode to. train_gpt.py proves such a sidecar against the
+    decoded text, document by document, and takes this build of multi-line documents."""
     docs = multiline_documents()[:120]
     rc, _, err, folder = build(tmp_path, docs, "--vocab-size", "512", "--caseops", "--val-bytes", "normalized")
     assert rc == 0, err

@@ -45,6 +45,18 @@ def test_the_mask_takes_the_dense_form_where_flex_cannot_run():
     assert isinstance(tg.attention_mask(tokens, "flex"), torch.Tensor)  # gradients on CPU: dense
 
 
+def test_the_kernel_line_names_flex_for_scoring_and_the_dense_mask_for_cpu_training():
+    from conftest import cpu_runtime
+    h = tiny_hparams(doc_attention=True, attn_backend="flex", train_seq_len=128, train_batch_tokens=8 * 128)
+    scoring = tg.attention_kernel_report(tg.dataclasses.replace(h, eval_only="x.ptz"), cpu_runtime())
+    assert scoring.startswith("flex (FlexAttention, 128x128 block mask) for 1x4/2 heads x 128 x 8 float32 within "
+                              "documents; WARNING: without torch.compile"), scoring
+    training = tg.attention_kernel_report(h, cpu_runtime())
+    assert "(dense mask); ATTN_BACKEND=flex: FlexAttention has no backward on CPU" in training, training
+    with pytest.raises(tg.RunError, match="ATTN_BACKEND=flex is the kernel of attention within documents"):
+        tiny_hparams(attn_backend="flex")
+
+
 def test_a_model_with_flex_scores_as_with_the_dense_mask_and_one_document_rows_are_causal():
     h = tiny_hparams(doc_attention=True, train_seq_len=128, train_batch_tokens=8 * 128, attn_backend="flex")
     model = tiny_model(h)

@@ -104,10 +104,11 @@ def test_recur_at_needs_repeated_blocks_and_a_step_in_range():
 def test_a_compilation_inside_the_timed_steps_is_an_error():
     f = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
     f(torch.ones(3))
+    h = tg.dataclasses.replace(tg.Hyperparameters(), compile="1")
     with pytest.raises(tg.RunError, match="compiled inside the timed steps"):
-        with speed.no_recompiles(True):
+        with tg.compiled_graphs_only(h, cpu_runtime(), "inside the timed steps"):
             f(torch.ones(4))  # a new shape: a recompilation
-    with speed.no_recompiles(False):
+    with tg.compiled_graphs_only(tg.dataclasses.replace(h, compile="0"), cpu_runtime(), "inside the timed steps"):
         f(torch.ones(5))  # not compiled by train_gpt's settings: nothing is enforced
 
 

@@ -3,6 +3,7 @@
 there is anything to score, and whether validation text sits in the training data. Each kind of fault
 is built from the bundled fixtures and must stop the run with one line (or, for a leak, warn)."""
 import io
+import json
 
 import numpy as np
 import pytest
@@ -124,9 +125,24 @@ def test_a_sidecar_that_matches_the_text_gives_the_denominator(tmp_path, sp):
     tokens = read_tokens(SAMPLE / "fineweb_val_000000.bin")
     rule = np.concatenate(([0], tg.target_bytes(tokens[:-1], tokens[1:], tg.byte_tables(sp))))
     val, lines = load(sidecar_folder(tmp_path, rule))
-    assert field(lines, "val_bytes_source") == "sidecar"
+    assert field(lines, "val_bytes_source") == "sidecar_original"  # no manifest: the public export's convention
+    assert field(lines, "documents_counted_otherwise") == "0"
     assert val.num_bytes == int(rule.sum())
     assert len(tg.shard_files(str(tmp_path / "d"), "val")) == 1  # the sidecar is not a validation shard
+
+
+def test_a_sidecar_of_the_original_text_is_the_denominator_and_the_log_says_what_differs(tmp_path, sp):
+    """Without a manifest saying it counts the decoded text, a sidecar counts the original (the public
+    CaseOps export's convention): it divides, and the log gives the decoded text's bytes and how many
+    documents the two disagree on."""
+    tokens = read_tokens(SAMPLE / "fineweb_val_000000.bin")
+    counts = np.concatenate(([0], tg.target_bytes(tokens[:-1], tokens[1:], tg.byte_tables(sp))))
+    counts[tg.document_starts(tokens)[7] + 3] += 2  # two spaces where the tokenizer kept one
+    val, lines = load(sidecar_folder(tmp_path, counts))
+    assert val.num_bytes == int(counts.sum())
+    assert field(lines, "val_bytes_source") == "sidecar_original"
+    assert field(lines, "decoded_text_bytes") == str(int(counts.sum()) - 2)
+    assert field(lines, "documents_counted_otherwise") == "1"
 
 
 @pytest.mark.parametrize("damage", ["one_count_off", "too_short", "bos_counted"])
@@ -134,9 +150,16 @@ def test_a_sidecar_that_disagrees_with_the_text_is_refused(tmp_path, sp, damage)
     tokens = read_tokens(SAMPLE / "fineweb_val_000000.bin")
     counts = np.concatenate(([0], tg.target_bytes(tokens[:-1], tokens[1:], tg.byte_tables(sp))))
     starts = tg.document_starts(tokens)
-    if damage == "one_count_off":
+    if damage == "one_count_off":  # a sidecar its manifest says counts the decoded text
         counts[starts[7] + 3] += 1
-        match = r"fineweb_val_bytes_.*validation document 7 .*by the sidecar"
+        folder = sidecar_folder(tmp_path, counts)
+        listed = {f.name: {"bytes": f.stat().st_size, "sha256": tg.file_sha256(str(f))}
+                  for f in folder.glob("fineweb_val_*.bin")}
+        (folder / "manifest.json").write_text(json.dumps({"settings": {"vocab_size": 1024}, "files": listed,
+                                                          "val_bytes": "normalized: the decoded text"}))
+        with pytest.raises(tg.RunError, match=r"fineweb_val_bytes_.*validation document 7 .*by the sidecar"):
+            load(folder)
+        return
     elif damage == "too_short":
         counts = counts[:-5]
         match = r"fineweb_val_bytes_.*counts for .* validation tokens"

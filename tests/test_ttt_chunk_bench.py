@@ -59,7 +59,7 @@ def test_the_one_document_forward_equals_document_attention_on_one_document_rows
         documents = model(inputs, targets, reduction="none")  # DOC_ATTENTION's dense mask
         forward, how = tc.one_document_forward(model, model)
         one = forward(inputs, targets)
-    assert how in ("one_document=True", "doc_attention off (no one_document in this train_gpt.py)")
+    assert how == "one_document=True"
     assert torch.allclose(one, documents, atol=1e-5)
 
 
