@@ -2042,9 +2042,9 @@ class DocumentAdapters:
         self.scale, self.a, self.b, self.a_init = TTT_LORA_ALPHA / rank, [], [], []
         for site in self.sites:
             out_dim, in_dim = (site.tok_emb.weight if site is model else site.weight).shape
-            a = ((2 * torch.rand(1, rank, in_dim, generator=generator) - 1) * in_dim ** -0.5).repeat(slots, 1, 1)
-            self.a_init.append(a.to(device))
-            self.a.append(a.to(device, copy=True).requires_grad_())
+            a = ((2 * torch.rand(1, rank, in_dim, generator=generator) - 1) * in_dim ** -0.5).to(device)
+            self.a_init.append(a)  # one draw, (1, rank, in): every slot resets to it
+            self.a.append(a.repeat(slots, 1, 1).requires_grad_())
             self.b.append(torch.zeros(slots, out_dim, rank, device=device, requires_grad=True))
         self.square_avg = [torch.zeros_like(p) for p in self.a + self.b]
         self.steps = 0
@@ -2056,7 +2056,7 @@ class DocumentAdapters:
     @torch.no_grad()
     def reset(self) -> None:
         for a, a_init in zip(self.a, self.a_init):
-            a.copy_(a_init)
+            a.copy_(a_init.expand_as(a))
         for t in self.b + self.square_avg:
             t.zero_()
         self.steps = 0
@@ -3251,7 +3251,14 @@ class EMA:
         return self.shadow
 
     def summary(self) -> str:
-        return f"ema: decay {self.decay!r} over {self.updates} updates"
+        """The log line; a WARNING when the run was shorter than the average's horizon 1 / (1 - decay):
+        the initial weights still hold decay^updates of the average (a toy run scores them)."""
+        line = f"ema: decay {self.decay!r} over {self.updates} updates"
+        if self.updates < 1 / (1 - self.decay):
+            line += (f" WARNING: the run is shorter than the average's horizon ({1 / (1 - self.decay):.0f} updates): "
+                     f"the initial weights still make up {self.decay ** self.updates:.0%} of what is scored "
+                     f"(lower EMA_DECAY for a short run)")
+        return line
 
 
 def canonical_averager(spec: str, swa_start_frac: float) -> str:
@@ -4092,7 +4099,8 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         try:
             validate(h)
         except RunError as exc:
-            raise RunError(f"{h.eval_only}: corrupt or truncated artifact (its model: {exc})") from None
+            raise RunError(f"{h.eval_only}: its model does not fit this run's settings (PRESET={preset}: {exc}); "
+                           f"score it with the PRESET and settings it was trained with") from None
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose shipped form counts
     shipped = shipped_form(code)
     log_header(h, rt, preset, run_id, code, shipped, log)

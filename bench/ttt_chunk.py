@@ -24,7 +24,7 @@ bf16 autocast; the bytes of the distinct storages the forward saves for the back
 torch.autograd.graph.saved_tensors_hooks (they work through compiled graphs), at --rows and 2 x --rows
 rows of --len tokens (default 1 and 2 rows of EVAL_SEQ_LEN: the full length and width). Their
 difference is the per-row part; the rest is fixed (the bf16 copies of the weights). The peak per GPU is
-then estimated as parameters + adapters (A and B, A's reset copy, their gradients, Adam's square
+then estimated as parameters + adapters (A and B, A's reset draw, their gradients, Adam's square
 averages: all linear in the slots) + the fixed saved bytes + the per-row saved bytes x TTT_BATCH_DOCS
 (x EVAL_SEQ_LEN / --len where --len is shorter: linear in the length, as the flash kernels save the
 output and the log-sum-exp, no (T, T) scores) + the fp32 logits of one chunk (the loss's backward holds
@@ -226,7 +226,7 @@ def peak_terms(h: tg.Hyperparameters, model: tg.GPT, small: dict, large: dict) -
     a, b = small["adapter_a_per_slot"] * slots, small["adapter_b_per_slot"] * slots
     return [("parameters (fp32)", sum(p.numel() * p.element_size() for p in model.parameters())),
             (f"adapters A and B (fp32, {slots} slots, rank {h.ttt_lora_rank})", a + b),
-            ("adapters: A's reset copy", a),
+            ("adapters: A's reset draw (one slot's)", a / slots),
             ("adapters: gradients", a + b),
             ("adapters: Adam square averages", a + b),
             ("saved activations: fixed part (bf16 weight copies)", fixed),

@@ -16,7 +16,7 @@ import pytest
 import torch
 import zstandard
 
-from conftest import assert_one_line_error, tiny_hparams, tiny_model
+from conftest import assert_one_line_error, cpu_runtime, tiny_hparams, tiny_model
 import train_gpt as tg
 
 
@@ -335,3 +335,27 @@ def test_eval_only_rejects_a_damaged_artifact(run_script, tmp_path):
     bad.write_bytes(tg.ARTIFACT_MAGIC + b"not a frame table")
     assert_one_line_error(run_script({"EVAL_ONLY": str(bad)}), str(bad), "corrupt")
     assert_one_line_error(run_script({"EVAL_ONLY": str(tmp_path / "none.ptz")}), "no such artifact")
+
+
+def test_eval_only_of_another_presets_artifact_names_the_mismatch_not_a_damage(monkeypatch, tmp_path):
+    """An intact artifact whose model does not fit this run's settings (here: a sequence length that
+    TRAIN_BATCH_TOKENS does not divide) is a settings mismatch, said as one, not a corrupt file."""
+    h = tiny_hparams(eval_only=str(tmp_path / "other.ptz"))
+    monkeypatch.setattr(tg, "load_artifact", lambda path, limit: ({"train_seq_len": 384}, {}))
+    with pytest.raises(tg.RunError, match=r"other\.ptz: its model does not fit this run's settings \(PRESET=smoke: "
+                                          r"TRAIN_BATCH_TOKENS.*score it with the PRESET"):
+        tg.train_write_score(h, "smoke", cpu_runtime(), "x", tmp_path / "other.ptz", lambda m: None)
+
+
+def test_an_ema_shorter_than_its_horizon_says_how_much_of_the_start_it_scores():
+    model = tiny_model()
+    ema = tg.EMA(0.9965, model)
+    for step in range(30):
+        ema.observe(model, step, 1.0)
+    assert ema.summary() == ("ema: decay 0.9965 over 30 updates WARNING: the run is shorter than the average's "
+                             "horizon (286 updates): the initial weights still make up 90% of what is scored "
+                             "(lower EMA_DECAY for a short run)")
+    long = tg.EMA(0.9, model)
+    for step in range(20):
+        long.observe(model, step, 1.0)
+    assert long.summary() == "ema: decay 0.9 over 20 updates"

@@ -71,6 +71,23 @@ def test_a_model_with_flex_scores_as_with_the_dense_mask_and_one_document_rows_a
         torch.testing.assert_close(model(one, one_document=True), dense(one), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_block_mask_is_built_inside_the_compiled_forward(backend):
+    """document_block_mask traced by dynamo inside GPT.forward (what the pod compiles; CPU: no
+    gradients), scoring as the dense mask does."""
+    h = tiny_hparams(doc_attention=True, attn_backend="flex", train_seq_len=256, train_batch_tokens=8 * 256)
+    model = tiny_model(h)
+    dense = tiny_model(tiny_hparams(doc_attention=True, train_seq_len=256, train_batch_tokens=8 * 256))
+    dense.load_state_dict(model.state_dict())
+    tokens = tokens_with_documents(2, 256, 100, seed=4)
+    tokens[:, 0] = tg.BOS_ID
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens), dense(tokens), rtol=0, atol=2e-5)
+    torch._dynamo.reset()
+
+
 def test_one_document_rows_use_the_rope_base_of_the_scored_context():
     """With ROPE_NTK_LEN, a short per-document row uses the base of EVAL_SEQ_LEN (what the model was
     scored and trained at), not the unscaled base a short sequence would get."""

@@ -45,7 +45,7 @@ def test_the_estimates_terms_scale_the_per_row_part_and_the_adapters():
     per_row = next(v for k, v in terms.items() if k.startswith("saved activations: 16 rows"))
     assert per_row == 300 * 16 * 256 / 64 and terms["saved activations: fixed part (bf16 weight copies)"] == 1_000
     assert terms["adapters A and B (fp32, 16 slots, rank 4)"] == 100 * 16 == terms["adapters: gradients"]
-    assert terms["adapters: A's reset copy"] == 40 * 16
+    assert terms["adapters: A's reset draw (one slot's)"] == 40
     assert terms[f"fp32 logits of one chunk (16 x 256 x {h.vocab_size})"] == 4 * 16 * 256 * h.vocab_size
     assert terms["parameters (fp32)"] == 4 * sum(p.numel() for p in model.parameters())
 
