@@ -581,6 +581,9 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, flex, efficient, cudnn, math"),
         (h.attn_backend != "flex" or h.doc_attention, "ATTN_BACKEND=flex is the kernel of attention within "
                                                        "documents: it needs DOC_ATTENTION=1 (else use auto)"),
+        (not h.ttt_enabled or h.ttt_chunk_tokens <= h.model_eval_seq_len,
+         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={h.model_eval_seq_len}: a chunk is scored "
+         f"in one window"),
         (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
          f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
         (0 <= h.xsa_last_n <= virtual_depth(h), "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
@@ -1248,8 +1251,9 @@ def rms_norm(x: Tensor) -> Tensor:
 
 class Linear(nn.Linear):
     """A bias-free linear layer. With qat_bits set (QAT_BITS, block matrices only), the forward pass
-    uses the export's per-row quantization of the weight whenever gradients are on (training), with
-    the straight-through gradient w + stopgrad(q(w) - w); evaluation, under no_grad, sees w itself."""
+    uses the export's per-row quantization of the weight whenever the weight trains (gradients on and
+    the weight requiring them), with the straight-through gradient w + stopgrad(q(w) - w); evaluation,
+    and TTT's adapter steps (the base weights frozen), see w itself."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0):
         super().__init__(in_features, out_features, bias=False)
@@ -1258,7 +1262,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat_bits and torch.is_grad_enabled():
+        if self.qat_bits and self.weight.requires_grad and torch.is_grad_enabled():
             q, scale = quantize_rows(w.detach(), self.qat_bits, clip_search=False)
             w = w + (dequantize_rows(q, scale) - w).detach()
         return low_rank_added(x, F.linear(x, w), self.lora)
@@ -2021,7 +2025,10 @@ class Documents:
 
 
 def split_documents(tokens: np.ndarray) -> Documents:
+    """The documents of a validation stream; a BOS that is its last token starts none (it is the
+    previous document's last target)."""
     starts = document_starts(tokens).astype(np.int64)
+    starts = starts[starts < len(tokens) - 1]
     end = np.append(starts[1:] + 1, len(tokens))
     return Documents(starts, end, np.lexsort((starts, starts - end)))
 
@@ -2108,47 +2115,70 @@ def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int,
 class TTTBudget:
     """When score-first TTT stops adapting, so that the evaluation ends by `deadline` (a `clock` time).
 
-    The work is known before the first score: every chunk of every batch, in positions (rows x padded
-    length). Before each chunk, a rank adapts it only if the time left covers that chunk adapted plus
-    all the work after it scored plain, at the seconds per position measured so far (plain: measured,
-    or PLAIN_SHARE of the adapted rate until a plain chunk has run). The work after it is the rest of
-    this batch and an equal share of the batches no rank has reached (an estimate on several ranks:
-    batches are claimed as ranks finish). Once stopped, a rank scores the rest plain (adapters detached)
-    and no phase runs. A phase runs only if it fits the same way, at the adapted rate (then its own)."""
+    The work is known before the first score: every chunk of every batch, by its size in positions
+    (rows x padded length: a few shapes). A chunk's cost is the mean measured for its shape and mode
+    (adapted or plain); a shape not yet run is priced per position from the largest one run, and a
+    plain chunk before any has run at PLAIN_SHARE of the adapted cost. Before each chunk, once a whole
+    batch has been measured (the first batch holds the longest documents, so every shape), a rank adapts
+    it only if the time left covers that chunk adapted plus all the work after it scored plain: the rest
+    of this batch and an equal share of the batches no rank has reached (an estimate on several ranks:
+    they claim batches as they finish). Past the deadline it stops at once. Once stopped, a rank scores
+    the rest plain (adapters detached) and no phase runs. A phase runs only if it fits the same way, its
+    positions priced at the adapted rate until a phase has been measured."""
 
     PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
 
     def __init__(self, work: list[list[int]], world_size: int, deadline: float, clock=time.perf_counter):
         self.work, self.world_size, self.deadline, self.clock = work, world_size, deadline, clock
-        self.after = np.cumsum([sum(w) for w in work][::-1])[::-1].tolist() + [0]  # work of batches b.. on
-        self.spent = {True: [0.0, 0], False: [0.0, 0]}  # adapted / plain: seconds, positions
-        self.phase_rate = None
-        self.adapting = True
+        self.shapes = sorted({p for chunks in work for p in chunks})
+        self.shape_of = [np.searchsorted(self.shapes, chunks) for chunks in work]
+        one_hot = [np.eye(len(self.shapes))[shapes].sum(0) for shapes in self.shape_of]
+        self.after = np.cumsum(np.array(one_hot + [np.zeros(len(self.shapes))])[::-1], axis=0)[::-1]  # batches b..
+        self.seconds = {}  # (positions, adapted) -> [seconds, chunks]
+        self.phase_rate = None  # seconds per position, once a phase has run
+        self.batches_done, self.adapting = 0, True
 
-    def rate(self, adapted: bool) -> float:
-        seconds, positions = self.spent[adapted]
-        if positions:
-            return seconds / positions
-        return self.rate(True) * self.PLAIN_SHARE if not adapted and self.spent[True][1] else 0.0
+    def cost(self, positions: int, adapted: bool) -> float:
+        """Estimated seconds of one chunk of `positions` in that mode."""
+        if (positions, adapted) in self.seconds:
+            seconds, chunks = self.seconds[positions, adapted]
+            return seconds / chunks
+        measured = [(p, s / c) for (p, a), (s, c) in self.seconds.items() if a == adapted]
+        if measured:
+            largest, seconds = max(measured)
+            return seconds * positions / largest
+        adapted_run = any(a for _, a in self.seconds)
+        return self.PLAIN_SHARE * self.cost(positions, True) if not adapted and adapted_run else 0.0
 
-    def left_after(self, batch: int, chunk: int) -> float:
-        """Positions after chunk `chunk` of batch `batch` that this rank can expect to score."""
-        return sum(self.work[batch][chunk + 1:]) + self.after[batch + 1] / self.world_size
+    def plain_after(self, batch: int, chunk: int) -> float:
+        """Estimated seconds to score plain what this rank can expect after chunk `chunk` of `batch`."""
+        rest = np.bincount(self.shape_of[batch][chunk + 1:], minlength=len(self.shapes))
+        counts = rest + self.after[batch + 1] / self.world_size
+        return float(counts @ np.array([self.cost(p, False) for p in self.shapes]))
 
     def adapt(self, batch: int, chunk: int) -> bool:
-        if self.adapting and self.spent[True][1]:
-            need = self.work[batch][chunk] * self.rate(True) + self.left_after(batch, chunk) * self.rate(False)
-            self.adapting = self.clock() + need <= self.deadline
+        if self.adapting:
+            now = self.clock()
+            need = self.cost(self.work[batch][chunk], True) + self.plain_after(batch, chunk)
+            self.adapting = now < self.deadline and (not self.batches_done or now + need <= self.deadline)
         return self.adapting
 
     def observe(self, positions: int, seconds: float, adapted: bool) -> None:
-        self.spent[adapted][0] += seconds
-        self.spent[adapted][1] += positions
+        spent = self.seconds.setdefault((positions, adapted), [0.0, 0])
+        spent[0] += seconds
+        spent[1] += 1
 
     def phase_fits(self, positions: int, next_batch: int) -> bool:
-        rate = self.phase_rate if self.phase_rate is not None else self.rate(True)
-        plain = self.after[next_batch] / self.world_size * self.rate(False)
+        rate = self.phase_rate if self.phase_rate is not None else self.cost(self.shapes[-1], True) / self.shapes[-1]
+        plain = float(self.after[next_batch] / self.world_size @ np.array([self.cost(p, False) for p in self.shapes]))
         return self.adapting and self.clock() + positions / self.world_size * rate + plain <= self.deadline
+
+    def positions(self) -> tuple[int, int]:
+        """(adapted, plain) positions scored so far."""
+        done = {True: 0, False: 0}
+        for (p, adapted), (_, chunks) in self.seconds.items():
+            done[adapted] += p * chunks
+        return done[True], done[False]
 
 
 def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -> list[list[int]]:
@@ -2290,8 +2320,10 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
             for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
                 was = budget is not None and budget.adapting
                 sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, lr, trace)
+                if budget is not None:
+                    budget.batches_done += 1
                 if was and not budget.adapting:
-                    log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)}, "
+                    log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
                         f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
                         f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
             first = stop
@@ -2302,6 +2334,9 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
             if rt.distributed:
                 dist.all_reduce(go, op=dist.ReduceOp.MIN)  # also the barrier: every batch before it is scored
             if not go.item():
+                if budget.adapting:
+                    log(f"ttt: adaptation stopped before phase {phase + 1} (it would not fit EVAL_BUDGET_SECONDS="
+                        f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
                 budget.adapting = False
                 adapters.attach(False)
                 continue
@@ -2320,6 +2355,13 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
             adapters.attach(False)
         for p in model.parameters():
             p.requires_grad_(True)
+    if budget is not None:  # every rank's share: how much of the split was scored with adapters
+        done = torch.tensor([*budget.positions(), float(not budget.adapting)], dtype=torch.float64, device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(done)
+        adapted, plain, stopped = done.tolist()
+        log(f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({adapted / max(adapted + plain, 1):.1%}) "
+            f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
     return checked_score(rt, sums, val, "per-document evaluation")
 
 

@@ -159,19 +159,21 @@ def lognormal_documents(count: int = 50_000, mean: float = 800.0, seed: int = 0)
     return tg.Documents(start, end, np.lexsort((start, start - end)))
 
 
-def simulate(work: list[list[int]], budget_s: float, rate: float = 1e-6):
-    """Drives TTTBudget as score_batch does, on a clock that advances by each chunk's cost: `rate`
-    seconds per position adapted, a third of that plain. Returns (seconds, adapted flags in order)."""
+def simulate(work: list[list[int]], budget_s: float, rate: float = 1e-6, overhead: float = 0.0):
+    """Drives TTTBudget as evaluate_documents does, on a clock that advances by each chunk's cost:
+    `overhead` seconds plus `rate` seconds per position adapted, a third of both plain. Returns
+    (seconds, adapted flags in order)."""
     clock = [0.0]
     budget = tg.TTTBudget(work, 1, budget_s, lambda: clock[0])
     adapted = []
     for b, chunks in enumerate(work):
         for c, positions in enumerate(chunks):
             adapt = budget.adapt(b, c)
-            cost = positions * rate * (1 if adapt else tg.TTTBudget.PLAIN_SHARE)
+            cost = (overhead + positions * rate) * (1 if adapt else tg.TTTBudget.PLAIN_SHARE)
             clock[0] += cost
             budget.observe(positions, cost, adapt)
             adapted.append(adapt)
+        budget.batches_done += 1
     return clock[0], adapted
 
 
@@ -196,6 +198,66 @@ def test_the_budget_rule_plans_on_50000_fineweb_like_documents():
     assert adapted == [True] * planned + [False] * (len(flat) - planned)
     share = flat[:planned].sum() / flat.sum()  # a + (1 - a) / 3 = 1 / 1.5: half the work adapted
     assert 0.49 < share <= 0.5 and budget - flat.max() * 1e-6 < seconds <= budget, (share, seconds)
+
+
+def test_the_budget_rule_prices_each_chunk_shape_as_measured_so_a_fixed_overhead_does_not_stop_it():
+    """With 10 ms of overhead per chunk (the adapters' step, launches) and 1 us per position, the first,
+    smallest chunks are mostly overhead: priced per shape once a batch is measured, a budget that
+    covers adapting everything adapts everything, and a tight one still ends within it."""
+    h = tiny_hparams(ttt_batch_docs=64, ttt_chunk_tokens=48, eval_seq_len=2048, train_seq_len=2048,
+                     train_batch_tokens=8 * 2048)
+    docs = lognormal_documents(count=6250, seed=1)  # one GPU's share of 50,000
+    batches = [docs.order[i:i + 64] for i in range(0, len(docs.order), 64)]
+    work = tg.batch_work(docs, batches, h)
+    chunks = sum(len(c) for c in work)
+    adapted_s = sum(0.01 + p * 1e-6 for c in work for p in c)
+    seconds, adapted = simulate(work, 1.02 * adapted_s, overhead=0.01)
+    assert all(adapted) and seconds == pytest.approx(adapted_s)
+    budget = 0.6 * adapted_s
+    seconds, adapted = simulate(work, budget, overhead=0.01)
+    cost = np.array([0.01 + p * 1e-6 for c in work for p in c])
+    planned = int(np.argmax(np.cumsum(cost) + (cost.sum() - np.cumsum(cost)) / 3 > budget))
+    assert adapted == [True] * planned + [False] * (chunks - planned) and seconds <= budget, (sum(adapted), planned)
+
+
+def test_past_the_deadline_nothing_adapts(monkeypatch):
+    h, model, val = setup()
+    lines = []
+    _, _, trace = run(h, model, val, log=lines.append, deadline=time.perf_counter() - 1)
+    assert not any(e[0] in ("update", "phase") for e in trace)
+    assert any(line.startswith("ttt_adapted: positions 0 of ") and "ranks out of time: 1 of 1" in line
+               for line in lines), lines
+
+
+def test_a_split_that_ends_on_a_bos_scores_it_as_the_last_documents_target():
+    h, model, val = setup()
+    end = int(tg.document_starts(val.tokens.numpy())[3])  # VAL_TOKENS landing on a BOS
+    cut = tg.ValidationSet(val.tokens[:end + 1], end, int(val.target_bytes[:end].sum()), val.tables, val.split_targets,
+                           val.target_bytes[:end])
+    assert int(cut.tokens[-1]) == tg.BOS_ID and len(tg.split_documents(cut.tokens.numpy()).start) == 3
+    for adapt in (False, True):
+        loss, bpb, _ = run(h, model, cut, adapt=adapt)
+        assert np.isfinite(bpb)
+
+
+def test_qat_fake_quantizes_training_only_not_the_adapted_scores():
+    """QAT_BITS (PR #192's fake quantization) trains on quantized weights; TTT's adapted chunks score the
+    artifact's weights as they are, so at learning rate 0 the adapted score is the plain one bit for bit."""
+    h, model, val = setup(qat_bits=6, ttt_lr_scale=0.0)
+    assert run(h, model, val, adapt=True)[:2] == run(h, model, val, adapt=False)[:2]
+    x = val.tokens[None, :64]
+    with torch.enable_grad():
+        trained = model(x, val.tokens[None, 1:65])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        frozen = model(x, val.tokens[None, 1:65])
+    assert not torch.equal(trained, frozen)  # the fake quantization is real where weights train
+
+
+def test_a_chunk_longer_than_the_window_is_refused_at_start():
+    with pytest.raises(tg.RunError, match="TTT_CHUNK_TOKENS=100 must be <= EVAL_SEQ_LEN=64"):
+        tiny_hparams(ttt_enabled=True, ttt_chunk_tokens=100)
 
 
 def test_once_adaptation_stops_the_rest_is_the_plain_per_document_score_bit_for_bit(monkeypatch):
