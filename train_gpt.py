@@ -1422,7 +1422,7 @@ def document_block_mask(tokens: Tensor) -> BlockMask:
     counts, indices = tile_lists(partial)
     full_counts, full_indices = tile_lists(full)
     return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=same_document, seq_lengths=(T, T))
+                                    mask_mod=same_document)  # lengths: the tiles' (T is a multiple of 128)
 
 
 def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
@@ -3887,8 +3887,11 @@ def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "i
     if not compile_enabled(h, rt):
         return model
     config = torch._dynamo.config
-    config.recompile_limit = max(config.recompile_limit, compiled_graphs(h) + 8)
-    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 2 * config.recompile_limit)
+    old = not hasattr(config, "recompile_limit")  # torch < 2.7 names them cache_size_limit
+    limit, accumulated = ("cache_size_limit", "accumulated_cache_size_limit") if old else \
+        ("recompile_limit", "accumulated_recompile_limit")
+    setattr(config, limit, max(getattr(config, limit), compiled_graphs(h) + 8))
+    setattr(config, accumulated, max(getattr(config, accumulated), 2 * getattr(config, limit)))
     return torch.compile(model, dynamic=False, backend=backend)
 
 
