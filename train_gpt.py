@@ -2173,12 +2173,18 @@ class TTTBudget:
         plain = float(self.after[next_batch] / self.world_size @ np.array([self.cost(p, False) for p in self.shapes]))
         return self.adapting and self.clock() + positions / self.world_size * rate + plain <= self.deadline
 
-    def positions(self) -> tuple[int, int]:
-        """(adapted, plain) positions scored so far."""
-        done = {True: 0, False: 0}
-        for (p, adapted), (_, chunks) in self.seconds.items():
-            done[adapted] += p * chunks
-        return done[True], done[False]
+    def report(self, rt) -> str:
+        """The ttt_adapted: line: positions scored with and without adapters and ranks out of time,
+        summed over ranks (a collective: every rank calls it)."""
+        done = torch.zeros(3, dtype=torch.float64, device=rt.device)
+        for (positions, adapted), (_, chunks) in self.seconds.items():
+            done[0 if adapted else 1] += positions * chunks
+        done[2] = float(not self.adapting)
+        if rt.distributed:
+            dist.all_reduce(done)
+        adapted, plain, stopped = done.tolist()
+        return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({adapted / max(adapted + plain, 1):.1%}) "
+                f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
 
 
 def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -> list[list[int]]:
@@ -2327,42 +2333,43 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
                         f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
                         f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
             first = stop
-            if stop == len(batches) or not adapt:
-                continue
-            rows = phase_rows(docs, np.concatenate(batches[:stop]), h.model_eval_seq_len)
-            go = torch.tensor([float(budget.phase_fits(rows.size, stop))], device=rt.device)
-            if rt.distributed:
-                dist.all_reduce(go, op=dist.ReduceOp.MIN)  # also the barrier: every batch before it is scored
-            if not go.item():
-                if budget.adapting:
-                    log(f"ttt: adaptation stopped before phase {phase + 1} (it would not fit EVAL_BUDGET_SECONDS="
-                        f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
-                budget.adapting = False
-                adapters.attach(False)
-                continue
-            tp = time.perf_counter()
-            adapters.attach(False)
-            steps = global_phase(model, forward, val, rows, rt, TTT_PHASE_LR * h.ttt_lr_scale)
-            adapters.attach(True)
-            rt.sync()
-            budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
-            if trace is not None:
-                trace.append(("phase", tuple(int(d) for d in np.concatenate(batches[:stop]))))
-            log(f"ttt_phase:{phase + 1} documents_scored:{stop * h.ttt_batch_docs} steps:{steps} "
-                f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+            if stop < len(batches) and adapt:
+                phase_if_it_fits(h, rt, model, forward, val, docs, np.concatenate(batches[:stop]), phase + 1,
+                                 (adapters, budget), log, trace)
     finally:
         if adapters is not None:
             adapters.attach(False)
         for p in model.parameters():
             p.requires_grad_(True)
-    if budget is not None:  # every rank's share: how much of the split was scored with adapters
-        done = torch.tensor([*budget.positions(), float(not budget.adapting)], dtype=torch.float64, device=rt.device)
-        if rt.distributed:
-            dist.all_reduce(done)
-        adapted, plain, stopped = done.tolist()
-        log(f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({adapted / max(adapted + plain, 1):.1%}) "
-            f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
+    if budget is not None:
+        log(budget.report(rt))
     return checked_score(rt, sums, val, "per-document evaluation")
+
+
+def phase_if_it_fits(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, docs: Documents,
+                     scored: np.ndarray, phase: int, ttt: tuple, log, trace: list | None) -> None:
+    """Phase `phase` (global_phase over the documents `scored`) if TTTBudget finds it room on every rank
+    (a collective: the barrier after which every batch before it is scored); else adaptation stops."""
+    adapters, budget = ttt
+    rows = phase_rows(docs, scored, h.model_eval_seq_len)
+    go = torch.tensor([float(budget.phase_fits(rows.size, -(-len(scored) // h.ttt_batch_docs)))], device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(go, op=dist.ReduceOp.MIN)
+    adapters.attach(False)
+    if not go.item():
+        if budget.adapting:
+            log(f"ttt: adaptation stopped before phase {phase} (it would not fit EVAL_BUDGET_SECONDS="
+                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
+        budget.adapting = False
+        return
+    tp = time.perf_counter()
+    steps = global_phase(model, forward, val, rows, rt, TTT_PHASE_LR * h.ttt_lr_scale)
+    adapters.attach(True)
+    rt.sync()
+    budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
+    if trace is not None:
+        trace.append(("phase", tuple(int(d) for d in scored)))
+    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{steps} time_ms:{1000 * (time.perf_counter() - tp):.0f}")
 
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
@@ -3673,8 +3680,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             seq_len = seq_len_at(h, progress)  # host arithmetic on the agreed clock: the same step on every rank
             log(f"train_seq_len:{seq_len} from step {step + 1}")
         loss = train_step(h, rt, model, optimizers, loader, step, scale, progress)
-        step += 1
-        PROGRESS.step = step
+        step = PROGRESS.step = step + 1
         for averager in averagers:
             averager.observe(base_model, step, scale)
         watch.fold(loss, step)
