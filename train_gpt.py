@@ -2132,8 +2132,8 @@ class TTTBudget:
         self.work, self.world_size, self.deadline, self.clock = work, world_size, deadline, clock
         self.shapes = sorted({p for chunks in work for p in chunks})
         self.shape_of = [np.searchsorted(self.shapes, chunks) for chunks in work]
-        one_hot = [np.eye(len(self.shapes))[shapes].sum(0) for shapes in self.shape_of]
-        self.after = np.cumsum(np.array(one_hot + [np.zeros(len(self.shapes))])[::-1], axis=0)[::-1]  # batches b..
+        per_batch = [np.bincount(shapes, minlength=len(self.shapes)) for shapes in self.shape_of]
+        self.after = np.cumsum((per_batch + [np.zeros(len(self.shapes))])[::-1], axis=0)[::-1]  # chunks of batches b..
         self.seconds = {}  # (positions, adapted) -> [seconds, chunks]
         self.phase_rate = None  # seconds per position, once a phase has run
         self.batches_done, self.adapting = 0, True
@@ -2150,17 +2150,18 @@ class TTTBudget:
         adapted_run = any(a for _, a in self.seconds)
         return self.PLAIN_SHARE * self.cost(positions, True) if not adapted and adapted_run else 0.0
 
-    def plain_after(self, batch: int, chunk: int) -> float:
-        """Estimated seconds to score plain what this rank can expect after chunk `chunk` of `batch`."""
-        rest = np.bincount(self.shape_of[batch][chunk + 1:], minlength=len(self.shapes))
-        counts = rest + self.after[batch + 1] / self.world_size
+    def plain_seconds(self, counts: np.ndarray) -> float:
+        """Estimated seconds to score plain `counts` chunks of each shape."""
         return float(counts @ np.array([self.cost(p, False) for p in self.shapes]))
 
     def adapt(self, batch: int, chunk: int) -> bool:
         if self.adapting:
             now = self.clock()
-            need = self.cost(self.work[batch][chunk], True) + self.plain_after(batch, chunk)
-            self.adapting = now < self.deadline and (not self.batches_done or now + need <= self.deadline)
+            self.adapting = now < self.deadline
+            if self.adapting and self.batches_done:  # what this rank can expect after this chunk, scored plain
+                rest = np.bincount(self.shape_of[batch][chunk + 1:], minlength=len(self.shapes))
+                plain = self.plain_seconds(rest + self.after[batch + 1] / self.world_size)
+                self.adapting = now + self.cost(self.work[batch][chunk], True) + plain <= self.deadline
         return self.adapting
 
     def observe(self, positions: int, seconds: float, adapted: bool) -> None:
@@ -2170,7 +2171,7 @@ class TTTBudget:
 
     def phase_fits(self, positions: int, next_batch: int) -> bool:
         rate = self.phase_rate if self.phase_rate is not None else self.cost(self.shapes[-1], True) / self.shapes[-1]
-        plain = float(self.after[next_batch] / self.world_size @ np.array([self.cost(p, False) for p in self.shapes]))
+        plain = self.plain_seconds(self.after[next_batch] / self.world_size)
         return self.adapting and self.clock() + positions / self.world_size * rate + plain <= self.deadline
 
     def report(self, rt) -> str:
