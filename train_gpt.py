@@ -419,7 +419,6 @@ def validate(h: Hyperparameters) -> None:
         for ok, message in checks(h):
             if not ok:
                 raise RunError(message)
-    averager_names(h)  # a malformed AVERAGE_ALSO entry stops the run here, before training
 
 
 def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
@@ -3230,22 +3229,14 @@ def readable_source(code: bytes) -> str:
 # -----------------------------------------------------------------------------
 # Weight averaging
 #
-# What gets quantized is an average of the weights along the run. SWA (PR #76): once the LR scale
-# falls below SWA_START_FRAC, add a snapshot every SWA_INTERVAL steps (the sum kept in fp32). EMA
-# (the later records, FRONTIER.md): an fp32 shadow of every weight, shadow <- d * shadow + (1 - d)
-# * weight after every step, starting from the initial weights. Both are averagers with one
-# interface: observe() after each step, average() (the state to load; None keeps the final
-# weights), summary() for the log. An averager is named by a spec ("swa:50:0.5", "ema:0.997",
-# "none"); the run's own comes from SWA_INTERVAL / EMA_DECAY, AVERAGE_ALSO adds more.
-#
-# Checkpoints (CHECKPOINT_OUT / FROM_CHECKPOINT) exist for comparisons that share one training run
-# (bench/ablate.py): the raw final weights, every tracked average, the step count and the training
-# stream's position, so that GPTQ calibration reads the same tokens as it would have in the run.
+# What gets quantized is an average of the weights along the run, by an averager: observe() after
+# each step, average() (the state to load; None keeps the final weights), summary() for the log.
+# SWA (PR #76): once the LR scale falls below SWA_START_FRAC, a snapshot every SWA_INTERVAL steps,
+# summed in fp32. EMA (PR #1204 and later): an fp32 shadow, shadow <- d * shadow + (1 - d) * weight
+# after every step, from the initial weights.
 
 
 class FinalWeights:
-    name = "none"
-
     def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
         pass
 
@@ -3258,7 +3249,6 @@ class FinalWeights:
 
 class SWA:
     def __init__(self, interval: int, start_frac: float):
-        self.name = f"swa:{interval}:{start_frac!r}"
         self.interval, self.start_frac = interval, start_frac
         self.total: dict[str, Tensor] | None = None
         self.count = 0
@@ -3284,7 +3274,6 @@ class SWA:
 
 class EMA:
     def __init__(self, decay: float, model: nn.Module):
-        self.name = f"ema:{decay!r}"
         self.decay, self.updates = decay, 0
         state = model.state_dict()
         self.weights = list(state.values())  # detached views of the live parameters
@@ -3311,131 +3300,19 @@ class EMA:
         return line
 
 
-def canonical_averager(spec: str, swa_start_frac: float) -> str:
-    """'ema:DECAY', 'swa:INTERVAL[:START_FRAC]' (default SWA_START_FRAC) or 'none', in one spelling."""
-    kind, _, args = spec.strip().partition(":")
-    parts = args.split(":")
-    try:
-        if kind == "ema" and len(parts) == 1 and 0 < float(parts[0]) < 1:
-            return f"ema:{float(parts[0])!r}"
-        if kind == "swa" and len(parts) <= 2:
-            interval, frac = int(parts[0]), float(parts[1]) if len(parts) == 2 else swa_start_frac
-            if interval >= 1 and 0 < frac <= 1:
-                return f"swa:{interval}:{frac!r}"
-    except ValueError:
-        pass
-    if spec.strip() == "none":
-        return "none"
-    raise RunError(f"AVERAGE_ALSO: {spec!r} is not ema:DECAY (0 < DECAY < 1), swa:INTERVAL[:START_FRAC] or none")
-
-
-def own_averager(h: Hyperparameters) -> str:
-    """The averaging whose result this run quantizes and scores."""
+def make_averager(h: Hyperparameters, model: nn.Module):
+    """The run's averaging: EMA_DECAY, else SWA_INTERVAL, else the final weights."""
     if h.ema_decay:
-        return f"ema:{h.ema_decay!r}"
-    return f"swa:{h.swa_interval}:{h.swa_start_frac!r}" if h.swa_interval else "none"
-
-
-def averager_names(h: Hyperparameters) -> list[str]:
-    """The run's own averager, then AVERAGE_ALSO's, each once."""
-    names = [own_averager(h)]
-    for spec in filter(str.strip, h.average_also.split(",")):
-        name = canonical_averager(spec, h.swa_start_frac)
-        if name not in names:
-            names.append(name)
-    return names
-
-
-def make_averager(name: str, model: nn.Module):
-    kind, *args = name.split(":")
-    if kind == "ema":
-        return EMA(float(args[0]), model)
-    return SWA(int(args[0]), float(args[1])) if kind == "swa" else FinalWeights()
-
-
-# Settings that act only after the timed loop (averaging, GPTQ, quantization, the artifact,
-# evaluation, logging, the lab plumbing): one trained checkpoint serves every value of them.
-POST_TRAINING_FIELDS = frozenset((
-    "run_id", "train_log_every", "val_loss_every", "eval_seq_len", "eval_stride", "val_batch_size", "val_tokens",
-    "swa_interval", "swa_start_frac", "ema_decay", "average_also", "checkpoint_out", "from_checkpoint",
-    "artifact_path", "artifact_limit_bytes", "zstd_level", "eval_only", "gptq_calib_tokens",
-    "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn", "quant_bits_embed", "compressor",
-    "int6_matrices", "gptq_selfgen_seqs", "gptq_selfgen_len", "sdclip_attn", "sdclip_mlp", "sdclip_embed",
-    "sdclip_other", "gptq_embed", "quant_gates_int8", "lqer_top", "awq_groups", "quant_min_range"))
-CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
-
-
-def training_config(h: Hyperparameters) -> dict:
-    """Everything that decides the trained weights. GPTQ's reserve shortens a capped loop, so the
-    loop's cap is compared too."""
-    config = {f.name: getattr(h, f.name) for f in dataclasses.fields(h) if f.name not in POST_TRAINING_FIELDS}
-    return {**config, "loop_cap_seconds": h.loop_cap_seconds}
-
-
-def cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
-
-
-def save_checkpoint(h: Hyperparameters, base_model: GPT, loader: DistributedTokenLoader, steps: int,
-                    train_ms: float, averages: dict[str, tuple], log) -> None:
-    """CHECKPOINT_OUT (rank 0): the final weights, every tracked average, steps, the stream position."""
-    path = Path(h.checkpoint_out)
-    checkpoint = dict(format=CHECKPOINT_FORMAT, training_config=training_config(h), steps=steps, train_ms=train_ms,
-                      stream=dict(file_index=loader.stream.file_index, pos=loader.stream.pos),
-                      recur_active=base_model.recur_active,
-                      final_weights=cpu_state(base_model.state_dict()),
-                      averages={name: dict(weights=None if w is None else cpu_state(w), summary=summary)
-                                for name, (w, summary) in {"none": (None, FinalWeights().summary()),
-                                                           **averages}.items()})
-    write_atomically(path, lambda tmp: torch.save(checkpoint, tmp))
-    log(f"checkpoint: wrote {path} with averages {','.join(averages)}")
-
-
-def load_checkpoint(h: Hyperparameters) -> dict:
-    """FROM_CHECKPOINT, checked: trained under this training config and tracking this run's averaging."""
-    path = Path(h.from_checkpoint)
-    if not path.is_file():
-        raise RunError(f"FROM_CHECKPOINT={path}: no such file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
-        raise RunError(f"FROM_CHECKPOINT={path}: unreadable ({type(exc).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise RunError(f"FROM_CHECKPOINT={path}: not a checkpoint written by CHECKPOINT_OUT")
-    trained, here = checkpoint["training_config"], training_config(h)
-    for name in sorted(trained.keys() | here.keys()):
-        if trained.get(name) != here.get(name):
-            what = "the loop's cap (MAX_WALLCLOCK_SECONDS less the GPTQ reserve)" if name == "loop_cap_seconds" \
-                else name.upper()
-            raise RunError(f"FROM_CHECKPOINT={path}: {what} is {here.get(name)} here, {trained.get(name)} in the "
-                           f"checkpoint; only post-training settings may differ")
-    if own_averager(h) not in checkpoint["averages"]:
-        raise RunError(f"FROM_CHECKPOINT={path}: averaging {own_averager(h)} was not tracked (it has "
-                       f"{', '.join(checkpoint['averages'])}); add it to the training run's AVERAGE_ALSO")
-    return checkpoint
-
-
-def restore_checkpoint(h: Hyperparameters, base_model: GPT, loader: DistributedTokenLoader,
-                       log) -> tuple[int, float, dict[str, tuple]]:
-    """Loads the final weights and moves the stream to where training left it; returns
-    (steps, training time in ms, {averager: (weights or None, summary)})."""
-    checkpoint = load_checkpoint(h)
-    base_model.load_state_dict(checkpoint["final_weights"], strict=True)
-    loader.stream.seek(checkpoint["stream"]["file_index"], checkpoint["stream"]["pos"])
-    base_model.recur_active = checkpoint["recur_active"]
-    log(f"from_checkpoint: {h.from_checkpoint} steps:{checkpoint['steps']}; nothing is trained")
-    averages = {name: (entry["weights"], entry["summary"]) for name, entry in checkpoint["averages"].items()}
-    return checkpoint["steps"], checkpoint["train_ms"], averages
+        return EMA(h.ema_decay, model)
+    return SWA(h.swa_interval, h.swa_start_frac) if h.swa_interval else FinalWeights()
 
 
 # -----------------------------------------------------------------------------
 # Training loop
 #
 # A step is SLICES_PER_STEP micro-batches (8 / world_size per rank), one optimizer update. The LR
-# scale is 1 until the warmdown, then falls linearly to 0 at the projected end of the run; the
-# projection uses the mean time of the steps taken so far, which excludes compilation (the
-# warm-up steps run before the clock starts and are then undone). The loop stops before a step
-# that would cross the cap (MAX_WALLCLOCK_SECONDS less the GPTQ calibration's reserve).
+# scale falls linearly to 0 over the warmdown, projected from the mean step time; compilation is
+# done in a warm-up before the clock. The loop stops before a step that would cross the cap.
 
 
 @dataclasses.dataclass
@@ -3464,8 +3341,9 @@ class Runtime:
 
 @dataclasses.dataclass
 class Progress:
-    """How far training got: the line an interrupt prints (run) says it."""
+    """What the line an interrupt prints says: the step reached, the outputs besides the artifact (the lab's)."""
     step: int = 0
+    outputs: list = dataclasses.field(default_factory=list)
 
 
 PROGRESS = Progress()
@@ -3542,14 +3420,10 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
 
 
 def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
-    """Runs WARMUP_STEPS training steps and one evaluation batch, so that torch.compile builds
-    every graph the timed loop and the evaluations use, and one GPTQ calibration batch (its first
-    eager calls), then restores the initial weights and optimizer state. With depth recurrence, both the model without and with the repeated blocks
-    are warmed up (WARMUP_STEPS each), and with TRAIN_SEQ_SCHEDULE every length in each (WARMUP_STEPS
-    in all, split between them): no switch mid-run may compile. The data loader is
-    rebuilt by the caller. No validation token is read before the clock: the evaluation batch is
-    made of training tokens (`tables`: the tokenizer's byte tables on the device, for the same code
-    path). Returns the time taken (ms)."""
+    """WARMUP_STEPS training steps (split among TRAIN_SEQ_SCHEDULE's lengths; again with the recurrence on)
+    and an evaluation batch of training tokens (`tables`: the byte tables), so that torch.compile builds
+    every graph before the clock, and one GPTQ calibration batch; then the initial weights and optimizer
+    state are restored (the caller rebuilds the loader). Returns the milliseconds taken."""
     t0 = time.perf_counter()
     if h.warmup_steps == 0:
         return 0.0
@@ -3582,10 +3456,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
 
 
 class DivergenceWatch:
-    """Stops a diverged run at the next clock check (at most CLOCK_CHECK_STEPS steps later) without a
-    host sync of its own: each step's loss is folded, on the device, into the step and value of the
-    first non-finite loss (two queued elementwise ops), which the loop reads with its clock
-    (agree_on_clock: the same sync, the same all-reduce, so every rank stops at the same step)."""
+    """Stops a diverged run at the next clock check without a host sync of its own: each step folds, on
+    the device, the step and value of the first non-finite loss, read with the clock (agree_on_clock)."""
 
     def __init__(self, device: torch.device):
         self.first = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss; step 0: none yet
@@ -3632,11 +3504,8 @@ def first_step_at_fraction(frac: float, iterations: int) -> int:
 
 
 def next_clock_check(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float, recur_pending: bool) -> int:
-    """The step after which the loop next syncs the device and agrees on the clock: at most
-    CLOCK_CHECK_STEPS ahead, and near an event half the steps estimated to remain before it, so the
-    check lands on it: the wallclock cap (no step may start that would cross it) and the recurrence
-    switch (by steps exactly, by time within about a step). Every rank computes the same step from the
-    same agreed reading."""
+    """The step after which the loop next syncs and agrees on the clock: at most CLOCK_CHECK_STEPS ahead,
+    and half the steps estimated to remain before the cap or the recurrence switch, so it lands on them."""
     step_ms = elapsed_ms / step
     gap = float(CLOCK_CHECK_STEPS)
     if cap_ms:
@@ -3656,15 +3525,10 @@ def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: f
         f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
 
 
-def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, float, list]:
-    """The timed loop. Returns (steps taken, training time in ms, the weight averagers).
-
-    The host does not wait for the device after every step: the clock is read after a device sync
-    only at check steps (next_clock_check) and log steps, and, with torchrun, all ranks take the
-    slowest rank's reading (one all-reduce), so they stop and switch the recurrence at the same step.
-    Between checks the LR schedule's elapsed time is extrapolated from the last agreed reading at its
-    mean step time: every rank uses the same LR."""
-    averagers = [make_averager(name, base_model) for name in averager_names(h)]
+def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> tuple[int, float]:
+    """The timed loop, each of `averagers` observing every step. Returns (steps taken, training time in ms).
+    The clock is read after a device sync only at check and log steps, as the slowest rank's reading, so
+    every rank stops, switches and schedules its LR alike; in between, time is extrapolated."""
     watch = DivergenceWatch(rt.device)
     cap_ms = 1000 * h.loop_cap_seconds
     train_ms, step = 0.0, 0
@@ -3715,7 +3579,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log) -> tuple[int, 
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
             break
     rt.sync()
-    return step, train_ms + 1000 * (time.perf_counter() - t0), averagers
+    return step, train_ms + 1000 * (time.perf_counter() - t0)
 
 
 # -----------------------------------------------------------------------------
@@ -3784,16 +3648,20 @@ def check_room(folder: Path, need: int, what: str) -> None:
         raise RunError(f"{what}: {folder} has {free} bytes free, less than the {need} its output may need")
 
 
+def check_new_output(name: str, value: str, need: int) -> None:
+    """An output path (the setting `name`) that no file holds yet, in a folder with `need` bytes free."""
+    if Path(value).exists() or Path(value).is_symlink():
+        raise RunError(f"{name}={value} already exists; a run never replaces an earlier output: move it "
+                       f"away or choose another path")
+    check_room(Path(value).absolute().parent, need, name)
+
+
 def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
     """(run id, log path, artifact path, a note if the run id changed) on rank 0; the log is created."""
     logs = SCRIPT_DIR / "logs"
     check_room(logs, LOG_ROOM_BYTES, "the log folder")
-    outputs = [("CHECKPOINT_OUT", h.checkpoint_out)] + ([] if h.eval_only else [("ARTIFACT_PATH", h.artifact_path)])
-    for name, value in [(name, value) for name, value in outputs if value]:
-        if Path(value).exists() or Path(value).is_symlink():
-            raise RunError(f"{name}={value} already exists; a run never replaces an earlier output: move it "
-                           f"away or choose another path")
-        check_room(Path(value).absolute().parent, h.artifact_limit_bytes, name)
+    if h.artifact_path and not h.eval_only:
+        check_new_output("ARTIFACT_PATH", h.artifact_path, h.artifact_limit_bytes)
     if not (h.eval_only or h.artifact_path):
         check_room(logs, h.artifact_limit_bytes, "ARTIFACT_PATH (logs/<RUN_ID>.ptz)")
     wanted = h.run_id or f"{time.strftime('%Y%m%d_%H%M%S')}_{uuid.uuid4().hex[:6]}"
@@ -4087,24 +3955,11 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     def make_loader():
         return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, wrapped)
 
-    if h.from_checkpoint:  # nothing to train: no optimizers, no DDP, no warm-up
-        loader = make_loader()
-        steps, train_ms, averages = restore_checkpoint(h, base_model, loader, log)
-        model = maybe_compile(h, rt, base_model)
-    else:
-        optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
-        model = wrap_model(h, rt, base_model)
-        warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
-        loader = make_loader()
-        with compiled_graphs_only(h, rt, "inside the timed loop (WARMUP_STEPS >= 1 builds them)"):
-            steps, train_ms, averagers = train(h, rt, base_model, model, optimizers, loader, val, log)
-        averages = {averager.name: (averager.average(), averager.summary()) for averager in averagers}
-        if h.checkpoint_out and rt.is_main:
-            save_checkpoint(h, base_model, loader, steps, train_ms, averages, log)
-    average, summary = averages[own_averager(h)]
+    model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, log)
+    average = averagers[0].average()
     if average is not None:
         base_model.load_state_dict(average, strict=True)
-    log(summary)
+    log(averagers[0].summary())
     hessians, calib_ms = calibrate(h, rt, base_model, loader, log)
     train_ms += calib_ms
     log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
@@ -4114,6 +3969,21 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
         log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20} "
             f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
     return base_model, model_for_eval(model), hessians
+
+
+def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader, val: ValidationSet, log,
+                  also=()) -> tuple[nn.Module, DistributedTokenLoader, int, float, list]:
+    """Warm-up, then the timed loop. Returns (the module trained, the loader where training left it, steps,
+    training ms, averagers: the run's own first, then one per function in `also`, each of the model).
+    The lab's one hook: bench/lab.py replaces it to save or restore a checkpoint."""
+    optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
+    model = wrap_model(h, rt, base_model)
+    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
+    loader = make_loader()
+    averagers = [make_averager(h, base_model)] + [make(base_model) for make in also]
+    with compiled_graphs_only(h, rt, "inside the timed loop (WARMUP_STEPS >= 1 builds them)"):
+        steps, train_ms = train(h, rt, base_model, model, optimizers, loader, val, log, averagers)
+    return model, loader, steps, train_ms, averagers
 
 
 class Interrupted(Exception):
@@ -4134,8 +4004,7 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
         log(f"error: {exc}", console=False)
         raise
     except KeyboardInterrupt:
-        outputs = [h.checkpoint_out] + ([] if h.eval_only else [str(artifact_path)])  # claimed: new if present
-        written = [path for path in outputs if path and Path(path).exists()]
+        written = [str(path) for path in PROGRESS.outputs + ([] if h.eval_only else [artifact_path]) if path.exists()]
         log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
             f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({log_path})")
         raise Interrupted from None

@@ -5,16 +5,16 @@
     python3 bench/ablate.py SPEC.json [--seeds 1,2,3] [--jobs N] [--effect 0.003]
 
 A spec is a JSON file: {"base": {ENV: value}, "variants": {name: {ENV: value}}, "seeds": [...]}.
-Every (variant, seed) runs train_gpt.py itself as a subprocess with the base's settings, the
-variant's overrides and SEED (plus the variant's SEED_OFFSET, the tool's own key: {"SEED_OFFSET":
+Every (variant, seed) runs train_gpt.py (through bench/lab.py, for its checkpoints) as a subprocess
+with the base's settings, the variant's overrides and SEED (plus the variant's SEED_OFFSET, the tool's own key: {"SEED_OFFSET":
 1000} is the base on other seeds, a null variant for calibrating the test). A variant that changes only what happens after training (averaging,
-quantization, evaluation: train_gpt.training_config() is the base's) is not retrained: the base run
+quantization, evaluation: lab.training_config() is the base's) is not retrained: the base run
 of the same seed writes a checkpoint (CHECKPOINT_OUT, tracking every averaging such variants need in
-AVERAGE_ALSO) and the variant is scored from it (FROM_CHECKPOINT); train_gpt.py guarantees the
+AVERAGE_ALSO) and the variant is scored from it (FROM_CHECKPOINT); bench/lab.py guarantees the
 result is the one a separate full run would give.
 
 Finished runs are cached under logs/ablate/runs/<key>/ (log, result, checkpoint), the key a hash of
-the run's settings, its seed and train_gpt.py's bytes: a killed sweep resumes where it stopped, and
+the run's settings, its seed and the bytes of lab.py and train_gpt.py: a killed sweep resumes where it stopped, and
 sweeps sharing a base share its runs. A failed run is reported with its error line; the others go on.
 
 Results: logs/ablate/<spec name>/results.json, results.md and bpb.png (matplotlib optional): per
@@ -45,13 +45,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import submit  # noqa: E402  (the log reader and the t distribution)
-import train_gpt as tg  # noqa: E402  (the config: which settings act only after training)
+import train_gpt as tg  # noqa: E402  (the config)
+import lab  # noqa: E402  (which settings act only after training; checkpoints)
 
-SCRIPT = REPO / "train_gpt.py"
+SCRIPT = REPO / "bench" / "lab.py"
 OUT_ROOT = REPO / "logs" / "ablate"
 ALPHA, POWER = 0.05, 0.8  # for the seeds needed: a one-sided test at 5% that finds the effect 80% of the time
 # Set per run by this tool and not part of a run's identity (SEED is set by it too, and is).
-PLUMBING = ("RUN_ID", "ARTIFACT_PATH", "CHECKPOINT_OUT", "AVERAGE_ALSO", "FROM_CHECKPOINT")
+PLUMBING = ("RUN_ID", "ARTIFACT_PATH", *lab.LAB_SETTINGS)
 
 
 class SpecError(Exception):
@@ -122,9 +123,9 @@ def plan(spec: Spec, code_hash: str) -> tuple[list[Planned], dict[str, set[str]]
                 env["SEED"] = str(seed + int(env.pop("SEED_OFFSET")))
             config = config_of(env)
             within = (variant != "base" and None not in (base_config, config)
-                      and tg.training_config(config) == tg.training_config(base_config))
+                      and lab.training_config(config) == lab.training_config(base_config))
             if within:
-                needs.setdefault(base_key, set()).add(tg.own_averager(config))
+                needs.setdefault(base_key, set()).add(lab.own_averager(config))
             runs.append(Planned(variant, seed, env, run_key(env, code_hash, base_key if within else None),
                                 base_key if within else None))
     return runs, needs
@@ -166,13 +167,13 @@ def execute(run: Planned, script: Path, runs_root: Path, needs: set[str], thread
     if needs:  # a base run that within-run variants are scored from
         previous = read_cached(run_dir) or {}
         config = config_of(run.env)
-        also = sorted((needs | set(previous.get("tracked") or ())) - {tg.own_averager(config), "none"})
+        also = sorted((needs | set(previous.get("tracked") or ())) - {lab.own_averager(config), "none"})
         env.update(CHECKPOINT_OUT=str(run_dir / "checkpoint.pt"), AVERAGE_ALSO=",".join(also))
-        tracked = sorted({tg.own_averager(config), "none", *also})
+        tracked = sorted({lab.own_averager(config), "none", *also})
     if run.base_key:
         env["FROM_CHECKPOINT"] = str(runs_root / run.base_key / "checkpoint.pt")
     (run_dir / "result.json").unlink(missing_ok=True)  # a re-run killed half way is not done
-    log_path = script.parent / "logs" / f"{env['RUN_ID']}.txt"
+    log_path = script.parent.parent / "logs" / f"{env['RUN_ID']}.txt"  # train_gpt.py's logs/
     # This run replaces the cache's own files on purpose; train_gpt.py never replaces an output.
     for path in (log_path, run_dir / "model.ptz", Path(env.get("CHECKPOINT_OUT", run_dir / "model.ptz"))):
         path.unlink(missing_ok=True)
@@ -349,7 +350,8 @@ def write_outputs(summary: dict, out_dir: Path) -> list[str]:
 def run_sweep(spec: Spec, script: Path = SCRIPT, out_root: Path = OUT_ROOT, jobs: int = 1, effect: float = 0.003,
               say=print) -> dict:
     """Runs what is not cached (trainings first, then the within-run variants), writes the outputs."""
-    code_hash = hashlib.sha256(script.read_bytes()).hexdigest()
+    script_files = (script, script.parent.parent / "train_gpt.py")  # the lab and the script it runs
+    code_hash = hashlib.sha256(b"".join(p.read_bytes() for p in script_files if p.exists())).hexdigest()
     runs, needs = plan(spec, code_hash)
     runs_root = out_root / "runs"
     cores = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)

@@ -46,13 +46,12 @@ def count(tg, cap_s: float, step_ms: float, distributed: bool) -> tuple[int, int
         counts["all_reduce"] += 1
 
     tg.train_step, tg.time.perf_counter, tg.dist.all_reduce = stand_in_step, lambda: clock.now, all_reduce
-    tg.make_averager = lambda name, model: types.SimpleNamespace(observe=lambda *args: None)
     h = tg.Hyperparameters(preset="smoke", **{**tg.SMOKE, "iterations": 100_000, "max_wallclock_seconds": cap_s,
                                               "gptq_calib_tokens": 0, "train_log_every": 200, "warmdown_iters": 100})
     model = types.SimpleNamespace(recur_blocks=(0,), recur_active=False)
     model.start_recurrence = lambda: setattr(model, "recur_active", True)
     rt = CountingRuntime(rank=0, world_size=1, device=torch.device("cpu"), distributed=distributed)
-    steps, _, _ = tg.train(h, rt, model, None, [], None, None, lambda message: None)
+    steps, _ = tg.train(h, rt, model, None, [], None, None, lambda message: None, [])
     return steps, counts["sync"], counts["all_reduce"]
 
 

@@ -53,7 +53,7 @@ def test_seeds_needed_is_the_least_n_the_power_formula_accepts():
 # ----------------------------------------------------------------------------- sweeps with a stand-in script
 
 FAKE = textwrap.dedent('''\
-    """A stand-in for train_gpt.py: a log in its format, a score from the settings, in milliseconds."""
+    """A stand-in for bench/lab.py: a log in its format, a score from the settings, in milliseconds."""
     import os, sys
     from pathlib import Path
     env = os.environ
@@ -77,15 +77,15 @@ FAKE = textwrap.dedent('''\
              "artifact_bytes:1000 code_bytes:400 model_bytes:600", "val_tokens:100 val_bytes:400 of_val_tokens:900",
              f"final_roundtrip val_loss:1 val_bpb:{score + 0.01:.8f} eval_time_ms:5",
              f"final_sliding val_loss:1 val_bpb:{score:.8f} eval_time_ms:5", "eval_done eval_time_ms:10"]
-    (here / "logs").mkdir(exist_ok=True)
-    (here / "logs" / f"{env['RUN_ID']}.txt").write_text("\\n".join(lines) + "\\n")
+    (here.parent / "logs").mkdir(exist_ok=True)
+    (here.parent / "logs" / f"{env['RUN_ID']}.txt").write_text("\\n".join(lines) + "\\n")
 ''')
 
 
 @pytest.fixture
 def fake(tmp_path):
-    script = tmp_path / "fake" / "train_gpt.py"
-    script.parent.mkdir()
+    script = tmp_path / "fake" / "bench" / "lab.py"
+    script.parent.mkdir(parents=True)
     script.write_text(FAKE)
     return script
 

@@ -1,10 +1,11 @@
 # python3 -m pytest -q tests/test_lab.py
-"""The lab knobs inside train_gpt.py, in process: EMA against its closed form, the averager specs
+"""The averagers and the lab (bench/lab.py), in process: EMA against its closed form, the averager specs
 (AVERAGE_ALSO), SWA and EMA excluding each other, the checkpoint's checks (only post-training
 settings may differ, the averaging must have been tracked), and VAL_TOKENS scoring exactly the
 chosen targets and bytes. The end-to-end runs (bit-identical to a separate run) are in test_ablate.py."""
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +14,10 @@ from torch import nn
 
 from conftest import (CPU, cpu_runtime, decoded_utf8_bytes, reference_loss_sum, tiny_hparams, tiny_model)
 import train_gpt as tg
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+import lab  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- averaging
@@ -55,21 +60,19 @@ def test_swa_averages_the_snapshots_it_takes():
 
 
 def test_averager_specs_have_one_spelling_and_bad_ones_are_one_line_errors():
-    h = tiny_hparams(swa_interval=5, swa_start_frac=0.5, checkpoint_out="x",
-                     average_also="ema:0.99, swa:5, swa:50:0.25,ema:0.990,none")
-    assert tg.averager_names(h) == ["swa:5:0.5", "ema:0.99", "swa:50:0.25", "none"]
-    assert tg.own_averager(tiny_hparams(swa_interval=0, ema_decay=0.997)) == "ema:0.997"
-    assert tg.own_averager(tiny_hparams(swa_interval=0)) == "none"
+    h = tiny_hparams(swa_interval=5, swa_start_frac=0.5)
+    assert lab.averager_names(h, "ema:0.99, swa:50:0.25,none,swa:5") == ["swa:5:0.5", "ema:0.99", "swa:50:0.25",
+                                                                         "none"]
+    assert lab.own_averager(tiny_hparams(swa_interval=0, ema_decay=0.997)) == "ema:0.997"
+    assert lab.own_averager(tiny_hparams(swa_interval=0)) == "none"
     for bad in ("ema:1.5", "ema:x", "swa:0", "swa:5:2", "mean:3"):
         with pytest.raises(tg.RunError, match="AVERAGE_ALSO"):
-            tiny_hparams(checkpoint_out="x", average_also=bad)
+            lab.lab_from_env({"CHECKPOINT_OUT": "x", "AVERAGE_ALSO": bad})
 
 
 @pytest.mark.parametrize("env, words", [
     ({"SWA_INTERVAL": "50", "EMA_DECAY": "0.997"}, ("SWA_INTERVAL", "EMA_DECAY")),
     ({"EMA_DECAY": "1.0", "SWA_INTERVAL": "0"}, ("EMA_DECAY",)),
-    ({"AVERAGE_ALSO": "ema:0.99"}, ("AVERAGE_ALSO", "CHECKPOINT_OUT")),
-    ({"FROM_CHECKPOINT": "a", "CHECKPOINT_OUT": "b"}, ("FROM_CHECKPOINT", "CHECKPOINT_OUT")),
     ({"VAL_TOKENS": "-1"}, ("VAL_TOKENS",)),
     ({"EMA_DECAI": "0.9"}, ("EMA_DECAI",)),
 ])
@@ -79,41 +82,54 @@ def test_conflicting_or_misspelt_lab_knobs_stop_the_run(env, words):
     assert "\n" not in str(info.value) and all(w in str(info.value) for w in words)
 
 
+@pytest.mark.parametrize("env, words", [
+    ({"AVERAGE_ALSO": "ema:0.99"}, ("AVERAGE_ALSO", "CHECKPOINT_OUT")),
+    ({"FROM_CHECKPOINT": "a", "CHECKPOINT_OUT": "b"}, ("FROM_CHECKPOINT", "CHECKPOINT_OUT")),
+    ({"FROM_CHECKPOINT": "a", "EVAL_ONLY": "b"}, ("FROM_CHECKPOINT", "EVAL_ONLY")),
+])
+def test_the_labs_own_settings_are_checked_and_taken_out_of_the_environment(env, words):
+    with pytest.raises(tg.RunError) as info:
+        lab.lab_from_env(dict(env))
+    assert "\n" not in str(info.value) and all(w in str(info.value) for w in words)
+    env = {"CHECKPOINT_OUT": "ck.pt", "AVERAGE_ALSO": "ema:0.9", "SEED": "3"}
+    assert lab.lab_from_env(env) == lab.Lab("ck.pt", "ema:0.9", "") and env == {"SEED": "3"}
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
 def test_a_checkpoint_serves_post_training_settings_only(tmp_path):
-    h = tiny_hparams(swa_interval=2, checkpoint_out=str(tmp_path / "c.pt"), average_also="ema:0.9")
+    h = tiny_hparams(swa_interval=2)
+    path = tmp_path / "c.pt"
     model = tiny_model(h)
     loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, CPU)
     loader.next_batch(64, 64)
-    averagers = [tg.make_averager(name, model) for name in tg.averager_names(h)]
-    averages = {a.name: (a.average(), a.summary()) for a in averagers}
-    tg.save_checkpoint(h, model, loader, 3, 12.5, averages, lambda message: None)
+    averagers = [lab.make_averager(name, model) for name in lab.averager_names(h, "ema:0.9")]
+    averages = {name: (a.average(), a.summary()) for name, a in zip(lab.averager_names(h, "ema:0.9"), averagers)}
+    lab.save_checkpoint(h, path, model, loader, 3, 12.5, averages, lambda message: None)
 
     def reading(**changes):
-        return dataclasses.replace(h, checkpoint_out="", average_also="", from_checkpoint=h.checkpoint_out,
-                                   **changes)
+        return lab.load_checkpoint(dataclasses.replace(h, **changes), path)
 
-    checkpoint = tg.load_checkpoint(reading(swa_interval=0, ema_decay=0.9, eval_stride=8, val_tokens=300,
-                                            gptq_calib_tokens=4096, clip_search=False))
+    checkpoint = reading(swa_interval=0, ema_decay=0.9, eval_stride=8, val_tokens=300, gptq_calib_tokens=4096,
+                         clip_search=False)
     assert set(checkpoint["averages"]) == {"none", "swa:2:0.5", "ema:0.9"}  # the final weights always
     assert checkpoint["stream"] == {"file_index": 0, "pos": 65} and checkpoint["steps"] == 3
-    tg.load_checkpoint(reading(swa_interval=0))  # "none": the raw final weights
+    reading(swa_interval=0)  # "none": the raw final weights
     with pytest.raises(tg.RunError, match="MATRIX_LR is 0.05 here, 0.025 in the checkpoint"):
-        tg.load_checkpoint(reading(matrix_lr=0.05))
+        reading(matrix_lr=0.05)
     with pytest.raises(tg.RunError, match="averaging ema:0.5 was not tracked.*AVERAGE_ALSO"):
-        tg.load_checkpoint(reading(swa_interval=0, ema_decay=0.5))
+        reading(swa_interval=0, ema_decay=0.5)
     with pytest.raises(tg.RunError, match="loop's cap"):  # GPTQ's reserve shortens a capped loop (600 s here)
-        tg.load_checkpoint(reading(gptq_calib_tokens=0))
+        reading(gptq_calib_tokens=0)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(tg.RunError, match="FROM_CHECKPOINT=.*junk.pt: unreadable"):
-        tg.load_checkpoint(dataclasses.replace(h, from_checkpoint=str(tmp_path / "junk.pt")))
+        lab.load_checkpoint(h, tmp_path / "junk.pt")
 
 
 def test_every_post_training_field_is_a_setting():
     fields = {f.name for f in dataclasses.fields(tg.Hyperparameters)}
-    assert tg.POST_TRAINING_FIELDS <= fields, tg.POST_TRAINING_FIELDS - fields
+    assert lab.POST_TRAINING_FIELDS <= fields, lab.POST_TRAINING_FIELDS - fields
 
 
 # ----------------------------------------------------------------------------- VAL_TOKENS

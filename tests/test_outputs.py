@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt as tg
-from conftest import REPO, assert_one_line_error, tiny_hparams
+from conftest import REPO, SCRIPT as tg_script, assert_one_line_error, tiny_hparams
 
 QUICK = {"ITERATIONS": "2", "EVAL_STRIDE": "0", "GPTQ_CALIB_TOKENS": "0"}  # the smoke preset, cut short
 
@@ -38,7 +38,8 @@ def test_two_runs_with_one_run_id_keep_both_logs_and_artifacts(run_script):
 def test_an_existing_output_file_is_refused_at_start(run_script, tmp_path, name):
     existing = tmp_path / "earlier_output"
     existing.write_bytes(b"an earlier run's file")
-    run = run_script({name: str(existing)})
+    lab = REPO / "bench" / "lab.py"  # CHECKPOINT_OUT is the lab's output
+    run = run_script({name: str(existing)}, script=lab if name == "CHECKPOINT_OUT" else tg_script)
     assert_one_line_error(run, name, str(existing), "already exists")
     assert existing.read_bytes() == b"an earlier run's file"
     assert "warmup:" not in run.body, "the run trained before refusing"
@@ -63,7 +64,7 @@ def test_an_unwritable_folder_and_a_full_disk_are_found_at_start(run_script, tmp
 
 def test_claim_files_checks_every_output_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(tg, "SCRIPT_DIR", tmp_path)
-    h = tiny_hparams(run_id="sweep", checkpoint_out=str(tmp_path / "ck" / "c.pt"))
+    h = tiny_hparams(run_id="sweep")
     assert tg.claim_files(h)[:2] == ("sweep", tmp_path / "logs" / "sweep.txt")
     (tmp_path / "logs" / "sweep_2.ptz").write_bytes(b"")  # an artifact without its log: that name is taken too
     run_id, log_path, artifact, note = tg.claim_files(h)
