@@ -21,7 +21,7 @@ Results: logs/ablate/<spec name>/results.json, results.md and bpb.png (matplotli
 variant the pre-quantization, roundtrip and sliding val_bpb, artifact bytes, steps, tokens, step
 time, and for the score (sliding if logged, else roundtrip) the mean delta against the base paired
 by seed, its spread, a one-sided paired t-test p-value (H1: the variant is better) and the seeds the
-observed spread would need to resolve --effect (README, "Ablations", has the formulas).
+observed spread would need to resolve --effect (docs/lab.md, "Ablations", has the formulas).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Times, for rank 0 of a run with --world-size ranks (each rank does its share of 
 figure is the wall time of the whole check on a pod): reading the validation split, the byte tables,
 the proof of every document's bytes against its decoded text with the re-encoding of a spread of
 documents, the split's sha256, and the leak check over the training shards. Prints one line per
-check and writes nothing. Per-pod figures are extrapolated from these in README (Data).
+check and writes nothing. Per-pod figures are extrapolated from these in docs/data.md.
 
 --tile-from repeats a small folder's validation split to >= 62 M tokens and its training tokens into
 three 100 M-token shards, the sizes of the FineWeb sp1024 export (the text repeats; only the cost is

@@ -133,7 +133,7 @@ def test_two_processes_train_like_one(run_script):
     assert [s for s, _ in losses_one] == [s for s, _ in losses_two] == list(range(1, 13))
     # Not bit-identical: 1 process sums 8 slices' gradients in one order, 2 processes sum 4 each and
     # all-reduce, and float addition is not associative. Measured over these 12 steps: train_loss equal
-    # to its 4 printed decimals (at most 1e-4 apart), val_bpb within 6e-6 (README, "Launching").
+    # to its 4 printed decimals (at most 1e-4 apart), val_bpb within 6e-6 (docs/pod.md, "Launching").
     worst = max(abs(a - b) for (_, a), (_, b) in zip(losses_one, losses_two))
     assert worst <= 3e-4, f"train_loss differs by {worst} between 1 and 2 processes"
     bpb_one = float(fields(one.body, "final_roundtrip ")["val_bpb"])

@@ -1,0 +1,104 @@
+# The docs stay true to the repository: python3 -m pytest -q tests/test_docs.py
+"""docs/settings.md is what tools/settings_doc.py generates from Hyperparameters; README.md stays a front
+page (at most 16,000 bytes) whose first bash block holds the test command CI runs; every relative link
+and every cited repository path in README.md and docs/ exists; no page cites files a clone lacks."""
+
+import glob
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+
+import settings_doc  # noqa: E402
+
+PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
+HAND_WRITTEN = [p for p in PAGES if p != settings_doc.OUTPUT]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+# A path in backticks under one of the repository's folders: `logs/bench/x.txt`, `tests/test_ttt.py`.
+CITED_PATH = re.compile(r"`((?:logs|bench|tests|tools|docs)/[^`\s]*)`")
+
+
+def test_settings_page_is_generated():
+    assert settings_doc.OUTPUT.read_text(encoding="utf-8") == settings_doc.render(), (
+        "docs/settings.md differs from Hyperparameters: regenerate with `python3 tools/settings_doc.py --write`")
+
+
+def test_readme_is_a_front_page():
+    size = len((REPO / "README.md").read_bytes())
+    assert size <= 16_000, f"README.md is {size:,} bytes; move detail to docs/ (the limit is 16,000)"
+
+
+def test_readme_first_bash_block_has_ci_test_command():
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", readme, re.S)
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert block and ci in [line.split("#")[0].strip() for line in block.group(1).splitlines()], (
+        f"README.md's first bash block must hold CI's test command {ci!r}")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_relative_links_resolve(page):
+    text = page.read_text(encoding="utf-8")
+    broken = []
+    for target in LINK.findall(text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path = (page.parent / target.split("#")[0]).resolve()
+        if REPO not in path.parents and path != REPO or not path.exists():
+            broken.append(target)
+    assert not broken, f"{page.name}: links to files the repository lacks: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_cited_paths_exist(page):
+    """A number's source must be a file a clone has: `logs/...` and the like, globs allowed."""
+    missing = [cited for cited in CITED_PATH.findall(page.read_text(encoding="utf-8"))
+               if "<" not in cited and not glob.glob(str(REPO / cited.rstrip("/")))]
+    assert not missing, f"{page.name}: cites paths the repository lacks: {missing}"
+
+
+@pytest.mark.parametrize("page", HAND_WRITTEN, ids=lambda p: p.relative_to(REPO).as_posix())
+def test_no_files_a_clone_lacks(page):
+    # docs/settings.md quotes train_gpt.py's comments verbatim: train_gpt.py is where those get fixed.
+    text = page.read_text(encoding="utf-8")
+    for name in ("FRONTIER.md", "CHALLENGE.md"):
+        assert name not in text, f"{page.name} cites {name}, which a clone lacks: cite the PR number instead"
+
+
+def test_generator_prints_without_write():
+    out = subprocess.run([sys.executable, str(REPO / "tools" / "settings_doc.py")], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == settings_doc.render()
+
+
+def test_generator_reads_the_comment_convention():
+    source = '''
+import dataclasses
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    # Data. Where the shards are.
+    data_path: str = "x"  # folder of shards
+    mode: str = "a"  # a: one thing
+    # | b: another
+    # Second group.
+    # More words.
+    steps: int = 3
+    # ... continued: same group.
+    flag: bool = False
+
+    @property
+    def later(self) -> int:
+        # not read
+        return 1
+'''
+    defaults = {"data_path": "x", "mode": "a", "steps": 3, "flag": False}
+    groups = settings_doc.read_groups(source, defaults)
+    assert [(g.heading, g.paragraph) for g in groups] == [
+        ("Data", ["Where the shards are."]), ("Second group", ["More words. ... continued: same group."])]
+    assert groups[0].rows == [("DATA_PATH", "`x`", "folder of shards"), ("MODE", "`a`", "a: one thing | b: another")]
+    assert groups[1].rows == [("STEPS", "3", ""), ("FLAG", "0", "")]
