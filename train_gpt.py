@@ -3626,12 +3626,8 @@ class Logger:
             raise RunError(f"{path}: cannot write the log ({exc.strerror or exc})") from None
 
 
-# A finished run is never lost: no output replaces an earlier one. Before anything runs, rank 0 checks
-# that the log folder and the folders of ARTIFACT_PATH and CHECKPOINT_OUT are writable with room for
-# an artifact (ARTIFACT_LIMIT_BYTES), refuses an ARTIFACT_PATH or CHECKPOINT_OUT that exists, and
-# claims logs/<RUN_ID>.txt (exclusive create); if that log (or the default artifact beside it) is
-# taken, the run becomes <RUN_ID>_2 (_3, ...) and says so. Files are written to a temporary name in
-# their folder and renamed, so a failed write leaves no partial file.
+# A finished run is never lost: before anything runs, rank 0 checks the output folders for room, refuses
+# an existing ARTIFACT_PATH and claims logs/<RUN_ID>.txt (else <RUN_ID>_2, ...); files are written whole.
 LOG_ROOM_BYTES = 1 << 20  # a log holds this file's source and a line per TRAIN_LOG_EVERY steps
 
 
@@ -3685,11 +3681,10 @@ def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
 def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str]:
     """claim_files on rank 0, shared with every rank (its error too, so all ranks stop together)."""
     claimed = [None]
-    if rt.is_main:
-        try:
-            claimed = [claim_files(h)]
-        except RunError as exc:
-            claimed = [str(exc)]
+    try:
+        claimed = [claim_files(h) if rt.is_main else None]
+    except RunError as exc:
+        claimed = [str(exc)]
     if rt.distributed:
         dist.broadcast_object_list(claimed, src=0)
     if isinstance(claimed[0], str):
@@ -3698,8 +3693,8 @@ def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str
 
 
 def write_atomically(path: Path, write) -> None:
-    """write(temporary path) in path's folder, then a rename onto path: a reader never sees a partial
-    file and a failed write leaves none. A failure is a RunError naming the path."""
+    """write(temporary path) in path's folder, then a rename onto path: no partial file, ever; a failure
+    is a RunError naming the path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -3716,8 +3711,7 @@ def write_atomically(path: Path, write) -> None:
 
 def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, shipped: bytes,
                log) -> None:
-    """The run's identity, source and settings. The source is logged readable (a shipped form's
-    program text); `code:` gives the size and sha256 of the shipped form, the code_bytes that count."""
+    """The run's identity, its readable source, and `code:`, the shipped form's size (code_bytes) and sha256."""
     source = readable_source(code)
     log(f"run_id:{run_id} start_utc:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     log(f"====== source {Path(__file__).name} ({len(source.encode('utf-8'))} bytes) ======", console=False)
@@ -3730,8 +3724,7 @@ def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: 
     log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
-    device_name = device_name.replace(" ", "_")  # one token, for tools that split on spaces
-    log(f"device:{device_name} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
+    log(f"device:{device_name.replace(' ', '_')} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
         f"seed:{h.seed} preset:{preset}")
     if preset == "smoke":
         log("preset smoke: no CUDA device or no FineWeb at the default DATA_PATH, so the tiny CPU "
@@ -3807,9 +3800,8 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
 
 def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int, log,
                    hessians: dict[str, Tensor] | None = None) -> None:
-    """Quantizes and compresses the model, fits it under the byte limit, writes it (rank 0).
-
-    Every rank computes the same bytes, so a RunError stops all of them together."""
+    """Quantizes and compresses the model, fits it under the byte limit, writes it (rank 0); every rank
+    computes the same bytes, so a RunError stops all of them together."""
     t0 = time.perf_counter()
     if code_bytes >= h.artifact_limit_bytes:
         raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is "
@@ -3819,8 +3811,7 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
     if not base_model.recur_active:  # the run ended before the repeat was switched on: score without it
         if h.virtual_depth or h.recur_untie_mlp or h.recur_in_unet:
             raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP / RECUR_IN_UNET "
-                           "model "
-                           "cannot be scored without its repeat (lower RECUR_START_FRAC)")
+                           "model cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
     quantized, clip_k = quantize_model(state, h, hessians, log)
     blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
@@ -3939,9 +3930,8 @@ def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: Distribu
 
 
 def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
-    """Builds, warms up and trains the model, loads its weight average and, with GPTQ on, calibrates.
-
-    Returns the model, the module to evaluate it with (compiled where enabled) and the Hessians."""
+    """Builds, trains and averages the model, then calibrates GPTQ. Returns the model, the module to evaluate
+    it with (compiled where enabled) and the Hessians (None without GPTQ)."""
     train_files = find_shards(h, "train")
     log_train_budget(h, train_files, log)
     check_leak(h, train_files, val, log, rt.rank, rt.world_size)
