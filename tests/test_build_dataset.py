@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import REPO, TEXT
+from conftest import HANG_FACTOR, REPO, TEXT
 
 sys.path.insert(0, str(REPO / "tools"))
 import build_dataset as bd  # noqa: E402
@@ -292,7 +292,7 @@ def test_the_near_duplicate_bench_runs_on_the_sample(tmp_path):
     write_shard(tmp_path / "fineweb_val_000000.bin", val)
     write_shard(tmp_path / "fineweb_train_000000.bin", np.concatenate((read_tokens(SAMPLE / "fineweb_train_000000.bin"), doc)))
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "near_duplicates.py"), "--data", str(tmp_path),
-                           "--tokenizer", str(TOKENIZER)], capture_output=True, text=True, timeout=120)
+                           "--tokenizer", str(TOKENIZER)], capture_output=True, text=True, timeout=HANG_FACTOR * 120)
     assert proc.returncode == 0, proc.stderr
     assert "nearly equal to one, not equal (word 5-gram Jaccard >= 0.7): 1, repeating 1 distinct" in proc.stdout
 
@@ -401,7 +401,7 @@ def test_an_interrupted_build_leaves_no_dataset_and_its_folder_is_refused(tmp_pa
     args = ["--docs", str(docs_file), "--vocab-size", "1024", "--tokenizer", str(TOKENIZER), "--val-docs",
             str(VAL_DOCS), "--shard-tokens", "1000", "--out", str(out), "--threads", "1"]
     killed = subprocess.run([sys.executable, "-c", KILLED_BUILD.format(tools=str(REPO / "tools")), *args],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=HANG_FACTOR * 120)
     assert killed.returncode == -9, killed.stderr
     assert not out.exists()  # the folder the user named appears only complete
     [partial] = tmp_path.glob(".data.partial-*")
@@ -412,7 +412,7 @@ def test_an_interrupted_build_leaves_no_dataset_and_its_folder_is_refused(tmp_pa
     assert_one_line_error(run, f"DATA_PATH={partial}: an unfinished build")
     # the next build of the same folder completes, and says what the leftover folder is
     rebuilt = subprocess.run([sys.executable, str(REPO / "tools" / "build_dataset.py"), *args],
-                             capture_output=True, text=True, timeout=120)
+                             capture_output=True, text=True, timeout=HANG_FACTOR * 120)
     assert rebuilt.returncode == 0, rebuilt.stderr
     assert f"note: {partial} is the unfinished folder of an interrupted build" in rebuilt.stdout
     assert (out / "manifest.json").is_file() and (out / tg.BUILD_MARKER).is_file()
@@ -456,7 +456,7 @@ def test_bad_input_is_one_error_line(tmp_path, case):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_dataset.py"), *args, "--val-docs", "1",
                            "--out", str(tmp_path / "o")] if case != "too_few" else
                           [sys.executable, str(REPO / "tools" / "build_dataset.py"), *args, "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_FACTOR * 60)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: ")
     assert {"missing": "nope.jsonl", "no_text": "d.jsonl:2", "too_few": "--val-docs 3", "vocab": "--vocab-size 70000"}[case] in lines[0]
@@ -469,7 +469,7 @@ def test_a_jsonl_line_that_is_not_utf8_names_the_file_line_and_byte_offset(tmp_p
     docs_file.write_bytes(good + b'{"text": "caf\xe9"}\n' + good)
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "build_dataset.py"), "--docs", str(docs_file),
                            "--vocab-size", "300", "--val-docs", "1", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=HANG_FACTOR * 60)
     offset = len(good) + len(b'{"text": "caf')
     assert proc.returncode == 1 and proc.stderr == f"error: {docs_file}:2: not UTF-8 (byte 0xe9 at byte offset {offset} of the file)\n"
 

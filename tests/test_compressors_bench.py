@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from conftest import REPO, clean_env, tiny_hparams, tiny_model
+from conftest import HANG_FACTOR, REPO, clean_env, tiny_hparams, tiny_model
 import train_gpt as tg
 
 _spec = importlib.util.spec_from_file_location("bench_compressors", REPO / "bench" / "compressors.py")
@@ -39,7 +39,7 @@ def test_a_run_on_an_artifact_prints_a_row_per_method_and_layout(tmp_path):
     path = tmp_path / "tiny.ptz"
     path.write_bytes(tg.serialize_artifact(quantized, config, 3))
     run = subprocess.run([sys.executable, "bench/compressors.py", str(path)], cwd=REPO, env=clean_env(),
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=HANG_FACTOR * 300)
     assert run.returncode == 0, run.stderr
     per_part, whole = run.stdout.split("whole artifacts")
     rows = [(line[:20].strip(), line[21:34].strip()) for line in per_part.splitlines()

@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 import train_gpt as tg
-from conftest import REPO, SCRIPT, assert_one_line_error, clean_env
+from conftest import HANG_FACTOR, REPO, SCRIPT, assert_one_line_error, clean_env
 
 
 def fields(log: str, prefix: str) -> dict[str, str]:
@@ -199,7 +199,7 @@ def test_import_has_no_side_effects(tmp_path):
             "import torch.distributed as dist; assert not dist.is_initialized(), 'process group at import'; "
             "import threading; assert threading.active_count() == 1, 'a thread started at import'")
     proc = subprocess.run([sys.executable, "-c", code, str(package)], cwd=cwd, env=clean_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=HANG_FACTOR * 120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == "", f"import printed: {proc.stdout!r}"
     assert sorted(p.name for p in package.iterdir()) == ["train_gpt.py"]

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from conftest import REPO, SCRIPT, clean_env
+from conftest import HANG_FACTOR, REPO, SCRIPT, clean_env
 
 LINE = re.compile(r"^interrupted at step (\d+) after \d+\.\d s; wrote nothing but this log \((.+)\)$")
 
@@ -36,7 +36,7 @@ def interrupted_run(tmp_path, send, nproc: int = 1):
                 break
         assert lines and lines[-1].startswith("step:"), "".join(lines) + proc.stderr.read()
         send(proc)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=HANG_FACTOR * 120)
         return proc.returncode, "".join(lines) + out, err, log_path.read_text(encoding="utf-8")
     finally:
         if proc.poll() is None:

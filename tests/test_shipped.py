@@ -9,7 +9,7 @@ import sys
 
 import submit
 import train_gpt as tg
-from conftest import REPO, SAMPLE, SCRIPT, TOKENIZER, clean_env
+from conftest import HANG_FACTOR, REPO, SAMPLE, SCRIPT, TOKENIZER, clean_env
 
 
 def test_the_shipped_form_is_a_fixed_point_and_holds_the_program():
@@ -37,7 +37,8 @@ def test_the_shipped_file_runs_the_same_training_with_identical_results(tmp_path
     assert submit.main(argv) in (0, 1)  # a smoke run is no record; the folder is written either way
     shipped = records / "train_gpt.py"
     assert shipped.read_bytes() == tg.shipped_form(SCRIPT.read_bytes()) and (records / "seed1.txt").exists()
-    proc = subprocess.run([sys.executable, str(shipped)], cwd=records, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, str(shipped)], cwd=records, capture_output=True, text=True,
+                          timeout=HANG_FACTOR * 300,
                           env={**clean_env(), **env, "RUN_ID": "shipped", "ARTIFACT_PATH": str(tmp_path / "s.ptz")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     shipped_log = (records / "logs" / "shipped.txt").read_text()

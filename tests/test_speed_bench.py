@@ -17,7 +17,7 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO, VAL_SHARD, clean_env, cpu_runtime, read_tokens, tiny_hparams, tiny_model
+from conftest import HANG_FACTOR, REPO, VAL_SHARD, clean_env, cpu_runtime, read_tokens, tiny_hparams, tiny_model
 import train_gpt as tg
 
 _spec = importlib.util.spec_from_file_location("bench_speed", REPO / "bench" / "speed.py")
@@ -45,7 +45,7 @@ def bench_result(tmp_path_factory):
     env = {**clean_env(), "COMPILE": "1"}
     cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--steps", "3", "--pipelined-steps", "2", "--eval",
            "--val-tokens", "3000", "--quant", "--compile-backend", "eager", "--recur-at", "2", "--profile-steps", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=out.parent, env=env, capture_output=True, text=True, timeout=HANG_FACTOR * 300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     assert "ms/step" in proc.stdout and out.with_suffix(".txt").is_file()
     return json.loads(out.read_text()), proc.stdout
@@ -97,7 +97,7 @@ def test_recur_at_needs_repeated_blocks_and_a_step_in_range():
         speed.parse_args(["--steps", "3", "--recur-at", "4"])
     env = {**clean_env(), "RECUR_BLOCKS": "", "LANES_FROM": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "speed.py"), "--steps", "2", "--recur-at", "1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_FACTOR * 120)
     assert proc.returncode == 1 and "--recur-at 1: this configuration repeats no blocks" in proc.stderr
 
 
@@ -148,7 +148,7 @@ def test_bench_runs_on_real_tokens(tmp_path):
     out = tmp_path / "real.json"
     cmd = [sys.executable, str(REPO / "bench" / "speed.py"), "--tokens", "real", "--steps", "2", "--pipelined-steps",
            "0", "--eval", "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=HANG_FACTOR * 300)
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
     r = json.loads(out.read_text())
     val_targets = len(read_tokens(VAL_SHARD)) - 1

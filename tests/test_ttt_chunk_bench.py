@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, clean_env, tiny_hparams
+from conftest import HANG_FACTOR, REPO, clean_env, tiny_hparams
 
 _spec = importlib.util.spec_from_file_location("ttt_chunk", REPO / "bench" / "ttt_chunk.py")
 tc = importlib.util.module_from_spec(_spec)
@@ -80,7 +80,7 @@ def test_a_chunk_moves_the_adapters_and_not_the_model():
 
 def run_bench(*argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(REPO / "bench" / "ttt_chunk.py"), *argv], cwd=REPO,
-                          env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+                          env={**clean_env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=HANG_FACTOR * 300)
 
 
 def test_estimate_at_a_toy_shape_prints_finite_figures(tmp_path):
