@@ -3341,8 +3341,10 @@ class Runtime:
 
 @dataclasses.dataclass
 class Progress:
-    """What the line an interrupt prints says: the step reached, the outputs besides the artifact (the lab's)."""
+    """What the line an interrupt prints says: the step reached, the outputs besides the artifact (the lab's);
+    and whether the run began to train or score (run)."""
     step: int = 0
+    started: bool = False
     outputs: list = dataclasses.field(default_factory=list)
 
 
@@ -3945,6 +3947,7 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     def make_loader():
         return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, wrapped)
 
+    PROGRESS.started = True
     model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, log)
     average = averagers[0].average()
     if average is not None:
@@ -3981,23 +3984,38 @@ class Interrupted(Exception):
 
 
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
-    """Trains, writes and scores (or, with EVAL_ONLY, scores); a RunError also ends the log, and so does an
-    interrupt, with one line saying where the run was and what it wrote."""
+    """Trains, writes and scores (or, with EVAL_ONLY, scores). A RunError or an interrupt ends the log with
+    one line (an interrupt's says where the run was and what it wrote); a run stopped before it began to
+    train or score keeps its log as logs/<RUN_ID>.stopped.txt, without the source copy, its name free again."""
     run_id, log_path, artifact_path, note = claim_outputs(h, rt)
     log = Logger(log_path if rt.is_main else None)
-    t_start, PROGRESS.step = time.perf_counter(), 0
+    t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
     try:
         if note:
             log(note)
         train_write_score(h, preset, rt, run_id, artifact_path, log)
     except RunError as exc:
         log(f"error: {exc}", console=False)
+        set_aside_if_not_started(log)
         raise
     except KeyboardInterrupt:
         written = [str(path) for path in PROGRESS.outputs + ([] if h.eval_only else [artifact_path]) if path.exists()]
+        kept = log_path if PROGRESS.started else log_path.with_suffix(".stopped.txt")
         log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
-            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({log_path})")
+            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({kept})")
+        set_aside_if_not_started(log)
         raise Interrupted from None
+
+
+def set_aside_if_not_started(log: Logger) -> None:
+    """A run that stopped before it trained or scored: its log becomes logs/<RUN_ID>.stopped.txt (replacing
+    an earlier one) without the copy of the source, so that no tool takes it for a run's log."""
+    if PROGRESS.started or log.path is None:
+        return
+    text = log.path.read_text(encoding="utf-8")
+    log.path.with_suffix(".stopped.txt").write_text(
+        re.sub(r"(?ms)^====== source .*?^====== end source ======\n", "", text, count=1), encoding="utf-8")
+    log.path.unlink()
 
 
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
@@ -4026,6 +4044,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         load_weights(base_model, state, artifact_path)
         base_model.recur_active = bool(base_model.recur_blocks)  # the artifact names them only if they ran
         eval_model = maybe_compile(h, rt, base_model)  # evaluation needs no DDP
+        PROGRESS.started = True
         # Compilation on random tokens (no validation token is read before it is scored): not evaluation time.
         t_start += build_eval_graph(h, rt, eval_model, random_eval_set(h, val.tables))
         if h.ttt_enabled:

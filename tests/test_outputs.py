@@ -96,3 +96,20 @@ def test_a_log_that_cannot_be_written_is_one_error(tmp_path):
     with pytest.raises(tg.RunError, match=r"run\.txt: cannot write the log \(No such file or directory\)"):
         log("step:1", console=False)
     log("error: the same failure", console=False)  # the error line itself does not fail again
+
+
+def test_a_run_stopped_at_start_up_sets_its_log_aside(run_script):
+    """Issue 24, item 10: a run that stops before it trains (here PRESET=pr76 without FineWeb) keeps its log
+    as logs/<RUN_ID>.stopped.txt, ending with the error, without the 200 KB copy of the source, and leaves
+    its RUN_ID free; a run that trained keeps logs/<RUN_ID>.txt (test_end_to_end's divergence test)."""
+    run_id = f"pytest_{uuid.uuid4().hex[:10]}"
+    stopped = REPO / "logs" / f"{run_id}.stopped.txt"
+    try:
+        run = run_script({"PRESET": "pr76", "RUN_ID": run_id})
+        error = assert_one_line_error(run, "TOKENIZER_PATH")
+        assert run.log == "" and not (REPO / "logs" / f"{run_id}.txt").exists()
+        text = stopped.read_text()
+        assert text.splitlines()[-1] == error and f"run_id:{run_id} " in text
+        assert "====== source" not in text and len(text) < 20_000, len(text)
+    finally:
+        stopped.unlink(missing_ok=True)
