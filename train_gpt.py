@@ -2529,9 +2529,8 @@ def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
 
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0,
                   min_range: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(int8 codes in [-qmax, qmax], one fp16 scale per row) for w (rows, cols), qmax = 2^(bits-1) - 1.
-    The scale: clip_k x std(row) / qmax (SDClip, PR #1855), else the best of CLIP_RATIOS x the row's max
-    (clip_search) or the max itself; never below min_range / qmax (QUANT_MIN_RANGE, PR #1204's floor)."""
+    """(int8 codes in [-qmax, qmax], fp16 scale per row) of w (rows, cols): scale clip_k x std / qmax (SDClip), else
+    the best of CLIP_RATIOS x the row's max (clip_search) or the max; at least min_range / qmax (PR #1204)."""
     qmax = 2 ** (bits - 1) - 1
     w, floor = w.float(), max(2.0 ** -24, min_range / qmax)
     if clip_k > 0:
@@ -2546,7 +2545,8 @@ def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float 
         err = (q * scale - w).square().sum(dim=1, keepdim=True)
         if best is not None:  # per row, the first of the least errors
             better = err < best[2]
-            q, scale, err = torch.where(better, q, best[0]), torch.where(better, scale, best[1]), torch.minimum(err, best[2])
+            q, scale = torch.where(better, q, best[0]), torch.where(better, scale, best[1])
+            err = torch.minimum(err, best[2])
         best = q, scale, err
     return best[0].to(torch.int8), best[1].squeeze(1).half()
 
@@ -2557,9 +2557,8 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
 
 def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
                hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
-    """name -> class by quant_rules(h), each tensor in exactly one. INT6_MATRICES ranks the block matrices
-    and the bigram projection (int6_by_trace) and makes the bigram table int8 (PR #1204's export);
-    QUANT_GATES_INT8 makes the attention output gates int8 (the skip and smear gates stay fp16, PR #1855)."""
+    """name -> class by quant_rules(h); INT6_MATRICES ranks the block matrices and bigram projection, the bigram
+    table int8 (PR #1204); QUANT_GATES_INT8: the attention output gates int8 (PR #1855)."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
     plan = {name: cls for cls, members in classes.items() for name, _ in members}
     if h.int6_matrices:
@@ -2825,9 +2824,8 @@ def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
 def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
                  hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
                  clip_k: dict[str, float] | None = None, min_range: float = 0.0) -> tuple[bytes, list[str]]:
-    """(serialize(quantized), moves): while over `budget` bytes, demotes a tensor a class (DEMOTIONS),
-    cheapest first by output_error added per byte saved (bits x elements / 8), until the demotions are
-    expected to save 1.25x the overshoot, then re-measures. RunError when nothing is left to demote."""
+    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each, by least output_error
+    per byte saved, until 1.25x the overshoot is expected saved, and re-measures; RunError if none is left."""
     hessians, clip_k = hessians or {}, clip_k or {}
     blob, moves = serialize(quantized), []
     while len(blob) > budget:
@@ -2869,12 +2867,11 @@ def from_byte_planes(data, dtype: np.dtype) -> np.ndarray:
 
 def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int,
                        compressor: str = "zstd") -> bytes:
-    """The artifact of `quantized` (pack_frames): a JSON header (model, classes, shapes, and each array's
-    dtype, shape and offset), then a section per part: each class's codes, the scales, the fp16 values, the
-    extras, as byte planes (COMPRESSOR=ans: the codes as (name, array) lists, for ans_encode)."""
+    """pack_frames() of a JSON header (model, classes, shapes, each array's dtype, shape, offset) and a section per
+    part (each class's codes, scales, fp16 values, extras) in byte planes (ans: codes as (name, array) lists)."""
     blobs, sections, offset = [], [], 0
-    parts = [("q", cls) for cls in QUANT_BITS] + [(part, None) for part in ("scale", "value", *sorted(AWQ_PARTS + LQER_PARTS))]
-    for part, cls in parts:
+    extras = sorted(AWQ_PARTS + LQER_PARTS)
+    for part, cls in [("q", cls) for cls in QUANT_BITS] + [(part, None) for part in ("scale", "value", *extras)]:
         coded, chunks = part == "q" and compressor == "ans", []
         for name, entry in quantized.items():
             if part in entry["arrays"] and cls in (None, entry["class"]):
@@ -2921,10 +2918,8 @@ def brotli_module(package: str = "brotli"):
 
 
 def ans_encode(arrays: list[tuple[str, np.ndarray]]) -> bytes:
-    """ANS-coded int codes (constriction's AnsCoder), each array read as (shape[0], rest), under a static
-    model per (kind: the name less its block index, column bucket: ANS_COLUMN_BUCKETS by the RMS of the
-    column's codes; the per-column context of PR #1855's lrzip). Payload: u32 length of the brotli'd JSON
-    of shapes, kinds, buckets and each model's counts, then the ANS words (u32)."""
+    """Codes ANS-coded (constriction), a static model per kind (name less block index) and column bucket (by the
+    RMS of its codes: PR #1855's lrzip context). u32 length, brotli'd JSON of the models, u32 ANS words."""
     constriction = brotli_module("constriction")
     matrices = [array.reshape((array.shape[0], math.prod(array.shape[1:])) if array.ndim > 1 else (1, array.size))
                 .astype(np.int32) for _, array in arrays]
@@ -2957,7 +2952,7 @@ def ans_groups(kinds: list[str], buckets: list[np.ndarray]) -> list[list[tuple[i
 
 
 def ans_model(constriction, counts: list[int]):
-    """Symbol i (code low + i) at probability counts[i] / sum; one symbol gets an unused second (the coder needs two)."""
+    """Symbol i (code low + i) at probability counts[i] / sum; a lone symbol gets an unused second (needs two)."""
     return constriction.stream.model.Categorical(np.asarray(list(counts) + [0] * (len(counts) < 2), dtype=np.float64),
                                                  perfect=False)
 
@@ -3010,8 +3005,7 @@ def unpack_frames(data: bytes) -> list[bytes]:
 
 
 def brotli_decode(stream: bytes, max_bytes: int) -> bytes:
-    """A brotli stream (it declares no size) decoded into at most max_bytes + 1 bytes; ValueError unless it
-    ends within max_bytes."""
+    """A brotli stream (it declares no size) decoded into a bounded buffer; ValueError unless it ends within it."""
     codec = brotli_module()
     decoder = codec.Decompressor()
     try:
@@ -3024,9 +3018,8 @@ def brotli_decode(stream: bytes, max_bytes: int) -> bytes:
 
 
 def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> bytes:
-    """One frame, within `max_bytes`; ValueError for any damage. A zstd frame is refused before any
-    allocation if its header declares more (one flipped bit there asked for exabytes) or lacks its checksum;
-    a brotli or ANS part must match its CRC-32."""
+    """One frame within `max_bytes`, else ValueError: zstd's declared size is checked before it allocates (a
+    flipped bit asked for exabytes); a brotli or ANS part must match its CRC-32."""
     if compressor == "zstd":
         params = zstandard.get_frame_parameters(frame)
         if not params.has_checksum or params.dict_id:
