@@ -2538,17 +2538,17 @@ def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float 
     else:  # fp16 rounds to within 2^-11 relative: the nudge keeps ratio x amax representable
         amax = w.abs().amax(dim=1, keepdim=True)
         widths = [amax * ratio / qmax * (1 + 2.0 ** -10) for ratio in (CLIP_RATIOS if clip_search else (1.0,))]
-    best = None
+    best_q = best_scale = best_err = None
     for width in widths:
         scale = width.clamp_min(floor).half().float()
         q = torch.clamp(torch.round(w / scale), -qmax, qmax)
         err = (q * scale - w).square().sum(dim=1, keepdim=True)
-        if best is not None:  # per row, the first of the least errors
-            better = err < best[2]
-            q, scale = torch.where(better, q, best[0]), torch.where(better, scale, best[1])
-            err = torch.minimum(err, best[2])
-        best = q, scale, err
-    return best[0].to(torch.int8), best[1].squeeze(1).half()
+        if best_err is not None:  # per row, the first of the least errors
+            better = err < best_err
+            q, scale = torch.where(better, q, best_q), torch.where(better, scale, best_scale)
+            err = torch.minimum(err, best_err)
+        best_q, best_scale, best_err = q, scale, err
+    return best_q.to(torch.int8), best_scale.squeeze(1).half()
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
@@ -2631,10 +2631,8 @@ def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = Fals
                if re.fullmatch(BLOCK_MATRICES, f"{name}.weight") and not name.endswith(("c_k", "c_v"))}
     if head:
         modules["tok_emb.weight"] = model.head_input
-    sums = {}
-    for name in modules:
-        weight = model.get_parameter(name)
-        sums[name] = torch.zeros(weight.size(1), weight.size(1), device=weight.device)
+    weights = {name: model.get_parameter(name) for name in modules}
+    sums = {name: torch.zeros(w.size(1), w.size(1), device=w.device) for name, w in weights.items()}
 
     def hook_for(name: str):
         def hook(module, args):
@@ -2665,8 +2663,7 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
     """input_hessians() on GPTQ_CALIB_TOKENS training tokens (rounded up to whole steps: the same spans on
     any world size; the stream goes on where training stopped), or on `batches` micro-batches."""
     tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
-    steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)
-    batches = batches or steps * rt.grad_accum_steps
+    batches = batches or -(-h.gptq_calib_tokens // h.train_batch_tokens) * rt.grad_accum_steps
     inputs = (loader.next_batch(tokens_per_slice, h.train_seq_len)[0] for _ in range(batches))
     return input_hessians(model, inputs, batches * tokens_per_slice * rt.world_size, rt, h.gptq_embed)
 
