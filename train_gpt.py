@@ -2473,77 +2473,36 @@ def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
 # -----------------------------------------------------------------------------
 # Quantization and serialization
 #
-# Per-row symmetric quantization, one fp16 scale per row, bits by class (quant_rules): int5
-# ([-15, 15]) for MLP matrices and int6 ([-31, 31]) for attention matrices and the bigram table in
-# PR #76; QUANT_BITS_* choose any int4/5/6/8 mix. Each row's clip is searched:
-# of the candidates CLIP_RATIOS x (row's absolute max), the one with the least squared
-# reconstruction error wins (for int5, clipping a Gaussian-like row below its max rounds the bulk
-# of the weights more finely than the outliers cost). No absolute floor on the step (a floor of
-# 1/15 cost PR #236 0.020 bpb). With GPTQ_CALIB_TOKENS (the default), block matrices are then
-# rounded by gptq_round() on those scales, calibrated on training tokens after training (or on
-# text the model samples itself, GPTQ_SELFGEN_SEQS). INT6_MATRICES replaces the MLP/attention classes
-# by a ranking: int6 for the matrices whose inputs carry the most signal, int5 for the rest (PR #1204
-# ranks the bigram projection too, and stores the bigram table int8). The tied
-# embedding (unless QUANT_BITS_EMBED=7 or 8) and the small control tensors stay fp16. Values sit in int8 containers: zstd's
-# entropy stage finds the unused high bits (bit-packing them compresses worse).
-#
-# If code + model exceed ARTIFACT_LIMIT_BYTES, fit_to_limit() demotes matrices one class at a
-# time (fp16 -> int8, int6 -> int5 -> int4), cheapest first by output error added per byte saved,
-# re-compresses and re-measures until the artifact fits, or stops the run.
-#
-# The 1.06 stack's pieces (FRONTIER.md), each off at its default. SDCLIP_*: the row's scale is fixed
-# before rounding at k x std(row) / qmax, k per kind of matrix (PR #1855: 13.0 attention, 11.5 MLP,
-# 14 the embedding, 12.85 the other matrices; gates keep the search), instead of searched: a wider
-# step than the row's max needs, so fewer distinct values and fewer bytes, the outliers clipped.
-# GPTQ_EMBED: the tied embedding is GPTQ-rounded as the output head, on the Hessian of the final
-# norm's output (PR #1855, there int7). QUANT_GATES_INT8: gate tensors int8 per row. LQER_TOP (PR
-# #1855): the matrices with the largest ||W - Q(W)||_F also store a rank-4 approximation A @ B of their
-# error, A int2 with one scale, B int4 with one scale per 32 values. AWQ_GROUPS (AWQ-lite, PR #1908): the
-# most salient 64-column groups of the whole model (input RMS x mean |w|, summed over the group) are
-# rounded to int8 inside the same GPTQ solve, over the row's range (step the row's x qmax / 127), the
-# other columns compensating for their (smaller) errors as for their own.
-#
-# The artifact is MAGIC, a frame table, then zstd frames: a JSON header (the model's shape and,
-# per array, dtype, shape and offset) and the arrays, one frame per section; multi-byte arrays
-# are stored as byte planes. COMPRESSOR=brotli writes brotli streams instead, under their own MAGIC,
-# so a reader needs no setting. Loading it runs no code (no pickle).
+# Per-row symmetric quantization, one fp16 scale per row, values in int8 containers, bits by class
+# (quant_rules; PR #76: int5 MLP, int6 attention). The row's scale is searched (CLIP_RATIOS x its max,
+# least squared error) or, with SDCLIP_*, fixed at k x std(row) / qmax (PR #1855). With calibration
+# Hessians GPTQ rounds the block matrices (GPTQ_EMBED: the tied head too); INT6_MATRICES ranks them by
+# input energy (PR #1204); LQER_TOP adds a low-rank error correction (PR #1855); AWQ_GROUPS keeps the most
+# salient column groups int8 (PR #1908). fit_to_limit() demotes the cheapest tensors until code + model
+# fit ARTIFACT_LIMIT_BYTES. The artifact: a MAGIC naming the compressor, a frame table, then a JSON header
+# and one frame per section of byte-planed arrays; loading it runs no code (no pickle).
+# Measurements and history: docs/notes/quantization.md.
 
 BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight|repeat_mlps\.\d+\.(fc|proj)\.weight"
 BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
-
-
-def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
-    """Quantization class by name: QUANT_BITS_MLP for MLP matrices, QUANT_BITS_ATTN for attention
-    matrices and the bigram table, QUANT_BITS_EMBED for the tied embedding; the bigram projection
-    and the control tensors stay fp16."""
-    rules = [(BLOCK_MLP, BITS_CLASS[h.quant_bits_mlp]), (BLOCK_ATTN, BITS_CLASS[h.quant_bits_attn]),
-             (r"tok_emb\.weight", BITS_CLASS[h.quant_bits_embed]), (CONTROL_TENSORS, "fp16")]
-    if h.bigram_vocab_size:
-        rules += [(r"bigram\.table\.weight", BITS_CLASS[h.quant_bits_attn]), (r"bigram\.proj\.weight", "fp16")]
-    if h.ve_layers.strip():
-        rules += [(r"value_embed\.table\.weight", BITS_CLASS[h.quant_bits_embed]), (r"value_embed\.proj\.weight", "fp16")]
-    return tuple(rules)
-
-
+GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # QUANT_GATES_INT8's: the attention output gates (PR #1855)
 QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int7": 7, "int8": 8}
 CLASS_BITS = {**QUANT_BITS, "fp16": 16}
 BITS_CLASS = {bits: cls for cls, bits in CLASS_BITS.items()}
-# the fitting ladder (not for control tensors)
-DEMOTIONS = {"fp16": "int8", "int7": "int6", "int6": "int5", "int5": "int4"}
+DEMOTIONS = {"fp16": "int8", "int7": "int6", "int6": "int5", "int5": "int4"}  # fit_to_limit's ladder
 CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(26))  # 1.00, 0.98, ..., 0.50
+SELFGEN_TEMPERATURE = 0.8  # PR #1204's sampling temperature for its GPTQ calibration text
+SELFGEN_BATCH = 8  # sequences sampled side by side (PR #1204)
+LQER_RANK, LQER_GROUP = 4, 32  # B's scales per 32 values (PR #2135; PR #1855 ran groups of 64)
+LQER_PARTS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")  # the error's factors A (int2), B (int4)
+AWQ_PARTS = ("awq_q", "awq_group")  # a matrix's int8 columns (AWQ_GROUPS) and their groups' indices
+AWQ_WIDTH = 64  # columns per AWQ-lite group (PR #1908)
 ARTIFACT_MAGIC = b"PGOLF\x00A3"  # zstd frames
 BROTLI_MAGIC = b"PGOLF\x00B3"  # brotli streams, each after the CRC-32 of its part (brotli has no checksum)
 ANS_MAGIC = b"PGOLF\x00N3"  # as BROTLI_MAGIC, but the integer sections ANS-coded: each frame tagged A or B
 COMPRESSORS = {"zstd": ARTIFACT_MAGIC, "brotli": BROTLI_MAGIC, "ans": ANS_MAGIC}
-ANS_COLUMN_BUCKETS = 4  # COMPRESSOR=ans: a kind of matrix's columns in this many models, by the RMS of their codes
 BROTLI_QUALITY = 11  # brotli's highest, as PR #1204 (its default 4 MiB window)
-SELFGEN_TEMPERATURE = 0.8  # PR #1204's sampling temperature for its GPTQ calibration text
-SELFGEN_BATCH = 8  # sequences sampled side by side (PR #1204)
-GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # QUANT_GATES_INT8's: the attention output gates (PR #1855)
-LQER_RANK, LQER_GROUP = 4, 32  # rank 4, B's scales per 32 values (PR #2135; PR #1855 ran groups of 64)
-AWQ_PARTS = ("awq_q", "awq_group")  # a matrix's int8 columns (AWQ_GROUPS) and their groups' indices
-AWQ_WIDTH = 64  # columns per AWQ-lite group (PR #1908)
-LQER_PARTS = ("lqer_a", "lqer_a_scale", "lqer_b", "lqer_b_scale")  # the error's factors A (int2), B (int4)
+ANS_COLUMN_BUCKETS = 4  # COMPRESSOR=ans: a kind of matrix's columns in this many models, by the RMS of their codes
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
 ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
@@ -2555,31 +2514,39 @@ MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_he
                 "recur_repeats", "recur_in_unet")
 
 
+def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
+    """(name pattern, class) for partition(): QUANT_BITS_MLP, QUANT_BITS_ATTN (also the bigram table) and
+    QUANT_BITS_EMBED (also the value-embedding table); projections and control tensors fp16."""
+    rules = [(BLOCK_MLP, BITS_CLASS[h.quant_bits_mlp]), (BLOCK_ATTN, BITS_CLASS[h.quant_bits_attn]),
+             (r"tok_emb\.weight", BITS_CLASS[h.quant_bits_embed]), (CONTROL_TENSORS, "fp16")]
+    if h.bigram_vocab_size:
+        rules += [(r"bigram\.table\.weight", BITS_CLASS[h.quant_bits_attn]), (r"bigram\.proj\.weight", "fp16")]
+    if h.ve_layers.strip():
+        rules += [(r"value_embed\.table\.weight", BITS_CLASS[h.quant_bits_embed]), (r"value_embed\.proj\.weight", "fp16")]
+    return tuple(rules)
+
+
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0,
                   min_range: float = 0.0) -> tuple[Tensor, Tensor]:
-    """int8 values in [-(2^(bits-1)-1), 2^(bits-1)-1] and one fp16 scale per row of w (rows, cols).
-    The scale: with clip_k > 0 (SDClip), clip_k x std(row) / qmax (the unbiased std, as PR #1855);
-    else searched (clip_search) or the row's absolute max / qmax; never below min_range / qmax
-    (QUANT_MIN_RANGE: PR #1204's floor, 1/qmax, which makes every row whose values lie within +-1 share
-    one coarse grid)."""
+    """(int8 codes in [-qmax, qmax], fp16 scale per row) of w (rows, cols): scale clip_k x std / qmax (SDClip), else
+    the best of CLIP_RATIOS x the row's max (clip_search) or the max; at least min_range / qmax (PR #1204)."""
     qmax = 2 ** (bits - 1) - 1
     w, floor = w.float(), max(2.0 ** -24, min_range / qmax)
     if clip_k > 0:
-        scale = (clip_k * w.std(dim=1, keepdim=True) / qmax).clamp_min(floor).half().float()
-        return torch.clamp(torch.round(w / scale), -qmax, qmax).to(torch.int8), scale.squeeze(1).half()
-    amax = w.abs().amax(dim=1, keepdim=True)
+        widths = [clip_k * w.std(dim=1, keepdim=True) / qmax]
+    else:  # fp16 rounds to within 2^-11 relative: the nudge keeps ratio x amax representable
+        amax = w.abs().amax(dim=1, keepdim=True)
+        widths = [amax * ratio / qmax * (1 + 2.0 ** -10) for ratio in (CLIP_RATIOS if clip_search else (1.0,))]
     best_q = best_scale = best_err = None
-    for ratio in CLIP_RATIOS if clip_search else (1.0,):
-        # fp16 rounds to within 2^-11 relative: the nudge keeps ratio x amax representable
-        scale = (amax * ratio / qmax * (1 + 2.0 ** -10)).clamp_min(floor).half().float()
+    for width in widths:
+        scale = width.clamp_min(floor).half().float()
         q = torch.clamp(torch.round(w / scale), -qmax, qmax)
         err = (q * scale - w).square().sum(dim=1, keepdim=True)
-        if best_err is None:
-            best_q, best_scale, best_err = q, scale, err
-        else:
+        if best_err is not None:  # per row, the first of the least errors
             better = err < best_err
-            best_q, best_scale = torch.where(better, q, best_q), torch.where(better, scale, best_scale)
-            best_err = torch.minimum(err, best_err)
+            q, scale = torch.where(better, q, best_q), torch.where(better, scale, best_scale)
+            err = torch.minimum(err, best_err)
+        best_q, best_scale, best_err = q, scale, err
     return best_q.to(torch.int8), best_scale.squeeze(1).half()
 
 
@@ -2589,14 +2556,11 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
 
 def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
                hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
-    """name -> quantization class, from quant_rules(h) (each tensor in exactly one class); with
-    INT6_MATRICES the classes of the block matrices and the bigram projection come from int6_by_trace()
-    instead and the bigram table is int8 (PR #1204's export); with
-    QUANT_GATES_INT8, int8 for the attention output gates (GATE_TENSORS; the skip and smear gates stay
-    fp16, as in PR #1855)."""
+    """name -> class by quant_rules(h); INT6_MATRICES ranks the block matrices and bigram projection, the bigram
+    table int8 (PR #1204); QUANT_GATES_INT8: the attention output gates int8 (PR #1855)."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
     plan = {name: cls for cls, members in classes.items() for name, _ in members}
-    if h.int6_matrices:  # PR #1204's mixed export: the bigram projection ranked too (no Hessian: int5), its table int8
+    if h.int6_matrices:
         ranked = [n for n in plan if re.fullmatch(BLOCK_MATRICES, n) or n == "bigram.proj.weight"]
         plan.update(int6_by_trace(ranked, hessians or {}, recurrence_blocks(h), h.int6_matrices))
         if "bigram.table.weight" in plan:
@@ -2611,41 +2575,27 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
 
 def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple[int, ...],
                   count: int) -> dict[str, str]:
-    """int6 for `count` of the block matrices `names`, int5 for the rest (PR #1204: 32 of 66). Ranked
-    by the trace of their input Hessian E[x x^T] (the mean squared norm of what they read; 0 without
-    one), the matrices of the `repeated` blocks, which run twice, all before the others."""
+    """int6 for `count` of `names`, int5 for the rest (PR #1204: 32 of 66): the matrices of the `repeated`
+    blocks (they run twice) first, then by the trace of their input Hessian (0 without one)."""
     twice = tuple(f"blocks.{i}." for i in repeated) + ("repeat_mlps.",)
-
-    def rank(name: str) -> tuple[bool, float, str]:
-        trace = hessians[name].diagonal().sum().item() if name in hessians else 0.0
-        return not name.startswith(twice), -trace, name
-
-    chosen = set(sorted(names, key=rank)[:count])
+    trace = {name: hessians[name].diagonal().sum().item() if name in hessians else 0.0 for name in names}
+    chosen = set(sorted(names, key=lambda name: (not name.startswith(twice), -trace[name], name))[:count])
     return {name: "int6" if name in chosen else "int5" for name in names}
 
 
 def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
-    """SDClip's k per quantized tensor (0: CLIP_SEARCH's rule): SDCLIP_ATTN, _MLP, _EMBED or _OTHER;
-    gates keep CLIP_SEARCH's rule (a gate row need not be centred: k x std(row) could be 0)."""
-    def width(name: str) -> float:
-        if re.fullmatch(GATE_TENSORS, name):
-            return 0.0
-        if re.fullmatch(BLOCK_ATTN, name):
-            return h.sdclip_attn
-        if re.fullmatch(BLOCK_MLP, name):
-            return h.sdclip_mlp
-        return h.sdclip_embed if name == "tok_emb.weight" else h.sdclip_other
-    return {name: width(name) for name, cls in plan.items() if cls in QUANT_BITS}
+    """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates, whose rows
+    need not be centred (k x std(row) could be 0)."""
+    kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
+             (r"tok_emb\.weight", h.sdclip_embed))
+    return {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
+            for name, cls in plan.items() if cls in QUANT_BITS}
 
 
 def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128,
                keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Rounds w (rows x cols) to the grid of per-row `scale`, one column at a time, pushing each
-    column's rounding error onto the columns not yet rounded, weighted by the inverse input
-    Hessian (GPTQ, Frantar et al. 2022): the layer's output error over the calibration inputs is
-    what gets minimized, not the weights' own. Columns go in order of decreasing Hessian diagonal.
-    keep = (column indices, per-row scale): those columns are rounded to int8 on that scale instead
-    (AWQ_GROUPS)."""
+    """int8 codes of w (rows, cols) on the per-row `scale`, each column's rounding error pushed onto the columns
+    not yet rounded (GPTQ, Frantar et al. 2022). keep = (columns, per-row step): those go int8 (AWQ_GROUPS)."""
     qmax = 2 ** (bits - 1) - 1
     steps = scale.float().reshape(-1, 1).expand(w.shape).clone()  # (rows, cols): each entry's step
     limits = torch.full((w.size(1),), float(qmax))
@@ -2656,7 +2606,7 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
     dead = hessian.diagonal() == 0
     hessian[dead, dead] = 1.0
     w[:, dead] = 0.0
-    order = torch.argsort(hessian.diagonal(), descending=True)
+    order = torch.argsort(hessian.diagonal(), descending=True)  # act-order: largest input energy first
     w, hessian, steps, limits = w[:, order], hessian[order][:, order], steps[:, order], limits[order].tolist()
     hessian.diagonal().add_(0.01 * hessian.diagonal().mean())  # damping, as in the paper
     inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
@@ -2674,11 +2624,14 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
 
 @torch.no_grad()
 def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = False) -> dict[str, Tensor]:
-    """E[x x^T] over the inputs x of every block matrix (and with `head` of the tied head, keyed
-    tok_emb.weight: the final norm's output, for GPTQ_EMBED), the model run on each (B, T) token batch
-    of `batches` (this rank's share of `total_tokens`, all ranks together). Runs the uncompiled model:
-    the hooks need eager inputs."""
-    sums, hooks = {}, []
+    """E[x x^T] (fp32, (in, in)) of the inputs of each block matrix (`head`: of the tied head, as tok_emb.weight),
+    over the (B, T) `batches` (this rank's share of `total_tokens`). Eager model: the hooks need its inputs."""
+    modules = {f"{name}.weight": module for name, module in model.named_modules()
+               if re.fullmatch(BLOCK_MATRICES, f"{name}.weight") and not name.endswith(("c_k", "c_v"))}
+    if head:
+        modules["tok_emb.weight"] = model.head_input
+    weights = {name: model.get_parameter(name) for name in modules}
+    sums = {name: torch.zeros(w.size(1), w.size(1), device=w.device) for name, w in weights.items()}
 
     def hook_for(name: str):
         def hook(module, args):
@@ -2687,14 +2640,7 @@ def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = Fals
                 sums[name].addmm_(x.T, x)
         return hook
 
-    for name, module in model.named_modules():
-        if re.fullmatch(BLOCK_MATRICES, f"{name}.weight") and not name.endswith(("c_k", "c_v")):
-            sums[f"{name}.weight"] = torch.zeros(module.in_features, module.in_features, device=module.weight.device)
-            hooks.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
-    if head:
-        dim = model.tok_emb.weight.size(1)
-        sums["tok_emb.weight"] = torch.zeros(dim, dim, device=model.tok_emb.weight.device)
-        hooks.append(model.head_input.register_forward_pre_hook(hook_for("tok_emb.weight")))
+    hooks = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
     for inputs in batches:
         with rt.autocast():
             model(inputs)
@@ -2713,20 +2659,17 @@ def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = Fals
 
 def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt,
                      batches: int | None = None) -> dict[str, Tensor]:
-    """input_hessians() from GPTQ_CALIB_TOKENS training tokens (all ranks together; the stream
-    continues where training stopped), or from `batches` micro-batches (the warm-up's one)."""
+    """input_hessians() on GPTQ_CALIB_TOKENS training tokens (rounded up to whole steps: the same spans on
+    any world size; the stream goes on where training stopped), or on `batches` micro-batches."""
     tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
-    steps = -(-h.gptq_calib_tokens // h.train_batch_tokens)  # whole steps: the same spans on any world size
-    batches = batches or steps * rt.grad_accum_steps
+    batches = batches or -(-h.gptq_calib_tokens // h.train_batch_tokens) * rt.grad_accum_steps
     inputs = (loader.next_batch(tokens_per_slice, h.train_seq_len)[0] for _ in range(batches))
     return input_hessians(model, inputs, batches * tokens_per_slice * rt.world_size, rt, h.gptq_embed)
 
 
 @torch.no_grad()
 def sample_batch(model: GPT, count: int, length: int, seed: int, rt) -> Tensor:
-    """(count, length) tokens sampled from the model at SELFGEN_TEMPERATURE, each from BOS (a document
-    start; PR #1204 starts from a uniformly random token), with a generator seeded by `seed`. The whole
-    prefix is re-run for each token (no KV cache): length forward passes of up to `length` tokens."""
+    """(count, length) tokens sampled from BOS at SELFGEN_TEMPERATURE, seeded; no KV cache (PR #1204's calibration)."""
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     tokens = torch.full((count, 1), BOS_ID, dtype=torch.int64, device=rt.device)
     was_training = model.training
@@ -2741,13 +2684,10 @@ def sample_batch(model: GPT, count: int, length: int, seed: int, rt) -> Tensor:
 
 
 def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
-    """input_hessians() on GPTQ_SELFGEN_SEQS sequences of GPTQ_SELFGEN_LEN tokens sampled from the
-    trained model (PR #1204's calibration; no training or validation token is read). Batches of
-    SELFGEN_BATCH go to the ranks in turn; batch b is seeded by SEED + b, so the text is the same on
-    any world size."""
+    """input_hessians() on GPTQ_SELFGEN_SEQS sampled sequences (PR #1204; reads no data); batch b of SELFGEN_BATCH,
+    seeded SEED + b, goes to rank b % world_size: the same text on any world size."""
     length = h.gptq_selfgen_len or h.train_seq_len
-    starts = range(0, h.gptq_selfgen_seqs, SELFGEN_BATCH)
-    mine = list(starts)[rt.rank::rt.world_size]
+    mine = list(range(0, h.gptq_selfgen_seqs, SELFGEN_BATCH))[rt.rank::rt.world_size]
     batches = [sample_batch(model, min(SELFGEN_BATCH, h.gptq_selfgen_seqs - start), length,
                             h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
     return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt, h.gptq_embed)
@@ -2755,10 +2695,8 @@ def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
 
 def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dict[str, Tensor],
                    count: int) -> dict[str, list[int]]:
-    """AWQ-lite's choice (PR #1908): over every GPTQ'd matrix below int8 whose columns are 1 to 128
-    whole AWQ_WIDTH groups, each group's saliency is the sum over its columns of the input RMS (the
-    root of the Hessian's diagonal) x the column's mean |w|; the `count` most salient groups of the
-    model, as {name: [group index, ...]}."""
+    """AWQ-lite (PR #1908): {name: [group, ...]}, the `count` most salient AWQ_WIDTH-column groups of the GPTQ'd
+    matrices below int8 (1-128 groups wide), by the sum over a group's columns of input RMS x mean |w|."""
     scored = []
     for name, hessian in hessians.items():
         w, cls = state[name].detach().float(), plan.get(name)
@@ -2766,8 +2704,7 @@ def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dic
                 w.size(1) > 128 * AWQ_WIDTH:
             continue
         saliency = hessian.diagonal().float().clamp_min(0).sqrt().cpu() * w.abs().mean(dim=0).cpu()
-        for g, score in enumerate(saliency.view(-1, AWQ_WIDTH).sum(dim=1).tolist()):
-            scored.append((-score, name, g))
+        scored += [(-score, name, g) for g, score in enumerate(saliency.view(-1, AWQ_WIDTH).sum(dim=1).tolist())]
     chosen: dict[str, list[int]] = {}
     for _, name, g in sorted(scored)[:count]:
         chosen.setdefault(name, []).append(g)
@@ -2775,36 +2712,36 @@ def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dic
 
 
 def awq_columns(groups) -> Tensor:
-    """The column indices of AWQ_WIDTH-column groups (empty for none)."""
     return torch.tensor([g * AWQ_WIDTH + i for g in groups for i in range(AWQ_WIDTH)], dtype=torch.long)
 
 
 def awq_scale(scale: Tensor, bits: int) -> Tensor:
-    """AWQ_GROUPS's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
+    """AWQ's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
     return scale.float() * (2 ** (bits - 1) - 1) / 127
 
 
 def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
                     clip_k: float = 0.0, awq: list[int] | tuple[int, ...] = (), min_range: float = 0.0) -> dict:
-    """One tensor's artifact entry: int values and row scales (rows: the last dimension), GPTQ-rounded
-    given a Hessian, with the AWQ_WIDTH-column groups `awq` at int8 (AWQ_PARTS); or fp16 values."""
-    tensor = tensor.detach().float()
+    """One tensor's artifact entry {class, shape, arrays}: fp16 `value`, or codes `q` and one `scale` per
+    row (rows: the last dimension), GPTQ-rounded given a Hessian, the AWQ groups `awq` int8 (AWQ_PARTS)."""
+    tensor, arrays = tensor.detach().float(), {}
     if cls not in QUANT_BITS:
-        return {"class": cls, "shape": list(tensor.shape), "arrays": {"value": tensor.half().cpu().numpy()}}
-    bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
-    q, scale = quantize_rows(rows, bits, clip_search, clip_k, min_range)
-    arrays = {}
-    if hessian is not None:
-        cols = awq_columns(awq)
-        q = gptq_round(rows, hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
-        if awq:
-            arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(list(awq), dtype=torch.int8)}
-            q[:, cols] = 0  # the class's section keeps the class's range
-    arrays.update(q=q, scale=scale)
+        arrays["value"] = tensor.half()
+    else:
+        bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
+        q, scale = quantize_rows(rows, bits, clip_search, clip_k, min_range)
+        if hessian is not None:
+            cols = awq_columns(awq)
+            q = gptq_round(rows, hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
+            if awq:
+                arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(list(awq), dtype=torch.int8)}
+                q[:, cols] = 0  # the class's section keeps the class's range
+        arrays.update(q=q, scale=scale)
     return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
 
 
 def dequantize_tensor(entry: dict) -> Tensor:
+    """The float tensor of an entry; ValueError where its AWQ groups lie outside it."""
     arrays = {part: torch.from_numpy(np.array(a)) for part, a in entry["arrays"].items()}
     if entry["class"] not in QUANT_BITS:
         return arrays["value"].float().view(entry["shape"])
@@ -2815,22 +2752,20 @@ def dequantize_tensor(entry: dict) -> Tensor:
             raise ValueError(f"AWQ groups {groups} outside the {w.size(1)} columns")
         step = awq_scale(arrays["scale"], QUANT_BITS[entry["class"]])
         w[:, awq_columns(groups)] = arrays["awq_q"].float() * step[:, None]
-    if "lqer_a" in arrays:
-        w = w + low_rank_product(arrays)
+    if "lqer_a" in arrays:  # LQER's A @ B: A int2 with one scale, B int4 with one scale per LQER_GROUP values
+        a = arrays["lqer_a"].float() * arrays["lqer_a_scale"].float()
+        b = dequantize_rows(arrays["lqer_b"].reshape(-1, LQER_GROUP), arrays["lqer_b_scale"])
+        w = w + a @ b.view(arrays["lqer_b"].shape)
     return w.view(entry["shape"])
 
 
-def low_rank_product(arrays: dict[str, Tensor]) -> Tensor:
-    """LQER's A @ B (rows, cols): A int2 with one scale, B int4 with one scale per LQER_GROUP values."""
-    a = arrays["lqer_a"].float() * arrays["lqer_a_scale"].float()
-    b = dequantize_rows(arrays["lqer_b"].reshape(-1, LQER_GROUP), arrays["lqer_b_scale"])
-    return a @ b.view(arrays["lqer_b"].shape)
+def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
+    return {name: dequantize_tensor(entry) for name, entry in quantized.items()}
 
 
 def low_rank_factors(error: Tensor) -> dict[str, np.ndarray]:
-    """LQER (PR #1855): error (rows, cols) ~ A @ B with A (rows, LQER_RANK) and B (LQER_RANK, cols)
-    from its SVD, A split sqrt(S) U and rounded to {-1, 0, 1} x one scale (clip searched), then B
-    refit to the rounded A by least squares and rounded to int4, one scale per LQER_GROUP values."""
+    """LQER (PR #1855): error (rows, cols) ~ A @ B, A (rows, LQER_RANK) = sqrt(S) U from its SVD rounded to
+    {-1, 0, 1} x one scale, then B refit to the rounded A by least squares, int4 per LQER_GROUP values."""
     u, s, vh = torch.linalg.svd(error.float(), full_matrices=False)
     rank = min(LQER_RANK, len(s))
     qa, sa = quantize_rows((u[:, :rank] * s[:rank].sqrt()).reshape(1, -1), 2)
@@ -2841,8 +2776,8 @@ def low_rank_factors(error: Tensor) -> dict[str, np.ndarray]:
 
 
 def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict], top: int) -> list[str]:
-    """LQER_TOP: the `top` quantized matrices with the largest ||W - Q(W)||_F (whose columns are whole
-    LQER_GROUPs) get low_rank_factors() of their error. Returns their names, largest error first."""
+    """LQER_TOP: low_rank_factors() for the `top` quantized matrices (whole LQER_GROUPs wide) of largest
+    ||W - Q(W)||_F. Returns their names, largest error first."""
     errors = {}
     for name, entry in quantized.items():
         if entry["class"] in QUANT_BITS and len(entry["shape"]) == 2 and entry["shape"][1] % LQER_GROUP == 0:
@@ -2864,8 +2799,7 @@ def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: 
 
 def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None,
                    log=lambda msg: None) -> tuple[dict[str, dict], dict[str, float]]:
-    """The export's quantization, before any fitting: the classes (quant_plan), SDClip's widths, GPTQ
-    and AWQ (quantize_state), LQER. Returns (quantized state, SDClip's k per tensor)."""
+    """The export before any fitting: classes, SDClip, GPTQ and AWQ, LQER. Returns (entries, SDClip's k)."""
     plan = quant_plan(state, h, hessians)
     if h.int6_matrices:
         int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
@@ -2877,27 +2811,17 @@ def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[
     return quantized, clip_k
 
 
-def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
-    return {name: dequantize_tensor(entry) for name, entry in quantized.items()}
-
-
 def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
-    """Squared error the quantized tensor adds to its layer's output: tr(dW H dW^T) with H the
-    mean input outer product from calibration, or with H = I (unit-RMS inputs) without one."""
+    """The squared error an entry adds to its layer's output: tr(dW H dW^T), H = I without a Hessian."""
     delta = dequantize_tensor(entry).to(tensor.device) - tensor.detach().float()
-    if hessian is None:
-        return delta.square().sum().item()
-    return ((delta @ hessian.float()) * delta).sum().item()
+    return (delta.square() if hessian is None else (delta @ hessian.float()) * delta).sum().item()
 
 
 def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
                  hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
                  clip_k: dict[str, float] | None = None, min_range: float = 0.0) -> tuple[bytes, list[str]]:
-    """Serializes; while over `budget` bytes, demotes the cheapest tensors and re-measures.
-
-    A demotion's cost is the output error it adds (output_error) per byte it is expected to save
-    (bits saved x elements / 8). Each round applies the cheapest demotions until they are expected
-    to save 1.25x the overshoot."""
+    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each, by least output_error
+    per byte saved, until 1.25x the overshoot is expected saved, and re-measures; RunError if none is left."""
     hessians, clip_k = hessians or {}, clip_k or {}
     blob, moves = serialize(quantized), []
     while len(blob) > budget:
@@ -2928,8 +2852,7 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
 
 
 def to_byte_planes(array: np.ndarray) -> bytes:
-    """All first bytes, then all second bytes, ...: fp16's sign/exponent bytes are far more alike
-    than its mantissa bytes, and zstd compresses them better apart (2% of a trained model)."""
+    """All first bytes, then all second bytes, ...: fp16's sign/exponent bytes compress better apart."""
     return array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T.tobytes()
 
 
@@ -2940,55 +2863,49 @@ def from_byte_planes(data, dtype: np.dtype) -> np.ndarray:
 
 def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int,
                        compressor: str = "zstd") -> bytes:
-    """One zstd frame (or brotli stream) per section: the JSON header, the integer values of each
-    class, the scales, the fp16 values. (In a single frame over all of them, zstd-22 compressed a
-    12-layer model 0.3% to 6% worse depending on where its blocks happened to fall; each section
-    alone compresses to within 0.5% of its order-0 entropy.) COMPRESSOR=ans codes the integer
-    sections with ans_encode() instead, the rest as brotli."""
+    """pack_frames() of a JSON header (model, classes, shapes, each array's dtype, shape, offset) and a section per
+    part (each class's codes, scales, fp16 values, extras) in byte planes (ans: codes as (name, array) lists)."""
     blobs, sections, offset = [], [], 0
-    extras = [(part, None) for part in sorted(AWQ_PARTS + LQER_PARTS)]
-    for part, cls in [("q", cls) for cls in QUANT_BITS] + [("scale", None), ("value", None)] + extras:
-        chunks = []
+    extras = sorted(AWQ_PARTS + LQER_PARTS)
+    for part, cls in [("q", cls) for cls in QUANT_BITS] + [(part, None) for part in ("scale", "value", *extras)]:
+        coded, chunks = part == "q" and compressor == "ans", []
         for name, entry in quantized.items():
             if part in entry["arrays"] and cls in (None, entry["class"]):
                 array = np.asarray(entry["arrays"][part], order="C")  # (ascontiguousarray makes 0-d 1-d)
                 blobs.append(dict(name=name, part=part, dtype=array.dtype.name, shape=list(array.shape),
                                   offset=offset, nbytes=array.nbytes))
-                chunks.append((name, array) if part == "q" and compressor == "ans" else to_byte_planes(array))
+                chunks.append((name, array) if coded else to_byte_planes(array))
                 offset += array.nbytes
         if chunks:
-            sections.append(chunks if part == "q" and compressor == "ans" else b"".join(chunks))
+            sections.append(chunks if coded else b"".join(chunks))
     header = json.dumps(dict(model=model_config, classes={n: e["class"] for n, e in quantized.items()},
                              shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
     return pack_frames([header] + sections, zstd_level, compressor)
 
 
 def pack_frames(parts: list, zstd_level: int, compressor: str = "zstd") -> bytes:
-    """The compressor's MAGIC, u32 frame count, u64 length of each frame, then the frames: checksummed
-    zstd frames, or each part's CRC-32 (u32) followed by its brotli stream. COMPRESSOR=ans: each frame
-    starts with a tag, b"B" before a brotli frame, b"A" before the CRC-32 and ans_encode()'s payload of
-    a part given as a list of (name, int8 array), where that is the shorter (a barely trained
-    embedding's rows can repeat, which brotli finds and ANS's column models do not)."""
-    if compressor in ("brotli", "ans"):
-        codec = brotli_module()
-        frames = []
-        for part in parts:
-            data = b"".join(array.tobytes() for _, array in part) if isinstance(part, list) else part
-            frame = struct.pack("<I", zlib.crc32(data)) + codec.compress(data, quality=BROTLI_QUALITY)
-            if compressor == "ans":
-                coded = struct.pack("<I", zlib.crc32(data)) + ans_encode(part) if isinstance(part, list) else frame
-                frame = b"A" + coded if len(coded) < len(frame) else b"B" + frame
-            frames.append(frame)
-    else:
+    """MAGIC, u32 frame count, u64 length per frame, the frames: checksummed zstd frames, or each part's
+    CRC-32 (u32) and its brotli stream; COMPRESSOR=ans tags each frame b"B" (brotli) or, where shorter for a
+    list of (name, int8 array), b"A" and the CRC-32 and ans_encode()'s payload (brotli finds repeated rows)."""
+    if compressor == "zstd":
         zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
         frames = [zstd.compress(part) for part in parts]
+    else:
+        codec, frames = brotli_module(), []
+        for part in parts:
+            data = b"".join(array.tobytes() for _, array in part) if isinstance(part, list) else part
+            crc = struct.pack("<I", zlib.crc32(data))
+            frame = crc + codec.compress(data, quality=BROTLI_QUALITY)
+            if compressor == "ans":
+                coded = crc + ans_encode(part) if isinstance(part, list) else frame
+                frame = b"A" + coded if len(coded) < len(frame) else b"B" + frame
+            frames.append(frame)
     table = struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames))
     return COMPRESSORS[compressor] + table + b"".join(frames)
 
 
 def brotli_module(package: str = "brotli"):
-    """The brotli package (or constriction, COMPRESSOR=ans's coder), imported only where it is used: by
-    COMPRESSOR=brotli or ans, or reading an artifact written with it."""
+    """brotli (or constriction, COMPRESSOR=ans's coder), imported where used; missing, a one-line RunError."""
     try:
         return importlib.import_module(package)
     except ImportError:
@@ -2997,14 +2914,8 @@ def brotli_module(package: str = "brotli"):
 
 
 def ans_encode(arrays: list[tuple[str, np.ndarray]]) -> bytes:
-    """Integer codes entropy-coded with ANS (asymmetric numeral systems; the constriction package's
-    AnsCoder) under a static categorical model per (kind of matrix, column bucket). A kind is the
-    tensor's name without its block index (every block's c_q shares one set of models); a matrix's
-    columns fall into ANS_COLUMN_BUCKETS buckets by the RMS of their codes (columns fed by loud input
-    channels carry wider codes), the per-column context that per-group lrzip finds with its rows
-    reordered and transposed (PR #1855). Each array is read as (shape[0], rest). Payload: u32 length
-    of the brotli'd JSON of shapes, kinds, buckets and each model's symbol counts, then the ANS words
-    (u32). Returns the payload; ans_decode() inverts it."""
+    """Codes ANS-coded (constriction), a static model per kind (name less block index) and column bucket (by the
+    RMS of its codes: PR #1855's lrzip context). u32 length, brotli'd JSON of the models, u32 ANS words."""
     constriction = brotli_module("constriction")
     matrices = [array.reshape((array.shape[0], math.prod(array.shape[1:])) if array.ndim > 1 else (1, array.size))
                 .astype(np.int32) for _, array in arrays]
@@ -3031,30 +2942,25 @@ def ans_encode(arrays: list[tuple[str, np.ndarray]]) -> bytes:
 
 
 def ans_groups(kinds: list[str], buckets: list[np.ndarray]) -> list[list[tuple[int, int]]]:
-    """The (matrix index, bucket) members of each model, in coding order: kinds sorted, buckets up."""
+    """(matrix index, bucket) members per model, in coding order: kinds sorted, buckets up."""
     return [[(i, b) for i in range(len(kinds)) if kinds[i] == kind] for kind in sorted(set(kinds))
             for b in range(ANS_COLUMN_BUCKETS)]
 
 
 def ans_model(constriction, counts: list[int]):
-    """The coder's model of one group: symbol i (the code low + i) with probability counts[i] / sum;
-    a one-symbol group gets an unused second symbol (the coder needs two)."""
+    """Symbol i (code low + i) at probability counts[i] / sum; a lone symbol gets an unused second (needs two)."""
     return constriction.stream.model.Categorical(np.asarray(list(counts) + [0] * (len(counts) < 2), dtype=np.float64),
                                                  perfect=False)
 
 
 def ans_decode(payload: bytes, max_bytes: int) -> bytes:
-    """ans_encode()'s arrays as int8 bytes, end to end; ValueError where the payload does not describe
-    at most `max_bytes` values consistently (checked before anything is decoded)."""
-    constriction, codec = brotli_module("constriction"), brotli_module()
+    """ans_encode()'s arrays as int8 bytes, end to end; ValueError where the payload does not describe at
+    most `max_bytes` values consistently (checked before anything is decoded)."""
+    constriction = brotli_module("constriction")
     (head_len,) = struct.unpack_from("<I", payload)
-    decoder = codec.Decompressor()
-    try:
-        meta = json.loads(decoder.process(payload[4:4 + head_len], output_buffer_limit=ARTIFACT_MAX_HEADER_BYTES))
-    except codec.error as exc:
-        raise ValueError(f"an ANS frame whose description does not decode ({exc})") from None
+    meta = json.loads(brotli_decode(payload[4:4 + head_len], ARTIFACT_MAX_HEADER_BYTES))
     shapes, kinds, buckets = meta["shapes"], meta["kinds"], [np.asarray(b, dtype=np.int64) for b in meta["buckets"]]
-    if (not decoder.is_finished() or not len(shapes) == len(kinds) == len(buckets)
+    if (not len(shapes) == len(kinds) == len(buckets)
             or sum(r * c for r, c in shapes) > max_bytes or (len(payload) - 4 - head_len) % 4
             or any(b.shape != (c,) or (b.size and not 0 <= b.min() <= b.max() < ANS_COLUMN_BUCKETS)
                    for b, (r, c) in zip(buckets, shapes))):
@@ -3090,48 +2996,44 @@ def unpack_frames(data: bytes) -> list[bytes]:
     pos = len(ARTIFACT_MAGIC) + 4 + 8 * count
     if pos + sum(lengths) != len(data):
         raise ValueError(f"the frames cover {pos + sum(lengths)} bytes, the file has {len(data)}")
-    frames = []
-    for length in lengths:
-        frames.append(data[pos:pos + length])
-        pos += length
-    return frames
+    ends = list(itertools.accumulate(lengths, initial=pos))
+    return [data[start:end] for start, end in zip(ends, ends[1:])]
+
+
+def brotli_decode(stream: bytes, max_bytes: int) -> bytes:
+    """A brotli stream (it declares no size) decoded into a bounded buffer; ValueError unless it ends within it."""
+    codec = brotli_module()
+    decoder = codec.Decompressor()
+    try:
+        data = decoder.process(stream, output_buffer_limit=max_bytes + 1)
+    except codec.error as exc:
+        raise ValueError(f"a brotli stream that does not decode ({exc})") from None
+    if len(data) > max_bytes or not decoder.is_finished():
+        raise ValueError("a brotli stream longer than its bound or cut short")
+    return data
 
 
 def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> bytes:
-    """One frame, refused before anything is allocated if its header declares more than `max_bytes`
-    (zstd allocates what the header declares: one flipped bit there asked for exabytes) or lacks the
-    checksum that every frame of ours carries; trailing bytes are refused too. A brotli stream declares
-    no size: it is decoded into at most `max_bytes` + 1 bytes and must end there and match its CRC-32."""
-    if compressor == "ans":
-        tag, frame = frame[:1], frame[1:]
-        if tag == b"A":
-            part = ans_decode(frame[4:], max_bytes)
-            if struct.unpack_from("<I", frame)[0] != zlib.crc32(part):
-                raise ValueError("an ANS frame failing its CRC-32")
-            return part
-        if tag != b"B":
-            raise ValueError("a frame tagged neither A nor B")
-    if compressor in ("brotli", "ans"):
-        codec = brotli_module()
-        decoder = codec.Decompressor()
-        try:
-            part = decoder.process(frame[4:], output_buffer_limit=max_bytes + 1)
-        except codec.error as exc:
-            raise ValueError(f"a brotli stream that does not decode ({exc})") from None
-        if len(part) > max_bytes or not decoder.is_finished() or struct.unpack_from("<I", frame)[0] != zlib.crc32(part):
-            raise ValueError("a brotli stream longer than its bound, cut short, or failing its CRC-32")
-        return part
-    params = zstandard.get_frame_parameters(frame)
-    if not params.has_checksum or params.dict_id:
-        raise ValueError("a frame without its checksum, or with a dictionary")
-    if params.content_size > max_bytes:  # an unknown size reads as 2^64 - 1
-        raise ValueError(f"a frame declares {params.content_size} bytes where at most {max_bytes} can be")
-    return zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_bytes, allow_extra_data=False)
+    """One frame within `max_bytes`, else ValueError: zstd's declared size is checked before it allocates (a
+    flipped bit asked for exabytes); a brotli or ANS part must match its CRC-32."""
+    if compressor == "zstd":
+        params = zstandard.get_frame_parameters(frame)
+        if not params.has_checksum or params.dict_id:
+            raise ValueError("a frame without its checksum, or with a dictionary")
+        if params.content_size > max_bytes:  # an unknown size reads as 2^64 - 1
+            raise ValueError(f"a frame declares {params.content_size} bytes where at most {max_bytes} can be")
+        return zstandard.ZstdDecompressor().decompress(frame, max_output_size=max_bytes, allow_extra_data=False)
+    tag, frame = (frame[:1], frame[1:]) if compressor == "ans" else (b"B", frame)
+    if tag not in (b"A", b"B"):
+        raise ValueError("a frame tagged neither A nor B")
+    part = (ans_decode if tag == b"A" else brotli_decode)(frame[4:], max_bytes)
+    if struct.unpack_from("<I", frame)[0] != zlib.crc32(part):
+        raise ValueError("a frame failing its CRC-32")
+    return part
 
 
 def payload_bytes(blobs: list[dict]) -> int:
-    """The bytes the header's arrays take, checked: each array's size follows from its dtype and
-    shape, and the arrays lie end to end."""
+    """The bytes the header's arrays take, checked: sizes follow from dtype and shape, arrays lie end to end."""
     total = 0
     for blob in blobs:
         if not all(isinstance(d, int) and d >= 0 for d in blob["shape"]):
@@ -3146,9 +3048,8 @@ def payload_bytes(blobs: list[dict]) -> int:
 
 
 def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict]]:
-    """Returns (model config, quantized state); any damage is a RunError naming `source`. Every frame
-    is decompressed within what the format allows: the header within ARTIFACT_MAX_HEADER_BYTES, the
-    sections within what the (checksummed) header says the arrays take."""
+    """(model config, entries); any damage is a one-line RunError naming `source`. Each frame decompresses
+    within what the format allows: the header ARTIFACT_MAX_HEADER_BYTES, the sections what it says."""
     compressor = next((name for name, magic in COMPRESSORS.items() if data.startswith(magic)), None)
     if compressor is None:
         raise RunError(f"{source}: corrupt or truncated artifact, or not one written by this script (bad magic)")
@@ -3169,15 +3070,16 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
             array = from_byte_planes(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
                                      np.dtype(ARTIFACT_DTYPES[blob["dtype"]])).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
-        for name, entry in quantized.items():
-            parts = set(entry["arrays"])
-            expected = {"q", "scale"} if entry["class"] in QUANT_BITS else {"value"}
-            optional = [set(AWQ_PARTS), set(LQER_PARTS)] if entry["class"] in QUANT_BITS else []
-            if not any(parts == expected.union(*extra) for extra in itertools.product(*[(set(), o) for o in optional])):
+        for name, entry in quantized.items():  # the class's arrays and whole extras (AWQ, LQER), nothing else
+            integer = entry["class"] in QUANT_BITS
+            expected = {"q", "scale"} if integer else {"value"}
+            rest = set(entry["arrays"]) - expected
+            extras = [set(parts) for parts in (AWQ_PARTS, LQER_PARTS) if integer and set(parts) & rest]
+            if not expected <= set(entry["arrays"]) or rest != set().union(*extras):
                 raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays or has others")
+        # A field the writer did not know yet was off there (every model field defaults to the behaviour
+        # before it), so an older artifact loads; a field this script does not know is damage.
         defaults = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
-        # A field the writer did not know yet was off there: every model field's default is the behaviour
-        # before it, so an older artifact still loads. A field this script does not know is damage.
         config = {**{k: defaults[k] for k in MODEL_FIELDS}, **header["model"]}
         if sorted(config) != sorted(MODEL_FIELDS) or any(type(v) is not type(defaults[k]) for k, v in config.items()):
             raise ValueError("the model's shape is not described as this script describes it")
@@ -3190,24 +3092,20 @@ def model_config(h: Hyperparameters) -> dict:
     return {name: getattr(h, name) for name in MODEL_FIELDS}
 
 
-# The code counts in the artifact as the file that ships: this script's self-extracting form, its
-# source without comments and docstrings (an ast round trip: the same program), LZMA-compressed and
-# base85-encoded in a two-line stub that decompresses and runs it. The leaderboard counted code this
-# way from 1.0856 on (FRONTIER.md); submit.py writes this form into the records folder.
+# The code counts as the file that ships: the source without comments and docstrings (an ast round trip),
+# LZMA'd and base85'd in a two-line stub that runs it, as the leaderboard counted code from 1.0856 on;
+# submit.py writes this form into the records folder.
 SHIPPED_HEAD = b'import lzma,base64\nexec(compile(lzma.decompress(base64.b85decode(b"'
 SHIPPED_TAIL = b'")),"train_gpt.py","exec"))\n'
 
 
 def minified(source: str) -> str:
-    """The program of `source` without comments and docstrings (ast.unparse; a fixed point: minifying
-    a minified source changes nothing)."""
+    """The program of `source` without comments and docstrings (ast.unparse; a fixed point)."""
     tree = ast.parse(source)
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
-                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
-                isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and \
+                ast.get_docstring(node, clean=False) is not None:
+            node.body = node.body[1:] or [ast.Pass()]
     return ast.unparse(tree)
 
 
