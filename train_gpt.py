@@ -3124,6 +3124,98 @@ def readable_source(code: bytes) -> str:
     return lzma.decompress(base64.b85decode(code[len(SHIPPED_HEAD):-len(SHIPPED_TAIL)])).decode("utf-8")
 
 
+def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int, log,
+                   hessians: dict[str, Tensor] | None = None) -> None:
+    """Quantizes and compresses the model, fits it under the byte limit, writes it (rank 0); every rank
+    computes the same bytes, so a RunError stops all of them together."""
+    t0 = time.perf_counter()
+    if code_bytes >= h.artifact_limit_bytes:
+        raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is "
+                       f"{code_bytes} bytes")
+    state = base_model.state_dict()
+    config = model_config(h)
+    if not base_model.recur_active:  # the run ended before the repeat was switched on: score without it
+        if h.virtual_depth or h.recur_untie_mlp or h.recur_in_unet:
+            raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP / RECUR_IN_UNET "
+                           "model cannot be scored without its repeat (lower RECUR_START_FRAC)")
+        config["recur_blocks"] = ""
+    quantized, clip_k = quantize_model(state, h, hessians, log)
+    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
+                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k,
+                               h.quant_min_range)
+    for cls in sorted({e["class"] for e in quantized.values()}):
+        members = [e for e in quantized.values() if e["class"] == cls]
+        log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
+    log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms compressor:{h.compressor}")
+    if rt.is_main:
+        write_atomically(path, lambda tmp: tmp.write_bytes(blob))
+    if rt.distributed:
+        dist.barrier()
+    log_artifact_bytes(h, path, code_bytes, moves, log)
+
+
+def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: list[str] | None, log) -> None:
+    """The byte budget of the exact files that ship: this script (as logged) and the artifact on disk."""
+    blob = path.read_bytes()
+    model_bytes, digest = len(blob), hashlib.sha256(blob).hexdigest()
+    total = code_bytes + model_bytes
+    fit = "" if moves is None else f" fit_moves:{len(moves)}"
+    log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{model_bytes} "
+        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit} artifact_sha256:{digest}")
+    if moves:
+        log(f"fit_changes:{','.join(moves)}")
+    if total > h.artifact_limit_bytes:
+        raise RunError(f"{path}: code + model = {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes}")
+
+
+def load_artifact(path: Path, max_bytes: int) -> tuple[dict, dict[str, Tensor]]:
+    """The artifact at `path`, read only if it is a file of at most `max_bytes` (the byte limit)."""
+    if not path.is_file():
+        raise RunError(f"{path}: no such artifact (not a file)")
+    try:
+        if path.stat().st_size > max_bytes:
+            raise RunError(f"{path}: {path.stat().st_size} bytes, over ARTIFACT_LIMIT_BYTES={max_bytes}: "
+                           f"not an artifact that fits")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RunError(f"{path}: cannot read the artifact ({exc.strerror or exc})") from None
+    config, quantized = deserialize_artifact(data, str(path))
+    try:
+        return config, dequantize_state(quantized)
+    except (RuntimeError, ValueError) as exc:
+        raise RunError(f"{path}: corrupt or truncated artifact ({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """The artifact's weights into the model it describes; a mismatch is a damaged artifact."""
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RunError(f"{path}: corrupt or truncated artifact (its tensors do not fit its model: "
+                       f"{first_line(exc)})") from None
+
+
+def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
+              log) -> tuple[dict | None, float]:
+    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training: calibration on
+    training tokens does; on self-sampled text it reads no data and does not (PR #1204 ran it after its
+    600 s)."""
+    if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
+        return None, 0.0
+    t0 = time.perf_counter()
+    if h.gptq_calib_tokens:
+        hessians = collect_hessians(base_model, loader, h, rt)
+        source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
+    else:
+        hessians = selfgen_hessians(base_model, h, rt)
+        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.gptq_selfgen_len or h.train_seq_len} tokens"
+    rt.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
+        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
+    return hessians, ms if h.gptq_calib_tokens else 0.0
+
+
 # -----------------------------------------------------------------------------
 # Weight averaging
 #
@@ -3698,77 +3790,6 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
 
-def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int, log,
-                   hessians: dict[str, Tensor] | None = None) -> None:
-    """Quantizes and compresses the model, fits it under the byte limit, writes it (rank 0); every rank
-    computes the same bytes, so a RunError stops all of them together."""
-    t0 = time.perf_counter()
-    if code_bytes >= h.artifact_limit_bytes:
-        raise RunError(f"ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes} leaves no room: the code alone is "
-                       f"{code_bytes} bytes")
-    state = base_model.state_dict()
-    config = model_config(h)
-    if not base_model.recur_active:  # the run ended before the repeat was switched on: score without it
-        if h.virtual_depth or h.recur_untie_mlp or h.recur_in_unet:
-            raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP / RECUR_IN_UNET "
-                           "model cannot be scored without its repeat (lower RECUR_START_FRAC)")
-        config["recur_blocks"] = ""
-    quantized, clip_k = quantize_model(state, h, hessians, log)
-    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
-                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k,
-                               h.quant_min_range)
-    for cls in sorted({e["class"] for e in quantized.values()}):
-        members = [e for e in quantized.values() if e["class"] == cls]
-        log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
-    log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms compressor:{h.compressor}")
-    if rt.is_main:
-        write_atomically(path, lambda tmp: tmp.write_bytes(blob))
-    if rt.distributed:
-        dist.barrier()
-    log_artifact_bytes(h, path, code_bytes, moves, log)
-
-
-def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: list[str] | None, log) -> None:
-    """The byte budget of the exact files that ship: this script (as logged) and the artifact on disk."""
-    blob = path.read_bytes()
-    model_bytes, digest = len(blob), hashlib.sha256(blob).hexdigest()
-    total = code_bytes + model_bytes
-    fit = "" if moves is None else f" fit_moves:{len(moves)}"
-    log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{model_bytes} "
-        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit} artifact_sha256:{digest}")
-    if moves:
-        log(f"fit_changes:{','.join(moves)}")
-    if total > h.artifact_limit_bytes:
-        raise RunError(f"{path}: code + model = {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes}")
-
-
-def load_artifact(path: Path, max_bytes: int) -> tuple[dict, dict[str, Tensor]]:
-    """The artifact at `path`, read only if it is a file of at most `max_bytes` (the byte limit)."""
-    if not path.is_file():
-        raise RunError(f"{path}: no such artifact (not a file)")
-    try:
-        if path.stat().st_size > max_bytes:
-            raise RunError(f"{path}: {path.stat().st_size} bytes, over ARTIFACT_LIMIT_BYTES={max_bytes}: "
-                           f"not an artifact that fits")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise RunError(f"{path}: cannot read the artifact ({exc.strerror or exc})") from None
-    config, quantized = deserialize_artifact(data, str(path))
-    try:
-        return config, dequantize_state(quantized)
-    except (RuntimeError, ValueError) as exc:
-        raise RunError(f"{path}: corrupt or truncated artifact ({type(exc).__name__}: {first_line(exc)})") from None
-
-
-def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
-    """The artifact's weights into the model it describes; a mismatch is a damaged artifact."""
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise RunError(f"{path}: corrupt or truncated artifact (its tensors do not fit its model: "
-                       f"{first_line(exc)})") from None
-
-
 def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
@@ -3806,27 +3827,6 @@ def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: Valid
         rt.sync()
         log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
             f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
-
-
-def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
-              log) -> tuple[dict | None, float]:
-    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training: calibration on
-    training tokens does; on self-sampled text it reads no data and does not (PR #1204 ran it after its
-    600 s)."""
-    if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
-        return None, 0.0
-    t0 = time.perf_counter()
-    if h.gptq_calib_tokens:
-        hessians = collect_hessians(base_model, loader, h, rt)
-        source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
-    else:
-        hessians = selfgen_hessians(base_model, h, rt)
-        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.gptq_selfgen_len or h.train_seq_len} tokens"
-    rt.sync()
-    ms = 1000 * (time.perf_counter() - t0)
-    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
-        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
-    return hessians, ms if h.gptq_calib_tokens else 0.0
 
 
 def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
