@@ -3305,6 +3305,60 @@ def make_averager(h: Hyperparameters, model: nn.Module):
 # done in a warm-up before the clock. The loop stops before a step that would cross the cap.
 
 
+def build_model(h: Hyperparameters, rt: Runtime) -> GPT:
+    torch.manual_seed(h.seed)  # the same initial weights on every rank and device
+    return GPT(h).to(rt.device)
+
+
+def compiled_graphs(h: Hyperparameters) -> int:
+    """The graphs of the compiled forward a run builds in its warm-ups: per recurrence state, a training
+    step per TRAIN_SEQ_SCHEDULE length and the evaluation batch; with TTT, ttt_graphs' rows with and
+    without adapters and the phase. Each is an entry of dynamo's cache for GPT.forward."""
+    training = (2 if h.recur_blocks else 1) * (len(seq_schedule(h)) + 1)
+    return training + (2 * len(ttt_graphs(h)) + 1 if h.ttt_enabled else 0)
+
+
+def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "inductor") -> nn.Module:
+    """The model compiled (where enabled), with dynamo's recompile limit (8 by default; past it a new
+    shape runs eagerly, silently) raised to cover every graph the warm-ups build, with room to spare
+    so that an unplanned graph meets the no-recompile guard (compiled_graphs_only) instead."""
+    if not compile_enabled(h, rt):
+        return model
+    config = torch._dynamo.config
+    old = not hasattr(config, "recompile_limit")  # torch < 2.7 names them cache_size_limit
+    limit, accumulated = ("cache_size_limit", "accumulated_cache_size_limit") if old else \
+        ("recompile_limit", "accumulated_recompile_limit")
+    setattr(config, limit, max(getattr(config, limit), compiled_graphs(h) + 8))
+    setattr(config, accumulated, max(getattr(config, accumulated), 2 * getattr(config, limit)))
+    return torch.compile(model, dynamic=False, backend=backend)
+
+
+@contextlib.contextmanager
+def compiled_graphs_only(h: Hyperparameters, rt: Runtime, where: str):
+    """Inside it torch.compile may build nothing (set_stance fail_on_recompile): every graph the timed
+    loop and the scoring use was built in a warm-up. A compilation stops the run with one line."""
+    if not compile_enabled(h, rt):
+        yield
+        return
+    try:
+        with torch.compiler.set_stance("fail_on_recompile"):
+            yield
+    except RuntimeError as exc:
+        if "recompil" not in str(exc).lower():
+            raise
+        raise RunError(f"torch.compile compiled {where}; every graph must be built during warm-up "
+                       f"({first_line(exc)})") from None
+
+
+def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = "inductor") -> nn.Module:
+    """The module the training loop calls: compiled (where enabled), under DDP when distributed."""
+    compiled = maybe_compile(h, rt, base_model, backend)
+    # RoPE tables need no sync. With VIRTUAL_DEPTH / RECUR_UNTIE_MLP, the repeat's own parameters get no
+    # gradient before the switch.
+    dormant = h.virtual_depth or h.recur_untie_mlp
+    return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant) if rt.distributed else compiled
+
+
 @dataclasses.dataclass
 class Runtime:
     rank: int
@@ -3574,6 +3628,54 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
     return step, train_ms + 1000 * (time.perf_counter() - t0)
 
 
+def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader, val: ValidationSet, log,
+                  also=()) -> tuple[nn.Module, DistributedTokenLoader, int, float, list]:
+    """Warm-up, then the timed loop. Returns (the module trained, the loader where training left it, steps,
+    training ms, averagers: the run's own first, then one per function in `also`, each of the model).
+    The lab's one hook: bench/lab.py replaces it to save or restore a checkpoint."""
+    optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
+    model = wrap_model(h, rt, base_model)
+    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
+    loader = make_loader()
+    averagers = [make_averager(h, base_model)] + [make(base_model) for make in also]
+    with compiled_graphs_only(h, rt, "inside the timed loop (WARMUP_STEPS >= 1 builds them)"):
+        steps, train_ms = train(h, rt, base_model, model, optimizers, loader, val, log, averagers)
+    return model, loader, steps, train_ms, averagers
+
+
+def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
+    """Builds, trains and averages the model, then calibrates GPTQ. Returns the model, the module to evaluate
+    it with (compiled where enabled) and the Hessians (None without GPTQ)."""
+    train_files = find_shards(h, "train")
+    log_train_budget(h, train_files, log)
+    check_leak(h, train_files, val, log, rt.rank, rt.world_size)
+    base_model = build_model(h, rt)
+    log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
+
+    def wrapped():
+        log(f"WARNING: the training stream wrapped: all {len(train_files)} train shards are used up, "
+            f"training repeats them from the first")
+
+    def make_loader():
+        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, wrapped)
+
+    PROGRESS.started = True
+    model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, log)
+    average = averagers[0].average()
+    if average is not None:
+        base_model.load_state_dict(average, strict=True)
+    log(averagers[0].summary())
+    hessians, calib_ms = calibrate(h, rt, base_model, loader, log)
+    train_ms += calib_ms
+    log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
+    if h.max_wallclock_seconds and train_ms > 1000 * h.max_wallclock_seconds:
+        log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
+    if rt.device.type == "cuda":
+        log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20} "
+            f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
+    return base_model, model_for_eval(model), hessians
+
+
 # -----------------------------------------------------------------------------
 # Main
 
@@ -3723,62 +3825,8 @@ def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: 
             "configuration runs on the bundled sample; this is a pre-flight check, not a record")
 
 
-def build_model(h: Hyperparameters, rt: Runtime) -> GPT:
-    torch.manual_seed(h.seed)  # the same initial weights on every rank and device
-    return GPT(h).to(rt.device)
-
-
 def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
     return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
-
-
-def compiled_graphs(h: Hyperparameters) -> int:
-    """The graphs of the compiled forward a run builds in its warm-ups: per recurrence state, a training
-    step per TRAIN_SEQ_SCHEDULE length and the evaluation batch; with TTT, ttt_graphs' rows with and
-    without adapters and the phase. Each is an entry of dynamo's cache for GPT.forward."""
-    training = (2 if h.recur_blocks else 1) * (len(seq_schedule(h)) + 1)
-    return training + (2 * len(ttt_graphs(h)) + 1 if h.ttt_enabled else 0)
-
-
-def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "inductor") -> nn.Module:
-    """The model compiled (where enabled), with dynamo's recompile limit (8 by default; past it a new
-    shape runs eagerly, silently) raised to cover every graph the warm-ups build, with room to spare
-    so that an unplanned graph meets the no-recompile guard (compiled_graphs_only) instead."""
-    if not compile_enabled(h, rt):
-        return model
-    config = torch._dynamo.config
-    old = not hasattr(config, "recompile_limit")  # torch < 2.7 names them cache_size_limit
-    limit, accumulated = ("cache_size_limit", "accumulated_cache_size_limit") if old else \
-        ("recompile_limit", "accumulated_recompile_limit")
-    setattr(config, limit, max(getattr(config, limit), compiled_graphs(h) + 8))
-    setattr(config, accumulated, max(getattr(config, accumulated), 2 * getattr(config, limit)))
-    return torch.compile(model, dynamic=False, backend=backend)
-
-
-@contextlib.contextmanager
-def compiled_graphs_only(h: Hyperparameters, rt: Runtime, where: str):
-    """Inside it torch.compile may build nothing (set_stance fail_on_recompile): every graph the timed
-    loop and the scoring use was built in a warm-up. A compilation stops the run with one line."""
-    if not compile_enabled(h, rt):
-        yield
-        return
-    try:
-        with torch.compiler.set_stance("fail_on_recompile"):
-            yield
-    except RuntimeError as exc:
-        if "recompil" not in str(exc).lower():
-            raise
-        raise RunError(f"torch.compile compiled {where}; every graph must be built during warm-up "
-                       f"({first_line(exc)})") from None
-
-
-def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = "inductor") -> nn.Module:
-    """The module the training loop calls: compiled (where enabled), under DDP when distributed."""
-    compiled = maybe_compile(h, rt, base_model, backend)
-    # RoPE tables need no sync. With VIRTUAL_DEPTH / RECUR_UNTIE_MLP, the repeat's own parameters get no
-    # gradient before the switch.
-    dormant = h.virtual_depth or h.recur_untie_mlp
-    return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant) if rt.distributed else compiled
 
 
 def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
@@ -3827,54 +3875,6 @@ def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: Valid
         rt.sync()
         log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
             f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
-
-
-def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
-    """Builds, trains and averages the model, then calibrates GPTQ. Returns the model, the module to evaluate
-    it with (compiled where enabled) and the Hessians (None without GPTQ)."""
-    train_files = find_shards(h, "train")
-    log_train_budget(h, train_files, log)
-    check_leak(h, train_files, val, log, rt.rank, rt.world_size)
-    base_model = build_model(h, rt)
-    log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
-
-    def wrapped():
-        log(f"WARNING: the training stream wrapped: all {len(train_files)} train shards are used up, "
-            f"training repeats them from the first")
-
-    def make_loader():
-        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, wrapped)
-
-    PROGRESS.started = True
-    model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, log)
-    average = averagers[0].average()
-    if average is not None:
-        base_model.load_state_dict(average, strict=True)
-    log(averagers[0].summary())
-    hessians, calib_ms = calibrate(h, rt, base_model, loader, log)
-    train_ms += calib_ms
-    log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
-    if h.max_wallclock_seconds and train_ms > 1000 * h.max_wallclock_seconds:
-        log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
-    if rt.device.type == "cuda":
-        log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20} "
-            f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
-    return base_model, model_for_eval(model), hessians
-
-
-def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader, val: ValidationSet, log,
-                  also=()) -> tuple[nn.Module, DistributedTokenLoader, int, float, list]:
-    """Warm-up, then the timed loop. Returns (the module trained, the loader where training left it, steps,
-    training ms, averagers: the run's own first, then one per function in `also`, each of the model).
-    The lab's one hook: bench/lab.py replaces it to save or restore a checkpoint."""
-    optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
-    model = wrap_model(h, rt, base_model)
-    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
-    loader = make_loader()
-    averagers = [make_averager(h, base_model)] + [make(base_model) for make in also]
-    with compiled_graphs_only(h, rt, "inside the timed loop (WARMUP_STEPS >= 1 builds them)"):
-        steps, train_ms = train(h, rt, base_model, model, optimizers, loader, val, log, averagers)
-    return model, loader, steps, train_ms, averagers
 
 
 class Interrupted(Exception):
