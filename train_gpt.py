@@ -813,33 +813,27 @@ class TokenStream:
     def __init__(self, files: list[str], vocab_size: int, on_wrap=None):
         self.files, self.vocab_size, self.on_wrap = files, vocab_size, on_wrap
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
-        self.next_tokens = None
+        self.next_tokens: Future | None = None
         self.seek(0, 0)
 
-    def prefetch(self, index: int) -> Future:
-        return self.reader.submit(load_shard, self.files[index % len(self.files)], self.vocab_size)
-
-    def seek(self, file_index: int, pos: int) -> None:
-        """Continue from a saved position (FROM_CHECKPOINT), with the next shard being read."""
+    def seek(self, file_index: int, pos: int, tokens: np.ndarray | None = None) -> None:
+        """Continue at `pos` of shard `file_index` (FROM_CHECKPOINT), the next shard being read meanwhile."""
         if self.next_tokens is not None:
             self.next_tokens.cancel()
         self.file_index, self.pos = file_index, pos
-        self.tokens = load_shard(self.files[file_index], self.vocab_size)
-        self.next_tokens = self.prefetch(file_index + 1)
-
-    def next_shard(self) -> None:
-        self.file_index = (self.file_index + 1) % len(self.files)
-        if self.file_index == 0 and self.on_wrap is not None:
-            self.on_wrap, on_wrap = None, self.on_wrap
-            on_wrap()
-        self.tokens, self.pos = self.next_tokens.result(), 0  # re-raises a reader's RunError here
-        self.next_tokens = self.prefetch(self.file_index + 1)
+        self.tokens = load_shard(self.files[file_index], self.vocab_size) if tokens is None else tokens
+        self.next_tokens = self.reader.submit(load_shard, self.files[(file_index + 1) % len(self.files)],
+                                              self.vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
-                self.next_shard()
+                self.file_index = (self.file_index + 1) % len(self.files)
+                if self.file_index == 0 and self.on_wrap is not None:
+                    self.on_wrap, on_wrap = None, self.on_wrap
+                    on_wrap()
+                self.seek(self.file_index, 0, self.next_tokens.result())  # re-raises a reader's RunError here
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
