@@ -964,7 +964,8 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
         f"train_dropped_duplicates_of_val:{train.get('dropped_duplicates_of_val')} "
         f"train_dropped_near_duplicates_of_val:{train.get('dropped_near_duplicates_of_val')} "
         f"sha256:{file_sha256(str(path))}")
-    convention = manifest.get("val_bytes") or "normalized: not recorded (builder version 1: its sidecar counts the normalized text)"
+    convention = manifest.get("val_bytes") or ("normalized: not recorded (builder version 1: its sidecar counts "
+                                               "the normalized text)")
     log(f"data_val_bytes: {convention}")
     return convention
 
@@ -2090,7 +2091,8 @@ class TTTBudget:
         if rt.distributed:
             dist.all_reduce(done)
         adapted, plain, stopped = done.tolist()
-        return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({adapted / max(adapted + plain, 1):.1%}) "
+        share = adapted / max(adapted + plain, 1)
+        return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({share:.1%}) "
                 f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
 
 
@@ -2253,7 +2255,8 @@ def phase_if_it_fits(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val
     budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
     if trace is not None:
         trace.append(("phase", tuple(int(d) for d in scored)))
-    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{steps} time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{steps} "
+        f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
 
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
