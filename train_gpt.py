@@ -984,10 +984,9 @@ def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: li
 
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
                        caseops: bool, exact: bool = True) -> tuple[int, str, np.ndarray]:
-    """(d, reason, totals) for the first document d of `docs` that does not re-encode to its ids ("ids";
-    every len(starts) // REENCODE_DOCS-th document is tried) or, when `exact`, whose decoded text
-    (case-restored for CaseOps) is not as long in UTF-8 as its counted bytes ("bytes: ..."); totals:
-    [decoded bytes, documents counted otherwise] so far. (len(starts), "", totals) if none."""
+    """(d, reason, totals): the first document d of `docs` that does not re-encode to its ids ("ids"; every
+    len(starts) // REENCODE_DOCS-th is tried) or, when `exact`, whose decoded (case-restored) text's UTF-8
+    length is not its counted bytes ("bytes: ..."); totals: [decoded bytes, documents counted otherwise]."""
     ends = np.append(starts[1:], len(tokens))
     ids = [tokens[starts[d] + 1:ends[d]].tolist() for d in docs]
     reencode_every = max(1, len(starts) // REENCODE_DOCS)
@@ -1009,10 +1008,9 @@ def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: 
 def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_bytes: np.ndarray, sidecar: bool,
                           caseops: bool, device: torch.device, rank: int, world_size: int,
                           exact: bool = True) -> tuple[int, int]:
-    """Proves the bpb denominator and the tokenizer on every validation document (ranks share them), not
-    a sample: a wrong rule for one kind of piece shows only where it occurs. Returns (UTF-8 bytes of the
-    decoded text, documents counted otherwise). A sidecar of the original text's bytes (not `exact`) is
-    only checked at BOS (0 bytes)."""
+    """Proves the bpb denominator and the tokenizer on every validation document (ranks share them; a
+    sidecar of the original text's bytes, not `exact`, only at BOS). Returns (UTF-8 bytes of the decoded
+    text, documents counted otherwise); RunError naming the first document that disagrees."""
     starts = document_starts(tokens)
     if len(starts) == 0 or starts[0] != 0:
         raise RunError(f"DATA_PATH={h.data_path}: the validation split does not start with BOS (id {BOS_ID}): "
@@ -1114,8 +1112,7 @@ def document_digests(tokens: np.ndarray, complete_last: bool) -> list[bytes]:
 
 def leak_sample(files: list[str], rank: int, world_size: int) -> list[tuple[int, int, int]]:
     """(file index, offset, tokens) of the training spans rank `rank` scans for leaks: all of the first
-    shard (where a data prep that moves validation documents into training puts them) and, of every
-    other, its first block and, when longer than two, one at a seeded random place."""
+    shard and, of every other, its first block and (when longer than two) one at a seeded random place."""
     spans, rng = [], np.random.default_rng(0)
     for i, path in enumerate(files):
         count = read_shard_header(path)
@@ -1954,10 +1951,9 @@ def split_documents(tokens: np.ndarray) -> Documents:
 
 
 class DocumentAdapters:
-    """LoRA (Hu et al. 2021, arXiv 2106.09685) in `slots` slots on every block matrix and the tied head:
-    for a matrix (out, in), A (slots, rank, in) and B (slots, out, rank); row b gets (x A_b^T) B_b^T *
-    alpha / rank added. A reset restores every slot to one seeded A, B = 0 and fresh Adam state (no
-    momentum, decoupled weight decay), so a score does not depend on its slot, batch or rank."""
+    """LoRA (Hu et al. 2021, arXiv 2106.09685) in `slots` slots on every block matrix and the tied head: for
+    a matrix (out, in), A (slots, rank, in), B (slots, out, rank); row b gets (x A_b^T) B_b^T * alpha / rank.
+    A reset gives every slot one seeded A, B = 0 and fresh Adam state: a score is independent of its slot."""
 
     def __init__(self, model: GPT, slots: int, rank: int):
         device = model.tok_emb.weight.device
@@ -2027,12 +2023,9 @@ def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int,
 
 class TTTBudget:
     """When score-first TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time).
-
-    `work`: positions per chunk of each batch, known before the first score. A chunk costs the mean
-    measured for its shape and mode; an unmeasured shape is priced per position from the largest run,
-    plain at PLAIN_SHARE of adapted until measured. Once a batch is measured, a chunk adapts only if the
-    time left covers it adapted plus the rest of the work plain (this batch's, and this rank's share of
-    the batches not yet reached); a phase only if it fits the same way. Once stopped, it stays stopped."""
+    `work`: positions per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if
+    the time left covers it adapted plus the rest of this rank's work plain, at the costs measured per
+    shape and mode (the rule in full: docs/notes/ttt.md). Once stopped, it stays stopped."""
 
     PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
 
