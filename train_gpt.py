@@ -718,14 +718,15 @@ class Muon(torch.optim.Optimizer):
 # Data
 #
 # A shard is 256 little-endian int32 (magic, version, token count, unused) then that many uint16
-# tokens. Every header and file size is checked before training; token ids are checked for the
-# validation split up front and for each training shard when the stream loads it.
+# tokens. Headers and sizes are checked before training; token ids of the validation split up front,
+# of each training shard as the stream loads it. The validation split's bytes are proved against its
+# decoded text before anything trains (check_validation_text). Notes: docs/notes/data.md.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 
 
 def read_shard_header(path: str) -> int:
-    """Returns the token count after checking magic, version and that the file holds exactly it."""
+    """The shard's token count, once its magic, version and size agree (RunError otherwise)."""
     size = os.path.getsize(path)
     if size < SHARD_HEADER_BYTES:
         raise RunError(f"{path}: {size} bytes, shorter than the {SHARD_HEADER_BYTES}-byte shard header")
@@ -739,6 +740,15 @@ def read_shard_header(path: str) -> int:
     return count
 
 
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    """The shard's tokens (uint16); an id >= vocab_size is a RunError."""
+    count = read_shard_header(path)
+    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
 def shard_files(data_path: str, split: str) -> list[str]:
     """The split's shard files in order (the validation byte sidecar, fineweb_val_bytes_*, is not one)."""
     return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
@@ -746,7 +756,6 @@ def shard_files(data_path: str, split: str) -> list[str]:
 
 
 def download_hint(h: Hyperparameters) -> str:
-    """What to do when DATA_PATH or TOKENIZER_PATH is missing (the default paths are the download's)."""
     return (f"download FineWeb with {FINEWEB_DOWNLOAD.format(vocab_size=h.vocab_size)}, or set DATA_PATH and "
             f"TOKENIZER_PATH")
 
@@ -763,50 +772,30 @@ def find_shards(h: Hyperparameters, split: str) -> list[str]:
 
 
 def log_train_budget(h: Hyperparameters, files: list[str], log) -> None:
-    """Logs the shards' tokens against the most the run can read; warns when the stream would wrap.
-
-    A step reads TRAIN_BATCH_TOKENS + one token per slice (each span carries its last target), and
-    GPTQ calibration reads whole steps after training. The warm-up's reads do not count: the stream
-    is rebuilt after it. With a wallclock cap, ITERATIONS only bounds the steps: the cap decides."""
+    """Logs the shards' tokens against the most the run reads (a step: TRAIN_BATCH_TOKENS + a token per
+    slice; GPTQ calibration: whole steps; not the warm-up's) and warns when the stream would wrap."""
     available = sum(read_shard_header(f) for f in files)
     per_step = h.train_batch_tokens + SLICES_PER_STEP
     steps = h.iterations + -(-h.gptq_calib_tokens // h.train_batch_tokens)
     bound = "at most, ITERATIONS bound; the wallclock cap decides" if h.max_wallclock_seconds else "exactly"
     log(f"train_shards:{len(files)} train_tokens:{available} planned_train_tokens:{steps * per_step} "
         f"({bound}: {steps} steps incl. GPTQ calibration x {per_step})")
-    if steps * per_step <= available:
-        return
-    message = (f"the training stream wraps after step {available // per_step}: {len(files)} shards hold "
-               f"{available} tokens, fewer than the {steps * per_step} planned; training would repeat data")
-    log(f"note: {message}, if the run gets that far" if h.max_wallclock_seconds else f"WARNING: {message}")
+    if steps * per_step > available:
+        message = (f"the training stream wraps after step {available // per_step}: {len(files)} shards hold "
+                   f"{available} tokens, fewer than the {steps * per_step} planned; training would repeat data")
+        log(f"note: {message}, if the run gets that far" if h.max_wallclock_seconds else f"WARNING: {message}")
 
 
-def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    count = read_shard_header(path)
-    tokens = np.fromfile(path, dtype="<u2", count=count, offset=SHARD_HEADER_BYTES)
-    if tokens.size and int(tokens.max()) >= vocab_size:
-        raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
-    return tokens
-
-
-# CaseOps (the tokenizer track, FRONTIER.md "Tokenizer track: data and bytes"): a lossless rewrite
-# of capitalisation applied before tokenizing, `lossless_caps_caseops_v1` of the public record
-# openai/parameter-golf records/track_10min_16mb/2026-04-18_PR1626_CaseOps_Taper (lossless_caps.py,
-# which maps that name to its v2 rules and these four private-use characters). The forward
-# direction lives with the data builder (tools/build_dataset.py, caseops_encode).
+# CaseOps (PR #1626's lossless_caps_caseops_v1): capitals rewritten as private-use operators before
+# tokenizing. The forward rewrite lives in tools/build_dataset.py (caseops_encode).
 CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
 _CASEOPS_DECODE = re.compile("\ue004([\ue001-\ue004])|\ue002([a-z]+)|[\ue001\ue003]([a-z])|([\ue001-\ue004])")
 
 
 def caseops_decode(text: str) -> str:
-    """The exact inverse of CaseOps: restores the capitals of rewritten text.
-
-    Operators: TITLE or CAPNEXT before a letter capitalises that letter (TITLE opens a word, CAPNEXT
-    is a further capital inside it), ALLCAPS capitalises the run of a-z after it (the whole word:
-    the rewrite only ever puts it before a maximal run of ASCII letters), ESC before an operator is
-    that operator literally. Anything else is copied. An operator in any other place cannot come
-    from the rewrite: ValueError naming its position."""
+    """The exact inverse of CaseOps: TITLE or CAPNEXT capitalises the next letter, ALLCAPS the run of a-z
+    after it, ESC makes the next operator literal. An operator anywhere else is a ValueError."""
     def restore(m: re.Match) -> str:
         literal, word, letter, stray = m.groups()
         if stray is not None:
@@ -817,45 +806,33 @@ def caseops_decode(text: str) -> str:
 
 
 class TokenStream:
-    """The training shards in order, wrapping around at the end.
-
-    A background thread reads the next shard while this one is consumed (a shard is 200 MB to read
-    and check: a stalled step every ~190 record steps otherwise); which tokens come, in which order,
-    does not change. on_wrap is called once, when the stream first starts over: from then on the
-    run trains on data it has seen."""
+    """The training shards in order, wrapping at the end (on_wrap() is called the first time). A thread
+    reads the next shard while this one is consumed: the tokens and their order do not change."""
 
     def __init__(self, files: list[str], vocab_size: int, on_wrap=None):
         self.files, self.vocab_size, self.on_wrap = files, vocab_size, on_wrap
-        self.file_index, self.pos, self.wrapped = 0, 0, False
         self.reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-prefetch")
-        self.tokens = load_shard(files[0], vocab_size)
-        self.next_tokens = self.prefetch(1)
+        self.next_tokens: Future | None = None
+        self.seek(0, 0)
 
-    def prefetch(self, index: int) -> Future:
-        return self.reader.submit(load_shard, self.files[index % len(self.files)], self.vocab_size)
-
-    def next_shard(self) -> None:
-        self.file_index = (self.file_index + 1) % len(self.files)
-        if self.file_index == 0 and not self.wrapped:
-            self.wrapped = True
-            if self.on_wrap is not None:
-                self.on_wrap()
-        self.tokens, self.pos = self.next_tokens.result(), 0  # re-raises a reader's RunError here
-        self.next_tokens = self.prefetch(self.file_index + 1)
-
-    def seek(self, file_index: int, pos: int) -> None:
-        """Continue from a saved position (FROM_CHECKPOINT), with the right shard prefetched."""
-        self.next_tokens.cancel()
+    def seek(self, file_index: int, pos: int, tokens: np.ndarray | None = None) -> None:
+        """Continue at `pos` of shard `file_index` (FROM_CHECKPOINT), the next shard being read meanwhile."""
+        if self.next_tokens is not None:
+            self.next_tokens.cancel()
         self.file_index, self.pos = file_index, pos
-        self.tokens = load_shard(self.files[file_index], self.vocab_size)
-        self.next_tokens = self.prefetch(file_index + 1)
+        self.tokens = load_shard(self.files[file_index], self.vocab_size) if tokens is None else tokens
+        self.next_tokens = self.reader.submit(load_shard, self.files[(file_index + 1) % len(self.files)],
+                                              self.vocab_size)
 
     def take(self, n: int) -> np.ndarray:
         parts = []
         while n > 0:
             if self.pos == len(self.tokens):
-                self.next_shard()
-                continue
+                self.file_index = (self.file_index + 1) % len(self.files)
+                if self.file_index == 0 and self.on_wrap is not None:
+                    self.on_wrap, on_wrap = None, self.on_wrap
+                    on_wrap()
+                self.seek(self.file_index, 0, self.next_tokens.result())  # re-raises a reader's RunError here
             k = min(n, len(self.tokens) - self.pos)
             parts.append(self.tokens[self.pos:self.pos + k])
             self.pos, n = self.pos + k, n - k
@@ -863,10 +840,8 @@ class TokenStream:
 
 
 class DistributedTokenLoader:
-    """Each micro-step takes world_size consecutive spans of the stream; rank r trains on span r.
-
-    The spans are the same whatever the world size, so 1, 2, 4 or 8 GPUs see the same tokens in the
-    same optimizer steps (gradient accumulation covers the rest)."""
+    """Each micro-step takes world_size consecutive spans of the stream and rank r trains on span r: the
+    same tokens in the same optimizer steps on 1, 2, 4 or 8 GPUs (gradient accumulation covers the rest)."""
 
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
                  on_wrap=None):
@@ -894,10 +869,8 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
 
 
 def strips_leading_space(sp: spm.SentencePieceProcessor) -> bool:
-    """Whether decoding drops the space marker of a document's first piece. It does when the
-    tokenizer's normalizer removes extra whitespace (the challenge's tokenizers); one trained with
-    remove_extra_whitespaces=false keeps it. Asked of the decoder itself, on the first piece that
-    starts with the marker and holds more than it."""
+    """Whether decoding drops a document's first space marker (a normalizer that removes extra
+    whitespace, as the challenge's tokenizers have): asked of the decoder on the first such piece."""
     for i in range(sp.vocab_size()):
         piece = sp.id_to_piece(i)
         if piece.startswith("\u2581") and piece.strip("\u2581") and not (sp.is_control(i) or sp.is_byte(i)):
@@ -906,18 +879,11 @@ def strips_leading_space(sp: spm.SentencePieceProcessor) -> bool:
 
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per token id: the UTF-8 bytes of the piece with every space marker a space, less the
-    leading marker that decoding drops after a boundary; whether the piece starts with a marker;
-    whether the token is a boundary (control/unknown/unused: 0 bytes).
-
-    A target's bytes are base + [leading marker and its predecessor is not a boundary]. Each marker
-    is one byte: a piece of four markers (a tokenizer that keeps indentation) is four spaces, not
-    the ten bytes a rule counting the marker's own UTF-8 would give. Summed over a document this
-    equals the UTF-8 length of the decoded text; check_validation_text proves it on the data."""
+    """Per token id: base (UTF-8 bytes of the piece, each space marker one space, less a leading marker
+    that decoding drops), space (it has that marker), boundary (control/unknown/unused: 0 bytes).
+    A target counts base + [space and its predecessor is no boundary] (target_bytes)."""
     n, strip = sp.vocab_size(), strips_leading_space(sp)
-    base = np.zeros(n, dtype=np.int64)
-    space = np.zeros(n, dtype=bool)
-    boundary = np.zeros(n, dtype=bool)
+    base, space, boundary = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for i in range(n):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True
@@ -935,11 +901,8 @@ def target_bytes(inputs: np.ndarray | Tensor, targets: np.ndarray | Tensor, tabl
     return base[targets] + (space[targets] & ~boundary[inputs])
 
 
-# The official validation splits: the first 50,000 FineWeb documents in each public export
-# (CHALLENGE.md, FRONTIER.md). The records' logs print the split cut to whole evaluation windows
-# (multiples of up to 2,048), so the scored-target count is known to within 2,048; the exports'
-# own manifest (with file hashes) lives on Hugging Face, out of reach here, so the log prints our
-# sha256 of the split's tokens for the first run on the real data to pin. Anything else is `custom`.
+# The official validation splits: the first 50,000 documents of each public export, with the scored
+# targets their records logged (cut to whole windows: known to within 2,048). Anything else is `custom`.
 OFFICIAL_SPLITS = (  # name, vocab size, byte sidecar, documents, scored targets as logged
     ("fineweb_sp1024", 1024, False, 50_000, 62_021_632),
     ("fineweb_sp8192", 8192, False, 50_000, 40_540_160),
@@ -948,6 +911,7 @@ OFFICIAL_SPLITS = (  # name, vocab size, byte sidecar, documents, scored targets
 REENCODE_DOCS = 512  # documents re-encoded to prove the tokenizer (check_validation_text)
 LEAK_MIN_TOKENS = 64  # shorter documents (boilerplate) may repeat legitimately; they are not looked up
 LEAK_BLOCK_TOKENS = 1 << 20  # tokens read per sampled block of a training shard
+BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
 
 
 def split_name(vocab_size: int, sidecar: bool, documents: int, targets: int) -> str:
@@ -962,15 +926,18 @@ def document_starts(tokens: np.ndarray) -> np.ndarray:
     return np.flatnonzero(tokens == BOS_ID)
 
 
-BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
-    """Logs the data builder's manifest (tools/build_dataset.py writes DATA_PATH/manifest.json) when there
-    is one and returns its byte convention (None without one), and checks the validation files against the sizes and sha256 it lists: a file changed or
-    swapped since the build is an error. Training shards are not hashed (16 GB at pod size). A folder
-    with the builder's marker and no manifest is an unfinished build (part of the validation split,
-    perhaps): an error. A folder with neither (the challenge's downloads) is taken as it is."""
+    """Checks the validation `files` against DATA_PATH/manifest.json (tools/build_dataset.py's sizes and
+    sha256), logs it and returns its byte convention; None without one (the challenge's downloads). The
+    builder's marker without a manifest is an unfinished build: RunError."""
     path = Path(h.data_path) / "manifest.json"
     if not path.is_file():
         if (Path(h.data_path) / BUILD_MARKER).is_file():
@@ -990,23 +957,21 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     if settings.get("vocab_size") != h.vocab_size:
         raise RunError(f"{path}: built for vocab size {settings.get('vocab_size')}, but VOCAB_SIZE={h.vocab_size}")
     train = manifest.get("splits", {}).get("train", {})
-    dropped, near = train.get("dropped_duplicates_of_val"), train.get("dropped_near_duplicates_of_val")
     log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} "
         f"created:{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} "
         f"caseops:{settings.get('caseops')} val_docs:{settings.get('val_docs')} "
-        f"train_dropped_duplicates_of_val:{dropped} train_dropped_near_duplicates_of_val:{near} "
+        f"train_dropped_duplicates_of_val:{train.get('dropped_duplicates_of_val')} "
+        f"train_dropped_near_duplicates_of_val:{train.get('dropped_near_duplicates_of_val')} "
         f"sha256:{file_sha256(str(path))}")
-    convention = manifest.get("val_bytes") or "normalized: not recorded (builder version 1: its sidecar counts the normalized text)"
+    convention = manifest.get("val_bytes") or ("normalized: not recorded (builder version 1: its sidecar counts "
+                                               "the normalized text)")
     log(f"data_val_bytes: {convention}")
     return convention
 
 
 def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:
-    """Bytes of the original text behind each validation token (a BOS and the first token: 0).
-
-    From the byte sidecar when the data has one (fineweb_val_bytes_*.bin, the shard format with one
-    uint16 per validation token: the CaseOps exports, whose tokens spell operators that are not in
-    the original text), else from the per-token rule (byte_tables)."""
+    """Bytes of the original text behind each validation token (a BOS and the first token: 0): from the
+    byte sidecar (fineweb_val_bytes_*.bin, one uint16 per token: the CaseOps exports) or byte_tables."""
     if not sidecar:
         return np.concatenate(([0], target_bytes(tokens[:-1], tokens[1:], tables)))
     counts = np.concatenate([load_shard(f, 1 << 16) for f in sidecar]).astype(np.int64)
@@ -1018,11 +983,9 @@ def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: li
 
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
                        caseops: bool, exact: bool = True) -> tuple[int, str, np.ndarray]:
-    """(index, what is wrong, [decoded bytes, documents whose count differs] so far) of the first document
-    in `docs` whose decoded text (case-restored for CaseOps) is not as long in UTF-8 as its counted
-    bytes ("bytes"; only when `exact`: the counts are of the decoded text), or that does not re-encode
-    to its own ids ("ids", checked on every len(starts) // REENCODE_DOCS-th document); (len(starts),
-    "", the totals over `docs`) if none."""
+    """(d, reason, totals): the first document d of `docs` that does not re-encode to its ids ("ids"; every
+    len(starts) // REENCODE_DOCS-th is tried) or, when `exact`, whose decoded (case-restored) text's UTF-8
+    length is not its counted bytes ("bytes: ..."); totals: [decoded bytes, documents counted otherwise]."""
     ends = np.append(starts[1:], len(tokens))
     ids = [tokens[starts[d] + 1:ends[d]].tolist() for d in docs]
     reencode_every = max(1, len(starts) // REENCODE_DOCS)
@@ -1044,18 +1007,9 @@ def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: 
 def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_bytes: np.ndarray, sidecar: bool,
                           caseops: bool, device: torch.device, rank: int, world_size: int,
                           exact: bool = True) -> tuple[int, int]:
-    """Proves the bpb denominator and the tokenizer against the data, before anything trains; returns the
-    UTF-8 bytes of the decoded validation text and the documents whose counts differ from it.
-
-    Every validation document is decoded (ranks share them) and its UTF-8 length compared with the
-    bytes counted for its tokens: the denominator is checked whole, not sampled (a wrong rule for
-    one kind of piece shows up only in the documents that hold it). A sidecar of the original text's
-    bytes (the public CaseOps export's convention; not `exact`) counts what the tokenizer's
-    normalization changed as written, so there only its BOS and its token count are checked and the
-    log gives both totals and the documents that differ. The tokenizer is proved by
-    re-encoding REENCODE_DOCS documents spread over the split: ids made by another tokenizer decode
-    to text that re-encodes otherwise in nearly every document, so 512 leave no realistic chance of
-    a miss, at ~0.3 s. A BOS must count 0 bytes. Costs are in README (Data)."""
+    """Proves the bpb denominator and the tokenizer on every validation document (ranks share them; a
+    sidecar of the original text's bytes, not `exact`, only at BOS). Returns (UTF-8 bytes of the decoded
+    text, documents counted otherwise); RunError naming the first document that disagrees."""
     starts = document_starts(tokens)
     if len(starts) == 0 or starts[0] != 0:
         raise RunError(f"DATA_PATH={h.data_path}: the validation split does not start with BOS (id {BOS_ID}): "
@@ -1109,16 +1063,14 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path} spells CaseOps operators, but DATA_PATH={h.data_path} "
                        f"has no byte sidecar fineweb_val_bytes_*.bin: the bytes of the original text are unknown")
     token_bytes = load_token_bytes(h, tokens, tables, sidecar)
-    # A sidecar counts the original text (the public export; our builder's default) unless its manifest
-    # says it counts the normalized text, which the decoded text then proves exactly.
+    # A sidecar counts the original text unless its manifest says the normalized one (then proved exactly).
     exact = not sidecar or (convention or "").startswith("normalized")
     decoded, differ = check_validation_text(h, sp, tokens, token_bytes, bool(sidecar), caseops and bool(sidecar),
                                             device, rank, world_size, exact)
-    starts = document_starts(tokens)
+    starts, split_targets = document_starts(tokens), len(tokens) - 1
     if not token_bytes.any():
-        raise RunError(f"DATA_PATH={h.data_path}: the validation split has nothing to score: {len(tokens) - 1} "
+        raise RunError(f"DATA_PATH={h.data_path}: the validation split has nothing to score: {split_targets} "
                        f"targets in {len(starts)} documents, 0 bytes of text")
-    split_targets = len(tokens) - 1
     name = split_name(h.vocab_size, bool(sidecar), len(starts), split_targets)
     log(f"val_split:{name} val_split_targets:{split_targets} val_split_sha256:"
         f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{len(starts)}")
@@ -1143,8 +1095,7 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
 
 def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor, Tensor]) -> ValidationSet:
     """A span of training tokens in the shape of a ValidationSet: what the compile warm-up scores."""
-    device = tables[0].device
-    span = torch.from_numpy(tokens.astype(np.int64)).to(device)
+    span = torch.from_numpy(tokens.astype(np.int64)).to(tables[0].device)
     per_target = target_bytes(span[:-1], span[1:], tables).to(torch.int32)
     return ValidationSet(span, len(span) - 1, int(per_target.sum()), tables, len(span) - 1, per_target)
 
@@ -1152,43 +1103,36 @@ def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor
 def document_digests(tokens: np.ndarray, complete_last: bool) -> list[bytes]:
     """A 128-bit BLAKE2b digest of each document of at least LEAK_MIN_TOKENS tokens (BOS to the next
     BOS; the last one only if complete_last: a block of a shard may cut it)."""
-    bounds = np.append(document_starts(tokens), len(tokens) if complete_last else [])
+    bounds = np.append(document_starts(tokens), len(tokens) if complete_last else []).astype(np.int64)
     data = tokens.astype("<u2")
     return [hashlib.blake2b(data[s:e].tobytes(), digest_size=16).digest()
-            for s, e in zip(bounds[:-1].astype(np.int64), bounds[1:].astype(np.int64)) if e - s >= LEAK_MIN_TOKENS]
+            for s, e in zip(bounds[:-1], bounds[1:]) if e - s >= LEAK_MIN_TOKENS]
 
 
 def leak_sample(files: list[str], rank: int, world_size: int) -> list[tuple[int, int, int]]:
-    """(file index, offset, tokens) of the training spans rank `rank` reads for the leak check: all of
-    the first shard (where a data-prep default that moves validation documents into training puts
-    them) and, of every other shard, its first block and one block at a seeded random place."""
-    spans = []
-    rng = np.random.default_rng(0)
+    """(file index, offset, tokens) of the training spans rank `rank` scans for leaks: all of the first
+    shard and, of every other, its first block and (when longer than two) one at a seeded random place."""
+    spans, rng = [], np.random.default_rng(0)
     for i, path in enumerate(files):
         count = read_shard_header(path)
-        offset = int(rng.integers(0, max(count - LEAK_BLOCK_TOKENS, 0) + 1))
-        mine = i % world_size == rank
-        if i == 0:
-            spans += [(0, 0, count)] if mine else []
-        elif mine:
-            spans += [(i, 0, min(count, LEAK_BLOCK_TOKENS))] + ([(i, offset, LEAK_BLOCK_TOKENS)]
-                                                               if count > 2 * LEAK_BLOCK_TOKENS else [])
+        offset = int(rng.integers(0, max(count - LEAK_BLOCK_TOKENS, 0) + 1))  # drawn for all: rank-independent
+        if i % world_size == rank:
+            spans += ([(0, 0, count)] if i == 0 else [(i, 0, min(count, LEAK_BLOCK_TOKENS))]
+                      + ([(i, offset, LEAK_BLOCK_TOKENS)] if count > 2 * LEAK_BLOCK_TOKENS else []))
     return spans
 
 
 def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozenset, rank: int,
                 world_size: int) -> tuple[int, int, int]:
-    """This rank's share of the leak check: (training shards identical to a validation shard,
-    training tokens scanned, validation documents found among them)."""
+    """This rank's share of the leak check: (training shards identical to a validation shard, training
+    tokens scanned, validation documents found among them)."""
     val_files = shard_files(h.data_path, "val")
-    val_sizes = {os.path.getsize(f) for f in val_files}
-    val_hashes = None
+    val_sizes, val_hashes = {os.path.getsize(f) for f in val_files}, None
     identical = scanned = hits = 0
-    for i, path in enumerate(train_files):
-        if i % world_size != rank or os.path.getsize(path) not in val_sizes:
-            continue
-        val_hashes = val_hashes or {file_sha256(f) for f in val_files}
-        identical += file_sha256(path) in val_hashes
+    for path in train_files[rank::world_size]:
+        if os.path.getsize(path) in val_sizes:
+            val_hashes = val_hashes or {file_sha256(f) for f in val_files}
+            identical += file_sha256(path) in val_hashes
     for i, offset, count in leak_sample(train_files, rank, world_size):
         block = np.fromfile(train_files[i], dtype="<u2", count=count, offset=SHARD_HEADER_BYTES + 2 * offset)
         scanned += len(block)
@@ -1198,9 +1142,8 @@ def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozens
 
 def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, log, rank: int = 0,
                world_size: int = 1) -> None:
-    """Looks for validation text in the training data: a training shard identical to a validation
-    shard, and validation documents among the training documents of leak_sample() (hash lookups).
-    Warns in the log and on stdout (submit.py fails such a log); the run goes on."""
+    """Looks for validation text in the training data (leak_counts) and warns in the log (submit.py fails
+    such a log); the run goes on."""
     t0 = time.perf_counter()
     counts = leak_counts(h, train_files, val.doc_digests, rank, world_size)
     if world_size > 1:
@@ -1216,14 +1159,6 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
         log(f"WARNING: validation leak: {hits} validation documents found in {scanned} training tokens scanned, "
             f"{identical} training shards identical to a validation shard; the score would be invalid "
             f"(validation text must never be trained on)")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -----------------------------------------------------------------------------
@@ -1908,52 +1843,42 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
 # -----------------------------------------------------------------------------
 # Evaluation
 #
-# One routine scores any window plan: windows of at most EVAL_SEQ_LEN tokens, each scoring the
-# targets from `score_from` to its end. Standard evaluation is the plan with stride = length
-# (disjoint windows); the sliding window advances by EVAL_STRIDE and scores only the targets new
-# to each window, so each has up to EVAL_SEQ_LEN - 1 tokens of context. Both plans end with a
-# window that reaches the last target, and every target is scored exactly once: the token and
-# byte totals are checked against the validation set after every evaluation. With VAL_TOKENS the
-# validation set is the split's first VAL_TOKENS targets (load_validation), and so is every check.
-# With DOC_ATTENTION a window's tokens attend within their own documents, as in training: the mask is
-# the model's, built from its input in every forward pass (a model that never saw across a BOS is not
-# shown another document's tokens at scoring; the records' evaluation did the same). The per-document
-# TTT rows hold one document each, so there the mask is plain causal attention.
+# One routine scores any window plan: windows of at most EVAL_SEQ_LEN targets, each scoring those from
+# `score_from` to its end. Standard evaluation is stride = length (disjoint windows); the sliding window
+# advances by EVAL_STRIDE and scores only the targets new to each window. Every target is scored exactly
+# once, checked against the validation set's counts after every evaluation (checked_score). With
+# DOC_ATTENTION a window attends within documents, as in training (the model's own mask).
 
 
 def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(start, end, score_from) per window over target indices [0, num_targets)."""
+    """(start, end, score_from) per window over target indices [0, num_targets); the last reaches the end."""
     count = max(0, -(-(num_targets - seq_len) // stride)) + 1
     starts = np.arange(count, dtype=np.int64) * stride
     ends = np.minimum(starts + seq_len, num_targets)
-    score_from = np.concatenate(([0], ends[:-1]))
-    return starts, ends, score_from
+    return starts, ends, np.concatenate(([0], ends[:-1]))
+
+
+def scored_sums(losses: Tensor, scored: Tensor, nbytes: Tensor) -> Tensor:
+    """(loss in nats, targets, bytes) summed over the `scored` positions, as float64."""
+    return torch.stack((torch.where(scored, losses.double(), 0.0).sum(), scored.sum().double(),
+                        torch.where(scored, nbytes, 0).sum().double()))
 
 
 def score_windows(model, val: ValidationSet, seq_len: int, windows: tuple[np.ndarray, ...],
                   batch_windows: int, autocast) -> Tensor:
-    """Sums (loss in nats, scored targets, bytes) over the windows, as float64 on the device.
-
-    The last batch is padded with empty windows so that every batch has one shape (no recompile).
-    Positions past a window's end see real tokens but are never scored; causality keeps them
-    from reaching scored positions."""
+    """Sums (loss in nats, scored targets, bytes) over the windows, float64 on the device. The last batch
+    is padded with empty windows (one shape: no recompile); positions past a window's end are unscored."""
     device = val.tokens.device
-    offsets = torch.arange(seq_len, device=device)
+    plan = np.zeros((3, -(-len(windows[0]) // batch_windows) * batch_windows), dtype=np.int64)
+    plan[:, :len(windows[0])] = windows
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    for lo in range(0, len(windows[0]), batch_windows):
-        start, end, score_from = (torch.zeros(batch_windows, dtype=torch.int64, device=device) for _ in range(3))
-        for dst, src in zip((start, end, score_from), windows):
-            part = src[lo:lo + batch_windows]
-            dst[:len(part)] = torch.from_numpy(part).to(device)
-        pos = start[:, None] + offsets  # (B, T) target indices
+    for start, end, score_from in torch.from_numpy(plan).to(device).view(3, -1, batch_windows).unbind(1):
+        pos = start[:, None] + torch.arange(seq_len, device=device)  # (B, T) target indices
         scored = (pos >= score_from[:, None]) & (pos < end[:, None])
         pos = pos.clamp_max(val.num_targets - 1)
-        inputs, targets = val.tokens[pos], val.tokens[pos + 1]
         with autocast:
-            losses = model(inputs, targets, reduction="none")
-        nbytes = val.target_bytes[pos]
-        sums += torch.stack((torch.where(scored, losses.double(), 0.0).sum(), scored.sum().double(),
-                             torch.where(scored, nbytes, 0).sum().double()))
+            losses = model(val.tokens[pos], val.tokens[pos + 1], reduction="none")
+        sums += scored_sums(losses, scored, val.target_bytes[pos])
     return sums
 
 
@@ -1968,8 +1893,8 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
 
 
 def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[float, float]:
-    """(val_loss, val_bpb) from every rank's (loss in nats, targets, bytes), after checking that the
-    targets and bytes are exactly the validation set's (each target scored once) and the loss finite."""
+    """(val_loss, val_bpb) from every rank's scored_sums, once the targets and bytes are exactly the
+    validation set's (each target scored once) and the loss is finite; RunError otherwise."""
     if rt.distributed:
         dist.all_reduce(sums)
     loss_sum, targets, nbytes = sums.tolist()
@@ -1984,23 +1909,15 @@ def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[floa
 # -----------------------------------------------------------------------------
 # Score-first test-time training (TTT)
 #
-# The evaluation the best records used (PR #1855 and later). The validation stream is split at BOS into
-# documents, each scored in rows of its own. Document d's segment is its BOS, its text and the next
-# document's BOS, so its last target is that BOS and every target of the split is scored exactly once.
-# Its targets are walked in chunks of TTT_CHUNK_TOKENS; chunk [lo, lo + chunk) is scored in the window
-# of up to EVAL_SEQ_LEN tokens that ends at lo + chunk (the sliding rule with the chunk as the stride;
-# where the document ends does not move it) and only then, if the document goes on, used for one step
-# of the document's own LoRA adapters. TTT_BATCH_DOCS documents adapt side by side, one adapter slot
-# each, in an order fixed before the first score (longest first); ranks claim batches as they finish.
-# After the document counts in TTT_PHASES every rank pauses for one epoch of SGD over the base weights
-# on the documents scored so far. A token's probability thus depends on the artifact and on tokens
-# scored before it only; it is a full softmax, computed once (tests/test_ttt.py). With TTT_LR_SCALE=0
-# nothing moves: the score is the per-document plain score, bit for bit.
-#
-# Compiled, the rows come in few shapes: TTT_BATCH_DOCS rows padded to a power of two of at least
-# TTT_MIN_ROW (64, 128, ... EVAL_SEQ_LEN), each with adapters and gradients or plain, and the phase's
-# packed rows: warm_up_ttt builds exactly these (ttt_graphs), and scoring runs where a new graph is an
-# error. The time budget (TTTBudget) plans from the work known before the first score.
+# The evaluation of the best records (PR #1855 on), per document. Document d's segment is its BOS, its
+# text and the next BOS (its last target), so every target of the split is scored once. Its targets go
+# in chunks of TTT_CHUNK_TOKENS, each scored in the window of up to EVAL_SEQ_LEN tokens that ends at the
+# chunk's end, then (if the document goes on) used for one step of the document's own LoRA adapters.
+# TTT_BATCH_DOCS documents adapt side by side, longest first; ranks claim batches as they finish. After
+# the document counts in TTT_PHASES every rank runs one SGD epoch over the base weights on the documents
+# scored so far. A score depends only on the artifact and the tokens scored before it (tests/test_ttt.py);
+# at TTT_LR_SCALE=0 it is the plain per-document score bit for bit. Compiled, the rows take a few shapes
+# (ttt_graphs), all built by warm_up_ttt; TTTBudget stops adapting in time. Notes: docs/notes/ttt.md.
 
 TTT_LORA_ALPHA = 144.0  # the records' LoRA scale is alpha / rank, alpha 144 at rank 80
 TTT_LR, TTT_BETA2, TTT_WEIGHT_DECAY = 1e-4, 0.99, 0.5  # the adapters' Adam (no momentum), as the records
@@ -2033,13 +1950,9 @@ def split_documents(tokens: np.ndarray) -> Documents:
 
 
 class DocumentAdapters:
-    """LoRA (Hu et al. 2021, arXiv 2106.09685) in `slots` independent slots on every block matrix and
-    the tied head: for a matrix (out, in), A (slots, rank, in) and B (slots, out, rank), and row b of a
-    batch gets (x A_b^T) B_b^T * alpha / rank added to the matrix's output. Each reset restores A to
-    one seeded random draw, the same in every slot, and B to zero (the model unchanged), with Adam's
-    state (no momentum, decoupled weight decay). The records kept A from a slot's earlier documents;
-    fresh, equal adapters make a document's score independent of its slot, its batch and which GPU
-    took the batch."""
+    """LoRA (Hu et al. 2021, arXiv 2106.09685) in `slots` slots on every block matrix and the tied head: for
+    a matrix (out, in), A (slots, rank, in), B (slots, out, rank); row b gets (x A_b^T) B_b^T * alpha / rank.
+    A reset gives every slot one seeded A, B = 0 and fresh Adam state: a score is independent of its slot."""
 
     def __init__(self, model: GPT, slots: int, rank: int):
         device = model.tok_emb.weight.device
@@ -2085,11 +1998,8 @@ def padded_length(width: int, seq_len: int) -> int:
 def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int, int, int]]:
     """(lo, first, T) per chunk of a batch whose longest document has num_targets targets: the chunk
     scores targets [lo, lo + chunk) in the window of targets [first, first + T) (T padded)."""
-    windows = []
-    for lo in range(0, max(num_targets, 1), chunk):
-        first = max(lo + chunk - seq_len, 0)
-        windows.append((lo, first, padded_length(lo + chunk - first, seq_len)))
-    return windows
+    return [(lo, max(lo + chunk - seq_len, 0), padded_length(min(lo + chunk, seq_len), seq_len))
+            for lo in range(0, max(num_targets, 1), chunk)]
 
 
 def ttt_graphs(h: Hyperparameters) -> list[int]:
@@ -2101,9 +2011,8 @@ def ttt_graphs(h: Hyperparameters) -> list[int]:
 def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int, T: int,
                   chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Rows scoring targets [lo, lo + chunk) of each document (start: its first token, n: its targets;
-    device tensors (B,)) in the window of targets [first, first + T). Returns inputs and targets (B, T),
-    the scored mask and the validation target index of each position, all made on the device (no
-    host copy). A row whose document is shorter scores fewer targets, or none; positions past a
+    (B,) on the device) in the window of targets [first, first + T): inputs and targets (B, T), the
+    scored mask and each position's validation target index, made on the device. Positions past a
     document's end are padding that causality keeps from the scored ones."""
     pos = torch.arange(first, first + T, device=tokens.device)[None, :]  # (1, T) target index in the document
     scored = (pos >= lo) & (pos < torch.clamp(n, max=lo + chunk)[:, None])
@@ -2112,18 +2021,10 @@ def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int,
 
 
 class TTTBudget:
-    """When score-first TTT stops adapting, so that the evaluation ends by `deadline` (a `clock` time).
-
-    The work is known before the first score: every chunk of every batch, by its size in positions
-    (rows x padded length: a few shapes). A chunk's cost is the mean measured for its shape and mode
-    (adapted or plain); a shape not yet run is priced per position from the largest one run, and a
-    plain chunk before any has run at PLAIN_SHARE of the adapted cost. Before each chunk, once a whole
-    batch has been measured (the first batch holds the longest documents, so every shape), a rank adapts
-    it only if the time left covers that chunk adapted plus all the work after it scored plain: the rest
-    of this batch and an equal share of the batches no rank has reached (an estimate on several ranks:
-    they claim batches as they finish). Past the deadline it stops at once. Once stopped, a rank scores
-    the rest plain (adapters detached) and no phase runs. A phase runs only if it fits the same way, its
-    positions priced at the adapted rate until a phase has been measured."""
+    """When score-first TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time).
+    `work`: positions per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if
+    the time left covers it adapted plus the rest of this rank's work plain, at the costs measured per
+    shape and mode (the rule in full: docs/notes/ttt.md). Once stopped, it stays stopped."""
 
     PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
 
@@ -2174,8 +2075,7 @@ class TTTBudget:
         return self.adapting and self.clock() + positions / self.world_size * rate + plain <= self.deadline
 
     def report(self, rt) -> str:
-        """The ttt_adapted: line: positions scored with and without adapters and ranks out of time,
-        summed over ranks (a collective: every rank calls it)."""
+        """The ttt_adapted: line, summed over ranks (a collective)."""
         done = torch.zeros(3, dtype=torch.float64, device=rt.device)
         for (positions, adapted), (_, chunks) in self.seconds.items():
             done[0 if adapted else 1] += positions * chunks
@@ -2183,7 +2083,8 @@ class TTTBudget:
         if rt.distributed:
             dist.all_reduce(done)
         adapted, plain, stopped = done.tolist()
-        return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({adapted / max(adapted + plain, 1):.1%}) "
+        share = adapted / max(adapted + plain, 1)
+        return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({share:.1%}) "
                 f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
 
 
@@ -2196,39 +2097,34 @@ def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -
 def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTTBudget | None, index: int,
                 val: ValidationSet, docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, lr: float,
                 trace: list | None) -> Tensor:
-    """Scores the documents `batch` (one adapter slot each; shorter batches are padded with empty
-    rows), chunk after chunk; while `budget` allows, each chunk adapts the slots before the next is
-    scored. Returns (loss in nats, targets, bytes) as float64 on the device."""
-    slots = h.ttt_batch_docs
-    n_host = np.zeros(slots, dtype=np.int64)
-    n_host[:len(batch)] = docs.num_targets[batch]
-    start = torch.zeros(slots, dtype=torch.int64)
-    start[:len(batch)] = torch.from_numpy(docs.start[batch])
-    start, n = start.to(rt.device), torch.from_numpy(n_host).to(rt.device)
+    """Scores the documents `batch` (one adapter slot each; a short batch is padded with empty rows) chunk
+    after chunk; while `budget` allows, each chunk then adapts the slots. Returns their scored_sums."""
+    slots, chunk = h.ttt_batch_docs, h.ttt_chunk_tokens
+    n_host, start = np.zeros(slots, dtype=np.int64), np.zeros(slots, dtype=np.int64)
+    n_host[:len(batch)], start[:len(batch)] = docs.num_targets[batch], docs.start[batch]
+    start, n = torch.from_numpy(start).to(rt.device), torch.from_numpy(n_host).to(rt.device)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     if adapters is not None:
         adapters.reset()
-    for c, (lo, first, T) in enumerate(chunk_windows(int(n_host.max()), h.ttt_chunk_tokens, h.model_eval_seq_len)):
+    for c, (lo, first, T) in enumerate(chunk_windows(int(n_host.max()), chunk, h.model_eval_seq_len)):
         t0 = time.perf_counter()
         adapt = adapters is not None and budget.adapt(index, c)
         if adapters is not None and not adapt and adapters.sites[0].lora is not None:
             adapters.attach(False)  # out of time: the rest is scored plain
-        inputs, targets, scored, where = document_rows(val.tokens, start, n, lo, first, T, h.ttt_chunk_tokens)
+        inputs, targets, scored, where = document_rows(val.tokens, start, n, lo, first, T, chunk)
         with torch.set_grad_enabled(adapt), rt.autocast():
             losses = model(inputs, targets, reduction="none", one_document=True)
-        sums += torch.stack((torch.where(scored, losses.detach().double(), 0.0).sum(), scored.sum().double(),
-                             torch.where(scored, val.target_bytes[where], 0).sum().double()))
-        goes_on = lo + h.ttt_chunk_tokens < n_host  # decided on the host: no device sync
+        sums += scored_sums(losses.detach(), scored, val.target_bytes[where])
+        goes_on = lo + chunk < n_host  # decided on the host: no device sync
         if trace is not None:  # tests: what was scored, in order, with each target's loss
-            trace += [("score", int(d), lo, int(min(lo + h.ttt_chunk_tokens, e)), row[mask].tolist())
+            trace += [("score", int(d), lo, int(min(lo + chunk, e)), row[mask].tolist())
                       for d, e, row, mask in zip(batch, n_host, losses.detach().double(), scored) if lo < e]
         if adapt and goes_on.any():
-            counts = scored.sum(dim=1).clamp_min(1)
-            per_doc = torch.where(scored, losses, 0.0).sum(dim=1) / counts
-            (per_doc * (n > lo + h.ttt_chunk_tokens)).sum().backward()  # the documents that go on
+            per_doc = torch.where(scored, losses, 0.0).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
+            (per_doc * (n > lo + chunk)).sum().backward()  # the documents that go on
             adapters.step(lr)
             if trace is not None:
-                trace += [("update", int(d), lo, lo + h.ttt_chunk_tokens) for d, g in zip(batch, goes_on) if g]
+                trace += [("update", int(d), lo, lo + chunk) for d, g in zip(batch, goes_on) if g]
         if budget is not None:
             rt.sync()
             budget.observe(slots * T, time.perf_counter() - t0, adapt)
@@ -2249,11 +2145,9 @@ def claimed_batches(rt, first: int, stop: int, key: str):
 
 
 def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
-    """The documents `scored` packed back to back into rows of seq_len inputs, as training reads its
-    stream (attention within documents where the model has it): (steps, SLICES_PER_STEP, rows per
-    slice, seq_len) validation target indices, -1 where a row is padding. TTT_PHASE_ROWS rows a step,
-    in SLICES_PER_STEP slices that the ranks share as training's micro-batches (the same steps on any
-    world size, one row shape)."""
+    """The documents `scored` packed back to back as training reads its stream: (steps, SLICES_PER_STEP,
+    rows per slice, seq_len) validation target indices, -1 for padding; TTT_PHASE_ROWS rows a step, the
+    slices shared by ranks as micro-batches (the same steps on any world size)."""
     flat = np.concatenate([np.arange(docs.start[d], docs.start[d] + docs.num_targets[d]) for d in scored])
     per_slice = -(-TTT_PHASE_ROWS // SLICES_PER_STEP)
     step = SLICES_PER_STEP * per_slice * seq_len
@@ -2265,20 +2159,16 @@ def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
 def global_phase(model: GPT, forward: nn.Module, val: ValidationSet, rows: np.ndarray, rt, lr: float) -> int:
     """One epoch of SGD (momentum, cosine LR, clip) over the base weights on `rows` (phase_rows): this
     rank's slices of each step, the gradients accumulated and all-reduced. Returns the steps."""
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
+    params = list(model.requires_grad_(True).parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=TTT_PHASE_MOMENTUM)
-    steps = len(rows)
-    for step in range(steps):
+    for step in range(len(rows)):
         real_targets = max(int((rows[step] >= 0).sum()), 1)
         for part in rows[step, rt.rank * rt.grad_accum_steps:(rt.rank + 1) * rt.grad_accum_steps]:
             index = torch.from_numpy(part).to(rt.device)
-            real = index >= 0
-            index = index.clamp_min(0)
+            safe = index.clamp_min(0)
             with rt.autocast():
-                losses = forward(val.tokens[index], val.tokens[index + 1], reduction="none")
-            (torch.where(real, losses, 0.0).sum() / real_targets).backward()
+                losses = forward(val.tokens[safe], val.tokens[safe + 1], reduction="none")
+            (torch.where(index >= 0, losses, 0.0).sum() / real_targets).backward()
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -2286,46 +2176,35 @@ def global_phase(model: GPT, forward: nn.Module, val: ValidationSet, rows: np.nd
                 dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, TTT_PHASE_CLIP)
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / len(rows)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-    for p in params:
-        p.requires_grad_(False)
-    return steps
-
-
-def phase_ends(h: Hyperparameters, num_batches: int) -> list[int]:
-    """The batch index after which each TTT_PHASES phase runs (document counts rounded up to whole
-    batches), then num_batches: the boundaries of the scoring stretches."""
-    counts = [int(c) for c in h.ttt_phases.split(",") if c.strip()]
-    ends = sorted({-(-c // h.ttt_batch_docs) for c in counts if 0 < -(-c // h.ttt_batch_docs) < num_batches})
-    return ends + [num_batches]
+    model.requires_grad_(False)
+    return len(rows)
 
 
 def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
                        log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
-    """Per-document evaluation of `model`, run through `forward` (the model or its compiled form; the
-    phases change its base weights): plain, or with score-first TTT when `adapt`, adapting while
-    TTTBudget finds the time (`deadline`: a time.perf_counter() time). Returns (val_loss, val_bpb)
-    after checking that every target was scored once and the bytes are the split's."""
+    """Per-document evaluation of `model` through `forward` (it or its compiled form): plain, or with
+    score-first TTT when `adapt`, adapting while TTTBudget finds time before `deadline` (perf_counter).
+    Returns checked_score's (val_loss, val_bpb)."""
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
     batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
-    lr = TTT_LR * h.ttt_lr_scale
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
     budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline) if adapt else None
     if adapters is not None:
         adapters.attach(True)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    key = f"ttt{next(CLAIM_KEYS)}"  # every rank makes the same calls, so the keys agree
-    first = 0
+    key, first = f"ttt{next(CLAIM_KEYS)}", 0  # every rank makes the same calls, so the keys agree
+    phases = [-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()]  # whole batches
     try:
-        for phase, stop in enumerate(phase_ends(h, len(batches))):
+        for phase, stop in enumerate(sorted({p for p in phases if 0 < p < len(batches)}) + [len(batches)]):
             for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
                 was = budget is not None and budget.adapting
-                sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, lr, trace)
+                sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt,
+                                    TTT_LR * h.ttt_lr_scale, trace)
                 if budget is not None:
                     budget.batches_done += 1
                 if was and not budget.adapting:
@@ -2339,8 +2218,7 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
     finally:
         if adapters is not None:
             adapters.attach(False)
-        for p in model.parameters():
-            p.requires_grad_(True)
+        model.requires_grad_(True)
     if budget is not None:
         log(budget.report(rt))
     return checked_score(rt, sums, val, "per-document evaluation")
@@ -2369,15 +2247,14 @@ def phase_if_it_fits(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val
     budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
     if trace is not None:
         trace.append(("phase", tuple(int(d) for d in scored)))
-    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{steps} time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{steps} "
+        f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
 
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
-    """Builds every graph TTT runs (ttt_graphs: each row length with adapters and gradients, and
-    plain; the phase's packed rows) on random tokens, with no optimizer step: compilation stays out of
-    the evaluation time, and no validation token is read before it is scored. On CUDA it logs the peak
-    memory of that work (a chunk at TTT_BATCH_DOCS x EVAL_SEQ_LEN with adapters is the largest).
-    Nothing to build without torch.compile. Returns the seconds taken."""
+    """Builds every graph TTT runs (ttt_graphs with and without adapters, and the phase's rows) on random
+    tokens, with no optimizer step, so compiling is not evaluation time and reads no validation token.
+    Logs the peak memory on CUDA. Returns the seconds taken (0 without torch.compile)."""
     if not compile_enabled(h, rt):
         return 0.0
     t0 = time.perf_counter()
@@ -2390,10 +2267,8 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
         ids[:, 0] = BOS_ID
         return ids[:, :-1].contiguous().to(rt.device), ids[:, 1:].contiguous().to(rt.device)
 
-    for p in model.parameters():
-        p.requires_grad_(False)
-    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank)
-    lengths = ttt_graphs(h)
+    model.requires_grad_(False)
+    adapters, lengths = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank), ttt_graphs(h)
     for T in lengths:
         inputs, targets = tokens(h.ttt_batch_docs, T)
         adapters.attach(True)
@@ -2402,8 +2277,7 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
         adapters.attach(False)
         with torch.no_grad(), rt.autocast():
             forward(inputs, targets, reduction="none", one_document=True)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model.requires_grad_(True)
     inputs, targets = tokens(-(-TTT_PHASE_ROWS // SLICES_PER_STEP), h.model_eval_seq_len)
     with rt.autocast():
         forward(inputs, targets, reduction="none").mean().backward()
@@ -2423,8 +2297,7 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
 def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
                     deadline: float) -> None:
     """The per-document lines: plain (final_document, with TTT_PLAIN_SCORE), then with score-first TTT
-    (final_ttt), whose adaptation stops where it would pass `deadline` (time.perf_counter(): the
-    evaluation's start plus EVAL_BUDGET_SECONDS, so the standard lines' time counts against it too)."""
+    (final_ttt), adapting until `deadline` (perf_counter: evaluation start + EVAL_BUDGET_SECONDS)."""
     t_start = time.perf_counter()
     for label, adapt in (("final_document", False),) * h.ttt_plain_score + (("final_ttt", True),):
         rt.sync()
@@ -2437,21 +2310,17 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
     log(f"ttt_eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
 
 
-# The evaluation plan: each scoring pass with its estimated seconds on 8xH100, from the work the split
-# holds and the rates the 1.0611 record logged (PR #1855, seed 42, SP8192-CaseOps, 47,851,520 targets):
-# its quantized standard evaluation scored them in 6.7 s; its phased TTT took 508.8 s, of which its three
-# phases (833, 1,666 and 2,500 documents) took 16.6, 29.8 and 38.0 s. The per-document plain score has
-# no record figure: 3x the TTT rate (forward only) is an estimate. Until the device measures ours.
+# Targets (phase: documents) per second on 8xH100, from PR #1855's log (seed 42, 47,851,520 targets):
+# standard evaluation 6.7 s, phased TTT 508.8 s of which its three phases 84.4 s (docs/notes/ttt.md).
 RECORD_RATES = dict(forward=47_851_520 / 6.718, ttt=47_851_520 / (508.8 - 84.4), phase=(833 + 1666 + 2500) / 84.4)
 
 
 def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
-    """The `eval_plan:` log line: seconds per pass on 8xH100 at RECORD_RATES (targets/s; phase:
-    documents/s), the total, and a warning when the total passes EVAL_BUDGET_SECONDS."""
-    seq_len = h.model_eval_seq_len
+    """The `eval_plan:` line: estimated seconds per pass at RECORD_RATES, the total, and a warning when
+    it passes EVAL_BUDGET_SECONDS. The plain per-document pass is priced at 3x the TTT rate (forward only)."""
     passes = {"roundtrip": num_targets / RECORD_RATES["forward"]}
     if h.eval_stride:
-        passes["sliding"] = num_targets * seq_len / h.eval_stride / RECORD_RATES["forward"]
+        passes["sliding"] = num_targets * h.model_eval_seq_len / h.eval_stride / RECORD_RATES["forward"]
     if h.ttt_enabled:
         if h.ttt_plain_score:
             passes["document"] = num_targets / (3 * RECORD_RATES["ttt"])
