@@ -1906,6 +1906,41 @@ def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[floa
     return loss_sum / targets, loss_sum / math.log(2) / nbytes
 
 
+def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> float:
+    """Scores one batch of `tokens` (>= EVAL_SEQ_LEN targets: training tokens in the training warm-up,
+    random ones for EVAL_ONLY, never the validation split) so that torch.compile builds the evaluation
+    graph, with evaluate()'s shapes, before any timing. Returns the seconds taken."""
+    t0 = time.perf_counter()
+    seq_len = h.model_eval_seq_len
+    batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
+    with torch.no_grad():
+        score_windows(model, tokens, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
+    rt.sync()
+    return time.perf_counter() - t0
+
+
+def random_eval_set(h: Hyperparameters, tables) -> ValidationSet:
+    """EVAL_SEQ_LEN + 1 seeded random tokens, BOS first, as a ValidationSet: what EVAL_ONLY's compile
+    warm-up scores."""
+    tokens = np.random.default_rng(0).integers(BOS_ID + 3, h.vocab_size, h.model_eval_seq_len + 1)
+    tokens[0] = BOS_ID
+    return training_tokens_as_eval_set(tokens, tables)
+
+
+def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
+    """The final lines: standard and sliding-window evaluation of the model loaded from the artifact."""
+    seq_len = h.model_eval_seq_len
+    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
+    evals = [("final_roundtrip", seq_len)] + ([("final_sliding", h.eval_stride)] if h.eval_stride else [])
+    for label, stride in evals:
+        rt.sync()
+        t0 = time.perf_counter()
+        val_loss, val_bpb = evaluate(model, val, seq_len, stride, h.val_batch_size, rt)
+        rt.sync()
+        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
+            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+
+
 # -----------------------------------------------------------------------------
 # Score-first test-time training (TTT)
 #
@@ -3709,41 +3744,6 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
 
 def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
-
-
-def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> float:
-    """Scores one batch of `tokens` (>= EVAL_SEQ_LEN targets: training tokens in the training warm-up,
-    random ones for EVAL_ONLY, never the validation split) so that torch.compile builds the evaluation
-    graph, with evaluate()'s shapes, before any timing. Returns the seconds taken."""
-    t0 = time.perf_counter()
-    seq_len = h.model_eval_seq_len
-    batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
-    with torch.no_grad():
-        score_windows(model, tokens, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
-    rt.sync()
-    return time.perf_counter() - t0
-
-
-def random_eval_set(h: Hyperparameters, tables) -> ValidationSet:
-    """EVAL_SEQ_LEN + 1 seeded random tokens, BOS first, as a ValidationSet: what EVAL_ONLY's compile
-    warm-up scores."""
-    tokens = np.random.default_rng(0).integers(BOS_ID + 3, h.vocab_size, h.model_eval_seq_len + 1)
-    tokens[0] = BOS_ID
-    return training_tokens_as_eval_set(tokens, tables)
-
-
-def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
-    """The final lines: standard and sliding-window evaluation of the model loaded from the artifact."""
-    seq_len = h.model_eval_seq_len
-    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
-    evals = [("final_roundtrip", seq_len)] + ([("final_sliding", h.eval_stride)] if h.eval_stride else [])
-    for label, stride in evals:
-        rt.sync()
-        t0 = time.perf_counter()
-        val_loss, val_bpb = evaluate(model, val, seq_len, stride, h.val_batch_size, rt)
-        rt.sync()
-        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
-            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
 
 
 class Interrupted(Exception):
