@@ -68,8 +68,6 @@ def test_averager_specs_have_one_spelling_and_bad_ones_are_one_line_errors():
 @pytest.mark.parametrize("env, words", [
     ({"SWA_INTERVAL": "50", "EMA_DECAY": "0.997"}, ("SWA_INTERVAL", "EMA_DECAY")),
     ({"EMA_DECAY": "1.0", "SWA_INTERVAL": "0"}, ("EMA_DECAY",)),
-    ({"AVERAGE_ALSO": "ema:0.99"}, ("AVERAGE_ALSO", "CHECKPOINT_OUT")),
-    ({"FROM_CHECKPOINT": "a", "CHECKPOINT_OUT": "b"}, ("FROM_CHECKPOINT", "CHECKPOINT_OUT")),
     ({"VAL_TOKENS": "-1"}, ("VAL_TOKENS",)),
     ({"EMA_DECAI": "0.9"}, ("EMA_DECAI",)),
 ])
