@@ -138,8 +138,8 @@ class Hyperparameters:
     scalar_lr: float = 0.025  # Adam's learning rate for the control tensors
     tied_embed_lr: float = 0.035  # Adam's learning rate for the embedding tables
     muon_momentum: float = 0.98  # Muon's Nesterov momentum
-    muon_momentum_warmup_start: float = 0.92  # momentum at step 0, linear to MUON_MOMENTUM ...
-    muon_momentum_warmup_steps: int = 1500  # ... over this many steps
+    muon_momentum_warmup_start: float = 0.92  # Muon's momentum at step 0, rising linearly to MUON_MOMENTUM
+    muon_momentum_warmup_steps: int = 1500  # steps of that momentum warm-up (0: none)
     muon_backend_steps: int = 5  # Newton-Schulz iterations per update
     muon_ns: str = "quintic"  # Newton-Schulz coefficients: quintic (fixed) | polar_express (per step, PR #1855)
     muon_wd: float = 0.04  # Muon's decoupled weight decay
@@ -158,7 +158,7 @@ class Hyperparameters:
     lr_floor: float = 0.0  # the warmdown's LR multiplier never falls below this
     # Weight averaging (what gets quantized)
     swa_interval: int = 50  # SWA: a snapshot every this many steps (PR #76; 0: off)
-    swa_start_frac: float = 0.5  # ... once the LR scale falls below this
+    swa_start_frac: float = 0.5  # SWA starts once the LR scale falls below this
     ema_decay: float = 0.0  # EMA of the weights after every step, instead of SWA (0: off)
     val_tokens: int = 0  # score only the first N validation targets, a proxy for sweeps (0: the whole split)
     # Score-first test-time training (its section), after the standard scores
@@ -174,7 +174,7 @@ class Hyperparameters:
     artifact_path: str = ""  # where the artifact is written (empty: logs/<RUN_ID>.ptz)
     artifact_limit_bytes: int = 16_000_000  # the cap on artifact plus code
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
-    quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
+    quant_bits_attn: int = 6  # per-row integer bits of the attention matrices and the bigram table
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
     quant_min_range: float = 0.0  # every row's grid spans at least +-this (PR #1204: 1.0; 0: off)
     int6_matrices: int = 0  # block matrices int5 but the N of largest Hessian trace int6, bigram int8 (PR #1204: 32)
@@ -182,9 +182,9 @@ class Hyperparameters:
     compressor: str = "zstd"  # zstd | brotli (quality 11, PR #1204) | ans (the integer codes ANS-coded)
     # The 1.06 stack's quantizer (PR #1855, #1908), each off at its default
     sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
-    sdclip_mlp: float = 0.0  # ... for MLP matrices
-    sdclip_embed: float = 0.0  # ... for the tied embedding
-    sdclip_other: float = 0.0  # ... for the other quantized matrices (bigram and value-embedding tables)
+    sdclip_mlp: float = 0.0  # SDClip's k for MLP matrices (0: CLIP_SEARCH)
+    sdclip_embed: float = 0.0  # SDClip's k for the tied embedding
+    sdclip_other: float = 0.0  # SDClip's k for the bigram and value-embedding tables
     gptq_embed: bool = False  # GPTQ rounds the tied embedding as the output head (Hessian of the head's input)
     quant_gates_int8: bool = False  # the attention output gates int8 per row (else fp16)
     lqer_top: int = 0  # LQER: rank-4 int2 x int4 correction of the LQER_TOP matrices with the largest error
@@ -198,7 +198,7 @@ class Hyperparameters:
     gptq_calib_tokens: int = 524_288  # training tokens read for calibration, in the training time (0: off)
     gptq_reserve_seconds: float = 2.0  # the training loop stops this early to leave time for that read
     gptq_selfgen_seqs: int = 0  # instead: calibrate on this many sequences sampled from the model (PR #1204: 64)
-    gptq_selfgen_len: int = 0  # ... of this many tokens (0: TRAIN_SEQ_LEN)
+    gptq_selfgen_len: int = 0  # tokens per self-generated calibration sequence (0: TRAIN_SEQ_LEN)
     clip_search: bool = True  # per-row clip search: lower quantization error, more bytes
 
     @property
@@ -259,6 +259,7 @@ SMOKE = dict(  # the frontier's code paths at toy size on the sample in tests/fi
     gptq_calib_tokens=16384, xsa_last_n=2, rope_dims=8, ln_scale=True, mlp_negative_slope=0.5, lanes_from=1,
     recur_blocks="0", muon_row_norm=True, quant_bits_mlp=6,
 )
+# pr76: the defaults (PR #76, 1.1433)
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
            "smoke": SMOKE}
 FINEWEB_DOWNLOAD = ("python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} "
