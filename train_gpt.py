@@ -282,10 +282,11 @@ def parse_env_value(name: str, raw: str, kind: type):
 def choose_preset(values: dict, cuda_available: bool) -> str:
     """PRESET=auto: the CPU pre-flight run without CUDA, the frontier on a GPU. A GPU without FineWeb is
     an error, not a smoke run that would exit 0 on a rented pod."""
-    preset = values.get("preset", "auto")
-    data_path = values.get("data_path", Hyperparameters.data_path)
-    if preset != "auto" or not cuda_available:
-        return "smoke" if preset == "auto" else preset
+    preset, data_path = values.get("preset", "auto"), values.get("data_path", Hyperparameters.data_path)
+    if preset != "auto":
+        return preset
+    if not cuda_available:
+        return "smoke"
     if not Path(data_path).is_dir():
         download = FINEWEB_DOWNLOAD.format(vocab_size=values.get("vocab_size", Hyperparameters.vocab_size))
         raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
@@ -497,13 +498,11 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (not h.quant_gates_int8 or h.attn_gate_window,
          "QUANT_GATES_INT8 quantizes the attention output gates: it needs ATTN_GATE_WINDOW > 0"),
         (not h.doc_attention or h.attn_backend not in ("flash", *OPTIONAL_KERNELS),
-         f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, flex, efficient, "
-         "cudnn, math"),
+         f"ATTN_BACKEND={h.attn_backend} has no mask for DOC_ATTENTION=1: use auto, flex, efficient, cudnn or math"),
         (h.attn_backend != "flex" or h.doc_attention,
          "ATTN_BACKEND=flex is the kernel of attention within documents: it needs DOC_ATTENTION=1 (else use auto)"),
         (not h.ttt_enabled or h.ttt_chunk_tokens <= h.model_eval_seq_len,
-         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={h.model_eval_seq_len}: a chunk is scored "
-         f"in one window"),
+         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={h.model_eval_seq_len} (one window per chunk)"),
         (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
          f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
         (0 <= h.xsa_last_n <= depth, "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
