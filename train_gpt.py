@@ -1,23 +1,14 @@
-"""Parameter Golf submission: the three seed records and the 1.1063 record (PR #1204) by name, and
-`frontier`: that record plus what the leaderboard measured beating it.
+"""Parameter Golf submission: the seed records (PR #76, #236, #192), the 1.1063 record (PR #1204) and the
+1.06 stack (PR #1855, sp8192) by name, and `frontier`: PR #1204 plus what the leaderboard measured beating it.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py     # the frontier: 8xH100, FineWeb, 600 s
     PRESET=pr76 torchrun --standalone --nproc_per_node=8 train_gpt.py   # a record (pr76, pr236, pr192, pr1204)
     python3 train_gpt.py                                      # no GPU: the CPU smoke preset
 
-Trains a GPT on FineWeb within MAX_WALLCLOCK_SECONDS, quantizes it (per-row int5/int6/int8 classes,
-GPTQ rounding), compresses it with zstd-22 into an artifact made to fit, together with this file,
-in 16,000,000 bytes, reads the artifact back and scores the reloaded model in bits per byte of the
-validation text (standard and sliding-window evaluation). Every knob is an environment variable
-(see Hyperparameters); PRESET names a whole configuration. Results go to logs/<RUN_ID>.txt, which
-also holds this source, every hyperparameter and the machine.
-
-Technique credits: the challenge's baseline (openai/parameter-golf), modded-nanogpt (Muon, U-Net
-skips, relu^2, logit soft-capping), PR #76, #236 and #192 (the seed records), and the later records
-summarized in FRONTIER.md: XSA (arXiv 2603.09078), partial RoPE, LN scale, LeakyReLU(0.5)^2,
-parallel residual lanes, depth recurrence, EMA, MuonEq-R (arXiv 2603.28254); PR #1204 (value embeddings,
-gated skips, loops by virtual depth, the untied repeat MLP); PR #1530 (attention within documents),
-PR #1667 / #1787 / #1855 (the input-dependent SmearGate's window, the sparse attention output gate).
+Trains a GPT on FineWeb within MAX_WALLCLOCK_SECONDS, quantizes it and compresses it into an artifact
+that fits, with this file, in 16,000,000 bytes, then scores the reloaded model in bits per byte of the
+validation text. Every knob is an environment variable (Hyperparameters); the log logs/<RUN_ID>.txt holds
+this source, every setting and the machine. Techniques and their sources: docs/techniques.md.
 """
 
 from __future__ import annotations
@@ -66,10 +57,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # -----------------------------------------------------------------------------
 # Configuration
 #
-# One frozen dataclass, read from the environment in one place. A field `foo_bar` is set by the
-# env var FOO_BAR and parsed with the field's type. The defaults are the record (PR #76), so the
-# launch command needs no flags. PRESET names a whole configuration (PRESETS below); PRESET=auto (the
-# default) picks `smoke`, the CPU pre-flight run, without CUDA, and `frontier` on a GPU with FineWeb.
+# One frozen dataclass, read from the environment in one place: field `foo_bar` is env var FOO_BAR,
+# parsed with the field's type. The defaults are the record PR #76; PRESET names a whole configuration
+# (auto: `smoke` without CUDA, `frontier` on a GPU). Rationale and history: docs/notes/configuration.md.
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 SLICES_PER_STEP = 8  # a step is 8 micro-batches, as on 8 GPUs; fewer GPUs accumulate 8 / world_size
@@ -82,154 +72,134 @@ class RunError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters:
-    # Data and run identity.
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    vocab_size: int = 1024
-    run_id: str = ""  # empty: a fresh id per run
-    seed: int = 1337
+    # Data and run identity
+    data_path: str = "./data/datasets/fineweb10B_sp1024"  # the folder of fineweb_{train,val}_*.bin token shards
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # the SentencePiece model of the shards
+    vocab_size: int = 1024  # tokenizer pieces (the embedding's rows; ids 0-3 are pad, bos, eos, unk)
+    run_id: str = ""  # names logs/RUN_ID.txt (empty: a fresh id per run)
+    seed: int = 1337  # the random seed: initial weights (the same on every rank), GPTQ's sampled calibration
     preset: str = "auto"  # auto | pr76 | pr236 | pr192 | pr1204 | frontier | sp8192 | smoke (see PRESETS)
-    # Schedule. The warmdown is wallclock-aware: it starts when the remaining time, at the measured
-    # step time, covers WARMDOWN_ITERS steps (or at ITERATIONS - WARMDOWN_ITERS, if that is sooner).
-    iterations: int = 20000
-    max_wallclock_seconds: float = 600.0  # 0: no cap
+    # Schedule
+    iterations: int = 20000  # optimizer steps at most
+    max_wallclock_seconds: float = 600.0  # the training time cap (0: no cap)
     warmup_steps: int = 20  # compile warm-up; weights, optimizers and data are reset after it
-    warmdown_iters: int = 2000
+    warmdown_iters: int = 2000  # the LR falls linearly to 0 over the last this many steps (at the measured step time)
     warmdown_frac: float = 0.0  # instead: warmdown over the last this fraction of the run (PR #1855: 0.85; 0: off)
-    train_batch_tokens: int = 524_288
-    train_seq_len: int = 1024
+    train_batch_tokens: int = 524_288  # tokens per optimizer step, all ranks together
+    train_seq_len: int = 1024  # training sequence length
     train_seq_schedule: str = ""  # progressive context "LEN:FRAC,...", e.g. "1024:0,2048:0.3,3072:0.6" (empty: off)
-    train_log_every: int = 200
-    val_loss_every: int = 0  # 0: evaluate only at the end
-    # Evaluation. EVAL_SEQ_LEN=0 follows TRAIN_SEQ_LEN; EVAL_STRIDE=0 skips the sliding window.
-    eval_seq_len: int = 0
-    eval_stride: int = 64
+    train_log_every: int = 200  # log the training loss every this many steps
+    val_loss_every: int = 0  # evaluate every this many steps (0: only at the end)
+    # Evaluation
+    eval_seq_len: int = 0  # evaluation window (0: TRAIN_SEQ_LEN)
+    eval_stride: int = 64  # sliding-window stride: each window scores its last this many targets (0: no sliding)
     val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
-    # Model.
-    num_layers: int = 12
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    mlp_mult: int = 3
-    rope_base: float = 10000.0
-    logit_softcap: float = 30.0
-    qk_gain_init: float = 1.5
-    tied_embed_init_std: float = 0.005
-    bigram_vocab_size: int = 2048  # 0: no BigramHash (PR #192)
-    bigram_dim: int = 96
-    bigram_scale_init: float = 0.05
+    # Model
+    num_layers: int = 12  # transformer blocks
+    model_dim: int = 512  # residual width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    mlp_mult: int = 3  # MLP hidden width = MLP_MULT x MODEL_DIM
+    rope_base: float = 10000.0  # RoPE's frequencies are powers of 1/ROPE_BASE
+    logit_softcap: float = 30.0  # logits = cap x tanh(z / cap) (modded-nanogpt)
+    qk_gain_init: float = 1.5  # initial per-head query gain after the QK norm
+    tied_embed_init_std: float = 0.005  # init std of the tied embedding (and output head)
+    bigram_vocab_size: int = 2048  # BigramHash buckets (PR #192; 0: off)
+    bigram_dim: int = 96  # BigramHash embedding width, projected to MODEL_DIM
+    bigram_scale_init: float = 0.05  # BigramHash output scale at init (the table starts at zero)
     smear_mode: str = "channel"  # channel: per-channel gate (PR #76) | scalar: input-dependent gate (PR #192)
-    # Techniques proven after the seed records (../FRONTIER.md); each is off at its default.
+    # Techniques after the seed records, each off at its default
     rope_dims: int = 0  # partial RoPE: rotate only the first ROPE_DIMS dims of each head (0: all)
-    xsa_last_n: int = 0  # exclusive self attention in the last XSA_LAST_N blocks
+    xsa_last_n: int = 0  # exclusive self attention (arXiv 2603.09078) in the last XSA_LAST_N blocks
     ln_scale: bool = False  # scale block l's normalized sublayer inputs by 1/sqrt(l+1)
     mlp_negative_slope: float = 0.0  # MLP activation leaky_relu(x, slope)^2 (0: relu^2)
     lanes_from: int = 0  # parallel residual lanes from this block on (0: one stream)
-    recur_blocks: str = ""  # depth recurrence: contiguous blocks run again, e.g. "4,5" (empty: off) ...
-    recur_start_frac: float = 0.5  # ... from this fraction of the run (steps or wallclock, whichever is further)
-    recur_repeats: int = 1  # ... this many more times each (the 1.06 stack: blocks 3-5 twice more, 17 positions)
+    recur_blocks: str = ""  # depth recurrence: contiguous blocks run again, e.g. "4,5" (empty: off)
+    recur_start_frac: float = 0.5  # the recurrence starts at this fraction of the run (steps or wallclock, further)
+    recur_repeats: int = 1  # extra passes of RECUR_BLOCKS (PR #1855: 2)
     recur_in_unet: bool = False  # the U-Net halves split the run's positions, repeats included; controls per block
-    # The 1.1063 record's mechanics (PR #1204, PRESET=pr1204), each off at its default.
-    virtual_depth: bool = False  # blocks counted by position in the run order, the repeat included (below)
+    # The 1.1063 record's mechanics (PR #1204), each off at its default
+    virtual_depth: bool = False  # blocks counted by position in the run order, the repeat included
     recur_untie_mlp: bool = False  # the repeated pass has its own MLP weights, copied from the base at the switch
     first_block_mlp_only: bool = False  # block 0 has no attention
     ve_layers: str = ""  # value embeddings added to v at these (virtual) block positions, e.g. "9,10"
-    ve_dim: int = 128  # ... from one shared VOCAB_SIZE x VE_DIM table projected to the KV width
+    ve_dim: int = 128  # value embeddings: one VOCAB_SIZE x VE_DIM table projected to the KV width
     skip_gates: bool = False  # U-Net skips gated: x <- lerp(w * skip, x, sigmoid(g)), g starting at 0
-    lane_formula: str = "stream"  # stream: the x0 mix replaces both lanes | read: sublayers read it (PR #1204)
-    # | parallel: both sublayers read the block's input lanes, both outputs added into both at the end (PR #1855)
-    smear_zero_start: bool = False  # SmearGate blends a document's first position with zero (PR #1204)
+    lane_formula: str = "stream"  # stream: x0 mix replaces both lanes | read: sublayers read it | parallel (PR #1855)
+    smear_zero_start: bool = False  # SmearGate blends a document's first position with zero
     rope_ntk_len: int = 0  # RoPE base NTK-scaled for sequences longer than this (PR #1204: 1024; 0: off)
     qat_bits: int = 0  # straight-through fake quantization of block matrices while training (PR #192; 0: off)
-    # The 1.06 stack's gates and attention (PR #1855, FRONTIER.md), each off at its default.
+    # The 1.06 stack's gates and attention (PR #1855), each off at its default
     doc_attention: bool = False  # each document (from a BOS on) attends only to itself, in every forward pass
     attn_gate_window: int = 0  # sparse attention output gate: y_h *= sigmoid(0.5 W_h . x[:N]) per head (0: off)
-    smear_window: int = 0  # SMEAR_MODE=scalar: the gate reads x_t[:SMEAR_WINDOW] only (0: all channels, PR #192)
-    # Optimizers: Muon for block matrices and the bigram projection, Adam for the rest.
-    matrix_lr: float = 0.025
-    scalar_lr: float = 0.025
-    tied_embed_lr: float = 0.035
-    muon_momentum: float = 0.98
-    muon_momentum_warmup_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
-    muon_backend_steps: int = 5
+    smear_window: int = 0  # SMEAR_MODE=scalar: the gate reads x_t[:SMEAR_WINDOW] only (0: all channels)
+    # Optimizers: Muon for block matrices and the bigram projection, Adam for the rest
+    matrix_lr: float = 0.025  # Muon's learning rate
+    scalar_lr: float = 0.025  # Adam's learning rate for the control tensors
+    tied_embed_lr: float = 0.035  # Adam's learning rate for the embedding tables
+    muon_momentum: float = 0.98  # Muon's Nesterov momentum
+    muon_momentum_warmup_start: float = 0.92  # Muon's momentum at step 0, rising linearly to MUON_MOMENTUM
+    muon_momentum_warmup_steps: int = 1500  # steps of that momentum warm-up (0: none)
+    muon_backend_steps: int = 5  # Newton-Schulz iterations per update
     muon_ns: str = "quintic"  # Newton-Schulz coefficients: quintic (fixed) | polar_express (per step, PR #1855)
-    muon_wd: float = 0.04
-    muon_wd_taper: float = 1.0  # Muon's WD multiplier at the end of the run, linear from MUON_WD_TAPER_FROM (1: off)
-    muon_wd_taper_from: float = 0.7  # ... the fraction of the run where the taper starts (PR #1729: 0.5 from 0.7)
+    muon_wd: float = 0.04  # Muon's decoupled weight decay
+    muon_wd_taper: float = 1.0  # Muon's WD multiplier at the end, linear from MUON_WD_TAPER_FROM (PR #1729; 1: off)
+    muon_wd_taper_from: float = 0.7  # the fraction of the run where the WD taper starts
     muon_row_norm: bool = False  # MuonEq-R (arXiv 2603.28254): update rows at unit norm before Newton-Schulz
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    adam_wd: float = 0.0  # the record's write-up says 0 (its code defaulted to 0.01 coupled L2)
-    embed_wd: float = -1.0  # AdamW decay of the embedding tables (-1: ADAM_WD; PR #1855: 0.085, scalars 0.02)
-    grad_clip_norm: float = 0.3  # 0: no clipping
+    adam_beta1: float = 0.9  # Adam's beta1
+    adam_beta2: float = 0.95  # Adam's beta2
+    adam_eps: float = 1e-8  # Adam's epsilon
+    adam_wd: float = 0.0  # AdamW decay (PR #76's write-up says 0; its code defaulted to 0.01 coupled L2)
+    embed_wd: float = -1.0  # AdamW decay of the embedding tables (-1: ADAM_WD; PR #1855: 0.085)
+    grad_clip_norm: float = 0.3  # global gradient norm clip (0: none)
     bigram_adam: bool = False  # the bigram table and projection in the Adam scalar group (PR #236)
     bigram_proj_adam: bool = False  # only the bigram projection there, the table with the embedding (PR #1204)
     bigram_proj_gain: float = 0.0  # orthogonal init gain of the bigram projection (0: (2 x NUM_LAYERS)^-0.5)
     lr_floor: float = 0.0  # the warmdown's LR multiplier never falls below this
-    # Weight averaging: a snapshot every SWA_INTERVAL steps once the LR scale is below SWA_START_FRAC.
-    swa_interval: int = 50  # 0: off
-    swa_start_frac: float = 0.5
-    # Lab knobs (bench/ablate.py). EMA_DECAY: an fp32 shadow of the weights, updated after every
-    # step, replaces SWA (FRONTIER.md; 0.997 in the later records). AVERAGE_ALSO tracks more
-    # averagers side by side ("ema:0.99,swa:50" or "swa:50:0.3" with its start fraction) for
-    # CHECKPOINT_OUT, which saves the trained weights, every averager and the training stream's
-    # position; FROM_CHECKPOINT trains nothing and runs the post-training path (averaging,
-    # GPTQ, quantization, scoring) on such a checkpoint: only post-training settings may differ.
-    # VAL_TOKENS scores only the first N validation targets (a proxy; never a record).
-    ema_decay: float = 0.0  # 0: off
-    average_also: str = ""
-    checkpoint_out: str = ""
-    from_checkpoint: str = ""
-    val_tokens: int = 0  # 0: the whole validation split
-    # Score-first test-time training (see its section): after the standard lines, per-document scoring
-    # plain and with per-document LoRA adapters and global SGD phases, within EVAL_BUDGET_SECONDS.
-    ttt_enabled: bool = False
+    # Weight averaging (what gets quantized)
+    swa_interval: int = 50  # SWA: a snapshot every this many steps (PR #76; 0: off)
+    swa_start_frac: float = 0.5  # SWA starts once the LR scale falls below this
+    ema_decay: float = 0.0  # EMA of the weights after every step, instead of SWA (0: off)
+    val_tokens: int = 0  # score only the first N validation targets, a proxy for sweeps (0: the whole split)
+    # Score-first test-time training (its section), after the standard scores
+    ttt_enabled: bool = False  # per-document scoring with LoRA adapters and global SGD phases
     ttt_lr_scale: float = 1.0  # multiplies every TTT learning rate (0: exactly the per-document plain score)
-    ttt_lora_rank: int = 80
+    ttt_lora_rank: int = 80  # rank of the per-document LoRA adapters
     ttt_chunk_tokens: int = 48  # tokens scored, then trained on, per step of a document
     ttt_batch_docs: int = 64  # documents adapting side by side (per GPU)
     ttt_phases: str = "2500"  # global SGD phases after these numbers of scored documents (empty: none)
-    ttt_plain_score: bool = False  # also score per document without adapters first (final_document): TTT's baseline
+    ttt_plain_score: bool = False  # also score per document without adapters first: TTT's baseline
     eval_budget_seconds: float = 600.0  # TTT stops adapting (and keeps scoring) rather than pass this
-    # Artifact.
-    artifact_path: str = ""  # empty: logs/<RUN_ID>.ptz
-    artifact_limit_bytes: int = 16_000_000
+    # Artifact
+    artifact_path: str = ""  # where the artifact is written (empty: logs/<RUN_ID>.ptz)
+    artifact_limit_bytes: int = 16_000_000  # the cap on artifact plus code
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
-    quant_bits_attn: int = 6  # ... of the attention matrices and the bigram table
+    quant_bits_attn: int = 6  # per-row integer bits of the attention matrices and the bigram table
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
-    quant_min_range: float = 0.0  # > 0: every row's step at least this / qmax (its grid spans at least +-this; PR #1204: 1.0)
-    int6_matrices: int = 0  # N > 0: block matrices (and the bigram projection) int5 but the N of largest input-Hessian trace int6, the bigram table int8 (PR #1204: 32)
-    zstd_level: int = 22
-    compressor: str = "zstd"  # zstd (at ZSTD_LEVEL) | brotli (quality 11, PR #1204) | ans (the integer codes ANS-coded, the rest brotli)
-    # The 1.06 stack's quantizer (FRONTIER.md; PR #1855, #1908), each off at its default (see Quantization).
+    quant_min_range: float = 0.0  # every row's grid spans at least +-this (PR #1204: 1.0; 0: off)
+    int6_matrices: int = 0  # block matrices int5 but the N of largest Hessian trace int6, bigram int8 (PR #1204: 32)
+    zstd_level: int = 22  # zstd compression level
+    compressor: str = "zstd"  # zstd | brotli (quality 11, PR #1204) | ans (the integer codes ANS-coded)
+    # The 1.06 stack's quantizer (PR #1855, #1908), each off at its default
     sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
-    sdclip_mlp: float = 0.0  # ... for MLP matrices
-    sdclip_embed: float = 0.0  # ... for the tied embedding
-    sdclip_other: float = 0.0  # ... for the other quantized matrices (bigram and value-embedding tables; not gates)
+    sdclip_mlp: float = 0.0  # SDClip's k for MLP matrices (0: CLIP_SEARCH)
+    sdclip_embed: float = 0.0  # SDClip's k for the tied embedding
+    sdclip_other: float = 0.0  # SDClip's k for the bigram and value-embedding tables
     gptq_embed: bool = False  # GPTQ rounds the tied embedding as the output head (Hessian of the head's input)
-    quant_gates_int8: bool = False  # the attention output gates (GATE_TENSORS) int8 per row (else fp16)
+    quant_gates_int8: bool = False  # the attention output gates int8 per row (else fp16)
     lqer_top: int = 0  # LQER: rank-4 int2 x int4 correction of the LQER_TOP matrices with the largest error
     awq_groups: int = 0  # AWQ-lite: the AWQ_GROUPS most salient 64-column groups of the model kept at int8
-    # Systems.
-    compile: str = "auto"  # auto (on when CUDA is present) | 0 | 1
+    # Systems
+    compile: str = "auto"  # torch.compile: auto (on when CUDA is present) | 0 | 1
     cpu_autocast: bool = False  # bf16 autocast on CPU too (fast where the CPU has AMX / AVX512-BF16)
-    attn_backend: str = "auto"  # the attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 | flex (see Model)
+    attn_backend: str = "auto"  # attention kernel: auto | flash | efficient | cudnn | math | fa3 | fa4 | flex
     eval_only: str = ""  # path to an artifact: score it (model shape from the artifact), train nothing
-    # GPTQ rounding, calibrated on training tokens after training (0: off; rounded up to whole
-    # steps). Reading training data counts toward the training time, so the loop stops
-    # GPTQ_RESERVE_SECONDS early.
-    gptq_calib_tokens: int = 524_288
-    gptq_reserve_seconds: float = 2.0
-    # ... or (GPTQ_CALIB_TOKENS=0) on GPTQ_SELFGEN_SEQS sequences of GPTQ_SELFGEN_LEN tokens (0: TRAIN_SEQ_LEN)
-    # sampled from the trained model after training (PR #1204: 64 x 2048): no data is read, so it is
-    # outside the training time, as the record ran it.
-    gptq_selfgen_seqs: int = 0
-    gptq_selfgen_len: int = 0
-    # Per-row clip search (see Quantization). It lowers the quantization error and costs bytes: on
-    # a 12-layer CPU-trained model, GPTQ with it added 4% to the artifact (bench/quant_gap.py).
-    clip_search: bool = True
+    # GPTQ rounding, calibrated after training
+    gptq_calib_tokens: int = 524_288  # training tokens read for calibration, in the training time (0: off)
+    gptq_reserve_seconds: float = 2.0  # the training loop stops this early to leave time for that read
+    gptq_selfgen_seqs: int = 0  # instead: calibrate on this many sequences sampled from the model (PR #1204: 64)
+    gptq_selfgen_len: int = 0  # tokens per self-generated calibration sequence (0: TRAIN_SEQ_LEN)
+    clip_search: bool = True  # per-row clip search: lower quantization error, more bytes
 
     @property
     def model_eval_seq_len(self) -> int:
@@ -242,22 +212,18 @@ class Hyperparameters:
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds else 0.0
 
 
-# A preset names a complete configuration: its values replace the defaults (PR #76), and env vars
-# override both. The three seed records are reproduced from their write-ups and code as described in
-# CHALLENGE.md, without their bugs (RoPE lengths come from the config; nothing crosses a BOS; every
-# validation target is scored once). `pr1204` is the 1.1063 record as it ran, the same way: its BigramHash
-# and SmearGate do not cross a BOS, and its evaluation scores every target once (its own scored the last
-# 64 four times). `frontier` is ours (below).
-PR236 = dict(  # 11L, seq 2048, int6 everywhere with an int8 embedding, SWA every 200 steps: 1.1400
+# A preset's values replace the defaults (PR #76) and env vars override both. The records run without
+# their bugs: RoPE lengths come from the config, nothing crosses a BOS, every target is scored once.
+PR236 = dict(  # 11L, seq 2048, int6 with an int8 embedding, SWA every 200 steps (PR #236, 1.1400)
     num_layers=11, train_seq_len=2048, bigram_dim=128, bigram_adam=True, muon_momentum=0.99,
     warmdown_iters=3000, adam_wd=0.04, swa_interval=200, quant_bits_mlp=6, quant_bits_embed=8,
 )
-PR192 = dict(  # 11L, seq 2048, no BigramHash, scalar SmearGate, int6 fake quantization from step 0: 1.1502
+PR192 = dict(  # 11L, seq 2048, no BigramHash, scalar SmearGate, int6 fake quantization from step 0 (PR #192, 1.1502)
     num_layers=11, train_seq_len=2048, bigram_vocab_size=0, smear_mode="scalar", matrix_lr=0.02,
     scalar_lr=0.02, tied_embed_lr=0.03, muon_momentum=0.99, muon_wd=0.038, warmdown_iters=3000,
     swa_interval=0, qat_bits=6, quant_bits_mlp=6, clip_search=False, gptq_calib_tokens=0,
 )
-PR1204 = dict(  # the 1.1063 record as it ran (its README command, code defaults and logs): 30,352,046 params
+PR1204 = dict(  # the record as it ran: README command, code defaults and logs (PR #1204, 1.1063)
     num_layers=11, train_seq_len=2048, train_batch_tokens=786_432, warmdown_iters=3500, matrix_lr=0.03,
     muon_momentum=0.99, adam_wd=0.04, swa_interval=0, ema_decay=0.997, bigram_vocab_size=2816, bigram_dim=160,
     bigram_proj_adam=True, bigram_proj_gain=1.0, smear_zero_start=True, xsa_last_n=11, rope_dims=16,
@@ -266,17 +232,9 @@ PR1204 = dict(  # the 1.1063 record as it ran (its README command, code defaults
     recur_untie_mlp=True, virtual_depth=True, quant_bits_mlp=5, quant_bits_embed=8, int6_matrices=32,
     gptq_calib_tokens=0, gptq_selfgen_seqs=64, compressor="brotli", quant_min_range=1.0,
 )
-# Ours: the record as it ran plus only what the leaderboard measured beating it (FRONTIER.md: the later
-# records' MuonEq-R, ~-0.001, and query gain 5.0 instead of 1.5, -0.0008 for 4 -> 5).
+# Ours: PR #1204 plus what later records measured beating it (MuonEq-R, query gain 5.0)
 FRONTIER = dict(PR1204, muon_row_norm=True, qk_gain_init=5.0)
-# The 1.06 stack: the 1.0611 record (PR #1855) as its README command and log ran it, on 8,192 pieces: tied
-# 8192 x 512 embedding, no BigramHash or value embeddings, MLP 4x, blocks 3-5 run twice more from 35% of
-# the run (17 positions, all weights and controls shared, the U-Net over the 17), lanes from block 8 in
-# the parallel form, the gates, attention within documents, Polar Express Muon, warmdown over the last
-# 85% of the wallclock to a floor of 0.1, SDClip GPTQ with an int7 embedding, LQER, brotli, phased TTT.
-# Its script has no WD taper (MUON_WD_TAPER is PR #1729's) and no AWQ-lite (AWQ_GROUPS, PR #1908).
-# GPTQ: 32 batches of 786,432 training tokens (PR #2135; #1855 took 16) inside the 600 s; the reserve is
-# an estimate from #1855's log (4.7 s for 16 batches). Plain SP8192 or SP8192-CaseOps: the data decides.
+# The 1.06 stack on 8,192 pieces as its README command and log ran it (PR #1855, 1.0611)
 SP8192 = dict(
     data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
     vocab_size=8192, num_layers=11, mlp_mult=4, train_seq_len=2048, train_batch_tokens=786_432,
@@ -289,9 +247,9 @@ SP8192 = dict(
     gptq_calib_tokens=32 * 786_432, gptq_reserve_seconds=12.0, quant_bits_mlp=6, quant_bits_embed=7,
     gptq_embed=True, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85,
     quant_gates_int8=True, lqer_top=3, compressor="ans", ttt_enabled=True, ttt_phases="833,1666,2500",
-    eval_stride=0,  # TTT scores every token: no sliding window beside it, as the record evaluated
+    eval_stride=0,
 )
-SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in tests/fixtures: a pre-flight check
+SMOKE = dict(  # the frontier's code paths at toy size on the sample in tests/fixtures: the CPU pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
     tokenizer_path=str(SCRIPT_DIR / "tests/fixtures/sample_1024_bpe.model"),
     iterations=60, max_wallclock_seconds=0.0, warmup_steps=2, warmdown_iters=20,
@@ -301,37 +259,34 @@ SMOKE = dict(  # the frontier's code paths at toy size, on the sample bundled in
     gptq_calib_tokens=16384, xsa_last_n=2, rope_dims=8, ln_scale=True, mlp_negative_slope=0.5, lanes_from=1,
     recur_blocks="0", muon_row_norm=True, quant_bits_mlp=6,
 )
+# pr76: the defaults (PR #76, 1.1433)
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
            "smoke": SMOKE}
-FINEWEB_DOWNLOAD = "python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} (in a clone of openai/parameter-golf)"
-
-
-EXPECTED_KIND = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}
+FINEWEB_DOWNLOAD = ("python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} "
+                    "(in a clone of openai/parameter-golf)")
 
 
 def parse_env_value(name: str, raw: str, kind: type):
+    """One env var's text as the field's type; RunError naming it if it is not one."""
     try:
-        if kind is bool:
-            if raw.lower() not in ("0", "1", "true", "false"):
-                raise ValueError
+        if kind is bool and raw.lower() in ("0", "1", "true", "false"):
             return raw.lower() in ("1", "true")
-        value = kind(raw)
-        if kind is float and not math.isfinite(value):
-            raise ValueError
-        return value
+        if kind is not bool and (kind is not float or math.isfinite(float(raw))):
+            return kind(raw)
     except ValueError:
-        raise RunError(f"{name}={raw!r}: expected {EXPECTED_KIND[kind]}") from None
+        pass
+    expected = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}[kind]
+    raise RunError(f"{name}={raw!r}: expected {expected}")
 
 
 def choose_preset(values: dict, cuda_available: bool) -> str:
-    """PRESET=auto: the CPU pre-flight run without CUDA; on a GPU, the frontier on FineWeb. A GPU with
-    no data is an error, not a silent smoke run that would exit 0 on a rented pod."""
-    preset = values.get("preset", "auto")
+    """PRESET=auto: the CPU pre-flight run without CUDA, the frontier on a GPU. A GPU without FineWeb is
+    an error, not a smoke run that would exit 0 on a rented pod."""
+    preset, data_path = values.get("preset", "auto"), values.get("data_path", Hyperparameters.data_path)
     if preset != "auto":
         return preset
     if not cuda_available:
         return "smoke"
-    data_path = values.get("data_path", Hyperparameters.data_path)
     if not Path(data_path).is_dir():
         download = FINEWEB_DOWNLOAD.format(vocab_size=values.get("vocab_size", Hyperparameters.vocab_size))
         raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
@@ -341,80 +296,88 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
 
 def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple[Hyperparameters, str]:
     """Build the config from env vars; returns it with the preset actually applied."""
-    check_env_names(env)
-    fields = {f.name: f for f in dataclasses.fields(Hyperparameters)}
-    values = {}
-    for name, field in fields.items():
-        if name.upper() in env:
-            values[name] = parse_env_value(name.upper(), env[name.upper()], type(field.default))
+    for name in sorted(env):
+        setting = resembled_setting(name)
+        if setting is not None and name != setting:
+            raise RunError(f"{name} is not a setting; did you mean {setting}? (nothing reads {name}: unset or "
+                           f"rename it)")
+    values = {f.name: parse_env_value(f.name.upper(), env[f.name.upper()], type(f.default))
+              for f in dataclasses.fields(Hyperparameters) if f.name.upper() in env}
     preset = choose_preset(values, cuda_available)
     if preset not in PRESETS:
         raise RunError(f"PRESET={preset!r}: expected auto or one of {', '.join(PRESETS)}")
     if preset == "smoke" and "data_path" not in values and not Path(SMOKE["data_path"]).is_dir():
         raise RunError(f"PRESET=smoke trains on the sample in {SMOKE['data_path']}, which is not here: copy "
                        f"tests/fixtures/ next to train_gpt.py, or set DATA_PATH and TOKENIZER_PATH")
-    values = {**PRESETS[preset], **values, "preset": preset}
-    h = Hyperparameters(**values)
+    h = Hyperparameters(**{**PRESETS[preset], **values, "preset": preset})
     validate(h)
     return h, preset
 
 
-# A misspelt setting would be silently ignored (SEEDS=42 trains seed 1337), so an env var that looks
-# like one of ours stops the run: its name is close to a setting's (difflib ratio >= 0.8, with and
-# without underscores, any case), is a setting's first or last words (MAX_WALLCLOCK, LAYERS), or
-# starts with a prefix only our settings use. Variables of the shell, Python, the GPU stack,
-# torchrun, schedulers and CI are never read as ours.
-_KNOB_PREFIXES = ("TRAIN_", "EVAL_", "VAL_", "MUON_", "ADAM_", "SWA_", "BIGRAM_", "MODEL_", "NUM_", "MLP_",
-                  "WARMUP", "WARMDOWN", "MATRIX_", "SCALAR_", "TIED_", "ARTIFACT_", "ZSTD_", "GPTQ_", "CLIP_",
-                  "QUANT_", "ROPE_", "XSA_", "LN_", "LANES_", "RECUR_", "QAT_", "SMEAR_", "LR_", "EMA_", "AVERAGE_",
-                  "CHECKPOINT_", "FROM_", "TTT_", "ATTN_", "VIRTUAL_", "FIRST_", "VE_", "SKIP_",
-                  "LANE_")
-_FOREIGN_PREFIXES = ("CUDA", "TORCH", "NCCL", "NV", "CUDNN", "CUBLAS", "TRITON", "OMP_", "MKL", "KMP_", "OPENBLAS",
-                     "GOTO", "PYTHON", "PYTEST", "LD_", "LC_", "XDG_", "SSH_", "GIT", "CONDA", "PIP_", "VIRTUAL_ENV",
-                     "MASTER_", "TORCHELASTIC", "LOCAL_", "GROUP_", "ROLE_", "SLURM", "PMI", "OMPI", "PMIX", "HF_",
-                     "HUGGING", "TOKENIZERS_", "TRANSFORMERS", "WANDB", "CI_", "RUNNER_", "DOCKER", "KUBERNETES",
-                     "AWS_", "GOOGLE", "AZURE", "RUNPOD", "JUPYTER", "SUDO_")
+# A misspelt setting would be silently ignored (SEEDS=42 trains seed 1337), so an env var that looks like
+# one stops the run: a close name (difflib ratio >= 0.8, with or without underscores, any case), a setting's
+# first or last words (MAX_WALLCLOCK, LAYERS), or a prefix only settings use. Other tools' variables never are.
+_KNOB_PREFIXES = tuple("TRAIN_ EVAL_ VAL_ MUON_ ADAM_ SWA_ BIGRAM_ MODEL_ NUM_ MLP_ WARMUP WARMDOWN MATRIX_ SCALAR_ "
+                       "TIED_ ARTIFACT_ ZSTD_ GPTQ_ CLIP_ QUANT_ ROPE_ XSA_ LN_ LANES_ RECUR_ QAT_ SMEAR_ LR_ EMA_ "
+                       "TTT_ ATTN_ VIRTUAL_ FIRST_ VE_ SKIP_ LANE_".split())
+_FOREIGN_PREFIXES = tuple("CUDA TORCH NCCL NV CUDNN CUBLAS TRITON OMP_ MKL KMP_ OPENBLAS GOTO PYTHON PYTEST LD_ LC_ "
+                          "XDG_ SSH_ GIT CONDA PIP_ VIRTUAL_ENV MASTER_ TORCHELASTIC LOCAL_ GROUP_ ROLE_ SLURM PMI "
+                          "OMPI PMIX HF_ HUGGING TOKENIZERS_ TRANSFORMERS WANDB CI_ RUNNER_ DOCKER KUBERNETES AWS_ "
+                          "GOOGLE AZURE RUNPOD JUPYTER SUDO_".split())
 _FOREIGN_NAMES = {"CI", "RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "LANG", "TERM"}
-# Other trainers' names for ITERATIONS (nanoGPT's max_iters, Hugging Face's max_steps), which the rules
-# above would read as WARMUP_STEPS or TRAIN_SEQ_LEN.
-_ALIASES = {name: "ITERATIONS" for name in ("STEPS", "TRAIN_STEPS", "NUM_STEPS", "MAX_STEPS", "TOTAL_STEPS",
-                                             "ITERS", "MAX_ITERS", "TRAIN_ITERS", "NUM_ITERS")}
+# Other trainers' names for ITERATIONS (nanoGPT's max_iters, Hugging Face's max_steps)
+_ALIASES = dict.fromkeys("STEPS TRAIN_STEPS NUM_STEPS MAX_STEPS TOTAL_STEPS ITERS MAX_ITERS TRAIN_ITERS "
+                         "NUM_ITERS".split(), "ITERATIONS")
 
 
 def resembled_setting(name: str) -> str | None:
     """The setting an env var's name looks like (itself if it is one), or None for a foreign variable."""
-    upper = name.upper()
-    known = [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
-    if upper in known:
-        return upper
-    if upper in _ALIASES:
-        return _ALIASES[upper]
+    upper, known = name.upper(), [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
+    if upper in known or upper in _ALIASES:
+        return _ALIASES.get(upper, upper)
     if upper in _FOREIGN_NAMES or upper.startswith(_FOREIGN_PREFIXES):
         return None
     part = [k for k in known if len(upper) >= 5 and (k.startswith(upper + "_") or k.endswith("_" + upper))]
-    if part:  # MAX_WALLCLOCK, LAYERS (the first such setting: NUM_LAYERS before VE_LAYERS)
-        return part[0]
     bare = {k.replace("_", ""): k for k in known}
-    close = difflib.get_close_matches(upper, known, n=1, cutoff=0.8) or \
+    close = part or difflib.get_close_matches(upper, known, n=1, cutoff=0.8) or \
         [bare[m] for m in difflib.get_close_matches(upper.replace("_", ""), bare, n=1, cutoff=0.8)]
-    if close:
+    if close:  # a part first: LAYERS is NUM_LAYERS (the first such setting), not VE_LAYERS
         return close[0]
-    if upper.startswith(_KNOB_PREFIXES):
-        return difflib.get_close_matches(upper, known, n=1, cutoff=0)[0]
-    return None
+    return difflib.get_close_matches(upper, known, n=1, cutoff=0)[0] if upper.startswith(_KNOB_PREFIXES) else None
 
 
-def check_env_names(env: dict[str, str]) -> None:
-    for name in sorted(env):
-        setting = resembled_setting(name)
-        if setting is not None and name != setting:
-            raise RunError(f"{name} is not a setting; did you mean {setting}? (nothing reads {name}: unset or "
-                           f"rename it)")
+# Each numeric field's possible values as an interval ("[" and "]" include the end); any other is finite.
+RANGES = {
+    "[0, inf)": "max_wallclock_seconds warmup_steps warmdown_iters val_loss_every mlp_negative_slope rope_ntk_len "
+                "muon_momentum_warmup_steps muon_wd muon_wd_taper adam_wd grad_clip_norm bigram_proj_gain "
+                "swa_interval val_tokens ttt_lr_scale quant_min_range int6_matrices sdclip_attn sdclip_mlp "
+                "sdclip_embed sdclip_other lqer_top awq_groups gptq_calib_tokens gptq_reserve_seconds "
+                "gptq_selfgen_seqs",
+    "[1, inf)": "iterations train_log_every model_dim num_heads num_kv_heads mlp_mult bigram_dim ve_dim "
+                "muon_backend_steps ttt_lora_rank ttt_chunk_tokens ttt_batch_docs",
+    "[2, inf)": "train_seq_len num_layers",  # the U-Net pairs encoder and decoder blocks
+    "(0, inf)": "logit_softcap qk_gain_init tied_embed_init_std matrix_lr scalar_lr tied_embed_lr adam_eps "
+                "eval_budget_seconds artifact_limit_bytes",
+    "(1, inf)": "rope_base",
+    "[0, 1)": "recur_start_frac muon_momentum muon_momentum_warmup_start muon_wd_taper_from adam_beta1 adam_beta2 "
+              "lr_floor ema_decay",
+    "[0, 1]": "warmdown_frac", "(0, 1]": "swa_start_frac", "[1, 8]": "recur_repeats", "[1, 22]": "zstd_level",
+    "[4, 65536]": "vocab_size",  # ids 0-3 are pad, bos, eos, unk; shards hold uint16 ids
+}
+CHOICES = dict(  # the fields with a few possible values (PRESET, MUON_NS, COMPRESSOR, ATTN_BACKEND: their tables)
+    smear_mode=("channel", "scalar"), lane_formula=("stream", "read", "parallel"), compile=("auto", "0", "1"),
+    qat_bits=(0, 4, 5, 6, 8), quant_bits_mlp=(4, 5, 6, 8), quant_bits_attn=(4, 5, 6, 8), quant_bits_embed=(7, 8, 16))
+
+
+def in_interval(value: float, interval: str) -> bool:
+    """Whether value lies in an interval written like "[0, 1)" (a bracket includes its end)."""
+    lo, hi = (float(end) for end in interval[1:-1].split(","))
+    return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
 
 
 def validate(h: Hyperparameters) -> None:
-    """Reject impossible values and combinations with a message naming the variables. Each field's own
-    range is checked first (the combinations divide by some of them)."""
+    """RunError naming the variables for an impossible value or combination; each field's own range
+    is checked first (the combinations divide by some of them)."""
     for checks in (field_checks, combination_checks, technique_checks):
         for ok, message in checks(h):
             if not ok:
@@ -422,74 +385,38 @@ def validate(h: Hyperparameters) -> None:
 
 
 def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
-    """Every field's impossible values (bools, and paths whose files are checked where they are read,
-    have none): a NaN from ROPE_BASE=0 or LOGIT_SOFTCAP=0 is found at start, not after training."""
-    floats = [f.name for f in dataclasses.fields(h) if type(f.default) is float]
-    return [(math.isfinite(getattr(h, name)), f"{name.upper()}={getattr(h, name)}: expected a finite number")
-            for name in floats] + [
+    """Every field's impossible values: a NaN from ROPE_BASE=0 is found at start, not after training."""
+    numbers = {f.name: "(-inf, inf)" for f in dataclasses.fields(h) if type(f.default) in (int, float)}
+    numbers.update((name, interval) for interval, names in RANGES.items() for name in names.split())
+    choices = dict(CHOICES, preset=("auto", *PRESETS), muon_ns=NEWTON_SCHULZ_COEFFS, compressor=COMPRESSORS,
+                   attn_backend=ATTN_BACKENDS)
+    return [(in_interval(getattr(h, n), interval), f"{n.upper()}={getattr(h, n)}: must be in {interval}")
+            for n, interval in numbers.items()] + [
+        (getattr(h, n) in allowed, f"{n.upper()}={getattr(h, n)!r}: expected one of {', '.join(map(str, allowed))}")
+        for n, allowed in choices.items()] + [
         (bool(h.data_path) and bool(h.tokenizer_path), "DATA_PATH and TOKENIZER_PATH must not be empty"),
-        (4 <= h.vocab_size <= 65536, "VOCAB_SIZE must be in 4..65536 (pad, bos, eos, unk; shards hold uint16 ids)"),
         (re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", h.run_id) is not None or not h.run_id,
          f"RUN_ID={h.run_id!r}: expected a file name of letters, digits, '.', '_' and '-' (it names logs/RUN_ID.txt)"),
         (0 <= h.seed < 2**63, "SEED must be in 0..2^63-1"),
-        (h.preset in ("auto", *PRESETS), f"PRESET={h.preset!r}: expected auto or one of {', '.join(PRESETS)}"),
-        (h.iterations >= 1 and h.warmup_steps >= 0 and h.warmdown_iters >= 0,
-         "ITERATIONS must be >= 1, WARMUP_STEPS and WARMDOWN_ITERS >= 0"),
-        (0 <= h.warmdown_frac <= 1, "WARMDOWN_FRAC must be in [0, 1] (0: WARMDOWN_ITERS decides)"),
-        (h.muon_wd_taper >= 0 and 0 <= h.muon_wd_taper_from < 1,
-         "MUON_WD_TAPER must be >= 0 (1: off), MUON_WD_TAPER_FROM in [0, 1)"),
-        (h.max_wallclock_seconds >= 0, "MAX_WALLCLOCK_SECONDS must be >= 0"),
-        (h.train_seq_len >= 2 and (h.eval_seq_len == 0 or h.eval_seq_len >= 2),
-         "TRAIN_SEQ_LEN must be >= 2, EVAL_SEQ_LEN 0 (TRAIN_SEQ_LEN) or >= 2"),
-        (h.train_log_every >= 1 and h.val_loss_every >= 0, "TRAIN_LOG_EVERY must be >= 1, VAL_LOSS_EVERY >= 0"),
-        (h.num_layers >= 2, "NUM_LAYERS must be >= 2 (the U-Net pairs encoder and decoder blocks)"),
-        (min(h.model_dim, h.num_heads, h.num_kv_heads, h.mlp_mult, h.bigram_dim) >= 1,
-         "MODEL_DIM, NUM_HEADS, NUM_KV_HEADS, MLP_MULT and BIGRAM_DIM must be >= 1"),
-        (h.rope_base > 1, "ROPE_BASE must be > 1 (RoPE's frequencies are powers of 1/ROPE_BASE)"),
-        (h.logit_softcap > 0, "LOGIT_SOFTCAP must be > 0 (logits = cap * tanh(z / cap))"),
-        (h.qk_gain_init > 0, "QK_GAIN_INIT must be > 0"),
-        (h.tied_embed_init_std > 0, "TIED_EMBED_INIT_STD must be > 0 (a zero embedding gets no gradient)"),
+        (h.eval_seq_len == 0 or h.eval_seq_len >= 2, "EVAL_SEQ_LEN must be 0 (TRAIN_SEQ_LEN) or >= 2"),
+        (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
         (h.bigram_vocab_size == 0 or h.bigram_scale_init != 0,
          "BIGRAM_SCALE_INIT must not be 0 (the table starts at zero: with a zero scale neither gets a gradient)"),
-        (min(h.matrix_lr, h.scalar_lr, h.tied_embed_lr) > 0, "MATRIX_LR, SCALAR_LR, TIED_EMBED_LR must be > 0"),
-        (0 <= h.muon_momentum < 1 and 0 <= h.muon_momentum_warmup_start < 1,
-         "MUON_MOMENTUM and MUON_MOMENTUM_WARMUP_START must be in [0, 1)"),
-        (h.muon_momentum_warmup_steps >= 0, "MUON_MOMENTUM_WARMUP_STEPS must be >= 0"),
-        (h.muon_backend_steps >= 1, "MUON_BACKEND_STEPS must be >= 1"),
-        (h.muon_ns in NEWTON_SCHULZ_COEFFS, f"MUON_NS must be one of {', '.join(NEWTON_SCHULZ_COEFFS)}"),
         (h.embed_wd >= 0 or h.embed_wd == -1, "EMBED_WD must be >= 0, or -1 (ADAM_WD)"),
-        (0 <= h.adam_beta1 < 1 and 0 <= h.adam_beta2 < 1, "ADAM_BETA1 and ADAM_BETA2 must be in [0, 1)"),
-        (h.adam_eps > 0, "ADAM_EPS must be > 0"),
-        (h.muon_wd >= 0 and h.adam_wd >= 0 and h.grad_clip_norm >= 0,
-         "MUON_WD, ADAM_WD and GRAD_CLIP_NORM must be >= 0"),
-        (h.swa_interval >= 0 and 0 < h.swa_start_frac <= 1, "SWA_INTERVAL must be >= 0, SWA_START_FRAC in (0, 1]"),
-        (0 <= h.ema_decay < 1, "EMA_DECAY must be in [0, 1)"),
-        (h.val_tokens >= 0, "VAL_TOKENS must be >= 0"),
-        (h.ttt_lr_scale >= 0 and h.ttt_lora_rank >= 1 and h.ttt_chunk_tokens >= 1 and h.ttt_batch_docs >= 1,
-         "TTT_LR_SCALE must be >= 0, TTT_LORA_RANK, TTT_CHUNK_TOKENS and TTT_BATCH_DOCS >= 1"),
         (re.fullmatch(r"\s*(\d+\s*(,\s*\d+\s*)*)?", h.ttt_phases) is not None,
          f"TTT_PHASES={h.ttt_phases!r}: expected document counts like 2500 or 833,1666,2500"),
-        (h.eval_budget_seconds > 0, "EVAL_BUDGET_SECONDS must be > 0"),
-        (h.artifact_limit_bytes > 0, "ARTIFACT_LIMIT_BYTES must be > 0"),
-        (1 <= h.zstd_level <= 22, "ZSTD_LEVEL must be in 1..22"),
-        (h.compressor in COMPRESSORS, f"COMPRESSOR={h.compressor!r}: expected one of {', '.join(COMPRESSORS)}"),
-        (h.int6_matrices >= 0 and h.quant_min_range >= 0, "INT6_MATRICES and QUANT_MIN_RANGE must be >= 0"),
         (h.gptq_selfgen_len == 0 or 2 <= h.gptq_selfgen_len <= h.train_seq_len,
          "GPTQ_SELFGEN_LEN must be 0 (TRAIN_SEQ_LEN) or in 2..TRAIN_SEQ_LEN"),
-        (h.compile in ("auto", "0", "1"), "COMPILE must be auto, 0 or 1"),
-        (h.attn_backend in ATTN_BACKENDS, f"ATTN_BACKEND={h.attn_backend!r}: expected one of {', '.join(ATTN_BACKENDS)}"),
-        (min(h.gptq_calib_tokens, h.gptq_reserve_seconds, h.gptq_selfgen_seqs) >= 0,
-         "GPTQ_CALIB_TOKENS, GPTQ_RESERVE_SECONDS and GPTQ_SELFGEN_SEQS must be >= 0"),
     ]
 
 
 def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
+    per_step = SLICES_PER_STEP * h.train_seq_len
     return [
         (h.model_dim % h.num_heads == 0, "MODEL_DIM must be divisible by NUM_HEADS"),
         ((h.model_dim // h.num_heads) % 2 == 0, "MODEL_DIM / NUM_HEADS must be even (RoPE)"),
         (h.num_heads % h.num_kv_heads == 0, "NUM_HEADS must be a multiple of NUM_KV_HEADS"),
-        (h.train_batch_tokens >= SLICES_PER_STEP * h.train_seq_len and
-         h.train_batch_tokens % (SLICES_PER_STEP * h.train_seq_len) == 0,
+        (h.train_batch_tokens >= per_step and h.train_batch_tokens % per_step == 0,
          f"TRAIN_BATCH_TOKENS must be a positive multiple of {SLICES_PER_STEP} x TRAIN_SEQ_LEN"),
         (not (h.warmdown_frac and h.warmdown_iters), "WARMDOWN_FRAC replaces WARMDOWN_ITERS: set WARMDOWN_ITERS=0"),
         (0 <= h.eval_stride <= h.model_eval_seq_len, "EVAL_STRIDE must be in 0..EVAL_SEQ_LEN"),
@@ -504,18 +431,23 @@ def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          "GPTQ_SELFGEN_SEQS and GPTQ_CALIB_TOKENS both calibrate GPTQ: set one of them to 0"),
         (not h.int6_matrices or h.gptq_selfgen_seqs or h.gptq_calib_tokens,
          "INT6_MATRICES ranks matrices by their GPTQ Hessians: set GPTQ_CALIB_TOKENS or GPTQ_SELFGEN_SEQS"),
-        (not h.average_also or h.checkpoint_out, "AVERAGE_ALSO is kept only by CHECKPOINT_OUT: set it too"),
-        (not h.from_checkpoint or not (h.checkpoint_out or h.eval_only),
-         "FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY"),
     ]
 
 
-def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
-    """RECUR_BLOCKS as block indices: "4,5" -> (4, 5); "" -> ()."""
+def block_list(text: str, name: str) -> tuple[int, ...]:
+    """A comma-separated list of block indices or positions: "4,5" -> (4, 5); "" -> ()."""
     try:
-        return tuple(int(part) for part in h.recur_blocks.split(",")) if h.recur_blocks.strip() else ()
+        return tuple(int(part) for part in text.split(",")) if text.strip() else ()
     except ValueError:
-        raise RunError(f"RECUR_BLOCKS={h.recur_blocks!r}: expected block indices like 4,5") from None
+        raise RunError(f"{name}={text!r}: expected block indices like 4,5") from None
+
+
+def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
+    return block_list(h.recur_blocks, "RECUR_BLOCKS")
+
+
+def value_embed_positions(h: Hyperparameters) -> tuple[int, ...]:
+    return block_list(h.ve_layers, "VE_LAYERS")
 
 
 def run_positions(h: Hyperparameters) -> int:
@@ -529,19 +461,17 @@ def virtual_depth(h: Hyperparameters) -> int:
 
 
 def unet_positions(h: Hyperparameters) -> int:
-    """The positions the U-Net splits in halves once the recurrence is on: every run position with
-    VIRTUAL_DEPTH or RECUR_IN_UNET, else the NUM_LAYERS blocks (a repeat takes no part)."""
+    """The positions the U-Net splits in halves: every run position with VIRTUAL_DEPTH or RECUR_IN_UNET,
+    else the NUM_LAYERS blocks (a repeat takes no part)."""
     return run_positions(h) if h.virtual_depth or h.recur_in_unet else h.num_layers
 
 
 def seq_schedule(h: Hyperparameters) -> tuple[tuple[int, float], ...]:
-    """TRAIN_SEQ_SCHEDULE as (sequence length, fraction of the run it starts at) pairs; without one,
-    TRAIN_SEQ_LEN from the start. "1024:0,2048:0.3,3072:0.6" -> ((1024, 0.0), (2048, 0.3), (3072, 0.6))."""
-    if not h.train_seq_schedule.strip():
-        return ((h.train_seq_len, 0.0),)
+    """TRAIN_SEQ_SCHEDULE as (length, fraction of the run it starts at) pairs, else ((TRAIN_SEQ_LEN, 0.0),).
+    "1024:0,2048:0.3" -> ((1024, 0.0), (2048, 0.3))."""
     try:
-        return tuple((int(length), float(start)) for length, start in
-                     (part.split(":") for part in h.train_seq_schedule.split(",")))
+        return tuple((int(length), float(start)) for length, start in (part.split(":") for part in
+                     h.train_seq_schedule.split(","))) if h.train_seq_schedule.strip() else ((h.train_seq_len, 0.0),)
     except ValueError:
         raise RunError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: expected LEN:FRAC pairs like "
                        f"1024:0,2048:0.3,3072:0.6") from None
@@ -552,85 +482,59 @@ def seq_len_at(h: Hyperparameters, progress: float) -> int:
     return [length for length, start in seq_schedule(h) if progress >= start][-1]
 
 
-def value_embed_positions(h: Hyperparameters) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in h.ve_layers.split(",")) if h.ve_layers.strip() else ()
-    except ValueError:
-        raise RunError(f"VE_LAYERS={h.ve_layers!r}: expected block positions like 9,10") from None
-
-
 def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
-    head_dim = h.model_dim // h.num_heads
-    recur = recurrence_blocks(h)
+    head_dim, recur, depth = h.model_dim // h.num_heads, recurrence_blocks(h), virtual_depth(h)
     lengths, starts = zip(*seq_schedule(h))
     return [
         (starts[0] == 0 and all(a < b < 1 for a, b in zip(starts, starts[1:])) and min(lengths) >= 2 and
          lengths[-1] == h.train_seq_len and all(h.train_batch_tokens % (SLICES_PER_STEP * n) == 0 for n in lengths),
          f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: lengths >= 2 dividing TRAIN_BATCH_TOKENS / "
          f"{SLICES_PER_STEP}, fractions ascending from 0 and below 1, the last length TRAIN_SEQ_LEN"),
-        (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
-        (h.smear_mode in ("channel", "scalar"), "SMEAR_MODE must be channel or scalar"),
         (0 <= h.smear_window <= h.model_dim and (not h.smear_window or h.smear_mode == "scalar"),
          "SMEAR_WINDOW must be in 0..MODEL_DIM (0: all channels) and needs SMEAR_MODE=scalar (the gate it narrows)"),
-        (not (h.smear_zero_start and h.smear_mode == "scalar"), "SMEAR_ZERO_START is for SMEAR_MODE=channel: unset one"),
+        (not (h.smear_zero_start and h.smear_mode == "scalar"),
+         "SMEAR_ZERO_START is for SMEAR_MODE=channel: unset one"),
         (0 <= h.attn_gate_window <= h.model_dim, "ATTN_GATE_WINDOW must be in 0..MODEL_DIM (0: off)"),
-        (not h.quant_gates_int8 or h.attn_gate_window, "QUANT_GATES_INT8 quantizes the attention output gates: "
-                                                       "it needs ATTN_GATE_WINDOW > 0"),
+        (not h.quant_gates_int8 or h.attn_gate_window,
+         "QUANT_GATES_INT8 quantizes the attention output gates: it needs ATTN_GATE_WINDOW > 0"),
         (not h.doc_attention or h.attn_backend not in ("flash", *OPTIONAL_KERNELS),
-         f"ATTN_BACKEND={h.attn_backend} takes no mask, which DOC_ATTENTION=1 needs: use auto, flex, efficient, cudnn, math"),
-        (h.attn_backend != "flex" or h.doc_attention, "ATTN_BACKEND=flex is the kernel of attention within "
-                                                       "documents: it needs DOC_ATTENTION=1 (else use auto)"),
+         f"ATTN_BACKEND={h.attn_backend} has no mask for DOC_ATTENTION=1: use auto, flex, efficient, cudnn or math"),
+        (h.attn_backend != "flex" or h.doc_attention,
+         "ATTN_BACKEND=flex is the kernel of attention within documents: it needs DOC_ATTENTION=1 (else use auto)"),
         (not h.ttt_enabled or h.ttt_chunk_tokens <= h.model_eval_seq_len,
-         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={h.model_eval_seq_len}: a chunk is scored "
-         f"in one window"),
+         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={h.model_eval_seq_len} (one window per chunk)"),
         (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
          f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
-        (0 <= h.xsa_last_n <= virtual_depth(h), "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
-        (h.mlp_negative_slope >= 0, "MLP_NEGATIVE_SLOPE must be >= 0"),
+        (0 <= h.xsa_last_n <= depth, "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
         (0 <= h.lanes_from < h.num_layers, "LANES_FROM must be in 0..NUM_LAYERS-1 (0: off)"),
         (list(recur) == list(range(recur[0], recur[0] + len(recur))) if recur else True,
          f"RECUR_BLOCKS={h.recur_blocks!r} must be contiguous ascending block indices"),
         (all(0 <= b < h.num_layers for b in recur), "RECUR_BLOCKS must name blocks in 0..NUM_LAYERS-1"),
         (not (recur and h.lanes_from) or h.lanes_from > recur[-1],
          "LANES_FROM must come after the last of RECUR_BLOCKS (a repeated block sees one stream)"),
-        (0 <= h.recur_start_frac < 1, "RECUR_START_FRAC must be in [0, 1)"),
         (recur or not (h.virtual_depth or h.recur_untie_mlp or h.recur_in_unet),
          "VIRTUAL_DEPTH, RECUR_UNTIE_MLP and RECUR_IN_UNET need RECUR_BLOCKS"),
-        (1 <= h.recur_repeats <= 8, "RECUR_REPEATS must be in 1..8 (extra passes of RECUR_BLOCKS)"),
-        (all(0 <= v < virtual_depth(h) for v in value_embed_positions(h)),
-         f"VE_LAYERS must name block positions in 0..{virtual_depth(h) - 1} (the repeat counted with VIRTUAL_DEPTH)"),
-        (h.ve_dim >= 1, "VE_DIM must be >= 1"),
-        (h.lane_formula in ("stream", "read", "parallel"), "LANE_FORMULA must be stream, read or parallel"),
-        (h.rope_ntk_len >= 0 and (not h.rope_ntk_len or (h.rope_dims or head_dim) >= 4),
-         "ROPE_NTK_LEN must be >= 0, with at least 4 rotated dims"),
-        (not (h.bigram_adam and h.bigram_proj_adam), "BIGRAM_ADAM already moves the projection: unset BIGRAM_PROJ_ADAM"),
-        (h.bigram_proj_gain >= 0, "BIGRAM_PROJ_GAIN must be >= 0"),
-        (h.qat_bits in (0, 4, 5, 6, 8), "QAT_BITS must be 0 (off), 4, 5, 6 or 8"),
-        (0 <= h.lr_floor < 1, "LR_FLOOR must be in [0, 1)"),
-        (h.quant_bits_mlp in (4, 5, 6, 8) and h.quant_bits_attn in (4, 5, 6, 8),
-         "QUANT_BITS_MLP and QUANT_BITS_ATTN must be 4, 5, 6 or 8"),
-        (h.quant_bits_embed in (7, 8, 16), "QUANT_BITS_EMBED must be 7 (int7), 8 (int8) or 16 (fp16)"),
-        (min(h.sdclip_attn, h.sdclip_mlp, h.sdclip_embed, h.sdclip_other) >= 0,
-         "SDCLIP_ATTN, SDCLIP_MLP, SDCLIP_EMBED and SDCLIP_OTHER must be >= 0 (0: CLIP_SEARCH's rule)"),
+        (all(0 <= v < depth for v in value_embed_positions(h)),
+         f"VE_LAYERS must name block positions in 0..{depth - 1} (the repeat counted with VIRTUAL_DEPTH)"),
+        (not h.rope_ntk_len or (h.rope_dims or head_dim) >= 4, "ROPE_NTK_LEN needs at least 4 rotated dims"),
+        (not (h.bigram_adam and h.bigram_proj_adam),
+         "BIGRAM_ADAM already moves the projection: unset BIGRAM_PROJ_ADAM"),
         (not h.gptq_embed or (h.gptq_calib_tokens and h.quant_bits_embed < 16),
          "GPTQ_EMBED needs GPTQ_CALIB_TOKENS > 0 and a quantized embedding (QUANT_BITS_EMBED 7 or 8)"),
-        (h.lqer_top >= 0, "LQER_TOP must be >= 0 (0: off)"),
-        (h.awq_groups >= 0 and (not h.awq_groups or h.gptq_calib_tokens),
-         "AWQ_GROUPS must be >= 0 (0: off) and needs GPTQ_CALIB_TOKENS > 0 (the input RMS is the Hessian's diagonal)"),
+        (not h.awq_groups or h.gptq_calib_tokens,
+         "AWQ_GROUPS needs GPTQ_CALIB_TOKENS > 0 (the input RMS is the Hessian's diagonal)"),
     ]
 
 
 # -----------------------------------------------------------------------------
 # Muon optimizer
 #
-# Momentum SGD whose update for each 2-D matrix is orthogonalized by a quintic Newton-Schulz
-# iteration (Keller Jordan's Muon, modded-nanogpt). Each rank orthogonalizes every
-# world_size-th matrix, its same-shape matrices stacked into one batched iteration (the same
-# arithmetic, far fewer kernel launches); one all-reduce of a flat bf16 buffer shares the updates.
+# Momentum SGD whose update for each 2-D matrix is orthogonalized by Newton-Schulz (Keller Jordan's Muon,
+# modded-nanogpt). Each rank orthogonalizes every world_size-th matrix, same-shape ones stacked into one
+# batched iteration; one all-reduce of a flat bf16 buffer shares the updates.
 
-# (a, b, c) per step: x <- a x + (b G + c G^2) x with G = x x^T. quintic: one triple for every step,
-# from modded-nanogpt (fast, not exact, convergence). polar_express: a triple per step, the Polar Express
-# schedule (Amsel et al. 2025) as PR #1855 ran it, for up to 5 steps.
+# (a, b, c) per step of x <- a x + (b G + c G^2) x, G = x x^T; a schedule's last triple repeats. quintic:
+# modded-nanogpt's one triple; polar_express: Amsel et al. 2025's per-step schedule as PR #1855 ran it.
 NEWTON_SCHULZ_COEFFS = {
     "quintic": ((3.4445, -4.7750, 2.0315),),
     "polar_express": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -642,13 +546,11 @@ NEWTON_SCHULZ_COEFFS = {
 
 
 def orthogonalize(grad: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
-    """Newton-Schulz on one matrix (rows, cols) or a stack of same-shape matrices (n, rows, cols):
-    `steps` iterations with NEWTON_SCHULZ_COEFFS[coeffs] (a schedule's last triple repeats)."""
+    """Newton-Schulz on one matrix (rows, cols) or a stack of same-shape ones (n, rows, cols), in bf16."""
     schedule = NEWTON_SCHULZ_COEFFS[coeffs]
     x = grad.bfloat16()
     transposed = x.size(-2) > x.size(-1)
-    if transposed:
-        x = x.mT
+    x = x.mT if transposed else x
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for step in range(steps):
         a, b, c = schedule[min(step, len(schedule) - 1)]
@@ -702,11 +604,9 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(buffers, group["momentum"])
         torch._foreach_add_(buffers, grads)
         nesterov = torch._foreach_add(grads, buffers, alpha=group["momentum"])
-        if group["row_norm"]:
-            nesterov = [normalize_rows(u) for u in nesterov]
         by_shape: dict[torch.Size, list[tuple[int, Tensor]]] = {}
         for p, u in zip(owned, nesterov):
-            by_shape.setdefault(p.shape, []).append((index[id(p)], u))
+            by_shape.setdefault(p.shape, []).append((index[id(p)], normalize_rows(u) if group["row_norm"] else u))
         updates = {}
         for (rows, cols), members in by_shape.items():
             stacked = orthogonalize(torch.stack([u for _, u in members]), group["backend_steps"], group["coeffs"])
