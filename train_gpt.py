@@ -526,6 +526,55 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     ]
 
 
+def first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(temporary path) in path's folder, then a rename onto path: no partial file, ever; a failure
+    is a RunError naming the path."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        if path.exists():
+            raise RunError(f"{path} appeared while this run wrote it; the new file stays at {tmp}")
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise RunError(f"{path}: cannot write ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
+    except KeyboardInterrupt:  # Ctrl-C mid-write: no partial file either
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclasses.dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+    distributed: bool
+    bf16: bool = False  # autocast matrix products to bf16 (always on CUDA; CPU_AUTOCAST on CPU)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return SLICES_PER_STEP // self.world_size
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
+    return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
+
+
 # -----------------------------------------------------------------------------
 # Muon optimizer
 #
@@ -3164,30 +3213,6 @@ def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = 
 
 
 @dataclasses.dataclass
-class Runtime:
-    rank: int
-    world_size: int
-    device: torch.device
-    distributed: bool
-    bf16: bool = False  # autocast matrix products to bf16 (always on CUDA; CPU_AUTOCAST on CPU)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def grad_accum_steps(self) -> int:
-        return SLICES_PER_STEP // self.world_size
-
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
-
-    def sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-
-@dataclasses.dataclass
 class Progress:
     """What the line an interrupt prints says: the step reached, the outputs besides the artifact (the lab's);
     and whether the run began to train or score (run)."""
@@ -3590,23 +3615,6 @@ def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str
     return claimed[0]
 
 
-def write_atomically(path: Path, write) -> None:
-    """write(temporary path) in path's folder, then a rename onto path: no partial file, ever; a failure
-    is a RunError naming the path."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        if path.exists():
-            raise RunError(f"{path} appeared while this run wrote it; the new file stays at {tmp}")
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports a failed write as a RuntimeError
-        tmp.unlink(missing_ok=True)
-        raise RunError(f"{path}: cannot write ({getattr(exc, 'strerror', None) or first_line(exc)})") from None
-    except KeyboardInterrupt:  # Ctrl-C mid-write: no partial file either
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, shipped: bytes,
                log) -> None:
     """The run's identity, its readable source, and `code:`, the shipped form's size (code_bytes) and sha256."""
@@ -3629,10 +3637,6 @@ def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: 
             "configuration runs on the bundled sample; this is a pre-flight check, not a record")
 
 
-def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
-    return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
-
-
 def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     """The config from the environment, and what it implies for the runtime (bf16 autocast, TF32)."""
     h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
@@ -3640,10 +3644,6 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     torch.backends.cudnn.allow_tf32 = True
     select_sdpa_kernels(h.attn_backend)
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
-
-
-def first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 class Interrupted(Exception):
