@@ -1233,9 +1233,8 @@ def file_sha256(path: str) -> str:
 # Pre-norm GPT (PR #76 on): GQA attention with RMS-normed q/k, RoPE and a learned per-head query gain; relu^2
 # MLP; per-channel output scales and a learned mix with the embedding x0 in every block; U-Net skips; tied
 # embedding; soft-capped logits; BigramHash and SmearGate in front, neither crossing a BOS. A preset chooses
-# parts once, at init: the layer plan (layer_plan: per run position the block, its controls, lanes, value
-# embedding and U-Net skip; one plan before the depth recurrence's switch, one after) and each block's lane
-# route. GPT.forward walks the plan. The residual stream is (lanes, B, T, C). Notes: docs/notes/model.md.
+# parts once, at init: a layer plan per recurrence state (layer_plan) and each block's lane route; GPT.forward
+# walks the plan. The residual stream is (lanes, B, T, C). Notes: docs/notes/model.md.
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1244,7 +1243,7 @@ def rms_norm(x: Tensor) -> Tensor:
 
 class Linear(nn.Linear):
     """Bias-free. With qat_bits (QAT_BITS, PR #192) a training weight is fake-quantized by the export's per-row
-    quantizer with the straight-through gradient w + stopgrad(q(w) - w); evaluation and TTT see w."""
+    quantizer, straight-through: w + stopgrad(q(w) - w); evaluation and TTT (weights frozen) see w."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0):
         super().__init__(in_features, out_features, bias=False)
@@ -1268,9 +1267,8 @@ def low_rank_added(x: Tensor, y: Tensor, lora) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """RoPE on the first `dims` dims of each head (partial RoPE with dims < head_dim). With ntk_len, rows longer
-    than it use the base NTK-scaled by (n / ntk_len)^(dims / (dims - 2)) (PR #1204); n is the row's length, or
-    `length` where rows are cut from a longer context (the per-document TTT rows)."""
+    """RoPE on the first `dims` dims of each head (partial RoPE). With ntk_len, rows of n > ntk_len use the base
+    NTK-scaled by (n / ntk_len)^(dims / (dims - 2)) (PR #1204); n: max(row length, `length`)."""
 
     def __init__(self, dims: int, max_len: int, base: float, ntk_len: int = 0):
         super().__init__()
@@ -1297,18 +1295,16 @@ class Rotary(nn.Module):
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA (arXiv 2603.09078): per head y <- y - (y . vhat) vhat, vhat the token's own value direction.
-    y (B, H, T, hd); v (B, Hkv, T, hd), shared by its group's H / Hkv query heads through a broadcast."""
+    y (B, H, T, hd); v (B, Hkv, T, hd), broadcast over its group's query heads."""
     y = y.unflatten(1, (v.size(1), -1))  # (B, Hkv, group, T, hd)
     vhat = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd)
     y = y - (y * vhat).sum(dim=-1, keepdim=True) * vhat
     return y.flatten(1, 2)
 
 
-# ATTN_BACKEND: `auto` lets SDPA choose among its fused kernels (math off: it materializes the scores and torch
-# falls back to it silently); flash / efficient / cudnn / math pin one; fa3 / fa4 (flash_attn_func) run where
-# they import on CUDA, else SDPA auto. Set once, as torch's global SDPA switches (configure). DOC_ATTENTION
-# (PR #1530 on) masks attention to each document: FlexAttention's block mask where it runs, else SDPA with a
-# dense mask. bench/attn_check.py measures which kernel runs and how fast.
+# ATTN_BACKEND: `auto` lets SDPA choose a fused kernel (math off: torch falls back to it silently); flash,
+# efficient, cudnn, math pin one; fa3 / fa4 run where they import, on CUDA. DOC_ATTENTION (PR #1530 on) masks
+# attention to each document: FlexAttention's block mask where it runs, else SDPA's dense mask.
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
 ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS, "flex")
@@ -1327,18 +1323,15 @@ def select_sdpa_kernels(name: str) -> None:
 @functools.lru_cache(maxsize=None)
 def optional_kernel(name: str):
     """The flash_attn_func of FA3 / FA4 when ATTN_BACKEND names one and it imports; else None."""
-    if name not in OPTIONAL_KERNELS:
-        return None
     try:
-        return importlib.import_module(OPTIONAL_KERNELS[name]).flash_attn_func
+        return importlib.import_module(OPTIONAL_KERNELS[name]).flash_attn_func if name in OPTIONAL_KERNELS else None
     except Exception:  # not installed, or built for another torch / CUDA: SDPA runs instead
         return None
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor | BlockMask | None = None) -> Tensor:
-    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA). `kernel`: an
-    optional flash_attn_func taking (B, T, heads, hd). `mask` (attention_mask): a BlockMask or a (B, 1, T, T)
-    bool, True where a query may attend, replacing causality; None: plain causal."""
+    """q (B, H, T, hd) over k, v (B, Hkv, T, hd), GQA. kernel: a flash_attn_func (B, T, heads, hd), CUDA only.
+    mask (attention_mask): a BlockMask or (B, 1, T, T) bool replacing causality; None: causal."""
     gqa = k.size(1) != q.size(1)
     if isinstance(mask, BlockMask):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -1361,9 +1354,9 @@ def document_mask(tokens: Tensor) -> Tensor:
 
 
 def document_block_mask(tokens: Tensor) -> BlockMask:
-    """document_mask() as FlexAttention's BlockMask, tokens (B, T), T a multiple of FLEX_BLOCK, built from
-    (B, T / 128) tile summaries: query tile i meets key tile j <= i when i's first document is no later than
-    j's last (documents are contiguous); the pair is full (unmasked) when j < i and both lie in one document."""
+    """document_mask() as a BlockMask from (B, T / 128) tile summaries (T a multiple of FLEX_BLOCK): documents
+    are contiguous, so query tile i meets key tile j <= i when i's first document is no later than j's last;
+    the pair needs no mask when j < i and both lie in one document."""
     B, T = tokens.shape
     document = document_ids(tokens)
     tiles = document.view(B, T // FLEX_BLOCK, FLEX_BLOCK)
@@ -1372,7 +1365,6 @@ def document_block_mask(tokens: Tensor) -> BlockMask:
     below = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
     touch = below & (first[:, :, None] <= last[:, None, :])  # (B, query tile, key tile)
     full = below.tril(-1) & (first[:, None, :] == last[:, :, None])
-    partial = touch & ~full
 
     def tile_lists(chosen: Tensor) -> tuple[Tensor, Tensor]:  # counts (B, 1, n), indices (B, 1, n, n)
         order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)
@@ -1381,62 +1373,53 @@ def document_block_mask(tokens: Tensor) -> BlockMask:
     def same_document(b, h, q, kv):
         return (q >= kv) & (document[b, q] == document[b, kv])
 
-    counts, indices = tile_lists(partial)
-    full_counts, full_indices = tile_lists(full)
-    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=FLEX_BLOCK,
+    return BlockMask.from_kv_blocks(*tile_lists(touch & ~full), *tile_lists(full), BLOCK_SIZE=FLEX_BLOCK,
                                     mask_mod=same_document)
 
 
 def uses_block_mask(backend: str, length: int, cuda: bool, grad: bool) -> bool:
-    """Whether DOC_ATTENTION takes FlexAttention's block mask: ATTN_BACKEND flex (or auto on CUDA), rows a
-    multiple of FLEX_BLOCK, and a device it runs on (CUDA; on CPU without gradients: no backward there)."""
-    flex = backend == "flex" or (backend == "auto" and cuda)
-    return flex and length % FLEX_BLOCK == 0 and (cuda or not grad)
+    """FlexAttention's block mask for DOC_ATTENTION: ATTN_BACKEND flex (auto on CUDA), rows a multiple of
+    FLEX_BLOCK, on CUDA or without gradients (it has no backward on CPU, torch 2.13)."""
+    return (backend == "flex" or (backend == "auto" and cuda)) and length % FLEX_BLOCK == 0 and (cuda or not grad)
 
 
 def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
-    """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: the block mask where it runs
-    (uses_block_mask), the dense SDPA mask otherwise."""
+    """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: block mask or dense."""
     if uses_block_mask(backend, tokens.size(1), tokens.is_cuda, torch.is_grad_enabled()):
         return document_block_mask(tokens)
     return document_mask(tokens)
 
 
 def attention_kernel_report(h: Hyperparameters, rt) -> str:
-    """The attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY) on rt's device, and why where
-    it falls back; which kernel SDPA then dispatches is measured by bench/attn_check.py."""
+    """The attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY), and why where it falls back;
+    which kernel SDPA then dispatches is measured by bench/attn_check.py."""
     name, cuda, grad = h.attn_backend, rt.device.type == "cuda", not h.eval_only
     if name in OPTIONAL_KERNELS:
-        module = OPTIONAL_KERNELS[name]
-        if cuda and optional_kernel(name) is not None:
-            return f"{name} ({module}.flash_attn_func)"
-        why = "does not import" if optional_kernel(name) is None else "needs CUDA"
-        return f"sdpa auto; ATTN_BACKEND={name}: {module} {why}, SDPA auto runs instead"
+        why = "needs CUDA" if optional_kernel(name) else "does not import"
+        if cuda and optional_kernel(name):
+            return f"{name} ({OPTIONAL_KERNELS[name]}.flash_attn_func)"
+        return f"sdpa auto; ATTN_BACKEND={name}: {OPTIONAL_KERNELS[name]} {why}, SDPA auto runs instead"
     if h.doc_attention and uses_block_mask(name, h.train_seq_len, cuda, grad):
         slow = "" if compile_enabled(h, rt) else "; WARNING: without torch.compile FlexAttention runs unfused (slow)"
         return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) within documents{slow}"
-    report = f"sdpa {name if name in SDPA_KERNELS else 'auto'}" + (" within documents (dense mask)" * h.doc_attention)
-    if name == "flex":
-        why = ("FlexAttention has no backward on CPU: training takes the dense mask" if grad and not cuda
-               else f"TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}")
-        report += f"; ATTN_BACKEND=flex: {why}"
+    report = f"sdpa {name if name in SDPA_KERNELS else 'auto'}" + " within documents (dense mask)" * h.doc_attention
+    if name == "flex" and grad and not cuda:
+        report += "; ATTN_BACKEND=flex: FlexAttention has no backward on CPU: training takes the dense mask"
+    elif name == "flex":
+        report += f"; ATTN_BACKEND=flex: TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}"
     return report
 
 
 class Attend(typing.NamedTuple):
-    """What every attention layer of one forward pass shares: the DOC_ATTENTION mask (None: plain causal) and
-    the length whose RoPE base the rows use (0: their own)."""
+    """Shared by every attention layer of a forward pass: the DOC_ATTENTION mask (None: causal), RoPE's length."""
     mask: Tensor | BlockMask | None = None
     rope_len: int = 0
 
 
-ATTN_GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
-
-
 class Attention(nn.Module):
-    """The attention matrices and RoPE; the query gain and the XSA switch come from the run position's controls.
-    ATTN_GATE_WINDOW=N (sparse output gate, PR #1787 / #1855): head h's output times
-    sigmoid(ATTN_GATE_SCALE * gate[h] . x[:N]), gate (H, N) starting at zero."""
+    """Attention matrices and RoPE; query gain and XSA come from the run position's controls. ATTN_GATE_WINDOW=N
+    (PR #1787 / #1855): head h's output times sigmoid(GATE_SCALE * gate[h] . x[:N]), gate (H, N) from zero."""
+    GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
 
     def __init__(self, h: Hyperparameters, max_len: int):
         super().__init__()
@@ -1466,7 +1449,7 @@ class Attention(nn.Module):
         if xsa:
             y = remove_self_value(y, v)
         if self.gate is not None:
-            gate = torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
+            gate = torch.sigmoid(self.GATE_SCALE * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
             y = y * gate.transpose(1, 2)[..., None]  # (B, T, H) -> (B, H, T, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -1482,14 +1465,13 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
 
-# Lane routes: how a block reads and writes the residual lanes x (lanes, B, T, C), chosen per block at init.
-# `ctl` is the block whose controls run (mix, norm), `body` the one whose lane scalars do; `parts` holds
-# (sublayer, fn) pairs, 0 attention and 1 the MLP, each fn a sublayer with its output scale.
+# Lane routes, one per block, chosen at init: x (lanes, B, T, C) -> the same. `ctl`: the block whose controls
+# run (mix, norm); `body`: the one whose lane scalars do; `parts`: (sublayer, fn), 0 attention, 1 the MLP.
 SUBLAYER_LANE = (0, -1)  # attention reads lane 0, the MLP the last
 
 
 def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """One stream: x <- the x0 mix, then each sublayer adds its output to every lane."""
+    """One stream: x <- the x0 mix, then each sublayer adds its output."""
     x = ctl.mix(x, x0)
     for s, part in parts:
         x = x + part(ctl.norm(x[SUBLAYER_LANE[s]]))
@@ -1497,8 +1479,8 @@ def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tenso
 
 
 def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=stream: the x0 mix replaces both lanes, lane i then times lane_keep[i]; sublayer s adds
-    lane_write[s, i] times its output to lane i. At the initial 1s: one stream exactly."""
+    """LANE_FORMULA=stream: lane i <- lane_keep[i] * the x0 mix, then += lane_write[s, i] * sublayer s (at the
+    initial 1s: one stream exactly)."""
     x = body.lane_keep[:, None, None, None] * ctl.mix(x, x0)
     for s, part in parts:
         x = x + body.lane_write[s][:, None, None, None] * part(ctl.norm(x[SUBLAYER_LANE[s]]))
@@ -1506,8 +1488,8 @@ def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> T
 
 
 def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=read (PR #1204): sublayer s reads the x0 mix of its lane without replacing it; then
-    lane i <- lane_keep[s] lane i + lane_write[s, i] * output."""
+    """LANE_FORMULA=read (PR #1204): sublayer s reads the x0 mix of its lane without replacing it, then lane i <-
+    lane_keep[s] * lane i + lane_write[s, i] * its output."""
     for s, part in parts:
         out = part(ctl.norm(ctl.mix(x[SUBLAYER_LANE[s]], x0)))
         x = body.lane_keep[s] * x + body.lane_write[s][:, None, None, None] * out
@@ -1515,8 +1497,8 @@ def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Ten
 
 
 def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=parallel (PR #1855): both sublayers read the block's input, attention the x0 mix of lane 0,
-    the MLP lane 1 as it is; lane i <- lane_keep[i] lane i + sum over s of lane_write[s, i] * output s."""
+    """LANE_FORMULA=parallel (PR #1855): attention reads the x0 mix of lane 0, the MLP lane 1, both the block's
+    input; lane i <- lane_keep[i] * lane i + sum over s of lane_write[s, i] * sublayer s."""
     inputs = (ctl.mix(x[0], x0), x[1])
     out = body.lane_keep[:, None, None, None] * x
     for s, part in parts:
@@ -1524,8 +1506,7 @@ def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) ->
     return out
 
 
-LANE_ROUTES = {"stream": stream_lanes, "read": read_lanes, "parallel": parallel_lanes}
-LANE_KEEP = {"stream": 1.0, "read": 1.1 ** 0.5, "parallel": 1.1}  # lane_keep's start: PR #1204, PR #1855
+LANE_FORMULAS = {"stream": (stream_lanes, 1.0), "read": (read_lanes, 1.1 ** 0.5), "parallel": (parallel_lanes, 1.1)}
 
 
 def block_lanes(h: Hyperparameters, index: int) -> int:
@@ -1534,10 +1515,9 @@ def block_lanes(h: Hyperparameters, index: int) -> int:
 
 
 class Block(nn.Module):
-    """Attention then MLP on the RMS-normed stream (times 1/sqrt(index + 1) with LN_SCALE). A block holds
-    weights (attention, MLP, lane scalars) and controls (output scales, x0 mix, query gain, XSA); a run
-    position may run one block's controls around another's weights (VIRTUAL_DEPTH). Blocks past NUM_LAYERS
-    hold controls only; with FIRST_BLOCK_MLP_ONLY block 0 has no attention."""
+    """Attention then MLP, inputs RMS-normed (times 1/sqrt(index + 1) with LN_SCALE). Holds weights (attention,
+    MLP, lane scalars; none past NUM_LAYERS, no attention in block 0 with FIRST_BLOCK_MLP_ONLY) and controls
+    (output scales, x0 mix, query gain, XSA), which a run position may combine across blocks (VIRTUAL_DEPTH)."""
 
     def __init__(self, h: Hyperparameters, index: int, max_len: int):
         super().__init__()
@@ -1553,16 +1533,16 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
         self.norm_scale = (index + 1) ** -0.5 if h.ln_scale else 1.0
         self.lanes = block_lanes(h, index)
-        self.route = LANE_ROUTES[h.lane_formula] if self.lanes == 2 else one_lane
         self.sublayers = (0, 1) if self.attn is not None else (1,)
+        self.route, keep = LANE_FORMULAS[h.lane_formula] if self.lanes == 2 else (one_lane, None)
         if self.lanes == 2:
             self.lane_write = nn.Parameter(torch.ones(2, 2))
-            self.lane_keep = nn.Parameter(torch.full((2,), LANE_KEEP[h.lane_formula]))
+            self.lane_keep = nn.Parameter(torch.full((2,), keep))
 
     def forward(self, x: Tensor, x0: Tensor, body: "Block | None" = None, mlp: "MLP | None" = None,
                 value_embed: Tensor | None = None, attend: Attend = Attend()) -> Tensor:
-        """x (lanes, B, T, C) -> the same, x0 (B, T, C): these controls around the weights and lane route of
-        `body` (this block by default), with `mlp` in place of its MLP where given (an untied repeat)."""
+        """x (lanes, B, T, C), x0 (B, T, C): these controls around body's weights and route (default: this block),
+        with `mlp` for body's MLP where given (an untied repeat)."""
         body = body or self
         mlp = mlp or body.mlp
         run = (lambda inp: self.attn_scale * body.attn(inp, self.q_gain, self.xsa, value_embed, attend),
@@ -1584,9 +1564,8 @@ def first_of_document(tokens: Tensor) -> Tensor:
 
 
 class BigramHash(nn.Module):
-    # Odd multipliers spread the pair over the buckets; the last bucket is for positions without a
-    # same-document predecessor.
-    PREV_MULT, CUR_MULT = 1_000_003, 92_821
+    """A hashed embedding of the (previous, current) token pair; the last bucket: no same-document predecessor."""
+    PREV_MULT, CUR_MULT = 1_000_003, 92_821  # odd multipliers spread the pairs over the buckets
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1629,49 +1608,42 @@ class SmearGate(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """VE_LAYERS (PR #1204): one token table (VOCAB_SIZE x VE_DIM) projected to the KV width, times a scale (0.1
-    at the start), added to the values at each listed run position times its own scale (1 at the start)."""
+    """VE_LAYERS (PR #1204): one token table projected to the KV width, times a scale (0.1 at the start), added to
+    the values at each listed run position times that position's scale (1 at the start)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        kv_dim = h.num_kv_heads * (h.model_dim // h.num_heads)
-        self.positions = value_embed_positions(h)
         self.table = nn.Embedding(h.vocab_size, h.ve_dim)
-        self.proj = nn.Linear(h.ve_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(h.ve_dim, h.num_kv_heads * (h.model_dim // h.num_heads), bias=False)
         self.scale = nn.Parameter(torch.tensor(0.1))
-        self.position_scales = nn.Parameter(torch.ones(len(self.positions)))
+        self.position_scales = nn.Parameter(torch.ones(len(value_embed_positions(h))))
 
     def forward(self, tokens: Tensor) -> Tensor:  # (B, T, Hkv * hd), before the per-position scale
         return self.scale * self.proj(self.table(tokens))
 
 
 class Step(typing.NamedTuple):
-    """One run position of the layer plan: the block whose weights run, the block whose controls do, the
-    untied repeat MLP (index into repeat_mlps; None: the block's own), the value embedding's position scale
-    (None: none), the lanes from here on, whether the output is pushed for the U-Net, and the skip popped
-    into the input: (pair, lane 0 only) or None."""
-    block: int
-    controls: int
-    mlp: int | None
-    ve: int | None
-    lanes: int
-    push: bool
-    pop: tuple[int, bool] | None
+    """One run position of the layer plan."""
+    block: int  # whose weights (attention, MLP, lane route) run
+    controls: int  # whose controls (output scales, x0 mix, query gain, XSA) run
+    mlp: int | None  # the untied repeat's MLP (repeat_mlps index); None: the block's own
+    ve: int | None  # the value embedding's position scale; None: no value embedding
+    lanes: int  # residual lanes from here on
+    push: bool  # its output is pushed for the U-Net
+    pop: tuple[int, bool] | None  # the skip popped into its input: (pair, into lane 0 only)
 
 
 def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
-    """The run order: blocks 0..NUM_LAYERS-1, with the recurrence active the RECUR_BLOCKS group again
-    RECUR_REPEATS times right after its first pass (PR #1204: 4, 5 once more; PR #1855: 3-5 twice more).
-    Controls: the block's own, or the position's with VIRTUAL_DEPTH. U-Net: the first half pushes, the second
-    pops in reverse order, halves of the run's positions with VIRTUAL_DEPTH or RECUR_IN_UNET, else of the
-    NUM_LAYERS blocks with repeats taking no part."""
-    recur = recurrence_blocks(h)
+    """Blocks 0..NUM_LAYERS-1; with the recurrence on, the RECUR_BLOCKS group again RECUR_REPEATS times after its
+    first pass (PR #1204: 4, 5 once more; PR #1855: 3-5 twice more). VIRTUAL_DEPTH: controls per position. U-Net:
+    the first half pushes, the rest pops in reverse, halves of the positions (VIRTUAL_DEPTH, RECUR_IN_UNET) or of
+    the NUM_LAYERS blocks (a repeat takes no part)."""
+    recur, values = recurrence_blocks(h), value_embed_positions(h)
     order = [(i, 0) for i in range(h.num_layers)]
     if recur_active and recur:
         order[recur[-1] + 1:recur[-1] + 1] = [(i, r) for r in range(1, h.recur_repeats + 1) for i in recur]
     by_position = h.virtual_depth or h.recur_in_unet
     num_encoder = (len(order) if by_position else h.num_layers) // 2
-    values = value_embed_positions(h)
     plan, pairs, lanes = [], 0, 1
     for pos, (block, repeat) in enumerate(order):
         push = pos < num_encoder if by_position else block < num_encoder and not repeat
@@ -1681,8 +1653,8 @@ def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
             pop, pairs = (pairs, block_lanes(h, block) == 2 and h.lane_formula == "parallel"), pairs + 1
         controls = pos if h.virtual_depth else block
         mlp = (repeat - 1) * len(recur) + block - recur[0] if repeat and h.recur_untie_mlp else None
-        ve = values.index(controls) if controls in values else None
-        plan.append(Step(block, controls, mlp, ve, lanes, push, pop))
+        plan.append(Step(block, controls, mlp, values.index(controls) if controls in values else None, lanes, push,
+                         pop))
     return tuple(plan)
 
 
@@ -1699,9 +1671,8 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(unet_positions(h) // 2, h.model_dim))
         self.skip_gates = nn.Parameter(torch.zeros(unet_positions(h) // 2, h.model_dim)) if h.skip_gates else None
         self.recur_blocks = recurrence_blocks(h)
-        # RECUR_UNTIE_MLP: one MLP per repeated position (PR #1204), in the plan's order
-        self.repeat_mlps = nn.ModuleList(MLP(h) for _ in self.recur_blocks * h.recur_repeats) \
-            if h.recur_untie_mlp else None
+        repeats = len(self.recur_blocks) * h.recur_repeats  # RECUR_UNTIE_MLP: an MLP per repeated position
+        self.repeat_mlps = nn.ModuleList(MLP(h) for _ in range(repeats)) if h.recur_untie_mlp else None
         self.plans = (layer_plan(h, False), layer_plan(h, True))
         self.recur_active = False  # which plan runs: set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
@@ -1727,19 +1698,16 @@ class GPT(nn.Module):
                 nn.init.zeros_(self.value_embed.proj.weight)
 
     def plan(self) -> tuple[Step, ...]:
-        """The layer plan in force: the one before start_recurrence() or the one after."""
         return self.plans[self.recur_active]
 
     def start_recurrence(self) -> None:
-        """The training loop's switch to the plan with the repeats. With RECUR_UNTIE_MLP each repeated
-        position's MLP starts as a copy of its block's (PR #1204)."""
-        if self.repeat_mlps is not None and not self.recur_active:
-            with torch.no_grad():
-                for step in self.plans[True]:
-                    if step.mlp is not None:
-                        for mine, base in zip(self.repeat_mlps[step.mlp].parameters(),
-                                              self.blocks[step.block].mlp.parameters()):
-                            mine.copy_(base)
+        """The training loop's switch to the plan with the repeats; an untied repeat MLP starts as a copy of its
+        block's (PR #1204)."""
+        with torch.no_grad():
+            for step in [s for s in self.plans[True] if s.mlp is not None and not self.recur_active]:
+                repeat, base = self.repeat_mlps[step.mlp], self.blocks[step.block].mlp
+                for mine, theirs in zip(repeat.parameters(), base.parameters()):
+                    mine.copy_(theirs)
         self.recur_active = True
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -1765,8 +1733,7 @@ class GPT(nn.Module):
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
                 one_document: bool = False) -> Tensor:
         """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T). one_document:
-        each row holds (part of) one document cut from an EVAL_SEQ_LEN context (the per-document TTT rows):
-        plain causal attention, RoPE at that context's base."""
+        rows of one document each, cut from an EVAL_SEQ_LEN context (TTT): causal, RoPE at that length."""
         x0 = self.embed(input_ids)
         ve = self.value_embed(input_ids) if self.value_embed is not None else None
         mask = attention_mask(input_ids, self.doc_attention) if self.doc_attention and not one_document else None
@@ -1791,8 +1758,8 @@ class GPT(nn.Module):
 
 
 def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...], table: str) -> dict[str, list]:
-    """Each named tensor in the group of the one rule whose pattern matches its whole name. A name matched by
-    no rule or by two, or a rule matching nothing, stops the run (the public record's int5 rule matched nothing)."""
+    """Each named tensor in the group of the one rule matching its whole name. A name matched by no rule or two,
+    or a rule matching nothing, stops the run (the public record's int5 rule silently matched nothing)."""
     groups: dict[str, list] = {group: [] for _, group in rules}
     for name, tensor in named:
         hits = [group for pattern, group in rules if re.fullmatch(pattern, name)]
@@ -1811,14 +1778,12 @@ CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_wr
 
 
 def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
-    """Muon for block matrices (and the bigram projection), Adam for the embeddings and the rest. PR #236
-    trained the bigram table and projection with the scalars (BIGRAM_ADAM); PR #1204 the projection (BIGRAM_PROJ_ADAM),
-    and the value-embedding table with the embedding, its projection with the scalars."""
+    """Muon for block matrices and the bigram projection, Adam for the rest: the projection with the scalars with
+    BIGRAM_PROJ_ADAM (PR #1204), the bigram table too with BIGRAM_ADAM (PR #236); PR #1204's value embedding."""
     rules = [(BLOCK_MATRICES, "muon"), (r"tok_emb\.weight", "adam_embed"), (CONTROL_TENSORS, "adam_scalar")]
     if h.bigram_vocab_size:
-        proj = "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon"
-        rules += [(r"bigram\.proj\.weight", proj), (r"bigram\.table\.weight", "adam_scalar" if h.bigram_adam
-                                                     else "adam_embed")]
+        rules += [(r"bigram\.proj\.weight", "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon"),
+                  (r"bigram\.table\.weight", "adam_scalar" if h.bigram_adam else "adam_embed")]
     if h.ve_layers.strip():
         rules += [(r"value_embed\.table\.weight", "adam_embed"), (r"value_embed\.proj\.weight", "adam_scalar")]
     return tuple(rules)
@@ -1829,8 +1794,8 @@ def embed_wd(h: Hyperparameters) -> float:
 
 
 def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
-    groups = partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules")
-    params = {group: [p for _, p in members] for group, members in groups.items()}
+    params = {group: [p for _, p in members] for group, members in
+              partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules").items()}
     adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=next(model.parameters()).is_cuda)
     optimizers = [
         Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
