@@ -1659,6 +1659,9 @@ def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
 
 
 class GPT(nn.Module):
+    """Embedding (token, BigramHash, SmearGate), the blocks walked by the layer plan in force, the tied head.
+    Parameter names and their order are the artifact's (its bytes depend on them), and so is the init's draw order."""
+
     def __init__(self, h: Hyperparameters):
         super().__init__()
         max_len = max(*(length for length, _ in seq_schedule(h)), h.model_eval_seq_len)
@@ -1698,6 +1701,7 @@ class GPT(nn.Module):
                 nn.init.zeros_(self.value_embed.proj.weight)
 
     def plan(self) -> tuple[Step, ...]:
+        """The plan GPT.forward walks: plans[1] once start_recurrence() (or scoring) set recur_active."""
         return self.plans[self.recur_active]
 
     def start_recurrence(self) -> None:
@@ -1722,12 +1726,9 @@ class GPT(nn.Module):
     def skip(self, x: Tensor, skip: Tensor, pair: int, first_lane_only: bool = False) -> Tensor:
         """The U-Net skip into the pair-th decoder position: x + w * skip, or with SKIP_GATES lerp(w * skip, x,
         sigmoid(g)) (PR #1204); into every lane, or lane 0 only (LANE_FORMULA=parallel)."""
-        skip = self.skip_weights[pair] * skip
-        lanes = x[:1] if first_lane_only else x
-        if self.skip_gates is None:
-            lanes = lanes + skip
-        else:
-            lanes = torch.lerp(skip, lanes, torch.sigmoid(self.skip_gates[pair]))
+        skip, lanes = self.skip_weights[pair] * skip, x[:1] if first_lane_only else x
+        gates = self.skip_gates
+        lanes = lanes + skip if gates is None else torch.lerp(skip, lanes, torch.sigmoid(gates[pair]))
         return torch.cat((lanes, x[1:])) if first_lane_only else lanes
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
