@@ -1113,19 +1113,11 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
 # -----------------------------------------------------------------------------
 # Model
 #
-# Pre-norm GPT: GQA attention with RMS-normed q/k, RoPE and a learned per-head query gain; relu^2
-# MLP; per-channel output scales and a learned mix with the initial embedding in every block;
-# U-Net skips from the first half of the blocks to the second; tied embedding; soft-capped logits.
-# In front: BigramHash (a hashed embedding of the (previous, current) token pair) and SmearGate
-# (a learned blend with the previous position). Neither crosses a BOS boundary.
-#
-# The later techniques (FRONTIER.md), each off by default: partial RoPE, XSA (attention output minus
-# its component along the token's own value), LN scale, leaky relu^2, parallel residual lanes (three
-# formulas, one Block.forward), depth recurrence (a group of blocks run k more times, one schedule:
-# GPT.block_schedule), and fake quantization while training (PR #192); from the 1.06 stack (PR #1855):
-# attention within documents, the sparse attention output gate, and the SmearGate reading a narrow
-# window of its input. The residual stream is always shaped (lanes, B, T, C): one lane before
-# LANES_FROM, two from it.
+# Pre-norm GPT (PR #76 on): GQA attention with RMS-normed q/k, RoPE and a learned per-head query gain; relu^2
+# MLP; per-channel output scales and a learned mix with the embedding x0 in every block; U-Net skips; tied
+# embedding; soft-capped logits; BigramHash and SmearGate in front, neither crossing a BOS. A preset chooses
+# parts once, at init: a layer plan per recurrence state (layer_plan) and each block's lane route; GPT.forward
+# walks the plan. The residual stream is (lanes, B, T, C). Notes: docs/notes/model.md.
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -1133,10 +1125,8 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer. With qat_bits set (QAT_BITS, block matrices only), the forward pass
-    uses the export's per-row quantization of the weight whenever the weight trains (gradients on and
-    the weight requiring them), with the straight-through gradient w + stopgrad(q(w) - w); evaluation,
-    and TTT's adapter steps (the base weights frozen), see w itself."""
+    """Bias-free. With qat_bits (QAT_BITS, PR #192) a training weight is fake-quantized by the export's per-row
+    quantizer, straight-through: w + stopgrad(q(w) - w); evaluation and TTT (weights frozen) see w."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0):
         super().__init__(in_features, out_features, bias=False)
@@ -1160,12 +1150,8 @@ def low_rank_added(x: Tensor, y: Tensor, lora) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """RoPE on the first `dims` dims of each head, frequencies computed over those dims; the rest of
-    the head carries no position (partial RoPE, FRONTIER.md, with dims < head_dim). With ntk_len, a
-    sequence of length n > ntk_len uses the base NTK-scaled by (n / ntk_len)^(dims / (dims - 2)), as
-    PR #1204's rotary did (its training length was fixed at 1024: at 2048 and 16 dims, ~22,082). n is
-    the row's length, or `length` where rows are cut from a longer context (the per-document TTT rows
-    use the base of the length the model is scored at)."""
+    """RoPE on the first `dims` dims of each head (partial RoPE). With ntk_len, rows of n > ntk_len use the base
+    NTK-scaled by (n / ntk_len)^(dims / (dims - 2)) (PR #1204); n: max(row length, `length`)."""
 
     def __init__(self, dims: int, max_len: int, base: float, ntk_len: int = 0):
         super().__init__()
@@ -1191,44 +1177,21 @@ class Rotary(nn.Module):
 
 
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
-    """XSA (arXiv 2603.09078): per head, y <- y - (y . vhat) vhat with vhat the token's own value
-    direction. y: (B, H, T, hd); v: (B, Hkv, T, hd), shared by the H / Hkv query heads of its group
-    through a broadcast (no copy)."""
+    """XSA (arXiv 2603.09078): per head y <- y - (y . vhat) vhat, vhat the token's own value direction.
+    y (B, H, T, hd); v (B, Hkv, T, hd), broadcast over its group's query heads."""
     y = y.unflatten(1, (v.size(1), -1))  # (B, Hkv, group, T, hd)
     vhat = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd)
     y = y - (y * vhat).sum(dim=-1, keepdim=True) * vhat
     return y.flatten(1, 2)
 
 
-# Attention kernels. ATTN_BACKEND pins the one causal_attention runs: `auto` lets SDPA choose among
-# its fused kernels (the math kernel is switched off: it materializes the (T, T) scores, ~3x slower,
-# and torch would fall back to it silently); `flash`, `efficient`, `cudnn` allow that SDPA kernel
-# alone; `math` is the reference; `fa3` (FlashAttention 3, `flash_attn_interface`, what the records
-# used; not on PyPI) and `fa4` (`flash_attn.cute`, the flash-attn-4 package) are used where they
-# import and the tensors are on CUDA, else SDPA `auto` runs and the log says so. The choice is set
-# once, in configure(), as torch's global SDPA switches: no context is entered on the hot path.
-# Which kernel really runs is read, not assumed: attention_kernel_report() runs the training shape
-# forward and backward and names the aten op torch dispatched.
-#
-# DOC_ATTENTION (the records' variable-length kernel, PR #1530 on): a query attends to the keys of its
-# own document only, a document running from a BOS to the next. The mask is built once per forward
-# pass from the tokens and shared by every layer (attention_mask), in one of two forms:
-# - FlexAttention (torch.nn.attention.flex_attention) with a BlockMask: 128 x 128 tiles that lie
-#   outside every document are skipped, tiles inside one document run unmasked, and only the tiles
-#   a boundary crosses evaluate the mask. `flex`, and `auto` on CUDA. FlexAttention has no backward on
-#   CPU (torch 2.13): there it serves forward passes only (evaluation), and gradients take the dense form.
-# - SDPA with a dense (B, 1, T, T) boolean mask: the reference, and the CPU training path. On CUDA
-#   with torch 2.11 only cuDNN runs it (flash takes no mask, memory-efficient no GQA), over the full
-#   square: ~2.7x the work of a document kernel on FineWeb's lengths (an estimate).
-# Rows that hold one document each (the per-document TTT rows) need no mask: plain causal attention.
+# ATTN_BACKEND: `auto` lets SDPA choose a fused kernel (math off: torch falls back to it silently); flash,
+# efficient, cudnn, math pin one; fa3 / fa4 run where they import, on CUDA. DOC_ATTENTION (PR #1530 on) masks
+# attention to each document: FlexAttention's block mask where it runs, else SDPA's dense mask.
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
 ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS, "flex")
 FLEX_BLOCK = 128  # FlexAttention's tile: a row length that is a multiple of it runs the block mask
-SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "flash-cpu"),  # most specific names first
-            ("_scaled_dot_product_flash_attention", "flash"), ("_scaled_dot_product_efficient_attention", "efficient"),
-            ("_efficient_attention_forward", "efficient"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
-            ("_scaled_dot_product_fused_attention_overrideable", "fused-overrideable"))
 
 
 def select_sdpa_kernels(name: str) -> None:
@@ -1243,19 +1206,15 @@ def select_sdpa_kernels(name: str) -> None:
 @functools.lru_cache(maxsize=None)
 def optional_kernel(name: str):
     """The flash_attn_func of FA3 / FA4 when ATTN_BACKEND names one and it imports; else None."""
-    if name not in OPTIONAL_KERNELS:
-        return None
     try:
-        return importlib.import_module(OPTIONAL_KERNELS[name]).flash_attn_func
+        return importlib.import_module(OPTIONAL_KERNELS[name]).flash_attn_func if name in OPTIONAL_KERNELS else None
     except Exception:  # not installed, or built for another torch / CUDA: SDPA runs instead
         return None
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor | BlockMask | None = None) -> Tensor:
-    """Causal attention of q (B, H, T, hd) over k, v (B, Hkv, T, hd), H a multiple of Hkv (GQA).
-    `kernel`: an optional flash_attn_func (FA3 / FA4), which takes (B, T, heads, hd) and GQA as is.
-    `mask` (attention_mask): a BlockMask (FlexAttention) or a (B, 1, T, T) bool, True where a query may
-    attend, replacing causality; None: plain causal."""
+    """q (B, H, T, hd) over k, v (B, Hkv, T, hd), GQA. kernel: a flash_attn_func (B, T, heads, hd), CUDA only.
+    mask (attention_mask): a BlockMask or (B, 1, T, T) bool replacing causality; None: causal."""
     gqa = k.size(1) != q.size(1)
     if isinstance(mask, BlockMask):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
@@ -1266,8 +1225,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor 
 
 
 def document_ids(tokens: Tensor) -> Tensor:
-    """(B, T) from tokens (B, T): how many BOS up to and including t (a row's first position starts a
-    document too, whatever its token)."""
+    """(B, T): how many BOS up to and including t (a row's first position starts a document too)."""
     return torch.cumsum(tokens == BOS_ID, dim=1)
 
 
@@ -1279,12 +1237,9 @@ def document_mask(tokens: Tensor) -> Tensor:
 
 
 def document_block_mask(tokens: Tensor) -> BlockMask:
-    """document_mask() as FlexAttention's BlockMask, tokens (B, T) with T a multiple of FLEX_BLOCK.
-
-    Documents are contiguous, so query tile i and key tile j <= i share a document exactly when the
-    document at the start of tile i is no later than the one at the end of tile j; the pair is full
-    (no mask to evaluate) when j < i and both tiles lie in that one document. Built from (B, T / 128)
-    tile summaries, not from the T x T square."""
+    """document_mask() as a BlockMask from (B, T / 128) tile summaries (T a multiple of FLEX_BLOCK): documents
+    are contiguous, so query tile i meets key tile j <= i when i's first document is no later than j's last;
+    the pair needs no mask when j < i and both lie in one document."""
     B, T = tokens.shape
     document = document_ids(tokens)
     tiles = document.view(B, T // FLEX_BLOCK, FLEX_BLOCK)
@@ -1293,7 +1248,6 @@ def document_block_mask(tokens: Tensor) -> BlockMask:
     below = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
     touch = below & (first[:, :, None] <= last[:, None, :])  # (B, query tile, key tile)
     full = below.tril(-1) & (first[:, None, :] == last[:, :, None])
-    partial = touch & ~full
 
     def tile_lists(chosen: Tensor) -> tuple[Tensor, Tensor]:  # counts (B, 1, n), indices (B, 1, n, n)
         order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True)
@@ -1302,105 +1256,53 @@ def document_block_mask(tokens: Tensor) -> BlockMask:
     def same_document(b, h, q, kv):
         return (q >= kv) & (document[b, q] == document[b, kv])
 
-    counts, indices = tile_lists(partial)
-    full_counts, full_indices = tile_lists(full)
-    return BlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=FLEX_BLOCK,
-                                    mask_mod=same_document)  # lengths: the tiles' (T is a multiple of 128)
+    return BlockMask.from_kv_blocks(*tile_lists(touch & ~full), *tile_lists(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=same_document)
+
+
+def uses_block_mask(backend: str, length: int, cuda: bool, grad: bool) -> bool:
+    """FlexAttention's block mask for DOC_ATTENTION: ATTN_BACKEND flex (auto on CUDA), rows a multiple of
+    FLEX_BLOCK, on CUDA or without gradients (it has no backward on CPU, torch 2.13)."""
+    return (backend == "flex" or (backend == "auto" and cuda)) and length % FLEX_BLOCK == 0 and (cuda or not grad)
 
 
 def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
-    """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: FlexAttention's BlockMask
-    where ATTN_BACKEND (flex, or auto on CUDA) asks for it, T is a multiple of FLEX_BLOCK and it can
-    run (CUDA, or CPU without gradients); the dense SDPA mask otherwise."""
-    flex = backend == "flex" or (backend == "auto" and tokens.is_cuda)
-    if flex and tokens.size(1) % FLEX_BLOCK == 0 and (tokens.is_cuda or not torch.is_grad_enabled()):
+    """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: block mask or dense."""
+    if uses_block_mask(backend, tokens.size(1), tokens.is_cuda, torch.is_grad_enabled()):
         return document_block_mask(tokens)
     return document_mask(tokens)
 
 
-class DispatchedOps(TorchDispatchMode):
-    """Records the names of the aten ops that run below autograd (the kernels SDPA chose)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def attention_kernel_report(h: Hyperparameters, rt) -> str:
-    """The kernel causal_attention runs for one micro-batch of the training shape (batch 1 on CPU),
-    in the training dtype, forward and backward (forward only for EVAL_ONLY), with the ATTN_BACKEND
-    in force: named from the aten op torch dispatched (`math`: no fused op ran). With DOC_ATTENTION,
-    the mask is the one the model builds (attention_mask), here with a BOS every 200 positions. A
-    pinned kernel that rejects the shape is an error."""
-    head_dim = h.model_dim // h.num_heads
-    batch = h.train_batch_tokens // SLICES_PER_STEP // h.train_seq_len if rt.device.type == "cuda" else 1
-    batch = 1 if h.doc_attention else batch  # uncompiled FlexAttention materializes the scores: one row
-    dtype = torch.bfloat16 if rt.bf16 else torch.float32
-    shape = f"{batch}x{h.num_heads}/{h.num_kv_heads} heads x {h.train_seq_len} x {head_dim} {str(dtype)[6:]}"
-    grad = not h.eval_only
-    q = torch.randn(batch, h.num_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype, requires_grad=grad)
-    k, v = (torch.randn(batch, h.num_kv_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype,
-                        requires_grad=grad) for _ in range(2))
-    kernel = optional_kernel(h.attn_backend) if rt.device.type == "cuda" else None
-    mask = None
-    if h.doc_attention:
-        tokens = (torch.arange(h.train_seq_len, device=rt.device)[None] % 200 == 0).long() * BOS_ID
-        with torch.set_grad_enabled(grad):
-            mask = attention_mask(tokens.expand(batch, -1), h.attn_backend)
-        shape += " within documents"
-    recorder = DispatchedOps()  # FlexAttention (a higher-order op) runs outside it: its kernel is known
-    try:
-        with (warnings.catch_warnings(), torch.set_grad_enabled(grad),
-              contextlib.nullcontext() if isinstance(mask, BlockMask) else recorder):
-            warnings.simplefilter("ignore")  # torch warns why each kernel does not apply; the error says it
-            y = causal_attention(q, k, v, kernel, mask)
-            if grad:
-                y.sum().backward()
-    except RuntimeError as exc:
-        raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention of {shape} on "
-                       f"{rt.device.type} ({str(exc).splitlines()[0][:200]})") from None
-    if kernel is not None:
-        return f"{h.attn_backend} ({OPTIONAL_KERNELS[h.attn_backend]}.flash_attn_func) for {shape}"
-    if isinstance(mask, BlockMask):
+    """The attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY), and why where it falls back;
+    which kernel SDPA then dispatches is measured by bench/attn_check.py."""
+    name, cuda, grad = h.attn_backend, rt.device.type == "cuda", not h.eval_only
+    if name in OPTIONAL_KERNELS:
+        why = "needs CUDA" if optional_kernel(name) else "does not import"
+        if cuda and optional_kernel(name):
+            return f"{name} ({OPTIONAL_KERNELS[name]}.flash_attn_func)"
+        return f"sdpa auto; ATTN_BACKEND={name}: {OPTIONAL_KERNELS[name]} {why}, SDPA auto runs instead"
+    if h.doc_attention and uses_block_mask(name, h.train_seq_len, cuda, grad):
         slow = "" if compile_enabled(h, rt) else "; WARNING: without torch.compile FlexAttention runs unfused (slow)"
-        return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) for {shape}{slow}"
-    ran = next((label for op, label in SDPA_OPS if any(n.startswith(op) for n in recorder.names)), "math")
-    op = next((f"aten.{n.removesuffix('.default')}" for n in recorder.names if "attention" in n), "bmm + softmax")
-    report = f"{ran} ({op}) for {shape}"
-    if h.doc_attention:
-        report += " (dense mask)"
-    if h.attn_backend in OPTIONAL_KERNELS:
-        module = OPTIONAL_KERNELS[h.attn_backend]
-        why = f"{module} does not import" if optional_kernel(h.attn_backend) is None else f"{module} needs CUDA"
-        report += f"; ATTN_BACKEND={h.attn_backend}: {why}, SDPA auto ran instead"
-    if h.attn_backend == "flex":
-        why = ("FlexAttention has no backward on CPU: training takes the dense mask" if grad and rt.device.type == "cpu"
-               else f"TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}")
-        report += f"; ATTN_BACKEND=flex: {why}"
+        return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) within documents{slow}"
+    report = f"sdpa {name if name in SDPA_KERNELS else 'auto'}" + " within documents (dense mask)" * h.doc_attention
+    if name == "flex" and grad and not cuda:
+        report += "; ATTN_BACKEND=flex: FlexAttention has no backward on CPU: training takes the dense mask"
+    elif name == "flex":
+        report += f"; ATTN_BACKEND=flex: TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}"
     return report
 
 
 class Attend(typing.NamedTuple):
-    """What every attention layer of one forward pass shares: the DOC_ATTENTION mask (attention_mask;
-    None: plain causal) and the length whose RoPE base the rows use (0: their own)."""
+    """Shared by every attention layer of a forward pass: the DOC_ATTENTION mask (None: causal), RoPE's length."""
     mask: Tensor | BlockMask | None = None
     rope_len: int = 0
 
 
-ATTN_GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
-
-
 class Attention(nn.Module):
-    """The attention matrices and RoPE; the per-head query gain and the XSA switch come from the block
-    position that runs it (with VIRTUAL_DEPTH, a repeated block is run by another position).
-
-    ATTN_GATE_WINDOW=N (the sparse attention output gate, PR #1787 / #1855): after attention and XSA,
-    head h's output is multiplied by sigmoid(ATTN_GATE_SCALE * gate[h] . x[:N]), x the attention's
-    input, gate (H, N) starting at zero (every head at 0.5)."""
+    """Attention matrices and RoPE; query gain and XSA come from the run position's controls. ATTN_GATE_WINDOW=N
+    (PR #1787 / #1855): head h's output times sigmoid(GATE_SCALE * gate[h] . x[:N]), gate (H, N) from zero."""
+    GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
 
     def __init__(self, h: Hyperparameters, max_len: int):
         super().__init__()
@@ -1430,7 +1332,7 @@ class Attention(nn.Module):
         if xsa:
             y = remove_self_value(y, v)
         if self.gate is not None:
-            gate = torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
+            gate = torch.sigmoid(self.GATE_SCALE * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
             y = y * gate.transpose(1, 2)[..., None]  # (B, T, H) -> (B, H, T, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -1446,25 +1348,59 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
 
+# Lane routes, one per block, chosen at init: x (lanes, B, T, C) -> the same. `ctl`: the block whose controls
+# run (mix, norm); `body`: the one whose lane scalars do; `parts`: (sublayer, fn), 0 attention, 1 the MLP.
+SUBLAYER_LANE = (0, -1)  # attention reads lane 0, the MLP the last
+
+
+def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
+    """One stream: x <- the x0 mix, then each sublayer adds its output."""
+    x = ctl.mix(x, x0)
+    for s, part in parts:
+        x = x + part(ctl.norm(x[SUBLAYER_LANE[s]]))
+    return x
+
+
+def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
+    """LANE_FORMULA=stream: lane i <- lane_keep[i] * the x0 mix, then += lane_write[s, i] * sublayer s (at the
+    initial 1s: one stream exactly)."""
+    x = body.lane_keep[:, None, None, None] * ctl.mix(x, x0)
+    for s, part in parts:
+        x = x + body.lane_write[s][:, None, None, None] * part(ctl.norm(x[SUBLAYER_LANE[s]]))
+    return x
+
+
+def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
+    """LANE_FORMULA=read (PR #1204): sublayer s reads the x0 mix of its lane without replacing it, then lane i <-
+    lane_keep[s] * lane i + lane_write[s, i] * its output."""
+    for s, part in parts:
+        out = part(ctl.norm(ctl.mix(x[SUBLAYER_LANE[s]], x0)))
+        x = body.lane_keep[s] * x + body.lane_write[s][:, None, None, None] * out
+    return x
+
+
+def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
+    """LANE_FORMULA=parallel (PR #1855): attention reads the x0 mix of lane 0, the MLP lane 1, both the block's
+    input; lane i <- lane_keep[i] * lane i + sum over s of lane_write[s, i] * sublayer s."""
+    inputs = (ctl.mix(x[0], x0), x[1])
+    out = body.lane_keep[:, None, None, None] * x
+    for s, part in parts:
+        out = out + body.lane_write[s][:, None, None, None] * part(ctl.norm(inputs[s]))
+    return out
+
+
+LANE_FORMULAS = {"stream": (stream_lanes, 1.0), "read": (read_lanes, 1.1 ** 0.5), "parallel": (parallel_lanes, 1.1)}
+
+
+def block_lanes(h: Hyperparameters, index: int) -> int:
+    """Residual lanes block `index` runs on: two from LANES_FROM on (blocks with weights), else one."""
+    return 2 if h.lanes_from and h.lanes_from <= index < h.num_layers else 1
+
+
 class Block(nn.Module):
-    """Attention then MLP, each on the RMS-normed stream (times 1/sqrt(index+1) with LN_SCALE).
-
-    A block holds its weights (attention, MLP, lane routing) and its control scalars (output scales,
-    x0 mix, query gain, norm factor, XSA). With VIRTUAL_DEPTH the two are separate: block j's controls
-    serve position j of the run order, and the weights are those of the block that position runs
-    (`body`; a repeat may bring its own MLP). The blocks past NUM_LAYERS hold controls only, and
-    with FIRST_BLOCK_MLP_ONLY block 0 has no attention.
-
-    With two lanes (index >= LANES_FROM), attention reads lane 0 and the MLP reads lane 1; each
-    sublayer's output is added into both lanes through learned scalars (lane_write[sublayer, lane]).
-    LANE_FORMULA=stream: the x0 mix replaces both lanes, then each lane is scaled by its own scalar
-    (lane_keep[lane]); at the initial values (all 1) two lanes compute exactly what one stream would.
-    LANE_FORMULA=read (PR #1204): each sublayer reads the x0 mix of its lane without replacing it,
-    and before each sublayer's write both lanes are scaled by one scalar (lane_keep[sublayer],
-    starting at sqrt(1.1)). LANE_FORMULA=parallel (the later form, PR #1855's record): both sublayers
-    read the block's input, attention the x0 mix of lane 0, the MLP lane 1 as it is, and at the end
-    lane i <- lane_keep[i] * lane i + lane_write[0, i] * attention + lane_write[1, i] * MLP, with
-    lane_keep starting at 1.1 and lane_write at 1; a U-Net skip enters lane 0 only."""
+    """Attention then MLP, inputs RMS-normed (times 1/sqrt(index + 1) with LN_SCALE). Holds weights (attention,
+    MLP, lane scalars; none past NUM_LAYERS, no attention in block 0 with FIRST_BLOCK_MLP_ONLY) and controls
+    (output scales, x0 mix, query gain, XSA), which a run position may combine across blocks (VIRTUAL_DEPTH)."""
 
     def __init__(self, h: Hyperparameters, index: int, max_len: int):
         super().__init__()
@@ -1479,47 +1415,28 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(h.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
         self.norm_scale = (index + 1) ** -0.5 if h.ln_scale else 1.0
-        self.lanes = 2 if h.lanes_from and has_weights and index >= h.lanes_from else 1
-        self.lane_read = self.lanes == 2 and h.lane_formula == "read"
-        self.lane_parallel = self.lanes == 2 and h.lane_formula == "parallel"
+        self.lanes = block_lanes(h, index)
+        self.sublayers = (0, 1) if self.attn is not None else (1,)
+        self.route, keep = LANE_FORMULAS[h.lane_formula] if self.lanes == 2 else (one_lane, None)
         if self.lanes == 2:
             self.lane_write = nn.Parameter(torch.ones(2, 2))
-            keep = {"stream": 1.0, "read": 1.1 ** 0.5, "parallel": 1.1}[h.lane_formula]
             self.lane_keep = nn.Parameter(torch.full((2,), keep))
 
     def forward(self, x: Tensor, x0: Tensor, body: "Block | None" = None, mlp: "MLP | None" = None,
                 value_embed: Tensor | None = None, attend: Attend = Attend()) -> Tensor:
-        # x: (lanes, B, T, C), x0: (B, T, C)
+        """x (lanes, B, T, C), x0 (B, T, C): these controls around body's weights and route (default: this block),
+        with `mlp` for body's MLP where given (an untied repeat)."""
         body = body or self
-        if body.lane_parallel:
-            a = 0.0
-            if body.attn is not None:
-                a_in = rms_norm(self.mix(x[0], x0)) * self.norm_scale
-                a = self.attn_scale * body.attn(a_in, self.q_gain, self.xsa, value_embed, attend)
-            m = self.mlp_scale * (mlp or body.mlp)(rms_norm(x[1]) * self.norm_scale)
-            return body.lane_keep[:, None, None, None] * x + body.lane_weights(0) * a + body.lane_weights(1) * m
-        if not body.lane_read:
-            x = self.mix(x, x0)
-            if body.lanes == 2:
-                x = body.lane_keep[:, None, None, None] * x
-        if body.attn is not None:
-            a = self.attn_scale * body.attn(self.sublayer_input(x[0], x0, body), self.q_gain, self.xsa, value_embed,
-                                            attend)
-            x = body.keep(x, 0) + body.lane_weights(0) * a
-        m = self.mlp_scale * (mlp or body.mlp)(self.sublayer_input(x[-1], x0, body))
-        return body.keep(x, 1) + body.lane_weights(1) * m
+        mlp = mlp or body.mlp
+        run = (lambda inp: self.attn_scale * body.attn(inp, self.q_gain, self.xsa, value_embed, attend),
+               lambda inp: self.mlp_scale * mlp(inp))
+        return body.route(self, body, x, x0, [(s, run[s]) for s in body.sublayers])
 
     def mix(self, x: Tensor, x0: Tensor) -> Tensor:
         return self.resid_mix[0] * x + self.resid_mix[1] * x0
 
-    def sublayer_input(self, lane: Tensor, x0: Tensor, body: "Block") -> Tensor:
-        return rms_norm(self.mix(lane, x0) if body.lane_read else lane) * self.norm_scale
-
-    def keep(self, x: Tensor, sublayer: int) -> Tensor:
-        return self.lane_keep[sublayer] * x if self.lane_read else x
-
-    def lane_weights(self, sublayer: int) -> Tensor | float:
-        return self.lane_write[sublayer][:, None, None, None] if self.lanes == 2 else 1.0
+    def norm(self, x: Tensor) -> Tensor:
+        return rms_norm(x) * self.norm_scale
 
 
 def first_of_document(tokens: Tensor) -> Tensor:
@@ -1530,9 +1447,8 @@ def first_of_document(tokens: Tensor) -> Tensor:
 
 
 class BigramHash(nn.Module):
-    # Odd multipliers spread the pair over the buckets; the last bucket is reserved for positions
-    # without a same-document predecessor.
-    PREV_MULT, CUR_MULT = 1_000_003, 92_821
+    """A hashed embedding of the (previous, current) token pair; the last bucket: no same-document predecessor."""
+    PREV_MULT, CUR_MULT = 1_000_003, 92_821  # odd multipliers spread the pairs over the buckets
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1551,12 +1467,9 @@ class BigramHash(nn.Module):
 
 
 class SmearGate(nn.Module):
-    """x_t <- x_t + weight_t * (x_{t-1} - x_t), never across a BOS. mode "channel" (PR #76): weight =
-    sigmoid(gate), one per channel, starting at an even blend. mode "scalar" (PR #192): one weight
-    per position, strength * sigmoid(gate . x_t), starting at 0 (the identity), and the previous
-    position is added rather than blended: x_t + weight_t * x_{t-1}. With zero_start (channel mode),
-    a position without a same-document predecessor is blended with zero: x_t <- (1 - weight) x_t.
-    With window (scalar mode; SMEAR_WINDOW, PR #1667 / #1855: 12), the gate reads x_t[:window] only."""
+    """x_t <- x_t + weight_t * (x_{t-1} - x_t), never across a BOS. "channel" (PR #76): weight = sigmoid(gate)
+    per channel; zero_start (PR #1204): a document's first position blends with zero. "scalar" (PR #192): x_t +
+    weight_t * x_{t-1}, weight_t = strength * sigmoid(gate . x_t[:window]) (window: PR #1667 / #1855)."""
 
     def __init__(self, dim: int, mode: str, zero_start: bool = False, window: int = 0):
         super().__init__()
@@ -1572,32 +1485,66 @@ class SmearGate(nn.Module):
             gate_input = x[..., :self.gate.numel()]
             weight = self.strength * torch.sigmoid(gate_input @ self.gate.to(x.dtype)).unsqueeze(-1) * same_document
             return x + weight * prev
-        if self.zero_start:  # SMEAR_ZERO_START (PR #1204): a document's first position blends with zero
+        if self.zero_start:
             return x + torch.sigmoid(self.gate) * (prev * same_document - x)
-        weight = torch.sigmoid(self.gate) * same_document
-        return x + weight * (prev - x)
+        return x + torch.sigmoid(self.gate) * same_document * (prev - x)
 
 
 class ValueEmbedding(nn.Module):
-    """VE_LAYERS (PR #1204): one shared token table (VOCAB_SIZE x VE_DIM), projected to the KV width
-    and scaled (0.1 at the start), added to the values of each listed block position times that
-    position's own scale (1 at the start). The table starts at N(0, 0.01), the projection orthogonal
-    (at zero where a side is under 64, as in the record's init)."""
+    """VE_LAYERS (PR #1204): one token table projected to the KV width, times a scale (0.1 at the start), added to
+    the values at each listed run position times that position's scale (1 at the start)."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
-        kv_dim = h.num_kv_heads * (h.model_dim // h.num_heads)
-        self.positions = value_embed_positions(h)
         self.table = nn.Embedding(h.vocab_size, h.ve_dim)
-        self.proj = nn.Linear(h.ve_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(h.ve_dim, h.num_kv_heads * (h.model_dim // h.num_heads), bias=False)
         self.scale = nn.Parameter(torch.tensor(0.1))
-        self.position_scales = nn.Parameter(torch.ones(len(self.positions)))
+        self.position_scales = nn.Parameter(torch.ones(len(value_embed_positions(h))))
 
     def forward(self, tokens: Tensor) -> Tensor:  # (B, T, Hkv * hd), before the per-position scale
         return self.scale * self.proj(self.table(tokens))
 
 
+class Step(typing.NamedTuple):
+    """One run position of the layer plan."""
+    block: int  # whose weights (attention, MLP, lane route) run
+    controls: int  # whose controls (output scales, x0 mix, query gain, XSA) run
+    mlp: int | None  # the untied repeat's MLP (repeat_mlps index); None: the block's own
+    ve: int | None  # the value embedding's position scale; None: no value embedding
+    lanes: int  # residual lanes from here on
+    push: bool  # its output is pushed for the U-Net
+    pop: tuple[int, bool] | None  # the skip popped into its input: (pair, into lane 0 only)
+
+
+def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
+    """Blocks 0..NUM_LAYERS-1; with the recurrence on, the RECUR_BLOCKS group again RECUR_REPEATS times after its
+    first pass (PR #1204: 4, 5 once more; PR #1855: 3-5 twice more). VIRTUAL_DEPTH: controls per position. U-Net:
+    the first half pushes, the rest pops in reverse, halves of the positions (VIRTUAL_DEPTH, RECUR_IN_UNET) or of
+    the NUM_LAYERS blocks (a repeat takes no part)."""
+    recur, values = recurrence_blocks(h), value_embed_positions(h)
+    order = [(i, 0) for i in range(h.num_layers)]
+    if recur_active and recur:
+        order[recur[-1] + 1:recur[-1] + 1] = [(i, r) for r in range(1, h.recur_repeats + 1) for i in recur]
+    by_position = h.virtual_depth or h.recur_in_unet
+    num_encoder = (len(order) if by_position else h.num_layers) // 2
+    plan, pairs, lanes = [], 0, 1
+    for pos, (block, repeat) in enumerate(order):
+        push = pos < num_encoder if by_position else block < num_encoder and not repeat
+        lanes = max(lanes, block_lanes(h, block))
+        pop = None
+        if not push and (by_position or not repeat) and sum(s.push for s in plan) > pairs:
+            pop, pairs = (pairs, block_lanes(h, block) == 2 and h.lane_formula == "parallel"), pairs + 1
+        controls = pos if h.virtual_depth else block
+        mlp = (repeat - 1) * len(recur) + block - recur[0] if repeat and h.recur_untie_mlp else None
+        plan.append(Step(block, controls, mlp, values.index(controls) if controls in values else None, lanes, push,
+                         pop))
+    return tuple(plan)
+
+
 class GPT(nn.Module):
+    """Embedding (token, BigramHash, SmearGate), the blocks walked by the layer plan in force, the tied head.
+    Parameter names and their order are the artifact's (its bytes depend on them), and so is the init's draw order."""
+
     def __init__(self, h: Hyperparameters):
         super().__init__()
         max_len = max(*(length for length, _ in seq_schedule(h)), h.model_eval_seq_len)
@@ -1607,16 +1554,13 @@ class GPT(nn.Module):
         self.smear = SmearGate(h.model_dim, h.smear_mode, h.smear_zero_start, h.smear_window)
         self.value_embed = ValueEmbedding(h) if h.ve_layers.strip() else None
         self.blocks = nn.ModuleList(Block(h, i, max_len) for i in range(virtual_depth(h)))
-        self.num_layers, self.virtual_depth = h.num_layers, h.virtual_depth
-        self.unet_by_position = h.virtual_depth or h.recur_in_unet
-        self.num_encoder = unet_positions(h) // 2  # U-Net pairs, of the run with its repeats where it splits those
-        self.skip_weights = nn.Parameter(torch.ones(self.num_encoder, h.model_dim))
-        self.skip_gates = nn.Parameter(torch.zeros(self.num_encoder, h.model_dim)) if h.skip_gates else None
-        self.recur_blocks, self.recur_repeats = recurrence_blocks(h), h.recur_repeats
-        # With RECUR_UNTIE_MLP, one MLP per repeated position: pass r of block b is (r - 1) * len + b - first.
-        repeated = self.recur_blocks * h.recur_repeats
-        self.repeat_mlps = nn.ModuleList(MLP(h) for _ in repeated) if h.recur_untie_mlp else None
-        self.recur_active = False  # set by start_recurrence() at RECUR_START_FRAC, and for scoring
+        self.skip_weights = nn.Parameter(torch.ones(unet_positions(h) // 2, h.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(unet_positions(h) // 2, h.model_dim)) if h.skip_gates else None
+        self.recur_blocks = recurrence_blocks(h)
+        repeats = len(self.recur_blocks) * h.recur_repeats  # RECUR_UNTIE_MLP: an MLP per repeated position
+        self.repeat_mlps = nn.ModuleList(MLP(h) for _ in range(repeats)) if h.recur_untie_mlp else None
+        self.plans = (layer_plan(h, False), layer_plan(h, True))
+        self.recur_active = False  # which plan runs: set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
         self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
         self.doc_attention = h.attn_backend if h.doc_attention else ""  # the backend the mask is built for
@@ -1631,41 +1575,30 @@ class GPT(nn.Module):
                     nn.init.zeros_(module.weight)  # each block starts as the identity
                 elif min(module.weight.shape) >= 64:
                     nn.init.orthogonal_(module.weight)
-        if self.bigram is not None:
-            # The bigram table starts at zero, so its projection must not: it scales like an output layer.
+        if self.bigram is not None:  # the table starts at zero, so its projection scales like an output layer
             nn.init.zeros_(self.bigram.table.weight)
             nn.init.orthogonal_(self.bigram.proj.weight, gain=h.bigram_proj_gain or (2 * h.num_layers) ** -0.5)
-        if self.value_embed is not None:
+        if self.value_embed is not None:  # as PR #1204's init
             nn.init.normal_(self.value_embed.table.weight, std=0.01)
             if min(self.value_embed.proj.weight.shape) < 64:
                 nn.init.zeros_(self.value_embed.proj.weight)
 
+    def plan(self) -> tuple[Step, ...]:
+        """The plan GPT.forward walks: plans[1] once start_recurrence() (or scoring) set recur_active."""
+        return self.plans[self.recur_active]
+
     def start_recurrence(self) -> None:
-        """The training loop's switch: the RECUR_BLOCKS run RECUR_REPEATS more times from here on. With
-        RECUR_UNTIE_MLP each repeated pass starts from a copy of the base MLP weights (PR #1204)."""
-        if self.repeat_mlps is not None and not self.recur_active:
-            with torch.no_grad():
-                for repeat, block in zip(self.repeat_mlps, self.recur_blocks * self.recur_repeats):
-                    for mine, base in zip(repeat.parameters(), self.blocks[block].mlp.parameters()):
-                        mine.copy_(base)
+        """The training loop's switch to the plan with the repeats; an untied repeat MLP starts as a copy of its
+        block's (PR #1204)."""
+        with torch.no_grad():
+            for step in [s for s in self.plans[True] if s.mlp is not None and not self.recur_active]:
+                repeat, base = self.repeat_mlps[step.mlp], self.blocks[step.block].mlp
+                for mine, theirs in zip(repeat.parameters(), base.parameters()):
+                    mine.copy_(theirs)
         self.recur_active = True
 
-    def block_schedule(self) -> list[tuple[int, int, int]]:
-        """(controls, weights, pass) per position in execution order: with recurrence active, the
-        RECUR_BLOCKS run RECUR_REPEATS more times right after their first pass, the whole group each
-        time (4, 5 once more: ... 3, 4, 5, 4, 5, 6 ...; 3-5 twice more, the 1.06 stack: 0, 1, 2, 3, 4, 5,
-        3, 4, 5, 3, 4, 5, 6 ...). `weights` names the block whose attention and MLP run; `controls` the
-        block whose scalars do: the same block, or with VIRTUAL_DEPTH the block of that position.
-        `pass` is 0 for a block's first run, r for its r-th repeat."""
-        order = [(i, 0) for i in range(self.num_layers)]
-        if self.recur_active and self.recur_blocks:
-            last = self.recur_blocks[-1]
-            order[last + 1:last + 1] = [(i, r) for r in range(1, self.recur_repeats + 1) for i in self.recur_blocks]
-        return [(pos if self.virtual_depth else i, i, repeat) for pos, (i, repeat) in enumerate(order)]
-
     def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T, C): token (+ bigram) embedding, RMS-normed and smeared. PR #192 smeared the raw
-        token embedding before the norm; the others smear the normed sum."""
+        """(B, T, C): token (+ bigram) embedding, RMS-normed and smeared (PR #192 smeared before the norm)."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
@@ -1674,53 +1607,30 @@ class GPT(nn.Module):
         return self.smear(rms_norm(x), input_ids)
 
     def skip(self, x: Tensor, skip: Tensor, pair: int, first_lane_only: bool = False) -> Tensor:
-        """The U-Net skip into the pair-th decoder position: x + w * skip, or with SKIP_GATES
-        lerp(w * skip, x, sigmoid(g)) (PR #1204); into every lane, or lane 0 only (LANE_FORMULA=parallel)."""
-        skip = self.skip_weights[pair] * skip
-        lanes = x[:1] if first_lane_only else x
-        if self.skip_gates is None:
-            lanes = lanes + skip
-        else:
-            lanes = torch.lerp(skip, lanes, torch.sigmoid(self.skip_gates[pair]))
+        """The U-Net skip into the pair-th decoder position: x + w * skip, or with SKIP_GATES lerp(w * skip, x,
+        sigmoid(g)) (PR #1204); into every lane, or lane 0 only (LANE_FORMULA=parallel)."""
+        skip, lanes = self.skip_weights[pair] * skip, x[:1] if first_lane_only else x
+        gates = self.skip_gates
+        lanes = lanes + skip if gates is None else torch.lerp(skip, lanes, torch.sigmoid(gates[pair]))
         return torch.cat((lanes, x[1:])) if first_lane_only else lanes
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
                 one_document: bool = False) -> Tensor:
-        """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T).
-        one_document: each row holds (part of) one document, cut from a context of EVAL_SEQ_LEN (the
-        per-document TTT rows): plain causal attention, RoPE at the base of that context.
-
-        U-Net: the first half of the positions push their output, the second half pop it in reverse
-        order. Without VIRTUAL_DEPTH or RECUR_IN_UNET the halves are of the NUM_LAYERS blocks and a
-        repeat takes no part; with either, of the positions of the run as it is (13 with 4, 5 repeated
-        once in 11 blocks; 17 with 3-5 repeated twice: 8 push, 9 pop, the last without a skip)."""
+        """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T). one_document:
+        rows of one document each, cut from an EVAL_SEQ_LEN context (TTT): causal, RoPE at that length."""
         x0 = self.embed(input_ids)
         ve = self.value_embed(input_ids) if self.value_embed is not None else None
-        if one_document:
-            attend = Attend(None, self.rope_len)
-        else:
-            attend = Attend(attention_mask(input_ids, self.doc_attention) if self.doc_attention else None)
-        x = x0[None]  # (lanes, B, T, C)
-        schedule = self.block_schedule()
-        num_encoder = len(schedule) // 2 if self.unet_by_position else self.num_layers // 2
-        skips, pairs = [], 0
-        for pos, (c, w, repeat) in enumerate(schedule):
-            block, body = self.blocks[c], self.blocks[w]
-            encoder = pos < num_encoder if self.unet_by_position else w < num_encoder and not repeat
-            decoder = not encoder and (self.unet_by_position or not repeat)
-            if body.lanes > x.size(0):
-                x = x.expand(body.lanes, -1, -1, -1)
-            if decoder and skips:
-                x = self.skip(x, skips.pop(), pairs, body.lane_parallel)
-                pairs += 1
-            mlp = None
-            if repeat and self.repeat_mlps is not None:
-                mlp = self.repeat_mlps[(repeat - 1) * len(self.recur_blocks) + w - self.recur_blocks[0]]
-            value_embed = None
-            if ve is not None and c in self.value_embed.positions:
-                value_embed = ve * self.value_embed.position_scales[self.value_embed.positions.index(c)]
-            x = block(x, x0, body, mlp, value_embed, attend)
-            if encoder:
+        mask = attention_mask(input_ids, self.doc_attention) if self.doc_attention and not one_document else None
+        attend = Attend(mask, self.rope_len if one_document else 0)
+        x, skips = x0[None], []  # (lanes, B, T, C)
+        for step in self.plan():
+            x = x.expand(step.lanes, -1, -1, -1)
+            if step.pop is not None:
+                x = self.skip(x, skips.pop(), *step.pop)
+            mlp = self.repeat_mlps[step.mlp] if step.mlp is not None else None
+            value_embed = ve * self.value_embed.position_scales[step.ve] if step.ve is not None else None
+            x = self.blocks[step.controls](x, x0, self.blocks[step.block], mlp, value_embed, attend)
+            if step.push:
                 skips.append(x)
         hidden = self.head_input(rms_norm(x.mean(dim=0)))
         logits = low_rank_added(hidden, F.linear(hidden, self.tok_emb.weight), self.lora).float()
@@ -1732,10 +1642,8 @@ class GPT(nn.Module):
 
 
 def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...], table: str) -> dict[str, list]:
-    """Assigns each named tensor to the group of the one rule whose pattern matches its whole name.
-
-    A name matched by no rule or by two, or a rule that matches nothing, stops the run: the public
-    record's int5 rule silently matched nothing and every MLP matrix went out as int6."""
+    """Each named tensor in the group of the one rule matching its whole name. A name matched by no rule or two,
+    or a rule matching nothing, stops the run (the public record's int5 rule silently matched nothing)."""
     groups: dict[str, list] = {group: [] for _, group in rules}
     for name, tensor in named:
         hits = [group for pattern, group in rules if re.fullmatch(pattern, name)]
@@ -1754,16 +1662,13 @@ CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_wr
 
 
 def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
-    """Muon for block matrices (and the bigram projection), Adam for the embeddings and the rest.
-    PR #236 trained the bigram table and projection with the scalars instead (BIGRAM_ADAM)."""
+    """Muon for block matrices and the bigram projection, Adam for the rest: the projection with the scalars with
+    BIGRAM_PROJ_ADAM (PR #1204), the bigram table too with BIGRAM_ADAM (PR #236); PR #1204's value embedding."""
     rules = [(BLOCK_MATRICES, "muon"), (r"tok_emb\.weight", "adam_embed"), (CONTROL_TENSORS, "adam_scalar")]
-    if h.bigram_vocab_size and h.bigram_adam:
-        rules.append((r"bigram\.(table|proj)\.weight", "adam_scalar"))
-    elif h.bigram_vocab_size and h.bigram_proj_adam:
-        rules += [(r"bigram\.proj\.weight", "adam_scalar"), (r"bigram\.table\.weight", "adam_embed")]
-    elif h.bigram_vocab_size:
-        rules += [(r"bigram\.proj\.weight", "muon"), (r"bigram\.table\.weight", "adam_embed")]
-    if h.ve_layers.strip():  # PR #1204: the table with the embedding, its projection with the scalars
+    if h.bigram_vocab_size:
+        rules += [(r"bigram\.proj\.weight", "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon"),
+                  (r"bigram\.table\.weight", "adam_scalar" if h.bigram_adam else "adam_embed")]
+    if h.ve_layers.strip():
         rules += [(r"value_embed\.table\.weight", "adam_embed"), (r"value_embed\.proj\.weight", "adam_scalar")]
     return tuple(rules)
 
@@ -1773,19 +1678,17 @@ def embed_wd(h: Hyperparameters) -> float:
 
 
 def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
-    groups = partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules")
-    params = {group: [p for _, p in members] for group, members in groups.items()}
-    fused = next(model.parameters()).is_cuda
-    adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, weight_decay=h.adam_wd, fused=fused)
+    params = {group: [p for _, p in members] for group, members in
+              partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules").items()}
+    adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=next(model.parameters()).is_cuda)
     optimizers = [
         Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
              weight_decay=h.muon_wd, row_norm=h.muon_row_norm, rank=rank, world_size=world_size, coeffs=h.muon_ns),
-        torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, **{**adam, "weight_decay": embed_wd(h)}),
-        torch.optim.AdamW(params["adam_scalar"], lr=h.scalar_lr, **adam),
+        torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, weight_decay=embed_wd(h), **adam),
+        torch.optim.AdamW(params["adam_scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd, **adam),
     ]
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["base_lr"] = group["lr"]
+    for group in (group for opt in optimizers for group in opt.param_groups):
+        group["base_lr"] = group["lr"]
     return optimizers
 
 

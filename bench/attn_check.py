@@ -25,6 +25,7 @@ a shape says why in its row; nothing here stops at a failure.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import json
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -291,6 +293,66 @@ def candidates(device: torch.device, case: str) -> dict:
 # Checking and timing
 
 
+class DispatchedOps(TorchDispatchMode):
+    """Records the names of the aten ops that run below autograd (the kernels SDPA chose)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+SDPA_OPS = (("_scaled_dot_product_flash_attention_for_cpu", "flash-cpu"),  # most specific names first
+            ("_scaled_dot_product_flash_attention", "flash"), ("_scaled_dot_product_efficient_attention", "efficient"),
+            ("_efficient_attention_forward", "efficient"), ("_scaled_dot_product_cudnn_attention", "cudnn"),
+            ("_scaled_dot_product_fused_attention_overrideable", "fused-overrideable"))
+
+
+def dispatched_kernel_report(h, rt) -> str:
+    """The kernel tg.causal_attention runs for one micro-batch of the training shape (batch 1 on CPU or with
+    DOC_ATTENTION), in the training dtype, forward and backward (forward only for EVAL_ONLY), with the
+    ATTN_BACKEND in force: named from the aten op torch dispatched (`math`: no fused op ran). With
+    DOC_ATTENTION, the model's own mask (tg.attention_mask), a BOS every 200 positions. A pinned kernel that
+    rejects the shape is a one-line tg.RunError. tg.attention_kernel_report says what was selected."""
+    head_dim = h.model_dim // h.num_heads
+    batch = h.train_batch_tokens // tg.SLICES_PER_STEP // h.train_seq_len if rt.device.type == "cuda" else 1
+    batch = 1 if h.doc_attention else batch  # uncompiled FlexAttention materializes the scores: one row
+    dtype = torch.bfloat16 if rt.bf16 else torch.float32
+    shape = f"{batch}x{h.num_heads}/{h.num_kv_heads} heads x {h.train_seq_len} x {head_dim} {str(dtype)[6:]}"
+    grad = not h.eval_only
+    q = torch.randn(batch, h.num_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype, requires_grad=grad)
+    k, v = (torch.randn(batch, h.num_kv_heads, h.train_seq_len, head_dim, device=rt.device, dtype=dtype,
+                        requires_grad=grad) for _ in range(2))
+    kernel = tg.optional_kernel(h.attn_backend) if rt.device.type == "cuda" else None
+    mask = None
+    if h.doc_attention:
+        tokens = (torch.arange(h.train_seq_len, device=rt.device)[None] % 200 == 0).long() * tg.BOS_ID
+        with torch.set_grad_enabled(grad):
+            mask = tg.attention_mask(tokens.expand(batch, -1), h.attn_backend)
+        shape += " within documents"
+    recorder = DispatchedOps()  # FlexAttention (a higher-order op) runs outside it: its kernel is known
+    try:
+        with (warnings.catch_warnings(), torch.set_grad_enabled(grad),
+              contextlib.nullcontext() if isinstance(mask, tg.BlockMask) else recorder):
+            warnings.simplefilter("ignore")  # torch warns why each kernel does not apply; the error says it
+            y = tg.causal_attention(q, k, v, kernel, mask)
+            if grad:
+                y.sum().backward()
+    except RuntimeError as exc:
+        raise tg.RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention of {shape} on "
+                          f"{rt.device.type} ({str(exc).splitlines()[0][:200]})") from None
+    if kernel is not None:
+        return f"{h.attn_backend} ({tg.OPTIONAL_KERNELS[h.attn_backend]}.flash_attn_func) for {shape}"
+    if isinstance(mask, tg.BlockMask):
+        return f"flex (FlexAttention, {tg.FLEX_BLOCK}x{tg.FLEX_BLOCK} block mask) for {shape}"
+    ran = next((label for op, label in SDPA_OPS if any(n.startswith(op) for n in recorder.names)), "math")
+    op = next((f"aten.{n.removesuffix('.default')}" for n in recorder.names if "attention" in n), "bmm + softmax")
+    return f"{ran} ({op}) for {shape}" + (" (dense mask)" if h.doc_attention else "")
+
+
 def relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
@@ -307,7 +369,7 @@ def check(run, shape, dtype, device, tokens, seed: int) -> dict:
     documents of `tokens`, or causal for a candidate that ignores them (documents=False)."""
     q, k, v, grad = make_inputs(shape, dtype, device, seed)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    recorder = tg.DispatchedOps()
+    recorder = DispatchedOps()
     with recorder:
         out = run(*leaves, tokens)
     out.backward(grad)

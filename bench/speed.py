@@ -48,6 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402  (importing it has no side effects)
 
+sys.path.insert(0, str(REPO / "bench"))
+from attn_check import dispatched_kernel_report  # noqa: E402  (the kernel SDPA really dispatched)
+
 FINEWEB_VAL_TARGETS = 62_021_632
 WALLCLOCK_MS = 600_000
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's datasheets. The H200 has the
@@ -591,7 +594,7 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
         "host": platform.node(), "world_size": rt.world_size, "grad_accum_steps": rt.grad_accum_steps,
         "tokens": args.tokens, "compile_enabled": compile_on,
         "compile_backend": args.compile_backend if compile_on else None,
-        "bf16": rt.bf16, "attention_backend": tg.attention_kernel_report(h, rt),
+        "bf16": rt.bf16, "attention_backend": dispatched_kernel_report(h, rt),
         "config": config_summary(h, preset, base_model), "tokens_per_step": h.train_batch_tokens,
         "timed_steps": args.steps, "flops_per_token": flops_per_token,
         "flops_per_token_parts": {"matmul": 6 * sum(matmul_params(h).values()),

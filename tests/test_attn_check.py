@@ -3,7 +3,8 @@
 computed one document at a time), the document rows (a BOS starts each document, a row's start starts a
 piece, lognormal lengths with the stated mean), the varlen packing, the causal baseline checked against
 the causal reference, a toy run on CPU (the kernels CPU has match, the ones it lacks are rows that say
-so, not a crash), and a wrong kernel reported as a mismatch with a failing exit code."""
+so, not a crash), and a wrong kernel reported as a mismatch with a failing exit code; the dispatched-kernel probe (the speed bench's
+attention line) naming the aten op torch ran, and a pinned kernel that cannot run as a one-line error."""
 import importlib.util
 import json
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from conftest import REPO, cpu_runtime, tiny_hparams
 import train_gpt as tg
 
 _spec = importlib.util.spec_from_file_location("attn_check", REPO / "bench" / "attn_check.py")
@@ -114,3 +115,48 @@ def test_a_wrong_kernel_is_a_mismatch_and_fails_the_check(monkeypatch, tmp_path)
     out = tmp_path / "attn.json"
     assert ac.main(["--shape", "1,2,1,32,8", "--reps", "1", "--out", str(out)]) == 1
     assert all(r["status"].startswith("MISMATCH") for r in json.loads(out.read_text())["rows"])
+
+
+@pytest.fixture
+def attn_backend():
+    """Sets ATTN_BACKEND's SDPA switches for one test and restores `auto` (they are process-wide)."""
+    yield tg.select_sdpa_kernels
+    tg.select_sdpa_kernels("auto")
+
+
+@pytest.mark.parametrize("name, kernel", [("auto", "flash-cpu"), ("flash", "flash-cpu"), ("math", "math")])
+def test_the_probe_names_the_kernel_torch_dispatched_on_cpu(attn_backend, name, kernel):
+    attn_backend(name)
+    report = ac.dispatched_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime())
+    assert report.startswith(f"{kernel} (") and "for 1x4/2 heads x 64 x 8 float32" in report
+    assert ("flash_attention_for_cpu" in report) == (kernel == "flash-cpu")
+
+
+@pytest.mark.parametrize("name", ["efficient", "cudnn"])
+def test_a_pinned_kernel_cpu_lacks_is_a_one_line_error_naming_the_setting(attn_backend, name):
+    attn_backend(name)
+    with pytest.raises(tg.RunError, match=rf"ATTN_BACKEND={name}: no kernel it allows runs attention of "
+                                          rf"1x4/2 heads x 64 x 8 float32 on cpu") as err:
+        ac.dispatched_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime())
+    assert "\n" not in str(err.value)
+
+
+def test_the_probe_runs_the_models_document_mask():
+    h = tiny_hparams(doc_attention=True, attn_backend="flex", train_seq_len=128, train_batch_tokens=8 * 128)
+    scoring = ac.dispatched_kernel_report(tg.dataclasses.replace(h, eval_only="x.ptz"), cpu_runtime())
+    assert scoring == "flex (FlexAttention, 128x128 block mask) for 1x4/2 heads x 128 x 8 float32 within documents"
+    assert ac.dispatched_kernel_report(h, cpu_runtime()).endswith("within documents (dense mask)")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_auto_runs_a_fused_kernel_that_matches_math():
+    device = torch.device("cuda")
+    rt = tg.Runtime(0, 1, device, False, bf16=True)
+    tg.select_sdpa_kernels("auto")
+    report = ac.dispatched_kernel_report(tg.Hyperparameters(), rt)
+    assert report.split()[0] in ("flash", "efficient", "cudnn"), report
+    q = torch.randn(2, 8, 256, 64, device=device, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(tg.causal_attention(q, k, v).float(), reference.float(), atol=2e-2)

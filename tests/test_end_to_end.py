@@ -54,7 +54,7 @@ def test_smoke_preset_end_to_end(run_script, val_tokens, val_utf8_bytes):
     hparams = sorted(line[len("hparam "):] for line in log.splitlines() if line.startswith("hparam "))
     assert hparams == sorted(f"{f.name.upper()}={getattr(h, f.name)}" for f in dataclasses.fields(h))
 
-    assert "attention_backend:flash-cpu (aten._scaled_dot_product_flash_attention_for_cpu) for 1x" in log and "WARNING" not in log
+    assert "\nattention_backend:sdpa auto\n" in log and "WARNING" not in log
     assert fields(log, "train_shards:")["train_tokens"] == str(sum(tg.read_shard_header(f) for f in tg.find_shards(h, "train")))
     data = fields(log, "val_tokens:")
     assert int(data["val_tokens"]) == len(val_tokens) - 1

@@ -136,21 +136,11 @@ def attn_backend():
     tg.select_sdpa_kernels("auto")
 
 
-@pytest.mark.parametrize("name, kernel", [("auto", "flash-cpu"), ("flash", "flash-cpu"), ("math", "math")])
-def test_log_names_the_kernel_torch_dispatched_on_cpu(attn_backend, name, kernel):
+@pytest.mark.parametrize("name", ["auto", "flash", "efficient", "cudnn", "math"])
+def test_log_names_the_sdpa_kernels_the_setting_allows(attn_backend, name):
+    """What runs is measured by bench/attn_check.py (tests/test_attn_check.py); the run logs what it asked for."""
     attn_backend(name)
-    report = tg.attention_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime())
-    assert report.startswith(f"{kernel} (") and "for 1x4/2 heads x 64 x 8 float32" in report
-    assert ("flash_attention_for_cpu" in report) == (kernel == "flash-cpu")
-
-
-@pytest.mark.parametrize("name", ["efficient", "cudnn"])
-def test_a_pinned_kernel_cpu_lacks_is_a_one_line_error_naming_the_setting(attn_backend, name):
-    attn_backend(name)
-    with pytest.raises(tg.RunError, match=rf"ATTN_BACKEND={name}: no kernel it allows runs attention of "
-                                          rf"1x4/2 heads x 64 x 8 float32 on cpu") as err:
-        tg.attention_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime())
-    assert "\n" not in str(err.value)
+    assert tg.attention_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime()) == f"sdpa {name}"
 
 
 def test_unknown_attn_backend_is_rejected_naming_the_variable():
@@ -166,8 +156,7 @@ def test_absent_optional_kernel_falls_back_to_sdpa_and_says_so(attn_backend, mon
         h = tiny_hparams(attn_backend="fa3")
         assert tg.GPT(h).blocks[0].attn.kernel is None  # the model runs SDPA
         report = tg.attention_kernel_report(h, cpu_runtime())
-        assert report.startswith("flash-cpu (") and report.endswith(
-            "ATTN_BACKEND=fa3: no_such_module_for_this_test does not import, SDPA auto ran instead")
+        assert report == "sdpa auto; ATTN_BACKEND=fa3: no_such_module_for_this_test does not import, SDPA auto runs instead"
     finally:
         tg.optional_kernel.cache_clear()
 
@@ -186,20 +175,6 @@ def test_an_importable_optional_kernel_gets_bthd_tensors_on_cuda_only(monkeypatc
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert torch.equal(tg.causal_attention(q, k, v, fake_flash_attn_func), q)
     assert calls == [((2, 16, 4, 8), (2, 16, 2, 8), True)]
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_auto_runs_a_fused_kernel_that_matches_math():
-    device = torch.device("cuda")
-    rt = tg.Runtime(0, 1, device, False, bf16=True)
-    tg.select_sdpa_kernels("auto")
-    report = tg.attention_kernel_report(tg.Hyperparameters(), rt)
-    assert report.split()[0] in ("flash", "efficient", "cudnn"), report
-    q = torch.randn(2, 8, 256, 64, device=device, dtype=torch.bfloat16)
-    k, v = (torch.randn(2, 4, 256, 64, device=device, dtype=torch.bfloat16) for _ in range(2))
-    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
-        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    assert torch.allclose(tg.causal_attention(q, k, v).float(), reference.float(), atol=2e-2)
 
 
 # ----------------------------------------------------------------------------- Muon

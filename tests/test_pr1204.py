@@ -34,11 +34,10 @@ def switched_on(model: tg.GPT) -> tg.GPT:
 def test_virtual_depth_runs_each_position_with_its_own_controls_and_the_blocks_weights():
     model = tiny_model(record_like())
     assert len(model.blocks) == 8 and all(b.attn is None and b.mlp is None for b in model.blocks[6:])
-    assert [(c, w) for c, w, _ in model.block_schedule()] == [(i, i) for i in range(6)], "before the switch"
+    assert [(s.controls, s.block) for s in model.plan()] == [(i, i) for i in range(6)], "before the switch"
     model.start_recurrence()
-    assert [(c, w, r) for c, w, r in model.block_schedule()] == [
-        (0, 0, False), (1, 1, False), (2, 2, False), (3, 3, False), (4, 2, True), (5, 3, True), (6, 4, False),
-        (7, 5, False)]
+    assert [(s.controls, s.block, s.mlp) for s in model.plan()] == [
+        (0, 0, None), (1, 1, None), (2, 2, None), (3, 3, None), (4, 2, 0), (5, 3, 1), (6, 4, None), (7, 5, None)]
     # Position 4 (the repeat of block 2) reads its input scaled by 1/sqrt(4 + 1): block 4's LN factor.
     seen = []
     model.repeat_mlps[0].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))

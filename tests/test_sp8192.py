@@ -203,11 +203,10 @@ def test_loops_run_the_group_again_in_order_with_every_weight_and_control_shared
     h = looped()
     model = tiny_model(h)
     plain = tiny_model(tiny_hparams(**{**h.__dict__, "recur_blocks": "", "recur_repeats": 1, "recur_in_unet": False}))
-    assert [w for _, w, _ in model.block_schedule()] == list(range(7)), "before the switch"
+    assert [s.block for s in model.plan()] == list(range(7)), "before the switch"
     model.start_recurrence()
-    assert [(c, w, r) for c, w, r in model.block_schedule()] == [
-        (0, 0, 0), (1, 1, 0), (2, 2, 0), (3, 3, 0), (2, 2, 1), (3, 3, 1), (2, 2, 2), (3, 3, 2),
-        (4, 4, 0), (5, 5, 0), (6, 6, 0)]
+    assert [(s.controls, s.block) for s in model.plan()] == [
+        (0, 0), (1, 1), (2, 2), (3, 3), (2, 2), (3, 3), (2, 2), (3, 3), (4, 4), (5, 5), (6, 6)]
     # No parameter of its own: only the U-Net's skip tables grow (5 pairs over 11 positions, not 3 over 7).
     extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in plain.parameters())
     assert extra == 2 * (5 - 3) * h.model_dim
@@ -238,7 +237,7 @@ def test_one_repeat_without_the_unet_knob_is_the_recurrence_as_before():
     h = tiny_hparams(num_layers=4, recur_blocks="1,2", recur_repeats=1)
     model = tiny_model(h)
     model.start_recurrence()
-    assert [w for _, w, _ in model.block_schedule()] == [0, 1, 2, 1, 2, 3]
+    assert [s.block for s in model.plan()] == [0, 1, 2, 1, 2, 3]
     assert model.skip_weights.shape[0] == 2
 
 
@@ -268,7 +267,7 @@ def test_parallel_lanes_compute_the_later_form():
     lane i <- keep[i] lane i + write[0, i] attention + write[1, i] MLP."""
     h = looped(recur_blocks="", recur_repeats=1, recur_in_unet=False, lanes_from=1, num_layers=2, xsa_last_n=2)
     start = tiny_model(h, randomize=False).blocks[1]
-    assert start.lane_parallel and torch.equal(start.lane_keep.detach(), torch.full((2,), 1.1))
+    assert start.route is tg.parallel_lanes and torch.equal(start.lane_keep.detach(), torch.full((2,), 1.1))
     assert torch.equal(start.lane_write.detach(), torch.ones(2, 2)), "the record's init: keep 1.1, write 1"
     block = tiny_model(h).blocks[1]
     torch.manual_seed(1)
@@ -361,9 +360,9 @@ def test_sp8192_preset_shape_and_schedule():
     with torch.device("meta"):
         model = tg.GPT(h)
     model.start_recurrence()
-    assert len(model.block_schedule()) == 17
-    assert [w for _, w, _ in model.block_schedule()][:12] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5]
-    assert [i for i, b in enumerate(model.blocks) if b.lane_parallel] == [8, 9, 10]
+    assert len(model.plan()) == 17
+    assert [s.block for s in model.plan()][:12] == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5]
+    assert [i for i, b in enumerate(model.blocks) if b.route is tg.parallel_lanes] == [8, 9, 10]
 
 
 def test_sp8192_full_size_parameter_count_from_the_shapes():

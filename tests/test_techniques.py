@@ -124,8 +124,8 @@ def test_recurrence_runs_the_named_blocks_twice_and_no_others_once_active():
     model = tiny_model(tiny_hparams(num_layers=6, recur_blocks="2,3"))
     assert block_calls(model, random_tokens(1, 8)) == [1] * 6, "off until the training loop switches it on"
     model.recur_active = True
-    assert [w for _, w, _ in model.block_schedule()] == [0, 1, 2, 3, 2, 3, 4, 5]
-    assert [c for c, _, _ in model.block_schedule()] == [0, 1, 2, 3, 2, 3, 4, 5], "controls follow the block"
+    assert [s.block for s in model.plan()] == [0, 1, 2, 3, 2, 3, 4, 5]
+    assert [s.controls for s in model.plan()] == [0, 1, 2, 3, 2, 3, 4, 5], "controls follow the block"
     assert block_calls(model, random_tokens(1, 8)) == [1, 1, 2, 2, 1, 1]
 
 
