@@ -28,7 +28,6 @@ import json
 import lzma
 import math
 import os
-import pickle
 import platform
 import re
 import shutil
@@ -38,7 +37,6 @@ import sys
 import time
 import typing
 import uuid
-import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -52,7 +50,6 @@ import zstandard
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils._python_dispatch import TorchDispatchMode
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -1291,6 +1288,20 @@ def attention_kernel_report(h: Hyperparameters, rt) -> str:
     elif name == "flex":
         report += f"; ATTN_BACKEND=flex: TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}"
     return report
+
+
+def check_pinned_kernel(h: Hyperparameters, rt: Runtime) -> None:
+    """A pinned SDPA kernel (ATTN_BACKEND=flash|efficient|cudnn|math) runs one small causal attention at the
+    run's dtype at start: one that cannot run here is a one-line error, not a traceback at the first step."""
+    if h.attn_backend not in SDPA_KERNELS:
+        return
+    head_dim = h.model_dim // h.num_heads
+    q = torch.zeros(1, h.num_heads, FLEX_BLOCK, head_dim, device=rt.device, dtype=torch.bfloat16 if rt.bf16 else None)
+    try:
+        causal_attention(q, q[:, :h.num_kv_heads], q[:, :h.num_kv_heads])
+    except RuntimeError as exc:
+        raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention on {rt.device.type} "
+                       f"({first_line(exc)}); use ATTN_BACKEND=auto") from None
 
 
 class Attend(typing.NamedTuple):
@@ -3603,6 +3614,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose shipped form counts
     shipped = shipped_form(code)
     log_header(h, rt, preset, run_id, code, shipped, log)
+    check_pinned_kernel(h, rt)
     log(f"attention_backend:{attention_kernel_report(h, rt)}")
     sp = load_tokenizer(h)
     val = load_validation(h, sp, rt.device, log, rt.rank, rt.world_size)
