@@ -68,11 +68,51 @@ class RunError(Exception):
 
 
 @dataclasses.dataclass(frozen=True)
-class Hyperparameters:
+class ModelConfig:
+    """The model's shape and techniques: what the artifact stores, and all EVAL_ONLY needs to rebuild the model
+    (in the artifact header's order). Hyperparameters, the run's whole configuration, extends it."""
+    # The network (ModelConfig: stored in the artifact)
+    vocab_size: int = 1024  # tokenizer pieces (the embedding's rows; ids 0-3 are pad, bos, eos, unk)
+    num_layers: int = 12  # transformer blocks
+    model_dim: int = 512  # residual width
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
+    mlp_mult: int = 3  # MLP hidden width = MLP_MULT x MODEL_DIM
+    rope_base: float = 10000.0  # RoPE's frequencies are powers of 1/ROPE_BASE
+    logit_softcap: float = 30.0  # logits = cap x tanh(z / cap) (modded-nanogpt)
+    bigram_vocab_size: int = 2048  # BigramHash buckets (PR #192; 0: off)
+    bigram_dim: int = 96  # BigramHash embedding width, projected to MODEL_DIM
+    train_seq_len: int = 1024  # training sequence length
+    smear_mode: str = "channel"  # channel: per-channel gate (PR #76) | scalar: input-dependent gate (PR #192)
+    # Techniques after the seed records (PR #315, #1204, #1855 and others), each off at its default
+    rope_dims: int = 0  # partial RoPE: rotate only the first ROPE_DIMS dims of each head (0: all)
+    xsa_last_n: int = 0  # exclusive self attention (arXiv 2603.09078) in the last XSA_LAST_N blocks
+    ln_scale: bool = False  # scale block l's normalized sublayer inputs by 1/sqrt(l+1)
+    mlp_negative_slope: float = 0.0  # MLP activation leaky_relu(x, slope)^2 (0: relu^2)
+    lanes_from: int = 0  # parallel residual lanes from this block on (0: one stream)
+    recur_blocks: str = ""  # depth recurrence: contiguous blocks run again, e.g. "4,5" (empty: off)
+    virtual_depth: bool = False  # blocks counted by position in the run order, the repeat included
+    recur_untie_mlp: bool = False  # the repeated pass has its own MLP weights, copied from the base at the switch
+    first_block_mlp_only: bool = False  # block 0 has no attention
+    ve_layers: str = ""  # value embeddings added to v at these (virtual) block positions, e.g. "9,10"
+    ve_dim: int = 128  # value embeddings: one VOCAB_SIZE x VE_DIM table projected to the KV width
+    skip_gates: bool = False  # U-Net skips gated: x <- lerp(w * skip, x, sigmoid(g)), g starting at 0
+    lane_formula: str = "stream"  # stream: x0 mix replaces both lanes | read: sublayers read it | parallel (PR #1855)
+    smear_zero_start: bool = False  # SmearGate blends a document's first position with zero
+    rope_ntk_len: int = 0  # RoPE base NTK-scaled for sequences longer than this (PR #1204: 1024; 0: off)
+    doc_attention: bool = False  # each document (from a BOS on) attends only to itself, in every forward pass
+    attn_gate_window: int = 0  # sparse attention output gate: y_h *= sigmoid(0.5 W_h . x[:N]) per head (0: off)
+    smear_window: int = 0  # SMEAR_MODE=scalar: the gate reads x_t[:SMEAR_WINDOW] only (0: all channels)
+    recur_repeats: int = 1  # extra passes of RECUR_BLOCKS (PR #1855: 2)
+    recur_in_unet: bool = False  # the U-Net halves split the run's positions, repeats included; controls per block
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters(ModelConfig):
+    """The run's whole configuration: the model's (ModelConfig) and every other setting."""
     # Data and run identity
     data_path: str = "./data/datasets/fineweb10B_sp1024"  # the folder of fineweb_{train,val}_*.bin token shards
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"  # the SentencePiece model of the shards
-    vocab_size: int = 1024  # tokenizer pieces (the embedding's rows; ids 0-3 are pad, bos, eos, unk)
     run_id: str = ""  # names logs/RUN_ID.txt (empty: a fresh id per run)
     seed: int = 1337  # the random seed: initial weights (the same on every rank), GPTQ's sampled calibration
     preset: str = "auto"  # auto | pr76 | pr236 | pr192 | pr1204 | frontier | sp8192 | smoke (see PRESETS)
@@ -83,7 +123,6 @@ class Hyperparameters:
     warmdown_iters: int = 2000  # the LR falls linearly to 0 over the last this many steps (at the measured step time)
     warmdown_frac: float = 0.0  # instead: warmdown over the last this fraction of the run (PR #1855: 0.85; 0: off)
     train_batch_tokens: int = 524_288  # tokens per optimizer step, all ranks together
-    train_seq_len: int = 1024  # training sequence length
     train_seq_schedule: str = ""  # progressive context "LEN:FRAC,...", e.g. "1024:0,2048:0.3,3072:0.6" (empty: off)
     train_log_every: int = 200  # log the training loss every this many steps
     val_loss_every: int = 0  # evaluate every this many steps (0: only at the end)
@@ -91,45 +130,12 @@ class Hyperparameters:
     eval_seq_len: int = 0  # evaluation window (0: TRAIN_SEQ_LEN)
     eval_stride: int = 64  # sliding-window stride: each window scores its last this many targets (0: no sliding)
     val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
-    # Model
-    num_layers: int = 12  # transformer blocks
-    model_dim: int = 512  # residual width
-    num_heads: int = 8  # query heads
-    num_kv_heads: int = 4  # key/value heads (grouped-query attention)
-    mlp_mult: int = 3  # MLP hidden width = MLP_MULT x MODEL_DIM
-    rope_base: float = 10000.0  # RoPE's frequencies are powers of 1/ROPE_BASE
-    logit_softcap: float = 30.0  # logits = cap x tanh(z / cap) (modded-nanogpt)
+    # The model's initialization and training (not stored in the artifact)
     qk_gain_init: float = 1.5  # initial per-head query gain after the QK norm
     tied_embed_init_std: float = 0.005  # init std of the tied embedding (and output head)
-    bigram_vocab_size: int = 2048  # BigramHash buckets (PR #192; 0: off)
-    bigram_dim: int = 96  # BigramHash embedding width, projected to MODEL_DIM
     bigram_scale_init: float = 0.05  # BigramHash output scale at init (the table starts at zero)
-    smear_mode: str = "channel"  # channel: per-channel gate (PR #76) | scalar: input-dependent gate (PR #192)
-    # Techniques after the seed records, each off at its default
-    rope_dims: int = 0  # partial RoPE: rotate only the first ROPE_DIMS dims of each head (0: all)
-    xsa_last_n: int = 0  # exclusive self attention (arXiv 2603.09078) in the last XSA_LAST_N blocks
-    ln_scale: bool = False  # scale block l's normalized sublayer inputs by 1/sqrt(l+1)
-    mlp_negative_slope: float = 0.0  # MLP activation leaky_relu(x, slope)^2 (0: relu^2)
-    lanes_from: int = 0  # parallel residual lanes from this block on (0: one stream)
-    recur_blocks: str = ""  # depth recurrence: contiguous blocks run again, e.g. "4,5" (empty: off)
     recur_start_frac: float = 0.5  # the recurrence starts at this fraction of the run (steps or wallclock, further)
-    recur_repeats: int = 1  # extra passes of RECUR_BLOCKS (PR #1855: 2)
-    recur_in_unet: bool = False  # the U-Net halves split the run's positions, repeats included; controls per block
-    # The 1.1063 record's mechanics (PR #1204), each off at its default
-    virtual_depth: bool = False  # blocks counted by position in the run order, the repeat included
-    recur_untie_mlp: bool = False  # the repeated pass has its own MLP weights, copied from the base at the switch
-    first_block_mlp_only: bool = False  # block 0 has no attention
-    ve_layers: str = ""  # value embeddings added to v at these (virtual) block positions, e.g. "9,10"
-    ve_dim: int = 128  # value embeddings: one VOCAB_SIZE x VE_DIM table projected to the KV width
-    skip_gates: bool = False  # U-Net skips gated: x <- lerp(w * skip, x, sigmoid(g)), g starting at 0
-    lane_formula: str = "stream"  # stream: x0 mix replaces both lanes | read: sublayers read it | parallel (PR #1855)
-    smear_zero_start: bool = False  # SmearGate blends a document's first position with zero
-    rope_ntk_len: int = 0  # RoPE base NTK-scaled for sequences longer than this (PR #1204: 1024; 0: off)
     qat_bits: int = 0  # straight-through fake quantization of block matrices while training (PR #192; 0: off)
-    # The 1.06 stack's gates and attention (PR #1855), each off at its default
-    doc_attention: bool = False  # each document (from a BOS on) attends only to itself, in every forward pass
-    attn_gate_window: int = 0  # sparse attention output gate: y_h *= sigmoid(0.5 W_h . x[:N]) per head (0: off)
-    smear_window: int = 0  # SMEAR_MODE=scalar: the gate reads x_t[:SMEAR_WINDOW] only (0: all channels)
     # Optimizers: Muon for block matrices and the bigram projection, Adam for the rest
     matrix_lr: float = 0.025  # Muon's learning rate
     scalar_lr: float = 0.025  # Adam's learning rate for the control tensors
@@ -2232,7 +2238,7 @@ def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
             f"{RECORD_RATES['forward'] / 1e6:.2f}M targets/s, TTT {RECORD_RATES['ttt'] / 1e3:.1f}K targets/s, "
             f"phases {RECORD_RATES['phase']:.1f} documents/s; {num_targets} targets, {num_documents} documents)")
     if total > h.eval_budget_seconds:
-        line += (f" WARNING: over EVAL_BUDGET_SECONDS: TTT would stop adapting early"
+        line += (" WARNING: over EVAL_BUDGET_SECONDS: TTT would stop adapting early"
                  + (" (EVAL_STRIDE=0 drops the sliding window)" if h.eval_stride else ""))
     return "eval_plan: " + line
 
@@ -2273,12 +2279,6 @@ ANS_COLUMN_BUCKETS = 4  # COMPRESSOR=ans: a kind of matrix's columns in this man
 ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
 ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
-MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "rope_base",
-                "logit_softcap", "bigram_vocab_size", "bigram_dim", "train_seq_len", "smear_mode", "rope_dims",
-                "xsa_last_n", "ln_scale", "mlp_negative_slope", "lanes_from", "recur_blocks", "virtual_depth",
-                "recur_untie_mlp", "first_block_mlp_only", "ve_layers", "ve_dim", "skip_gates", "lane_formula",
-                "smear_zero_start", "rope_ntk_len", "doc_attention", "attn_gate_window", "smear_window",
-                "recur_repeats", "recur_in_unet")
 
 
 def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
@@ -2846,17 +2846,18 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
                 raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays or has others")
         # A field the writer did not know yet was off there (every model field defaults to the behaviour
         # before it), so an older artifact loads; a field this script does not know is damage.
-        defaults = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
-        config = {**{k: defaults[k] for k in MODEL_FIELDS}, **header["model"]}
-        if sorted(config) != sorted(MODEL_FIELDS) or any(type(v) is not type(defaults[k]) for k, v in config.items()):
+        defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+        config = {**defaults, **header["model"]}
+        if config.keys() != defaults.keys() or any(type(v) is not type(defaults[k]) for k, v in config.items()):
             raise ValueError("the model's shape is not described as this script describes it")
         return config, quantized
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RunError(f"{source}: corrupt or truncated artifact ({type(exc).__name__}: {exc})") from None
 
 
-def model_config(h: Hyperparameters) -> dict:
-    return {name: getattr(h, name) for name in MODEL_FIELDS}
+def model_config(h: ModelConfig) -> dict:
+    """What the artifact stores: the ModelConfig fields of h, in their order."""
+    return {f.name: getattr(h, f.name) for f in dataclasses.fields(ModelConfig)}
 
 
 # The code counts as the file that ships: the source without comments and docstrings (an ast round trip),

@@ -9,6 +9,7 @@ import json
 import random
 import re
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 import torch
 import zstandard
 
-from conftest import assert_one_line_error, cpu_runtime, tiny_hparams, tiny_model
+from conftest import REPO, assert_one_line_error, cpu_runtime, tiny_hparams, tiny_model
 import train_gpt as tg
 
 
@@ -359,3 +360,27 @@ def test_an_ema_shorter_than_its_horizon_says_how_much_of_the_start_it_scores():
     for step in range(20):
         long.observe(model, step, 1.0)
     assert long.summary() == "ema: decay 0.9 over 20 updates"
+
+
+@pytest.mark.parametrize("preset", sorted(tg.PRESETS))
+def test_the_artifacts_model_config_is_all_a_scored_model_depends_on(preset):
+    """EVAL_ONLY rebuilds the model from ModelConfig's fields (what the artifact stores) and this run's other
+    settings: a model built from the stored fields with every other setting at its default (bar the
+    initialization's, which the loaded weights replace) takes the same weights and scores the same."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import golden
+    h = tg.hyperparameters_from_env(golden.toy_env(preset), cuda_available=False)[0]
+    init = {name: getattr(h, name) for name in ("qk_gain_init", "tied_embed_init_std", "bigram_scale_init",
+                                                 "bigram_proj_gain")}
+    stored = dataclasses.replace(tg.Hyperparameters(), **tg.model_config(h), **init)
+    assert tg.model_config(stored) == tg.model_config(h)
+    assert list(tg.model_config(h)) == [f.name for f in dataclasses.fields(tg.ModelConfig)]
+    trained, rebuilt = tiny_model(h), tg.GPT(stored)
+    rebuilt.load_state_dict(trained.state_dict(), strict=True)
+    tokens = torch.randint(4, h.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    tokens[:, 40] = tg.BOS_ID
+    for model in (trained, rebuilt):
+        model.recur_active = bool(model.recur_blocks)
+        model.requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(trained(tokens), rebuilt(tokens), rtol=0, atol=0)

@@ -1,11 +1,11 @@
-"""Renders docs/settings.md from train_gpt.py's `Hyperparameters`: every setting, its default and its
-comment, so the page cannot drift from the code (tests/test_docs.py compares them).
+"""Renders docs/settings.md from train_gpt.py's `Hyperparameters` (its base `ModelConfig` first): every
+setting, its default and its comment, so the page cannot drift from the code (tests/test_docs.py compares them).
 
     python3 tools/settings_doc.py            # print the page
     python3 tools/settings_doc.py --write    # write docs/settings.md
 
-What it reads: the names, types and defaults of the dataclass's fields (by importing train_gpt), and
-the comments of the class body (by parsing its source with `ast` and `tokenize`), whatever fields
+What it reads: the names, types and defaults of the dataclasses' fields (by importing train_gpt), and
+the comments of each class body (by parsing its source with `ast` and `tokenize`), whatever fields
 are there. The convention it follows in that body:
 - A comment at the end of a field's line is that field's meaning.
 - A comment line directly below a field (or below such a line) continues the field's meaning when its
@@ -102,8 +102,8 @@ def cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def read_groups(source: str, defaults: dict) -> list[Group]:
-    cls = class_node(source)
+def read_groups(source: str, defaults: dict, name: str = "Hyperparameters") -> list[Group]:
+    cls = class_node(source, name)
     comments = comments_by_line(source)
     stop = cls.end_lineno + 1
     fields = {}  # first line -> (name, last line)
@@ -166,7 +166,8 @@ def render(source: str | None = None) -> str:
         elif field.default_factory is not dataclasses.MISSING:
             defaults[field.name] = field.default_factory()
     parts = [HEADER]
-    for group in read_groups(source, defaults):
+    classes = [c.__name__ for c in reversed(train_gpt.Hyperparameters.__mro__) if dataclasses.is_dataclass(c)]
+    for group in [g for name in classes for g in read_groups(source, defaults, name)]:
         parts.append(f"\n## {group.heading}\n")
         if group.paragraph:
             parts.append("\n" + group.paragraph[0] + "\n")
