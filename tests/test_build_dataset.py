@@ -38,7 +38,7 @@ def test_caseops_round_trip_on_fixture_text():
 
 
 def test_caseops_exact_rewrites():
-    # the rules of the public record (FRONTIER.md), spelled out
+    # the rules of the public record (PR #1626), spelled out
     assert bd.caseops_encode("The NASA Launch") == f"{TITLE}the {ALLCAPS}nasa {TITLE}launch"
     assert bd.caseops_encode("iPhone") == f"i{CAPNEXT}phone"
     assert bd.caseops_encode("McDonald") == f"{TITLE}mc{CAPNEXT}donald"

@@ -97,7 +97,7 @@ def test_partition_rejects_a_rule_that_matches_nothing():
 
 
 def expected_parameter_count(h: tg.Hyperparameters) -> int:
-    """Counted from the architecture as CHALLENGE.md describes it."""
+    """Counted from the architecture as the challenge describes it."""
     d, head_dim = h.model_dim, h.model_dim // h.num_heads
     kv, hidden = h.num_kv_heads * head_dim, h.mlp_mult * h.model_dim
     attention = d * d + 2 * d * kv + d * d + h.num_heads  # q, k, v, out, per-head q gain

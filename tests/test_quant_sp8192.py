@@ -1,5 +1,5 @@
 # OMP_NUM_THREADS=1 python3 -m pytest -q tests/test_quant_sp8192.py
-"""The 1.06 stack's quantizer pieces (FRONTIER.md): SDClip's fixed row scale, the tied embedding
+"""The 1.06 stack's quantizer pieces (PR #1855, #2135): SDClip's fixed row scale, the tied embedding
 GPTQ'd as the head on the final norm's output, gates int8 per row, small tensors fp16, LQER's
 low-rank error correction and AWQ-lite's int8 column group inside the GPTQ solve."""
 

@@ -1,4 +1,4 @@
-# The defining property of each post-seed technique (FRONTIER.md): python3 -m pytest -q tests/test_techniques.py
+# The defining property of each post-seed technique (PR #315 and later records): python3 -m pytest -q tests/test_techniques.py
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 # The training loop on a tiny model, in-process: python3 -m pytest -q tests/test_training.py
-"""Warm-up is legal only if it leaves no trace (CHALLENGE.md: compile warm-up before the timer is not
+"""Warm-up is legal only if it leaves no trace (the challenge's rules: compile warm-up before the timer is not
 counted if model, optimizer and loader state are restored), so a run with warm-up steps must train
 exactly like a run without them."""
 import math

@@ -1,7 +1,7 @@
 """python3 tools/build_dataset.py --docs FILE.jsonl --vocab-size N [--caseops] --val-docs K --out DIR
 
 Builds a dataset in the challenge's format from documents, for any SentencePiece vocabulary size,
-optionally with CaseOps (the tokenizer track, FRONTIER.md "Tokenizer track: data and bytes"), and
+optionally with CaseOps (the tokenizer track, PR #1626), and
 prints `data_path:DIR` and `tokenizer_path:FILE` as its last lines, ready for
 `DATA_PATH=... TOKENIZER_PATH=... VOCAB_SIZE=N python3 train_gpt.py`.
 
