@@ -2326,7 +2326,8 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
     """name -> class by quant_rules(h); INT6_MATRICES ranks the block matrices and bigram projection, the bigram
     table int8 (PR #1204); QUANT_GATES_INT8: the attention output gates int8 (PR #1855)."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
-    plan = {name: cls for cls, members in classes.items() for name, _ in members}
+    owner = {name: cls for cls, members in classes.items() for name, _ in members}
+    plan = {name: owner[name] for name in state}  # the state dict's order, whatever the rules' order
     if h.int6_matrices:
         ranked = [n for n in plan if re.fullmatch(BLOCK_MATRICES, n) or n == "bigram.proj.weight"]
         plan.update(int6_by_trace(ranked, hessians or {}, recurrence_blocks(h), h.int6_matrices))
