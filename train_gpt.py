@@ -1673,21 +1673,39 @@ def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...
     return groups
 
 
-BLOCK_MATRICES = r"blocks\.\d+\.(attn\.(c_q|c_k|c_v|proj)|mlp\.(fc|proj))\.weight|repeat_mlps\.\d+\.(fc|proj)\.weight"
-CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_write|lane_keep|attn\.gate)|skip_weights"
+BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
+BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight|repeat_mlps\.\d+\.(fc|proj)\.weight"
+BLOCK_MATRICES = f"{BLOCK_ATTN}|{BLOCK_MLP}"
+GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # ATTN_GATE_WINDOW's attention output gates (PR #1855)
+CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_write|lane_keep)|skip_weights"
                    r"|skip_gates|smear\.(gate|strength)|bigram\.scale|value_embed\.(scale|position_scales)")
+# The one table of parameter kinds: a parameter's kind (its whole name) gives its optimizer group and its
+# quantization bits (16: fp16). Muon for the block matrices and the bigram projection, Adam for the rest:
+# the projection with the scalars with BIGRAM_PROJ_ADAM (PR #1204), the table too with BIGRAM_ADAM (PR #236).
+PARAMETER_KINDS = {  # kind: (name pattern, optimizer group of h, quantization bits of h)
+    "attn": (BLOCK_ATTN, lambda h: "muon", lambda h: h.quant_bits_attn),
+    "mlp": (BLOCK_MLP, lambda h: "muon", lambda h: h.quant_bits_mlp),
+    "embed": (r"tok_emb\.weight", lambda h: "adam_embed", lambda h: h.quant_bits_embed),
+    "control": (CONTROL_TENSORS, lambda h: "adam_scalar", lambda h: 16),
+    "gate": (GATE_TENSORS, lambda h: "adam_scalar", lambda h: 8 if h.quant_gates_int8 else 16),
+    "bigram_table": (r"bigram\.table\.weight", lambda h: "adam_scalar" if h.bigram_adam else "adam_embed",
+                     lambda h: h.quant_bits_attn),
+    "bigram_proj": (r"bigram\.proj\.weight", lambda h: "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon",
+                    lambda h: 16),
+    "value_table": (r"value_embed\.table\.weight", lambda h: "adam_embed", lambda h: h.quant_bits_embed),
+    "value_proj": (r"value_embed\.proj\.weight", lambda h: "adam_scalar", lambda h: 16),
+}
+
+
+def kind_rules(h: Hyperparameters, column: int) -> tuple[tuple[str, typing.Any], ...]:
+    """(name pattern, the kind's column-th entry for h) for each kind this model has, for partition()."""
+    kinds = ["attn", "mlp", "embed", "control"] + ["gate"] * bool(h.attn_gate_window) + \
+        ["bigram_table", "bigram_proj"] * bool(h.bigram_vocab_size) + ["value_table", "value_proj"] * bool(h.ve_layers.strip())
+    return tuple((PARAMETER_KINDS[kind][0], PARAMETER_KINDS[kind][column](h)) for kind in kinds)
 
 
 def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
-    """Muon for block matrices and the bigram projection, Adam for the rest: the projection with the scalars with
-    BIGRAM_PROJ_ADAM (PR #1204), the bigram table too with BIGRAM_ADAM (PR #236); PR #1204's value embedding."""
-    rules = [(BLOCK_MATRICES, "muon"), (r"tok_emb\.weight", "adam_embed"), (CONTROL_TENSORS, "adam_scalar")]
-    if h.bigram_vocab_size:
-        rules += [(r"bigram\.proj\.weight", "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon"),
-                  (r"bigram\.table\.weight", "adam_scalar" if h.bigram_adam else "adam_embed")]
-    if h.ve_layers.strip():
-        rules += [(r"value_embed\.table\.weight", "adam_embed"), (r"value_embed\.proj\.weight", "adam_scalar")]
-    return tuple(rules)
+    return kind_rules(h, 1)
 
 
 def embed_wd(h: Hyperparameters) -> float:
@@ -2256,9 +2274,6 @@ def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
 # and one frame per section of byte-planed arrays; loading it runs no code (no pickle).
 # Measurements and history: docs/notes/quantization.md.
 
-BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight|repeat_mlps\.\d+\.(fc|proj)\.weight"
-BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
-GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # QUANT_GATES_INT8's: the attention output gates (PR #1855)
 QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int7": 7, "int8": 8}
 CLASS_BITS = {**QUANT_BITS, "fp16": 16}
 BITS_CLASS = {bits: cls for cls, bits in CLASS_BITS.items()}
@@ -2282,15 +2297,8 @@ ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB arti
 
 
 def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
-    """(name pattern, class) for partition(): QUANT_BITS_MLP, QUANT_BITS_ATTN (also the bigram table) and
-    QUANT_BITS_EMBED (also the value-embedding table); projections and control tensors fp16."""
-    rules = [(BLOCK_MLP, BITS_CLASS[h.quant_bits_mlp]), (BLOCK_ATTN, BITS_CLASS[h.quant_bits_attn]),
-             (r"tok_emb\.weight", BITS_CLASS[h.quant_bits_embed]), (CONTROL_TENSORS, "fp16")]
-    if h.bigram_vocab_size:
-        rules += [(r"bigram\.table\.weight", BITS_CLASS[h.quant_bits_attn]), (r"bigram\.proj\.weight", "fp16")]
-    if h.ve_layers.strip():
-        rules += [(r"value_embed\.table\.weight", BITS_CLASS[h.quant_bits_embed]), (r"value_embed\.proj\.weight", "fp16")]
-    return tuple(rules)
+    """(name pattern, class) for partition(), from PARAMETER_KINDS' bits."""
+    return tuple((pattern, BITS_CLASS[bits]) for pattern, bits in kind_rules(h, 2))
 
 
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0,
@@ -2324,7 +2332,7 @@ def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
 def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
                hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
     """name -> class by quant_rules(h); INT6_MATRICES ranks the block matrices and bigram projection, the bigram
-    table int8 (PR #1204); QUANT_GATES_INT8: the attention output gates int8 (PR #1855)."""
+    table int8 (PR #1204)."""
     classes = partition(list(state.items()), quant_rules(h), "quant_rules")
     owner = {name: cls for cls, members in classes.items() for name, _ in members}
     plan = {name: owner[name] for name in state}  # the state dict's order, whatever the rules' order
@@ -2333,11 +2341,6 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
         plan.update(int6_by_trace(ranked, hessians or {}, recurrence_blocks(h), h.int6_matrices))
         if "bigram.table.weight" in plan:
             plan["bigram.table.weight"] = "int8"
-    if h.quant_gates_int8:
-        gates = [name for name in plan if re.fullmatch(GATE_TENSORS, name)]
-        if not gates:
-            raise RunError(f"QUANT_GATES_INT8: no tensor's name matches {GATE_TENSORS!r}")
-        plan.update(dict.fromkeys(gates, "int8"))
     return plan
 
 
@@ -2597,7 +2600,7 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
         candidates = []
         for name, entry in quantized.items():
             target = DEMOTIONS.get(entry["class"])
-            if target is None or re.fullmatch(CONTROL_TENSORS, name):
+            if target is None or re.fullmatch(f"{CONTROL_TENSORS}|{GATE_TENSORS}", name):
                 continue
             hessian = hessians.get(name)
             demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0), (), min_range)

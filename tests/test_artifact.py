@@ -263,7 +263,7 @@ def test_fit_to_limit_demotes_cheapest_first_and_fits():
     blob, moves = tg.fit_to_limit(state, quantized, serialize, full - 3000, lines.append)
     assert len(blob) <= full - 3000 and moves, "it must have demoted something and fit"
     assert all(re.fullmatch(r"[\w.]+:(fp16->int8|int6->int5|int5->int4)", m) for m in moves), moves
-    assert not any(re.fullmatch(tg.CONTROL_TENSORS, m.split(":")[0]) for m in moves), "control tensors stay"
+    assert not any(re.fullmatch(f"{tg.CONTROL_TENSORS}|{tg.GATE_TENSORS}", m.split(":")[0]) for m in moves), "controls stay"
     for move in moves:
         name, change = move.split(":")
         assert quantized[name]["class"] == change.split("->")[1]

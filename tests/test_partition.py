@@ -156,7 +156,7 @@ def test_pr1204_preset_has_the_records_parameter_count_less_the_tensors_its_forw
     assert count == 29_565_052
 
 
-@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "pr1204", "frontier", "smoke"])
+@pytest.mark.parametrize("name", ["pr76", "pr236", "pr192", "pr1204", "frontier", "sp8192", "smoke"])
 def test_every_preset_partitions_every_parameter_once_for_optimizers_and_quantization(name):
     h = preset(name)
     model = meta_model(h)
@@ -224,3 +224,18 @@ def test_pr1204_export_puts_32_block_matrices_at_int6_those_of_the_repeated_bloc
     assert (ranked.count("int6"), ranked.count("int5"), plan["bigram.table.weight"]) == (32, 35, "int8")
     repeated = [n for n in blocks if n.startswith(("blocks.4.", "blocks.5.", "repeat_mlps."))]
     assert len(repeated) == 16 and all(blocks[n] == "int6" for n in repeated)
+
+
+def test_one_table_of_parameter_kinds_gives_both_groups_and_classes():
+    """PARAMETER_KINDS: a kind's optimizer group and quantization class follow from the table alone; sp8192's
+    attention output gates are Adam scalars, int8 with QUANT_GATES_INT8 and fp16 without."""
+    h = preset("sp8192")
+    model = meta_model(h)
+    groups = tg.partition(list(model.named_parameters()), tg.optimizer_rules(h), "optimizer_rules")
+    gates = {n for n, _ in model.named_parameters() if re.fullmatch(tg.GATE_TENSORS, n)}
+    assert len(gates) == h.num_layers and gates <= {n for n, _ in groups["adam_scalar"]}
+    for int8, cls in ((True, "int8"), (False, "fp16")):
+        plan = tg.quant_plan(model.state_dict(), dataclasses.replace(h, quant_gates_int8=int8))
+        assert {plan[n] for n in gates} == {cls}
+    assert {kind for kind in tg.PARAMETER_KINDS} == {"attn", "mlp", "embed", "control", "gate", "bigram_table",
+                                                     "bigram_proj", "value_table", "value_proj"}
