@@ -712,9 +712,15 @@ def download_hint(h: Hyperparameters) -> str:
             f"TOKENIZER_PATH")
 
 
+BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
+
+
 def find_shards(h: Hyperparameters, split: str) -> list[str]:
     if not os.path.isdir(h.data_path):
         raise RunError(f"DATA_PATH={h.data_path}: no such directory; {download_hint(h)}")
+    if (Path(h.data_path) / BUILD_MARKER).is_file() and not (Path(h.data_path) / "manifest.json").is_file():
+        raise RunError(f"DATA_PATH={h.data_path}: an unfinished build: tools/build_dataset.py's {BUILD_MARKER} "
+                       f"is there but not the manifest.json it writes last; build the dataset again")
     files = shard_files(h.data_path, split)
     if not files:
         raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards")
@@ -863,7 +869,6 @@ OFFICIAL_SPLITS = (  # name, vocab size, byte sidecar, documents, scored targets
 REENCODE_DOCS = 512  # documents re-encoded to prove the tokenizer (check_validation_text)
 LEAK_MIN_TOKENS = 64  # shorter documents (boilerplate) may repeat legitimately; they are not looked up
 LEAK_BLOCK_TOKENS = 1 << 20  # tokens read per sampled block of a training shard
-BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
 
 
 def split_name(vocab_size: int, sidecar: bool, documents: int, targets: int) -> str:
@@ -888,13 +893,10 @@ def file_sha256(path: str) -> str:
 
 def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     """Checks the validation `files` against DATA_PATH/manifest.json (tools/build_dataset.py's sizes and
-    sha256), logs it and returns its byte convention; None without one (the challenge's downloads). The
-    builder's marker without a manifest is an unfinished build: RunError."""
+    sha256), logs it and returns its byte convention; None without one (the challenge's downloads; find_shards
+    refuses a build that has the builder's marker but no manifest)."""
     path = Path(h.data_path) / "manifest.json"
     if not path.is_file():
-        if (Path(h.data_path) / BUILD_MARKER).is_file():
-            raise RunError(f"DATA_PATH={h.data_path}: an unfinished build: tools/build_dataset.py's {BUILD_MARKER} "
-                           f"is there but not the manifest.json it writes last; build the dataset again")
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))

@@ -509,3 +509,15 @@ def test_train_gpt_logs_the_manifest_and_refuses_a_validation_file_changed_since
     shard.write_bytes(bytes(data))
     with pytest.raises(tg.RunError, match=r"manifest\.json: fineweb_val_000000\.bin is not the file the manifest lists"):
         tg.load_validation(dataclasses.replace(h, data_path=str(changed)), sp, torch.device("cpu"))
+
+
+def test_an_unfinished_build_is_named_before_its_missing_shards(tmp_path):
+    """The builder's marker without its manifest is an unfinished build, whatever the folder lacks: the
+    message says so even where no validation shard was written yet (it used to say only 'no shards')."""
+    folder = tmp_path / "built"
+    folder.mkdir()
+    (folder / tg.BUILD_MARKER).write_text("tools/build_dataset.py\n")
+    h = tg.dataclasses.replace(tg.Hyperparameters(), data_path=str(folder))
+    for split in ("val", "train"):
+        with pytest.raises(tg.RunError, match=rf"DATA_PATH={folder}: an unfinished build"):
+            tg.find_shards(h, split)
