@@ -24,7 +24,7 @@ def train_tiny(warmup_steps: int) -> tuple[list[float], dict[str, torch.Tensor]]
         return tg.DistributedTokenLoader(files, h.vocab_size, rt.rank, rt.world_size, rt.device)
 
     tg.warm_up_and_reset(h, rt, model, model, optimizers, make_loader, val.tables, lines.append)
-    steps, _, _ = tg.train(h, rt, model, model, optimizers, make_loader(), val, lines.append)
+    steps, _ = tg.train(h, rt, model, model, optimizers, make_loader(), val, lines.append, [])
     assert steps == h.iterations
     losses = [float(m[1]) for line in lines if (m := re.match(r"step:\d+/\d+ train_loss:(\S+)", line))]
     return losses, {k: v.clone() for k, v in model.state_dict().items()}
