@@ -137,7 +137,7 @@ def plan(spec: Spec, code_hash: str) -> tuple[list[Planned], dict[str, set[str]]
 
 def subprocess_env(env: dict[str, str], threads: int) -> dict[str, str]:
     """The caller's environment without any train_gpt setting (a stray one would change every run)."""
-    clean = {k: v for k, v in os.environ.items() if tg.resembled_setting(k) is None}
+    clean = {k: v for k, v in os.environ.items() if tg.resembled_setting(k) is None and k not in lab.LAB_SETTINGS}
     return {**clean, "OMP_NUM_THREADS": str(threads), **env}
 
 

@@ -204,5 +204,7 @@ def test_a_smoke_sweep_end_to_end_and_its_within_run_variant_equals_a_full_run(t
 def test_the_callers_train_gpt_settings_do_not_reach_a_run(monkeypatch):
     monkeypatch.setenv("MATRIX_LR", "0.5")
     monkeypatch.setenv("EMA_DECAI", "0.9")  # a typo would stop every run
+    monkeypatch.setenv("CHECKPOINT_OUT", "stray.pt")  # the lab's own: only the tool sets it
     env = ablate.subprocess_env({"SEED": "1"}, threads=1)
     assert "MATRIX_LR" not in env and "EMA_DECAI" not in env and env["OMP_NUM_THREADS"] == "1"
+    assert "CHECKPOINT_OUT" not in env
