@@ -774,7 +774,8 @@ class TokenStream:
         self.seek(0, 0)
 
     def seek(self, file_index: int, pos: int, tokens: np.ndarray | None = None) -> None:
-        """Continue at `pos` of shard `file_index` (FROM_CHECKPOINT), the next shard being read meanwhile."""
+        """Continue at `pos` of shard `file_index` (the next shard, or a lab checkpoint's position), the next
+        shard being read meanwhile."""
         if self.next_tokens is not None:
             self.next_tokens.cancel()
         self.file_index, self.pos = file_index, pos
@@ -1701,8 +1702,13 @@ PARAMETER_KINDS = {  # kind: (name pattern, optimizer group of h, quantization b
 
 def kind_rules(h: Hyperparameters, column: int) -> tuple[tuple[str, typing.Any], ...]:
     """(name pattern, the kind's column-th entry for h) for each kind this model has, for partition()."""
-    kinds = ["attn", "mlp", "embed", "control"] + ["gate"] * bool(h.attn_gate_window) + \
-        ["bigram_table", "bigram_proj"] * bool(h.bigram_vocab_size) + ["value_table", "value_proj"] * bool(h.ve_layers.strip())
+    kinds = ["attn", "mlp", "embed", "control"]
+    if h.attn_gate_window:
+        kinds.append("gate")
+    if h.bigram_vocab_size:
+        kinds += ["bigram_table", "bigram_proj"]
+    if h.ve_layers.strip():
+        kinds += ["value_table", "value_proj"]
     return tuple((PARAMETER_KINDS[kind][0], PARAMETER_KINDS[kind][column](h)) for kind in kinds)
 
 
