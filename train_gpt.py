@@ -62,10 +62,8 @@ SCRIPT_DIR = Path(__file__).resolve().parent
 SLICES_PER_STEP = 8  # a step is 8 micro-batches, as on 8 GPUs; fewer GPUs accumulate 8 / world_size
 BOS_ID = 1
 
-
 class RunError(Exception):
     """An error a user can fix; main() prints it as one line and exits non-zero."""
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -105,7 +103,6 @@ class ModelConfig:
     smear_window: int = 0  # SMEAR_MODE=scalar: the gate reads x_t[:SMEAR_WINDOW] only (0: all channels)
     recur_repeats: int = 1  # extra passes of RECUR_BLOCKS (PR #1855: 2)
     recur_in_unet: bool = False  # the U-Net halves split the run's positions, repeats included; controls per block
-
 
 @dataclasses.dataclass(frozen=True)
 class Hyperparameters(ModelConfig):
@@ -214,7 +211,6 @@ class Hyperparameters(ModelConfig):
         reserve = self.gptq_reserve_seconds if self.gptq_calib_tokens else 0.0
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds else 0.0
 
-
 # A preset's values replace the defaults (PR #76) and env vars override both. The records run without
 # their bugs: RoPE lengths come from the config, nothing crosses a BOS, every target is scored once.
 PR236 = dict(  # 11L, seq 2048, int6 with an int8 embedding, SWA every 200 steps (PR #236, 1.1400)
@@ -268,7 +264,6 @@ PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "fronti
 FINEWEB_DOWNLOAD = ("python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} "
                     "(in a clone of openai/parameter-golf)")
 
-
 def parse_env_value(name: str, raw: str, kind: type):
     """One env var's text as the field's type; RunError naming it if it is not one."""
     try:
@@ -280,7 +275,6 @@ def parse_env_value(name: str, raw: str, kind: type):
         pass
     expected = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}[kind]
     raise RunError(f"{name}={raw!r}: expected {expected}")
-
 
 def choose_preset(values: dict, cuda_available: bool) -> str:
     """PRESET=auto: the CPU pre-flight run without CUDA, the frontier on a GPU. A GPU without FineWeb is
@@ -295,7 +289,6 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
         raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
                        f"{download}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
     return "frontier"
-
 
 def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple[Hyperparameters, str]:
     """Build the config from env vars; returns it with the preset actually applied."""
@@ -316,7 +309,6 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
     validate(h)
     return h, preset
 
-
 # A misspelt setting would be silently ignored (SEEDS=42 trains seed 1337), so an env var that looks like
 # one stops the run: a close name (difflib ratio >= 0.8, with or without underscores, any case), a setting's
 # first or last words (MAX_WALLCLOCK, LAYERS), or a prefix only settings use. Other tools' variables never are.
@@ -332,7 +324,6 @@ _FOREIGN_NAMES = {"CI", "RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "
 _ALIASES = dict.fromkeys("STEPS TRAIN_STEPS NUM_STEPS MAX_STEPS TOTAL_STEPS ITERS MAX_ITERS TRAIN_ITERS "
                          "NUM_ITERS".split(), "ITERATIONS")
 
-
 def resembled_setting(name: str) -> str | None:
     """The setting an env var's name looks like (itself if it is one), or None for a foreign variable."""
     upper, known = name.upper(), [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
@@ -347,7 +338,6 @@ def resembled_setting(name: str) -> str | None:
     if close:  # a part first: LAYERS is NUM_LAYERS (the first such setting), not VE_LAYERS
         return close[0]
     return difflib.get_close_matches(upper, known, n=1, cutoff=0)[0] if upper.startswith(_KNOB_PREFIXES) else None
-
 
 # Each numeric field's possible values as an interval ("[" and "]" include the end); any other is finite.
 RANGES = {
@@ -371,12 +361,10 @@ CHOICES = dict(  # the fields with a few possible values (PRESET, MUON_NS, COMPR
     smear_mode=("channel", "scalar"), lane_formula=("stream", "read", "parallel"), compile=("auto", "0", "1"),
     qat_bits=(0, 4, 5, 6, 8), quant_bits_mlp=(4, 5, 6, 8), quant_bits_attn=(4, 5, 6, 8), quant_bits_embed=(7, 8, 16))
 
-
 def in_interval(value: float, interval: str) -> bool:
     """Whether value lies in an interval written like "[0, 1)" (a bracket includes its end)."""
     lo, hi = (float(end) for end in interval[1:-1].split(","))
     return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
-
 
 def validate(h: Hyperparameters) -> None:
     """RunError naming the variables for an impossible value or combination; each field's own range
@@ -385,7 +373,6 @@ def validate(h: Hyperparameters) -> None:
         for ok, message in checks(h):
             if not ok:
                 raise RunError(message)
-
 
 def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     """Every field's impossible values: a NaN from ROPE_BASE=0 is found at start, not after training."""
@@ -412,7 +399,6 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          "GPTQ_SELFGEN_LEN must be 0 (TRAIN_SEQ_LEN) or in 2..TRAIN_SEQ_LEN"),
     ]
 
-
 def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     per_step = SLICES_PER_STEP * h.train_seq_len
     return [
@@ -436,7 +422,6 @@ def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          "INT6_MATRICES ranks matrices by their GPTQ Hessians: set GPTQ_CALIB_TOKENS or GPTQ_SELFGEN_SEQS"),
     ]
 
-
 def block_list(text: str, name: str) -> tuple[int, ...]:
     """A comma-separated list of block indices or positions: "4,5" -> (4, 5); "" -> ()."""
     try:
@@ -444,30 +429,24 @@ def block_list(text: str, name: str) -> tuple[int, ...]:
     except ValueError:
         raise RunError(f"{name}={text!r}: expected block indices like 4,5") from None
 
-
 def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
     return block_list(h.recur_blocks, "RECUR_BLOCKS")
 
-
 def value_embed_positions(h: Hyperparameters) -> tuple[int, ...]:
     return block_list(h.ve_layers, "VE_LAYERS")
-
 
 def run_positions(h: Hyperparameters) -> int:
     """Block positions in the run order with the recurrence on: NUM_LAYERS plus every repeated pass."""
     return h.num_layers + len(recurrence_blocks(h)) * h.recur_repeats
 
-
 def virtual_depth(h: Hyperparameters) -> int:
     """Blocks holding controls: one per run position with VIRTUAL_DEPTH, else NUM_LAYERS."""
     return run_positions(h) if h.virtual_depth else h.num_layers
-
 
 def unet_positions(h: Hyperparameters) -> int:
     """The positions the U-Net splits in halves: every run position with VIRTUAL_DEPTH or RECUR_IN_UNET,
     else the NUM_LAYERS blocks (a repeat takes no part)."""
     return run_positions(h) if h.virtual_depth or h.recur_in_unet else h.num_layers
-
 
 def seq_schedule(h: Hyperparameters) -> tuple[tuple[int, float], ...]:
     """TRAIN_SEQ_SCHEDULE as (length, fraction of the run it starts at) pairs, else ((TRAIN_SEQ_LEN, 0.0),).
@@ -479,11 +458,9 @@ def seq_schedule(h: Hyperparameters) -> tuple[tuple[int, float], ...]:
         raise RunError(f"TRAIN_SEQ_SCHEDULE={h.train_seq_schedule!r}: expected LEN:FRAC pairs like "
                        f"1024:0,2048:0.3,3072:0.6") from None
 
-
 def seq_len_at(h: Hyperparameters, progress: float) -> int:
     """The training sequence length at this fraction of the run (progressive context, PR #2014)."""
     return [length for length, start in seq_schedule(h) if progress >= start][-1]
-
 
 def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     head_dim, recur, depth = h.model_dim // h.num_heads, recurrence_blocks(h), virtual_depth(h)
@@ -528,10 +505,8 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          "AWQ_GROUPS needs GPTQ_CALIB_TOKENS > 0 (the input RMS is the Hessian's diagonal)"),
     ]
 
-
 def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
-
 
 def write_atomically(path: Path, write) -> None:
     """write(temporary path) in path's folder, then a rename onto path: no partial file, ever; a failure
@@ -548,7 +523,6 @@ def write_atomically(path: Path, write) -> None:
     except KeyboardInterrupt:  # Ctrl-C mid-write: no partial file either
         tmp.unlink(missing_ok=True)
         raise
-
 
 @dataclasses.dataclass
 class Runtime:
@@ -573,10 +547,8 @@ class Runtime:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-
 def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
     return h.compile == "1" or (h.compile == "auto" and rt.device.type == "cuda")
-
 
 # -----------------------------------------------------------------------------
 # Muon optimizer
@@ -596,7 +568,6 @@ NEWTON_SCHULZ_COEFFS = {
                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
 }
 
-
 def orthogonalize(grad: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
     """Newton-Schulz on one matrix (rows, cols) or a stack of same-shape ones (n, rows, cols), in bf16."""
     schedule = NEWTON_SCHULZ_COEFFS[coeffs]
@@ -610,11 +581,9 @@ def orthogonalize(grad: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.mT if transposed else x
 
-
 def normalize_rows(update: Tensor) -> Tensor:
     """MuonEq-R (arXiv 2603.28254): every row of the update at unit L2 norm before Newton-Schulz."""
     return update / (update.norm(dim=-1, keepdim=True) + 1e-7)
-
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, weight_decay: float,
@@ -665,7 +634,6 @@ class Muon(torch.optim.Optimizer):
             updates.update(zip([i for i, _ in members], stacked * max(1.0, rows / cols) ** 0.5))
         return updates
 
-
 # -----------------------------------------------------------------------------
 # Data
 #
@@ -675,7 +643,6 @@ class Muon(torch.optim.Optimizer):
 # decoded text before anything trains (check_validation_text). Notes: docs/notes/data.md.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
-
 
 def read_shard_header(path: str) -> int:
     """The shard's token count, once its magic, version and size agree (RunError otherwise)."""
@@ -691,7 +658,6 @@ def read_shard_header(path: str) -> int:
         raise RunError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
     return count
 
-
 def load_shard(path: str, vocab_size: int) -> np.ndarray:
     """The shard's tokens (uint16); an id >= vocab_size is a RunError."""
     count = read_shard_header(path)
@@ -700,20 +666,16 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
         raise RunError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
     return tokens
 
-
 def shard_files(data_path: str, split: str) -> list[str]:
     """The split's shard files in order (the validation byte sidecar, fineweb_val_bytes_*, is not one)."""
     return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
                   if not os.path.basename(f).startswith("fineweb_val_bytes_"))
 
-
 def download_hint(h: Hyperparameters) -> str:
     return (f"download FineWeb with {FINEWEB_DOWNLOAD.format(vocab_size=h.vocab_size)}, or set DATA_PATH and "
             f"TOKENIZER_PATH")
 
-
 BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
-
 
 def find_shards(h: Hyperparameters, split: str) -> list[str]:
     if not os.path.isdir(h.data_path):
@@ -727,7 +689,6 @@ def find_shards(h: Hyperparameters, split: str) -> list[str]:
     if sum(read_shard_header(path) for path in files) == 0:
         raise RunError(f"DATA_PATH={h.data_path}: the fineweb_{split}_*.bin shards hold no tokens")
     return files
-
 
 def log_train_budget(h: Hyperparameters, files: list[str], log) -> None:
     """Logs the shards' tokens against the most the run reads (a step: TRAIN_BATCH_TOKENS + a token per
@@ -743,13 +704,11 @@ def log_train_budget(h: Hyperparameters, files: list[str], log) -> None:
                    f"{available} tokens, fewer than the {steps * per_step} planned; training would repeat data")
         log(f"note: {message}, if the run gets that far" if h.max_wallclock_seconds else f"WARNING: {message}")
 
-
 # CaseOps (PR #1626's lossless_caps_caseops_v1): capitals rewritten as private-use operators before
 # tokenizing. The forward rewrite lives in tools/build_dataset.py (caseops_encode).
 CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
 _CASEOPS_DECODE = re.compile("\ue004([\ue001-\ue004])|\ue002([a-z]+)|[\ue001\ue003]([a-z])|([\ue001-\ue004])")
-
 
 def caseops_decode(text: str) -> str:
     """The exact inverse of CaseOps: TITLE or CAPNEXT capitalises the next letter, ALLCAPS the run of a-z
@@ -761,7 +720,6 @@ def caseops_decode(text: str) -> str:
                              f"is not followed by what the CaseOps rewrite puts after it")
         return literal or (word or letter).upper()
     return _CASEOPS_DECODE.sub(restore, text)
-
 
 class TokenStream:
     """The training shards in order, wrapping at the end (on_wrap() is called the first time). A thread
@@ -797,7 +755,6 @@ class TokenStream:
             self.pos, n = self.pos + k, n - k
         return np.concatenate(parts)
 
-
 class DistributedTokenLoader:
     """Each micro-step takes world_size consecutive spans of the stream and rank r trains on span r: the
     same tokens in the same optimizer steps on 1, 2, 4 or 8 GPUs (gradient accumulation covers the rest)."""
@@ -813,7 +770,6 @@ class DistributedTokenLoader:
         local = torch.from_numpy(chunk.astype(np.int64)).to(self.device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
-
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(h.tokenizer_path):
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file; {download_hint(h)}")
@@ -826,7 +782,6 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
                        f"but VOCAB_SIZE={h.vocab_size}")
     return sp
 
-
 def strips_leading_space(sp: spm.SentencePieceProcessor) -> bool:
     """Whether decoding drops a document's first space marker (a normalizer that removes extra
     whitespace, as the challenge's tokenizers have): asked of the decoder on the first such piece."""
@@ -835,7 +790,6 @@ def strips_leading_space(sp: spm.SentencePieceProcessor) -> bool:
         if piece.startswith("\u2581") and piece.strip("\u2581") and not (sp.is_control(i) or sp.is_byte(i)):
             return not sp.decode([i]).startswith(" ")
     return True
-
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token id: base (UTF-8 bytes of the piece, each space marker one space, less a leading marker
@@ -854,11 +808,9 @@ def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray,
             base[i] = len(piece.replace("\u2581", " ").encode("utf-8")) - int(space[i])
     return base, space, boundary
 
-
 def target_bytes(inputs: np.ndarray | Tensor, targets: np.ndarray | Tensor, tables) -> np.ndarray | Tensor:
     base, space, boundary = tables
     return base[targets] + (space[targets] & ~boundary[inputs])
-
 
 # The official validation splits: the first 50,000 documents of each public export, with the scored
 # targets their records logged (cut to whole windows: known to within 2,048). Anything else is `custom`.
@@ -871,18 +823,15 @@ REENCODE_DOCS = 512  # documents re-encoded to prove the tokenizer (check_valida
 LEAK_MIN_TOKENS = 64  # shorter documents (boilerplate) may repeat legitimately; they are not looked up
 LEAK_BLOCK_TOKENS = 1 << 20  # tokens read per sampled block of a training shard
 
-
 def split_name(vocab_size: int, sidecar: bool, documents: int, targets: int) -> str:
     for name, vocab, has_sidecar, docs, logged in OFFICIAL_SPLITS:
         if (vocab, has_sidecar, docs) == (vocab_size, sidecar, documents) and logged <= targets < logged + 2048:
             return name
     return "custom"
 
-
 def document_starts(tokens: np.ndarray) -> np.ndarray:
     """The BOS positions: document d is tokens[starts[d]:starts[d + 1]] (the last one runs to the end)."""
     return np.flatnonzero(tokens == BOS_ID)
-
 
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
@@ -890,7 +839,6 @@ def file_sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 24), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     """Checks the validation `files` against DATA_PATH/manifest.json (tools/build_dataset.py's sizes and
@@ -923,7 +871,6 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     log(f"data_val_bytes: {convention}")
     return convention
 
-
 def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:
     """Bytes of the original text behind each validation token (a BOS and the first token: 0): from the
     byte sidecar (fineweb_val_bytes_*.bin, one uint16 per token: the CaseOps exports) or byte_tables."""
@@ -934,7 +881,6 @@ def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: li
         raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar fineweb_val_bytes_*.bin has {len(counts)} "
                        f"counts for {len(tokens)} validation tokens (expected one per token)")
     return counts
-
 
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
                        caseops: bool, exact: bool = True) -> tuple[int, str, np.ndarray]:
@@ -957,7 +903,6 @@ def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: 
             return d, f"bytes: it decodes to {length} UTF-8 bytes, {counted} are counted", totals
         totals += (length, length != counted)
     return len(starts), "", totals
-
 
 def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_bytes: np.ndarray, sidecar: bool,
                           caseops: bool, device: torch.device, rank: int, world_size: int,
@@ -993,7 +938,6 @@ def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_byte
                        f"a piece this rule does not count right")
     return int(totals[0]), int(totals[1])
 
-
 @dataclasses.dataclass
 class ValidationSet:
     tokens: Tensor  # the validation tokens scored (with VAL_TOKENS, a prefix), int64, on the device
@@ -1003,7 +947,6 @@ class ValidationSet:
     split_targets: int  # the whole split's targets (num_targets unless VAL_TOKENS cut a prefix)
     target_bytes: Tensor  # bytes of each target (index j: token j + 1), int32 on the device
     doc_digests: frozenset = frozenset()  # of the split's documents, for the leak check
-
 
 def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: torch.device,
                     log=lambda message: None, rank: int = 0, world_size: int = 1) -> ValidationSet:
@@ -1047,13 +990,11 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
                          tuple(torch.from_numpy(t).to(device) for t in tables), split_targets,
                          torch.from_numpy(per_target.astype(np.int32)).to(device), digests)
 
-
 def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor, Tensor]) -> ValidationSet:
     """A span of training tokens in the shape of a ValidationSet: what the compile warm-up scores."""
     span = torch.from_numpy(tokens.astype(np.int64)).to(tables[0].device)
     per_target = target_bytes(span[:-1], span[1:], tables).to(torch.int32)
     return ValidationSet(span, len(span) - 1, int(per_target.sum()), tables, len(span) - 1, per_target)
-
 
 def document_digests(tokens: np.ndarray, complete_last: bool) -> list[bytes]:
     """A 128-bit BLAKE2b digest of each document of at least LEAK_MIN_TOKENS tokens (BOS to the next
@@ -1062,7 +1003,6 @@ def document_digests(tokens: np.ndarray, complete_last: bool) -> list[bytes]:
     data = tokens.astype("<u2")
     return [hashlib.blake2b(data[s:e].tobytes(), digest_size=16).digest()
             for s, e in zip(bounds[:-1], bounds[1:]) if e - s >= LEAK_MIN_TOKENS]
-
 
 def leak_sample(files: list[str], rank: int, world_size: int) -> list[tuple[int, int, int]]:
     """(file index, offset, tokens) of the training spans rank `rank` scans for leaks: all of the first
@@ -1075,7 +1015,6 @@ def leak_sample(files: list[str], rank: int, world_size: int) -> list[tuple[int,
             spans += ([(0, 0, count)] if i == 0 else [(i, 0, min(count, LEAK_BLOCK_TOKENS))]
                       + ([(i, offset, LEAK_BLOCK_TOKENS)] if count > 2 * LEAK_BLOCK_TOKENS else []))
     return spans
-
 
 def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozenset, rank: int,
                 world_size: int) -> tuple[int, int, int]:
@@ -1093,7 +1032,6 @@ def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozens
         scanned += len(block)
         hits += sum(d in val_digests for d in document_digests(block, complete_last=False))
     return identical, scanned, hits
-
 
 def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, log, rank: int = 0,
                world_size: int = 1) -> None:
@@ -1115,7 +1053,6 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
             f"{identical} training shards identical to a validation shard; the score would be invalid "
             f"(validation text must never be trained on)")
 
-
 # -----------------------------------------------------------------------------
 # Model
 #
@@ -1125,10 +1062,8 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
 # parts once, at init: a layer plan per recurrence state (layer_plan) and each block's lane route; GPT.forward
 # walks the plan. The residual stream is (lanes, B, T, C). Notes: docs/notes/model.md.
 
-
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
-
 
 class Linear(nn.Linear):
     """Bias-free. With qat_bits (QAT_BITS, PR #192) a training weight is fake-quantized by the export's per-row
@@ -1146,14 +1081,12 @@ class Linear(nn.Linear):
             w = w + (dequantize_rows(q, scale) - w).detach()
         return low_rank_added(x, F.linear(x, w), self.lora)
 
-
 def low_rank_added(x: Tensor, y: Tensor, lora) -> Tensor:
     """y plus row b's LoRA correction (x A_b^T) B_b^T * scale; x (B, T, in), A (B, r, in), B (B, out, r)."""
     if lora is None:
         return y
     a, b, scale = lora
     return y + (x @ a.transpose(1, 2).to(x.dtype)) @ (b.transpose(1, 2) * scale).to(x.dtype)
-
 
 class Rotary(nn.Module):
     """RoPE on the first `dims` dims of each head (partial RoPE). With ntk_len, rows of n > ntk_len use the base
@@ -1181,7 +1114,6 @@ class Rotary(nn.Module):
         x1, x2, rest = x.split((self.dims // 2, self.dims // 2, x.size(-1) - self.dims), dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
-
 def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     """XSA (arXiv 2603.09078): per head y <- y - (y . vhat) vhat, vhat the token's own value direction.
     y (B, H, T, hd); v (B, Hkv, T, hd), broadcast over its group's query heads."""
@@ -1189,7 +1121,6 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     vhat = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd)
     y = y - (y * vhat).sum(dim=-1, keepdim=True) * vhat
     return y.flatten(1, 2)
-
 
 # ATTN_BACKEND: `auto` lets SDPA choose a fused kernel (math off: torch falls back to it silently); flash,
 # efficient, cudnn, math pin one; fa3 / fa4 run where they import, on CUDA. DOC_ATTENTION (PR #1530 on) masks
@@ -1199,7 +1130,6 @@ OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # 
 ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS, "flex")
 FLEX_BLOCK = 128  # FlexAttention's tile: a row length that is a multiple of it runs the block mask
 
-
 def select_sdpa_kernels(name: str) -> None:
     """Allows the SDPA kernels that ATTN_BACKEND=name permits (torch's process-wide switches)."""
     sdpa = name if name in SDPA_KERNELS else "auto"
@@ -1208,7 +1138,6 @@ def select_sdpa_kernels(name: str) -> None:
     torch.backends.cuda.enable_cudnn_sdp(sdpa in ("auto", "cudnn"))
     torch.backends.cuda.enable_math_sdp(sdpa == "math")
 
-
 @functools.lru_cache(maxsize=None)
 def optional_kernel(name: str):
     """The flash_attn_func of FA3 / FA4 when ATTN_BACKEND names one and it imports; else None."""
@@ -1216,7 +1145,6 @@ def optional_kernel(name: str):
         return importlib.import_module(OPTIONAL_KERNELS[name]).flash_attn_func if name in OPTIONAL_KERNELS else None
     except Exception:  # not installed, or built for another torch / CUDA: SDPA runs instead
         return None
-
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor | BlockMask | None = None) -> Tensor:
     """q (B, H, T, hd) over k, v (B, Hkv, T, hd), GQA. kernel: a flash_attn_func (B, T, heads, hd), CUDA only.
@@ -1229,18 +1157,15 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, kernel=None, mask: Tensor 
         return (y[0] if isinstance(y, tuple) else y).transpose(1, 2)  # some versions also return the LSE
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
 
-
 def document_ids(tokens: Tensor) -> Tensor:
     """(B, T): how many BOS up to and including t (a row's first position starts a document too)."""
     return torch.cumsum(tokens == BOS_ID, dim=1)
-
 
 def document_mask(tokens: Tensor) -> Tensor:
     """(B, 1, T, T) bool from tokens (B, T): query t may attend to key s <= t of its own document."""
     document = document_ids(tokens)
     causal = torch.ones(tokens.size(1), tokens.size(1), dtype=torch.bool, device=tokens.device).tril()
     return (document[:, None, :, None] == document[:, None, None, :]) & causal
-
 
 def document_block_mask(tokens: Tensor) -> BlockMask:
     """document_mask() as a BlockMask from (B, T / 128) tile summaries (T a multiple of FLEX_BLOCK): documents
@@ -1265,19 +1190,16 @@ def document_block_mask(tokens: Tensor) -> BlockMask:
     return BlockMask.from_kv_blocks(*tile_lists(touch & ~full), *tile_lists(full), BLOCK_SIZE=FLEX_BLOCK,
                                     mask_mod=same_document)
 
-
 def uses_block_mask(backend: str, length: int, cuda: bool, grad: bool) -> bool:
     """FlexAttention's block mask for DOC_ATTENTION: ATTN_BACKEND flex (auto on CUDA), rows a multiple of
     FLEX_BLOCK, on CUDA or without gradients (it has no backward on CPU, torch 2.13)."""
     return (backend == "flex" or (backend == "auto" and cuda)) and length % FLEX_BLOCK == 0 and (cuda or not grad)
-
 
 def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
     """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: block mask or dense."""
     if uses_block_mask(backend, tokens.size(1), tokens.is_cuda, torch.is_grad_enabled()):
         return document_block_mask(tokens)
     return document_mask(tokens)
-
 
 def attention_kernel_report(h: Hyperparameters, rt) -> str:
     """The attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY), and why where it falls back;
@@ -1298,7 +1220,6 @@ def attention_kernel_report(h: Hyperparameters, rt) -> str:
         report += f"; ATTN_BACKEND=flex: TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}"
     return report
 
-
 def check_pinned_kernel(h: Hyperparameters, rt: Runtime) -> None:
     """A pinned SDPA kernel (ATTN_BACKEND=flash|efficient|cudnn|math) runs one small causal attention at the
     run's dtype at start: one that cannot run here is a one-line error, not a traceback at the first step."""
@@ -1312,12 +1233,10 @@ def check_pinned_kernel(h: Hyperparameters, rt: Runtime) -> None:
         raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention on {rt.device.type} "
                        f"({first_line(exc)}); use ATTN_BACKEND=auto") from None
 
-
 class Attend(typing.NamedTuple):
     """Shared by every attention layer of a forward pass: the DOC_ATTENTION mask (None: causal), RoPE's length."""
     mask: Tensor | BlockMask | None = None
     rope_len: int = 0
-
 
 class Attention(nn.Module):
     """Attention matrices and RoPE; query gain and XSA come from the run position's controls. ATTN_GATE_WINDOW=N
@@ -1356,7 +1275,6 @@ class Attention(nn.Module):
             y = y * gate.transpose(1, 2)[..., None]  # (B, T, H) -> (B, H, T, 1)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1367,11 +1285,9 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
-
 # Lane routes, one per block, chosen at init: x (lanes, B, T, C) -> the same. `ctl`: the block whose controls
 # run (mix, norm); `body`: the one whose lane scalars do; `parts`: (sublayer, fn), 0 attention, 1 the MLP.
 SUBLAYER_LANE = (0, -1)  # attention reads lane 0, the MLP the last
-
 
 def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
     """One stream: x <- the x0 mix, then each sublayer adds its output."""
@@ -1379,7 +1295,6 @@ def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tenso
     for s, part in parts:
         x = x + part(ctl.norm(x[SUBLAYER_LANE[s]]))
     return x
-
 
 def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
     """LANE_FORMULA=stream: lane i <- lane_keep[i] * the x0 mix, then += lane_write[s, i] * sublayer s (at the
@@ -1389,7 +1304,6 @@ def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> T
         x = x + body.lane_write[s][:, None, None, None] * part(ctl.norm(x[SUBLAYER_LANE[s]]))
     return x
 
-
 def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
     """LANE_FORMULA=read (PR #1204): sublayer s reads the x0 mix of its lane without replacing it, then lane i <-
     lane_keep[s] * lane i + lane_write[s, i] * its output."""
@@ -1397,7 +1311,6 @@ def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Ten
         out = part(ctl.norm(ctl.mix(x[SUBLAYER_LANE[s]], x0)))
         x = body.lane_keep[s] * x + body.lane_write[s][:, None, None, None] * out
     return x
-
 
 def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
     """LANE_FORMULA=parallel (PR #1855): attention reads the x0 mix of lane 0, the MLP lane 1, both the block's
@@ -1408,14 +1321,11 @@ def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) ->
         out = out + body.lane_write[s][:, None, None, None] * part(ctl.norm(inputs[s]))
     return out
 
-
 LANE_FORMULAS = {"stream": (stream_lanes, 1.0), "read": (read_lanes, 1.1 ** 0.5), "parallel": (parallel_lanes, 1.1)}
-
 
 def block_lanes(h: Hyperparameters, index: int) -> int:
     """Residual lanes block `index` runs on: two from LANES_FROM on (blocks with weights), else one."""
     return 2 if h.lanes_from and h.lanes_from <= index < h.num_layers else 1
-
 
 class Block(nn.Module):
     """Attention then MLP, inputs RMS-normed (times 1/sqrt(index + 1) with LN_SCALE). Holds weights (attention,
@@ -1458,13 +1368,11 @@ class Block(nn.Module):
     def norm(self, x: Tensor) -> Tensor:
         return rms_norm(x) * self.norm_scale
 
-
 def first_of_document(tokens: Tensor) -> Tensor:
     """True where a position must not look at its predecessor: position 0 and every BOS."""
     mask = tokens == BOS_ID
     mask[:, 0] = True
     return mask
-
 
 class BigramHash(nn.Module):
     """A hashed embedding of the (previous, current) token pair; the last bucket: no same-document predecessor."""
@@ -1484,7 +1392,6 @@ class BigramHash(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.scale * self.proj(self.table(self.bucket_ids(tokens)))
-
 
 class SmearGate(nn.Module):
     """x_t <- x_t + weight_t * (x_{t-1} - x_t), never across a BOS. "channel" (PR #76): weight = sigmoid(gate)
@@ -1509,7 +1416,6 @@ class SmearGate(nn.Module):
             return x + torch.sigmoid(self.gate) * (prev * same_document - x)
         return x + torch.sigmoid(self.gate) * same_document * (prev - x)
 
-
 class ValueEmbedding(nn.Module):
     """VE_LAYERS (PR #1204): one token table projected to the KV width, times a scale (0.1 at the start), added to
     the values at each listed run position times that position's scale (1 at the start)."""
@@ -1524,7 +1430,6 @@ class ValueEmbedding(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:  # (B, T, Hkv * hd), before the per-position scale
         return self.scale * self.proj(self.table(tokens))
 
-
 class Step(typing.NamedTuple):
     """One run position of the layer plan."""
     block: int  # whose weights (attention, MLP, lane route) run
@@ -1534,7 +1439,6 @@ class Step(typing.NamedTuple):
     lanes: int  # residual lanes from here on
     push: bool  # its output is pushed for the U-Net
     pop: tuple[int, bool] | None  # the skip popped into its input: (pair, into lane 0 only)
-
 
 def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
     """Blocks 0..NUM_LAYERS-1; with the recurrence on, the RECUR_BLOCKS group again RECUR_REPEATS times after its
@@ -1559,7 +1463,6 @@ def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
         plan.append(Step(block, controls, mlp, values.index(controls) if controls in values else None, lanes, push,
                          pop))
     return tuple(plan)
-
 
 class GPT(nn.Module):
     """Embedding (token, BigramHash, SmearGate), the blocks walked by the layer plan in force, the tied head.
@@ -1660,7 +1563,6 @@ class GPT(nn.Module):
         losses = F.cross_entropy(logits.flatten(0, 1), target_ids.flatten(), reduction="none")
         return losses.mean() if reduction == "mean" else losses.view_as(target_ids)
 
-
 def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...], table: str) -> dict[str, list]:
     """Each named tensor in the group of the one rule matching its whole name. A name matched by no rule or two,
     or a rule matching nothing, stops the run (the public record's int5 rule silently matched nothing)."""
@@ -1674,7 +1576,6 @@ def partition(named: list[tuple[str, Tensor]], rules: tuple[tuple[str, str], ...
         if not any(re.fullmatch(pattern, name) for name, _ in named):
             raise RunError(f"{table}: rule {pattern!r} ({group}) matches no parameter")
     return groups
-
 
 BLOCK_ATTN = r"blocks\.\d+\.attn\.(c_q|c_k|c_v|proj)\.weight"
 BLOCK_MLP = r"blocks\.\d+\.mlp\.(fc|proj)\.weight|repeat_mlps\.\d+\.(fc|proj)\.weight"
@@ -1699,7 +1600,6 @@ PARAMETER_KINDS = {  # kind: (name pattern, optimizer group of h, quantization b
     "value_proj": (r"value_embed\.proj\.weight", lambda h: "adam_scalar", lambda h: 16),
 }
 
-
 def kind_rules(h: Hyperparameters, column: int) -> tuple[tuple[str, typing.Any], ...]:
     """(name pattern, the kind's column-th entry for h) for each kind this model has, for partition()."""
     kinds = ["attn", "mlp", "embed", "control"]
@@ -1711,14 +1611,11 @@ def kind_rules(h: Hyperparameters, column: int) -> tuple[tuple[str, typing.Any],
         kinds += ["value_table", "value_proj"]
     return tuple((PARAMETER_KINDS[kind][0], PARAMETER_KINDS[kind][column](h)) for kind in kinds)
 
-
 def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
     return kind_rules(h, 1)
 
-
 def embed_wd(h: Hyperparameters) -> float:
     return h.adam_wd if h.embed_wd < 0 else h.embed_wd
-
 
 def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
     params = {group: [p for _, p in members] for group, members in
@@ -1734,7 +1631,6 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
         group["base_lr"] = group["lr"]
     return optimizers
 
-
 # -----------------------------------------------------------------------------
 # Evaluation
 #
@@ -1744,7 +1640,6 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
 # once, checked against the validation set's counts after every evaluation (checked_score). With
 # DOC_ATTENTION a window attends within documents, as in training (the model's own mask).
 
-
 def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, end, score_from) per window over target indices [0, num_targets); the last reaches the end."""
     count = max(0, -(-(num_targets - seq_len) // stride)) + 1
@@ -1752,12 +1647,10 @@ def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray
     ends = np.minimum(starts + seq_len, num_targets)
     return starts, ends, np.concatenate(([0], ends[:-1]))
 
-
 def scored_sums(losses: Tensor, scored: Tensor, nbytes: Tensor) -> Tensor:
     """(loss in nats, targets, bytes) summed over the `scored` positions, as float64."""
     return torch.stack((torch.where(scored, losses.double(), 0.0).sum(), scored.sum().double(),
                         torch.where(scored, nbytes, 0).sum().double()))
-
 
 def score_windows(model, val: ValidationSet, seq_len: int, windows: tuple[np.ndarray, ...],
                   batch_windows: int, autocast) -> Tensor:
@@ -1776,7 +1669,6 @@ def score_windows(model, val: ValidationSet, seq_len: int, windows: tuple[np.nda
         sums += scored_sums(losses, scored, val.target_bytes[pos])
     return sums
 
-
 @torch.no_grad()
 def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens: int, rt) -> tuple[float, float]:
     """Returns (val_loss in nats per token, val_bpb) over the whole validation set."""
@@ -1785,7 +1677,6 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
     mine = tuple(a[rt.rank * per_rank:(rt.rank + 1) * per_rank] for a in plan)
     batch_windows = max(1, batch_tokens // (seq_len * rt.world_size))
     return checked_score(rt, score_windows(model, val, seq_len, mine, batch_windows, rt.autocast()), val, "evaluation")
-
 
 def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[float, float]:
     """(val_loss, val_bpb) from every rank's scored_sums, once the targets and bytes are exactly the
@@ -1800,7 +1691,6 @@ def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[floa
         raise RunError(f"validation loss is {loss_sum}: the model diverged")
     return loss_sum / targets, loss_sum / math.log(2) / nbytes
 
-
 def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> float:
     """Scores one batch of `tokens` (>= EVAL_SEQ_LEN targets: training tokens in the training warm-up,
     random ones for EVAL_ONLY, never the validation split) so that torch.compile builds the evaluation
@@ -1813,14 +1703,12 @@ def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: 
     rt.sync()
     return time.perf_counter() - t0
 
-
 def random_eval_set(h: Hyperparameters, tables) -> ValidationSet:
     """EVAL_SEQ_LEN + 1 seeded random tokens, BOS first, as a ValidationSet: what EVAL_ONLY's compile
     warm-up scores."""
     tokens = np.random.default_rng(0).integers(BOS_ID + 3, h.vocab_size, h.model_eval_seq_len + 1)
     tokens[0] = BOS_ID
     return training_tokens_as_eval_set(tokens, tables)
-
 
 def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
     """The final lines: standard and sliding-window evaluation of the model loaded from the artifact."""
@@ -1834,7 +1722,6 @@ def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: Valid
         rt.sync()
         log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
             f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
-
 
 # -----------------------------------------------------------------------------
 # Score-first test-time training (TTT)
@@ -1856,7 +1743,6 @@ TTT_MIN_ROW = 64  # the shortest padded row: shorter documents share one shape
 H100_MEMORY_GIB = 75  # a peak above this would not fit an 80 GB H100 (what an H200 would hide)
 CLAIM_KEYS = itertools.count()  # names the store counters of each per-document evaluation of a run
 
-
 @dataclasses.dataclass
 class Documents:
     """Document d's segment is validation tokens [start[d], end[d]); its target t (0-based) is
@@ -1869,7 +1755,6 @@ class Documents:
     def num_targets(self) -> np.ndarray:
         return self.end - self.start - 1
 
-
 def split_documents(tokens: np.ndarray) -> Documents:
     """The documents of a validation stream; a BOS that is its last token starts none (it is the
     previous document's last target)."""
@@ -1877,7 +1762,6 @@ def split_documents(tokens: np.ndarray) -> Documents:
     starts = starts[starts < len(tokens) - 1]
     end = np.append(starts[1:] + 1, len(tokens))
     return Documents(starts, end, np.lexsort((starts, starts - end)))
-
 
 class DocumentAdapters:
     """LoRA (Hu et al. 2021, arXiv 2106.09685) in `slots` slots on every block matrix and the tied head: for
@@ -1919,11 +1803,9 @@ class DocumentAdapters:
             p.mul_(1 - lr * TTT_WEIGHT_DECAY).addcdiv_(p.grad, (s / correction).sqrt_().add_(1e-8), value=-lr)
             p.grad = None
 
-
 def padded_length(width: int, seq_len: int) -> int:
     """A row of `width` positions padded to a power of two, at least TTT_MIN_ROW, at most EVAL_SEQ_LEN."""
     return min(max(1 << max(width - 1, 0).bit_length(), TTT_MIN_ROW), seq_len)
-
 
 def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int, int, int]]:
     """(lo, first, T) per chunk of a batch whose longest document has num_targets targets: the chunk
@@ -1931,12 +1813,10 @@ def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int,
     return [(lo, max(lo + chunk - seq_len, 0), padded_length(min(lo + chunk, seq_len), seq_len))
             for lo in range(0, max(num_targets, 1), chunk)]
 
-
 def ttt_graphs(h: Hyperparameters) -> list[int]:
     """The padded row lengths TTT runs (each with adapters and gradients, and plain)."""
     return sorted({padded_length(w, h.model_eval_seq_len) for w in (1 << i for i in range(32))
                    if w <= 2 * h.model_eval_seq_len})
-
 
 def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int, T: int,
                   chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -1948,7 +1828,6 @@ def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int,
     scored = (pos >= lo) & (pos < torch.clamp(n, max=lo + chunk)[:, None])
     index = start[:, None] + torch.minimum(pos, (n - 1).clamp_min(0)[:, None])
     return tokens[index], tokens[index + 1], scored, index
-
 
 class TTTBudget:
     """When score-first TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time).
@@ -2017,12 +1896,10 @@ class TTTBudget:
         return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({share:.1%}) "
                 f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
 
-
 def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -> list[list[int]]:
     """Positions per chunk of each batch: the rows (TTT_BATCH_DOCS) times the padded window length."""
     return [[h.ttt_batch_docs * T for _, _, T in chunk_windows(int(docs.num_targets[b].max()), h.ttt_chunk_tokens,
                                                                 h.model_eval_seq_len)] for b in batches]
-
 
 def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTTBudget | None, index: int,
                 val: ValidationSet, docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, lr: float,
@@ -2062,7 +1939,6 @@ def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTT
         adapters.attach(budget.adapting)
     return sums
 
-
 def claimed_batches(rt, first: int, stop: int, key: str):
     """Batch indices first..stop-1, each to exactly one rank: under torchrun ranks claim the next one
     as they finish (an atomic counter in the process group's store), else all in order."""
@@ -2072,7 +1948,6 @@ def claimed_batches(rt, first: int, stop: int, key: str):
     store = dist.distributed_c10d._get_default_store()
     while (index := first + store.add(key, 1) - 1) < stop:
         yield index
-
 
 def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
     """The documents `scored` packed back to back as training reads its stream: (steps, SLICES_PER_STEP,
@@ -2084,7 +1959,6 @@ def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
     padded = np.full(-(-len(flat) // step) * step, -1, dtype=np.int64)
     padded[:len(flat)] = flat
     return padded.reshape(-1, SLICES_PER_STEP, per_slice, seq_len)
-
 
 def global_phase(model: GPT, forward: nn.Module, val: ValidationSet, rows: np.ndarray, rt, lr: float) -> int:
     """One epoch of SGD (momentum, cosine LR, clip) over the base weights on `rows` (phase_rows): this
@@ -2111,7 +1985,6 @@ def global_phase(model: GPT, forward: nn.Module, val: ValidationSet, rows: np.nd
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
     return len(rows)
-
 
 def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
                        log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
@@ -2153,7 +2026,6 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
         log(budget.report(rt))
     return checked_score(rt, sums, val, "per-document evaluation")
 
-
 def phase_if_it_fits(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, docs: Documents,
                      scored: np.ndarray, phase: int, ttt: tuple, log, trace: list | None) -> None:
     """Phase `phase` (global_phase over the documents `scored`) if TTTBudget finds it room on every rank
@@ -2179,7 +2051,6 @@ def phase_if_it_fits(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val
         trace.append(("phase", tuple(int(d) for d in scored)))
     log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{steps} "
         f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
-
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
     """Builds every graph TTT runs (ttt_graphs with and without adapters, and the phase's rows) on random
@@ -2223,7 +2094,6 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
         f"tokens in {1000 * (time.perf_counter() - t0):.0f}ms (not evaluation time){memory}")
     return time.perf_counter() - t0
 
-
 def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
                     deadline: float) -> None:
     """The per-document lines: plain (final_document, with TTT_PLAIN_SCORE), then with score-first TTT
@@ -2239,11 +2109,9 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
         log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
     log(f"ttt_eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
 
-
 # Targets (phase: documents) per second on 8xH100, from PR #1855's log (seed 42, 47,851,520 targets):
 # standard evaluation 6.7 s, phased TTT 508.8 s of which its three phases 84.4 s (docs/notes/ttt.md).
 RECORD_RATES = dict(forward=47_851_520 / 6.718, ttt=47_851_520 / (508.8 - 84.4), phase=(833 + 1666 + 2500) / 84.4)
-
 
 def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
     """The `eval_plan:` line: estimated seconds per pass at RECORD_RATES, the total, and a warning when
@@ -2267,7 +2135,6 @@ def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
         line += (" WARNING: over EVAL_BUDGET_SECONDS: TTT would stop adapting early"
                  + (" (EVAL_STRIDE=0 drops the sliding window)" if h.eval_stride else ""))
     return "eval_plan: " + line
-
 
 # -----------------------------------------------------------------------------
 # Quantization and serialization
@@ -2303,11 +2170,9 @@ ARTIFACT_DTYPES = {"int8": np.int8, "float16": np.float16}
 ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
 ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
 
-
 def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
     """(name pattern, class) for partition(), from PARAMETER_KINDS' bits."""
     return tuple((pattern, BITS_CLASS[bits]) for pattern, bits in kind_rules(h, 2))
-
 
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0,
                   min_range: float = 0.0) -> tuple[Tensor, Tensor]:
@@ -2332,10 +2197,8 @@ def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float 
         best_q, best_scale, best_err = q, scale, err
     return best_q.to(torch.int8), best_scale.squeeze(1).half()
 
-
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
-
 
 def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
                hessians: dict[str, Tensor] | None = None) -> dict[str, str]:
@@ -2351,7 +2214,6 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
             plan["bigram.table.weight"] = "int8"
     return plan
 
-
 def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple[int, ...],
                   count: int) -> dict[str, str]:
     """int6 for `count` of `names`, int5 for the rest (PR #1204: 32 of 66): the matrices of the `repeated`
@@ -2361,7 +2223,6 @@ def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple
     chosen = set(sorted(names, key=lambda name: (not name.startswith(twice), -trace[name], name))[:count])
     return {name: "int6" if name in chosen else "int5" for name in names}
 
-
 def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
     """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates, whose rows
     need not be centred (k x std(row) could be 0)."""
@@ -2369,7 +2230,6 @@ def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
              (r"tok_emb\.weight", h.sdclip_embed))
     return {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
             for name, cls in plan.items() if cls in QUANT_BITS}
-
 
 def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128,
                keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -2399,7 +2259,6 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
             w[:, i:i1] -= errors[:, i - i0, None] * inverse[i, i:i1][None, :]
         w[:, i1:] -= errors @ inverse[i0:i1, i1:]
     return q[:, torch.argsort(order)].to(torch.int8)
-
 
 @torch.no_grad()
 def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = False) -> dict[str, Tensor]:
@@ -2435,7 +2294,6 @@ def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = Fals
             sums[name.replace("c_q", "c_k")] = sums[name.replace("c_q", "c_v")] = sums[name]
     return sums
 
-
 def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparameters, rt,
                      batches: int | None = None) -> dict[str, Tensor]:
     """input_hessians() on GPTQ_CALIB_TOKENS training tokens (rounded up to whole steps: the same spans on
@@ -2444,7 +2302,6 @@ def collect_hessians(model: GPT, loader: DistributedTokenLoader, h: Hyperparamet
     batches = batches or -(-h.gptq_calib_tokens // h.train_batch_tokens) * rt.grad_accum_steps
     inputs = (loader.next_batch(tokens_per_slice, h.train_seq_len)[0] for _ in range(batches))
     return input_hessians(model, inputs, batches * tokens_per_slice * rt.world_size, rt, h.gptq_embed)
-
 
 @torch.no_grad()
 def sample_batch(model: GPT, count: int, length: int, seed: int, rt) -> Tensor:
@@ -2461,7 +2318,6 @@ def sample_batch(model: GPT, count: int, length: int, seed: int, rt) -> Tensor:
     model.train(was_training)
     return tokens
 
-
 def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
     """input_hessians() on GPTQ_SELFGEN_SEQS sampled sequences (PR #1204; reads no data); batch b of SELFGEN_BATCH,
     seeded SEED + b, goes to rank b % world_size: the same text on any world size."""
@@ -2470,7 +2326,6 @@ def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
     batches = [sample_batch(model, min(SELFGEN_BATCH, h.gptq_selfgen_seqs - start), length,
                             h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
     return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt, h.gptq_embed)
-
 
 def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dict[str, Tensor],
                    count: int) -> dict[str, list[int]]:
@@ -2489,15 +2344,12 @@ def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dic
         chosen.setdefault(name, []).append(g)
     return {name: sorted(groups) for name, groups in chosen.items()}
 
-
 def awq_columns(groups) -> Tensor:
     return torch.tensor([g * AWQ_WIDTH + i for g in groups for i in range(AWQ_WIDTH)], dtype=torch.long)
-
 
 def awq_scale(scale: Tensor, bits: int) -> Tensor:
     """AWQ's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
     return scale.float() * (2 ** (bits - 1) - 1) / 127
-
 
 def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
                     clip_k: float = 0.0, awq: list[int] | tuple[int, ...] = (), min_range: float = 0.0) -> dict:
@@ -2518,7 +2370,6 @@ def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian:
         arrays.update(q=q, scale=scale)
     return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
 
-
 def dequantize_tensor(entry: dict) -> Tensor:
     """The float tensor of an entry; ValueError where its AWQ groups lie outside it."""
     arrays = {part: torch.from_numpy(np.array(a)) for part, a in entry["arrays"].items()}
@@ -2537,10 +2388,8 @@ def dequantize_tensor(entry: dict) -> Tensor:
         w = w + a @ b.view(arrays["lqer_b"].shape)
     return w.view(entry["shape"])
 
-
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
     return {name: dequantize_tensor(entry) for name, entry in quantized.items()}
-
 
 def low_rank_factors(error: Tensor) -> dict[str, np.ndarray]:
     """LQER (PR #1855): error (rows, cols) ~ A @ B, A (rows, LQER_RANK) = sqrt(S) U from its SVD rounded to
@@ -2552,7 +2401,6 @@ def low_rank_factors(error: Tensor) -> dict[str, np.ndarray]:
     qb, sb = quantize_rows((torch.linalg.pinv(a) @ error.float()).reshape(-1, LQER_GROUP), 4)
     parts = {"lqer_a": qa.view(-1, rank), "lqer_a_scale": sa, "lqer_b": qb.view(rank, -1), "lqer_b_scale": sb}
     return {k: v.cpu().numpy() for k, v in parts.items()}
-
 
 def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict], top: int) -> list[str]:
     """LQER_TOP: low_rank_factors() for the `top` quantized matrices (whole LQER_GROUPs wide) of largest
@@ -2566,7 +2414,6 @@ def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict
         quantized[name]["arrays"].update(low_rank_factors(errors[name]))
     return chosen
 
-
 def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
                    hessians: dict[str, Tensor] | None = None, clip_k: dict[str, float] | None = None,
                    awq_groups: int = 0, min_range: float = 0.0) -> dict[str, dict]:
@@ -2574,7 +2421,6 @@ def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: 
     awq = salient_groups(state, plan, hessians, awq_groups) if awq_groups else {}
     return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name), clip_k.get(name, 0.0),
                                   awq.get(name, ()), min_range) for name in plan}
-
 
 def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None,
                    log=lambda msg: None) -> tuple[dict[str, dict], dict[str, float]]:
@@ -2589,12 +2435,10 @@ def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[
         log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
     return quantized, clip_k
 
-
 def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
     """The squared error an entry adds to its layer's output: tr(dW H dW^T), H = I without a Hessian."""
     delta = dequantize_tensor(entry).to(tensor.device) - tensor.detach().float()
     return (delta.square() if hessian is None else (delta @ hessian.float()) * delta).sum().item()
-
 
 def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
                  hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
@@ -2629,16 +2473,13 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
         blob = serialize(quantized)
     return blob, moves
 
-
 def to_byte_planes(array: np.ndarray) -> bytes:
     """All first bytes, then all second bytes, ...: fp16's sign/exponent bytes compress better apart."""
     return array.reshape(-1).view(np.uint8).reshape(-1, array.itemsize).T.tobytes()
 
-
 def from_byte_planes(data, dtype: np.dtype) -> np.ndarray:
     planes = np.frombuffer(data, dtype=np.uint8).reshape(dtype.itemsize, -1)
     return np.ascontiguousarray(planes.T).view(dtype).ravel()
-
 
 def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int,
                        compressor: str = "zstd") -> bytes:
@@ -2661,7 +2502,6 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
                              shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
     return pack_frames([header] + sections, zstd_level, compressor)
 
-
 def pack_frames(parts: list, zstd_level: int, compressor: str = "zstd") -> bytes:
     """MAGIC, u32 frame count, u64 length per frame, the frames: checksummed zstd frames, or each part's
     CRC-32 (u32) and its brotli stream; COMPRESSOR=ans tags each frame b"B" (brotli) or, where shorter for a
@@ -2682,7 +2522,6 @@ def pack_frames(parts: list, zstd_level: int, compressor: str = "zstd") -> bytes
     table = struct.pack(f"<I{len(frames)}Q", len(frames), *map(len, frames))
     return COMPRESSORS[compressor] + table + b"".join(frames)
 
-
 def brotli_module(package: str = "brotli"):
     """brotli (or constriction, COMPRESSOR=ans's coder), imported where used; missing, a one-line RunError."""
     try:
@@ -2690,7 +2529,6 @@ def brotli_module(package: str = "brotli"):
     except ImportError:
         raise RunError(f"COMPRESSOR={'ans' if package == 'constriction' else 'brotli'} (or reading an artifact "
                        f"written with it) needs the {package} package: pip install {package}") from None
-
 
 def ans_encode(arrays: list[tuple[str, np.ndarray]]) -> bytes:
     """Codes ANS-coded (constriction), a static model per kind (name less block index) and column bucket (by the
@@ -2719,18 +2557,15 @@ def ans_encode(arrays: list[tuple[str, np.ndarray]]) -> bytes:
     head = brotli_module().compress(json.dumps(meta).encode(), quality=BROTLI_QUALITY)
     return struct.pack("<I", len(head)) + head + coder.get_compressed().astype("<u4").tobytes()
 
-
 def ans_groups(kinds: list[str], buckets: list[np.ndarray]) -> list[list[tuple[int, int]]]:
     """(matrix index, bucket) members per model, in coding order: kinds sorted, buckets up."""
     return [[(i, b) for i in range(len(kinds)) if kinds[i] == kind] for kind in sorted(set(kinds))
             for b in range(ANS_COLUMN_BUCKETS)]
 
-
 def ans_model(constriction, counts: list[int]):
     """Symbol i (code low + i) at probability counts[i] / sum; a lone symbol gets an unused second (needs two)."""
     return constriction.stream.model.Categorical(np.asarray(list(counts) + [0] * (len(counts) < 2), dtype=np.float64),
                                                  perfect=False)
-
 
 def ans_decode(payload: bytes, max_bytes: int) -> bytes:
     """ans_encode()'s arrays as int8 bytes, end to end; ValueError where the payload does not describe at
@@ -2765,7 +2600,6 @@ def ans_decode(payload: bytes, max_bytes: int) -> bytes:
         raise ValueError("ANS codes outside int8")
     return b"".join(m.astype(np.int8).tobytes() for m in matrices)
 
-
 def unpack_frames(data: bytes) -> list[bytes]:
     """The compressed frames, as the frame table cuts them (the table must cover the file exactly)."""
     (count,) = struct.unpack_from("<I", data, len(ARTIFACT_MAGIC))
@@ -2778,7 +2612,6 @@ def unpack_frames(data: bytes) -> list[bytes]:
     ends = list(itertools.accumulate(lengths, initial=pos))
     return [data[start:end] for start, end in zip(ends, ends[1:])]
 
-
 def brotli_decode(stream: bytes, max_bytes: int) -> bytes:
     """A brotli stream (it declares no size) decoded into a bounded buffer; ValueError unless it ends within it."""
     codec = brotli_module()
@@ -2790,7 +2623,6 @@ def brotli_decode(stream: bytes, max_bytes: int) -> bytes:
     if len(data) > max_bytes or not decoder.is_finished():
         raise ValueError("a brotli stream longer than its bound or cut short")
     return data
-
 
 def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> bytes:
     """One frame within `max_bytes`, else ValueError: zstd's declared size is checked before it allocates (a
@@ -2810,7 +2642,6 @@ def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> 
         raise ValueError("a frame failing its CRC-32")
     return part
 
-
 def payload_bytes(blobs: list[dict]) -> int:
     """The bytes the header's arrays take, checked: sizes follow from dtype and shape, arrays lie end to end."""
     total = 0
@@ -2824,7 +2655,6 @@ def payload_bytes(blobs: list[dict]) -> int:
     if total > ARTIFACT_MAX_PAYLOAD_BYTES:
         raise ValueError(f"the arrays would take {total} bytes")
     return total
-
 
 def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict]]:
     """(model config, entries); any damage is a one-line RunError naming `source`. Each frame decompresses
@@ -2866,18 +2696,15 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
     except (zstandard.ZstdError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise RunError(f"{source}: corrupt or truncated artifact ({type(exc).__name__}: {exc})") from None
 
-
 def model_config(h: ModelConfig) -> dict:
     """What the artifact stores: the ModelConfig fields of h, in their order."""
     return {f.name: getattr(h, f.name) for f in dataclasses.fields(ModelConfig)}
-
 
 # The code counts as the file that ships: the source without comments and docstrings (an ast round trip),
 # LZMA'd and base85'd in a two-line stub that runs it, as the leaderboard counted code from 1.0856 on;
 # submit.py writes this form into the records folder.
 SHIPPED_HEAD = b'import lzma,base64\nexec(compile(lzma.decompress(base64.b85decode(b"'
 SHIPPED_TAIL = b'")),"train_gpt.py","exec"))\n'
-
 
 def minified(source: str) -> str:
     """The program of `source` without comments and docstrings (ast.unparse; a fixed point)."""
@@ -2888,7 +2715,6 @@ def minified(source: str) -> str:
             node.body = node.body[1:] or [ast.Pass()]
     return ast.unparse(tree)
 
-
 def shipped_form(code: bytes) -> bytes:
     """The self-extracting file that ships for this source (itself if it is one already)."""
     if code.startswith(SHIPPED_HEAD):
@@ -2896,13 +2722,11 @@ def shipped_form(code: bytes) -> bytes:
     packed = lzma.compress(minified(code.decode("utf-8")).encode("utf-8"), preset=9 | lzma.PRESET_EXTREME)
     return SHIPPED_HEAD + base64.b85encode(packed) + SHIPPED_TAIL
 
-
 def readable_source(code: bytes) -> str:
     """The program text of this file: the source itself, or what a shipped form runs."""
     if not code.startswith(SHIPPED_HEAD):
         return code.decode("utf-8")
     return lzma.decompress(base64.b85decode(code[len(SHIPPED_HEAD):-len(SHIPPED_TAIL)])).decode("utf-8")
-
 
 def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int, log,
                    hessians: dict[str, Tensor] | None = None) -> None:
@@ -2933,7 +2757,6 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
         dist.barrier()
     log_artifact_bytes(h, path, code_bytes, moves, log)
 
-
 def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: list[str] | None, log) -> None:
     """The byte budget of the exact files that ship: this script (as logged) and the artifact on disk."""
     blob = path.read_bytes()
@@ -2946,7 +2769,6 @@ def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: l
         log(f"fit_changes:{','.join(moves)}")
     if total > h.artifact_limit_bytes:
         raise RunError(f"{path}: code + model = {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes}")
-
 
 def load_artifact(path: Path, max_bytes: int) -> tuple[dict, dict[str, Tensor]]:
     """The artifact at `path`, read only if it is a file of at most `max_bytes` (the byte limit)."""
@@ -2965,7 +2787,6 @@ def load_artifact(path: Path, max_bytes: int) -> tuple[dict, dict[str, Tensor]]:
     except (RuntimeError, ValueError) as exc:
         raise RunError(f"{path}: corrupt or truncated artifact ({type(exc).__name__}: {first_line(exc)})") from None
 
-
 def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None:
     """The artifact's weights into the model it describes; a mismatch is a damaged artifact."""
     try:
@@ -2973,7 +2794,6 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
     except RuntimeError as exc:
         raise RunError(f"{path}: corrupt or truncated artifact (its tensors do not fit its model: "
                        f"{first_line(exc)})") from None
-
 
 def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
               log) -> tuple[dict | None, float]:
@@ -2995,7 +2815,6 @@ def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: Distribu
         + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
     return hessians, ms if h.gptq_calib_tokens else 0.0
 
-
 # -----------------------------------------------------------------------------
 # Weight averaging
 #
@@ -3004,7 +2823,6 @@ def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: Distribu
 # SWA (PR #76): once the LR scale falls below SWA_START_FRAC, a snapshot every SWA_INTERVAL steps,
 # summed in fp32. EMA (PR #1204 and later): an fp32 shadow, shadow <- d * shadow + (1 - d) * weight
 # after every step, from the initial weights.
-
 
 class FinalWeights:
     def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
@@ -3015,7 +2833,6 @@ class FinalWeights:
 
     def summary(self) -> str:
         return "averaging: none, final weights kept"
-
 
 class SWA:
     def __init__(self, interval: int, start_frac: float):
@@ -3040,7 +2857,6 @@ class SWA:
 
     def summary(self) -> str:
         return f"swa: averaged {self.count} snapshots" if self.count else "swa: no snapshots, final weights kept"
-
 
 class EMA:
     def __init__(self, decay: float, model: nn.Module):
@@ -3069,13 +2885,11 @@ class EMA:
                      f"(lower EMA_DECAY for a short run)")
         return line
 
-
 def make_averager(h: Hyperparameters, model: nn.Module):
     """The run's averaging: EMA_DECAY, else SWA_INTERVAL, else the final weights."""
     if h.ema_decay:
         return EMA(h.ema_decay, model)
     return SWA(h.swa_interval, h.swa_start_frac) if h.swa_interval else FinalWeights()
-
 
 # -----------------------------------------------------------------------------
 # Training loop
@@ -3084,11 +2898,9 @@ def make_averager(h: Hyperparameters, model: nn.Module):
 # scale falls linearly to 0 over the warmdown, projected from the mean step time; compilation is
 # done in a warm-up before the clock. The loop stops before a step that would cross the cap.
 
-
 def build_model(h: Hyperparameters, rt: Runtime) -> GPT:
     torch.manual_seed(h.seed)  # the same initial weights on every rank and device
     return GPT(h).to(rt.device)
-
 
 def compiled_graphs(h: Hyperparameters) -> int:
     """The graphs of the compiled forward a run builds in its warm-ups: per recurrence state, a training
@@ -3096,7 +2908,6 @@ def compiled_graphs(h: Hyperparameters) -> int:
     without adapters and the phase. Each is an entry of dynamo's cache for GPT.forward."""
     training = (2 if h.recur_blocks else 1) * (len(seq_schedule(h)) + 1)
     return training + (2 * len(ttt_graphs(h)) + 1 if h.ttt_enabled else 0)
-
 
 def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "inductor") -> nn.Module:
     """The model compiled (where enabled), with dynamo's recompile limit (8 by default; past it a new
@@ -3111,7 +2922,6 @@ def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "i
     setattr(config, limit, max(getattr(config, limit), compiled_graphs(h) + 8))
     setattr(config, accumulated, max(getattr(config, accumulated), 2 * getattr(config, limit)))
     return torch.compile(model, dynamic=False, backend=backend)
-
 
 @contextlib.contextmanager
 def compiled_graphs_only(h: Hyperparameters, rt: Runtime, where: str):
@@ -3129,7 +2939,6 @@ def compiled_graphs_only(h: Hyperparameters, rt: Runtime, where: str):
         raise RunError(f"torch.compile compiled {where}; every graph must be built during warm-up "
                        f"({first_line(exc)})") from None
 
-
 def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = "inductor") -> nn.Module:
     """The module the training loop calls: compiled (where enabled), under DDP when distributed."""
     compiled = maybe_compile(h, rt, base_model, backend)
@@ -3137,7 +2946,6 @@ def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = 
     # gradient before the switch.
     dormant = h.virtual_depth or h.recur_untie_mlp
     return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant) if rt.distributed else compiled
-
 
 @dataclasses.dataclass
 class Progress:
@@ -3147,15 +2955,12 @@ class Progress:
     started: bool = False
     outputs: list = dataclasses.field(default_factory=list)
 
-
 PROGRESS = Progress()
-
 
 def run_progress(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """How far the run is: the larger of step / ITERATIONS and elapsed time / the loop's cap."""
     cap_ms = 1000 * h.loop_cap_seconds
     return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
-
 
 def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     """1, then a linear fall to 0 at the end of the run, never below LR_FLOOR: over the last
@@ -3172,18 +2977,15 @@ def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
         scale = min(scale, remaining_ms / warmdown_ms) if warmdown_ms > 0 else scale
     return max(scale, h.lr_floor)
 
-
 def muon_wd_scale(h: Hyperparameters, progress: float) -> float:
     """Muon's weight decay multiplier: 1 until MUON_WD_TAPER_FROM of the run, then linear to
     MUON_WD_TAPER at its end (PR #1729's taper: 0.5 from 0.7)."""
     ramp = min(max((progress - h.muon_wd_taper_from) / (1.0 - h.muon_wd_taper_from), 0.0), 1.0)
     return 1.0 + (h.muon_wd_taper - 1.0) * ramp
 
-
 def muon_momentum(h: Hyperparameters, step: int) -> float:
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
     return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
-
 
 def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, loader: DistributedTokenLoader,
                step: int, scale: float, progress: float = 0.0) -> Tensor:
@@ -3212,14 +3014,12 @@ def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, lo
         opt.zero_grad(set_to_none=True)
     return total / rt.grad_accum_steps
 
-
 def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
     if rt.distributed:
         value = value.clone()
         dist.all_reduce(value)
         value /= rt.world_size
     return value.item()
-
 
 def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
     """WARMUP_STEPS training steps (split among TRAIN_SEQ_SCHEDULE's lengths; again with the recurrence on)
@@ -3256,7 +3056,6 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
         f"weights, optimizers and data reset")
     return elapsed
 
-
 class DivergenceWatch:
     """Stops a diverged run at the next clock check without a host sync of its own: each step folds, on
     the device, the step and value of the first non-finite loss, read with the clock (agree_on_clock)."""
@@ -3275,14 +3074,11 @@ class DivergenceWatch:
             raise RunError(f"train_loss is {value} at step {bad_step:.0f} (found at step {step}): the run "
                            f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
 
-
 def model_for_eval(model: nn.Module) -> nn.Module:
     """The compiled module under DDP: evaluation needs no gradient synchronization."""
     return model.module if isinstance(model, DDP) else model
 
-
 CLOCK_CHECK_STEPS = 8  # the most steps between two readings of the device-synced clock (~0.8 s at ~96 ms)
-
 
 def agree_on_clock(rt: Runtime, clock_ms: float, watch: DivergenceWatch) -> tuple[float, float]:
     """One all-reduce per clock check: the slowest rank's clock (ms) and the first step at which any
@@ -3294,7 +3090,6 @@ def agree_on_clock(rt: Runtime, clock_ms: float, watch: DivergenceWatch) -> tupl
     clock, negative_step = both.tolist()
     return clock, -negative_step
 
-
 def first_step_at_fraction(frac: float, iterations: int) -> int:
     """The first step s with s / iterations >= frac (the step-based progress the loop compares)."""
     s = max(math.ceil(frac * iterations), 0)
@@ -3303,7 +3098,6 @@ def first_step_at_fraction(frac: float, iterations: int) -> int:
     while s / iterations < frac:
         s += 1
     return s
-
 
 def next_clock_check(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float, recur_pending: bool) -> int:
     """The step after which the loop next syncs and agrees on the clock: at most CLOCK_CHECK_STEPS ahead,
@@ -3318,14 +3112,12 @@ def next_clock_check(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: f
             gap = min(gap, (h.recur_start_frac * cap_ms - elapsed_ms) / step_ms / 2)
     return step + max(int(gap), 1)
 
-
 def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: float, cap_ms: float, scale: float,
                  log) -> None:
     step_ms = elapsed_ms / step
     eta_s = min(h.iterations - step, (cap_ms - elapsed_ms) / step_ms if cap_ms else math.inf) * step_ms / 1000
     log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
         f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
-
 
 def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> tuple[int, float]:
     """The timed loop, each of `averagers` observing every step. Returns (steps taken, training time in ms).
@@ -3383,7 +3175,6 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
     rt.sync()
     return step, train_ms + 1000 * (time.perf_counter() - t0)
 
-
 def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader, val: ValidationSet, log,
                   also=()) -> tuple[nn.Module, DistributedTokenLoader, int, float, list]:
     """Warm-up, then the timed loop. Returns (the module trained, the loader where training left it, steps,
@@ -3397,7 +3188,6 @@ def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader,
     with compiled_graphs_only(h, rt, "inside the timed loop (WARMUP_STEPS >= 1 builds them)"):
         steps, train_ms = train(h, rt, base_model, model, optimizers, loader, val, log, averagers)
     return model, loader, steps, train_ms, averagers
-
 
 def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
     """Builds, trains and averages the model, then calibrates GPTQ. Returns the model, the module to evaluate
@@ -3431,10 +3221,8 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
             f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
     return base_model, model_for_eval(model), hessians
 
-
 # -----------------------------------------------------------------------------
 # Main
-
 
 def init_runtime() -> Runtime:
     """Reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
@@ -3455,7 +3243,6 @@ def init_runtime() -> Runtime:
     return Runtime(rank=rank, world_size=world_size, device=device, distributed=world_size > 1,
                    bf16=device.type == "cuda")
 
-
 class Logger:
     """Rank 0 writes every line to logs/<RUN_ID>.txt (created by claim_outputs) and, unless told
     otherwise, to stdout. A line that cannot be written stops the run (the error goes to stderr)."""
@@ -3475,11 +3262,9 @@ class Logger:
             path, self.path = self.path, None  # the error line itself cannot go there either
             raise RunError(f"{path}: cannot write the log ({exc.strerror or exc})") from None
 
-
 # A finished run is never lost: before anything runs, rank 0 checks the output folders for room, refuses
 # an existing ARTIFACT_PATH and claims logs/<RUN_ID>.txt (else <RUN_ID>_2, ...); files are written whole.
 LOG_ROOM_BYTES = 1 << 20  # a log holds this file's source and a line per TRAIN_LOG_EVERY steps
-
 
 def check_room(folder: Path, need: int, what: str) -> None:
     try:
@@ -3493,14 +3278,12 @@ def check_room(folder: Path, need: int, what: str) -> None:
     if free < need:
         raise RunError(f"{what}: {folder} has {free} bytes free, less than the {need} its output may need")
 
-
 def check_new_output(name: str, value: str, need: int) -> None:
     """An output path (the setting `name`) that no file holds yet, in a folder with `need` bytes free."""
     if Path(value).exists() or Path(value).is_symlink():
         raise RunError(f"{name}={value} already exists; a run never replaces an earlier output: move it "
                        f"away or choose another path")
     check_room(Path(value).absolute().parent, need, name)
-
 
 def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
     """(run id, log path, artifact path, a note if the run id changed) on rank 0; the log is created."""
@@ -3527,7 +3310,6 @@ def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
         return run_id, log_path, artifact, note
     raise RunError(f"RUN_ID={wanted}: logs/{wanted}.txt and 998 numbered successors exist; choose another RUN_ID")
 
-
 def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str]:
     """claim_files on rank 0, shared with every rank (its error too, so all ranks stop together)."""
     claimed = [None]
@@ -3540,7 +3322,6 @@ def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str
     if isinstance(claimed[0], str):
         raise RunError(claimed[0])
     return claimed[0]
-
 
 def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, shipped: bytes,
                log) -> None:
@@ -3563,7 +3344,6 @@ def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: 
         log("preset smoke: no CUDA device or no FineWeb at the default DATA_PATH, so the tiny CPU "
             "configuration runs on the bundled sample; this is a pre-flight check, not a record")
 
-
 def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     """The config from the environment, and what it implies for the runtime (bf16 autocast, TF32)."""
     h, preset = hyperparameters_from_env(dict(os.environ), torch.cuda.is_available())
@@ -3572,10 +3352,8 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     select_sdpa_kernels(h.attn_backend)
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
-
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM, once run() has logged where the run was: main() exits 130."""
-
 
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
     """Trains, writes and scores (or, with EVAL_ONLY, scores). A RunError or an interrupt ends the log with
@@ -3600,7 +3378,6 @@ def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
         set_aside_if_not_started(log)
         raise Interrupted from None
 
-
 def set_aside_if_not_started(log: Logger) -> None:
     """A run that stopped before it trained or scored: its log becomes logs/<RUN_ID>.stopped.txt (replacing
     an earlier one) without the copy of the source, so that no tool takes it for a run's log."""
@@ -3610,7 +3387,6 @@ def set_aside_if_not_started(log: Logger) -> None:
     log.path.with_suffix(".stopped.txt").write_text(
         re.sub(r"(?ms)^====== source .*?^====== end source ======\n", "", text, count=1), encoding="utf-8")
     log.path.unlink()
-
 
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
     t_start = time.perf_counter()
@@ -3664,10 +3440,8 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
 
-
 def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, kill, a launcher passing one on) ends the run as Ctrl-C does
-
 
 def main() -> int:
     rt = None
@@ -3691,7 +3465,6 @@ def main() -> int:
         signal.signal(signal.SIGTERM, sigterm)
         if rt is not None and rt.distributed and dist.is_initialized():
             dist.destroy_process_group()
-
 
 if __name__ == "__main__":
     sys.exit(main())
