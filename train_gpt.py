@@ -129,8 +129,6 @@ class Hyperparameters(ModelConfig):
     val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
     # The model's initialization and training (not stored in the artifact)
     qk_gain_init: float = 1.5  # initial per-head query gain after the QK norm
-    tied_embed_init_std: float = 0.005  # init std of the tied embedding (and output head)
-    bigram_scale_init: float = 0.05  # BigramHash output scale at init (the table starts at zero)
     recur_start_frac: float = 0.5  # the recurrence starts at this fraction of the run (steps or wallclock, further)
     qat_bits: int = 0  # straight-through fake quantization of block matrices while training (PR #192; 0: off)
     # Optimizers: Muon for block matrices and the bigram projection, Adam for the rest
@@ -138,27 +136,21 @@ class Hyperparameters(ModelConfig):
     scalar_lr: float = 0.025  # Adam's learning rate for the control tensors
     tied_embed_lr: float = 0.035  # Adam's learning rate for the embedding tables
     muon_momentum: float = 0.98  # Muon's Nesterov momentum
-    muon_momentum_warmup_start: float = 0.92  # Muon's momentum at step 0, rising linearly to MUON_MOMENTUM
     muon_momentum_warmup_steps: int = 1500  # steps of that momentum warm-up (0: none)
-    muon_backend_steps: int = 5  # Newton-Schulz iterations per update
     muon_ns: str = "quintic"  # Newton-Schulz coefficients: quintic (fixed) | polar_express (per step, PR #1855)
     muon_wd: float = 0.04  # Muon's decoupled weight decay
     muon_wd_taper: float = 1.0  # Muon's WD multiplier at the end, linear from MUON_WD_TAPER_FROM (PR #1729; 1: off)
     muon_wd_taper_from: float = 0.7  # the fraction of the run where the WD taper starts
     muon_row_norm: bool = False  # MuonEq-R (arXiv 2603.28254): update rows at unit norm before Newton-Schulz
-    adam_beta1: float = 0.9  # Adam's beta1
     adam_beta2: float = 0.95  # Adam's beta2
-    adam_eps: float = 1e-8  # Adam's epsilon
     adam_wd: float = 0.0  # AdamW decay (PR #76's write-up says 0; its code defaulted to 0.01 coupled L2)
     embed_wd: float = -1.0  # AdamW decay of the embedding tables (-1: ADAM_WD; PR #1855: 0.085)
-    grad_clip_norm: float = 0.3  # global gradient norm clip (0: none)
     bigram_adam: bool = False  # the bigram table and projection in the Adam scalar group (PR #236)
     bigram_proj_adam: bool = False  # only the bigram projection there, the table with the embedding (PR #1204)
     bigram_proj_gain: float = 0.0  # orthogonal init gain of the bigram projection (0: (2 x NUM_LAYERS)^-0.5)
     lr_floor: float = 0.0  # the warmdown's LR multiplier never falls below this
     # Weight averaging (what gets quantized)
     swa_interval: int = 50  # SWA: a snapshot every this many steps (PR #76; 0: off)
-    swa_start_frac: float = 0.5  # SWA starts once the LR scale falls below this
     ema_decay: float = 0.0  # EMA of the weights after every step, instead of SWA (0: off)
     val_tokens: int = 0  # score only the first N validation targets, a proxy for sweeps (0: the whole split)
     # Score-first test-time training (its section), after the standard scores
@@ -174,11 +166,9 @@ class Hyperparameters(ModelConfig):
     artifact_path: str = ""  # where the artifact is written (empty: logs/<RUN_ID>.ptz)
     artifact_limit_bytes: int = 16_000_000  # the cap on artifact plus code
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
-    quant_bits_attn: int = 6  # per-row integer bits of the attention matrices and the bigram table
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
     quant_min_range: float = 0.0  # every row's grid spans at least +-this (PR #1204: 1.0; 0: off)
     int6_matrices: int = 0  # block matrices int5 but the N of largest Hessian trace int6, bigram int8 (PR #1204: 32)
-    zstd_level: int = 22  # zstd compression level
     compressor: str = "zstd"  # zstd | brotli (quality 11, PR #1204) | ans (the integer codes ANS-coded)
     # The 1.06 stack's quantizer (PR #1855, #1908), each off at its default
     sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
@@ -198,7 +188,6 @@ class Hyperparameters(ModelConfig):
     gptq_calib_tokens: int = 524_288  # training tokens read for calibration, in the training time (0: off)
     gptq_reserve_seconds: float = 2.0  # the training loop stops this early to leave time for that read
     gptq_selfgen_seqs: int = 0  # instead: calibrate on this many sequences sampled from the model (PR #1204: 64)
-    gptq_selfgen_len: int = 0  # tokens per self-generated calibration sequence (0: TRAIN_SEQ_LEN)
     clip_search: bool = True  # per-row clip search: lower quantization error, more bytes
 
     @property
@@ -342,24 +331,23 @@ def resembled_setting(name: str) -> str | None:
 # Each numeric field's possible values as an interval ("[" and "]" include the end); any other is finite.
 RANGES = {
     "[0, inf)": "max_wallclock_seconds warmup_steps warmdown_iters val_loss_every mlp_negative_slope rope_ntk_len "
-                "muon_momentum_warmup_steps muon_wd muon_wd_taper adam_wd grad_clip_norm bigram_proj_gain "
+                "muon_momentum_warmup_steps muon_wd muon_wd_taper adam_wd bigram_proj_gain "
                 "swa_interval val_tokens ttt_lr_scale quant_min_range int6_matrices sdclip_attn sdclip_mlp "
                 "sdclip_embed sdclip_other lqer_top awq_groups gptq_calib_tokens gptq_reserve_seconds "
                 "gptq_selfgen_seqs",
     "[1, inf)": "iterations train_log_every model_dim num_heads num_kv_heads mlp_mult bigram_dim ve_dim "
-                "muon_backend_steps ttt_lora_rank ttt_chunk_tokens ttt_batch_docs",
+                "ttt_lora_rank ttt_chunk_tokens ttt_batch_docs",
     "[2, inf)": "train_seq_len num_layers",  # the U-Net pairs encoder and decoder blocks
-    "(0, inf)": "logit_softcap qk_gain_init tied_embed_init_std matrix_lr scalar_lr tied_embed_lr adam_eps "
-                "eval_budget_seconds artifact_limit_bytes",
+    "(0, inf)": "logit_softcap qk_gain_init matrix_lr scalar_lr tied_embed_lr eval_budget_seconds "
+                "artifact_limit_bytes",
     "(1, inf)": "rope_base",
-    "[0, 1)": "recur_start_frac muon_momentum muon_momentum_warmup_start muon_wd_taper_from adam_beta1 adam_beta2 "
-              "lr_floor ema_decay",
-    "[0, 1]": "warmdown_frac", "(0, 1]": "swa_start_frac", "[1, 8]": "recur_repeats", "[1, 22]": "zstd_level",
+    "[0, 1)": "recur_start_frac muon_momentum muon_wd_taper_from adam_beta2 lr_floor ema_decay",
+    "[0, 1]": "warmdown_frac", "[1, 8]": "recur_repeats",
     "[4, 65536]": "vocab_size",  # ids 0-3 are pad, bos, eos, unk; shards hold uint16 ids
 }
 CHOICES = dict(  # the fields with a few possible values (PRESET, MUON_NS, COMPRESSOR, ATTN_BACKEND: their tables)
     smear_mode=("channel", "scalar"), lane_formula=("stream", "read", "parallel"), compile=("auto", "0", "1"),
-    qat_bits=(0, 4, 5, 6, 8), quant_bits_mlp=(4, 5, 6, 8), quant_bits_attn=(4, 5, 6, 8), quant_bits_embed=(7, 8, 16))
+    qat_bits=(0, 4, 5, 6, 8), quant_bits_mlp=(4, 5, 6, 8), quant_bits_embed=(7, 8, 16))
 
 def in_interval(value: float, interval: str) -> bool:
     """Whether value lies in an interval written like "[0, 1)" (a bracket includes its end)."""
@@ -390,13 +378,9 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (0 <= h.seed < 2**63, "SEED must be in 0..2^63-1"),
         (h.eval_seq_len == 0 or h.eval_seq_len >= 2, "EVAL_SEQ_LEN must be 0 (TRAIN_SEQ_LEN) or >= 2"),
         (h.bigram_vocab_size == 0 or h.bigram_vocab_size >= 2, "BIGRAM_VOCAB_SIZE must be 0 (off) or >= 2"),
-        (h.bigram_vocab_size == 0 or h.bigram_scale_init != 0,
-         "BIGRAM_SCALE_INIT must not be 0 (the table starts at zero: with a zero scale neither gets a gradient)"),
         (h.embed_wd >= 0 or h.embed_wd == -1, "EMBED_WD must be >= 0, or -1 (ADAM_WD)"),
         (re.fullmatch(r"\s*(\d+\s*(,\s*\d+\s*)*)?", h.ttt_phases) is not None,
          f"TTT_PHASES={h.ttt_phases!r}: expected document counts like 2500 or 833,1666,2500"),
-        (h.gptq_selfgen_len == 0 or 2 <= h.gptq_selfgen_len <= h.train_seq_len,
-         "GPTQ_SELFGEN_LEN must be 0 (TRAIN_SEQ_LEN) or in 2..TRAIN_SEQ_LEN"),
     ]
 
 def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
@@ -1383,7 +1367,7 @@ class BigramHash(nn.Module):
         self.buckets = h.bigram_vocab_size
         self.table = nn.Embedding(h.bigram_vocab_size, h.bigram_dim)
         self.proj = nn.Linear(h.bigram_dim, h.model_dim, bias=False)
-        self.scale = nn.Parameter(torch.tensor(h.bigram_scale_init))
+        self.scale = nn.Parameter(torch.tensor(0.05))  # the table starts at zero
 
     def bucket_ids(self, tokens: Tensor) -> Tensor:
         prev = F.pad(tokens[:, :-1], (1, 0))
@@ -1491,7 +1475,7 @@ class GPT(nn.Module):
         self._init_weights(h)
 
     def _init_weights(self, h: Hyperparameters) -> None:
-        nn.init.normal_(self.tok_emb.weight, std=h.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=0.005)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
                 if name.endswith(("attn.proj", "mlp.proj")):
@@ -1587,13 +1571,13 @@ CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_wr
 # quantization bits (16: fp16). Muon for the block matrices and the bigram projection, Adam for the rest:
 # the projection with the scalars with BIGRAM_PROJ_ADAM (PR #1204), the table too with BIGRAM_ADAM (PR #236).
 PARAMETER_KINDS = {  # kind: (name pattern, optimizer group of h, quantization bits of h)
-    "attn": (BLOCK_ATTN, lambda h: "muon", lambda h: h.quant_bits_attn),
+    "attn": (BLOCK_ATTN, lambda h: "muon", lambda h: 6),
     "mlp": (BLOCK_MLP, lambda h: "muon", lambda h: h.quant_bits_mlp),
     "embed": (r"tok_emb\.weight", lambda h: "adam_embed", lambda h: h.quant_bits_embed),
     "control": (CONTROL_TENSORS, lambda h: "adam_scalar", lambda h: 16),
     "gate": (GATE_TENSORS, lambda h: "adam_scalar", lambda h: 8 if h.quant_gates_int8 else 16),
     "bigram_table": (r"bigram\.table\.weight", lambda h: "adam_scalar" if h.bigram_adam else "adam_embed",
-                     lambda h: h.quant_bits_attn),
+                     lambda h: 6),
     "bigram_proj": (r"bigram\.proj\.weight", lambda h: "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon",
                     lambda h: 16),
     "value_table": (r"value_embed\.table\.weight", lambda h: "adam_embed", lambda h: h.quant_bits_embed),
@@ -1620,9 +1604,9 @@ def embed_wd(h: Hyperparameters) -> float:
 def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
     params = {group: [p for _, p in members] for group, members in
               partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules").items()}
-    adam = dict(betas=(h.adam_beta1, h.adam_beta2), eps=h.adam_eps, fused=next(model.parameters()).is_cuda)
+    adam = dict(betas=(0.9, h.adam_beta2), eps=1e-8, fused=next(model.parameters()).is_cuda)
     optimizers = [
-        Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps,
+        Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=5,
              weight_decay=h.muon_wd, row_norm=h.muon_row_norm, rank=rank, world_size=world_size, coeffs=h.muon_ns),
         torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, weight_decay=embed_wd(h), **adam),
         torch.optim.AdamW(params["adam_scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd, **adam),
@@ -2321,7 +2305,7 @@ def sample_batch(model: GPT, count: int, length: int, seed: int, rt) -> Tensor:
 def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
     """input_hessians() on GPTQ_SELFGEN_SEQS sampled sequences (PR #1204; reads no data); batch b of SELFGEN_BATCH,
     seeded SEED + b, goes to rank b % world_size: the same text on any world size."""
-    length = h.gptq_selfgen_len or h.train_seq_len
+    length = h.train_seq_len
     mine = list(range(0, h.gptq_selfgen_seqs, SELFGEN_BATCH))[rt.rank::rt.world_size]
     batches = [sample_batch(model, min(SELFGEN_BATCH, h.gptq_selfgen_seqs - start), length,
                             h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
@@ -2481,8 +2465,7 @@ def from_byte_planes(data, dtype: np.dtype) -> np.ndarray:
     planes = np.frombuffer(data, dtype=np.uint8).reshape(dtype.itemsize, -1)
     return np.ascontiguousarray(planes.T).view(dtype).ravel()
 
-def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_level: int,
-                       compressor: str = "zstd") -> bytes:
+def serialize_artifact(quantized: dict[str, dict], model_config: dict, compressor: str = "zstd") -> bytes:
     """pack_frames() of a JSON header (model, classes, shapes, each array's dtype, shape, offset) and a section per
     part (each class's codes, scales, fp16 values, extras) in byte planes (ans: codes as (name, array) lists)."""
     blobs, sections, offset = [], [], 0
@@ -2500,14 +2483,14 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
             sections.append(chunks if coded else b"".join(chunks))
     header = json.dumps(dict(model=model_config, classes={n: e["class"] for n, e in quantized.items()},
                              shapes={n: e["shape"] for n, e in quantized.items()}, blobs=blobs)).encode()
-    return pack_frames([header] + sections, zstd_level, compressor)
+    return pack_frames([header] + sections, compressor)
 
-def pack_frames(parts: list, zstd_level: int, compressor: str = "zstd") -> bytes:
+def pack_frames(parts: list, compressor: str = "zstd") -> bytes:
     """MAGIC, u32 frame count, u64 length per frame, the frames: checksummed zstd frames, or each part's
     CRC-32 (u32) and its brotli stream; COMPRESSOR=ans tags each frame b"B" (brotli) or, where shorter for a
     list of (name, int8 array), b"A" and the CRC-32 and ans_encode()'s payload (brotli finds repeated rows)."""
     if compressor == "zstd":
-        zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
+        zstd = zstandard.ZstdCompressor(level=22, write_checksum=True)
         frames = [zstd.compress(part) for part in parts]
     else:
         codec, frames = brotli_module(), []
@@ -2744,7 +2727,7 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
                            "model cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
     quantized, clip_k = quantize_model(state, h, hessians, log)
-    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.zstd_level, h.compressor),
+    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.compressor),
                                h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k,
                                h.quant_min_range)
     for cls in sorted({e["class"] for e in quantized.values()}):
@@ -2808,7 +2791,7 @@ def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: Distribu
         source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
     else:
         hessians = selfgen_hessians(base_model, h, rt)
-        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.gptq_selfgen_len or h.train_seq_len} tokens"
+        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.train_seq_len} tokens"
     rt.sync()
     ms = 1000 * (time.perf_counter() - t0)
     log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
@@ -2835,7 +2818,9 @@ class FinalWeights:
         return "averaging: none, final weights kept"
 
 class SWA:
-    def __init__(self, interval: int, start_frac: float):
+    START_FRAC = 0.5  # snapshots once the LR scale falls below this (PR #76)
+
+    def __init__(self, interval: int, start_frac: float = START_FRAC):
         self.interval, self.start_frac = interval, start_frac
         self.total: dict[str, Tensor] | None = None
         self.count = 0
@@ -2889,7 +2874,7 @@ def make_averager(h: Hyperparameters, model: nn.Module):
     """The run's averaging: EMA_DECAY, else SWA_INTERVAL, else the final weights."""
     if h.ema_decay:
         return EMA(h.ema_decay, model)
-    return SWA(h.swa_interval, h.swa_start_frac) if h.swa_interval else FinalWeights()
+    return SWA(h.swa_interval) if h.swa_interval else FinalWeights()
 
 # -----------------------------------------------------------------------------
 # Training loop
@@ -2985,7 +2970,7 @@ def muon_wd_scale(h: Hyperparameters, progress: float) -> float:
 
 def muon_momentum(h: Hyperparameters, step: int) -> float:
     frac = min(step / h.muon_momentum_warmup_steps, 1.0) if h.muon_momentum_warmup_steps else 1.0
-    return (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+    return (1 - frac) * 0.92 + frac * h.muon_momentum
 
 def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, loader: DistributedTokenLoader,
                step: int, scale: float, progress: float = 0.0) -> Tensor:
@@ -3006,9 +2991,8 @@ def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, lo
             group["lr"] = group["base_lr"] * scale
     optimizers[0].param_groups[0]["momentum"] = muon_momentum(h, step)
     optimizers[0].param_groups[0]["weight_decay"] = h.muon_wd * muon_wd_scale(h, progress)
-    if h.grad_clip_norm > 0:
-        params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_norm_(params, h.grad_clip_norm)
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -61,7 +61,7 @@ def quantized_from_state(spec: str) -> tuple[dict, dict[str, dict]]:
 
 def artifact_parts(config: dict, quantized: dict[str, dict]) -> tuple[list[bytes], list[bytes]]:
     """The parts the artifact compresses: with byte planes (as written) and in native byte order."""
-    blob = tg.serialize_artifact(quantized, config, 1)
+    blob = tg.serialize_artifact(quantized, config)
     planes = [tg.decompress_frame(frame, tg.ARTIFACT_MAX_PAYLOAD_BYTES) for frame in tg.unpack_frames(blob)]
     header, sections = planes[0], planes[1:]
     blobs, native, start = json.loads(header)["blobs"], [], 0
@@ -150,7 +150,7 @@ def main() -> None:
     for name, layout, size, c_s, d_s in rows:
         print(f"{name:<20} {layout:<13} {size:>10} {size - base:>+18} {c_s:>11.2f} {d_s:>13.2f}")
     print("\nwhole artifacts, the integer codes coded otherwise (the rest: the brotli frames above):")
-    whole = [(c, *timed(lambda c=c: len(tg.serialize_artifact(quantized, config, 22, c)))) for c in ("brotli", "ans")]
+    whole = [(c, *timed(lambda c=c: len(tg.serialize_artifact(quantized, config, c)))) for c in ("brotli", "ans")]
     if shutil.which("lrzip"):
         whole += [(f"per-group lrzip{' rows reordered' if sort else ''}", *timed(lambda sort=sort: per_group_lrzip(quantized, config, sort)))
                   for sort in (False, True)]
@@ -188,7 +188,7 @@ def per_group_lrzip(quantized: dict[str, dict], config: dict, sort: bool) -> int
         total += external("lrzip", ["-z", "-q", "-L", "9"], ".lrz")(b"".join(np.ascontiguousarray(a.T).tobytes() for a in arrays))[0]
     # the rest as the brotli artifact holds it, less the empty "q" entries' headers
     sections = tg.unpack_frames(tg.serialize_artifact(
-        {n: e for n, e in rest.items() if e["arrays"]}, config, 22, "brotli"))
+        {n: e for n, e in rest.items() if e["arrays"]}, config, "brotli"))
     return total + len(tg.BROTLI_MAGIC) + 4 + 8 * len(sections) + sum(map(len, sections))
 
 

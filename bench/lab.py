@@ -31,9 +31,9 @@ LAB_SETTINGS = ("CHECKPOINT_OUT", "AVERAGE_ALSO", "FROM_CHECKPOINT")
 # logging): one trained checkpoint serves every value of them.
 POST_TRAINING_FIELDS = frozenset((
     "run_id", "train_log_every", "val_loss_every", "eval_seq_len", "eval_stride", "val_batch_size", "val_tokens",
-    "swa_interval", "swa_start_frac", "ema_decay", "artifact_path", "artifact_limit_bytes", "zstd_level", "eval_only",
-    "gptq_calib_tokens", "gptq_reserve_seconds", "clip_search", "quant_bits_mlp", "quant_bits_attn",
-    "quant_bits_embed", "compressor", "int6_matrices", "gptq_selfgen_seqs", "gptq_selfgen_len", "sdclip_attn",
+    "swa_interval", "ema_decay", "artifact_path", "artifact_limit_bytes", "eval_only",
+    "gptq_calib_tokens", "gptq_reserve_seconds", "clip_search", "quant_bits_mlp",
+    "quant_bits_embed", "compressor", "int6_matrices", "gptq_selfgen_seqs", "sdclip_attn",
     "sdclip_mlp", "sdclip_embed", "sdclip_other", "gptq_embed", "quant_gates_int8", "lqer_top", "awq_groups",
     "quant_min_range"))
 CHECKPOINT_FORMAT = "train_gpt.py checkpoint 1"
@@ -46,15 +46,15 @@ class Lab:
     from_checkpoint: str = ""
 
 
-def canonical_averager(spec: str, swa_start_frac: float) -> str:
-    """'ema:DECAY', 'swa:INTERVAL[:START_FRAC]' (default SWA_START_FRAC) or 'none', in one spelling."""
+def canonical_averager(spec: str) -> str:
+    """'ema:DECAY', 'swa:INTERVAL[:START_FRAC]' (default tg.SWA.START_FRAC) or 'none', in one spelling."""
     kind, _, args = spec.strip().partition(":")
     parts = args.split(":")
     try:
         if kind == "ema" and len(parts) == 1 and 0 < float(parts[0]) < 1:
             return f"ema:{float(parts[0])!r}"
         if kind == "swa" and len(parts) <= 2:
-            interval, frac = int(parts[0]), float(parts[1]) if len(parts) == 2 else swa_start_frac
+            interval, frac = int(parts[0]), float(parts[1]) if len(parts) == 2 else tg.SWA.START_FRAC
             if interval >= 1 and 0 < frac <= 1:
                 return f"swa:{interval}:{frac!r}"
     except ValueError:
@@ -68,14 +68,14 @@ def own_averager(h: tg.Hyperparameters) -> str:
     """The name of the averaging whose result a run with these settings quantizes and scores."""
     if h.ema_decay:
         return f"ema:{h.ema_decay!r}"
-    return f"swa:{h.swa_interval}:{h.swa_start_frac!r}" if h.swa_interval else "none"
+    return f"swa:{h.swa_interval}:{tg.SWA.START_FRAC!r}" if h.swa_interval else "none"
 
 
 def averager_names(h: tg.Hyperparameters, average_also: str) -> list[str]:
     """The run's own averager, then AVERAGE_ALSO's, each once."""
     names = [own_averager(h)]
     for spec in filter(str.strip, average_also.split(",")):
-        name = canonical_averager(spec, h.swa_start_frac)
+        name = canonical_averager(spec)
         if name not in names:
             names.append(name)
     return names
@@ -180,7 +180,7 @@ def lab_from_env(env: dict) -> Lab:
     if lab.from_checkpoint and (lab.checkpoint_out or env.get("EVAL_ONLY")):
         raise tg.RunError("FROM_CHECKPOINT trains nothing: it cannot be combined with CHECKPOINT_OUT or EVAL_ONLY")
     for spec in filter(str.strip, lab.average_also.split(",")):
-        canonical_averager(spec, 0.5)
+        canonical_averager(spec)
     if lab.checkpoint_out:
         tg.check_new_output("CHECKPOINT_OUT", lab.checkpoint_out, 1)
     return lab

@@ -127,7 +127,7 @@ def main() -> None:
         t0 = time.perf_counter()
         quantized = tg.quantize_state(state, plan, clip_search=clip_search, hessians=hessians if use_hessians else None)
         seconds = time.perf_counter() - t0
-        blob = tg.serialize_artifact(quantized, tg.model_config(h), h.zstd_level)
+        blob = tg.serialize_artifact(quantized, tg.model_config(h))
         _, reloaded = tg.deserialize_artifact(blob, method)
         bpb = math.nan if args.bytes_only else score(h, rt, tg.dequantize_state(reloaded), val)
         print(f"{method:13s} {bpb:.6f}  {bpb - base_bpb:+.6f}  {len(blob):11d}  (quantized in {seconds:.1f}s)")
@@ -144,7 +144,7 @@ def fit(h, rt, state, quantized, hessians, val, base_bpb, bytes_only) -> None:
     budget = h.artifact_limit_bytes - code_bytes
     print(f"\nfit: limit {h.artifact_limit_bytes}, code {code_bytes}, model budget {budget}")
     t0 = time.perf_counter()
-    blob, moves = tg.fit_to_limit(state, dict(quantized), lambda q: tg.serialize_artifact(q, tg.model_config(h), h.zstd_level),
+    blob, moves = tg.fit_to_limit(state, dict(quantized), lambda q: tg.serialize_artifact(q, tg.model_config(h)),
                                   budget, print, hessians)
     print(f"fit: {len(moves)} moves in {time.perf_counter() - t0:.0f}s; model {len(blob)} bytes, "
           f"total {len(blob) + code_bytes} (margin {h.artifact_limit_bytes - len(blob) - code_bytes})")

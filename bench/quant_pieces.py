@@ -134,7 +134,7 @@ def main() -> None:
         lines.append(text)
 
     h, preset, rt = tg.configure(tg.init_runtime())
-    h = dataclasses.replace(h, quant_bits_mlp=6, quant_bits_attn=6, quant_bits_embed=8)
+    h = dataclasses.replace(h, quant_bits_mlp=6, quant_bits_embed=8)
     out(f"preset:{preset} layers:{h.num_layers} dim:{h.model_dim} mlp_mult:{h.mlp_mult} vocab:{h.vocab_size} "
         f"iterations:{h.iterations} batch:{h.train_batch_tokens} seq:{h.train_seq_len} data:{h.data_path}")
     sp = tg.load_tokenizer(h)
@@ -160,14 +160,14 @@ def main() -> None:
         t0 = time.perf_counter()
         quantized = quantize(hv, state, hessians if gptq else None)
         seconds = time.perf_counter() - t0
-        blob = tg.serialize_artifact(quantized, tg.model_config(hv), hv.zstd_level)
+        blob = tg.serialize_artifact(quantized, tg.model_config(hv))
         _, loaded = tg.deserialize_artifact(blob, name)
         bpb = score(h, rt, tg.dequantize_state(loaded), val)
         reference = reference or len(blob)
         out(f"{name:22s} {bpb:9.5f} {bpb - base_bpb:+9.5f} {len(blob):12d} {len(blob) - reference:+9d} {seconds:8.1f}")
         results[name] = quantized
     all_on = dataclasses.replace(h, **ALL_ON)
-    proxy_bytes = len(tg.serialize_artifact(results["+awq_1 (all on)"], tg.model_config(all_on), h.zstd_level))
+    proxy_bytes = len(tg.serialize_artifact(results["+awq_1 (all on)"], tg.model_config(all_on)))
     estimate(results["all - awq"], results["+awq_1 (all on)"], proxy_bytes, args.code_bytes, out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")

@@ -13,7 +13,7 @@ compile warm-up the record runs before its clock starts), then times train_gpt.t
 too), then --steps more with a single sync at the end (what the step costs without host syncs).
 --eval times one train_gpt.evaluate() with the sliding window (EVAL_STRIDE) over a validation set of
 --val-tokens scored targets (default: FineWeb's 62,021,632); --quant times quantize_state and
-serialize_artifact (zstd at ZSTD_LEVEL) and the read back.
+serialize_artifact (zstd, level 22) and the read back.
 
 --tokens synthetic (default) needs no data: uniform random ids with a BOS every ~1000 tokens, written
 to temporary shards in the challenge's format and read by train_gpt's own loader. --tokens real
@@ -298,12 +298,12 @@ def time_quantization(h, rt, base_model) -> dict:
     state = base_model.state_dict()
     quantized = tg.quantize_state(state, tg.quant_plan(state, h))
     t1 = time.perf_counter()
-    blob = tg.serialize_artifact(quantized, tg.model_config(h), h.zstd_level)
+    blob = tg.serialize_artifact(quantized, tg.model_config(h))
     t2 = time.perf_counter()
     tg.dequantize_state(tg.deserialize_artifact(blob, "bench")[1])
     t3 = time.perf_counter()
     code_bytes = len(tg.shipped_form(Path(tg.__file__).read_bytes()))  # what counts
-    return {"quantize_s": t1 - t0, "compress_s": t2 - t1, "load_s": t3 - t2, "zstd_level": h.zstd_level,
+    return {"quantize_s": t1 - t0, "compress_s": t2 - t1, "load_s": t3 - t2,
             "model_bytes": len(blob), "code_bytes": code_bytes, "artifact_bytes": len(blob) + code_bytes,
             "note": "weights after a few steps compress differently from a trained model's: times matter, bytes less"}
 
@@ -382,7 +382,7 @@ def summarize_steps(timed: dict, pipelined: dict, h, rt, flops_per_token: float,
 def config_summary(h: tg.Hyperparameters, preset: str, base_model: tg.GPT) -> dict:
     keys = ("num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "vocab_size", "train_seq_len",
             "train_batch_tokens", "bigram_vocab_size", "bigram_dim", "eval_seq_len", "eval_stride",
-            "val_batch_size", "warmup_steps", "compile", "cpu_autocast", "zstd_level", "muon_backend_steps")
+            "val_batch_size", "warmup_steps", "compile", "cpu_autocast")
     return {"preset": preset, **{k: getattr(h, k) for k in keys},
             "params": sum(p.numel() for p in base_model.parameters()), "matmul_params": matmul_params(h)}
 
@@ -454,7 +454,7 @@ def report_table(r: dict) -> str:
                                      ", ".join(f"{k} {v:.0f}" for k, v in e["memory"].items())))
     if r.get("quant"):
         q = r["quant"]
-        rows.append(("quantize", f"{q['quantize_s']:.2f} s; zstd-{q['zstd_level']} {q['compress_s']:.2f} s; read back "
+        rows.append(("quantize", f"{q['quantize_s']:.2f} s; zstd-22 {q['compress_s']:.2f} s; read back "
                                  f"{q['load_s']:.2f} s; model {q['model_bytes']:,} B + code {q['code_bytes']:,} B"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n"

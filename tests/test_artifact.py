@@ -72,7 +72,7 @@ def test_every_class_roundtrips_through_the_artifact():
     plan["blocks.0.mlp.fc.weight"] = "int4"
     assert {"int4", "int5", "int6", "int8", "fp16"} <= set(plan.values())
     quantized = tg.quantize_state(state, plan)
-    config, loaded = tg.deserialize_artifact(tg.serialize_artifact(quantized, tg.model_config(h), 3), "mem")
+    config, loaded = tg.deserialize_artifact(tg.serialize_artifact(quantized, tg.model_config(h)), "mem")
     assert config == tg.model_config(h)
     assert loaded.keys() == quantized.keys()
     for name, entry in quantized.items():
@@ -137,7 +137,7 @@ def test_collect_hessians_are_input_second_moments():
 def artifact():
     h = tiny_hparams()
     state = tiny_model(h).state_dict()
-    return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state, h)), tg.model_config(h), 3)
+    return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state, h)), tg.model_config(h))
 
 
 def frames(artifact: bytes) -> list[bytes]:
@@ -150,7 +150,7 @@ def with_header(artifact: bytes, change) -> bytes:
     header_json, *sections = frames(artifact)
     header = json.loads(header_json)
     change(header)
-    return tg.pack_frames([json.dumps(header).encode()] + sections, 3)
+    return tg.pack_frames([json.dumps(header).encode()] + sections)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "flipped", "magic", "pickle", "empty", "header", "frames",
@@ -163,7 +163,7 @@ def test_damaged_artifacts_give_a_clear_error(artifact, damage):
         "magic": lambda: b"XXXXXXXX" + artifact[8:],
         "pickle": lambda: b"\x80\x04\x95" + b"\x00" * 64,  # what torch.save/pickle files start with
         "empty": lambda: b"",
-        "header": lambda: tg.pack_frames([b"{not json"] + frames(artifact)[1:], 3),
+        "header": lambda: tg.pack_frames([b"{not json"] + frames(artifact)[1:]),
         "frames": lambda: artifact[:8] + struct.pack("<I", 10 ** 6) + artifact[12:],
         "offset": lambda: with_header(artifact, lambda hd: hd["blobs"][0].update(offset=10 ** 9)),
         "dtype": lambda: with_header(artifact, lambda hd: hd["blobs"][0].update(dtype="object")),
@@ -256,7 +256,7 @@ def test_fit_to_limit_demotes_cheapest_first_and_fits():
     quantized = tg.quantize_state(state, tg.quant_plan(state, h))
 
     def serialize(q):
-        return tg.serialize_artifact(q, tg.model_config(h), 3)
+        return tg.serialize_artifact(q, tg.model_config(h))
 
     full = len(serialize(dict(quantized)))
     lines = []
@@ -277,7 +277,7 @@ def test_fit_to_limit_impossible_budget_raises():
     state = tiny_model(h).state_dict()
     quantized = tg.quantize_state(state, tg.quant_plan(state, h))
     with pytest.raises(tg.RunError, match="lowest class"):
-        tg.fit_to_limit(state, quantized, lambda q: tg.serialize_artifact(q, tg.model_config(h), 3), 100,
+        tg.fit_to_limit(state, quantized, lambda q: tg.serialize_artifact(q, tg.model_config(h)), 100,
                         lambda _: None)
 
 
@@ -370,8 +370,7 @@ def test_the_artifacts_model_config_is_all_a_scored_model_depends_on(preset):
     sys.path.insert(0, str(REPO / "tests"))
     import golden
     h = tg.hyperparameters_from_env(golden.toy_env(preset), cuda_available=False)[0]
-    init = {name: getattr(h, name) for name in ("qk_gain_init", "tied_embed_init_std", "bigram_scale_init",
-                                                 "bigram_proj_gain")}
+    init = {name: getattr(h, name) for name in ("qk_gain_init", "bigram_proj_gain")}
     stored = dataclasses.replace(tg.Hyperparameters(), **tg.model_config(h), **init)
     assert tg.model_config(stored) == tg.model_config(h)
     assert list(tg.model_config(h)) == [f.name for f in dataclasses.fields(tg.ModelConfig)]

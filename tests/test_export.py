@@ -86,7 +86,8 @@ def test_sampled_calibration_is_seeded_starts_at_bos_and_follows_the_model():
 
 def test_selfgen_hessians_read_no_data_and_split_over_ranks_exactly():
     """No file is read (the data path does not exist); the ranks' shares sum to the one-rank result."""
-    h = dataclasses.replace(tiny_hparams(gptq_calib_tokens=0, gptq_selfgen_seqs=10, gptq_selfgen_len=8),
+    h = dataclasses.replace(tiny_hparams(gptq_calib_tokens=0, gptq_selfgen_seqs=10, train_seq_len=8,
+                                         train_batch_tokens=128, eval_stride=8),
                             data_path="/nonexistent", tokenizer_path="/nonexistent")
     model = tiny_model(h)
     whole = tg.selfgen_hessians(model, h, CPU_RT)
@@ -108,7 +109,7 @@ def quantized():
 
 def test_brotli_artifact_loads_without_any_setting_to_the_same_model(quantized):
     h, q = quantized
-    zstd, brotli = (tg.serialize_artifact(q, tg.model_config(h), 3, c) for c in ("zstd", "brotli"))
+    zstd, brotli = (tg.serialize_artifact(q, tg.model_config(h), c) for c in ("zstd", "brotli"))
     assert zstd.startswith(tg.ARTIFACT_MAGIC) and brotli.startswith(tg.BROTLI_MAGIC)
     (config_z, from_zstd), (config_b, from_brotli) = (tg.deserialize_artifact(b, "x") for b in (zstd, brotli))
     assert config_z == config_b
@@ -119,7 +120,7 @@ def test_brotli_artifact_loads_without_any_setting_to_the_same_model(quantized):
 
 def test_a_missing_brotli_is_a_one_line_error_only_where_it_is_used(quantized, monkeypatch):
     h, q = quantized
-    blob = tg.serialize_artifact(q, tg.model_config(h), 3, "brotli")
+    blob = tg.serialize_artifact(q, tg.model_config(h), "brotli")
     real = tg.importlib.import_module
 
     def without_brotli(name, *args):
@@ -128,8 +129,8 @@ def test_a_missing_brotli_is_a_one_line_error_only_where_it_is_used(quantized, m
         return real(name, *args)
 
     monkeypatch.setattr(tg.importlib, "import_module", without_brotli)
-    tg.deserialize_artifact(tg.serialize_artifact(q, tg.model_config(h), 3), "zstd")  # zstd needs no brotli
-    for use in (lambda: tg.serialize_artifact(q, tg.model_config(h), 3, "brotli"),
+    tg.deserialize_artifact(tg.serialize_artifact(q, tg.model_config(h)), "zstd")  # zstd needs no brotli
+    for use in (lambda: tg.serialize_artifact(q, tg.model_config(h), "brotli"),
                 lambda: tg.deserialize_artifact(blob, "b.ptz")):
         with pytest.raises(tg.RunError) as error:
             use()
@@ -181,7 +182,7 @@ def test_ans_codes_to_within_a_percent_of_the_column_conditional_entropy_and_und
 
 def test_ans_artifact_loads_without_any_setting_to_the_same_model(column_quantized):
     h, q = column_quantized
-    blobs = {c: tg.serialize_artifact(q, tg.model_config(h), 3, c) for c in ("zstd", "brotli", "ans")}
+    blobs = {c: tg.serialize_artifact(q, tg.model_config(h), c) for c in ("zstd", "brotli", "ans")}
     assert blobs["ans"].startswith(tg.ANS_MAGIC)
     tags = [frame[:1] for frame in tg.unpack_frames(blobs["ans"])]
     assert tags.count(b"A") == 1 and set(tags) == {b"A", b"B"}  # the int6 section ANS-coded, the rest brotli
@@ -196,7 +197,7 @@ def test_ans_artifact_loads_without_any_setting_to_the_same_model(column_quantiz
 @pytest.mark.parametrize("compressor", ["brotli", "ans"])
 def test_damaged_artifacts_give_a_clear_error_or_the_same_model(column_quantized, compressor):
     h, q = column_quantized
-    blob = tg.serialize_artifact(q, tg.model_config(h), 3, compressor)
+    blob = tg.serialize_artifact(q, tg.model_config(h), compressor)
     intact = tg.dequantize_state(tg.deserialize_artifact(blob, "intact")[1])
     rng = random.Random(1)
     damaged = [blob[:cut] for cut in range(0, len(blob), 211)]
@@ -214,12 +215,12 @@ def test_damaged_artifacts_give_a_clear_error_or_the_same_model(column_quantized
 
 def test_a_missing_constriction_is_a_one_line_error_where_ans_is_used(column_quantized, monkeypatch):
     h, q = column_quantized
-    blob = tg.serialize_artifact(q, tg.model_config(h), 3, "ans")
+    blob = tg.serialize_artifact(q, tg.model_config(h), "ans")
     real = tg.importlib.import_module
     monkeypatch.setattr(tg.importlib, "import_module",
                         lambda name, *a: (_ for _ in ()).throw(ImportError(name)) if name == "constriction" else real(name, *a))
-    tg.deserialize_artifact(tg.serialize_artifact(q, tg.model_config(h), 3, "brotli"), "b")  # brotli needs no constriction
-    for use in (lambda: tg.serialize_artifact(q, tg.model_config(h), 3, "ans"), lambda: tg.deserialize_artifact(blob, "a.ptz")):
+    tg.deserialize_artifact(tg.serialize_artifact(q, tg.model_config(h), "brotli"), "b")  # brotli needs no constriction
+    for use in (lambda: tg.serialize_artifact(q, tg.model_config(h), "ans"), lambda: tg.deserialize_artifact(blob, "a.ptz")):
         with pytest.raises(tg.RunError) as error:
             use()
         assert_one_line_error(error, "pip install constriction")

@@ -60,7 +60,7 @@ def test_swa_averages_the_snapshots_it_takes():
 
 
 def test_averager_specs_have_one_spelling_and_bad_ones_are_one_line_errors():
-    h = tiny_hparams(swa_interval=5, swa_start_frac=0.5)
+    h = tiny_hparams(swa_interval=5)
     assert lab.averager_names(h, "ema:0.99, swa:50:0.25,none,swa:5") == ["swa:5:0.5", "ema:0.99", "swa:50:0.25",
                                                                          "none"]
     assert lab.own_averager(tiny_hparams(swa_interval=0, ema_decay=0.997)) == "ema:0.997"

@@ -200,10 +200,10 @@ def test_initialization():
     assert not model.bigram.table.weight.any(), "the bigram table starts at zero"
     assert model.bigram.proj.weight.abs().sum() > 0, "with the table at zero, the projection must not be zero"
     assert_orthogonal(model.bigram.proj.weight, (2 * h.num_layers) ** -0.5, "bigram.proj")
-    assert model.bigram.scale.item() == pytest.approx(h.bigram_scale_init)
+    assert model.bigram.scale.item() == pytest.approx(0.05)
     assert not model.smear.gate.any(), "SmearGate starts at sigmoid(0) = an even blend"
     assert torch.equal(model.skip_weights, torch.ones_like(model.skip_weights))
-    assert model.tok_emb.weight.std().item() == pytest.approx(h.tied_embed_init_std, rel=0.05)
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.005, rel=0.05)
 
 
 def test_same_seed_same_model_other_seed_other_model():

@@ -34,7 +34,7 @@ def output_error(w: torch.Tensor, deq: torch.Tensor, hessian: torch.Tensor) -> f
 
 
 def roundtrip(quantized: dict, h) -> dict:
-    return tg.deserialize_artifact(tg.serialize_artifact(quantized, tg.model_config(h), 3), "mem")[1]
+    return tg.deserialize_artifact(tg.serialize_artifact(quantized, tg.model_config(h)), "mem")[1]
 
 
 @pytest.mark.parametrize("bits, k", [(6, 13.0), (6, 11.5), (7, 14.0), (8, 12.85)])
