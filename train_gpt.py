@@ -553,9 +553,8 @@ def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
 # -----------------------------------------------------------------------------
 # Muon optimizer
 #
-# Momentum SGD whose update for each 2-D matrix is orthogonalized by Newton-Schulz (Keller Jordan's Muon,
-# modded-nanogpt). Each rank orthogonalizes every world_size-th matrix, same-shape ones stacked into one
-# batched iteration; one all-reduce of a flat bf16 buffer shares the updates.
+# Muon (Keller Jordan, modded-nanogpt): momentum SGD, each 2-D matrix's update orthogonalized by Newton-Schulz. Each
+# rank orthogonalizes every world_size-th matrix (same shapes in one batched call); one bf16 all-reduce shares them.
 
 # (a, b, c) per step of x <- a x + (b G + c G^2) x, G = x x^T; a schedule's last triple repeats. quintic:
 # modded-nanogpt's one triple; polar_express: Amsel et al. 2025's per-step schedule as PR #1855 ran it.
@@ -2928,8 +2927,7 @@ def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = 
 
 @dataclasses.dataclass
 class Progress:
-    """What the line an interrupt prints says: the step reached, the outputs besides the artifact (the lab's);
-    and whether the run began to train or score (run)."""
+    """What an interrupt's line says: the step reached, whether training or scoring began, the lab's outputs."""
     step: int = 0
     started: bool = False
     outputs: list = dataclasses.field(default_factory=list)
@@ -3087,9 +3085,8 @@ def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: f
         f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
 
 def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> tuple[int, float]:
-    """The timed loop, each of `averagers` observing every step. Returns (steps taken, training time in ms).
-    The clock is read after a device sync only at check and log steps, as the slowest rank's reading, so
-    every rank stops, switches and schedules its LR alike; in between, time is extrapolated."""
+    """The timed loop, `averagers` observing every step; returns (steps, training ms). The clock is read (synced, the
+    slowest rank's) only at check and log steps, so all ranks stop, switch and schedule alike; else extrapolated."""
     watch, cap_ms = DivergenceWatch(rt.device), 1000 * h.loop_cap_seconds
     step, train_ms, agreed_ms, agreed_step, check_at = 0, 0.0, 0.0, 0, 1  # agreed: the last clock check's reading
     seq_len = seq_len_at(h, 0.0)
@@ -3362,8 +3359,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     log_header(h, rt, preset, run_id, code, shipped, log)
     check_pinned_kernel(h, rt)
     log(f"attention_backend:{attention_kernel_report(h, rt)}")
-    sp = load_tokenizer(h)
-    val = load_validation(h, sp, rt.device, log, rt.rank, rt.world_size)
+    val = load_validation(h, load_tokenizer(h), rt.device, log, rt.rank, rt.world_size)
     log(eval_plan(h, val.num_targets, len(document_starts(val.tokens.cpu().numpy()))))
 
     if h.eval_only:
