@@ -537,9 +537,8 @@ def compile_enabled(h: Hyperparameters, rt: Runtime) -> bool:
 # -----------------------------------------------------------------------------
 # Muon optimizer
 #
-# Momentum SGD whose update for each 2-D matrix is orthogonalized by Newton-Schulz (Keller Jordan's Muon,
-# modded-nanogpt). Each rank orthogonalizes every world_size-th matrix, same-shape ones stacked into one
-# batched iteration; one all-reduce of a flat bf16 buffer shares the updates.
+# Muon (Keller Jordan, modded-nanogpt): momentum SGD, each 2-D matrix's update orthogonalized by Newton-Schulz. Each
+# rank orthogonalizes every world_size-th matrix (same shapes in one batched call); one bf16 all-reduce shares them.
 
 # (a, b, c) per step of x <- a x + (b G + c G^2) x, G = x x^T; a schedule's last triple repeats. quintic:
 # modded-nanogpt's one triple; polar_express: Amsel et al. 2025's per-step schedule as PR #1855 ran it.
@@ -555,9 +554,8 @@ NEWTON_SCHULZ_COEFFS = {
 def orthogonalize(grad: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
     """Newton-Schulz on one matrix (rows, cols) or a stack of same-shape ones (n, rows, cols), in bf16."""
     schedule = NEWTON_SCHULZ_COEFFS[coeffs]
-    x = grad.bfloat16()
-    transposed = x.size(-2) > x.size(-1)
-    x = x.mT if transposed else x
+    transposed = grad.size(-2) > grad.size(-1)
+    x = (grad.mT if transposed else grad).bfloat16()
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     for step in range(steps):
         a, b, c = schedule[min(step, len(schedule) - 1)]
@@ -575,12 +573,9 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
                                       weight_decay=weight_decay, row_norm=row_norm, coeffs=coeffs))
         self.rank, self.world_size = rank, world_size
-        for group in self.param_groups:  # created once here, not per step
-            for p in self.owned(group):
+        for group in self.param_groups:  # this rank's matrices; created once here, not per step
+            for p in group["params"][self.rank::self.world_size]:
                 self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-
-    def owned(self, group: dict) -> list[Tensor]:
-        return group["params"][self.rank::self.world_size]
 
     @torch.no_grad()
     def step(self):
@@ -601,17 +596,17 @@ class Muon(torch.optim.Optimizer):
 
     def orthogonalized_updates(self, group: dict) -> dict[int, Tensor]:
         """The bf16 update of each matrix this rank owns, by its index in the group."""
-        owned = [p for p in self.owned(group) if p.grad is not None]
-        if not owned:
+        params = group["params"]
+        owned = [i for i in range(self.rank, len(params), self.world_size) if params[i].grad is not None]
+        if not owned:  # _foreach ops refuse empty lists
             return {}
-        index = {id(p): i for i, p in enumerate(group["params"])}
-        grads, buffers = [p.grad for p in owned], [self.state[p]["momentum_buffer"] for p in owned]
+        grads, buffers = [params[i].grad for i in owned], [self.state[params[i]]["momentum_buffer"] for i in owned]
         torch._foreach_mul_(buffers, group["momentum"])
         torch._foreach_add_(buffers, grads)
         nesterov = torch._foreach_add(grads, buffers, alpha=group["momentum"])
         by_shape: dict[torch.Size, list[tuple[int, Tensor]]] = {}
-        for p, u in zip(owned, nesterov):
-            by_shape.setdefault(p.shape, []).append((index[id(p)], normalize_rows(u) if group["row_norm"] else u))
+        for i, u in zip(owned, nesterov):
+            by_shape.setdefault(params[i].shape, []).append((i, normalize_rows(u) if group["row_norm"] else u))
         updates = {}
         for (rows, cols), members in by_shape.items():
             stacked = orthogonalize(torch.stack([u for _, u in members]), group["backend_steps"], group["coeffs"])
@@ -2801,11 +2796,10 @@ def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: Distribu
 # -----------------------------------------------------------------------------
 # Weight averaging
 #
-# What gets quantized is an average of the weights along the run, by an averager: observe() after
-# each step, average() (the state to load; None keeps the final weights), summary() for the log.
-# SWA (PR #76): once the LR scale falls below SWA_START_FRAC, a snapshot every SWA_INTERVAL steps,
-# summed in fp32. EMA (PR #1204 and later): an fp32 shadow, shadow <- d * shadow + (1 - d) * weight
-# after every step, from the initial weights.
+# What gets quantized is an average of the weights along the run, by an averager: observe() after each step,
+# average() (the state to load; None keeps the final weights), summary() for the log. SWA (PR #76): a snapshot
+# every SWA_INTERVAL steps once the LR scale is below SWA_START_FRAC, summed in fp32. EMA (PR #1204 and later):
+# an fp32 shadow <- d * shadow + (1 - d) * weight after every step, from the initial weights.
 
 class FinalWeights:
     def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
@@ -2822,20 +2816,15 @@ class SWA:
 
     def __init__(self, interval: int, start_frac: float = START_FRAC):
         self.interval, self.start_frac = interval, start_frac
-        self.total: dict[str, Tensor] | None = None
+        self.total: dict[str, Tensor] = {}
         self.count = 0
 
     @torch.no_grad()
     def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
-        if lr_scale >= self.start_frac or step % self.interval:
-            return
-        state = model.state_dict()
-        if self.total is None:
-            self.total = {k: v.detach().float().clone() for k, v in state.items()}
-        else:
-            for k, v in state.items():
-                self.total[k] += v.float()
-        self.count += 1
+        if lr_scale < self.start_frac and step % self.interval == 0:
+            for k, v in model.state_dict().items():
+                self.total[k] = self.total[k].add_(v.float()) if self.count else v.float().clone()
+            self.count += 1
 
     def average(self) -> dict[str, Tensor] | None:
         return {k: v / self.count for k, v in self.total.items()} if self.count else None
@@ -2846,23 +2835,19 @@ class SWA:
 class EMA:
     def __init__(self, decay: float, model: nn.Module):
         self.decay, self.updates = decay, 0
-        state = model.state_dict()
-        self.weights = list(state.values())  # detached views of the live parameters
-        self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
-        self.shadow_list = list(self.shadow.values())
+        self.weights = list(model.state_dict().values())  # detached views of the live parameters
+        self.shadow = {k: v.float().clone() for k, v in model.state_dict().items()}
 
     @torch.no_grad()
     def observe(self, model: nn.Module, step: int, lr_scale: float) -> None:
-        # one fused kernel per tensor group on a GPU; .float() is free for fp32 weights
-        torch._foreach_lerp_(self.shadow_list, [w.float() for w in self.weights], 1.0 - self.decay)
+        torch._foreach_lerp_(list(self.shadow.values()), [w.float() for w in self.weights], 1.0 - self.decay)
         self.updates += 1
 
     def average(self) -> dict[str, Tensor]:
         return self.shadow
 
     def summary(self) -> str:
-        """The log line; a WARNING when the run was shorter than the average's horizon 1 / (1 - decay):
-        the initial weights still hold decay^updates of the average (a toy run scores them)."""
+        """The log line; a WARNING when the run is shorter than the horizon 1 / (1 - decay)."""
         line = f"ema: decay {self.decay!r} over {self.updates} updates"
         if self.updates < 1 / (1 - self.decay):
             line += (f" WARNING: the run is shorter than the average's horizon ({1 / (1 - self.decay):.0f} updates): "
@@ -2888,22 +2873,19 @@ def build_model(h: Hyperparameters, rt: Runtime) -> GPT:
     return GPT(h).to(rt.device)
 
 def compiled_graphs(h: Hyperparameters) -> int:
-    """The graphs of the compiled forward a run builds in its warm-ups: per recurrence state, a training
-    step per TRAIN_SEQ_SCHEDULE length and the evaluation batch; with TTT, ttt_graphs' rows with and
-    without adapters and the phase. Each is an entry of dynamo's cache for GPT.forward."""
+    """The graphs (dynamo cache entries of GPT.forward) the warm-ups build: per recurrence state, one per
+    TRAIN_SEQ_SCHEDULE length and the eval batch; with TTT, ttt_graphs' rows with and without adapters, and one."""
     training = (2 if h.recur_blocks else 1) * (len(seq_schedule(h)) + 1)
     return training + (2 * len(ttt_graphs(h)) + 1 if h.ttt_enabled else 0)
 
 def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "inductor") -> nn.Module:
-    """The model compiled (where enabled), with dynamo's recompile limit (8 by default; past it a new
-    shape runs eagerly, silently) raised to cover every graph the warm-ups build, with room to spare
-    so that an unplanned graph meets the no-recompile guard (compiled_graphs_only) instead."""
+    """The model compiled (where enabled), dynamo's recompile limit (past it a shape runs eagerly, silently)
+    above every graph the warm-ups build, so an unplanned graph meets compiled_graphs_only instead."""
     if not compile_enabled(h, rt):
         return model
     config = torch._dynamo.config
-    old = not hasattr(config, "recompile_limit")  # torch < 2.7 names them cache_size_limit
-    limit, accumulated = ("cache_size_limit", "accumulated_cache_size_limit") if old else \
-        ("recompile_limit", "accumulated_recompile_limit")
+    name = "recompile" if hasattr(config, "recompile_limit") else "cache_size"  # torch < 2.7: cache_size_limit
+    limit, accumulated = f"{name}_limit", f"accumulated_{name}_limit"
     setattr(config, limit, max(getattr(config, limit), compiled_graphs(h) + 8))
     setattr(config, accumulated, max(getattr(config, accumulated), 2 * getattr(config, limit)))
     return torch.compile(model, dynamic=False, backend=backend)
@@ -2912,30 +2894,25 @@ def maybe_compile(h: Hyperparameters, rt: Runtime, model: GPT, backend: str = "i
 def compiled_graphs_only(h: Hyperparameters, rt: Runtime, where: str):
     """Inside it torch.compile may build nothing (set_stance fail_on_recompile): every graph the timed
     loop and the scoring use was built in a warm-up. A compilation stops the run with one line."""
-    if not compile_enabled(h, rt):
-        yield
-        return
     try:
-        with torch.compiler.set_stance("fail_on_recompile"):
+        with torch.compiler.set_stance("fail_on_recompile") if compile_enabled(h, rt) else contextlib.nullcontext():
             yield
     except RuntimeError as exc:
-        if "recompil" not in str(exc).lower():
+        if not compile_enabled(h, rt) or "recompil" not in str(exc).lower():
             raise
         raise RunError(f"torch.compile compiled {where}; every graph must be built during warm-up "
                        f"({first_line(exc)})") from None
 
 def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = "inductor") -> nn.Module:
-    """The module the training loop calls: compiled (where enabled), under DDP when distributed."""
+    """The module the training loop calls: compiled (where enabled), under DDP when distributed (RoPE tables need
+    no sync; VIRTUAL_DEPTH / RECUR_UNTIE_MLP's own parameters get no gradient before the switch)."""
     compiled = maybe_compile(h, rt, base_model, backend)
-    # RoPE tables need no sync. With VIRTUAL_DEPTH / RECUR_UNTIE_MLP, the repeat's own parameters get no
-    # gradient before the switch.
     dormant = h.virtual_depth or h.recur_untie_mlp
     return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant) if rt.distributed else compiled
 
 @dataclasses.dataclass
 class Progress:
-    """What the line an interrupt prints says: the step reached, the outputs besides the artifact (the lab's);
-    and whether the run began to train or score (run)."""
+    """What an interrupt's line says: the step reached, whether training or scoring began, the lab's outputs."""
     step: int = 0
     started: bool = False
     outputs: list = dataclasses.field(default_factory=list)
@@ -2948,23 +2925,19 @@ def run_progress(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
     return max(step / h.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
 
 def lr_scale(h: Hyperparameters, step: int, elapsed_ms: float) -> float:
-    """1, then a linear fall to 0 at the end of the run, never below LR_FLOOR: over the last
-    WARMDOWN_FRAC of the run (PR #1855: 0.85 of the wallclock), or over the last WARMDOWN_ITERS steps
-    projected from the mean step time."""
+    """1, then linear to 0 at the run's end, never below LR_FLOOR: over its last WARMDOWN_FRAC (PR #1855: 0.85
+    of the wallclock), or over its last WARMDOWN_ITERS steps, projected from the mean step time."""
     if h.warmdown_frac:
         return max(min(1.0, (1.0 - run_progress(h, step, elapsed_ms)) / h.warmdown_frac), h.lr_floor)
     if h.warmdown_iters == 0:
         return 1.0
     scale = min(1.0, max(h.iterations - step, 0) / h.warmdown_iters)
-    if h.loop_cap_seconds > 0 and step > 0:
-        warmdown_ms = h.warmdown_iters * elapsed_ms / step
-        remaining_ms = max(1000 * h.loop_cap_seconds - elapsed_ms, 0.0)
-        scale = min(scale, remaining_ms / warmdown_ms) if warmdown_ms > 0 else scale
+    if h.loop_cap_seconds > 0 and step > 0 and elapsed_ms > 0:  # the time left over the warmdown's projected time
+        scale = min(scale, max(1000 * h.loop_cap_seconds - elapsed_ms, 0.0) / (h.warmdown_iters * elapsed_ms / step))
     return max(scale, h.lr_floor)
 
 def muon_wd_scale(h: Hyperparameters, progress: float) -> float:
-    """Muon's weight decay multiplier: 1 until MUON_WD_TAPER_FROM of the run, then linear to
-    MUON_WD_TAPER at its end (PR #1729's taper: 0.5 from 0.7)."""
+    """Muon's weight decay factor: 1 to MUON_WD_TAPER_FROM of the run, then linear to MUON_WD_TAPER (PR #1729)."""
     ramp = min(max((progress - h.muon_wd_taper_from) / (1.0 - h.muon_wd_taper_from), 0.0), 1.0)
     return 1.0 + (h.muon_wd_taper - 1.0) * ramp
 
@@ -2976,13 +2949,11 @@ def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, lo
                step: int, scale: float, progress: float = 0.0) -> Tensor:
     """One optimizer step at this fraction of the run (its sequence length, Muon's WD taper); returns
     the step's mean training loss (on the device, not synced)."""
-    tokens_per_slice = h.train_batch_tokens // SLICES_PER_STEP
-    seq_len = seq_len_at(h, progress)
     total = torch.zeros((), device=rt.device)
     for micro in range(rt.grad_accum_steps):
-        inputs, targets = loader.next_batch(tokens_per_slice, seq_len)
-        last = micro == rt.grad_accum_steps - 1
-        with (model.no_sync() if rt.distributed and not last else contextlib.nullcontext()), rt.autocast():
+        inputs, targets = loader.next_batch(h.train_batch_tokens // SLICES_PER_STEP, seq_len_at(h, progress))
+        syncs = not rt.distributed or micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last only
+        with (contextlib.nullcontext() if syncs else model.no_sync()), rt.autocast():
             loss = model(inputs, targets)
         (loss / rt.grad_accum_steps).backward()
         total += loss.detach()
@@ -3006,13 +2977,12 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
     return value.item()
 
 def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
-    """WARMUP_STEPS training steps (split among TRAIN_SEQ_SCHEDULE's lengths; again with the recurrence on)
-    and an evaluation batch of training tokens (`tables`: the byte tables), so that torch.compile builds
-    every graph before the clock, and one GPTQ calibration batch; then the initial weights and optimizer
-    state are restored (the caller rebuilds the loader). Returns the milliseconds taken."""
-    t0 = time.perf_counter()
+    """Builds every compiled graph before the clock: WARMUP_STEPS training steps (split among TRAIN_SEQ_SCHEDULE's
+    lengths; again with the recurrence on), an eval batch of training tokens (`tables`: the byte tables), one GPTQ
+    calibration batch; then restores weights and optimizer state (the caller rebuilds the loader). Returns ms."""
     if h.warmup_steps == 0:
         return 0.0
+    t0 = time.perf_counter()
     initial_model = copy.deepcopy(base_model.state_dict())
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
@@ -3031,7 +3001,6 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
     base_model.load_state_dict(initial_model, strict=True)
     for opt, state in zip(optimizers, initial_opts):
         opt.load_state_dict(state)
-    for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     rt.sync()
     elapsed = 1000 * (time.perf_counter() - t0)
@@ -3042,7 +3011,7 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
 
 class DivergenceWatch:
     """Stops a diverged run at the next clock check without a host sync of its own: each step folds, on
-    the device, the step and value of the first non-finite loss, read with the clock (agree_on_clock)."""
+    the device, the step and value of the first non-finite loss, read with the clock (agreed_clock)."""
 
     def __init__(self, device: torch.device):
         self.first = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss; step 0: none yet
@@ -3051,12 +3020,20 @@ class DivergenceWatch:
         new = torch.stack([torch.full_like(loss, step), loss.float()])
         self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), new, self.first)
 
-    def stop_if_diverged(self, bad_step: float, step: int) -> None:
-        if math.isfinite(bad_step):
+    def agreed_clock(self, rt: Runtime, clock_ms: float, step: int) -> float:
+        """The slowest rank's clock (ms), by one all-reduce MAX over (clock, -the first step at which a rank's loss
+        was not finite); a RunError if there is such a step."""
+        bad = torch.where(self.first[0] == 0, math.inf, self.first[0].double())
+        both = torch.stack((torch.tensor(clock_ms, dtype=torch.float64, device=bad.device), -bad.double()))
+        if rt.distributed:
+            dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        clock, negative_step = both.tolist()
+        if math.isfinite(negative_step):
             here_step, here_loss = self.first.tolist()
-            value = here_loss if here_step == bad_step else "not finite (on another rank)"
-            raise RunError(f"train_loss is {value} at step {bad_step:.0f} (found at step {step}): the run "
+            value = here_loss if here_step == -negative_step else "not finite (on another rank)"
+            raise RunError(f"train_loss is {value} at step {-negative_step:.0f} (found at step {step}): the run "
                            f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
+        return clock
 
 def model_for_eval(model: nn.Module) -> nn.Module:
     """The compiled module under DDP: evaluation needs no gradient synchronization."""
@@ -3064,21 +3041,9 @@ def model_for_eval(model: nn.Module) -> nn.Module:
 
 CLOCK_CHECK_STEPS = 8  # the most steps between two readings of the device-synced clock (~0.8 s at ~96 ms)
 
-def agree_on_clock(rt: Runtime, clock_ms: float, watch: DivergenceWatch) -> tuple[float, float]:
-    """One all-reduce per clock check: the slowest rank's clock (ms) and the first step at which any
-    rank's loss was not finite (inf: none), as a MAX over (clock, -step)."""
-    bad = torch.where(watch.first[0] == 0, math.inf, watch.first[0].double())
-    both = torch.stack((torch.tensor(clock_ms, dtype=torch.float64, device=bad.device), -bad.double()))
-    if rt.distributed:
-        dist.all_reduce(both, op=dist.ReduceOp.MAX)
-    clock, negative_step = both.tolist()
-    return clock, -negative_step
-
 def first_step_at_fraction(frac: float, iterations: int) -> int:
     """The first step s with s / iterations >= frac (the step-based progress the loop compares)."""
-    s = max(math.ceil(frac * iterations), 0)
-    while s > 0 and (s - 1) / iterations >= frac:
-        s -= 1
+    s = max(math.ceil(frac * iterations) - 1, 0)  # never past the answer: the product is off by an ulp at most
     while s / iterations < frac:
         s += 1
     return s
@@ -3104,13 +3069,10 @@ def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: f
         f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
 
 def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> tuple[int, float]:
-    """The timed loop, each of `averagers` observing every step. Returns (steps taken, training time in ms).
-    The clock is read after a device sync only at check and log steps, as the slowest rank's reading, so
-    every rank stops, switches and schedules its LR alike; in between, time is extrapolated."""
-    watch = DivergenceWatch(rt.device)
-    cap_ms = 1000 * h.loop_cap_seconds
-    train_ms, step = 0.0, 0
-    agreed_ms, agreed_step, check_at = 0.0, 0, 1  # the last agreed clock reading, and the next check
+    """The timed loop, `averagers` observing every step; returns (steps, training ms). The clock is read (synced, the
+    slowest rank's) only at check and log steps, so all ranks stop, switch and schedule alike; else extrapolated."""
+    watch, cap_ms = DivergenceWatch(rt.device), 1000 * h.loop_cap_seconds
+    step, train_ms, agreed_ms, agreed_step, check_at = 0, 0.0, 0.0, 0, 1  # agreed: the last clock check's reading
     seq_len = seq_len_at(h, 0.0)
     if base_model.recur_blocks and h.recur_start_frac == 0:
         base_model.start_recurrence()
@@ -3132,8 +3094,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
         if not (step == check_at or last or validate_now or step % h.train_log_every == 0):
             continue
         rt.sync()
-        agreed_ms, bad_step = agree_on_clock(rt, train_ms + 1000 * (time.perf_counter() - t0), watch)
-        watch.stop_if_diverged(bad_step, step)
+        agreed_ms = watch.agreed_clock(rt, train_ms + 1000 * (time.perf_counter() - t0), step)
         elapsed_ms, agreed_step = agreed_ms, step
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
         if base_model.recur_blocks and not base_model.recur_active and \
@@ -3161,9 +3122,8 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
 
 def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader, val: ValidationSet, log,
                   also=()) -> tuple[nn.Module, DistributedTokenLoader, int, float, list]:
-    """Warm-up, then the timed loop. Returns (the module trained, the loader where training left it, steps,
-    training ms, averagers: the run's own first, then one per function in `also`, each of the model).
-    The lab's one hook: bench/lab.py replaces it to save or restore a checkpoint."""
+    """Warm-up, then the timed loop. Returns (the module trained, the loader where training left it, steps, training
+    ms, averagers: the run's own, then one per function of the model in `also`). bench/lab.py replaces it."""
     optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
     model = wrap_model(h, rt, base_model)
     warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
@@ -3182,12 +3142,10 @@ def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tup
     base_model = build_model(h, rt)
     log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
 
-    def wrapped():
-        log(f"WARNING: the training stream wrapped: all {len(train_files)} train shards are used up, "
-            f"training repeats them from the first")
-
     def make_loader():
-        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, wrapped)
+        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, lambda: log(
+            f"WARNING: the training stream wrapped: all {len(train_files)} train shards are used up, "
+            f"training repeats them from the first"))
 
     PROGRESS.started = True
     model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, log)
@@ -3216,16 +3174,13 @@ def init_runtime() -> Runtime:
         raise RunError(f"WORLD_SIZE={world_size}: must divide {SLICES_PER_STEP} (1, 2, 4 or 8 processes)")
     if not (0 <= rank < world_size and 0 <= local_rank < world_size):
         raise RunError(f"RANK={rank}, LOCAL_RANK={local_rank}: expected 0..WORLD_SIZE-1={world_size - 1}")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
         torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     if world_size > 1:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
-    return Runtime(rank=rank, world_size=world_size, device=device, distributed=world_size > 1,
-                   bf16=device.type == "cuda")
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Runtime(rank=rank, world_size=world_size, device=device, distributed=world_size > 1, bf16=cuda)
 
 class Logger:
     """Rank 0 writes every line to logs/<RUN_ID>.txt (created by claim_outputs) and, unless told
@@ -3296,7 +3251,6 @@ def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
 
 def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str]:
     """claim_files on rank 0, shared with every rank (its error too, so all ranks stop together)."""
-    claimed = [None]
     try:
         claimed = [claim_files(h) if rt.is_main else None]
     except RunError as exc:
@@ -3389,8 +3343,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     log_header(h, rt, preset, run_id, code, shipped, log)
     check_pinned_kernel(h, rt)
     log(f"attention_backend:{attention_kernel_report(h, rt)}")
-    sp = load_tokenizer(h)
-    val = load_validation(h, sp, rt.device, log, rt.rank, rt.world_size)
+    val = load_validation(h, load_tokenizer(h), rt.device, log, rt.rank, rt.world_size)
     log(eval_plan(h, val.num_targets, len(document_starts(val.tokens.cpu().numpy()))))
 
     if h.eval_only:
