@@ -1035,29 +1035,26 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
 # -----------------------------------------------------------------------------
 # Model
 #
-# Pre-norm GPT (PR #76 on): GQA attention with RMS-normed q/k, RoPE and a learned per-head query gain; relu^2
-# MLP; per-channel output scales and a learned mix with the embedding x0 in every block; U-Net skips; tied
-# embedding; soft-capped logits; BigramHash and SmearGate in front, neither crossing a BOS. A preset chooses
-# parts once, at init: a layer plan per recurrence state (layer_plan) and each block's lane route; GPT.forward
-# walks the plan. The residual stream is (lanes, B, T, C). Notes: docs/notes/model.md.
+# Pre-norm GPT (PR #76 on): GQA attention with RMS-normed q/k, RoPE and a per-head query gain; relu^2 MLP; output
+# scales and an x0 mix per block; U-Net skips; a tied, soft-capped head; BigramHash and SmearGate in front. A
+# preset chooses parts at init: a layer plan per recurrence state and each block's lane route, which GPT.forward
+# walks over a (lanes, B, T, C) stream. Notes: docs/notes/model.md.
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 class Linear(nn.Linear):
-    """Bias-free. With qat_bits (QAT_BITS, PR #192) a training weight is fake-quantized by the export's per-row
-    quantizer, straight-through: w + stopgrad(q(w) - w); evaluation and TTT (weights frozen) see w."""
+    """Bias-free. QAT_BITS (PR #192): a training weight is fake-quantized by the export's per-row quantizer,
+    straight-through (w + stopgrad(q(w) - w)). lora: per-row adapters (A, B, scale) during score-first TTT."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0):
         super().__init__(in_features, out_features, bias=False)
-        self.qat_bits = qat_bits
-        self.lora = None  # per-row low-rank adapters (A, B, scale) during score-first TTT
+        self.qat_bits, self.lora = qat_bits, None
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if self.qat_bits and self.weight.requires_grad and torch.is_grad_enabled():
-            q, scale = quantize_rows(w.detach(), self.qat_bits, clip_search=False)
-            w = w + (dequantize_rows(q, scale) - w).detach()
+        if self.qat_bits and w.requires_grad and torch.is_grad_enabled():
+            w = w + (dequantize_rows(*quantize_rows(w.detach(), self.qat_bits, clip_search=False)) - w).detach()
         return low_rank_added(x, F.linear(x, w), self.lora)
 
 def low_rank_added(x: Tensor, y: Tensor, lora) -> Tensor:
@@ -1074,22 +1071,21 @@ class Rotary(nn.Module):
     def __init__(self, dims: int, max_len: int, base: float, ntk_len: int = 0):
         super().__init__()
         self.dims, self.base, self.ntk_len = dims, base, ntk_len
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), self.inverse_frequencies(base))
+        angles = self.angles(max_len, base)
         self.register_buffer("cos", angles.cos()[None, None], persistent=False)  # (1, 1, max_len, dims/2)
         self.register_buffer("sin", angles.sin()[None, None], persistent=False)
 
-    def inverse_frequencies(self, base: float) -> Tensor:
-        return 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims)
+    def angles(self, length: int, base: float) -> Tensor:  # (length, dims/2)
+        inverse_frequencies = 1.0 / base ** (torch.arange(0, self.dims, 2, dtype=torch.float32) / self.dims)
+        return torch.outer(torch.arange(length, dtype=torch.float32), inverse_frequencies)
 
     def forward(self, x: Tensor, length: int = 0) -> Tensor:  # x: (B, heads, T, hd)
-        T = x.size(-2)
-        n = max(T, length)
+        T, n = x.size(-2), max(x.size(-2), length)
+        cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
         if self.ntk_len and n > self.ntk_len:
-            base = self.base * (n / self.ntk_len) ** (self.dims / (self.dims - 2))
-            angles = torch.outer(torch.arange(T, dtype=torch.float32), self.inverse_frequencies(base)).to(x.device)
-            cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
-        else:
-            cos, sin = self.cos[:, :, :T].to(x.dtype), self.sin[:, :, :T].to(x.dtype)
+            angles = self.angles(T, self.base * (n / self.ntk_len) ** (self.dims / (self.dims - 2))).to(x.device)
+            cos, sin = angles.cos(), angles.sin()
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2, rest = x.split((self.dims // 2, self.dims // 2, x.size(-1) - self.dims), dim=-1)
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
@@ -1098,12 +1094,10 @@ def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
     y (B, H, T, hd); v (B, Hkv, T, hd), broadcast over its group's query heads."""
     y = y.unflatten(1, (v.size(1), -1))  # (B, Hkv, group, T, hd)
     vhat = F.normalize(v, dim=-1).unsqueeze(2)  # (B, Hkv, 1, T, hd)
-    y = y - (y * vhat).sum(dim=-1, keepdim=True) * vhat
-    return y.flatten(1, 2)
+    return (y - (y * vhat).sum(dim=-1, keepdim=True) * vhat).flatten(1, 2)
 
-# ATTN_BACKEND: `auto` lets SDPA choose a fused kernel (math off: torch falls back to it silently); flash,
-# efficient, cudnn, math pin one; fa3 / fa4 run where they import, on CUDA. DOC_ATTENTION (PR #1530 on) masks
-# attention to each document: FlexAttention's block mask where it runs, else SDPA's dense mask.
+# ATTN_BACKEND: `auto` lets SDPA choose a fused kernel (math off); flash, efficient, cudnn, math pin one; fa3 / fa4
+# run where they import, on CUDA. DOC_ATTENTION (PR #1530 on): FlexAttention's block mask where it runs, else dense.
 SDPA_KERNELS = ("flash", "efficient", "cudnn", "math")
 OPTIONAL_KERNELS = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute"}  # their flash_attn_func
 ATTN_BACKENDS = ("auto", *SDPA_KERNELS, *OPTIONAL_KERNELS, "flex")
@@ -1147,14 +1141,10 @@ def document_mask(tokens: Tensor) -> Tensor:
     return (document[:, None, :, None] == document[:, None, None, :]) & causal
 
 def document_block_mask(tokens: Tensor) -> BlockMask:
-    """document_mask() as a BlockMask from (B, T / 128) tile summaries (T a multiple of FLEX_BLOCK): documents
-    are contiguous, so query tile i meets key tile j <= i when i's first document is no later than j's last;
-    the pair needs no mask when j < i and both lie in one document."""
-    B, T = tokens.shape
-    document = document_ids(tokens)
-    tiles = document.view(B, T // FLEX_BLOCK, FLEX_BLOCK)
-    first, last = tiles[..., 0], tiles[..., -1]  # (B, tiles)
-    n = T // FLEX_BLOCK
+    """document_mask() as a BlockMask (T a multiple of FLEX_BLOCK). Documents are contiguous: query tile i meets key
+    tile j <= i when i's first document <= j's last; the pair needs no mask when j < i and both lie in one document."""
+    n, document = tokens.size(1) // FLEX_BLOCK, document_ids(tokens)
+    first, last = document[:, ::FLEX_BLOCK], document[:, FLEX_BLOCK - 1::FLEX_BLOCK]  # (B, n)
     below = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril()
     touch = below & (first[:, :, None] <= last[:, None, :])  # (B, query tile, key tile)
     full = below.tril(-1) & (first[:, None, :] == last[:, :, None])
@@ -1176,32 +1166,29 @@ def uses_block_mask(backend: str, length: int, cuda: bool, grad: bool) -> bool:
 
 def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
     """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: block mask or dense."""
-    if uses_block_mask(backend, tokens.size(1), tokens.is_cuda, torch.is_grad_enabled()):
-        return document_block_mask(tokens)
-    return document_mask(tokens)
+    block = uses_block_mask(backend, tokens.size(1), tokens.is_cuda, torch.is_grad_enabled())
+    return document_block_mask(tokens) if block else document_mask(tokens)
 
 def attention_kernel_report(h: Hyperparameters, rt) -> str:
-    """The attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY), and why where it falls back;
-    which kernel SDPA then dispatches is measured by bench/attn_check.py."""
+    """The attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY), and why where it falls back
+    (what SDPA then dispatches: bench/attn_check.py)."""
     name, cuda, grad = h.attn_backend, rt.device.type == "cuda", not h.eval_only
     if name in OPTIONAL_KERNELS:
-        why = "needs CUDA" if optional_kernel(name) else "does not import"
         if cuda and optional_kernel(name):
             return f"{name} ({OPTIONAL_KERNELS[name]}.flash_attn_func)"
+        why = "needs CUDA" if optional_kernel(name) else "does not import"
         return f"sdpa auto; ATTN_BACKEND={name}: {OPTIONAL_KERNELS[name]} {why}, SDPA auto runs instead"
     if h.doc_attention and uses_block_mask(name, h.train_seq_len, cuda, grad):
         slow = "" if compile_enabled(h, rt) else "; WARNING: without torch.compile FlexAttention runs unfused (slow)"
         return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) within documents{slow}"
     report = f"sdpa {name if name in SDPA_KERNELS else 'auto'}" + " within documents (dense mask)" * h.doc_attention
-    if name == "flex" and grad and not cuda:
-        report += "; ATTN_BACKEND=flex: FlexAttention has no backward on CPU: training takes the dense mask"
-    elif name == "flex":
-        report += f"; ATTN_BACKEND=flex: TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}"
-    return report
+    why = ("FlexAttention has no backward on CPU: training takes the dense mask" if grad and not cuda else
+           f"TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}")
+    return report + (f"; ATTN_BACKEND=flex: {why}" if name == "flex" else "")
 
 def check_pinned_kernel(h: Hyperparameters, rt: Runtime) -> None:
-    """A pinned SDPA kernel (ATTN_BACKEND=flash|efficient|cudnn|math) runs one small causal attention at the
-    run's dtype at start: one that cannot run here is a one-line error, not a traceback at the first step."""
+    """A pinned SDPA kernel (ATTN_BACKEND=flash|efficient|cudnn|math) runs one small attention at the run's dtype
+    at start: one that cannot run here is a one-line error, not a traceback at the first step."""
     if h.attn_backend not in SDPA_KERNELS:
         return
     head_dim = h.model_dim // h.num_heads
@@ -1224,8 +1211,7 @@ class Attention(nn.Module):
 
     def __init__(self, h: Hyperparameters, max_len: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads = h.num_heads, h.num_kv_heads
-        self.head_dim = h.model_dim // h.num_heads
+        self.num_heads, self.num_kv_heads, self.head_dim = h.num_heads, h.num_kv_heads, h.model_dim // h.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
         self.c_q = Linear(h.model_dim, h.model_dim, h.qat_bits)
         self.c_k = Linear(h.model_dim, kv_dim, h.qat_bits)
@@ -1240,9 +1226,7 @@ class Attention(nn.Module):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.c_v(x)
-        if value_embed is not None:  # (B, T, Hkv * hd)
-            v = v + value_embed
+        v = self.c_v(x) if value_embed is None else self.c_v(x) + value_embed  # value_embed: (B, T, Hkv * hd)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self.rotary(rms_norm(q), attend.rope_len) * q_gain.to(q.dtype)[None, :, None, None]
         k = self.rotary(rms_norm(k), attend.rope_len)
@@ -1276,24 +1260,23 @@ def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tenso
     return x
 
 def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=stream: lane i <- lane_keep[i] * the x0 mix, then += lane_write[s, i] * sublayer s (at the
-    initial 1s: one stream exactly)."""
+    """LANE_FORMULA=stream: lane i <- lane_keep[i] * the x0 mix, then += lane_write[s, i] * sublayer s."""
     x = body.lane_keep[:, None, None, None] * ctl.mix(x, x0)
     for s, part in parts:
         x = x + body.lane_write[s][:, None, None, None] * part(ctl.norm(x[SUBLAYER_LANE[s]]))
     return x
 
 def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=read (PR #1204): sublayer s reads the x0 mix of its lane without replacing it, then lane i <-
-    lane_keep[s] * lane i + lane_write[s, i] * its output."""
+    """LANE_FORMULA=read (PR #1204): sublayer s reads its lane's x0 mix; lane i <- lane_keep[s] * lane i +
+    lane_write[s, i] * its output."""
     for s, part in parts:
         out = part(ctl.norm(ctl.mix(x[SUBLAYER_LANE[s]], x0)))
         x = body.lane_keep[s] * x + body.lane_write[s][:, None, None, None] * out
     return x
 
 def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=parallel (PR #1855): attention reads the x0 mix of lane 0, the MLP lane 1, both the block's
-    input; lane i <- lane_keep[i] * lane i + sum over s of lane_write[s, i] * sublayer s."""
+    """LANE_FORMULA=parallel (PR #1855): attention reads lane 0's x0 mix, the MLP lane 1, both the block's input;
+    lane i <- lane_keep[i] * lane i + sum over s of lane_write[s, i] * sublayer s."""
     inputs = (ctl.mix(x[0], x0), x[1])
     out = body.lane_keep[:, None, None, None] * x
     for s, part in parts:
@@ -1307,9 +1290,8 @@ def block_lanes(h: Hyperparameters, index: int) -> int:
     return 2 if h.lanes_from and h.lanes_from <= index < h.num_layers else 1
 
 class Block(nn.Module):
-    """Attention then MLP, inputs RMS-normed (times 1/sqrt(index + 1) with LN_SCALE). Holds weights (attention,
-    MLP, lane scalars; none past NUM_LAYERS, no attention in block 0 with FIRST_BLOCK_MLP_ONLY) and controls
-    (output scales, x0 mix, query gain, XSA), which a run position may combine across blocks (VIRTUAL_DEPTH)."""
+    """Attention then MLP on RMS-normed inputs (times 1/sqrt(index + 1) with LN_SCALE). Weights (none past NUM_LAYERS,
+    no attention in block 0 with FIRST_BLOCK_MLP_ONLY) and controls, which VIRTUAL_DEPTH combines across blocks."""
 
     def __init__(self, h: Hyperparameters, index: int, max_len: int):
         super().__init__()
@@ -1333,8 +1315,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, x0: Tensor, body: "Block | None" = None, mlp: "MLP | None" = None,
                 value_embed: Tensor | None = None, attend: Attend = Attend()) -> Tensor:
-        """x (lanes, B, T, C), x0 (B, T, C): these controls around body's weights and route (default: this block),
-        with `mlp` for body's MLP where given (an untied repeat)."""
+        """x (lanes, B, T, C), x0 (B, T, C): these controls around body's weights and route (default: this block)."""
         body = body or self
         mlp = mlp or body.mlp
         run = (lambda inp: self.attn_scale * body.attn(inp, self.q_gain, self.xsa, value_embed, attend),
@@ -1373,9 +1354,9 @@ class BigramHash(nn.Module):
         return self.scale * self.proj(self.table(self.bucket_ids(tokens)))
 
 class SmearGate(nn.Module):
-    """x_t <- x_t + weight_t * (x_{t-1} - x_t), never across a BOS. "channel" (PR #76): weight = sigmoid(gate)
-    per channel; zero_start (PR #1204): a document's first position blends with zero. "scalar" (PR #192): x_t +
-    weight_t * x_{t-1}, weight_t = strength * sigmoid(gate . x_t[:window]) (window: PR #1667 / #1855)."""
+    """Never across a BOS. "channel" (PR #76): x_t + sigmoid(gate) * (x_{t-1} - x_t); zero_start (PR #1204): a
+    document's first position blends with zero. "scalar" (PR #192): x_t + strength * sigmoid(gate . x_t[:window])
+    * x_{t-1} (window: PR #1667 / #1855)."""
 
     def __init__(self, dim: int, mode: str, zero_start: bool = False, window: int = 0):
         super().__init__()
@@ -1388,16 +1369,15 @@ class SmearGate(nn.Module):
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
         same_document = (~first_of_document(tokens)).unsqueeze(-1)
         if self.mode == "scalar":
-            gate_input = x[..., :self.gate.numel()]
-            weight = self.strength * torch.sigmoid(gate_input @ self.gate.to(x.dtype)).unsqueeze(-1) * same_document
-            return x + weight * prev
+            weight = self.strength * torch.sigmoid(x[..., :self.gate.numel()] @ self.gate.to(x.dtype)).unsqueeze(-1)
+            return x + weight * same_document * prev
         if self.zero_start:
             return x + torch.sigmoid(self.gate) * (prev * same_document - x)
         return x + torch.sigmoid(self.gate) * same_document * (prev - x)
 
 class ValueEmbedding(nn.Module):
-    """VE_LAYERS (PR #1204): one token table projected to the KV width, times a scale (0.1 at the start), added to
-    the values at each listed run position times that position's scale (1 at the start)."""
+    """VE_LAYERS (PR #1204): a token table projected to the KV width, times a scale, added to the values at each
+    listed run position times that position's scale."""
 
     def __init__(self, h: Hyperparameters):
         super().__init__()
@@ -1420,10 +1400,9 @@ class Step(typing.NamedTuple):
     pop: tuple[int, bool] | None  # the skip popped into its input: (pair, into lane 0 only)
 
 def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
-    """Blocks 0..NUM_LAYERS-1; with the recurrence on, the RECUR_BLOCKS group again RECUR_REPEATS times after its
-    first pass (PR #1204: 4, 5 once more; PR #1855: 3-5 twice more). VIRTUAL_DEPTH: controls per position. U-Net:
-    the first half pushes, the rest pops in reverse, halves of the positions (VIRTUAL_DEPTH, RECUR_IN_UNET) or of
-    the NUM_LAYERS blocks (a repeat takes no part)."""
+    """Blocks 0..NUM_LAYERS-1, with the recurrence on the RECUR_BLOCKS group RECUR_REPEATS times more after its first
+    pass. U-Net: the first half pushes, the rest pops in reverse; halves of the positions (VIRTUAL_DEPTH,
+    RECUR_IN_UNET) or of the NUM_LAYERS blocks (a repeat takes no part)."""
     recur, values = recurrence_blocks(h), value_embed_positions(h)
     order = [(i, 0) for i in range(h.num_layers)]
     if recur_active and recur:
@@ -1439,8 +1418,8 @@ def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
             pop, pairs = (pairs, block_lanes(h, block) == 2 and h.lane_formula == "parallel"), pairs + 1
         controls = pos if h.virtual_depth else block
         mlp = (repeat - 1) * len(recur) + block - recur[0] if repeat and h.recur_untie_mlp else None
-        plan.append(Step(block, controls, mlp, values.index(controls) if controls in values else None, lanes, push,
-                         pop))
+        ve = values.index(controls) if controls in values else None
+        plan.append(Step(block, controls, mlp, ve, lanes, push, pop))
     return tuple(plan)
 
 class GPT(nn.Module):
@@ -1490,13 +1469,9 @@ class GPT(nn.Module):
         return self.plans[self.recur_active]
 
     def start_recurrence(self) -> None:
-        """The training loop's switch to the plan with the repeats; an untied repeat MLP starts as a copy of its
-        block's (PR #1204)."""
-        with torch.no_grad():
-            for step in [s for s in self.plans[True] if s.mlp is not None and not self.recur_active]:
-                repeat, base = self.repeat_mlps[step.mlp], self.blocks[step.block].mlp
-                for mine, theirs in zip(repeat.parameters(), base.parameters()):
-                    mine.copy_(theirs)
+        """The switch to the plan with the repeats; an untied repeat MLP starts as a copy of its block's (PR #1204)."""
+        for step in [s for s in self.plans[True] if s.mlp is not None and not self.recur_active]:
+            self.repeat_mlps[step.mlp].load_state_dict(self.blocks[step.block].mlp.state_dict())
         self.recur_active = True
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -1562,9 +1537,8 @@ BLOCK_MATRICES = f"{BLOCK_ATTN}|{BLOCK_MLP}"
 GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # ATTN_GATE_WINDOW's attention output gates (PR #1855)
 CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_write|lane_keep)|skip_weights"
                    r"|skip_gates|smear\.(gate|strength)|bigram\.scale|value_embed\.(scale|position_scales)")
-# The one table of parameter kinds: a parameter's kind (its whole name) gives its optimizer group and its
-# quantization bits (16: fp16). Muon for the block matrices and the bigram projection, Adam for the rest:
-# the projection with the scalars with BIGRAM_PROJ_ADAM (PR #1204), the table too with BIGRAM_ADAM (PR #236).
+# The one table of parameter kinds: a kind (by whole name) gives a parameter's optimizer group and quantization bits
+# (16: fp16). The bigram projection is Adam's with BIGRAM_PROJ_ADAM (PR #1204), the table too with BIGRAM_ADAM (#236).
 PARAMETER_KINDS = {  # kind: (name pattern, optimizer group of h, quantization bits of h)
     "attn": (BLOCK_ATTN, lambda h: "muon", lambda h: 6),
     "mlp": (BLOCK_MLP, lambda h: "muon", lambda h: h.quant_bits_mlp),
