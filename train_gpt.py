@@ -1164,6 +1164,10 @@ def uses_block_mask(backend: str, length: int, cuda: bool, grad: bool) -> bool:
     FLEX_BLOCK, on CUDA or without gradients (it has no backward on CPU, torch 2.13)."""
     return (backend == "flex" or (backend == "auto" and cuda)) and length % FLEX_BLOCK == 0 and (cuda or not grad)
 
+def absent(*args) -> None:
+    """A part the preset leaves out (GPT.values without VE_LAYERS, GPT.mask without DOC_ATTENTION)."""
+    return None
+
 def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
     """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: block mask or dense."""
     block = uses_block_mask(backend, tokens.size(1), tokens.is_cuda, torch.is_grad_enabled())
@@ -1444,7 +1448,9 @@ class GPT(nn.Module):
         self.recur_active = False  # which plan runs: set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
         self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
-        self.doc_attention = h.attn_backend if h.doc_attention else ""  # the backend the mask is built for
+        # Parts chosen once: a preset without value embeddings or document masks gets `absent` (forward calls both)
+        self.values = self.value_embed.__call__ if self.value_embed is not None else absent
+        self.mask = functools.partial(attention_mask, backend=h.attn_backend) if h.doc_attention else absent
         self.rope_len = h.model_eval_seq_len  # the context the per-document rows are cut from
         self._init_weights(h)
 
@@ -1496,8 +1502,7 @@ class GPT(nn.Module):
         """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T). one_document:
         rows of one document each, cut from an EVAL_SEQ_LEN context (TTT): causal, RoPE at that length."""
         x0 = self.embed(input_ids)
-        ve = self.value_embed(input_ids) if self.value_embed is not None else None
-        mask = attention_mask(input_ids, self.doc_attention) if self.doc_attention and not one_document else None
+        ve, mask = self.values(input_ids), None if one_document else self.mask(input_ids)
         attend = Attend(mask, self.rope_len if one_document else 0)
         x, skips = x0[None], []  # (lanes, B, T, C)
         for step in self.plan():
