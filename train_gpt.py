@@ -2218,8 +2218,7 @@ def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple
     return {name: "int6" if name in chosen else "int5" for name in names}
 
 def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
-    """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates, whose rows
-    need not be centred (k x std(row) could be 0)."""
+    """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates (not centred)."""
     kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
              (r"tok_emb\.weight", h.sdclip_embed))
     return {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
@@ -2486,9 +2485,8 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, zstd_leve
     return pack_frames([header] + sections, zstd_level, compressor)
 
 def pack_frames(parts: list, zstd_level: int, compressor: str = "zstd") -> bytes:
-    """MAGIC, u32 frame count, u64 length per frame, the frames: checksummed zstd frames, or each part's
-    CRC-32 (u32) and its brotli stream; COMPRESSOR=ans tags each frame b"B" (brotli) or, where shorter for a
-    list of (name, int8 array), b"A" and the CRC-32 and ans_encode()'s payload (brotli finds repeated rows)."""
+    """MAGIC, u32 frame count, u64 length per frame, the frames: checksummed zstd, or the part's CRC-32 (u32) and
+    its brotli stream; ans tags each b"B" or, where shorter for a list of (name, int8 array), b"A" (ans_encode)."""
     if compressor == "zstd":
         zstd = zstandard.ZstdCompressor(level=zstd_level, write_checksum=True)
         frames = [zstd.compress(part) for part in parts]
@@ -2597,8 +2595,8 @@ def brotli_decode(stream: bytes, max_bytes: int) -> bytes:
     return data
 
 def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> bytes:
-    """One frame within `max_bytes`, else ValueError: zstd's declared size is checked before it allocates (a
-    flipped bit asked for exabytes); a brotli or ANS part must match its CRC-32."""
+    """One frame within `max_bytes` (zstd's declared size checked before allocating), else ValueError; a brotli
+    or ANS part must match its CRC-32."""
     if compressor == "zstd":
         params = zstandard.get_frame_parameters(frame)
         if not params.has_checksum or params.dict_id:
