@@ -2325,10 +2325,8 @@ def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dic
             continue
         saliency = hessian.diagonal().float().clamp_min(0).sqrt().cpu() * w.abs().mean(dim=0).cpu()
         scored += [(-score, name, g) for g, score in enumerate(saliency.view(-1, AWQ_WIDTH).sum(dim=1).tolist())]
-    chosen: dict[str, list[int]] = {}
-    for _, name, g in sorted(scored)[:count]:
-        chosen.setdefault(name, []).append(g)
-    return {name: sorted(groups) for name, groups in chosen.items()}
+    top = sorted(scored)[:count]
+    return {name: sorted(g for _, n, g in top if n == name) for name in dict.fromkeys(n for _, n, _ in top)}
 
 def awq_columns(groups) -> Tensor:
     return torch.tensor([g * AWQ_WIDTH + i for g in groups for i in range(AWQ_WIDTH)], dtype=torch.long)
@@ -2649,12 +2647,9 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
             array = from_byte_planes(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
                                      np.dtype(ARTIFACT_DTYPES[blob["dtype"]])).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
+        layouts = [{"q", "scale", *awq, *lqer} for awq in ((), AWQ_PARTS) for lqer in ((), LQER_PARTS)]
         for name, entry in quantized.items():  # the class's arrays and whole extras (AWQ, LQER), nothing else
-            integer = entry["class"] in QUANT_BITS
-            expected = {"q", "scale"} if integer else {"value"}
-            rest = set(entry["arrays"]) - expected
-            extras = [set(parts) for parts in (AWQ_PARTS, LQER_PARTS) if integer and set(parts) & rest]
-            if not expected <= set(entry["arrays"]) or rest != set().union(*extras):
+            if set(entry["arrays"]) not in (layouts if entry["class"] in QUANT_BITS else [{"value"}]):
                 raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays or has others")
         # a field the writer did not know yet loads at its default (docs/artifact.md); an unknown one is damage
         defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
