@@ -2097,15 +2097,10 @@ def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
 # -----------------------------------------------------------------------------
 # Quantization and serialization
 #
-# Per-row symmetric quantization, one fp16 scale per row, values in int8 containers, bits by class
-# (quant_rules; PR #76: int5 MLP, int6 attention). The row's scale is searched (CLIP_RATIOS x its max,
-# least squared error) or, with SDCLIP_*, fixed at k x std(row) / qmax (PR #1855). With calibration
-# Hessians GPTQ rounds the block matrices (GPTQ_EMBED: the tied head too); INT6_MATRICES ranks them by
-# input energy (PR #1204); LQER_TOP adds a low-rank error correction (PR #1855); AWQ_GROUPS keeps the most
-# salient column groups int8 (PR #1908). fit_to_limit() demotes the cheapest tensors until code + model
-# fit ARTIFACT_LIMIT_BYTES. The artifact: a MAGIC naming the compressor, a frame table, then a JSON header
-# and one frame per section of byte-planed arrays; loading it runs no code (no pickle).
-# Measurements and history: docs/notes/quantization.md.
+# One per-row quantizer (int8 containers, bits by class; PR #76), its scale searched or SDClip'd (PR #1855),
+# GPTQ on calibration Hessians, then LQER, AWQ-lite and fit_to_limit(); the artifact is a MAGIC, a frame
+# table, a JSON header and byte-planed sections, loaded without pickle. docs/artifact.md has the format,
+# docs/notes/quantization.md the measurements and history.
 
 QUANT_BITS = {"int4": 4, "int5": 5, "int6": 6, "int7": 7, "int8": 8}
 CLASS_BITS = {**QUANT_BITS, "fp16": 16}
@@ -2143,17 +2138,16 @@ def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float 
     else:  # fp16 rounds to within 2^-11 relative: the nudge keeps ratio x amax representable
         amax = w.abs().amax(dim=1, keepdim=True)
         widths = [amax * ratio / qmax * (1 + 2.0 ** -10) for ratio in (CLIP_RATIOS if clip_search else (1.0,))]
-    best_q = best_scale = best_err = None
+    best = None
     for width in widths:
         scale = width.clamp_min(floor).half().float()
         q = torch.clamp(torch.round(w / scale), -qmax, qmax)
         err = (q * scale - w).square().sum(dim=1, keepdim=True)
-        if best_err is not None:  # per row, the first of the least errors
-            better = err < best_err
-            q, scale = torch.where(better, q, best_q), torch.where(better, scale, best_scale)
-            err = torch.minimum(err, best_err)
-        best_q, best_scale, best_err = q, scale, err
-    return best_q.to(torch.int8), best_scale.squeeze(1).half()
+        if best is not None:  # per row, the first of the least errors
+            better = err < best[2]
+            q, scale, err = (torch.where(better, new, old) for new, old in zip((q, scale, err), best))
+        best = q, scale, err
+    return best[0].to(torch.int8), best[1].squeeze(1).half()
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
@@ -2182,8 +2176,7 @@ def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple
     return {name: "int6" if name in chosen else "int5" for name in names}
 
 def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
-    """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates, whose rows
-    need not be centred (k x std(row) could be 0)."""
+    """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates (not centred)."""
     kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
              (r"tok_emb\.weight", h.sdclip_embed))
     return {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
@@ -2193,9 +2186,8 @@ def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int 
                keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """int8 codes of w (rows, cols) on the per-row `scale`, each column's rounding error pushed onto the columns
     not yet rounded (GPTQ, Frantar et al. 2022). keep = (columns, per-row step): those go int8 (AWQ_GROUPS)."""
-    qmax = 2 ** (bits - 1) - 1
     steps = scale.float().reshape(-1, 1).expand(w.shape).clone()  # (rows, cols): each entry's step
-    limits = torch.full((w.size(1),), float(qmax))
+    limits = torch.full((w.size(1),), 2.0 ** (bits - 1) - 1)
     if keep is not None:
         steps[:, keep[0]] = keep[1].float()[:, None]
         limits[keep[0]] = 127.0
@@ -2229,14 +2221,12 @@ def input_hessians(model: GPT, batches, total_tokens: int, rt, head: bool = Fals
     weights = {name: model.get_parameter(name) for name in modules}
     sums = {name: torch.zeros(w.size(1), w.size(1), device=w.device) for name, w in weights.items()}
 
-    def hook_for(name: str):
-        def hook(module, args):
-            x = args[0].detach().flatten(0, -2).float()
-            with torch.autocast(x.device.type, enabled=False):  # sums in fp32, not bf16
-                sums[name].addmm_(x.T, x)
-        return hook
+    def hook(name: str, module, args) -> None:
+        x = args[0].detach().flatten(0, -2).float()
+        with torch.autocast(x.device.type, enabled=False):  # sums in fp32, not bf16
+            sums[name].addmm_(x.T, x)
 
-    hooks = [module.register_forward_pre_hook(hook_for(name)) for name, module in modules.items()]
+    hooks = [module.register_forward_pre_hook(functools.partial(hook, name)) for name, module in modules.items()]
     for inputs in batches:
         with rt.autocast():
             model(inputs)
@@ -2266,14 +2256,11 @@ def sample_batch(model: GPT, count: int, length: int, seed: int, rt) -> Tensor:
     """(count, length) tokens sampled from BOS at SELFGEN_TEMPERATURE, seeded; no KV cache (PR #1204's calibration)."""
     generator = torch.Generator(device=rt.device).manual_seed(seed)
     tokens = torch.full((count, 1), BOS_ID, dtype=torch.int64, device=rt.device)
-    was_training = model.training
-    model.eval()
     for _ in range(length - 1):
         with rt.autocast():
             logits = model(tokens)[:, -1].float()
         probs = torch.softmax(logits / SELFGEN_TEMPERATURE, dim=-1)
         tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
-    model.train(was_training)
     return tokens
 
 def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
@@ -2291,16 +2278,13 @@ def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dic
     matrices below int8 (1-128 groups wide), by the sum over a group's columns of input RMS x mean |w|."""
     scored = []
     for name, hessian in hessians.items():
-        w, cls = state[name].detach().float(), plan.get(name)
-        if cls not in QUANT_BITS or QUANT_BITS[cls] >= 8 or w.dim() != 2 or w.size(1) % AWQ_WIDTH or \
-                w.size(1) > 128 * AWQ_WIDTH:
+        w = state[name].detach().float()
+        if QUANT_BITS.get(plan.get(name), 8) >= 8 or w.size(1) % AWQ_WIDTH or w.size(1) > 128 * AWQ_WIDTH:
             continue
         saliency = hessian.diagonal().float().clamp_min(0).sqrt().cpu() * w.abs().mean(dim=0).cpu()
         scored += [(-score, name, g) for g, score in enumerate(saliency.view(-1, AWQ_WIDTH).sum(dim=1).tolist())]
-    chosen: dict[str, list[int]] = {}
-    for _, name, g in sorted(scored)[:count]:
-        chosen.setdefault(name, []).append(g)
-    return {name: sorted(groups) for name, groups in chosen.items()}
+    top = sorted(scored)[:count]
+    return {name: sorted(g for _, n, g in top if n == name) for name in dict.fromkeys(n for _, n, _ in top)}
 
 def awq_columns(groups) -> Tensor:
     return torch.tensor([g * AWQ_WIDTH + i for g in groups for i in range(AWQ_WIDTH)], dtype=torch.long)
@@ -2349,27 +2333,23 @@ def dequantize_tensor(entry: dict) -> Tensor:
 def dequantize_state(quantized: dict[str, dict]) -> dict[str, Tensor]:
     return {name: dequantize_tensor(entry) for name, entry in quantized.items()}
 
-def low_rank_factors(error: Tensor) -> dict[str, np.ndarray]:
-    """LQER (PR #1855): error (rows, cols) ~ A @ B, A (rows, LQER_RANK) = sqrt(S) U from its SVD rounded to
-    {-1, 0, 1} x one scale, then B refit to the rounded A by least squares, int4 per LQER_GROUP values."""
-    u, s, vh = torch.linalg.svd(error.float(), full_matrices=False)
-    rank = min(LQER_RANK, len(s))
-    qa, sa = quantize_rows((u[:, :rank] * s[:rank].sqrt()).reshape(1, -1), 2)
-    a = dequantize_rows(qa, sa).view(-1, rank)
-    qb, sb = quantize_rows((torch.linalg.pinv(a) @ error.float()).reshape(-1, LQER_GROUP), 4)
-    parts = {"lqer_a": qa.view(-1, rank), "lqer_a_scale": sa, "lqer_b": qb.view(rank, -1), "lqer_b_scale": sb}
-    return {k: v.cpu().numpy() for k, v in parts.items()}
-
 def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict], top: int) -> list[str]:
-    """LQER_TOP: low_rank_factors() for the `top` quantized matrices (whole LQER_GROUPs wide) of largest
-    ||W - Q(W)||_F. Returns their names, largest error first."""
+    """LQER (PR #1855) for the `top` quantized matrices (whole LQER_GROUPs wide) of largest ||E||_F, E = W - Q(W):
+    E ~ A @ B, A (rows, LQER_RANK) = sqrt(S) U from E's SVD rounded to {-1, 0, 1} x one scale, then B refit to the
+    rounded A by least squares, int4 per LQER_GROUP values. Returns their names, largest error first."""
     errors = {}
     for name, entry in quantized.items():
         if entry["class"] in QUANT_BITS and len(entry["shape"]) == 2 and entry["shape"][1] % LQER_GROUP == 0:
             errors[name] = state[name].detach().float().cpu() - dequantize_tensor(entry)
     chosen = sorted(errors, key=lambda n: (-float(errors[n].norm()), n))[:top]
     for name in chosen:
-        quantized[name]["arrays"].update(low_rank_factors(errors[name]))
+        u, s, vh = torch.linalg.svd(errors[name], full_matrices=False)
+        rank = min(LQER_RANK, len(s))
+        qa, sa = quantize_rows((u[:, :rank] * s[:rank].sqrt()).reshape(1, -1), 2)
+        a = dequantize_rows(qa, sa).view(-1, rank)
+        qb, sb = quantize_rows((torch.linalg.pinv(a) @ errors[name]).reshape(-1, LQER_GROUP), 4)
+        parts = {"lqer_a": qa.view(-1, rank), "lqer_a_scale": sa, "lqer_b": qb.view(rank, -1), "lqer_b_scale": sb}
+        quantized[name]["arrays"].update({k: v.numpy() for k, v in parts.items()})
     return chosen
 
 def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
@@ -2460,9 +2440,8 @@ def serialize_artifact(quantized: dict[str, dict], model_config: dict, compresso
     return pack_frames([header] + sections, compressor)
 
 def pack_frames(parts: list, compressor: str = "zstd") -> bytes:
-    """MAGIC, u32 frame count, u64 length per frame, the frames: checksummed zstd frames, or each part's
-    CRC-32 (u32) and its brotli stream; COMPRESSOR=ans tags each frame b"B" (brotli) or, where shorter for a
-    list of (name, int8 array), b"A" and the CRC-32 and ans_encode()'s payload (brotli finds repeated rows)."""
+    """MAGIC, u32 frame count, u64 length per frame, the frames: checksummed zstd, or the part's CRC-32 (u32) and
+    its brotli stream; ans tags each b"B" or, where shorter for a list of (name, int8 array), b"A" (ans_encode)."""
     if compressor == "zstd":
         zstd = zstandard.ZstdCompressor(level=22, write_checksum=True)
         frames = [zstd.compress(part) for part in parts]
@@ -2525,36 +2504,25 @@ def ans_model(constriction, counts: list[int]):
                                                  perfect=False)
 
 def ans_decode(payload: bytes, max_bytes: int) -> bytes:
-    """ans_encode()'s arrays as int8 bytes, end to end; ValueError where the payload does not describe at
-    most `max_bytes` values consistently (checked before anything is decoded)."""
+    """ans_encode()'s arrays as int8 bytes, end to end; ValueError where the payload describes more than
+    `max_bytes` values (checked before anything is decoded) or does not decode (the frame's CRC-32 checks it)."""
     constriction = brotli_module("constriction")
     (head_len,) = struct.unpack_from("<I", payload)
     meta = json.loads(brotli_decode(payload[4:4 + head_len], ARTIFACT_MAX_HEADER_BYTES))
     shapes, kinds, buckets = meta["shapes"], meta["kinds"], [np.asarray(b, dtype=np.int64) for b in meta["buckets"]]
-    if (not len(shapes) == len(kinds) == len(buckets)
-            or sum(r * c for r, c in shapes) > max_bytes or (len(payload) - 4 - head_len) % 4
-            or any(b.shape != (c,) or (b.size and not 0 <= b.min() <= b.max() < ANS_COLUMN_BUCKETS)
-                   for b, (r, c) in zip(buckets, shapes))):
+    if sum(r * c for r, c in shapes) > max_bytes or any(b.shape != (c,) for b, (_, c) in zip(buckets, shapes)):
         raise ValueError("an ANS frame whose description does not add up")
-    matrices = [np.zeros((r, c), dtype=np.int32) for r, c in shapes]
-    groups = ans_groups(kinds, buckets)
-    if len(groups) != len(meta["models"]):
-        raise ValueError("an ANS frame with a model too many or too few")
-    words = np.frombuffer(payload[4 + head_len:], dtype="<u4").astype(np.uint32)
-    coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
-    for group, (low, counts) in zip(groups, meta["models"]):
-        sizes = [shapes[i][0] * int((buckets[i] == b).sum()) for i, b in group]
-        if sum(counts) != sum(sizes) or min(counts, default=0) < 0:
-            raise ValueError("an ANS model that counts other values than its columns hold")
-        try:
-            values = coder.decode(ans_model(constriction, counts), sum(sizes)) + low if sum(sizes) else np.zeros(0, np.int32)
-        except Exception as exc:  # the coder's own error on a damaged stream
-            raise ValueError(f"an ANS stream that does not decode ({type(exc).__name__}: {exc})") from None
-        for (i, b), chunk in zip(group, np.split(values, np.cumsum(sizes)[:-1])):
-            columns = buckets[i] == b
-            matrices[i][:, columns] = chunk.reshape(shapes[i][0], int(columns.sum()))
-    if not all(-128 <= int(m.min(initial=0)) and int(m.max(initial=0)) <= 127 for m in matrices):
-        raise ValueError("ANS codes outside int8")
+    try:
+        matrices = [np.zeros((r, c), dtype=np.int32) for r, c in shapes]
+        words = np.frombuffer(payload[4 + head_len:], dtype="<u4").astype(np.uint32)
+        coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+        for group, (low, counts) in zip(ans_groups(kinds, buckets), meta["models"]):
+            sizes = [shapes[i][0] * int((buckets[i] == b).sum()) for i, b in group]
+            values = coder.decode(ans_model(constriction, counts), sum(sizes)) + low if sum(sizes) else np.zeros(0)
+            for (i, b), chunk in zip(group, np.split(values, np.cumsum(sizes)[:-1])):
+                matrices[i][:, buckets[i] == b] = chunk.reshape(shapes[i][0], int((buckets[i] == b).sum()))
+    except Exception as exc:  # the coder's own error, or a description that does not fit, on a damaged frame
+        raise ValueError(f"an ANS stream that does not decode ({type(exc).__name__}: {exc})") from None
     return b"".join(m.astype(np.int8).tobytes() for m in matrices)
 
 def unpack_frames(data: bytes) -> list[bytes]:
@@ -2582,8 +2550,8 @@ def brotli_decode(stream: bytes, max_bytes: int) -> bytes:
     return data
 
 def decompress_frame(frame: bytes, max_bytes: int, compressor: str = "zstd") -> bytes:
-    """One frame within `max_bytes`, else ValueError: zstd's declared size is checked before it allocates (a
-    flipped bit asked for exabytes); a brotli or ANS part must match its CRC-32."""
+    """One frame within `max_bytes` (zstd's declared size checked before allocating), else ValueError; a brotli
+    or ANS part must match its CRC-32."""
     if compressor == "zstd":
         params = zstandard.get_frame_parameters(frame)
         if not params.has_checksum or params.dict_id:
@@ -2636,15 +2604,11 @@ def deserialize_artifact(data: bytes, source: str) -> tuple[dict, dict[str, dict
             array = from_byte_planes(body[blob["offset"]:blob["offset"] + blob["nbytes"]],
                                      np.dtype(ARTIFACT_DTYPES[blob["dtype"]])).reshape(blob["shape"])
             quantized[blob["name"]]["arrays"][blob["part"]] = array
+        layouts = [{"q", "scale", *awq, *lqer} for awq in ((), AWQ_PARTS) for lqer in ((), LQER_PARTS)]
         for name, entry in quantized.items():  # the class's arrays and whole extras (AWQ, LQER), nothing else
-            integer = entry["class"] in QUANT_BITS
-            expected = {"q", "scale"} if integer else {"value"}
-            rest = set(entry["arrays"]) - expected
-            extras = [set(parts) for parts in (AWQ_PARTS, LQER_PARTS) if integer and set(parts) & rest]
-            if not expected <= set(entry["arrays"]) or rest != set().union(*extras):
+            if set(entry["arrays"]) not in (layouts if entry["class"] in QUANT_BITS else [{"value"}]):
                 raise ValueError(f"tensor {name} ({entry['class']}) lacks its arrays or has others")
-        # A field the writer did not know yet was off there (every model field defaults to the behaviour
-        # before it), so an older artifact loads; a field this script does not know is damage.
+        # a field the writer did not know yet loads at its default (docs/artifact.md); an unknown one is damage
         defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
         config = {**defaults, **header["model"]}
         if config.keys() != defaults.keys() or any(type(v) is not type(defaults[k]) for k, v in config.items()):
@@ -2754,9 +2718,8 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
 
 def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
               log) -> tuple[dict | None, float]:
-    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training: calibration on
-    training tokens does; on self-sampled text it reads no data and does not (PR #1204 ran it after its
-    600 s)."""
+    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training: those on training
+    tokens; self-sampled text reads no data (PR #1204 ran it after its 600 s)."""
     if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
         return None, 0.0
     t0 = time.perf_counter()
