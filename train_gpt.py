@@ -851,9 +851,8 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
 
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
                        caseops: bool, exact: bool = True) -> tuple[int, str, np.ndarray]:
-    """(d, reason, totals): the first of `docs` not re-encoding to its ids ("ids"; REENCODE_DOCS spread over the split
-    are tried) or, if `exact`, whose decoded text's UTF-8 length is not its counted bytes ("bytes: ..."); totals:
-    [decoded bytes, documents counted otherwise]."""
+    """(d, reason, totals): the first of `docs` failing a re-encoding ("ids"; REENCODE_DOCS spread over the split) or,
+    if `exact`, its byte count ("bytes: ..."); totals: [decoded UTF-8 bytes, documents counted otherwise]."""
     ends = np.append(starts[1:], len(tokens))
     ids = [tokens[starts[d] + 1:ends[d]].tolist() for d in docs]
     reencode_every = max(1, len(starts) // REENCODE_DOCS)
