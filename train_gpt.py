@@ -616,10 +616,9 @@ class Muon(torch.optim.Optimizer):
 # -----------------------------------------------------------------------------
 # Data
 #
-# A shard is 256 little-endian int32 (magic, version, token count, unused) then that many uint16
-# tokens. Headers and sizes are checked before training; token ids of the validation split up front,
-# of each training shard as the stream loads it. The validation split's bytes are proved against its
-# decoded text before anything trains (check_validation_text). Notes: docs/notes/data.md.
+# Shards: 256 little-endian int32 (magic, version, token count, unused), then the uint16 tokens. Before anything
+# trains, the validation split's bytes are proved against its decoded text (check_validation_text) and the
+# training data is searched for its documents (check_leak). Notes: docs/notes/data.md.
 
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 256 * 4
 
@@ -650,29 +649,23 @@ def shard_files(data_path: str, split: str) -> list[str]:
     return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
                   if not os.path.basename(f).startswith("fineweb_val_bytes_"))
 
-def download_hint(h: Hyperparameters) -> str:
-    return (f"download FineWeb with {FINEWEB_DOWNLOAD.format(vocab_size=h.vocab_size)}, or set DATA_PATH and "
-            f"TOKENIZER_PATH")
-
+DOWNLOAD_HINT = f"download FineWeb with {FINEWEB_DOWNLOAD}, or set DATA_PATH and TOKENIZER_PATH"
 BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
 
 def find_shards(h: Hyperparameters, split: str) -> list[str]:
     if not os.path.isdir(h.data_path):
-        raise RunError(f"DATA_PATH={h.data_path}: no such directory; {download_hint(h)}")
+        raise RunError(f"DATA_PATH={h.data_path}: no such directory; {DOWNLOAD_HINT.format(vocab_size=h.vocab_size)}")
     if (Path(h.data_path) / BUILD_MARKER).is_file() and not (Path(h.data_path) / "manifest.json").is_file():
         raise RunError(f"DATA_PATH={h.data_path}: an unfinished build: tools/build_dataset.py's {BUILD_MARKER} "
                        f"is there but not the manifest.json it writes last; build the dataset again")
     files = shard_files(h.data_path, split)
-    if not files:
-        raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards")
-    if sum(read_shard_header(path) for path in files) == 0:
-        raise RunError(f"DATA_PATH={h.data_path}: the fineweb_{split}_*.bin shards hold no tokens")
+    if not sum(map(read_shard_header, files)):
+        raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards, or none holds a token")
     return files
 
 def log_train_budget(h: Hyperparameters, files: list[str], log) -> None:
-    """Logs the shards' tokens against the most the run reads (a step: TRAIN_BATCH_TOKENS + a token per
-    slice; GPTQ calibration: whole steps; not the warm-up's) and warns when the stream would wrap."""
-    available = sum(read_shard_header(f) for f in files)
+    """Logs the shards' tokens against the most the run reads (warm-up aside) and warns if the stream would wrap."""
+    available = sum(map(read_shard_header, files))
     per_step = h.train_batch_tokens + SLICES_PER_STEP
     steps = h.iterations + -(-h.gptq_calib_tokens // h.train_batch_tokens)
     bound = "at most, ITERATIONS bound; the wallclock cap decides" if h.max_wallclock_seconds else "exactly"
@@ -683,15 +676,12 @@ def log_train_budget(h: Hyperparameters, files: list[str], log) -> None:
                    f"{available} tokens, fewer than the {steps * per_step} planned; training would repeat data")
         log(f"note: {message}, if the run gets that far" if h.max_wallclock_seconds else f"WARNING: {message}")
 
-# CaseOps (PR #1626's lossless_caps_caseops_v1): capitals rewritten as private-use operators before
-# tokenizing. The forward rewrite lives in tools/build_dataset.py (caseops_encode).
-CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
-CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
+# CaseOps (PR #1626): capitals as private-use operators TITLE, ALLCAPS, CAPNEXT, ESC (tools/build_dataset.py).
+CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")
 _CASEOPS_DECODE = re.compile("\ue004([\ue001-\ue004])|\ue002([a-z]+)|[\ue001\ue003]([a-z])|([\ue001-\ue004])")
 
 def caseops_decode(text: str) -> str:
-    """The exact inverse of CaseOps: TITLE or CAPNEXT capitalises the next letter, ALLCAPS the run of a-z
-    after it, ESC makes the next operator literal. An operator anywhere else is a ValueError."""
+    """The exact inverse of CaseOps (docs/notes/data.md); an operator where the rewrite puts none is a ValueError."""
     def restore(m: re.Match) -> str:
         literal, word, letter, stray = m.groups()
         if stray is not None:
@@ -701,8 +691,7 @@ def caseops_decode(text: str) -> str:
     return _CASEOPS_DECODE.sub(restore, text)
 
 class TokenStream:
-    """The training shards in order, wrapping at the end (on_wrap() is called the first time). A thread
-    reads the next shard while this one is consumed: the tokens and their order do not change."""
+    """The training shards in order, wrapping at the end (calling on_wrap() the first time); a thread reads ahead."""
 
     def __init__(self, files: list[str], vocab_size: int, on_wrap=None):
         self.files, self.vocab_size, self.on_wrap = files, vocab_size, on_wrap
@@ -711,8 +700,7 @@ class TokenStream:
         self.seek(0, 0)
 
     def seek(self, file_index: int, pos: int, tokens: np.ndarray | None = None) -> None:
-        """Continue at `pos` of shard `file_index` (the next shard, or a lab checkpoint's position), the next
-        shard being read meanwhile."""
+        """Continue at `pos` of shard `file_index` (its `tokens`, if read already), reading the next shard."""
         if self.next_tokens is not None:
             self.next_tokens.cancel()
         self.file_index, self.pos = file_index, pos
@@ -735,8 +723,7 @@ class TokenStream:
         return np.concatenate(parts)
 
 class DistributedTokenLoader:
-    """Each micro-step takes world_size consecutive spans of the stream and rank r trains on span r: the
-    same tokens in the same optimizer steps on 1, 2, 4 or 8 GPUs (gradient accumulation covers the rest)."""
+    """Rank r trains on span r of each world_size consecutive spans: the same steps' tokens on 1, 2, 4 or 8 GPUs."""
 
     def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
                  on_wrap=None):
@@ -751,7 +738,8 @@ class DistributedTokenLoader:
 
 def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     if not os.path.isfile(h.tokenizer_path):
-        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file; {download_hint(h)}")
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: no such file; "
+                       f"{DOWNLOAD_HINT.format(vocab_size=h.vocab_size)}")
     try:
         sp = spm.SentencePieceProcessor(model_file=h.tokenizer_path)
     except (RuntimeError, OSError) as exc:
@@ -762,8 +750,7 @@ def load_tokenizer(h: Hyperparameters) -> spm.SentencePieceProcessor:
     return sp
 
 def strips_leading_space(sp: spm.SentencePieceProcessor) -> bool:
-    """Whether decoding drops a document's first space marker (a normalizer that removes extra
-    whitespace, as the challenge's tokenizers have): asked of the decoder on the first such piece."""
+    """Whether decoding drops a document's first space marker (as the challenge's tokenizers' normalizer does)."""
     for i in range(sp.vocab_size()):
         piece = sp.id_to_piece(i)
         if piece.startswith("\u2581") and piece.strip("\u2581") and not (sp.is_control(i) or sp.is_byte(i)):
@@ -772,8 +759,7 @@ def strips_leading_space(sp: spm.SentencePieceProcessor) -> bool:
 
 def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token id: base (UTF-8 bytes of the piece, each space marker one space, less a leading marker
-    that decoding drops), space (it has that marker), boundary (control/unknown/unused: 0 bytes).
-    A target counts base + [space and its predecessor is no boundary] (target_bytes)."""
+    that decoding drops), space (it has that marker), boundary (control/unknown/unused: 0 bytes)."""
     n, strip = sp.vocab_size(), strips_leading_space(sp)
     base, space, boundary = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool)
     for i in range(n):
@@ -788,12 +774,12 @@ def byte_tables(sp: spm.SentencePieceProcessor) -> tuple[np.ndarray, np.ndarray,
     return base, space, boundary
 
 def target_bytes(inputs: np.ndarray | Tensor, targets: np.ndarray | Tensor, tables) -> np.ndarray | Tensor:
+    """A target's bytes: base, plus one for a leading space marker unless its predecessor is a boundary."""
     base, space, boundary = tables
     return base[targets] + (space[targets] & ~boundary[inputs])
 
-# The official validation splits: the first 50,000 documents of each public export, with the scored
-# targets their records logged (cut to whole windows: known to within 2,048). Anything else is `custom`.
-OFFICIAL_SPLITS = (  # name, vocab size, byte sidecar, documents, scored targets as logged
+# The public exports' validation splits (first 50,000 documents), targets as their records logged (+ < 2,048).
+OFFICIAL_SPLITS = (  # name, vocab size, byte sidecar, documents, scored targets
     ("fineweb_sp1024", 1024, False, 50_000, 62_021_632),
     ("fineweb_sp8192", 8192, False, 50_000, 40_540_160),
     ("fineweb_sp8192_caseops", 8192, True, 50_000, 47_851_520),
@@ -803,26 +789,19 @@ LEAK_MIN_TOKENS = 64  # shorter documents (boilerplate) may repeat legitimately;
 LEAK_BLOCK_TOKENS = 1 << 20  # tokens read per sampled block of a training shard
 
 def split_name(vocab_size: int, sidecar: bool, documents: int, targets: int) -> str:
-    for name, vocab, has_sidecar, docs, logged in OFFICIAL_SPLITS:
-        if (vocab, has_sidecar, docs) == (vocab_size, sidecar, documents) and logged <= targets < logged + 2048:
-            return name
-    return "custom"
+    return next((name for name, vocab, has_sidecar, docs, logged in OFFICIAL_SPLITS if (vocab, has_sidecar, docs)
+                 == (vocab_size, sidecar, documents) and logged <= targets < logged + 2048), "custom")
 
 def document_starts(tokens: np.ndarray) -> np.ndarray:
     """The BOS positions: document d is tokens[starts[d]:starts[d + 1]] (the last one runs to the end)."""
     return np.flatnonzero(tokens == BOS_ID)
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     """Checks the validation `files` against DATA_PATH/manifest.json (tools/build_dataset.py's sizes and
-    sha256), logs it and returns its byte convention; None without one (the challenge's downloads; find_shards
-    refuses a build that has the builder's marker but no manifest)."""
+    sha256), logs it and returns its byte convention; None without one (the challenge's downloads)."""
     path = Path(h.data_path) / "manifest.json"
     if not path.is_file():
         return None
@@ -839,33 +818,20 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     if settings.get("vocab_size") != h.vocab_size:
         raise RunError(f"{path}: built for vocab size {settings.get('vocab_size')}, but VOCAB_SIZE={h.vocab_size}")
     train = manifest.get("splits", {}).get("train", {})
-    log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} "
-        f"created:{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} "
-        f"caseops:{settings.get('caseops')} val_docs:{settings.get('val_docs')} "
-        f"train_dropped_duplicates_of_val:{train.get('dropped_duplicates_of_val')} "
-        f"train_dropped_near_duplicates_of_val:{train.get('dropped_near_duplicates_of_val')} "
-        f"sha256:{file_sha256(str(path))}")
+    log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} created:"
+        f"{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} caseops:{settings.get('caseops')} "
+        f"val_docs:{settings.get('val_docs')} train_dropped_duplicates_of_val:"
+        f"{train.get('dropped_duplicates_of_val')} train_dropped_near_duplicates_of_val:"
+        f"{train.get('dropped_near_duplicates_of_val')} sha256:{file_sha256(path)}")
     convention = manifest.get("val_bytes") or ("normalized: not recorded (builder version 1: its sidecar counts "
                                                "the normalized text)")
     log(f"data_val_bytes: {convention}")
     return convention
 
-def load_token_bytes(h: Hyperparameters, tokens: np.ndarray, tables, sidecar: list[str]) -> np.ndarray:
-    """Bytes of the original text behind each validation token (a BOS and the first token: 0): from the
-    byte sidecar (fineweb_val_bytes_*.bin, one uint16 per token: the CaseOps exports) or byte_tables."""
-    if not sidecar:
-        return np.concatenate(([0], target_bytes(tokens[:-1], tokens[1:], tables)))
-    counts = np.concatenate([load_shard(f, 1 << 16) for f in sidecar]).astype(np.int64)
-    if len(counts) != len(tokens):
-        raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar fineweb_val_bytes_*.bin has {len(counts)} "
-                       f"counts for {len(tokens)} validation tokens (expected one per token)")
-    return counts
-
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
                        caseops: bool, exact: bool = True) -> tuple[int, str, np.ndarray]:
-    """(d, reason, totals): the first document d of `docs` that does not re-encode to its ids ("ids"; every
-    len(starts) // REENCODE_DOCS-th is tried) or, when `exact`, whose decoded (case-restored) text's UTF-8
-    length is not its counted bytes ("bytes: ..."); totals: [decoded bytes, documents counted otherwise]."""
+    """(d, reason, totals): the first of `docs` failing a re-encoding ("ids"; REENCODE_DOCS spread over the split) or,
+    if `exact`, its byte count ("bytes: ..."); totals: [decoded UTF-8 bytes, documents counted otherwise]."""
     ends = np.append(starts[1:], len(tokens))
     ids = [tokens[starts[d] + 1:ends[d]].tolist() for d in docs]
     reencode_every = max(1, len(starts) // REENCODE_DOCS)
@@ -886,33 +852,31 @@ def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: 
 def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_bytes: np.ndarray, sidecar: bool,
                           caseops: bool, device: torch.device, rank: int, world_size: int,
                           exact: bool = True) -> tuple[int, int]:
-    """Proves the bpb denominator and the tokenizer on every validation document (ranks share them; a
-    sidecar of the original text's bytes, not `exact`, only at BOS). Returns (UTF-8 bytes of the decoded
-    text, documents counted otherwise); RunError naming the first document that disagrees."""
+    """Proves the bpb denominator (not `exact`: only at BOS) and the tokenizer on every validation document, ranks
+    sharing them: (decoded UTF-8 bytes, documents counted otherwise), or RunError naming the first that disagrees."""
     starts = document_starts(tokens)
     if len(starts) == 0 or starts[0] != 0:
         raise RunError(f"DATA_PATH={h.data_path}: the validation split does not start with BOS (id {BOS_ID}): "
                        f"every document must (is it a split of this format?)")
     if token_bytes[starts].any():
         raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar gives a BOS nonzero bytes")
-    mine = range(rank, len(starts), world_size)
-    bad, reason, totals = first_disagreement(sp, tokens, token_bytes, starts, mine, caseops, exact)
+    bad, _, totals = first_disagreement(sp, tokens, token_bytes, starts, range(rank, len(starts), world_size),
+                                        caseops, exact)
     if world_size > 1:
         first = torch.tensor([bad], dtype=torch.int64, device=device)
         summed = torch.from_numpy(totals).to(device)
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
         dist.all_reduce(summed)
         bad, totals = int(first.item()), summed.cpu().numpy()
-        if bad < len(starts):
-            _, reason, _ = first_disagreement(sp, tokens, token_bytes, starts, range(bad, bad + 1), caseops, exact)
-    where = f"validation document {bad} (from token {starts[bad]})" if bad < len(starts) else ""
-    if reason == "ids":
-        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} does not re-encode to its own ids: this is not "
-                       f"the tokenizer the shards were made with")
-    if reason and sidecar:
-        raise RunError(f"DATA_PATH={h.data_path}: fineweb_val_bytes_*.bin: {where}: {reason[7:]} by the sidecar, "
-                       f"which its manifest says counts the decoded text")
-    if reason:
+    if bad < len(starts):
+        _, reason, _ = first_disagreement(sp, tokens, token_bytes, starts, range(bad, bad + 1), caseops, exact)
+        where = f"validation document {bad} (from token {starts[bad]})"
+        if reason == "ids":
+            raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} does not re-encode to its own ids: this is "
+                           f"not the tokenizer the shards were made with")
+        if sidecar:
+            raise RunError(f"DATA_PATH={h.data_path}: fineweb_val_bytes_*.bin: {where}: {reason[7:]} by the "
+                           f"sidecar, which its manifest says counts the decoded text")
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} {reason[7:]} by the per-token rule: "
                        f"a piece this rule does not count right")
     return int(totals[0]), int(totals[1])
@@ -939,35 +903,39 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
     if caseops and not sidecar:
         raise RunError(f"TOKENIZER_PATH={h.tokenizer_path} spells CaseOps operators, but DATA_PATH={h.data_path} "
                        f"has no byte sidecar fineweb_val_bytes_*.bin: the bytes of the original text are unknown")
-    token_bytes = load_token_bytes(h, tokens, tables, sidecar)
+    # Bytes of text per token (BOS: 0): the sidecar's (one uint16 per token: the CaseOps exports) or the rule's.
+    token_bytes = np.concatenate([load_shard(f, 1 << 16) for f in sidecar] if sidecar else
+                                 ([0], target_bytes(tokens[:-1], tokens[1:], tables))).astype(np.int64)
+    if len(token_bytes) != len(tokens):
+        raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar fineweb_val_bytes_*.bin has {len(token_bytes)} "
+                       f"counts for {len(tokens)} validation tokens (expected one per token)")
     # A sidecar counts the original text unless its manifest says the normalized one (then proved exactly).
     exact = not sidecar or (convention or "").startswith("normalized")
-    decoded, differ = check_validation_text(h, sp, tokens, token_bytes, bool(sidecar), caseops and bool(sidecar),
-                                            device, rank, world_size, exact)
-    starts, split_targets = document_starts(tokens), len(tokens) - 1
+    decoded, differ = check_validation_text(h, sp, tokens, token_bytes, bool(sidecar), caseops, device, rank,
+                                            world_size, exact)
+    docs, split_targets = len(document_starts(tokens)), len(tokens) - 1
     if not token_bytes.any():
         raise RunError(f"DATA_PATH={h.data_path}: the validation split has nothing to score: {split_targets} "
-                       f"targets in {len(starts)} documents, 0 bytes of text")
-    name = split_name(h.vocab_size, bool(sidecar), len(starts), split_targets)
+                       f"targets in {docs} documents, 0 bytes of text")
+    name = split_name(h.vocab_size, bool(sidecar), docs, split_targets)
     log(f"val_split:{name} val_split_targets:{split_targets} val_split_sha256:"
-        f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{len(starts)}")
+        f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{docs}")
     source = "rule" if not sidecar else "sidecar" if exact else "sidecar_original"
     log(f"val_bytes_source:{source} val_split_bytes:{int(token_bytes.sum())} decoded_text_bytes:{decoded} "
-        f"documents_checked:{len(starts)} reencoded:{min(REENCODE_DOCS, len(starts))}"
+        f"documents_checked:{docs} reencoded:{min(REENCODE_DOCS, docs)}"
         + (f" documents_counted_otherwise:{differ} (the sidecar counts the original text's bytes, the "
            f"denominator; the tokenizer's normalization changed these documents)" if not exact else ""))
-    digests = frozenset(document_digests(tokens, complete_last=True))
     if h.val_tokens > split_targets:
         raise RunError(f"VAL_TOKENS={h.val_tokens}: the validation split has only {split_targets} targets")
-    if h.val_tokens:
-        tokens = tokens[:h.val_tokens + 1]  # targets 1..VAL_TOKENS, with the first token as their context
-    if len(tokens) - 1 < h.model_eval_seq_len:
-        raise RunError(f"DATA_PATH={h.data_path}: {len(tokens) - 1} validation targets (VAL_TOKENS={h.val_tokens}), "
+    n = h.val_tokens or split_targets  # targets 1..n are scored, the first token being their context
+    if n < h.model_eval_seq_len:
+        raise RunError(f"DATA_PATH={h.data_path}: {n} validation targets (VAL_TOKENS={h.val_tokens}), "
                        f"fewer than one EVAL_SEQ_LEN={h.model_eval_seq_len} window")
-    per_target = token_bytes[1:len(tokens)]
-    return ValidationSet(torch.from_numpy(tokens.astype(np.int64)).to(device), len(tokens) - 1, int(per_target.sum()),
+    per_target = token_bytes[1:n + 1]
+    return ValidationSet(torch.from_numpy(tokens[:n + 1].astype(np.int64)).to(device), n, int(per_target.sum()),
                          tuple(torch.from_numpy(t).to(device) for t in tables), split_targets,
-                         torch.from_numpy(per_target.astype(np.int32)).to(device), digests)
+                         torch.from_numpy(per_target.astype(np.int32)).to(device),
+                         frozenset(document_digests(tokens, complete_last=True)))
 
 def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor, Tensor]) -> ValidationSet:
     """A span of training tokens in the shape of a ValidationSet: what the compile warm-up scores."""
@@ -976,52 +944,45 @@ def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor
     return ValidationSet(span, len(span) - 1, int(per_target.sum()), tables, len(span) - 1, per_target)
 
 def document_digests(tokens: np.ndarray, complete_last: bool) -> list[bytes]:
-    """A 128-bit BLAKE2b digest of each document of at least LEAK_MIN_TOKENS tokens (BOS to the next
-    BOS; the last one only if complete_last: a block of a shard may cut it)."""
+    """128-bit BLAKE2b digests of the documents of >= LEAK_MIN_TOKENS tokens (the last one if complete_last)."""
     bounds = np.append(document_starts(tokens), len(tokens) if complete_last else []).astype(np.int64)
     data = tokens.astype("<u2")
     return [hashlib.blake2b(data[s:e].tobytes(), digest_size=16).digest()
             for s, e in zip(bounds[:-1], bounds[1:]) if e - s >= LEAK_MIN_TOKENS]
 
-def leak_sample(files: list[str], rank: int, world_size: int) -> list[tuple[int, int, int]]:
-    """(file index, offset, tokens) of the training spans rank `rank` scans for leaks: all of the first
-    shard and, of every other, its first block and (when longer than two) one at a seeded random place."""
-    spans, rng = [], np.random.default_rng(0)
-    for i, path in enumerate(files):
-        count = read_shard_header(path)
-        offset = int(rng.integers(0, max(count - LEAK_BLOCK_TOKENS, 0) + 1))  # drawn for all: rank-independent
-        if i % world_size == rank:
-            spans += ([(0, 0, count)] if i == 0 else [(i, 0, min(count, LEAK_BLOCK_TOKENS))]
-                      + ([(i, offset, LEAK_BLOCK_TOKENS)] if count > 2 * LEAK_BLOCK_TOKENS else []))
-    return spans
-
 def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozenset, rank: int,
                 world_size: int) -> tuple[int, int, int]:
-    """This rank's share of the leak check: (training shards identical to a validation shard, training
-    tokens scanned, validation documents found among them)."""
+    """Rank `rank`'s share of the leak check: (training shards identical to a validation shard, tokens scanned,
+    validation documents found), scanning the first shard, and a first and a seeded random block of every other."""
     val_files = shard_files(h.data_path, "val")
     val_sizes, val_hashes = {os.path.getsize(f) for f in val_files}, None
     identical = scanned = hits = 0
-    for path in train_files[rank::world_size]:
+    rng = np.random.default_rng(0)
+    for i, path in enumerate(train_files):
+        count = read_shard_header(path)
+        offset = int(rng.integers(0, max(count - LEAK_BLOCK_TOKENS, 0) + 1))  # drawn for all: rank-independent
+        if i % world_size != rank:
+            continue
         if os.path.getsize(path) in val_sizes:
             val_hashes = val_hashes or {file_sha256(f) for f in val_files}
             identical += file_sha256(path) in val_hashes
-    for i, offset, count in leak_sample(train_files, rank, world_size):
-        block = np.fromfile(train_files[i], dtype="<u2", count=count, offset=SHARD_HEADER_BYTES + 2 * offset)
-        scanned += len(block)
-        hits += sum(d in val_digests for d in document_digests(block, complete_last=False))
+        blocks = [(0, count if i == 0 else min(count, LEAK_BLOCK_TOKENS))]
+        blocks += [(offset, LEAK_BLOCK_TOKENS)] if i and count > 2 * LEAK_BLOCK_TOKENS else []
+        for start, length in blocks:
+            block = np.fromfile(path, dtype="<u2", count=length, offset=SHARD_HEADER_BYTES + 2 * start)
+            scanned += len(block)
+            hits += sum(d in val_digests for d in document_digests(block, complete_last=False))
     return identical, scanned, hits
 
 def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, log, rank: int = 0,
                world_size: int = 1) -> None:
-    """Looks for validation text in the training data (leak_counts) and warns in the log (submit.py fails
-    such a log); the run goes on."""
+    """Warns in the log (which submit.py then fails) if leak_counts finds validation text in the training data."""
     t0 = time.perf_counter()
     counts = leak_counts(h, train_files, val.doc_digests, rank, world_size)
     if world_size > 1:
         reduced = torch.tensor(counts, dtype=torch.int64, device=val.tokens.device)
         dist.all_reduce(reduced)
-        counts = tuple(int(c) for c in reduced.tolist())
+        counts = reduced.tolist()
     identical, scanned, hits = counts
     log(f"leak_check: val_docs_sampled:{len(val.doc_digests)} train_tokens_scanned:{scanned} hits:{hits} "
         f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f} (sees exact repeats of "
@@ -1592,11 +1553,8 @@ def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int)
 # -----------------------------------------------------------------------------
 # Evaluation
 #
-# One routine scores any window plan: windows of at most EVAL_SEQ_LEN targets, each scoring those from
-# `score_from` to its end. Standard evaluation is stride = length (disjoint windows); the sliding window
-# advances by EVAL_STRIDE and scores only the targets new to each window. Every target is scored exactly
-# once, checked against the validation set's counts after every evaluation (checked_score). With
-# DOC_ATTENTION a window attends within documents, as in training (the model's own mask).
+# One routine scores any window plan (window_plan: disjoint windows, or sliding by EVAL_STRIDE and scoring the
+# targets new to each); checked_score proves every target scored once. Notes: docs/notes/evaluation.md.
 
 def window_plan(num_targets: int, seq_len: int, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(start, end, score_from) per window over target indices [0, num_targets); the last reaches the end."""
@@ -1610,6 +1568,7 @@ def scored_sums(losses: Tensor, scored: Tensor, nbytes: Tensor) -> Tensor:
     return torch.stack((torch.where(scored, losses.double(), 0.0).sum(), scored.sum().double(),
                         torch.where(scored, nbytes, 0).sum().double()))
 
+@torch.no_grad()
 def score_windows(model, val: ValidationSet, seq_len: int, windows: tuple[np.ndarray, ...],
                   batch_windows: int, autocast) -> Tensor:
     """Sums (loss in nats, scored targets, bytes) over the windows, float64 on the device. The last batch
@@ -1627,7 +1586,6 @@ def score_windows(model, val: ValidationSet, seq_len: int, windows: tuple[np.nda
         sums += scored_sums(losses, scored, val.target_bytes[pos])
     return sums
 
-@torch.no_grad()
 def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens: int, rt) -> tuple[float, float]:
     """Returns (val_loss in nats per token, val_bpb) over the whole validation set."""
     plan = window_plan(val.num_targets, seq_len, stride)
@@ -1637,8 +1595,7 @@ def evaluate(model, val: ValidationSet, seq_len: int, stride: int, batch_tokens:
     return checked_score(rt, score_windows(model, val, seq_len, mine, batch_windows, rt.autocast()), val, "evaluation")
 
 def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[float, float]:
-    """(val_loss, val_bpb) from every rank's scored_sums, once the targets and bytes are exactly the
-    validation set's (each target scored once) and the loss is finite; RunError otherwise."""
+    """(val_loss, val_bpb) from every rank's scored_sums once targets and bytes are the set's and the loss finite."""
     if rt.distributed:
         dist.all_reduce(sums)
     loss_sum, targets, nbytes = sums.tolist()
@@ -1650,20 +1607,17 @@ def checked_score(rt, sums: Tensor, val: ValidationSet, what: str) -> tuple[floa
     return loss_sum / targets, loss_sum / math.log(2) / nbytes
 
 def build_eval_graph(h: Hyperparameters, rt: Runtime, model: nn.Module, tokens: ValidationSet) -> float:
-    """Scores one batch of `tokens` (>= EVAL_SEQ_LEN targets: training tokens in the training warm-up,
-    random ones for EVAL_ONLY, never the validation split) so that torch.compile builds the evaluation
-    graph, with evaluate()'s shapes, before any timing. Returns the seconds taken."""
+    """Seconds to score one batch of `tokens` (training or random ones, never the validation split) so that
+    torch.compile builds the evaluation graph, with evaluate()'s shapes, before any timing."""
     t0 = time.perf_counter()
     seq_len = h.model_eval_seq_len
     batch_windows = max(1, h.val_batch_size // (seq_len * rt.world_size))
-    with torch.no_grad():
-        score_windows(model, tokens, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
+    score_windows(model, tokens, seq_len, window_plan(seq_len, seq_len, seq_len), batch_windows, rt.autocast())
     rt.sync()
     return time.perf_counter() - t0
 
 def random_eval_set(h: Hyperparameters, tables) -> ValidationSet:
-    """EVAL_SEQ_LEN + 1 seeded random tokens, BOS first, as a ValidationSet: what EVAL_ONLY's compile
-    warm-up scores."""
+    """EVAL_SEQ_LEN + 1 seeded random tokens, BOS first: what EVAL_ONLY's compile warm-up scores."""
     tokens = np.random.default_rng(0).integers(BOS_ID + 3, h.vocab_size, h.model_eval_seq_len + 1)
     tokens[0] = BOS_ID
     return training_tokens_as_eval_set(tokens, tables)

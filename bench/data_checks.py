@@ -67,7 +67,7 @@ def main() -> int:
     files = tg.find_shards(h, "val")
     tokens = timed("read validation split", lambda: np.concatenate([tg.load_shard(f, h.vocab_size) for f in files]))
     tables = timed("byte tables", tg.byte_tables, sp)
-    token_bytes = tg.load_token_bytes(h, tokens, tables, [])
+    token_bytes = np.concatenate(([0], tg.target_bytes(tokens[:-1], tokens[1:], tables)))
     starts = tg.document_starts(tokens)
     print(f"validation: {len(tokens)} tokens, {len(starts)} documents, {int(token_bytes.sum())} bytes")
     mine = range(0, len(starts), args.world_size)
@@ -78,8 +78,6 @@ def main() -> int:
     timed("sha256 of the split", lambda: tg.hashlib.sha256(tokens.astype("<u2").tobytes()).hexdigest())
     digests = frozenset(timed("validation document digests", tg.document_digests, tokens, True))
     train = tg.find_shards(h, "train")
-    spans = tg.leak_sample(train, 0, args.world_size)
-    print(f"leak sample of rank 0: {sum(s[2] for s in spans)} tokens in {len(spans)} spans of {len(train)} shards")
     identical, scanned, hits = timed("leak check (rank 0's share)", tg.leak_counts, h, train, digests, 0, args.world_size)
     print(f"leak check of rank 0: {scanned} tokens scanned, {hits} hits, {identical} identical shards")
     return 0

@@ -95,20 +95,21 @@ VAL_BYTES = {
 # CaseOps, forward direction (the inverse, caseops_decode, is train_gpt.py's)
 
 _CASEOPS_UNIT = re.compile("[A-Za-z]+|[\ue001-\ue004]")
+TITLE, ALLCAPS, CAPNEXT, ESC = tg.CASEOPS_OPERATORS
 
 
 def _caseops_rewrite(m: re.Match) -> str:
     unit = m.group()
     if unit in tg.CASEOPS_OPERATORS:
-        return tg.CASEOPS_ESC + unit
+        return ESC + unit
     if unit.islower():
         return unit
     if len(unit) >= 2 and unit.isupper():
-        return tg.CASEOPS_ALLCAPS + unit.lower()
+        return ALLCAPS + unit.lower()
     out = []
     for i, ch in enumerate(unit):
         if "A" <= ch <= "Z":
-            out.append(tg.CASEOPS_TITLE if i == 0 else tg.CASEOPS_CAPNEXT)
+            out.append(TITLE if i == 0 else CAPNEXT)
         out.append(ch.lower())
     return "".join(out)
 
