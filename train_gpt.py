@@ -1795,8 +1795,7 @@ class DocumentAdapters:
             p.grad = None
 
 def padded_length(width: int, seq_len: int) -> int:
-    """A row of `width` positions padded to a power of two, at least 64 (short rows share one shape), at most
-    `seq_len` (EVAL_SEQ_LEN)."""
+    """`width` positions padded to a power of two, at least 64 (short rows share one shape), at most seq_len."""
     return min(max(1 << max(width - 1, 0).bit_length(), 64), seq_len)
 
 def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int, int, int]]:
@@ -1807,8 +1806,7 @@ def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int,
 
 def ttt_graphs(h: Hyperparameters) -> list[int]:
     """The padded row lengths TTT runs (each with adapters and gradients, and plain)."""
-    seq_len = h.model_eval_seq_len
-    return sorted({padded_length(1 << i, seq_len) for i in range(seq_len.bit_length() + 1)})
+    return sorted({padded_length(1 << i, h.model_eval_seq_len) for i in range(h.model_eval_seq_len.bit_length() + 1)})
 
 def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -> list[list[int]]:
     """Positions per chunk of each batch: the rows (TTT_BATCH_DOCS) times the padded window length."""
@@ -1818,7 +1816,7 @@ def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -
 class TTTBudget:
     """When TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time). `work`: positions
     per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if the time left covers
-    it adapted plus the rest of this rank's work plain, at the costs measured per shape and mode; for good."""
+    it adapted plus the rest of this rank's work plain, at costs measured per shape and mode. Stopped, it stays."""
 
     PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
 
@@ -1840,18 +1838,18 @@ class TTTBudget:
             return measured.get(positions, measured[largest] * positions / largest)
         return self.PLAIN_SHARE * self.cost(positions, True) if not adapted and self.seconds else 0.0
 
-    def plain_seconds(self, counts: np.ndarray) -> float:
-        """Estimated seconds to score plain `counts` chunks of each shape."""
-        return float(counts @ np.array([self.cost(p, False) for p in self.shapes]))
+    def fits(self, now: float, seconds: float, counts: np.ndarray) -> bool:
+        """Whether `seconds` from `now`, then `counts` chunks of each shape scored plain, end by the deadline."""
+        return now + seconds + float(counts @ np.array([self.cost(p, False) for p in self.shapes])) <= self.deadline
 
     def adapt(self, batch: int, chunk: int) -> bool:
         if self.adapting:
             now = self.clock()
             self.adapting = now < self.deadline
-            if self.adapting and self.batches_done:  # what this rank can expect after this chunk, scored plain
+            if self.adapting and self.batches_done:  # this chunk adapted, then what this rank can expect plain
                 rest = np.bincount(self.shape_of[batch][chunk + 1:], minlength=len(self.shapes))
-                plain = self.plain_seconds(rest + self.after[batch + 1] / self.world_size)
-                self.adapting = now + self.cost(self.work[batch][chunk], True) + plain <= self.deadline
+                rest = rest + self.after[batch + 1] / self.world_size
+                self.adapting = self.fits(now, self.cost(self.work[batch][chunk], True), rest)
         return self.adapting
 
     def observe(self, positions: int, seconds: float, adapted: bool) -> None:
@@ -1860,8 +1858,8 @@ class TTTBudget:
 
     def phase_fits(self, positions: int, next_batch: int) -> bool:
         rate = self.phase_rate if self.phase_rate is not None else self.cost(self.shapes[-1], True) / self.shapes[-1]
-        plain = self.plain_seconds(self.after[next_batch] / self.world_size)
-        return self.adapting and self.clock() + positions / self.world_size * rate + plain <= self.deadline
+        return self.adapting and self.fits(self.clock(), positions / self.world_size * rate,
+                                           self.after[next_batch] / self.world_size)
 
     def report(self, rt) -> str:
         """The ttt_adapted: line, summed over ranks (a collective)."""
@@ -1930,35 +1928,6 @@ def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
     step = (SLICES_PER_STEP, -(-TTT_PHASE_ROWS // SLICES_PER_STEP), seq_len)
     return np.pad(flat, (0, -len(flat) % math.prod(step)), constant_values=-1).reshape(-1, *step)
 
-def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
-                       log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
-    """checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it or its compiled form):
-    plain, or with score-first TTT when `adapt`, adapting while TTTBudget finds time before `deadline`."""
-    t0 = time.perf_counter()
-    docs = split_documents(val.tokens.cpu().numpy())
-    batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
-    model.requires_grad_(False)
-    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
-    budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline) if adapt else None
-    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    key, first = f"ttt{next(CLAIM_KEYS)}", 0  # every rank makes the same calls, so the keys agree
-    phases = {-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()}  # whole batches
-    for phase, stop in enumerate(sorted(p for p in phases if 0 < p < len(batches)) + [len(batches)]):
-        for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
-            was = adapt and budget.adapting
-            sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, trace)
-            if was and not budget.adapting:
-                log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
-                    f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
-                    f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
-        first = stop
-        if stop < len(batches) and adapt:
-            global_phase(h, rt, model, forward, val, docs, batches[:stop], phase + 1, budget, log, trace)
-    model.requires_grad_(True)
-    if adapt:
-        log(budget.report(rt))
-    return checked_score(rt, sums, val, "per-document evaluation")
-
 def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, docs: Documents,
                  batches: list[np.ndarray], phase: int, budget: TTTBudget, log, trace: list | None) -> None:
     """Phase `phase`: one epoch of SGD (momentum, cosine LR, clip) over the base weights on the documents of
@@ -2000,6 +1969,35 @@ def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: Va
         trace.append(("phase", tuple(int(d) for d in scored)))
     log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{len(rows)} "
         f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+
+def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
+                       log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
+    """checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it or its compiled form):
+    plain, or with score-first TTT when `adapt`, adapting while TTTBudget finds time before `deadline`."""
+    t0 = time.perf_counter()
+    docs = split_documents(val.tokens.cpu().numpy())
+    batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
+    model.requires_grad_(False)
+    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
+    budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline) if adapt else None
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
+    key, first = f"ttt{next(CLAIM_KEYS)}", 0  # every rank makes the same calls, so the keys agree
+    phases = {-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()}  # whole batches
+    for phase, stop in enumerate(sorted(p for p in phases if 0 < p < len(batches)) + [len(batches)]):
+        for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
+            was = adapt and budget.adapting
+            sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, trace)
+            if was and not budget.adapting:
+                log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
+                    f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
+                    f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
+        first = stop
+        if stop < len(batches) and adapt:
+            global_phase(h, rt, model, forward, val, docs, batches[:stop], phase + 1, budget, log, trace)
+    model.requires_grad_(True)
+    if adapt:
+        log(budget.report(rt))
+    return checked_score(rt, sums, val, "per-document evaluation")
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
     """Compiles every graph TTT runs (ttt_graphs with and without adapters, the phase's rows) on random tokens,
