@@ -1638,26 +1638,21 @@ def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: Valid
 # -----------------------------------------------------------------------------
 # Score-first test-time training (TTT)
 #
-# The evaluation of the best records (PR #1855 on), per document. Document d's segment is its BOS, its
-# text and the next BOS (its last target), so every target of the split is scored once. Its targets go
-# in chunks of TTT_CHUNK_TOKENS, each scored in the window of up to EVAL_SEQ_LEN tokens that ends at the
-# chunk's end, then (if the document goes on) used for one step of the document's own LoRA adapters.
-# TTT_BATCH_DOCS documents adapt side by side, longest first; ranks claim batches as they finish. After
-# the document counts in TTT_PHASES every rank runs one SGD epoch over the base weights on the documents
-# scored so far. A score depends only on the artifact and the tokens scored before it (tests/test_ttt.py);
-# at TTT_LR_SCALE=0 it is the plain per-document score bit for bit. Compiled, the rows take a few shapes
-# (ttt_graphs), all built by warm_up_ttt; TTTBudget stops adapting in time. Notes: docs/notes/ttt.md.
+# The records' evaluation (PR #1855 on), per document: each chunk of TTT_CHUNK_TOKENS targets is scored in
+# the window of up to EVAL_SEQ_LEN tokens ending at the chunk's end, then (if the document goes on) used for
+# one step of the document's own LoRA adapters, TTT_BATCH_DOCS documents side by side. After the document
+# counts in TTT_PHASES every rank runs one SGD epoch over the base weights on the documents scored so far.
+# warm_up_ttt compiles every graph on random tokens; TTTBudget stops adapting in time. docs/notes/ttt.md.
 
 TTT_LORA_ALPHA = 144.0  # the records' LoRA scale is alpha / rank, alpha 144 at rank 80
 TTT_LR, TTT_BETA2, TTT_WEIGHT_DECAY = 1e-4, 0.99, 0.5  # the adapters' Adam (no momentum), as the records
 TTT_PHASE_LR, TTT_PHASE_MOMENTUM, TTT_PHASE_ROWS, TTT_PHASE_CLIP = 1e-3, 0.9, 32, 1.0  # the global SGD phase
-TTT_MIN_ROW = 64  # the shortest padded row: shorter documents share one shape
 H100_MEMORY_GIB = 75  # a peak above this would not fit an 80 GB H100 (what an H200 would hide)
 CLAIM_KEYS = itertools.count()  # names the store counters of each per-document evaluation of a run
 
 @dataclasses.dataclass
 class Documents:
-    """Document d's segment is validation tokens [start[d], end[d]); its target t (0-based) is
+    """Document d is validation tokens [start[d], end[d]): its BOS, its text and the next BOS; its target t is
     validation target start[d] + t. order: the scoring order, longest first, ties by position."""
     start: np.ndarray
     end: np.ndarray
@@ -1668,8 +1663,7 @@ class Documents:
         return self.end - self.start - 1
 
 def split_documents(tokens: np.ndarray) -> Documents:
-    """The documents of a validation stream; a BOS that is its last token starts none (it is the
-    previous document's last target)."""
+    """The documents of a validation stream; a final BOS starts none (it is the last document's last target)."""
     starts = document_starts(tokens).astype(np.int64)
     starts = starts[starts < len(tokens) - 1]
     end = np.append(starts[1:] + 1, len(tokens))
@@ -1681,18 +1675,15 @@ class DocumentAdapters:
     A reset gives every slot one seeded A, B = 0 and fresh Adam state: a score is independent of its slot."""
 
     def __init__(self, model: GPT, slots: int, rank: int):
-        device = model.tok_emb.weight.device
-        generator = torch.Generator().manual_seed(0)
+        device, generator = model.tok_emb.weight.device, torch.Generator().manual_seed(0)
         self.sites = [m for m in model.modules() if isinstance(m, Linear)] + [model]
-        self.scale, self.a, self.b, self.a_init = TTT_LORA_ALPHA / rank, [], [], []
-        for site in self.sites:
-            out_dim, in_dim = (site.tok_emb.weight if site is model else site.weight).shape
-            a = ((2 * torch.rand(1, rank, in_dim, generator=generator) - 1) * in_dim ** -0.5).to(device)
-            self.a_init.append(a)  # one draw, (1, rank, in): every slot resets to it
-            self.a.append(a.repeat(slots, 1, 1).requires_grad_())
-            self.b.append(torch.zeros(slots, out_dim, rank, device=device, requires_grad=True))
+        shapes = [(site.tok_emb.weight if site is model else site.weight).shape for site in self.sites]
+        self.a_init = [((2 * torch.rand(1, rank, n, generator=generator) - 1) * n ** -0.5).to(device)
+                       for _, n in shapes]  # (1, rank, in): every slot resets to it
+        self.a = [a.repeat(slots, 1, 1).requires_grad_() for a in self.a_init]
+        self.b = [torch.zeros(slots, n, rank, device=device, requires_grad=True) for n, _ in shapes]
+        self.scale, self.steps = TTT_LORA_ALPHA / rank, 0
         self.square_avg = [torch.zeros_like(p) for p in self.a + self.b]
-        self.steps = 0
 
     def attach(self, on: bool) -> None:
         for site, a, b in zip(self.sites, self.a, self.b):
@@ -1716,8 +1707,8 @@ class DocumentAdapters:
             p.grad = None
 
 def padded_length(width: int, seq_len: int) -> int:
-    """A row of `width` positions padded to a power of two, at least TTT_MIN_ROW, at most EVAL_SEQ_LEN."""
-    return min(max(1 << max(width - 1, 0).bit_length(), TTT_MIN_ROW), seq_len)
+    """`width` positions padded to a power of two, at least 64 (short rows share one shape), at most seq_len."""
+    return min(max(1 << max(width - 1, 0).bit_length(), 64), seq_len)
 
 def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int, int, int]]:
     """(lo, first, T) per chunk of a batch whose longest document has num_targets targets: the chunk
@@ -1727,25 +1718,17 @@ def chunk_windows(num_targets: int, chunk: int, seq_len: int) -> list[tuple[int,
 
 def ttt_graphs(h: Hyperparameters) -> list[int]:
     """The padded row lengths TTT runs (each with adapters and gradients, and plain)."""
-    return sorted({padded_length(w, h.model_eval_seq_len) for w in (1 << i for i in range(32))
-                   if w <= 2 * h.model_eval_seq_len})
+    return sorted({padded_length(1 << i, h.model_eval_seq_len) for i in range(h.model_eval_seq_len.bit_length() + 1)})
 
-def document_rows(tokens: Tensor, start: Tensor, n: Tensor, lo: int, first: int, T: int,
-                  chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Rows scoring targets [lo, lo + chunk) of each document (start: its first token, n: its targets;
-    (B,) on the device) in the window of targets [first, first + T): inputs and targets (B, T), the
-    scored mask and each position's validation target index, made on the device. Positions past a
-    document's end are padding that causality keeps from the scored ones."""
-    pos = torch.arange(first, first + T, device=tokens.device)[None, :]  # (1, T) target index in the document
-    scored = (pos >= lo) & (pos < torch.clamp(n, max=lo + chunk)[:, None])
-    index = start[:, None] + torch.minimum(pos, (n - 1).clamp_min(0)[:, None])
-    return tokens[index], tokens[index + 1], scored, index
+def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -> list[list[int]]:
+    """Positions per chunk of each batch: the rows (TTT_BATCH_DOCS) times the padded window length."""
+    return [[h.ttt_batch_docs * T for _, _, T in chunk_windows(int(docs.num_targets[b].max()), h.ttt_chunk_tokens,
+                                                                h.model_eval_seq_len)] for b in batches]
 
 class TTTBudget:
-    """When score-first TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time).
-    `work`: positions per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if
-    the time left covers it adapted plus the rest of this rank's work plain, at the costs measured per
-    shape and mode (the rule in full: docs/notes/ttt.md). Once stopped, it stays stopped."""
+    """When TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time). `work`: positions
+    per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if the time left covers
+    it adapted plus the rest of this rank's work plain, at costs measured per shape and mode. Stopped, it stays."""
 
     PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
 
@@ -1755,52 +1738,45 @@ class TTTBudget:
         self.shape_of = [np.searchsorted(self.shapes, chunks) for chunks in work]
         per_batch = [np.bincount(shapes, minlength=len(self.shapes)) for shapes in self.shape_of]
         self.after = np.cumsum((per_batch + [np.zeros(len(self.shapes))])[::-1], axis=0)[::-1]  # chunks of batches b..
-        self.seconds = {}  # (positions, adapted) -> [seconds, chunks]
+        self.seconds = {}  # (positions, adapted) -> (seconds, chunks)
         self.phase_rate = None  # seconds per position, once a phase has run
         self.batches_done, self.adapting = 0, True
 
     def cost(self, positions: int, adapted: bool) -> float:
         """Estimated seconds of one chunk of `positions` in that mode."""
-        if (positions, adapted) in self.seconds:
-            seconds, chunks = self.seconds[positions, adapted]
-            return seconds / chunks
-        measured = [(p, s / c) for (p, a), (s, c) in self.seconds.items() if a == adapted]
+        measured = {p: s / c for (p, a), (s, c) in self.seconds.items() if a == adapted}
         if measured:
-            largest, seconds = max(measured)
-            return seconds * positions / largest
-        adapted_run = any(a for _, a in self.seconds)
-        return self.PLAIN_SHARE * self.cost(positions, True) if not adapted and adapted_run else 0.0
+            largest = max(measured)
+            return measured.get(positions, measured[largest] * positions / largest)
+        return self.PLAIN_SHARE * self.cost(positions, True) if not adapted and self.seconds else 0.0
 
-    def plain_seconds(self, counts: np.ndarray) -> float:
-        """Estimated seconds to score plain `counts` chunks of each shape."""
-        return float(counts @ np.array([self.cost(p, False) for p in self.shapes]))
+    def fits(self, now: float, seconds: float, counts: np.ndarray) -> bool:
+        """Whether `seconds` from `now`, then `counts` chunks of each shape scored plain, end by the deadline."""
+        return now + seconds + float(counts @ np.array([self.cost(p, False) for p in self.shapes])) <= self.deadline
 
     def adapt(self, batch: int, chunk: int) -> bool:
         if self.adapting:
             now = self.clock()
             self.adapting = now < self.deadline
-            if self.adapting and self.batches_done:  # what this rank can expect after this chunk, scored plain
+            if self.adapting and self.batches_done:  # this chunk adapted, then what this rank can expect plain
                 rest = np.bincount(self.shape_of[batch][chunk + 1:], minlength=len(self.shapes))
-                plain = self.plain_seconds(rest + self.after[batch + 1] / self.world_size)
-                self.adapting = now + self.cost(self.work[batch][chunk], True) + plain <= self.deadline
+                rest = rest + self.after[batch + 1] / self.world_size
+                self.adapting = self.fits(now, self.cost(self.work[batch][chunk], True), rest)
         return self.adapting
 
     def observe(self, positions: int, seconds: float, adapted: bool) -> None:
-        spent = self.seconds.setdefault((positions, adapted), [0.0, 0])
-        spent[0] += seconds
-        spent[1] += 1
+        spent, chunks = self.seconds.get((positions, adapted), (0.0, 0))
+        self.seconds[positions, adapted] = (spent + seconds, chunks + 1)
 
     def phase_fits(self, positions: int, next_batch: int) -> bool:
         rate = self.phase_rate if self.phase_rate is not None else self.cost(self.shapes[-1], True) / self.shapes[-1]
-        plain = self.plain_seconds(self.after[next_batch] / self.world_size)
-        return self.adapting and self.clock() + positions / self.world_size * rate + plain <= self.deadline
+        return self.adapting and self.fits(self.clock(), positions / self.world_size * rate,
+                                           self.after[next_batch] / self.world_size)
 
     def report(self, rt) -> str:
         """The ttt_adapted: line, summed over ranks (a collective)."""
-        done = torch.zeros(3, dtype=torch.float64, device=rt.device)
-        for (positions, adapted), (_, chunks) in self.seconds.items():
-            done[0 if adapted else 1] += positions * chunks
-        done[2] = float(not self.adapting)
+        done = [sum(p * c for (p, a), (_, c) in self.seconds.items() if a == mode) for mode in (True, False)]
+        done = torch.tensor(done + [not self.adapting], dtype=torch.float64, device=rt.device)
         if rt.distributed:
             dist.all_reduce(done)
         adapted, plain, stopped = done.tolist()
@@ -1808,31 +1784,26 @@ class TTTBudget:
         return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({share:.1%}) "
                 f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
 
-def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -> list[list[int]]:
-    """Positions per chunk of each batch: the rows (TTT_BATCH_DOCS) times the padded window length."""
-    return [[h.ttt_batch_docs * T for _, _, T in chunk_windows(int(docs.num_targets[b].max()), h.ttt_chunk_tokens,
-                                                                h.model_eval_seq_len)] for b in batches]
-
 def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTTBudget | None, index: int,
-                val: ValidationSet, docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, lr: float,
-                trace: list | None) -> Tensor:
+                val: ValidationSet, docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, trace) -> Tensor:
     """Scores the documents `batch` (one adapter slot each; a short batch is padded with empty rows) chunk
     after chunk; while `budget` allows, each chunk then adapts the slots. Returns their scored_sums."""
-    slots, chunk = h.ttt_batch_docs, h.ttt_chunk_tokens
-    n_host, start = np.zeros(slots, dtype=np.int64), np.zeros(slots, dtype=np.int64)
-    n_host[:len(batch)], start[:len(batch)] = docs.num_targets[batch], docs.start[batch]
-    start, n = torch.from_numpy(start).to(rt.device), torch.from_numpy(n_host).to(rt.device)
+    chunk, pad = h.ttt_chunk_tokens, (0, h.ttt_batch_docs - len(batch))
+    n_host = np.pad(docs.num_targets[batch], pad)
+    start, n = (torch.from_numpy(a).to(rt.device) for a in (np.pad(docs.start[batch], pad), n_host))
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     if adapters is not None:
         adapters.reset()
     for c, (lo, first, T) in enumerate(chunk_windows(int(n_host.max()), chunk, h.model_eval_seq_len)):
         t0 = time.perf_counter()
         adapt = adapters is not None and budget.adapt(index, c)
-        if adapters is not None and not adapt and adapters.sites[0].lora is not None:
-            adapters.attach(False)  # out of time: the rest is scored plain
-        inputs, targets, scored, where = document_rows(val.tokens, start, n, lo, first, T, chunk)
+        if adapters is not None:
+            adapters.attach(adapt)  # out of time, the rest is scored plain
+        pos = torch.arange(first, first + T, device=rt.device)[None, :]  # (1, T) target index in the document
+        scored = (pos >= lo) & (pos < torch.clamp(n, max=lo + chunk)[:, None])  # padding past an end: causal
+        where = start[:, None] + torch.minimum(pos, (n - 1).clamp_min(0)[:, None])  # (B, T) validation target
         with torch.set_grad_enabled(adapt), rt.autocast():
-            losses = model(inputs, targets, reduction="none", one_document=True)
+            losses = model(val.tokens[where], val.tokens[where + 1], reduction="none", one_document=True)
         sums += scored_sums(losses.detach(), scored, val.target_bytes[where])
         goes_on = lo + chunk < n_host  # decided on the host: no device sync
         if trace is not None:  # tests: what was scored, in order, with each target's loss
@@ -1841,19 +1812,20 @@ def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTT
         if adapt and goes_on.any():
             per_doc = torch.where(scored, losses, 0.0).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
             (per_doc * (n > lo + chunk)).sum().backward()  # the documents that go on
-            adapters.step(lr)
+            adapters.step(TTT_LR * h.ttt_lr_scale)
             if trace is not None:
                 trace += [("update", int(d), lo, lo + chunk) for d, g in zip(batch, goes_on) if g]
         if budget is not None:
             rt.sync()
-            budget.observe(slots * T, time.perf_counter() - t0, adapt)
+            budget.observe(h.ttt_batch_docs * T, time.perf_counter() - t0, adapt)
     if adapters is not None:
-        adapters.attach(budget.adapting)
+        adapters.attach(False)
+        budget.batches_done += 1
     return sums
 
 def claimed_batches(rt, first: int, stop: int, key: str):
-    """Batch indices first..stop-1, each to exactly one rank: under torchrun ranks claim the next one
-    as they finish (an atomic counter in the process group's store), else all in order."""
+    """Batch indices first..stop-1, each to one rank: under torchrun ranks claim the next as they finish
+    (an atomic counter `key` in the process group's store)."""
     if not rt.distributed:
         yield from range(first, stop)
         return
@@ -1862,20 +1834,29 @@ def claimed_batches(rt, first: int, stop: int, key: str):
         yield index
 
 def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
-    """The documents `scored` packed back to back as training reads its stream: (steps, SLICES_PER_STEP,
-    rows per slice, seq_len) validation target indices, -1 for padding; TTT_PHASE_ROWS rows a step, the
-    slices shared by ranks as micro-batches (the same steps on any world size)."""
+    """The documents `scored` packed back to back as training reads its stream: (steps, SLICES_PER_STEP, rows
+    per slice, seq_len) validation target indices, -1 for padding; TTT_PHASE_ROWS rows a step on any world size."""
     flat = np.concatenate([np.arange(docs.start[d], docs.start[d] + docs.num_targets[d]) for d in scored])
-    per_slice = -(-TTT_PHASE_ROWS // SLICES_PER_STEP)
-    step = SLICES_PER_STEP * per_slice * seq_len
-    padded = np.full(-(-len(flat) // step) * step, -1, dtype=np.int64)
-    padded[:len(flat)] = flat
-    return padded.reshape(-1, SLICES_PER_STEP, per_slice, seq_len)
+    step = (SLICES_PER_STEP, -(-TTT_PHASE_ROWS // SLICES_PER_STEP), seq_len)
+    return np.pad(flat, (0, -len(flat) % math.prod(step)), constant_values=-1).reshape(-1, *step)
 
-def global_phase(model: GPT, forward: nn.Module, val: ValidationSet, rows: np.ndarray, rt, lr: float) -> int:
-    """One epoch of SGD (momentum, cosine LR, clip) over the base weights on `rows` (phase_rows): this
-    rank's slices of each step, the gradients accumulated and all-reduced. Returns the steps."""
-    params = list(model.requires_grad_(True).parameters())
+def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, docs: Documents,
+                 batches: list[np.ndarray], phase: int, budget: TTTBudget, log, trace: list | None) -> None:
+    """Phase `phase`: one epoch of SGD (momentum, cosine LR, clip) over the base weights on the documents of
+    `batches`, all scored (phase_rows; each rank's slices, the gradients all-reduced), if TTTBudget finds it
+    room on every rank (a collective: the barrier after which those batches are scored); else TTT stops."""
+    scored = np.concatenate(batches)
+    rows = phase_rows(docs, scored, h.model_eval_seq_len)
+    go = torch.tensor([float(budget.phase_fits(rows.size, len(batches)))], device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(go, op=dist.ReduceOp.MIN)
+    if not go.item():
+        if budget.adapting:
+            log(f"ttt: adaptation stopped before phase {phase} (it would not fit EVAL_BUDGET_SECONDS="
+                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
+        budget.adapting = False
+        return
+    tp, lr, params = time.perf_counter(), TTT_PHASE_LR * h.ttt_lr_scale, list(model.requires_grad_().parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=TTT_PHASE_MOMENTUM)
     for step in range(len(rows)):
         real_targets = max(int((rows[step] >= 0).sum()), 1)
@@ -1886,104 +1867,66 @@ def global_phase(model: GPT, forward: nn.Module, val: ValidationSet, rows: np.nd
                 losses = forward(val.tokens[safe], val.tokens[safe + 1], reduction="none")
             (torch.where(index >= 0, losses, 0.0).sum() / real_targets).backward()
         for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
             if rt.distributed:
                 dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, TTT_PHASE_CLIP)
-        for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / len(rows)))
+        opt.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / len(rows)))
         opt.step()
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-    return len(rows)
+    rt.sync()
+    budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
+    if trace is not None:
+        trace.append(("phase", tuple(int(d) for d in scored)))
+    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{len(rows)} "
+        f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
 
 def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
                        log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
-    """Per-document evaluation of `model` through `forward` (it or its compiled form): plain, or with
-    score-first TTT when `adapt`, adapting while TTTBudget finds time before `deadline` (perf_counter).
-    Returns checked_score's (val_loss, val_bpb)."""
+    """checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it or its compiled form):
+    plain, or with score-first TTT when `adapt`, adapting while TTTBudget finds time before `deadline`."""
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
     batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
     model.requires_grad_(False)
     adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
     budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline) if adapt else None
-    if adapters is not None:
-        adapters.attach(True)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     key, first = f"ttt{next(CLAIM_KEYS)}", 0  # every rank makes the same calls, so the keys agree
-    phases = [-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()]  # whole batches
-    try:
-        for phase, stop in enumerate(sorted({p for p in phases if 0 < p < len(batches)}) + [len(batches)]):
-            for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
-                was = budget is not None and budget.adapting
-                sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt,
-                                    TTT_LR * h.ttt_lr_scale, trace)
-                if budget is not None:
-                    budget.batches_done += 1
-                if was and not budget.adapting:
-                    log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
-                        f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
-                        f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
-            first = stop
-            if stop < len(batches) and adapt:
-                phase_if_it_fits(h, rt, model, forward, val, docs, np.concatenate(batches[:stop]), phase + 1,
-                                 (adapters, budget), log, trace)
-    finally:
-        if adapters is not None:
-            adapters.attach(False)
-        model.requires_grad_(True)
-    if budget is not None:
+    phases = {-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()}  # whole batches
+    for phase, stop in enumerate(sorted(p for p in phases if 0 < p < len(batches)) + [len(batches)]):
+        for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
+            was = adapt and budget.adapting
+            sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, trace)
+            if was and not budget.adapting:
+                log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
+                    f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
+                    f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
+        first = stop
+        if stop < len(batches) and adapt:
+            global_phase(h, rt, model, forward, val, docs, batches[:stop], phase + 1, budget, log, trace)
+    model.requires_grad_(True)
+    if adapt:
         log(budget.report(rt))
     return checked_score(rt, sums, val, "per-document evaluation")
 
-def phase_if_it_fits(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, docs: Documents,
-                     scored: np.ndarray, phase: int, ttt: tuple, log, trace: list | None) -> None:
-    """Phase `phase` (global_phase over the documents `scored`) if TTTBudget finds it room on every rank
-    (a collective: the barrier after which every batch before it is scored); else adaptation stops."""
-    adapters, budget = ttt
-    rows = phase_rows(docs, scored, h.model_eval_seq_len)
-    go = torch.tensor([float(budget.phase_fits(rows.size, -(-len(scored) // h.ttt_batch_docs)))], device=rt.device)
-    if rt.distributed:
-        dist.all_reduce(go, op=dist.ReduceOp.MIN)
-    adapters.attach(False)
-    if not go.item():
-        if budget.adapting:
-            log(f"ttt: adaptation stopped before phase {phase} (it would not fit EVAL_BUDGET_SECONDS="
-                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
-        budget.adapting = False
-        return
-    tp = time.perf_counter()
-    steps = global_phase(model, forward, val, rows, rt, TTT_PHASE_LR * h.ttt_lr_scale)
-    adapters.attach(True)
-    rt.sync()
-    budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
-    if trace is not None:
-        trace.append(("phase", tuple(int(d) for d in scored)))
-    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{steps} "
-        f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
-
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
-    """Builds every graph TTT runs (ttt_graphs with and without adapters, and the phase's rows) on random
-    tokens, with no optimizer step, so compiling is not evaluation time and reads no validation token.
-    Logs the peak memory on CUDA. Returns the seconds taken (0 without torch.compile)."""
+    """Compiles every graph TTT runs (ttt_graphs with and without adapters, the phase's rows) on random tokens,
+    no optimizer step: no validation token is read. Logs the CUDA peak memory; returns the seconds taken."""
     if not compile_enabled(h, rt):
         return 0.0
-    t0 = time.perf_counter()
-    if rt.device.type == "cuda":
+    t0, cuda, lengths = time.perf_counter(), rt.device.type == "cuda", ttt_graphs(h)
+    if cuda:
         torch.cuda.reset_peak_memory_stats(rt.device)
-    generator = torch.Generator().manual_seed(0)
-
-    def tokens(rows: int, length: int) -> tuple[Tensor, Tensor]:  # inputs, targets: contiguous, as scoring's
-        ids = torch.randint(BOS_ID + 3, h.vocab_size, (rows, length + 1), generator=generator)
-        ids[:, 0] = BOS_ID
-        return ids[:, :-1].contiguous().to(rt.device), ids[:, 1:].contiguous().to(rt.device)
-
+    rows, per_slice = h.ttt_batch_docs, -(-TTT_PHASE_ROWS // SLICES_PER_STEP)
+    ids = torch.randint(BOS_ID + 3, h.vocab_size, (max(rows, per_slice), h.model_eval_seq_len + 1),
+                        generator=torch.Generator().manual_seed(0)).to(rt.device)
+    ids[:, 0] = BOS_ID
     model.requires_grad_(False)
-    adapters, lengths = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank), ttt_graphs(h)
+    adapters = DocumentAdapters(model, rows, h.ttt_lora_rank)
     for T in lengths:
-        inputs, targets = tokens(h.ttt_batch_docs, T)
+        inputs, targets = ids[:rows, :T].contiguous(), ids[:rows, 1:T + 1].contiguous()  # as scoring's rows
         adapters.attach(True)
         with rt.autocast():
             forward(inputs, targets, reduction="none", one_document=True).mean().backward()
@@ -1991,17 +1934,15 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
         with torch.no_grad(), rt.autocast():
             forward(inputs, targets, reduction="none", one_document=True)
     model.requires_grad_(True)
-    inputs, targets = tokens(-(-TTT_PHASE_ROWS // SLICES_PER_STEP), h.model_eval_seq_len)
     with rt.autocast():
-        forward(inputs, targets, reduction="none").mean().backward()
+        forward(ids[:per_slice, :-1].contiguous(), ids[:per_slice, 1:].contiguous(), reduction="none").mean().backward()
     model.zero_grad(set_to_none=True)
     rt.sync()
     memory = ""
-    if rt.device.type == "cuda":
+    if cuda:
         peak = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
-        memory = f"; peak_memory_gib:{peak:.1f}"
-        if peak > H100_MEMORY_GIB:
-            memory += f" WARNING: over {H100_MEMORY_GIB} GiB, an 80 GB H100 would not hold it"
+        memory = f"; peak_memory_gib:{peak:.1f}" + (f" WARNING: over {H100_MEMORY_GIB} GiB, an 80 GB H100 would "
+                                                    "not hold it" if peak > H100_MEMORY_GIB else "")
     log(f"ttt_warmup: {2 * len(lengths) + 1} graphs (rows {lengths[0]}..{lengths[-1]}, a phase) built on random "
         f"tokens in {1000 * (time.perf_counter() - t0):.0f}ms (not evaluation time){memory}")
     return time.perf_counter() - t0
@@ -2021,8 +1962,7 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
         log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
     log(f"ttt_eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
 
-# Targets (phase: documents) per second on 8xH100, from PR #1855's log (seed 42, 47,851,520 targets):
-# standard evaluation 6.7 s, phased TTT 508.8 s of which its three phases 84.4 s (docs/notes/ttt.md).
+# Targets (phase: documents) per second on 8xH100, from PR #1855's log (the figures: docs/notes/ttt.md).
 RECORD_RATES = dict(forward=47_851_520 / 6.718, ttt=47_851_520 / (508.8 - 84.4), phase=(833 + 1666 + 2500) / 84.4)
 
 def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
