@@ -160,7 +160,6 @@ class Hyperparameters(ModelConfig):
     ttt_chunk_tokens: int = 48  # tokens scored, then trained on, per step of a document
     ttt_batch_docs: int = 64  # documents adapting side by side (per GPU)
     ttt_phases: str = "2500"  # global SGD phases after these numbers of scored documents (empty: none)
-    ttt_plain_score: bool = False  # also score per document without adapters first: TTT's baseline
     eval_budget_seconds: float = 600.0  # TTT stops adapting (and keeps scoring) rather than pass this
     # Artifact
     artifact_path: str = ""  # where the artifact is written (empty: logs/<RUN_ID>.ptz)
@@ -1949,31 +1948,27 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
 
 def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
                     deadline: float) -> None:
-    """The per-document lines: plain (final_document, with TTT_PLAIN_SCORE), then with score-first TTT
-    (final_ttt), adapting until `deadline` (perf_counter: evaluation start + EVAL_BUDGET_SECONDS)."""
-    t_start = time.perf_counter()
-    for label, adapt in (("final_document", False),) * h.ttt_plain_score + (("final_ttt", True),):
-        rt.sync()
-        t0 = time.perf_counter()
-        val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, adapt, log, deadline)
-        rt.sync()
-        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} "
-            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
-        log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
-    log(f"ttt_eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
+    """The final_ttt lines: per-document scores with score-first TTT, adapting until `deadline` (perf_counter:
+    evaluation start + EVAL_BUDGET_SECONDS). TTT's baseline, the plain per-document score, is TTT_LR_SCALE=0."""
+    rt.sync()
+    t0 = time.perf_counter()
+    val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, True, log, deadline)
+    rt.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
+    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
+    log(f"ttt_eval_time_ms:{ms:.0f}")
 
 # Targets (phase: documents) per second on 8xH100, from PR #1855's log (the figures: docs/notes/ttt.md).
 RECORD_RATES = dict(forward=47_851_520 / 6.718, ttt=47_851_520 / (508.8 - 84.4), phase=(833 + 1666 + 2500) / 84.4)
 
 def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
     """The `eval_plan:` line: estimated seconds per pass at RECORD_RATES, the total, and a warning when
-    it passes EVAL_BUDGET_SECONDS. The plain per-document pass is priced at 3x the TTT rate (forward only)."""
+    it passes EVAL_BUDGET_SECONDS."""
     passes = {"roundtrip": num_targets / RECORD_RATES["forward"]}
     if h.eval_stride:
         passes["sliding"] = num_targets * h.model_eval_seq_len / h.eval_stride / RECORD_RATES["forward"]
     if h.ttt_enabled:
-        if h.ttt_plain_score:
-            passes["document"] = num_targets / (3 * RECORD_RATES["ttt"])
         passes["ttt"] = num_targets / RECORD_RATES["ttt"]
         phases = [min(int(c), num_documents) for c in h.ttt_phases.split(",") if c.strip()]
         if phases:

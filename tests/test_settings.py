@@ -85,7 +85,7 @@ IMPOSSIBLE = {
     "quant_bits_embed": ["6"], "compile": ["yes"],
     "gptq_calib_tokens": ["-1"], "gptq_reserve_seconds": ["-2"], "ln_scale": ["2"], "muon_row_norm": ["yes"],
     "bigram_adam": ["-1"], "cpu_autocast": ["on"], "clip_search": ["maybe"],
-    "ttt_enabled": ["2"], "ttt_plain_score": ["yes"], "ttt_lr_scale": ["-1", "nan"], "ttt_lora_rank": ["0"], "ttt_chunk_tokens": ["0"],
+    "ttt_enabled": ["2"], "ttt_lr_scale": ["-1", "nan"], "ttt_lora_rank": ["0"], "ttt_chunk_tokens": ["0"],
     "ttt_batch_docs": ["0"], "ttt_phases": ["many", "1,,2", "-5"], "eval_budget_seconds": ["0", "-1", "inf"],
     "attn_backend": ["fastest", "FLASH"],
     "virtual_depth": ["2"], "recur_untie_mlp": ["yes"], "first_block_mlp_only": ["-1"], "ve_layers": ["x", "99"],
