@@ -106,3 +106,20 @@ class Hyperparameters:
         ("Data", ["Where the shards are."]), ("Second group", ["More words. ... continued: same group."])]
     assert groups[0].rows == [("DATA_PATH", "`x`", "folder of shards"), ("MODE", "`a`", "a: one thing | b: another")]
     assert groups[1].rows == [("STEPS", "3", ""), ("FLAG", "0", "")]
+
+
+def test_readme_quick_start_installs_a_cpu_torch_and_keeps_a_pods():
+    """Issue 24 item 8: on a CPU machine the first command must not pull a multi-GB CUDA torch (the CPU
+    wheel's index comes first), pytest is installed, and requirements.txt accepts a pod's pre-release
+    torch (NGC's 2.6.0a0+...) instead of replacing it."""
+    from packaging.requirements import Requirement
+    block = re.search(r"```bash\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.splitlines()]
+    cpu = next(i for i, c in enumerate(commands) if c.startswith("pip install torch "))
+    assert "--index-url https://download.pytorch.org/whl/cpu" in commands[cpu]
+    requirements = next(i for i, c in enumerate(commands) if "-r requirements.txt" in c)
+    assert cpu < requirements and "pytest" in commands[requirements].split()
+    torch_line = next(line for line in (REPO / "requirements.txt").read_text().splitlines() if line.startswith("torch"))
+    spec = Requirement(torch_line).specifier
+    assert spec.contains("2.6.0a0+ecf3bae40a.nv25.01", prereleases=True) and spec.contains("2.13.0")
+    assert not spec.contains("2.5.1")
