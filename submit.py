@@ -409,8 +409,9 @@ def not_record_reasons(logs: list[Log]) -> list[str]:
     reasons = []
     for log in logs:
         device = log.lines.get("device", {})
-        # every preset but smoke is a record configuration (pr76, pr236, ...; "record" in older logs)
+        # every preset but smoke at its full size is a record configuration (pr76, ...; "record" in older logs)
         for ok, why in ((device.get("preset", "smoke") != "smoke", f"preset:{device.get('preset')}"),
+                        (device.get("scale", "full") == "full", f"scale:{device.get('scale')} (a shrunk preset)"),
                         ("H100" in device.get("device", ""), f"device:{device.get('device')} (not an H100)"),
                         (device.get("world_size") == "8", f"world_size:{device.get('world_size')} (not 8)")):
             if not ok and why not in reasons:

@@ -113,6 +113,7 @@ class Hyperparameters(ModelConfig):
     run_id: str = ""  # names logs/RUN_ID.txt (empty: a fresh id per run)
     seed: int = 1337  # the random seed: initial weights (the same on every rank), GPTQ's sampled calibration
     preset: str = "auto"  # auto | pr76 | pr236 | pr192 | pr1204 | frontier | sp8192 | smoke (see PRESETS)
+    scale: str = "full"  # full: the preset as it is | toy: the preset shrunk by TOY, for a CPU or a small GPU
     # Schedule
     iterations: int = 20000  # optimizer steps at most
     max_wallclock_seconds: float = 600.0  # the training time cap (0: no cap)
@@ -249,6 +250,24 @@ SMOKE = dict(  # the frontier's code paths at toy size on the sample in tests/fi
 # pr76: the defaults (PR #76, 1.1433)
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
            "smoke": SMOKE}
+# SCALE=toy: any preset at tests/golden.py's toy size, 300 steps without a clock, an 8,192-token eval batch (0.27 GB of
+# fp32 logits at vocab 8,192); depth, recurrence, lanes, quantization and compressor stay the preset's. A rule keeps a
+# step count (or the EMA horizon) at its share of the run: share = toy steps / the preset's (ITERATIONS, or 600 s's).
+RECORD_TOKENS = 9_234 * 524_288  # a 600 s run's training tokens: PR #76's 9,234 steps at 65 ms (bench/SPEED.md)
+def toy_steps(n: int, share: float) -> int:  # a step count at its share of the run; 0 (off) stays off
+    return max(1, round(n * share)) if n else 0
+TOY = dict(
+    model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=128, train_batch_tokens=2048, val_batch_size=8192,
+    iterations=300, max_wallclock_seconds=0.0, warmup_steps=1, train_log_every=25, ttt_batch_docs=4, ttt_lora_rank=4,
+    warmdown_iters=lambda h, share: toy_steps(h.warmdown_iters, share),
+    muon_momentum_warmup_steps=lambda h, share: toy_steps(h.muon_momentum_warmup_steps, share),
+    swa_interval=lambda h, share: toy_steps(h.swa_interval, share),
+    ema_decay=lambda h, share: max(1 - (1 - h.ema_decay) / share, 0.5) if h.ema_decay else 0.0,  # horizon 1/(1-d)
+    gptq_calib_tokens=lambda h, share: 2048 if h.gptq_calib_tokens else 0,  # one step's tokens
+    gptq_selfgen_seqs=lambda h, share: 4 if h.gptq_selfgen_seqs else 0,
+    ttt_phases=lambda h, share: ",".join(str(max(1, int(n) * 4 // h.ttt_batch_docs)) for n in h.ttt_phases.split(",")
+                                         if n.strip()),  # after as many document batches as the preset's
+)
 FINEWEB_DOWNLOAD = ("python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} "
                     "(in a clone of openai/parameter-golf)")
 
@@ -293,7 +312,13 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
     if preset == "smoke" and "data_path" not in values and not Path(SMOKE["data_path"]).is_dir():
         raise RunError(f"PRESET=smoke trains on the sample in {SMOKE['data_path']}, which is not here: copy "
                        f"tests/fixtures/ next to train_gpt.py, or set DATA_PATH and TOKENIZER_PATH")
-    h = Hyperparameters(**{**PRESETS[preset], **values, "preset": preset})
+    chosen = PRESETS[preset]
+    if values.get("scale") == "toy":  # TOY between the preset (p) and the env vars
+        p = Hyperparameters(**chosen)
+        steps = min(p.iterations, RECORD_TOKENS / p.train_batch_tokens if p.max_wallclock_seconds else math.inf)
+        share = values.get("iterations", TOY["iterations"]) / steps
+        chosen = {**chosen, **{k: v(p, share) if callable(v) else v for k, v in TOY.items()}}
+    h = Hyperparameters(**{**chosen, **values, "preset": preset})
     validate(h)
     return h, preset
 
@@ -345,8 +370,8 @@ RANGES = {
     "[4, 65536]": "vocab_size",  # ids 0-3 are pad, bos, eos, unk; shards hold uint16 ids
 }
 CHOICES = dict(  # the fields with a few possible values (PRESET, MUON_NS, COMPRESSOR, ATTN_BACKEND: their tables)
-    smear_mode=("channel", "scalar"), lane_formula=("stream", "read", "parallel"), compile=("auto", "0", "1"),
-    qat_bits=(0, 4, 5, 6, 8), quant_bits_mlp=(4, 5, 6, 8), quant_bits_embed=(7, 8, 16))
+    scale=("full", "toy"), smear_mode=("channel", "scalar"), lane_formula=("stream", "read", "parallel"),
+    compile=("auto", "0", "1"), qat_bits=(0, 4, 5, 6, 8), quant_bits_mlp=(4, 5, 6, 8), quant_bits_embed=(7, 8, 16))
 
 def in_interval(value: float, interval: str) -> bool:
     """Whether value lies in an interval written like "[0, 1)" (a bracket includes its end)."""
@@ -3108,7 +3133,7 @@ def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: 
         f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
     log(f"device:{device_name.replace(' ', '_')} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
-        f"seed:{h.seed} preset:{preset}")
+        f"seed:{h.seed} preset:{preset} scale:{h.scale}")
     if preset == "smoke":
         log("preset smoke: no CUDA device or no FineWeb at the default DATA_PATH, so the tiny CPU "
             "configuration runs on the bundled sample; this is a pre-flight check, not a record")

@@ -3,11 +3,11 @@
 move. `golden.json` holds, per preset, the train_loss of every step, every val_loss/val_bpb line
 (pre_quant and final_*), the model bytes (artifact less code) and the full-size parameter count.
 
-The shrink is the same for every preset: the bundled sample and its 1,024-piece tokenizer, width 128
-(4 heads, 2 KV heads), sequences of 128, 2 sequences per micro-batch, 8 steps, the first 8,192
-validation targets; a setting the preset turns on is kept on at toy size (warmdown 3 steps, GPTQ on
-one step of tokens or 4 self-sampled sequences, TTT on 4 documents at rank 4 with one phase after 4
-documents). Depth, recurrence, lanes, quantization classes and compressors stay the preset's own.
+The shrink is SCALE=toy, the same for every preset (width 128, 4 heads, 2 KV heads, sequences of 128,
+2 sequences per micro-batch, GPTQ on one step of tokens or 4 self-sampled sequences, TTT on 4 documents
+at rank 4), run on the bundled sample and its 1,024-piece tokenizer for 8 steps on the first 8,192
+validation targets; a setting the preset turns on is kept on at toy size (warmdown 3 steps, one TTT phase
+after 4 documents). Depth, recurrence, lanes, quantization classes and compressors stay the preset's own.
 Run from the command line it runs the presets side by side, one thread each."""
 
 from __future__ import annotations
@@ -29,24 +29,24 @@ import train_gpt as tg  # noqa: E402
 GOLDEN = Path(__file__).with_name("golden.json")
 PRESETS = ("pr76", "pr236", "pr192", "pr1204", "frontier", "sp8192", "smoke")
 FIXTURES = REPO / "tests" / "fixtures"
+# SCALE=toy shrinks every preset (train_gpt.py's TOY); the golden run is shorter, on the sample, and keeps the
+# preset's own momentum warm-up, averaging and (without TTT) TTT sizes, where SCALE=toy scales them to its run
 TOY = {"DATA_PATH": str(FIXTURES / "sample"), "TOKENIZER_PATH": str(FIXTURES / "sample_1024_bpe.model"),
-       "VOCAB_SIZE": "1024", "MODEL_DIM": "128", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "128",
-       "TRAIN_BATCH_TOKENS": str(8 * 2 * 128), "ITERATIONS": "8", "WARMUP_STEPS": "1", "MAX_WALLCLOCK_SECONDS": "0",
-       "TRAIN_LOG_EVERY": "1", "VAL_TOKENS": "8192", "VAL_BATCH_SIZE": "8192", "SEED": "1", "COMPILE": "0"}
+       "VOCAB_SIZE": "1024", "SCALE": "toy", "ITERATIONS": "8", "TRAIN_LOG_EVERY": "1", "VAL_TOKENS": "8192",
+       "SEED": "1", "COMPILE": "0"}
+KEPT = ("muon_momentum_warmup_steps", "swa_interval", "ema_decay")
+TTT_SIZES = ("ttt_batch_docs", "ttt_lora_rank", "ttt_phases")
 
 
 def toy_env(preset: str) -> dict[str, str]:
-    """PRESET=preset shrunk by TOY, and the preset's own sizes that TOY does not cover scaled the same way."""
+    """PRESET=preset SCALE=toy, run as TOY says: 8 steps, warmdown 3 steps, one TTT phase after 4 documents."""
     full = tg.hyperparameters_from_env({"PRESET": preset}, cuda_available=False)[0]
-    env = {"PRESET": preset, **TOY}
+    kept = KEPT + (() if full.ttt_enabled else TTT_SIZES)
+    env = {"PRESET": preset, **TOY, **{name.upper(): str(getattr(full, name)) for name in kept}}
     if full.warmdown_iters:
         env["WARMDOWN_ITERS"] = "3"
-    if full.gptq_calib_tokens:
-        env["GPTQ_CALIB_TOKENS"] = TOY["TRAIN_BATCH_TOKENS"]
-    if full.gptq_selfgen_seqs:
-        env["GPTQ_SELFGEN_SEQS"] = "4"
     if full.ttt_enabled:
-        env.update(TTT_BATCH_DOCS="4", TTT_LORA_RANK="4", TTT_PHASES="4")
+        env["TTT_PHASES"] = "4"
     return env
 
 

@@ -66,6 +66,7 @@ def test_every_field_name_is_itself():
 IMPOSSIBLE = {
     "data_path": [""], "tokenizer_path": [""], "vocab_size": ["3", "65537", "1.5"],
     "run_id": ["a/b", "../x", ".hidden", "a b"], "seed": ["-1", str(2**63)], "preset": ["bogus", ""],
+    "scale": ["bogus", "TOY", ""],
     "iterations": ["0", "-5"], "max_wallclock_seconds": ["-1", "nan", "inf"], "warmup_steps": ["-1"],
     "warmdown_iters": ["-1"], "train_batch_tokens": ["0", "-1024", "1000"], "train_seq_len": ["0", "1", "-2"],
     "train_log_every": ["0"], "val_loss_every": ["-1"], "eval_seq_len": ["1", "-4"], "eval_stride": ["-1", "129"],

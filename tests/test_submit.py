@@ -355,7 +355,7 @@ def test_train_gpt_still_logs_what_submit_reads():
         for key in keys:
             assert f"{key}:" in source, f"train_gpt.py no longer logs {key}: on its {label} line"
     for fragment in ("====== source ", "====== end source ======", "hparam ", "device:", "world_size:",
-                     "preset:", "train_loss:", "val_loss:"):
+                     "preset:", "scale:", "train_loss:", "val_loss:"):
         assert fragment in source
 
 
@@ -379,6 +379,15 @@ def test_every_preset_but_smoke_counts_as_a_record_configuration(workdir, preset
     paths = write_logs(workdir, preset=preset, hparams={"PRESET": preset})
     reasons = submit.not_record_reasons([submit.read_log(Path(p)) for p in paths])
     assert reasons == ([] if record else [f"preset:{preset}"])
+
+
+def test_a_toy_scale_run_is_never_a_record(workdir, capsys):
+    """SCALE=toy on the record's own device: the device line's scale:toy fails the record rule, with that reason."""
+    paths = write_logs(workdir, preset="sp8192 scale:toy", hparams={"PRESET": "sp8192", "SCALE": "toy"})
+    assert submit.not_record_reasons([submit.read_log(Path(p)) for p in paths]) == ["scale:toy (a shrunk preset)"]
+    assert run_submit(workdir, paths) == 1
+    out = capsys.readouterr().out
+    assert failed_rules(out) == ["a record: 8xH100 record runs (else --non-record)"] and "scale:toy" in out
 
 
 # -----------------------------------------------------------------------------
