@@ -254,8 +254,10 @@ PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "fronti
 # fp32 logits at vocab 8,192); depth, recurrence, lanes, quantization and compressor stay the preset's. A rule keeps a
 # step count (or the EMA horizon) at its share of the run: share = toy steps / the preset's (ITERATIONS, or 600 s's).
 RECORD_TOKENS = 9_234 * 524_288  # a 600 s run's training tokens: PR #76's 9,234 steps at 65 ms (bench/SPEED.md)
+
 def toy_steps(n: int, share: float) -> int:  # a step count at its share of the run; 0 (off) stays off
     return max(1, round(n * share)) if n else 0
+
 TOY = dict(
     model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=128, train_batch_tokens=2048, val_batch_size=8192,
     iterations=300, max_wallclock_seconds=0.0, warmup_steps=1, train_log_every=25, ttt_batch_docs=4, ttt_lora_rank=4,
