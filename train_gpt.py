@@ -37,6 +37,7 @@ import sys
 import time
 import typing
 import uuid
+import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -2766,7 +2767,11 @@ def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = 
     no sync; VIRTUAL_DEPTH / RECUR_UNTIE_MLP's own parameters get no gradient before the switch)."""
     compiled = maybe_compile(h, rt, base_model, backend)
     dormant = h.virtual_depth or h.recur_untie_mlp
-    return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant) if rt.distributed else compiled
+    if not rt.distributed:
+        return compiled
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.6-2.12 know only that name
+        warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
+        return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant)
 
 @dataclasses.dataclass
 class Progress:

@@ -69,11 +69,12 @@ def figures(log: str) -> dict:
 
 def run_preset(preset: str, env_base: dict[str, str]) -> dict:
     """One toy run of `preset` in a scratch folder; its log is read and deleted."""
+    from conftest import HANG_FACTOR  # the suite's cap factor for a loaded machine (tests/ is on the path)
     run_id = f"golden_{preset}_{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         env = {**env_base, **toy_env(preset), "RUN_ID": run_id, "ARTIFACT_PATH": str(Path(tmp) / "a.ptz")}
         proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], cwd=tmp, env=env, capture_output=True,
-                              text=True, timeout=1200)
+                              text=True, timeout=HANG_FACTOR * 1200)
     log_path = REPO / "logs" / f"{run_id}.txt"
     log = log_path.read_text(encoding="utf-8") if log_path.exists() else ""
     log_path.unlink(missing_ok=True)

@@ -103,7 +103,8 @@ def build(tmp_path, docs, *extra, out="out"):
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "build_dataset.py"), "--docs", str(docs_file),
          "--val-docs", str(VAL_DOCS), "--out", str(out_dir), "--threads", "1", *extra],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=HANG_FACTOR * 300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     return proc.returncode, proc.stdout, proc.stderr, out_dir
 
 
