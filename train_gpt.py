@@ -1530,35 +1530,26 @@ BLOCK_MATRICES = f"{BLOCK_ATTN}|{BLOCK_MLP}"
 GATE_TENSORS = r"blocks\.\d+\.attn\.gate"  # ATTN_GATE_WINDOW's attention output gates (PR #1855)
 CONTROL_TENSORS = (r"blocks\.\d+\.(attn_scale|mlp_scale|resid_mix|q_gain|lane_write|lane_keep)|skip_weights"
                    r"|skip_gates|smear\.(gate|strength)|bigram\.scale|value_embed\.(scale|position_scales)")
-# The one table of parameter kinds: a kind (by whole name) gives a parameter's optimizer group and quantization bits
-# (16: fp16). The bigram projection is Adam's with BIGRAM_PROJ_ADAM (PR #1204), the table too with BIGRAM_ADAM (#236).
-PARAMETER_KINDS = {  # kind: (name pattern, optimizer group of h, quantization bits of h)
-    "attn": (BLOCK_ATTN, lambda h: "muon", lambda h: 6),
-    "mlp": (BLOCK_MLP, lambda h: "muon", lambda h: h.quant_bits_mlp),
-    "embed": (r"tok_emb\.weight", lambda h: "adam_embed", lambda h: h.quant_bits_embed),
-    "control": (CONTROL_TENSORS, lambda h: "adam_scalar", lambda h: 16),
-    "gate": (GATE_TENSORS, lambda h: "adam_scalar", lambda h: 8 if h.quant_gates_int8 else 16),
-    "bigram_table": (r"bigram\.table\.weight", lambda h: "adam_scalar" if h.bigram_adam else "adam_embed",
-                     lambda h: 6),
-    "bigram_proj": (r"bigram\.proj\.weight", lambda h: "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon",
-                    lambda h: 16),
-    "value_table": (r"value_embed\.table\.weight", lambda h: "adam_embed", lambda h: h.quant_bits_embed),
-    "value_proj": (r"value_embed\.proj\.weight", lambda h: "adam_scalar", lambda h: 16),
-}
-
-def kind_rules(h: Hyperparameters, column: int) -> tuple[tuple[str, typing.Any], ...]:
-    """(name pattern, the kind's column-th entry for h) for each kind this model has, for partition()."""
-    kinds = ["attn", "mlp", "embed", "control"]
-    if h.attn_gate_window:
-        kinds.append("gate")
-    if h.bigram_vocab_size:
-        kinds += ["bigram_table", "bigram_proj"]
-    if h.ve_layers.strip():
-        kinds += ["value_table", "value_proj"]
-    return tuple((PARAMETER_KINDS[kind][0], PARAMETER_KINDS[kind][column](h)) for kind in kinds)
+def parameter_kinds(h: Hyperparameters) -> dict[str, tuple[str, str, int]]:
+    """The one table of parameter kinds, those this model has: kind -> (pattern of whole names, optimizer group,
+    quantization bits; 16: fp16). The bigram projection is Adam's with BIGRAM_PROJ_ADAM (PR #1204), the table too
+    with BIGRAM_ADAM (PR #236)."""
+    kinds = {
+        "attn": (BLOCK_ATTN, "muon", 6),
+        "mlp": (BLOCK_MLP, "muon", h.quant_bits_mlp),
+        "embed": (r"tok_emb\.weight", "adam_embed", h.quant_bits_embed),
+        "control": (CONTROL_TENSORS, "adam_scalar", 16),
+        "gate": (GATE_TENSORS, "adam_scalar", 8 if h.quant_gates_int8 else 16),
+        "bigram_table": (r"bigram\.table\.weight", "adam_scalar" if h.bigram_adam else "adam_embed", 6),
+        "bigram_proj": (r"bigram\.proj\.weight", "adam_scalar" if h.bigram_adam or h.bigram_proj_adam else "muon", 16),
+        "value_table": (r"value_embed\.table\.weight", "adam_embed", h.quant_bits_embed),
+        "value_proj": (r"value_embed\.proj\.weight", "adam_scalar", 16),
+    }
+    has = {"gate": h.attn_gate_window, "bigram": h.bigram_vocab_size, "value": h.ve_layers.strip()}
+    return {kind: row for kind, row in kinds.items() if has.get(kind.split("_")[0], True)}
 
 def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
-    return kind_rules(h, 1)
+    return tuple((pattern, group) for pattern, group, _ in parameter_kinds(h).values())
 
 def embed_wd(h: Hyperparameters) -> float:
     return h.adam_wd if h.embed_wd < 0 else h.embed_wd
@@ -2041,8 +2032,8 @@ ARTIFACT_MAX_HEADER_BYTES = 1 << 24  # the JSON header: ~200 bytes per tensor
 ARTIFACT_MAX_PAYLOAD_BYTES = 1 << 31  # the arrays: many times what a 16 MB artifact can hold
 
 def quant_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
-    """(name pattern, class) for partition(), from PARAMETER_KINDS' bits."""
-    return tuple((pattern, BITS_CLASS[bits]) for pattern, bits in kind_rules(h, 2))
+    """(name pattern, class) for partition(), from parameter_kinds' bits."""
+    return tuple((pattern, BITS_CLASS[bits]) for pattern, _, bits in parameter_kinds(h).values())
 
 def quantize_rows(w: Tensor, bits: int, clip_search: bool = True, clip_k: float = 0.0,
                   min_range: float = 0.0) -> tuple[Tensor, Tensor]:

@@ -227,7 +227,7 @@ def test_pr1204_export_puts_32_block_matrices_at_int6_those_of_the_repeated_bloc
 
 
 def test_one_table_of_parameter_kinds_gives_both_groups_and_classes():
-    """PARAMETER_KINDS: a kind's optimizer group and quantization class follow from the table alone; sp8192's
+    """parameter_kinds: a kind's optimizer group and quantization class follow from the table alone; sp8192's
     attention output gates are Adam scalars, int8 with QUANT_GATES_INT8 and fp16 without."""
     h = preset("sp8192")
     model = meta_model(h)
@@ -237,5 +237,6 @@ def test_one_table_of_parameter_kinds_gives_both_groups_and_classes():
     for int8, cls in ((True, "int8"), (False, "fp16")):
         plan = tg.quant_plan(model.state_dict(), dataclasses.replace(h, quant_gates_int8=int8))
         assert {plan[n] for n in gates} == {cls}
-    assert {kind for kind in tg.PARAMETER_KINDS} == {"attn", "mlp", "embed", "control", "gate", "bigram_table",
-                                                     "bigram_proj", "value_table", "value_proj"}
+    assert set(tg.parameter_kinds(h)) == {"attn", "mlp", "embed", "control", "gate"}
+    assert set(tg.parameter_kinds(preset("pr1204"))) == {"attn", "mlp", "embed", "control", "bigram_table",
+                                                         "bigram_proj", "value_table", "value_proj"}
