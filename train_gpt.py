@@ -251,40 +251,36 @@ SMOKE = dict(  # the frontier's code paths at toy size on the sample in tests/fi
 # pr76: the defaults (PR #76, 1.1433)
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
            "smoke": SMOKE}
-# SCALE=toy: any preset at tests/golden.py's toy size, 300 steps without a clock, an 8,192-token eval batch (0.27 GB of
-# fp32 logits at vocab 8,192); depth, recurrence, lanes, quantization and compressor stay the preset's. A rule keeps a
-# step count (or the EMA horizon) at its share of the run: share = toy steps / the preset's (ITERATIONS, or 600 s's).
+# SCALE=toy: any preset at tests/golden.py's toy size (docs/notes/configuration.md); depth, recurrence, lanes,
+# quantization and compressor stay the preset's.
 RECORD_TOKENS = 9_234 * 524_288  # a 600 s run's training tokens: PR #76's 9,234 steps at 65 ms (bench/SPEED.md)
-
-def toy_steps(n: int, share: float) -> int:  # a step count at its share of the run; 0 (off) stays off
-    return max(1, round(n * share)) if n else 0
-
 TOY = dict(
     model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=128, train_batch_tokens=2048, val_batch_size=8192,
     iterations=300, max_wallclock_seconds=0.0, warmup_steps=1, train_log_every=25, ttt_batch_docs=4, ttt_lora_rank=4,
-    warmdown_iters=lambda h, share: toy_steps(h.warmdown_iters, share),
-    muon_momentum_warmup_steps=lambda h, share: toy_steps(h.muon_momentum_warmup_steps, share),
-    swa_interval=lambda h, share: toy_steps(h.swa_interval, share),
-    ema_decay=lambda h, share: max(1 - (1 - h.ema_decay) / share, 0.5) if h.ema_decay else 0.0,  # horizon 1/(1-d)
-    gptq_calib_tokens=lambda h, share: 2048 if h.gptq_calib_tokens else 0,  # one step's tokens
-    gptq_selfgen_seqs=lambda h, share: 4 if h.gptq_selfgen_seqs else 0,
-    ttt_phases=lambda h, share: ",".join(str(max(1, int(n) * 4 // h.ttt_batch_docs)) for n in h.ttt_phases.split(",")
-                                         if n.strip()),  # after as many document batches as the preset's
 )
+
+def toy_settings(p: Hyperparameters, iterations: int) -> dict:
+    """TOY, and the preset p's step counts (0, off, stays off) and EMA horizon 1/(1-d) at their share of the run:
+    share = toy steps / the preset's (ITERATIONS, or 600 s's); TTT phases after as many document batches."""
+    share = iterations / min(p.iterations, RECORD_TOKENS / p.train_batch_tokens if p.max_wallclock_seconds
+                             else math.inf)
+    steps = {k: max(1, round(getattr(p, k) * share)) if getattr(p, k) else 0
+             for k in ("warmdown_iters", "muon_momentum_warmup_steps", "swa_interval")}
+    phases = [max(1, int(n) * TOY["ttt_batch_docs"] // p.ttt_batch_docs) for n in p.ttt_phases.split(",") if n.strip()]
+    return dict(TOY, **steps, ema_decay=max(1 - (1 - p.ema_decay) / share, 0.5) if p.ema_decay else 0.0,
+                gptq_calib_tokens=2048 if p.gptq_calib_tokens else 0,  # one step's tokens
+                gptq_selfgen_seqs=4 if p.gptq_selfgen_seqs else 0, ttt_phases=",".join(map(str, phases)))
+
 FINEWEB_DOWNLOAD = ("python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} "
                     "(in a clone of openai/parameter-golf)")
 
 def parse_env_value(name: str, raw: str, kind: type):
-    """One env var's text as the field's type; RunError naming it if it is not one."""
+    """One env var's text as the field's type (a NaN or inf fails field_checks); RunError naming it if not one."""
     try:
-        if kind is bool and raw.lower() in ("0", "1", "true", "false"):
-            return raw.lower() in ("1", "true")
-        if kind is not bool and (kind is not float or math.isfinite(float(raw))):
-            return kind(raw)
-    except ValueError:
-        pass
-    expected = {int: "an integer", float: "a finite number", bool: "0, 1, true or false", str: "text"}[kind]
-    raise RunError(f"{name}={raw!r}: expected {expected}")
+        return {"0": False, "1": True, "false": False, "true": True}[raw.lower()] if kind is bool else kind(raw)
+    except (KeyError, ValueError):
+        expected = {int: "an integer", float: "a finite number", bool: "0, 1, true or false"}[kind]
+        raise RunError(f"{name}={raw!r}: expected {expected}") from None
 
 def choose_preset(values: dict, cuda_available: bool) -> str:
     """PRESET=auto: the CPU pre-flight run without CUDA, the frontier on a GPU. A GPU without FineWeb is
@@ -310,24 +306,17 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
     values = {f.name: parse_env_value(f.name.upper(), env[f.name.upper()], type(f.default))
               for f in dataclasses.fields(Hyperparameters) if f.name.upper() in env}
     preset = choose_preset(values, cuda_available)
-    if preset not in PRESETS:
-        raise RunError(f"PRESET={preset!r}: expected auto or one of {', '.join(PRESETS)}")
     if preset == "smoke" and "data_path" not in values and not Path(SMOKE["data_path"]).is_dir():
         raise RunError(f"PRESET=smoke trains on the sample in {SMOKE['data_path']}, which is not here: copy "
                        f"tests/fixtures/ next to train_gpt.py, or set DATA_PATH and TOKENIZER_PATH")
-    chosen = PRESETS[preset]
-    if values.get("scale") == "toy":  # TOY between the preset (p) and the env vars
-        p = Hyperparameters(**chosen)
-        steps = min(p.iterations, RECORD_TOKENS / p.train_batch_tokens if p.max_wallclock_seconds else math.inf)
-        share = values.get("iterations", TOY["iterations"]) / steps
-        chosen = {**chosen, **{k: v(p, share) if callable(v) else v for k, v in TOY.items()}}
+    chosen = PRESETS.get(preset, {})  # an unknown PRESET fails validate's CHOICES
+    if values.get("scale") == "toy":  # between the preset and the env vars
+        chosen = {**chosen, **toy_settings(Hyperparameters(**chosen), values.get("iterations", TOY["iterations"]))}
     h = Hyperparameters(**{**chosen, **values, "preset": preset})
     validate(h)
     return h, preset
 
-# A misspelt setting would be silently ignored (SEEDS=42 trains seed 1337), so an env var that looks like
-# one stops the run: a close name (difflib ratio >= 0.8, with or without underscores, any case), a setting's
-# first or last words (MAX_WALLCLOCK, LAYERS), or a prefix only settings use. Other tools' variables never are.
+# An env var that looks like a setting stops the run, other tools' never do (docs/notes/configuration.md)
 _KNOB_PREFIXES = tuple("TRAIN_ EVAL_ VAL_ MUON_ ADAM_ SWA_ BIGRAM_ MODEL_ NUM_ MLP_ WARMUP WARMDOWN MATRIX_ SCALAR_ "
                        "TIED_ ARTIFACT_ ZSTD_ GPTQ_ CLIP_ QUANT_ ROPE_ XSA_ LN_ LANES_ RECUR_ QAT_ SMEAR_ LR_ EMA_ "
                        "TTT_ ATTN_ VIRTUAL_ FIRST_ VE_ SKIP_ LANE_".split())
@@ -498,7 +487,7 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
         (0 <= h.xsa_last_n <= depth, "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
         (0 <= h.lanes_from < h.num_layers, "LANES_FROM must be in 0..NUM_LAYERS-1 (0: off)"),
-        (list(recur) == list(range(recur[0], recur[0] + len(recur))) if recur else True,
+        (all(b == a + 1 for a, b in zip(recur, recur[1:])),
          f"RECUR_BLOCKS={h.recur_blocks!r} must be contiguous ascending block indices"),
         (all(0 <= b < h.num_layers for b in recur), "RECUR_BLOCKS must name blocks in 0..NUM_LAYERS-1"),
         (not (recur and h.lanes_from) or h.lanes_from > recur[-1],
@@ -3030,12 +3019,11 @@ def init_runtime() -> Runtime:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
     return Runtime(rank=rank, world_size=world_size, device=device, distributed=world_size > 1, bf16=cuda)
 
+@dataclasses.dataclass
 class Logger:
     """Rank 0 writes every line to logs/<RUN_ID>.txt (created by claim_outputs) and, unless told
     otherwise, to stdout. A line that cannot be written stops the run (the error goes to stderr)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
+    path: Path | None
 
     def __call__(self, message: str, console: bool = True) -> None:
         if self.path is None:
@@ -3087,11 +3075,9 @@ def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
         if artifact.exists() and not (h.eval_only or h.artifact_path):
             continue
         try:
-            log_path.open("x").close()
+            log_path.open("x").close()  # check_room has just written a file there
         except FileExistsError:
             continue
-        except OSError as exc:
-            raise RunError(f"{log_path}: cannot create the log ({exc.strerror or exc})") from None
         note = "" if n == 1 else (f"outputs: logs/{wanted}.txt or .ptz exists (an earlier run's); this run is "
                                   f"RUN_ID={run_id}, so nothing is replaced")
         return run_id, log_path, artifact, note
@@ -3143,8 +3129,7 @@ class Interrupted(Exception):
 
 def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
     """Trains, writes and scores (or, with EVAL_ONLY, scores). A RunError or an interrupt ends the log with
-    one line (an interrupt's says where the run was and what it wrote); a run stopped before it began to
-    train or score keeps its log as logs/<RUN_ID>.stopped.txt, without the source copy, its name free again."""
+    one line (an interrupt's says where the run was and what it wrote), then set_aside_if_not_started."""
     run_id, log_path, artifact_path, note = claim_outputs(h, rt)
     log = Logger(log_path if rt.is_main else None)
     t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
@@ -3229,7 +3214,6 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, kill, a launcher passing one on) ends the run as Ctrl-C does
 
 def main() -> int:
-    rt = None
     sigterm = signal.signal(signal.SIGTERM, interrupt)
     try:
         rt = init_runtime()
@@ -3248,7 +3232,7 @@ def main() -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, sigterm)
-        if rt is not None and rt.distributed and dist.is_initialized():
+        if dist.is_initialized():  # only init_runtime starts a process group
             dist.destroy_process_group()
 
 if __name__ == "__main__":
