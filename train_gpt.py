@@ -262,7 +262,7 @@ TOY = dict(
 def toy_settings(p: Hyperparameters, iterations: int) -> dict:
     """TOY, and the preset p's step counts (0, off, stays off) and EMA horizon 1/(1-d) at their share of the run:
     share = toy steps / the preset's (ITERATIONS, or 600 s's); TTT phases after as many document batches."""
-    share = iterations / min(p.iterations, RECORD_TOKENS / p.train_batch_tokens if p.max_wallclock_seconds
+    share = max(iterations, 1) / min(p.iterations, RECORD_TOKENS / p.train_batch_tokens if p.max_wallclock_seconds
                              else math.inf)
     steps = {k: max(1, round(getattr(p, k) * share)) if getattr(p, k) else 0
              for k in ("warmdown_iters", "muon_momentum_warmup_steps", "swa_interval")}

@@ -75,6 +75,13 @@ def test_a_bad_scale_is_a_one_line_error(run_script):
     assert_one_line_error(run_script({"PRESET": "sp8192", "SCALE": "bogus"}, timeout=60), "SCALE")
 
 
+@pytest.mark.parametrize("iterations", ["0", "-5"])
+def test_toy_scale_with_impossible_iterations_names_iterations(iterations):
+    """The toy shrink divides by the run's steps: ITERATIONS=0 must still be the range check's one line."""
+    with pytest.raises(tg.RunError, match=rf"^ITERATIONS={iterations}: must be in \[1, inf\)$"):
+        config({"PRESET": "sp8192", "SCALE": "toy", "ITERATIONS": iterations})
+
+
 @pytest.mark.slow
 def test_sp8192_at_toy_scale_runs_end_to_end_on_the_sample(run_script):
     """The whole sp8192 stack shrunk (recurrence, lanes, gates, GPTQ with LQER, ANS, TTT), cut to 16 steps and
