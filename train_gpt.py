@@ -3161,8 +3161,9 @@ def set_aside_if_not_started(log: Logger) -> None:
 
 def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
     t_start = time.perf_counter()
-    if h.compressor in ("brotli", "ans") and not h.eval_only:  # missing, they stop the run here, not after training
-        brotli_module(), h.compressor == "ans" and brotli_module("constriction")
+    packages = {"brotli": ["brotli"], "ans": ["brotli", "constriction"]}.get(h.compressor, [])
+    for package in [] if h.eval_only else packages:  # a missing one stops the run here, not after training
+        brotli_module(package)
     if h.eval_only:
         config, state = load_artifact(Path(h.eval_only), h.artifact_limit_bytes)
         h = dataclasses.replace(h, **config)  # the artifact decides the model's shape
