@@ -399,6 +399,10 @@ def field_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
          f"TTT_PHASES={h.ttt_phases!r}: expected document counts like 2500 or 833,1666,2500"),
     ]
 
+def embed_wd(h: Hyperparameters) -> float:
+    """AdamW decay of the embedding tables: EMBED_WD, or ADAM_WD where it is -1."""
+    return h.adam_wd if h.embed_wd < 0 else h.embed_wd
+
 def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     per_step = SLICES_PER_STEP * h.train_seq_len
     return [
@@ -1539,9 +1543,6 @@ def parameter_kinds(h: Hyperparameters) -> dict[str, tuple[str, str, int]]:
 
 def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
     return tuple((pattern, group) for pattern, group, _ in parameter_kinds(h).values())
-
-def embed_wd(h: Hyperparameters) -> float:
-    return h.adam_wd if h.embed_wd < 0 else h.embed_wd
 
 def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
     params = {group: [p for _, p in members] for group, members in
