@@ -2787,9 +2787,9 @@ def train_step(h: Hyperparameters, rt: Runtime, model: nn.Module, optimizers, lo
                step: int, scale: float, progress: float = 0.0) -> Tensor:
     """One optimizer step at this fraction of the run (its sequence length, Muon's WD taper); returns
     the step's mean training loss (on the device, not synced)."""
-    total = torch.zeros((), device=rt.device)
+    seq_len, total = seq_len_at(h, progress), torch.zeros((), device=rt.device)  # seq_len parses the schedule: once
     for micro in range(rt.grad_accum_steps):
-        inputs, targets = loader.next_batch(h.train_batch_tokens // SLICES_PER_STEP, seq_len_at(h, progress))
+        inputs, targets = loader.next_batch(h.train_batch_tokens // SLICES_PER_STEP, seq_len)
         syncs = not rt.distributed or micro == rt.grad_accum_steps - 1  # DDP all-reduces on the last only
         with (contextlib.nullcontext() if syncs else model.no_sync()), rt.autocast():
             loss = model(inputs, targets)
