@@ -296,9 +296,18 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
                        f"{download}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
     return "frontier"
 
+# Settings no preset turned and no record needed, now the constant every record ran: set, they stop the run
+REMOVED_SETTINGS = dict(
+    MUON_MOMENTUM_WARMUP_START="0.92", MUON_BACKEND_STEPS="5", ADAM_BETA1="0.9", ADAM_EPS="1e-8", GRAD_CLIP_NORM="0.3",
+    SWA_START_FRAC="0.5", TIED_EMBED_INIT_STD="0.005", BIGRAM_SCALE_INIT="0.05", ZSTD_LEVEL="22",
+    GPTQ_SELFGEN_LEN="TRAIN_SEQ_LEN", QUANT_BITS_ATTN="6", TTT_PLAIN_SCORE="0 (the plain score is TTT_LR_SCALE=0)")
+
 def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple[Hyperparameters, str]:
     """Build the config from env vars; returns it with the preset actually applied."""
     for name in sorted(env):
+        if name.upper() in REMOVED_SETTINGS:
+            raise RunError(f"{name} is no longer a setting: every record ran {REMOVED_SETTINGS[name.upper()]}, now a "
+                           f"constant (unset it)")
         setting = resembled_setting(name)
         if setting is not None and name != setting:
             raise RunError(f"{name} is not a setting; did you mean {setting}? (nothing reads {name}: unset or "
@@ -1483,7 +1492,8 @@ class GPT(nn.Module):
         """Logits (B, T, V) without targets; else the cross-entropy, averaged or per token (B, T). one_document:
         rows of one document each, cut from an EVAL_SEQ_LEN context (TTT): causal, RoPE at that length."""
         x0 = self.embed(input_ids)
-        ve, mask = self.values(input_ids), None if one_document else self.mask(input_ids)
+        ve = self.values(input_ids)
+        mask = None if one_document else self.mask(input_ids)
         attend = Attend(mask, self.rope_len if one_document else 0)
         x, skips = x0[None], []  # (lanes, B, T, C)
         for step in self.plan():
@@ -1875,7 +1885,8 @@ def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: Va
                 losses = forward(val.tokens[safe], val.tokens[safe + 1], reduction="none")
             (torch.where(index >= 0, losses, 0.0).sum() / real_targets).backward()
         for p in params:
-            p.grad = torch.zeros_like(p) if p.grad is None else p.grad
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
             if rt.distributed:
                 dist.all_reduce(p.grad)
         torch.nn.utils.clip_grad_norm_(params, TTT_PHASE_CLIP)
@@ -2632,7 +2643,7 @@ def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: Distribu
 #
 # What gets quantized is an average of the weights along the run, by an averager: observe() after each step,
 # average() (the state to load; None keeps the final weights), summary() for the log. SWA (PR #76): a snapshot
-# every SWA_INTERVAL steps once the LR scale is below SWA_START_FRAC, summed in fp32. EMA (PR #1204 and later):
+# every SWA_INTERVAL steps once the LR scale is below SWA.START_FRAC, summed in fp32. EMA (PR #1204 and later):
 # an fp32 shadow <- d * shadow + (1 - d) * weight after every step, from the initial weights.
 
 class FinalWeights:
@@ -3079,6 +3090,8 @@ def claim_files(h: Hyperparameters) -> tuple[str, Path, Path, str]:
             log_path.open("x").close()  # check_room has just written a file there
         except FileExistsError:
             continue
+        except OSError as exc:  # a full disk or a permission change since check_room
+            raise RunError(f"{log_path}: cannot create the log ({exc.strerror or exc})") from None
         note = "" if n == 1 else (f"outputs: logs/{wanted}.txt or .ptz exists (an earlier run's); this run is "
                                   f"RUN_ID={run_id}, so nothing is replaced")
         return run_id, log_path, artifact, note

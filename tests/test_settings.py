@@ -56,6 +56,14 @@ def test_a_misspelt_setting_stops_the_run_naming_the_setting(name, setting):
     assert message.startswith(f"{name} is not a setting; did you mean {setting}?") and "\n" not in message, message
 
 
+@pytest.mark.parametrize("name", sorted(tg.REMOVED_SETTINGS))
+def test_a_removed_setting_stops_the_run_naming_its_constant(name):
+    """GRAD_CLIP_NORM=0 would otherwise train clipped at 0.3 without a word (no setting resembles it)."""
+    with pytest.raises(tg.RunError, match=rf"^{name} is no longer a setting: every record ran .+, now a constant"):
+        tg.hyperparameters_from_env({**clean_env(), "PRESET": "smoke", name: "0"}, cuda_available=False)
+    assert not {f.name.upper() for f in dataclasses.fields(tg.Hyperparameters)} & set(tg.REMOVED_SETTINGS)
+
+
 def test_every_field_name_is_itself():
     for field in dataclasses.fields(tg.Hyperparameters):
         assert tg.resembled_setting(field.name.upper()) == field.name.upper()
