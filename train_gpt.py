@@ -68,8 +68,7 @@ class RunError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The model's shape and techniques: what the artifact stores, and all EVAL_ONLY needs to rebuild the model
-    (in the artifact header's order). Hyperparameters, the run's whole configuration, extends it."""
+    """The model's shape and techniques: the artifact stores them (in this order), EVAL_ONLY rebuilds from them."""
     # The network (ModelConfig: stored in the artifact)
     vocab_size: int = 1024  # tokenizer pieces (the embedding's rows; ids 0-3 are pad, bos, eos, unk)
     num_layers: int = 12  # transformer blocks
@@ -271,8 +270,8 @@ def toy_settings(p: Hyperparameters, iterations: int) -> dict:
                 gptq_calib_tokens=2048 if p.gptq_calib_tokens else 0,  # one step's tokens
                 gptq_selfgen_seqs=4 if p.gptq_selfgen_seqs else 0, ttt_phases=",".join(map(str, phases)))
 
-FINEWEB_DOWNLOAD = ("python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} "
-                    "(in a clone of openai/parameter-golf)")
+DOWNLOAD_HINT = ("download FineWeb with python3 data/cached_challenge_fineweb.py --variant sp{vocab_size} (in a clone "
+                 "of openai/parameter-golf), or set DATA_PATH and TOKENIZER_PATH")
 
 def parse_env_value(name: str, raw: str, kind: type):
     """One env var's text as the field's type (a NaN or inf fails field_checks); RunError naming it if not one."""
@@ -286,15 +285,15 @@ def choose_preset(values: dict, cuda_available: bool) -> str:
     """PRESET=auto: the CPU pre-flight run without CUDA, the frontier on a GPU. A GPU without FineWeb is
     an error, not a smoke run that would exit 0 on a rented pod."""
     preset, data_path = values.get("preset", "auto"), values.get("data_path", Hyperparameters.data_path)
-    if preset != "auto":
-        return preset
-    if not cuda_available:
-        return "smoke"
-    if not Path(data_path).is_dir():
-        download = FINEWEB_DOWNLOAD.format(vocab_size=values.get("vocab_size", Hyperparameters.vocab_size))
-        raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; download it with "
-                       f"{download}, set DATA_PATH, or run PRESET=smoke for the pre-flight check")
-    return "frontier"
+    if preset == "auto" and cuda_available and not Path(data_path).is_dir():
+        hint = DOWNLOAD_HINT.format(vocab_size=values.get("vocab_size", Hyperparameters.vocab_size))
+        raise RunError(f"DATA_PATH={data_path} ({Path(data_path).resolve()}): no FineWeb there; {hint}, or run "
+                       f"PRESET=smoke for the pre-flight check")
+    preset = ("frontier" if cuda_available else "smoke") if preset == "auto" else preset
+    if preset == "smoke" and "data_path" not in values and not Path(SMOKE["data_path"]).is_dir():
+        raise RunError(f"PRESET=smoke trains on the sample in {SMOKE['data_path']}, which is not here: copy "
+                       f"tests/fixtures/ next to train_gpt.py, or set DATA_PATH and TOKENIZER_PATH")
+    return preset
 
 # Settings no preset turned and no record needed, now the constant every record ran: set, they stop the run
 REMOVED_SETTINGS = dict(
@@ -315,9 +314,6 @@ def hyperparameters_from_env(env: dict[str, str], cuda_available: bool) -> tuple
     values = {f.name: parse_env_value(f.name.upper(), env[f.name.upper()], type(f.default))
               for f in dataclasses.fields(Hyperparameters) if f.name.upper() in env}
     preset = choose_preset(values, cuda_available)
-    if preset == "smoke" and "data_path" not in values and not Path(SMOKE["data_path"]).is_dir():
-        raise RunError(f"PRESET=smoke trains on the sample in {SMOKE['data_path']}, which is not here: copy "
-                       f"tests/fixtures/ next to train_gpt.py, or set DATA_PATH and TOKENIZER_PATH")
     chosen = PRESETS.get(preset, {})  # an unknown PRESET fails validate's CHOICES
     if values.get("scale") == "toy":  # between the preset and the env vars
         chosen = {**chosen, **toy_settings(Hyperparameters(**chosen), values.get("iterations", TOY["iterations"]))}
@@ -380,8 +376,7 @@ def in_interval(value: float, interval: str) -> bool:
     return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
 
 def validate(h: Hyperparameters) -> None:
-    """RunError naming the variables for an impossible value or combination; each field's own range
-    is checked first (the combinations divide by some of them)."""
+    """RunError naming the variables for an impossible value or combination (ranges first: combinations divide)."""
     for checks in (field_checks, combination_checks, technique_checks):
         for ok, message in checks(h):
             if not ok:
@@ -457,13 +452,11 @@ def virtual_depth(h: Hyperparameters) -> int:
     return run_positions(h) if h.virtual_depth else h.num_layers
 
 def unet_positions(h: Hyperparameters) -> int:
-    """The positions the U-Net splits in halves: every run position with VIRTUAL_DEPTH or RECUR_IN_UNET,
-    else the NUM_LAYERS blocks (a repeat takes no part)."""
+    """The positions the U-Net halves: every run position with VIRTUAL_DEPTH or RECUR_IN_UNET, else NUM_LAYERS."""
     return run_positions(h) if h.virtual_depth or h.recur_in_unet else h.num_layers
 
 def seq_schedule(h: Hyperparameters) -> tuple[tuple[int, float], ...]:
-    """TRAIN_SEQ_SCHEDULE as (length, fraction of the run it starts at) pairs, else ((TRAIN_SEQ_LEN, 0.0),).
-    "1024:0,2048:0.3" -> ((1024, 0.0), (2048, 0.3))."""
+    """TRAIN_SEQ_SCHEDULE's (length, start fraction) pairs: "1024:0,2048:0.3" -> ((1024, 0.0), (2048, 0.3))."""
     try:
         return tuple((int(length), float(start)) for length, start in (part.split(":") for part in
                      h.train_seq_schedule.split(","))) if h.train_seq_schedule.strip() else ((h.train_seq_len, 0.0),)
@@ -522,8 +515,7 @@ def first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
 
 def write_atomically(path: Path, write) -> None:
-    """write(temporary path) in path's folder, then a rename onto path: no partial file, ever; a failure
-    is a RunError naming the path."""
+    """write(a temporary path) in path's folder, then a rename onto path: never a partial file; RunError naming path."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -661,7 +653,7 @@ def read_shard_header(path: str) -> int:
     if magic != SHARD_MAGIC or version != SHARD_VERSION:
         raise RunError(f"{path}: header magic/version {magic}/{version}, expected {SHARD_MAGIC}/{SHARD_VERSION}")
     expected = SHARD_HEADER_BYTES + 2 * count
-    if count < 0 or size != expected:
+    if size != expected:  # a negative count is shorter than the header
         raise RunError(f"{path}: header says {count} tokens ({expected} bytes) but the file has {size} bytes")
     return count
 
@@ -678,7 +670,6 @@ def shard_files(data_path: str, split: str) -> list[str]:
     return sorted(f for f in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
                   if not os.path.basename(f).startswith("fineweb_val_bytes_"))
 
-DOWNLOAD_HINT = f"download FineWeb with {FINEWEB_DOWNLOAD}, or set DATA_PATH and TOKENIZER_PATH"
 BUILD_MARKER = "built_by_build_dataset.txt"  # tools/build_dataset.py writes it first and manifest.json last
 
 def find_shards(h: Hyperparameters, split: str) -> list[str]:
@@ -829,8 +820,7 @@ def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
-    """Checks the validation `files` against DATA_PATH/manifest.json (tools/build_dataset.py's sizes and
-    sha256), logs it and returns its byte convention; None without one (the challenge's downloads)."""
+    """Checks `files` against DATA_PATH/manifest.json's sizes and sha256, logs it, returns its byte convention."""
     path = Path(h.data_path) / "manifest.json"
     if not path.is_file():
         return None
