@@ -200,8 +200,7 @@ class Hyperparameters(ModelConfig):
         reserve = self.gptq_reserve_seconds if self.gptq_calib_tokens else 0.0
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds else 0.0
 
-# A preset's values replace the defaults (PR #76) and env vars override both. The records run without
-# their bugs: RoPE lengths come from the config, nothing crosses a BOS, every target is scored once.
+# A preset's values replace the defaults (PR #76); env vars override both. The records less their bugs: docs/notes.
 PR236 = dict(  # 11L, seq 2048, int6 with an int8 embedding, SWA every 200 steps (PR #236, 1.1400)
     num_layers=11, train_seq_len=2048, bigram_dim=128, bigram_adam=True, muon_momentum=0.99,
     warmdown_iters=3000, adam_wd=0.04, swa_interval=200, quant_bits_mlp=6, quant_bits_embed=8,
@@ -250,8 +249,7 @@ SMOKE = dict(  # the frontier's code paths at toy size on the sample in tests/fi
 # pr76: the defaults (PR #76, 1.1433)
 PRESETS = {"pr76": {}, "pr236": PR236, "pr192": PR192, "pr1204": PR1204, "frontier": FRONTIER, "sp8192": SP8192,
            "smoke": SMOKE}
-# SCALE=toy: any preset at tests/golden.py's toy size (docs/notes/configuration.md); depth, recurrence, lanes,
-# quantization and compressor stay the preset's.
+# SCALE=toy: any preset at tests/golden.py's toy size, its depth and techniques kept (docs/notes/configuration.md)
 RECORD_TOKENS = 9_234 * 524_288  # a 600 s run's training tokens: PR #76's 9,234 steps at 65 ms (bench/SPEED.md)
 TOY = dict(
     model_dim=128, num_heads=4, num_kv_heads=2, train_seq_len=128, train_batch_tokens=2048, val_batch_size=8192,
@@ -611,8 +609,7 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 if p.grad is None:  # not run yet (the repeat's own weights before the switch): untouched
                     continue
-                if group["weight_decay"]:
-                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay (x 1.0 when off)
                 p.add_(updates[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
 
     def orthogonalized_updates(self, group: dict) -> dict[int, Tensor]:
@@ -850,7 +847,7 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
                        caseops: bool, exact: bool = True) -> tuple[int, str, np.ndarray]:
     """(d, reason, totals): the first of `docs` failing a re-encoding ("ids"; REENCODE_DOCS spread over the split) or,
-    if `exact`, its byte count ("bytes: ..."); totals: [decoded UTF-8 bytes, documents counted otherwise]."""
+    if `exact`, its byte count (what disagrees); totals: [decoded UTF-8 bytes, documents counted otherwise]."""
     ends = np.append(starts[1:], len(tokens))
     ids = [tokens[starts[d] + 1:ends[d]].tolist() for d in docs]
     reencode_every = max(1, len(starts) // REENCODE_DOCS)
@@ -861,10 +858,10 @@ def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: 
         try:
             length = len((caseops_decode(text) if caseops else text).encode("utf-8"))
         except ValueError as exc:  # an operator where the rewrite never puts one
-            return d, f"bytes: {exc}", totals
+            return d, str(exc), totals
         counted = int(token_bytes[starts[d] + 1:ends[d]].sum())
         if exact and length != counted:
-            return d, f"bytes: it decodes to {length} UTF-8 bytes, {counted} are counted", totals
+            return d, f"it decodes to {length} UTF-8 bytes, {counted} are counted", totals
         totals += (length, length != counted)
     return len(starts), "", totals
 
@@ -894,9 +891,9 @@ def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_byte
             raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} does not re-encode to its own ids: this is "
                            f"not the tokenizer the shards were made with")
         if sidecar:
-            raise RunError(f"DATA_PATH={h.data_path}: fineweb_val_bytes_*.bin: {where}: {reason[7:]} by the "
+            raise RunError(f"DATA_PATH={h.data_path}: fineweb_val_bytes_*.bin: {where}: {reason} by the "
                            f"sidecar, which its manifest says counts the decoded text")
-        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} {reason[7:]} by the per-token rule: "
+        raise RunError(f"TOKENIZER_PATH={h.tokenizer_path}: {where} {reason} by the per-token rule: "
                        f"a piece this rule does not count right")
     return int(totals[0]), int(totals[1])
 
