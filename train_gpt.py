@@ -257,8 +257,7 @@ TOY = dict(
 )
 
 def toy_settings(p: Hyperparameters, iterations: int) -> dict:
-    """TOY, and the preset p's step counts (0, off, stays off) and EMA horizon 1/(1-d) at their share of the run:
-    share = toy steps / the preset's (ITERATIONS, or 600 s's); TTT phases after as many document batches."""
+    """TOY, and the preset p's step counts, EMA horizon and TTT phases at their share of the run (docs/notes)."""
     share = max(iterations, 1) / min(p.iterations, RECORD_TOKENS / p.train_batch_tokens if p.max_wallclock_seconds
                              else math.inf)
     steps = {k: max(1, round(getattr(p, k) * share)) if getattr(p, k) else 0
@@ -280,8 +279,7 @@ def parse_env_value(name: str, raw: str, kind: type):
         raise RunError(f"{name}={raw!r}: expected {expected}") from None
 
 def choose_preset(values: dict, cuda_available: bool) -> str:
-    """PRESET=auto: the CPU pre-flight run without CUDA, the frontier on a GPU. A GPU without FineWeb is
-    an error, not a smoke run that would exit 0 on a rented pod."""
+    """PRESET=auto: smoke without CUDA, frontier on a GPU (without FineWeb an error, not a smoke run exiting 0)."""
     preset, data_path = values.get("preset", "auto"), values.get("data_path", Hyperparameters.data_path)
     if preset == "auto" and cuda_available and not Path(data_path).is_dir():
         hint = DOWNLOAD_HINT.format(vocab_size=values.get("vocab_size", Hyperparameters.vocab_size))
@@ -327,7 +325,6 @@ _FOREIGN_PREFIXES = tuple("CUDA TORCH NCCL NV CUDNN CUBLAS TRITON OMP_ MKL KMP_ 
                           "XDG_ SSH_ GIT CONDA PIP_ VIRTUAL_ENV MASTER_ TORCHELASTIC LOCAL_ GROUP_ ROLE_ SLURM PMI "
                           "OMPI PMIX HF_ HUGGING TOKENIZERS_ TRANSFORMERS WANDB CI_ RUNNER_ DOCKER KUBERNETES AWS_ "
                           "GOOGLE AZURE RUNPOD JUPYTER SUDO_".split())
-_FOREIGN_NAMES = {"CI", "RANK", "WORLD_SIZE", "PATH", "HOME", "USER", "SHELL", "PWD", "OLDPWD", "LANG", "TERM"}
 # Other trainers' names for ITERATIONS (nanoGPT's max_iters, Hugging Face's max_steps)
 _ALIASES = dict.fromkeys("STEPS TRAIN_STEPS NUM_STEPS MAX_STEPS TOTAL_STEPS ITERS MAX_ITERS TRAIN_ITERS "
                          "NUM_ITERS".split(), "ITERATIONS")
@@ -337,7 +334,7 @@ def resembled_setting(name: str) -> str | None:
     upper, known = name.upper(), [f.name.upper() for f in dataclasses.fields(Hyperparameters)]
     if upper in known or upper in _ALIASES:
         return _ALIASES.get(upper, upper)
-    if upper in _FOREIGN_NAMES or upper.startswith(_FOREIGN_PREFIXES):
+    if upper.startswith(_FOREIGN_PREFIXES):
         return None
     part = [k for k in known if len(upper) >= 5 and (k.startswith(upper + "_") or k.endswith("_" + upper))]
     bare = {k.replace("_", ""): k for k in known}
@@ -968,8 +965,7 @@ def document_digests(tokens: np.ndarray, complete_last: bool) -> list[bytes]:
 
 def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozenset, rank: int,
                 world_size: int) -> tuple[int, int, int]:
-    """Rank `rank`'s share of the leak check: (training shards identical to a validation shard, tokens scanned,
-    validation documents found), scanning the first shard, and a first and a seeded random block of every other."""
+    """Rank `rank`'s share of the leak check (docs/notes/data.md): (identical shards, tokens scanned, hits)."""
     val_files = shard_files(h.data_path, "val")
     val_sizes, val_hashes = {os.path.getsize(f) for f in val_files}, None
     identical = scanned = hits = 0
