@@ -200,7 +200,7 @@ class Hyperparameters(ModelConfig):
         reserve = self.gptq_reserve_seconds if self.gptq_calib_tokens else 0.0
         return max(self.max_wallclock_seconds - reserve, 0.0) if self.max_wallclock_seconds else 0.0
 
-# A preset's values replace the defaults (PR #76); env vars override both. The records less their bugs: docs/notes.
+# A preset's values replace the defaults (PR #76); env vars override both. Bugs left out: docs/notes/configuration.md
 PR236 = dict(  # 11L, seq 2048, int6 with an int8 embedding, SWA every 200 steps (PR #236, 1.1400)
     num_layers=11, train_seq_len=2048, bigram_dim=128, bigram_adam=True, muon_momentum=0.99,
     warmdown_iters=3000, adam_wd=0.04, swa_interval=200, quant_bits_mlp=6, quant_bits_embed=8,
@@ -257,7 +257,7 @@ TOY = dict(
 )
 
 def toy_settings(p: Hyperparameters, iterations: int) -> dict:
-    """TOY, and the preset p's step counts, EMA horizon and TTT phases at their share of the run (docs/notes)."""
+    """TOY, with p's step counts, EMA horizon and TTT phases at their share of the run (docs/notes/configuration.md)."""
     share = max(iterations, 1) / min(p.iterations, RECORD_TOKENS / p.train_batch_tokens if p.max_wallclock_seconds
                              else math.inf)
     steps = {k: max(1, round(getattr(p, k) * share)) if getattr(p, k) else 0
@@ -371,7 +371,7 @@ def in_interval(value: float, interval: str) -> bool:
     return (lo <= value if interval[0] == "[" else lo < value) and (value <= hi if interval[-1] == "]" else value < hi)
 
 def validate(h: Hyperparameters) -> None:
-    """RunError naming the variables for an impossible value or combination (ranges first: combinations divide)."""
+    """RunError naming the variables for an impossible value or combination; ranges first (some checks divide)."""
     for checks in (field_checks, combination_checks, technique_checks):
         for ok, message in checks(h):
             if not ok:
