@@ -2084,6 +2084,25 @@ def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple
     chosen = set(sorted(names, key=lambda name: (not name.startswith(twice), -trace[name], name))[:count])
     return {name: "int6" if name in chosen else "int5" for name in names}
 
+class QuantRecipe(typing.NamedTuple):
+    """How one tensor is quantized, resolved once (quant_recipes): its class, SDClip's k (0: the clip search, or
+    the row's max without CLIP_SEARCH), GPTQ's input Hessian, the AWQ groups kept int8, QUANT_MIN_RANGE."""
+    cls: str
+    clip_k: float = 0.0
+    hessian: Tensor | None = None
+    awq: tuple[int, ...] = ()
+    clip_search: bool = True
+    min_range: float = 0.0
+
+def quant_recipes(state: dict[str, Tensor], h: Hyperparameters,
+                  hessians: dict[str, Tensor] | None = None) -> dict[str, QuantRecipe]:
+    """name -> QuantRecipe by h: quant_plan()'s class, clip_widths()' k, its Hessian, salient_groups()' AWQ groups."""
+    hessians = hessians or {}
+    plan = quant_plan(state, h, hessians)
+    clip_k, awq = clip_widths(plan, h), salient_groups(state, plan, hessians, h.awq_groups)
+    return {name: QuantRecipe(cls, clip_k.get(name, 0.0), hessians.get(name), tuple(awq.get(name, ())),
+                              h.clip_search, h.quant_min_range) for name, cls in plan.items()}
+
 def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
     """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates (not centred)."""
     kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
@@ -2202,24 +2221,23 @@ def awq_scale(scale: Tensor, bits: int) -> Tensor:
     """AWQ's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
     return scale.float() * (2 ** (bits - 1) - 1) / 127
 
-def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
-                    clip_k: float = 0.0, awq: list[int] | tuple[int, ...] = (), min_range: float = 0.0) -> dict:
+def quantize_tensor(tensor: Tensor, recipe: QuantRecipe) -> dict:
     """One tensor's artifact entry {class, shape, arrays}: fp16 `value`, or codes `q` and one `scale` per
-    row (rows: the last dimension), GPTQ-rounded given a Hessian, the AWQ groups `awq` int8 (AWQ_PARTS)."""
-    tensor, arrays = tensor.detach().float(), {}
-    if cls not in QUANT_BITS:
+    row (rows: the last dimension), GPTQ-rounded given a Hessian, the AWQ groups int8 (AWQ_PARTS)."""
+    tensor, arrays, awq = tensor.detach().float(), {}, recipe.awq
+    if recipe.cls not in QUANT_BITS:
         arrays["value"] = tensor.half()
     else:
-        bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
-        q, scale = quantize_rows(rows, bits, clip_search, clip_k, min_range)
-        if hessian is not None:
+        bits, rows = QUANT_BITS[recipe.cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
+        q, scale = quantize_rows(rows, bits, recipe.clip_search, recipe.clip_k, recipe.min_range)
+        if recipe.hessian is not None:
             cols = awq_columns(awq)
-            q = gptq_round(rows, hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
+            q = gptq_round(rows, recipe.hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
             if awq:
-                arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(list(awq), dtype=torch.int8)}
+                arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(awq, dtype=torch.int8)}
                 q[:, cols] = 0  # the class's section keeps the class's range
         arrays.update(q=q, scale=scale)
-    return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
+    return {"class": recipe.cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
 
 def dequantize_tensor(entry: dict) -> Tensor:
     """The float tensor of an entry; ValueError where its AWQ groups lie outside it."""
@@ -2261,38 +2279,31 @@ def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict
         quantized[name]["arrays"].update({k: v.numpy() for k, v in parts.items()})
     return chosen
 
-def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
-                   hessians: dict[str, Tensor] | None = None, clip_k: dict[str, float] | None = None,
-                   awq_groups: int = 0, min_range: float = 0.0) -> dict[str, dict]:
-    hessians, clip_k = hessians or {}, clip_k or {}
-    awq = salient_groups(state, plan, hessians, awq_groups) if awq_groups else {}
-    return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name), clip_k.get(name, 0.0),
-                                  awq.get(name, ()), min_range) for name in plan}
+def quantize_state(state: dict[str, Tensor], recipes: dict[str, QuantRecipe]) -> dict[str, dict]:
+    return {name: quantize_tensor(state[name], recipe) for name, recipe in recipes.items()}
 
 def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None,
-                   log=lambda msg: None) -> tuple[dict[str, dict], dict[str, float]]:
-    """The export before any fitting: classes, SDClip, GPTQ and AWQ, LQER. Returns (entries, SDClip's k)."""
-    plan = quant_plan(state, h, hessians)
+                   log=lambda msg: None) -> tuple[dict[str, dict], dict[str, QuantRecipe]]:
+    """The export before any fitting: each tensor by its recipe, then LQER. Returns (entries, recipes)."""
+    recipes = quant_recipes(state, h, hessians)
     if h.int6_matrices:
-        int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
+        int6 = sorted(n for n, r in recipes.items() if r.cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
         log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
-    clip_k = clip_widths(plan, h)
-    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups, h.quant_min_range)
+    quantized = quantize_state(state, recipes)
     if h.lqer_top:
         log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
-    return quantized, clip_k
+    return quantized, recipes
 
 def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
     """The squared error an entry adds to its layer's output: tr(dW H dW^T), H = I without a Hessian."""
     delta = dequantize_tensor(entry).to(tensor.device) - tensor.detach().float()
     return (delta.square() if hessian is None else (delta @ hessian.float()) * delta).sum().item()
 
-def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
-                 hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
-                 clip_k: dict[str, float] | None = None, min_range: float = 0.0) -> tuple[bytes, list[str]]:
-    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each, by least output_error
-    per byte saved, until 1.25x the overshoot is expected saved, and re-measures; RunError if none is left."""
-    hessians, clip_k = hessians or {}, clip_k or {}
+def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], recipes: dict[str, QuantRecipe], serialize,
+                 budget: int, log) -> tuple[bytes, list[str]]:
+    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each (the recipe's class
+    replaced, AWQ dropped), by least output_error per byte saved, until 1.25x the overshoot is expected saved, and
+    re-measures; RunError if none is left."""
     blob, moves = serialize(quantized), []
     while len(blob) > budget:
         overshoot = len(blob) - budget
@@ -2301,8 +2312,8 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
             target = DEMOTIONS.get(entry["class"])
             if target is None or re.fullmatch(f"{CONTROL_TENSORS}|{GATE_TENSORS}", name):
                 continue
-            hessian = hessians.get(name)
-            demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0), (), min_range)
+            hessian = recipes[name].hessian
+            demoted = quantize_tensor(state[name], recipes[name]._replace(cls=target, awq=()))
             saving = (CLASS_BITS[entry["class"]] - CLASS_BITS[target]) * state[name].numel() / 8
             cost = output_error(state[name], demoted, hessian) - output_error(state[name], entry, hessian)
             candidates.append((cost / saving, name, target, demoted, saving))
@@ -2568,10 +2579,9 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
             raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP / RECUR_IN_UNET "
                            "model cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
-    quantized, clip_k = quantize_model(state, h, hessians, log)
-    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.compressor),
-                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k,
-                               h.quant_min_range)
+    quantized, recipes = quantize_model(state, h, hessians, log)
+    blob, moves = fit_to_limit(state, quantized, recipes, lambda q: serialize_artifact(q, config, h.compressor),
+                               h.artifact_limit_bytes - code_bytes, log)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
