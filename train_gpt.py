@@ -2084,32 +2084,6 @@ def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple
     chosen = set(sorted(names, key=lambda name: (not name.startswith(twice), -trace[name], name))[:count])
     return {name: "int6" if name in chosen else "int5" for name in names}
 
-class QuantRecipe(typing.NamedTuple):
-    """How one tensor is quantized, resolved once (quant_recipes): its class, SDClip's k (0: the clip search, or
-    the row's max without CLIP_SEARCH), GPTQ's input Hessian, the AWQ groups kept int8, QUANT_MIN_RANGE."""
-    cls: str
-    clip_k: float = 0.0
-    hessian: Tensor | None = None
-    awq: tuple[int, ...] = ()
-    clip_search: bool = True
-    min_range: float = 0.0
-
-def quant_recipes(state: dict[str, Tensor], h: Hyperparameters,
-                  hessians: dict[str, Tensor] | None = None) -> dict[str, QuantRecipe]:
-    """name -> QuantRecipe by h: quant_plan()'s class, clip_widths()' k, its Hessian, salient_groups()' AWQ groups."""
-    hessians = hessians or {}
-    plan = quant_plan(state, h, hessians)
-    clip_k, awq = clip_widths(plan, h), salient_groups(state, plan, hessians, h.awq_groups)
-    return {name: QuantRecipe(cls, clip_k.get(name, 0.0), hessians.get(name), tuple(awq.get(name, ())),
-                              h.clip_search, h.quant_min_range) for name, cls in plan.items()}
-
-def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
-    """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates (not centred)."""
-    kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
-             (r"tok_emb\.weight", h.sdclip_embed))
-    return {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
-            for name, cls in plan.items() if cls in QUANT_BITS}
-
 def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128,
                keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """int8 codes of w (rows, cols) on the per-row `scale`, each column's rounding error pushed onto the columns
@@ -2200,6 +2174,24 @@ def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
                             h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
     return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt, h.gptq_embed)
 
+def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
+              log) -> tuple[dict | None, float]:
+    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training (those reading training data)."""
+    if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
+        return None, 0.0
+    t0 = time.perf_counter()
+    if h.gptq_calib_tokens:
+        hessians = collect_hessians(base_model, loader, h, rt)
+        source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
+    else:
+        hessians = selfgen_hessians(base_model, h, rt)
+        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.train_seq_len} tokens"
+    rt.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
+        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
+    return hessians, ms if h.gptq_calib_tokens else 0.0
+
 def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dict[str, Tensor],
                    count: int) -> dict[str, list[int]]:
     """AWQ-lite (PR #1908): {name: [group, ...]}, the `count` most salient AWQ_WIDTH-column groups of the GPTQ'd
@@ -2220,6 +2212,30 @@ def awq_columns(groups) -> Tensor:
 def awq_scale(scale: Tensor, bits: int) -> Tensor:
     """AWQ's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
     return scale.float() * (2 ** (bits - 1) - 1) / 127
+
+class QuantRecipe(typing.NamedTuple):
+    """How one tensor is quantized, resolved once (quant_recipes): its class, SDClip's k (0: the clip search, or
+    the row's max without CLIP_SEARCH), GPTQ's input Hessian, the AWQ groups kept int8, QUANT_MIN_RANGE."""
+    cls: str
+    clip_k: float = 0.0
+    hessian: Tensor | None = None
+    awq: tuple[int, ...] = ()
+    clip_search: bool = True
+    min_range: float = 0.0
+
+def quant_recipes(state: dict[str, Tensor], h: Hyperparameters,
+                  hessians: dict[str, Tensor] | None = None) -> dict[str, QuantRecipe]:
+    """name -> QuantRecipe by h: quant_plan()'s class; SDClip's k by kind (SDCLIP_*) where quantized, 0 (the clip
+    search) for the gates (not centred); its Hessian; salient_groups()' AWQ groups."""
+    hessians = hessians or {}
+    plan = quant_plan(state, h, hessians)
+    kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
+             (r"tok_emb\.weight", h.sdclip_embed))
+    clip_k = {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
+              for name, cls in plan.items() if cls in QUANT_BITS}
+    awq = salient_groups(state, plan, hessians, h.awq_groups) if h.awq_groups else {}
+    return {name: QuantRecipe(cls, clip_k.get(name, 0.0), hessians.get(name), tuple(awq.get(name, ())),
+                              h.clip_search, h.quant_min_range) for name, cls in plan.items()}
 
 def quantize_tensor(tensor: Tensor, recipe: QuantRecipe) -> dict:
     """One tensor's artifact entry {class, shape, arrays}: fp16 `value`, or codes `q` and one `scale` per
@@ -2629,24 +2645,6 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
     except RuntimeError as exc:
         raise RunError(f"{path}: corrupt or truncated artifact (its tensors do not fit its model: "
                        f"{first_line(exc)})") from None
-
-def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
-              log) -> tuple[dict | None, float]:
-    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training (those reading training data)."""
-    if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
-        return None, 0.0
-    t0 = time.perf_counter()
-    if h.gptq_calib_tokens:
-        hessians = collect_hessians(base_model, loader, h, rt)
-        source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
-    else:
-        hessians = selfgen_hessians(base_model, h, rt)
-        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.train_seq_len} tokens"
-    rt.sync()
-    ms = 1000 * (time.perf_counter() - t0)
-    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
-        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
-    return hessians, ms if h.gptq_calib_tokens else 0.0
 
 # -----------------------------------------------------------------------------
 # Weight averaging

@@ -53,15 +53,16 @@ def test_sdclip_scale_is_k_std_over_qmax_fixed_before_rounding(bits, k):
     assert np.array_equal(entry["arrays"]["scale"], expected.numpy())
 
 
-def test_clip_widths_follow_the_kind_of_tensor():
+def test_sdclip_widths_follow_the_kind_of_tensor():
     h = tiny_hparams(sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85, quant_bits_embed=7)
     state = tiny_model(h).state_dict()
-    plan = tg.quant_plan(state, h)
-    widths = tg.clip_widths(plan, h)
-    assert set(widths) == {n for n, c in plan.items() if c in tg.QUANT_BITS}
+    plan, recipes = tg.quant_plan(state, h), tg.quant_recipes(state, h)
+    assert plan == {n: r.cls for n, r in recipes.items()}
+    widths = {n: r.clip_k for n, r in recipes.items() if r.cls in tg.QUANT_BITS}
+    assert all(r.clip_k == 0 for n, r in recipes.items() if n not in widths)  # fp16 tensors have no k
     assert widths["blocks.0.attn.c_k.weight"] == 13.0 and widths["blocks.1.mlp.proj.weight"] == 11.5
     assert widths["tok_emb.weight"] == 14.0 and widths["bigram.table.weight"] == 12.85
-    quantized = tg.quantize_state(state, tg.quant_recipes(state, h))
+    quantized = tg.quantize_state(state, recipes)
     for name, k in widths.items():
         w = state[name].float()
         qmax = 2 ** (tg.QUANT_BITS[plan[name]] - 1) - 1
@@ -129,9 +130,9 @@ def test_gates_are_int8_per_row_with_the_knob_and_fp16_without():
     assert all(tg.quant_plan(state, dataclasses.replace(h, quant_gates_int8=False))[n] == "fp16" for n in gates)
     state["blocks.0.attn.gate"][0] = 1.5  # a row of one value: std 0, so never SDClip's (k x std) scale
     h = dataclasses.replace(h, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_other=12.85)
-    widths = tg.clip_widths(plan, h)
-    assert all(widths[n] == 0 for n in gates)
-    quantized = tg.quantize_state(state, tg.quant_recipes(state, h))
+    recipes = tg.quant_recipes(state, h)
+    assert all(recipes[n].clip_k == 0 for n in gates)
+    quantized = tg.quantize_state(state, recipes)
     gate = state["blocks.0.attn.gate"]
     assert quantized["blocks.0.attn.gate"]["arrays"]["scale"].shape == (gate.shape[0],)  # one per row
     loaded = tg.dequantize_state(roundtrip(quantized, h))
