@@ -2233,27 +2233,28 @@ def quant_recipes(state: dict[str, Tensor], h: Hyperparameters,
              (r"tok_emb\.weight", h.sdclip_embed))
     clip_k = {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
               for name, cls in plan.items() if cls in QUANT_BITS}
-    awq = salient_groups(state, plan, hessians, h.awq_groups) if h.awq_groups else {}
+    awq = salient_groups(state, plan, hessians, h.awq_groups)
     return {name: QuantRecipe(cls, clip_k.get(name, 0.0), hessians.get(name), tuple(awq.get(name, ())),
                               h.clip_search, h.quant_min_range) for name, cls in plan.items()}
 
 def quantize_tensor(tensor: Tensor, recipe: QuantRecipe) -> dict:
     """One tensor's artifact entry {class, shape, arrays}: fp16 `value`, or codes `q` and one `scale` per
     row (rows: the last dimension), GPTQ-rounded given a Hessian, the AWQ groups int8 (AWQ_PARTS)."""
-    tensor, arrays, awq = tensor.detach().float(), {}, recipe.awq
-    if recipe.cls not in QUANT_BITS:
+    cls, clip_k, hessian, awq, clip_search, min_range = recipe
+    tensor, arrays = tensor.detach().float(), {}
+    if cls not in QUANT_BITS:
         arrays["value"] = tensor.half()
     else:
-        bits, rows = QUANT_BITS[recipe.cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
-        q, scale = quantize_rows(rows, bits, recipe.clip_search, recipe.clip_k, recipe.min_range)
-        if recipe.hessian is not None:
+        bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1])
+        q, scale = quantize_rows(rows, bits, clip_search, clip_k, min_range)
+        if hessian is not None:
             cols = awq_columns(awq)
-            q = gptq_round(rows, recipe.hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
+            q = gptq_round(rows, hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
             if awq:
                 arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(awq, dtype=torch.int8)}
                 q[:, cols] = 0  # the class's section keeps the class's range
         arrays.update(q=q, scale=scale)
-    return {"class": recipe.cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
+    return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
 
 def dequantize_tensor(entry: dict) -> Tensor:
     """The float tensor of an entry; ValueError where its AWQ groups lie outside it."""
@@ -2337,7 +2338,7 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], recipes: 
             raise RunError(f"artifact is {overshoot} bytes over its budget with every matrix at its lowest "
                            f"class; raise ARTIFACT_LIMIT_BYTES or shrink the model")
         expected = 0.0
-        for _, name, target, demoted, saving in sorted(candidates, key=lambda c: (c[0], c[1])):
+        for _, name, target, demoted, saving in sorted(candidates, key=lambda c: c[:2]):
             moves.append(f"{name}:{quantized[name]['class']}->{target}")
             log(f"fit: {moves[-1]} (expected to save ~{saving:.0f} bytes of {overshoot} over)")
             quantized[name] = demoted
