@@ -2318,9 +2318,8 @@ def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
 
 def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], recipes: dict[str, QuantRecipe], serialize,
                  budget: int, log) -> tuple[bytes, list[str]]:
-    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each (the recipe's class
-    replaced, AWQ dropped), by least output_error per byte saved, until 1.25x the overshoot is expected saved, and
-    re-measures; RunError if none is left."""
+    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each (AWQ dropped), least
+    output_error per byte saved first, until 1.25x the overshoot is expected saved; re-measures; RunError if none."""
     blob, moves = serialize(quantized), []
     while len(blob) > budget:
         overshoot = len(blob) - budget
