@@ -2214,8 +2214,7 @@ def awq_scale(scale: Tensor, bits: int) -> Tensor:
     return scale.float() * (2 ** (bits - 1) - 1) / 127
 
 class QuantRecipe(typing.NamedTuple):
-    """How one tensor is quantized, resolved once (quant_recipes): its class, SDClip's k (0: the clip search, or
-    the row's max without CLIP_SEARCH), GPTQ's input Hessian, the AWQ groups kept int8, QUANT_MIN_RANGE."""
+    """How one tensor is quantized, resolved once by quant_recipes(); clip_k 0: the clip search (or the row's max)."""
     cls: str
     clip_k: float = 0.0
     hessian: Tensor | None = None
@@ -2225,8 +2224,7 @@ class QuantRecipe(typing.NamedTuple):
 
 def quant_recipes(state: dict[str, Tensor], h: Hyperparameters,
                   hessians: dict[str, Tensor] | None = None) -> dict[str, QuantRecipe]:
-    """name -> QuantRecipe by h: quant_plan()'s class; SDClip's k by kind (SDCLIP_*) where quantized, 0 (the clip
-    search) for the gates (not centred); its Hessian; salient_groups()' AWQ groups."""
+    """name -> QuantRecipe by h: quant_plan()'s class, SDClip's k by kind (SDCLIP_*; gates 0), Hessian, AWQ groups."""
     hessians = hessians or {}
     plan = quant_plan(state, h, hessians)
     kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
