@@ -2067,13 +2067,6 @@ def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple
     chosen = set(sorted(names, key=lambda name: (not name.startswith(twice), -trace[name], name))[:count])
     return {name: "int6" if name in chosen else "int5" for name in names}
 
-def clip_widths(plan: dict[str, str], h: Hyperparameters) -> dict[str, float]:
-    """SDClip's k per quantized tensor by kind (SDCLIP_*); 0 (the clip search) for the gates (not centred)."""
-    kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
-             (r"tok_emb\.weight", h.sdclip_embed))
-    return {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
-            for name, cls in plan.items() if cls in QUANT_BITS}
-
 def gptq_round(w: Tensor, hessian: Tensor, bits: int, scale: Tensor, block: int = 128,
                keep: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """int8 codes of w (rows, cols) on the per-row `scale`, each column's rounding error pushed onto the columns
@@ -2164,6 +2157,24 @@ def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
                             h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
     return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt, h.gptq_embed)
 
+def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
+              log) -> tuple[dict | None, float]:
+    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training (those reading training data)."""
+    if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
+        return None, 0.0
+    t0 = time.perf_counter()
+    if h.gptq_calib_tokens:
+        hessians = collect_hessians(base_model, loader, h, rt)
+        source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
+    else:
+        hessians = selfgen_hessians(base_model, h, rt)
+        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.train_seq_len} tokens"
+    rt.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
+        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
+    return hessians, ms if h.gptq_calib_tokens else 0.0
+
 def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dict[str, Tensor],
                    count: int) -> dict[str, list[int]]:
     """AWQ-lite (PR #1908): {name: [group, ...]}, the `count` most salient AWQ_WIDTH-column groups of the GPTQ'd
@@ -2185,21 +2196,43 @@ def awq_scale(scale: Tensor, bits: int) -> Tensor:
     """AWQ's int8 step per row: the row's range on the int8 grid (no scale of its own to store)."""
     return scale.float() * (2 ** (bits - 1) - 1) / 127
 
-def quantize_tensor(tensor: Tensor, cls: str, clip_search: bool = True, hessian: Tensor | None = None,
-                    clip_k: float = 0.0, awq: list[int] | tuple[int, ...] = (), min_range: float = 0.0) -> dict:
+class QuantRecipe(typing.NamedTuple):
+    """How one tensor is quantized, resolved once by quant_recipes(); clip_k 0: the clip search (or the row's max)."""
+    cls: str
+    clip_k: float = 0.0
+    hessian: Tensor | None = None
+    awq: tuple[int, ...] = ()
+    clip_search: bool = True
+    min_range: float = 0.0
+
+def quant_recipes(state: dict[str, Tensor], h: Hyperparameters,
+                  hessians: dict[str, Tensor] | None = None) -> dict[str, QuantRecipe]:
+    """name -> QuantRecipe by h: quant_plan()'s class, SDClip's k by kind (SDCLIP_*; gates 0), Hessian, AWQ groups."""
+    hessians = hessians or {}
+    plan = quant_plan(state, h, hessians)
+    kinds = ((GATE_TENSORS, 0.0), (BLOCK_ATTN, h.sdclip_attn), (BLOCK_MLP, h.sdclip_mlp),
+             (r"tok_emb\.weight", h.sdclip_embed))
+    clip_k = {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
+              for name, cls in plan.items() if cls in QUANT_BITS}
+    awq = salient_groups(state, plan, hessians, h.awq_groups)
+    return {name: QuantRecipe(cls, clip_k.get(name, 0.0), hessians.get(name), tuple(awq.get(name, ())),
+                              h.clip_search, h.quant_min_range) for name, cls in plan.items()}
+
+def quantize_tensor(tensor: Tensor, recipe: QuantRecipe) -> dict:
     """One tensor's artifact entry {class, shape, arrays}: fp16 `value`, or codes `q` and one `scale` per
-    row (rows: the last dimension), GPTQ-rounded given a Hessian, the AWQ groups `awq` int8 (AWQ_PARTS)."""
+    row (rows: the last dimension), GPTQ-rounded given a Hessian, the AWQ groups int8 (AWQ_PARTS)."""
+    cls, clip_k, hessian, awq, clip_search, min_range = recipe
     tensor, arrays = tensor.detach().float(), {}
     if cls not in QUANT_BITS:
         arrays["value"] = tensor.half()
     else:
-        bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1] if tensor.dim() else 1)
+        bits, rows = QUANT_BITS[cls], tensor.reshape(-1, tensor.shape[-1])
         q, scale = quantize_rows(rows, bits, clip_search, clip_k, min_range)
         if hessian is not None:
             cols = awq_columns(awq)
             q = gptq_round(rows, hessian, bits, scale, keep=(cols, awq_scale(scale, bits)) if awq else None)
             if awq:
-                arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(list(awq), dtype=torch.int8)}
+                arrays = {"awq_q": q[:, cols].clone(), "awq_group": torch.tensor(awq, dtype=torch.int8)}
                 q[:, cols] = 0  # the class's section keeps the class's range
         arrays.update(q=q, scale=scale)
     return {"class": cls, "shape": list(tensor.shape), "arrays": {k: v.cpu().numpy() for k, v in arrays.items()}}
@@ -2244,38 +2277,30 @@ def add_low_rank_corrections(state: dict[str, Tensor], quantized: dict[str, dict
         quantized[name]["arrays"].update({k: v.numpy() for k, v in parts.items()})
     return chosen
 
-def quantize_state(state: dict[str, Tensor], plan: dict[str, str], clip_search: bool = True,
-                   hessians: dict[str, Tensor] | None = None, clip_k: dict[str, float] | None = None,
-                   awq_groups: int = 0, min_range: float = 0.0) -> dict[str, dict]:
-    hessians, clip_k = hessians or {}, clip_k or {}
-    awq = salient_groups(state, plan, hessians, awq_groups) if awq_groups else {}
-    return {name: quantize_tensor(state[name], plan[name], clip_search, hessians.get(name), clip_k.get(name, 0.0),
-                                  awq.get(name, ()), min_range) for name in plan}
+def quantize_state(state: dict[str, Tensor], recipes: dict[str, QuantRecipe]) -> dict[str, dict]:
+    return {name: quantize_tensor(state[name], recipe) for name, recipe in recipes.items()}
 
 def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None,
-                   log=lambda msg: None) -> tuple[dict[str, dict], dict[str, float]]:
-    """The export before any fitting: classes, SDClip, GPTQ and AWQ, LQER. Returns (entries, SDClip's k)."""
-    plan = quant_plan(state, h, hessians)
+                   log=lambda msg: None) -> tuple[dict[str, dict], dict[str, QuantRecipe]]:
+    """The export before any fitting: each tensor by its recipe, then LQER. Returns (entries, recipes)."""
+    recipes = quant_recipes(state, h, hessians)
     if h.int6_matrices:
-        int6 = sorted(n for n, cls in plan.items() if cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
+        int6 = sorted(n for n, r in recipes.items() if r.cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
         log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
-    clip_k = clip_widths(plan, h)
-    quantized = quantize_state(state, plan, h.clip_search, hessians, clip_k, h.awq_groups, h.quant_min_range)
+    quantized = quantize_state(state, recipes)
     if h.lqer_top:
         log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
-    return quantized, clip_k
+    return quantized, recipes
 
 def output_error(tensor: Tensor, entry: dict, hessian: Tensor | None) -> float:
     """The squared error an entry adds to its layer's output: tr(dW H dW^T), H = I without a Hessian."""
     delta = dequantize_tensor(entry).to(tensor.device) - tensor.detach().float()
     return (delta.square() if hessian is None else (delta @ hessian.float()) * delta).sum().item()
 
-def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize, budget: int, log,
-                 hessians: dict[str, Tensor] | None = None, clip_search: bool = True,
-                 clip_k: dict[str, float] | None = None, min_range: float = 0.0) -> tuple[bytes, list[str]]:
-    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each, by least output_error
-    per byte saved, until 1.25x the overshoot is expected saved, and re-measures; RunError if none is left."""
-    hessians, clip_k = hessians or {}, clip_k or {}
+def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], recipes: dict[str, QuantRecipe], serialize,
+                 budget: int, log) -> tuple[bytes, list[str]]:
+    """(serialize(quantized), moves): while over `budget` bytes, demotes tensors a class each (AWQ dropped), least
+    output_error per byte saved first, until 1.25x the overshoot is expected saved; re-measures; RunError if none."""
     blob, moves = serialize(quantized), []
     while len(blob) > budget:
         overshoot = len(blob) - budget
@@ -2284,8 +2309,8 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
             target = DEMOTIONS.get(entry["class"])
             if target is None or re.fullmatch(f"{CONTROL_TENSORS}|{GATE_TENSORS}", name):
                 continue
-            hessian = hessians.get(name)
-            demoted = quantize_tensor(state[name], target, clip_search, hessian, clip_k.get(name, 0.0), (), min_range)
+            hessian = recipes[name].hessian
+            demoted = quantize_tensor(state[name], recipes[name]._replace(cls=target, awq=()))
             saving = (CLASS_BITS[entry["class"]] - CLASS_BITS[target]) * state[name].numel() / 8
             cost = output_error(state[name], demoted, hessian) - output_error(state[name], entry, hessian)
             candidates.append((cost / saving, name, target, demoted, saving))
@@ -2293,7 +2318,7 @@ def fit_to_limit(state: dict[str, Tensor], quantized: dict[str, dict], serialize
             raise RunError(f"artifact is {overshoot} bytes over its budget with every matrix at its lowest "
                            f"class; raise ARTIFACT_LIMIT_BYTES or shrink the model")
         expected = 0.0
-        for _, name, target, demoted, saving in sorted(candidates, key=lambda c: (c[0], c[1])):
+        for _, name, target, demoted, saving in sorted(candidates, key=lambda c: c[:2]):
             moves.append(f"{name}:{quantized[name]['class']}->{target}")
             log(f"fit: {moves[-1]} (expected to save ~{saving:.0f} bytes of {overshoot} over)")
             quantized[name] = demoted
@@ -2551,10 +2576,9 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
             raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP / RECUR_IN_UNET "
                            "model cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
-    quantized, clip_k = quantize_model(state, h, hessians, log)
-    blob, moves = fit_to_limit(state, quantized, lambda q: serialize_artifact(q, config, h.compressor),
-                               h.artifact_limit_bytes - code_bytes, log, hessians, h.clip_search, clip_k,
-                               h.quant_min_range)
+    quantized, recipes = quantize_model(state, h, hessians, log)
+    blob, moves = fit_to_limit(state, quantized, recipes, lambda q: serialize_artifact(q, config, h.compressor),
+                               h.artifact_limit_bytes - code_bytes, log)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
         log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
@@ -2602,24 +2626,6 @@ def load_weights(model: nn.Module, state: dict[str, Tensor], path: Path) -> None
     except RuntimeError as exc:
         raise RunError(f"{path}: corrupt or truncated artifact (its tensors do not fit its model: "
                        f"{first_line(exc)})") from None
-
-def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
-              log) -> tuple[dict | None, float]:
-    """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training (those reading training data)."""
-    if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
-        return None, 0.0
-    t0 = time.perf_counter()
-    if h.gptq_calib_tokens:
-        hessians = collect_hessians(base_model, loader, h, rt)
-        source = f"{-(-h.gptq_calib_tokens // h.train_batch_tokens) * h.train_batch_tokens} training tokens"
-    else:
-        hessians = selfgen_hessians(base_model, h, rt)
-        source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.train_seq_len} tokens"
-    rt.sync()
-    ms = 1000 * (time.perf_counter() - t0)
-    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
-        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
-    return hessians, ms if h.gptq_calib_tokens else 0.0
 
 # -----------------------------------------------------------------------------
 # Weight averaging

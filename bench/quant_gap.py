@@ -125,27 +125,29 @@ def main() -> None:
     for method, clip_search, use_hessians in (("absmax", False, False), ("clip_search", True, False),
                                              ("gptq_absmax", False, True), ("gptq_clip", True, True)):
         t0 = time.perf_counter()
-        quantized = tg.quantize_state(state, plan, clip_search=clip_search, hessians=hessians if use_hessians else None)
+        recipes = {n: tg.QuantRecipe(c, hessian=hessians.get(n) if use_hessians else None, clip_search=clip_search)
+                   for n, c in plan.items()}
+        quantized = tg.quantize_state(state, recipes)
         seconds = time.perf_counter() - t0
         blob = tg.serialize_artifact(quantized, tg.model_config(h))
         _, reloaded = tg.deserialize_artifact(blob, method)
         bpb = math.nan if args.bytes_only else score(h, rt, tg.dequantize_state(reloaded), val)
         print(f"{method:13s} {bpb:.6f}  {bpb - base_bpb:+.6f}  {len(blob):11d}  (quantized in {seconds:.1f}s)")
-        by_method[method] = quantized
+        by_method[method] = recipes, quantized
     if args.fit:
-        fit(h, rt, state, by_method["gptq_clip"], hessians, val, base_bpb, args.bytes_only)
+        fit(h, rt, state, *by_method["gptq_clip"], val, base_bpb, args.bytes_only)
     if not args.no_packing:
-        packing_table({m: by_method[m] for m in ("absmax", "gptq_clip")})
+        packing_table({m: by_method[m][1] for m in ("absmax", "gptq_clip")})
 
 
-def fit(h, rt, state, quantized, hessians, val, base_bpb, bytes_only) -> None:
+def fit(h, rt, state, recipes, quantized, val, base_bpb, bytes_only) -> None:
     """train_gpt's fitting policy on this model, as write_artifact runs it."""
     code_bytes = len((Path(tg.__file__)).read_bytes())
     budget = h.artifact_limit_bytes - code_bytes
     print(f"\nfit: limit {h.artifact_limit_bytes}, code {code_bytes}, model budget {budget}")
     t0 = time.perf_counter()
-    blob, moves = tg.fit_to_limit(state, dict(quantized), lambda q: tg.serialize_artifact(q, tg.model_config(h)),
-                                  budget, print, hessians)
+    blob, moves = tg.fit_to_limit(state, dict(quantized), recipes,
+                                  lambda q: tg.serialize_artifact(q, tg.model_config(h)), budget, print)
     print(f"fit: {len(moves)} moves in {time.perf_counter() - t0:.0f}s; model {len(blob)} bytes, "
           f"total {len(blob) + code_bytes} (margin {h.artifact_limit_bytes - len(blob) - code_bytes})")
     if not bytes_only:

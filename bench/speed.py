@@ -296,7 +296,7 @@ def time_quantization(h, rt, base_model) -> dict:
     rt.sync()
     t0 = time.perf_counter()
     state = base_model.state_dict()
-    quantized = tg.quantize_state(state, tg.quant_plan(state, h))
+    quantized = tg.quantize_state(state, {n: tg.QuantRecipe(c) for n, c in tg.quant_plan(state, h).items()})
     t1 = time.perf_counter()
     blob = tg.serialize_artifact(quantized, tg.model_config(h))
     t2 = time.perf_counter()

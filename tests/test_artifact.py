@@ -71,7 +71,7 @@ def test_every_class_roundtrips_through_the_artifact():
     plan["tok_emb.weight"] = "int8"  # exercise every class the format knows
     plan["blocks.0.mlp.fc.weight"] = "int4"
     assert {"int4", "int5", "int6", "int8", "fp16"} <= set(plan.values())
-    quantized = tg.quantize_state(state, plan)
+    quantized = tg.quantize_state(state, {n: tg.QuantRecipe(c) for n, c in plan.items()})
     config, loaded = tg.deserialize_artifact(tg.serialize_artifact(quantized, tg.model_config(h)), "mem")
     assert config == tg.model_config(h)
     assert loaded.keys() == quantized.keys()
@@ -137,7 +137,7 @@ def test_collect_hessians_are_input_second_moments():
 def artifact():
     h = tiny_hparams()
     state = tiny_model(h).state_dict()
-    return tg.serialize_artifact(tg.quantize_state(state, tg.quant_plan(state, h)), tg.model_config(h))
+    return tg.serialize_artifact(tg.quantize_state(state, tg.quant_recipes(state, h)), tg.model_config(h))
 
 
 def frames(artifact: bytes) -> list[bytes]:
@@ -253,14 +253,15 @@ def test_an_artifact_is_read_only_if_it_is_a_file_within_the_byte_limit(artifact
 def test_fit_to_limit_demotes_cheapest_first_and_fits():
     h = tiny_hparams(model_dim=64, num_heads=4, mlp_mult=3)
     state = tiny_model(h).state_dict()
-    quantized = tg.quantize_state(state, tg.quant_plan(state, h))
+    recipes = tg.quant_recipes(state, h)
+    quantized = tg.quantize_state(state, recipes)
 
     def serialize(q):
         return tg.serialize_artifact(q, tg.model_config(h))
 
     full = len(serialize(dict(quantized)))
     lines = []
-    blob, moves = tg.fit_to_limit(state, quantized, serialize, full - 3000, lines.append)
+    blob, moves = tg.fit_to_limit(state, quantized, recipes, serialize, full - 3000, lines.append)
     assert len(blob) <= full - 3000 and moves, "it must have demoted something and fit"
     assert all(re.fullmatch(r"[\w.]+:(fp16->int8|int6->int5|int5->int4)", m) for m in moves), moves
     assert not any(re.fullmatch(f"{tg.CONTROL_TENSORS}|{tg.GATE_TENSORS}", m.split(":")[0]) for m in moves), "controls stay"
@@ -275,10 +276,10 @@ def test_fit_to_limit_demotes_cheapest_first_and_fits():
 def test_fit_to_limit_impossible_budget_raises():
     h = tiny_hparams()
     state = tiny_model(h).state_dict()
-    quantized = tg.quantize_state(state, tg.quant_plan(state, h))
+    recipes = tg.quant_recipes(state, h)
     with pytest.raises(tg.RunError, match="lowest class"):
-        tg.fit_to_limit(state, quantized, lambda q: tg.serialize_artifact(q, tg.model_config(h)), 100,
-                        lambda _: None)
+        tg.fit_to_limit(state, tg.quantize_state(state, recipes), recipes,
+                        lambda q: tg.serialize_artifact(q, tg.model_config(h)), 100, lambda _: None)
 
 
 def final_lines(run) -> dict[str, str]:

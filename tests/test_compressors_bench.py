@@ -21,7 +21,7 @@ _spec.loader.exec_module(compressors)
 def tiny_artifact() -> tuple[dict, dict]:
     h = tiny_hparams(quant_bits_embed=8)
     state = tiny_model(h).state_dict()
-    return tg.model_config(h), tg.quantize_state(state, tg.quant_plan(state, h))
+    return tg.model_config(h), tg.quantize_state(state, tg.quant_recipes(state, h))
 
 
 def test_native_layout_holds_each_array_in_its_own_byte_order():

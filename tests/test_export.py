@@ -104,7 +104,7 @@ def test_selfgen_hessians_read_no_data_and_split_over_ranks_exactly():
 def quantized():
     h = tiny_hparams(quant_bits_embed=8)
     state = tiny_model(h).state_dict()
-    return h, tg.quantize_state(state, tg.quant_plan(state, h))
+    return h, tg.quantize_state(state, tg.quant_recipes(state, h))
 
 
 def test_brotli_artifact_loads_without_any_setting_to_the_same_model(quantized):
@@ -241,5 +241,5 @@ def test_quant_min_range_puts_small_rows_on_one_grid_of_step_one_over_qmax():
     assert tg.PRESETS["pr1204"]["quant_min_range"] == 1.0 and "quant_min_range" not in tg.PRESETS["sp8192"]
     # GPTQ keeps the floor: its scales are quantize_rows'
     hessian = torch.eye(64) + 0.1
-    entry = tg.quantize_tensor(w, "int6", hessian=hessian, min_range=1.0)
+    entry = tg.quantize_tensor(w, tg.QuantRecipe("int6", hessian=hessian, min_range=1.0))
     assert np.allclose(entry["arrays"]["scale"][:3].astype(np.float32), np.float16(1 / 31))

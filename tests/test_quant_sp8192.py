@@ -49,25 +49,26 @@ def test_sdclip_scale_is_k_std_over_qmax_fixed_before_rounding(bits, k):
     assert torch.equal(q, torch.clamp(torch.round(w / expected.float()[:, None]), -qmax, qmax).to(torch.int8))
     assert int(q[3, 7]) == qmax  # clipped
     # GPTQ rounds on that same fixed scale
-    entry = tg.quantize_tensor(w, tg.BITS_CLASS[bits], hessian=correlated_hessian(512), clip_k=k)
+    entry = tg.quantize_tensor(w, tg.QuantRecipe(tg.BITS_CLASS[bits], clip_k=k, hessian=correlated_hessian(512)))
     assert np.array_equal(entry["arrays"]["scale"], expected.numpy())
 
 
-def test_clip_widths_follow_the_kind_of_tensor():
+def test_sdclip_widths_follow_the_kind_of_tensor():
     h = tiny_hparams(sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_embed=14.0, sdclip_other=12.85, quant_bits_embed=7)
     state = tiny_model(h).state_dict()
-    plan = tg.quant_plan(state, h)
-    widths = tg.clip_widths(plan, h)
-    assert set(widths) == {n for n, c in plan.items() if c in tg.QUANT_BITS}
+    plan, recipes = tg.quant_plan(state, h), tg.quant_recipes(state, h)
+    assert plan == {n: r.cls for n, r in recipes.items()}
+    widths = {n: r.clip_k for n, r in recipes.items() if r.cls in tg.QUANT_BITS}
+    assert all(r.clip_k == 0 for n, r in recipes.items() if n not in widths)  # fp16 tensors have no k
     assert widths["blocks.0.attn.c_k.weight"] == 13.0 and widths["blocks.1.mlp.proj.weight"] == 11.5
     assert widths["tok_emb.weight"] == 14.0 and widths["bigram.table.weight"] == 12.85
-    quantized = tg.quantize_state(state, plan, clip_k=widths)
+    quantized = tg.quantize_state(state, recipes)
     for name, k in widths.items():
         w = state[name].float()
         qmax = 2 ** (tg.QUANT_BITS[plan[name]] - 1) - 1
         expected = (k * w.std(dim=1) / qmax).half()
         assert np.array_equal(quantized[name]["arrays"]["scale"], expected.numpy())
-    off = tg.quantize_state(state, plan)  # all k at 0: today's clip search
+    off = tg.quantize_state(state, {n: tg.QuantRecipe(c) for n, c in plan.items()})  # all k at 0: the clip search
     assert all(np.array_equal(off[n]["arrays"]["scale"], tg.quantize_rows(state[n], tg.QUANT_BITS[plan[n]])[1].numpy())
                for n in widths)
 
@@ -107,8 +108,8 @@ def test_int7_embedding_gptq_lowers_the_head_output_error_and_roundtrips():
     emb = model.tok_emb.weight.detach()
     state = model.state_dict()
     assert tg.quant_plan(state, h)["tok_emb.weight"] == "int7"
-    gptq = tg.quantize_tensor(emb, "int7", hessian=head, clip_k=14.0)
-    nearest = tg.quantize_tensor(emb, "int7", clip_k=14.0)
+    gptq = tg.quantize_tensor(emb, tg.QuantRecipe("int7", 14.0, head))
+    nearest = tg.quantize_tensor(emb, tg.QuantRecipe("int7", 14.0))
     assert int(np.abs(gptq["arrays"]["q"]).max()) <= 63
     assert output_error(emb, tg.dequantize_tensor(gptq), head) < output_error(emb, tg.dequantize_tensor(nearest), head)
     loaded = roundtrip({"tok_emb.weight": gptq}, h)["tok_emb.weight"]
@@ -129,9 +130,9 @@ def test_gates_are_int8_per_row_with_the_knob_and_fp16_without():
     assert all(tg.quant_plan(state, dataclasses.replace(h, quant_gates_int8=False))[n] == "fp16" for n in gates)
     state["blocks.0.attn.gate"][0] = 1.5  # a row of one value: std 0, so never SDClip's (k x std) scale
     h = dataclasses.replace(h, sdclip_attn=13.0, sdclip_mlp=11.5, sdclip_other=12.85)
-    widths = tg.clip_widths(plan, h)
-    assert all(widths[n] == 0 for n in gates)
-    quantized = tg.quantize_state(state, plan, clip_k=widths)
+    recipes = tg.quant_recipes(state, h)
+    assert all(recipes[n].clip_k == 0 for n in gates)
+    quantized = tg.quantize_state(state, recipes)
     gate = state["blocks.0.attn.gate"]
     assert quantized["blocks.0.attn.gate"]["arrays"]["scale"].shape == (gate.shape[0],)  # one per row
     loaded = tg.dequantize_state(roundtrip(quantized, h))
@@ -164,8 +165,7 @@ def planted_state() -> dict[str, torch.Tensor]:
 
 def test_lqer_corrects_the_largest_errors_with_int2_and_int4_factors():
     state = planted_state()
-    plan = dict.fromkeys(state, "int4")
-    quantized = tg.quantize_state(state, plan)
+    quantized = tg.quantize_state(state, dict.fromkeys(state, tg.QuantRecipe("int4")))
     before = {n: tg.dequantize_tensor(e) for n, e in quantized.items()}
     error = {n: float((before[n] - state[n]).norm()) for n in state}
     chosen = tg.add_low_rank_corrections(state, quantized, 3)
@@ -190,7 +190,7 @@ def test_lqer_corrects_the_largest_errors_with_int2_and_int4_factors():
 def test_lqer_recovers_a_low_rank_error():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(96, 64, generator=g) * 0.02
-    entry = tg.quantize_tensor(w, "int6")
+    entry = tg.quantize_tensor(w, tg.QuantRecipe("int6"))
     planted = torch.randn(96, 2, generator=g) @ torch.randn(2, 64, generator=g) * 0.01
     state = {"m": w + planted}  # Q(W) misses exactly a rank-2 term (plus its rounding)
     error = float((tg.dequantize_tensor(entry) - state["m"]).norm())
@@ -217,13 +217,13 @@ def test_awq_keeps_its_groups_at_int8_inside_the_gptq_solve():
     w = torch.randn(80, 256, generator=g) * 0.02
     hot = slice(128, 192)
     hessian = correlated_hessian(256, hot=hot)
-    entry = tg.quantize_tensor(w, "int5", hessian=hessian, awq=[2])
+    entry = tg.quantize_tensor(w, tg.QuantRecipe("int5", hessian=hessian, awq=(2,)))
     arrays = entry["arrays"]
     assert arrays["awq_group"].tolist() == [2] and arrays["awq_q"].shape == (80, 64)
     assert np.abs(arrays["awq_q"]).max() > 15 and np.abs(arrays["awq_q"]).max() <= 127  # int8, beyond int5
     assert not arrays["q"][:, hot].any() and np.abs(arrays["q"]).max() <= 15
     deq = tg.dequantize_tensor(entry)
-    plain = tg.dequantize_tensor(tg.quantize_tensor(w, "int5", hessian=hessian))
+    plain = tg.dequantize_tensor(tg.quantize_tensor(w, tg.QuantRecipe("int5", hessian=hessian)))
     assert output_error(w, deq, hessian) < 0.5 * output_error(w, plain, hessian)
     # inside the solve: the int5 columns compensate for the int8 group's errors, which beats
     # overwriting plain GPTQ's group with separately rounded int8 columns
@@ -233,14 +233,14 @@ def test_awq_keeps_its_groups_at_int8_inside_the_gptq_solve():
     assert output_error(w, deq, hessian) < output_error(w, patched, hessian)
     loaded = roundtrip({"m": entry}, tiny_hparams())["m"]
     assert torch.equal(tg.dequantize_tensor(loaded), deq)
-    two = tg.quantize_tensor(w, "int5", hessian=hessian, awq=[0, 2])  # several groups of one matrix
+    two = tg.quantize_tensor(w, tg.QuantRecipe("int5", hessian=hessian, awq=(0, 2)))  # several groups of one matrix
     assert two["arrays"]["awq_q"].shape == (80, 128)
     assert torch.equal(tg.dequantize_tensor(roundtrip({"m": two}, tiny_hparams())["m"]), tg.dequantize_tensor(two))
 
 
 def test_an_entry_with_part_of_its_extra_arrays_is_a_damaged_artifact():
     state = planted_state()
-    quantized = tg.quantize_state(state, dict.fromkeys(state, "int6"))
+    quantized = tg.quantize_state(state, dict.fromkeys(state, tg.QuantRecipe("int6")))
     tg.add_low_rank_corrections(state, quantized, 1)
     name = next(n for n, e in quantized.items() if "lqer_a" in e["arrays"])
     del quantized[name]["arrays"]["lqer_b_scale"]
@@ -252,7 +252,7 @@ def test_an_entry_with_part_of_its_extra_arrays_is_a_damaged_artifact():
 def test_an_awq_group_outside_the_matrix_is_a_damaged_artifact(group):
     g = torch.Generator().manual_seed(4)
     w = torch.randn(16, 256, generator=g)
-    entry = tg.quantize_tensor(w, "int6", hessian=correlated_hessian(256), awq=[1])
+    entry = tg.quantize_tensor(w, tg.QuantRecipe("int6", hessian=correlated_hessian(256), awq=(1,)))
     entry["arrays"]["awq_group"] = np.array([group], dtype=np.int8)
     with pytest.raises(ValueError, match="AWQ groups"):
         tg.dequantize_tensor(entry)
