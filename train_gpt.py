@@ -1027,19 +1027,18 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
 #
 # Pre-norm GPT (PR #76 on): GQA attention with RMS-normed q/k, RoPE and a per-head query gain; relu^2 MLP; output
 # scales and an x0 mix per block; U-Net skips; a tied, soft-capped head; BigramHash and SmearGate in front. A
-# preset chooses parts at init: a layer plan per recurrence state and each block's lane route, which GPT.forward
-# walks over a (lanes, B, T, C) stream. Notes: docs/notes/model.md.
+# preset chooses parts at init, and no forward pass tests a setting: each technique, a layer plan per recurrence
+# state and each block's lane route, which GPT.forward walks over a (lanes, B, T, C) stream. Notes: docs/notes/model.md.
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
+# A part the preset leaves out: `unchanged` where it would change its input (QAT, XSA, the attention output gate,
+# BigramHash), `absent` where it would add one (GPT.values without VE_LAYERS, GPT.mask without DOC_ATTENTION)
 def unchanged(x: Tensor, *args) -> Tensor:
-    """A part the preset leaves out that would change x (QAT, XSA, the attention output gate, BigramHash)."""
     return x
 
 def absent(*args) -> None:
-    """A part the preset leaves out that would add an input (GPT.values without VE_LAYERS, GPT.mask without
-    DOC_ATTENTION)."""
     return None
 
 def fake_quantized(w: Tensor, bits: int) -> Tensor:
@@ -1073,7 +1072,7 @@ class Rotary(nn.Module):
 
     def __init__(self, dims: int, max_len: int, base: float, ntk_len: int = 0):
         super().__init__()
-        self.dims, self.base, self.ntk_len = dims, base, ntk_len
+        self.dims, self.base, self.ntk_len = dims, base, ntk_len or math.inf  # 0: no row length rescales the base
         angles = self.angles(max_len, base)
         self.register_buffer("cos", angles.cos()[None, None], persistent=False)  # (1, 1, max_len, dims/2)
         self.register_buffer("sin", angles.sin()[None, None], persistent=False)
@@ -1085,7 +1084,7 @@ class Rotary(nn.Module):
     def forward(self, x: Tensor, length: int = 0) -> Tensor:  # x: (B, heads, T, hd)
         T, n = x.size(-2), max(x.size(-2), length)
         cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
-        if self.ntk_len and n > self.ntk_len:
+        if n > self.ntk_len:
             angles = self.angles(T, self.base * (n / self.ntk_len) ** (self.dims / (self.dims - 2))).to(x.device)
             cos, sin = angles.cos(), angles.sin()
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -1457,7 +1456,7 @@ class GPT(nn.Module):
         self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
         # Parts chosen once: a preset leaves a part out with `unchanged` or `absent` (the forward pass calls them all)
         self.with_bigram = self.bigram.__call__ if self.bigram is not None else unchanged
-        self.front = smear_then_norm if h.smear_mode == "scalar" else norm_then_smear
+        self.norm_and_smear = smear_then_norm if h.smear_mode == "scalar" else norm_then_smear
         self.join_skip = gated_skip if h.skip_gates else added_skip
         self.values = self.value_embed.__call__ if self.value_embed is not None else absent
         self.mask = functools.partial(attention_mask, backend=h.attn_backend) if h.doc_attention else absent
@@ -1491,8 +1490,8 @@ class GPT(nn.Module):
         self.recur_active = True
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T, C): token (+ BigramHash) embedding, RMS-normed and smeared in the order `front` chose."""
-        return self.front(self.smear, self.with_bigram(self.tok_emb(input_ids), input_ids), input_ids)
+        """(B, T, C): token (+ BigramHash) embedding, RMS-normed and smeared (PR #192 smeared before the norm)."""
+        return self.norm_and_smear(self.smear, self.with_bigram(self.tok_emb(input_ids), input_ids), input_ids)
 
     def skip(self, x: Tensor, skip: Tensor, pair: int, first_lane_only: bool = False) -> Tensor:
         """The U-Net skip w * skip joined to x (added_skip or gated_skip) at the pair-th decoder position; into every
