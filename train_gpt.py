@@ -1297,9 +1297,9 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
         self.norm_scale = (index + 1) ** -0.5 if h.ln_scale else 1.0
         self.lanes = block_lanes(h, index)
-        one = one_lane if self.attn is not None else mlp_lane
-        self.route, keep = LANE_FORMULAS[h.lane_formula] if self.lanes == 2 else (one, None)
-        if self.lanes == 2:
+        self.route = one_lane if self.attn is not None else mlp_lane
+        if self.lanes == 2:  # the lane formula's route and its scalars
+            self.route, keep = LANE_FORMULAS[h.lane_formula]
             self.lane_write = nn.Parameter(torch.ones(2, 2))
             self.lane_keep = nn.Parameter(torch.full((2,), keep))
 
