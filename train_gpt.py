@@ -1010,25 +1010,37 @@ def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, l
 #
 # Pre-norm GPT (PR #76 on): GQA attention with RMS-normed q/k, RoPE and a per-head query gain; relu^2 MLP; output
 # scales and an x0 mix per block; U-Net skips; a tied, soft-capped head; BigramHash and SmearGate in front. A
-# preset chooses parts at init: a layer plan per recurrence state and each block's lane route, which GPT.forward
-# walks over a (lanes, B, T, C) stream. Notes: docs/notes/model.md.
+# preset chooses parts at init, and no forward pass tests a setting: each technique, a layer plan per recurrence
+# state and each block's lane route, which GPT.forward walks over a (lanes, B, T, C) stream. Notes: docs/notes/model.md.
 
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
+# A part the preset leaves out: `unchanged` where it would change its input (QAT, XSA, the attention output gate,
+# BigramHash), `absent` where it would add one (GPT.values without VE_LAYERS, GPT.mask without DOC_ATTENTION)
+def unchanged(x: Tensor, *args) -> Tensor:
+    return x
+
+def absent(*args) -> None:
+    return None
+
+def fake_quantized(w: Tensor, bits: int) -> Tensor:
+    """QAT_BITS (PR #192): while w trains, w + stopgrad(q(w) - w), q the export's per-row quantizer."""
+    if not (w.requires_grad and torch.is_grad_enabled()):
+        return w
+    return w + (dequantize_rows(*quantize_rows(w.detach(), bits, clip_search=False)) - w).detach()
+
 class Linear(nn.Linear):
-    """Bias-free. QAT_BITS (PR #192): a training weight is fake-quantized by the export's per-row quantizer,
-    straight-through (w + stopgrad(q(w) - w)). lora: per-row adapters (A, B, scale) during score-first TTT."""
+    """Bias-free; its weight seen through fake_quantized with QAT_BITS. lora: per-row adapters (A, B, scale)
+    during score-first TTT."""
 
     def __init__(self, in_features: int, out_features: int, qat_bits: int = 0):
         super().__init__(in_features, out_features, bias=False)
         self.qat_bits, self.lora = qat_bits, None
+        self.seen = fake_quantized if qat_bits else unchanged
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.weight
-        if self.qat_bits and w.requires_grad and torch.is_grad_enabled():
-            w = w + (dequantize_rows(*quantize_rows(w.detach(), self.qat_bits, clip_search=False)) - w).detach()
-        return low_rank_added(x, F.linear(x, w), self.lora)
+        return low_rank_added(x, F.linear(x, self.seen(self.weight, self.qat_bits)), self.lora)
 
 def low_rank_added(x: Tensor, y: Tensor, lora) -> Tensor:
     """y plus row b's LoRA correction (x A_b^T) B_b^T * scale; x (B, T, in), A (B, r, in), B (B, out, r)."""
@@ -1043,7 +1055,7 @@ class Rotary(nn.Module):
 
     def __init__(self, dims: int, max_len: int, base: float, ntk_len: int = 0):
         super().__init__()
-        self.dims, self.base, self.ntk_len = dims, base, ntk_len
+        self.dims, self.base, self.ntk_len = dims, base, ntk_len or math.inf  # 0: no row length rescales the base
         angles = self.angles(max_len, base)
         self.register_buffer("cos", angles.cos()[None, None], persistent=False)  # (1, 1, max_len, dims/2)
         self.register_buffer("sin", angles.sin()[None, None], persistent=False)
@@ -1055,7 +1067,7 @@ class Rotary(nn.Module):
     def forward(self, x: Tensor, length: int = 0) -> Tensor:  # x: (B, heads, T, hd)
         T, n = x.size(-2), max(x.size(-2), length)
         cos, sin = self.cos[:, :, :T], self.sin[:, :, :T]
-        if self.ntk_len and n > self.ntk_len:
+        if n > self.ntk_len:
             angles = self.angles(T, self.base * (n / self.ntk_len) ** (self.dims / (self.dims - 2))).to(x.device)
             cos, sin = angles.cos(), angles.sin()
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -1137,54 +1149,41 @@ def uses_block_mask(backend: str, length: int, cuda: bool, grad: bool) -> bool:
     FLEX_BLOCK, on CUDA or without gradients (it has no backward on CPU, torch 2.13)."""
     return (backend == "flex" or (backend == "auto" and cuda)) and length % FLEX_BLOCK == 0 and (cuda or not grad)
 
-def absent(*args) -> None:
-    """A part the preset leaves out (GPT.values without VE_LAYERS, GPT.mask without DOC_ATTENTION)."""
-    return None
-
 def attention_mask(tokens: Tensor, backend: str) -> Tensor | BlockMask:
     """The DOC_ATTENTION mask for tokens (B, T), built once per forward pass: block mask or dense."""
     block = uses_block_mask(backend, tokens.size(1), tokens.is_cuda, torch.is_grad_enabled())
     return document_block_mask(tokens) if block else document_mask(tokens)
 
 def attention_kernel_report(h: Hyperparameters, rt) -> str:
-    """The attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY), and why where it falls back
-    (what SDPA then dispatches: bench/attn_check.py)."""
-    name, cuda, grad = h.attn_backend, rt.device.type == "cuda", not h.eval_only
+    """The log's attention_backend line: the attention ATTN_BACKEND selects for training (scoring with EVAL_ONLY)
+    and whether FA3 / FA4 imported. What torch then dispatches is the GPU check's probe (bench/attn_check.py)."""
+    name, cuda = h.attn_backend, rt.device.type == "cuda"
     if name in OPTIONAL_KERNELS:
-        if cuda and optional_kernel(name):
-            return f"{name} ({OPTIONAL_KERNELS[name]}.flash_attn_func)"
-        why = "needs CUDA" if optional_kernel(name) else "does not import"
-        return f"sdpa auto; ATTN_BACKEND={name}: {OPTIONAL_KERNELS[name]} {why}, SDPA auto runs instead"
-    if h.doc_attention and uses_block_mask(name, h.train_seq_len, cuda, grad):
-        slow = "" if compile_enabled(h, rt) else "; WARNING: without torch.compile FlexAttention runs unfused (slow)"
-        return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) within documents{slow}"
-    report = f"sdpa {name if name in SDPA_KERNELS else 'auto'}" + " within documents (dense mask)" * h.doc_attention
-    why = ("FlexAttention has no backward on CPU: training takes the dense mask" if grad and not cuda else
-           f"TRAIN_SEQ_LEN={h.train_seq_len} is not a multiple of {FLEX_BLOCK}")
-    return report + (f"; ATTN_BACKEND=flex: {why}" if name == "flex" else "")
-
-def check_pinned_kernel(h: Hyperparameters, rt: Runtime) -> None:
-    """A pinned SDPA kernel (ATTN_BACKEND=flash|efficient|cudnn|math) runs one small attention at the run's dtype
-    at start: one that cannot run here is a one-line error, not a traceback at the first step."""
-    if h.attn_backend not in SDPA_KERNELS:
-        return
-    head_dim = h.model_dim // h.num_heads
-    q = torch.zeros(1, h.num_heads, FLEX_BLOCK, head_dim, device=rt.device, dtype=torch.bfloat16 if rt.bf16 else None)
-    try:
-        causal_attention(q, q[:, :h.num_kv_heads], q[:, :h.num_kv_heads])
-    except RuntimeError as exc:
-        raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention on {rt.device.type} "
-                       f"({first_line(exc)}); use ATTN_BACKEND=auto") from None
+        module, kernel = OPTIONAL_KERNELS[name], optional_kernel(name)
+        if kernel and cuda:
+            return f"{name} ({module}.flash_attn_func)"
+        why = "needs CUDA" if kernel else "does not import"
+        return f"sdpa auto; ATTN_BACKEND={name}: {module} {why}, SDPA auto runs instead"
+    if h.doc_attention and uses_block_mask(name, h.train_seq_len, cuda, not h.eval_only):
+        return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) within documents"
+    return f"sdpa {name if name in SDPA_KERNELS else 'auto'}" + " within documents (dense mask)" * h.doc_attention
 
 class Attend(typing.NamedTuple):
     """Shared by every attention layer of a forward pass: the DOC_ATTENTION mask (None: causal), RoPE's length."""
     mask: Tensor | BlockMask | None = None
     rope_len: int = 0
 
+ATTN_GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
+
+def gate_heads(y: Tensor, x: Tensor, gate: Tensor) -> Tensor:
+    """ATTN_GATE_WINDOW=N (PR #1787 / #1855): head h's output y (B, H, T, hd) times
+    sigmoid(ATTN_GATE_SCALE * gate[h] . x[:N]); x (B, T, C), gate (H, N) from zero."""
+    weight = torch.sigmoid(ATTN_GATE_SCALE * F.linear(x[..., :gate.size(1)], gate.to(x.dtype)))
+    return y * weight.transpose(1, 2)[..., None]  # (B, T, H) -> (B, H, T, 1)
+
 class Attention(nn.Module):
-    """Attention matrices and RoPE; query gain and XSA come from the run position's controls. ATTN_GATE_WINDOW=N
-    (PR #1787 / #1855): head h's output times sigmoid(GATE_SCALE * gate[h] . x[:N]), gate (H, N) from zero."""
-    GATE_SCALE = 0.5  # PR #1855 tuned the sparse gate's logit scale 1.0 -> 0.5 ("softer head-output gate")
+    """Attention matrices, RoPE and the output gate (gate_heads or unchanged); query gain and XSA
+    (remove_self_value or unchanged) come from the run position's controls."""
 
     def __init__(self, h: Hyperparameters, max_len: int):
         super().__init__()
@@ -1197,8 +1196,9 @@ class Attention(nn.Module):
         self.rotary = Rotary(h.rope_dims or self.head_dim, max_len, h.rope_base, h.rope_ntk_len)
         self.kernel = optional_kernel(h.attn_backend)  # None: SDPA
         self.gate = nn.Parameter(torch.zeros(h.num_heads, h.attn_gate_window)) if h.attn_gate_window else None
+        self.gated = gate_heads if h.attn_gate_window else unchanged
 
-    def forward(self, x: Tensor, q_gain: Tensor, xsa: bool, value_embed: Tensor | None = None,
+    def forward(self, x: Tensor, q_gain: Tensor, xsa=unchanged, value_embed: Tensor | None = None,
                 attend: Attend = Attend()) -> Tensor:
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
@@ -1207,12 +1207,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self.rotary(rms_norm(q), attend.rope_len) * q_gain.to(q.dtype)[None, :, None, None]
         k = self.rotary(rms_norm(k), attend.rope_len)
-        y = causal_attention(q, k, v, self.kernel, attend.mask)
-        if xsa:
-            y = remove_self_value(y, v)
-        if self.gate is not None:
-            gate = torch.sigmoid(self.GATE_SCALE * F.linear(x[..., :self.gate.size(1)], self.gate.to(x.dtype)))
-            y = y * gate.transpose(1, 2)[..., None]  # (B, T, H) -> (B, H, T, 1)
+        y = self.gated(xsa(causal_attention(q, k, v, self.kernel, attend.mask), v), x, self.gate)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 class MLP(nn.Module):
@@ -1226,39 +1221,40 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
 # Lane routes, one per block, chosen at init: x (lanes, B, T, C) -> the same. `ctl`: the block whose controls
-# run (mix, norm); `body`: the one whose lane scalars do; `parts`: (sublayer, fn), 0 attention, 1 the MLP.
-SUBLAYER_LANE = (0, -1)  # attention reads lane 0, the MLP the last
-
-def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """One stream: x <- the x0 mix, then each sublayer adds its output."""
+# run (Block.attention, Block.feed_forward, mix, norm); `body`: the one whose weights and lane scalars do.
+def one_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, mlp: MLP, ve, attend: Attend) -> Tensor:
+    """One stream: x <- the x0 mix, then attention and the MLP each add their output."""
     x = ctl.mix(x, x0)
-    for s, part in parts:
-        x = x + part(ctl.norm(x[SUBLAYER_LANE[s]]))
-    return x
+    x = x + ctl.attention(body, ctl.norm(x[0]), ve, attend)
+    return x + ctl.feed_forward(mlp, ctl.norm(x[0]))
 
-def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=stream: lane i <- lane_keep[i] * the x0 mix, then += lane_write[s, i] * sublayer s."""
+def mlp_lane(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, mlp: MLP, ve, attend: Attend) -> Tensor:
+    """FIRST_BLOCK_MLP_ONLY's block 0: x <- the x0 mix, then the MLP adds its output."""
+    x = ctl.mix(x, x0)
+    return x + ctl.feed_forward(mlp, ctl.norm(x[0]))
+
+def stream_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, mlp: MLP, ve, attend: Attend) -> Tensor:
+    """LANE_FORMULA=stream: lane i <- lane_keep[i] * the x0 mix, then += lane_write[s, i] * sublayer s; attention
+    reads lane 0, the MLP lane 1."""
+    write = body.lane_write[:, :, None, None, None]
     x = body.lane_keep[:, None, None, None] * ctl.mix(x, x0)
-    for s, part in parts:
-        x = x + body.lane_write[s][:, None, None, None] * part(ctl.norm(x[SUBLAYER_LANE[s]]))
-    return x
+    x = x + write[0] * ctl.attention(body, ctl.norm(x[0]), ve, attend)
+    return x + write[1] * ctl.feed_forward(mlp, ctl.norm(x[1]))
 
-def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
-    """LANE_FORMULA=read (PR #1204): sublayer s reads its lane's x0 mix; lane i <- lane_keep[s] * lane i +
-    lane_write[s, i] * its output."""
-    for s, part in parts:
-        out = part(ctl.norm(ctl.mix(x[SUBLAYER_LANE[s]], x0)))
-        x = body.lane_keep[s] * x + body.lane_write[s][:, None, None, None] * out
-    return x
+def read_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, mlp: MLP, ve, attend: Attend) -> Tensor:
+    """LANE_FORMULA=read (PR #1204): sublayer s reads its lane's x0 mix (attention lane 0, the MLP lane 1);
+    lane i <- lane_keep[s] * lane i + lane_write[s, i] * its output."""
+    write = body.lane_write[:, :, None, None, None]
+    x = body.lane_keep[0] * x + write[0] * ctl.attention(body, ctl.norm(ctl.mix(x[0], x0)), ve, attend)
+    return body.lane_keep[1] * x + write[1] * ctl.feed_forward(mlp, ctl.norm(ctl.mix(x[1], x0)))
 
-def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, parts) -> Tensor:
+def parallel_lanes(ctl: "Block", body: "Block", x: Tensor, x0: Tensor, mlp: MLP, ve, attend: Attend) -> Tensor:
     """LANE_FORMULA=parallel (PR #1855): attention reads lane 0's x0 mix, the MLP lane 1, both the block's input;
     lane i <- lane_keep[i] * lane i + sum over s of lane_write[s, i] * sublayer s."""
-    inputs = (ctl.mix(x[0], x0), x[1])
+    write = body.lane_write[:, :, None, None, None]
     out = body.lane_keep[:, None, None, None] * x
-    for s, part in parts:
-        out = out + body.lane_write[s][:, None, None, None] * part(ctl.norm(inputs[s]))
-    return out
+    out = out + write[0] * ctl.attention(body, ctl.norm(ctl.mix(x[0], x0)), ve, attend)
+    return out + write[1] * ctl.feed_forward(mlp, ctl.norm(x[1]))
 
 LANE_FORMULAS = {"stream": (stream_lanes, 1.0), "read": (read_lanes, 1.1 ** 0.5), "parallel": (parallel_lanes, 1.1)}
 
@@ -1276,7 +1272,7 @@ class Block(nn.Module):
         has_attn = not (index == 0 and h.first_block_mlp_only)
         self.attn = Attention(h, max_len) if has_weights and has_attn else None
         self.mlp = MLP(h) if has_weights else None
-        self.xsa = index >= virtual_depth(h) - h.xsa_last_n
+        self.xsa = remove_self_value if index >= virtual_depth(h) - h.xsa_last_n else unchanged
         if has_attn:
             self.attn_scale = nn.Parameter(torch.ones(h.model_dim))
             self.q_gain = nn.Parameter(torch.full((h.num_heads,), h.qk_gain_init))
@@ -1284,9 +1280,9 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(h.model_dim), torch.zeros(h.model_dim))))
         self.norm_scale = (index + 1) ** -0.5 if h.ln_scale else 1.0
         self.lanes = block_lanes(h, index)
-        self.sublayers = (0, 1) if self.attn is not None else (1,)
-        self.route, keep = LANE_FORMULAS[h.lane_formula] if self.lanes == 2 else (one_lane, None)
-        if self.lanes == 2:
+        self.route = one_lane if self.attn is not None else mlp_lane
+        if self.lanes == 2:  # the lane formula's route and its scalars
+            self.route, keep = LANE_FORMULAS[h.lane_formula]
             self.lane_write = nn.Parameter(torch.ones(2, 2))
             self.lane_keep = nn.Parameter(torch.full((2,), keep))
 
@@ -1294,10 +1290,13 @@ class Block(nn.Module):
                 value_embed: Tensor | None = None, attend: Attend = Attend()) -> Tensor:
         """x (lanes, B, T, C), x0 (B, T, C): these controls around body's weights and route (default: this block)."""
         body = body or self
-        mlp = mlp or body.mlp
-        run = (lambda inp: self.attn_scale * body.attn(inp, self.q_gain, self.xsa, value_embed, attend),
-               lambda inp: self.mlp_scale * mlp(inp))
-        return body.route(self, body, x, x0, [(s, run[s]) for s in body.sublayers])
+        return body.route(self, body, x, x0, mlp or body.mlp, value_embed, attend)
+
+    def attention(self, body: "Block", x: Tensor, value_embed: Tensor | None, attend: Attend) -> Tensor:
+        return self.attn_scale * body.attn(x, self.q_gain, self.xsa, value_embed, attend)
+
+    def feed_forward(self, mlp: MLP, x: Tensor) -> Tensor:
+        return self.mlp_scale * mlp(x)
 
     def mix(self, x: Tensor, x0: Tensor) -> Tensor:
         return self.resid_mix[0] * x + self.resid_mix[1] * x0
@@ -1327,8 +1326,19 @@ class BigramHash(nn.Module):
         ids = torch.bitwise_xor(prev * self.PREV_MULT, tokens * self.CUR_MULT) % (self.buckets - 1)
         return torch.where(first_of_document(tokens), self.buckets - 1, ids)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        return self.scale * self.proj(self.table(self.bucket_ids(tokens)))
+    def forward(self, x: Tensor, tokens: Tensor) -> Tensor:  # x (B, T, C) plus the bigram embedding
+        return x + self.scale * self.proj(self.table(self.bucket_ids(tokens)))
+
+# SmearGate's formulas, one chosen at init: x (B, T, C), prev its x_{t-1}, same_document (B, T, 1) bool
+def smear_channel(smear: "SmearGate", x: Tensor, prev: Tensor, same_document: Tensor) -> Tensor:
+    return x + torch.sigmoid(smear.gate) * same_document * (prev - x)
+
+def smear_from_zero(smear: "SmearGate", x: Tensor, prev: Tensor, same_document: Tensor) -> Tensor:
+    return x + torch.sigmoid(smear.gate) * (prev * same_document - x)
+
+def smear_scalar(smear: "SmearGate", x: Tensor, prev: Tensor, same_document: Tensor) -> Tensor:
+    weight = smear.strength * torch.sigmoid(x[..., :smear.gate.numel()] @ smear.gate.to(x.dtype)).unsqueeze(-1)
+    return x + weight * same_document * prev
 
 class SmearGate(nn.Module):
     """Never across a BOS. "channel" (PR #76): x_t + sigmoid(gate) * (x_{t-1} - x_t); zero_start (PR #1204): a
@@ -1337,20 +1347,20 @@ class SmearGate(nn.Module):
 
     def __init__(self, dim: int, mode: str, zero_start: bool = False, window: int = 0):
         super().__init__()
-        self.mode, self.zero_start = mode, zero_start
         self.gate = nn.Parameter(torch.zeros(window or dim))
         if mode == "scalar":
             self.strength = nn.Parameter(torch.zeros(()))
+        self.formula = smear_scalar if mode == "scalar" else smear_from_zero if zero_start else smear_channel
 
     def forward(self, x: Tensor, tokens: Tensor) -> Tensor:
         prev = F.pad(x[:, :-1], (0, 0, 1, 0))
-        same_document = (~first_of_document(tokens)).unsqueeze(-1)
-        if self.mode == "scalar":
-            weight = self.strength * torch.sigmoid(x[..., :self.gate.numel()] @ self.gate.to(x.dtype)).unsqueeze(-1)
-            return x + weight * same_document * prev
-        if self.zero_start:
-            return x + torch.sigmoid(self.gate) * (prev * same_document - x)
-        return x + torch.sigmoid(self.gate) * same_document * (prev - x)
+        return self.formula(self, x, prev, (~first_of_document(tokens)).unsqueeze(-1))
+
+def norm_then_smear(smear: SmearGate, x: Tensor, tokens: Tensor) -> Tensor:
+    return smear(rms_norm(x), tokens)
+
+def smear_then_norm(smear: SmearGate, x: Tensor, tokens: Tensor) -> Tensor:  # PR #192's order
+    return rms_norm(smear(x, tokens))
 
 class ValueEmbedding(nn.Module):
     """VE_LAYERS (PR #1204): a token table projected to the KV width, times a scale, added to the values at each
@@ -1399,6 +1409,12 @@ def layer_plan(h: Hyperparameters, recur_active: bool) -> tuple[Step, ...]:
         plan.append(Step(block, controls, mlp, ve, lanes, push, pop))
     return tuple(plan)
 
+def added_skip(x: Tensor, skip: Tensor, gates: Tensor | None, pair: int) -> Tensor:
+    return x + skip
+
+def gated_skip(x: Tensor, skip: Tensor, gates: Tensor, pair: int) -> Tensor:  # SKIP_GATES (PR #1204)
+    return torch.lerp(skip, x, torch.sigmoid(gates[pair]))
+
 class GPT(nn.Module):
     """Embedding (token, BigramHash, SmearGate), the blocks walked by the layer plan in force, the tied head.
     Parameter names and their order are the artifact's (its bytes depend on them), and so is the init's draw order."""
@@ -1421,7 +1437,10 @@ class GPT(nn.Module):
         self.recur_active = False  # which plan runs: set by start_recurrence() at RECUR_START_FRAC, and for scoring
         self.lora = None  # LoRA on the tied head during score-first TTT (DocumentAdapters)
         self.head_input = nn.Identity()  # where GPTQ_EMBED's calibration reads the head's input
-        # Parts chosen once: a preset without value embeddings or document masks gets `absent` (forward calls both)
+        # Parts chosen once: a preset leaves a part out with `unchanged` or `absent` (the forward pass calls them all)
+        self.with_bigram = self.bigram.__call__ if self.bigram is not None else unchanged
+        self.norm_and_smear = smear_then_norm if h.smear_mode == "scalar" else norm_then_smear
+        self.join_skip = gated_skip if h.skip_gates else added_skip
         self.values = self.value_embed.__call__ if self.value_embed is not None else absent
         self.mask = functools.partial(attention_mask, backend=h.attn_backend) if h.doc_attention else absent
         self.rope_len = h.model_eval_seq_len  # the context the per-document rows are cut from
@@ -1454,20 +1473,14 @@ class GPT(nn.Module):
         self.recur_active = True
 
     def embed(self, input_ids: Tensor) -> Tensor:
-        """(B, T, C): token (+ bigram) embedding, RMS-normed and smeared (PR #192 smeared before the norm)."""
-        x = self.tok_emb(input_ids)
-        if self.bigram is not None:
-            x = x + self.bigram(input_ids)
-        if self.smear.mode == "scalar":
-            return rms_norm(self.smear(x, input_ids))
-        return self.smear(rms_norm(x), input_ids)
+        """(B, T, C): token (+ BigramHash) embedding, RMS-normed and smeared (PR #192 smeared before the norm)."""
+        return self.norm_and_smear(self.smear, self.with_bigram(self.tok_emb(input_ids), input_ids), input_ids)
 
     def skip(self, x: Tensor, skip: Tensor, pair: int, first_lane_only: bool = False) -> Tensor:
-        """The U-Net skip into the pair-th decoder position: x + w * skip, or with SKIP_GATES lerp(w * skip, x,
-        sigmoid(g)) (PR #1204); into every lane, or lane 0 only (LANE_FORMULA=parallel)."""
+        """The U-Net skip w * skip joined to x (added_skip or gated_skip) at the pair-th decoder position; into every
+        lane, or lane 0 only (LANE_FORMULA=parallel)."""
         skip, lanes = self.skip_weights[pair] * skip, x[:1] if first_lane_only else x
-        gates = self.skip_gates
-        lanes = lanes + skip if gates is None else torch.lerp(skip, lanes, torch.sigmoid(gates[pair]))
+        lanes = self.join_skip(lanes, skip, self.skip_gates, pair)
         return torch.cat((lanes, x[1:])) if first_lane_only else lanes
 
     def forward(self, input_ids: Tensor, target_ids: Tensor | None = None, reduction: str = "mean",
@@ -1476,8 +1489,7 @@ class GPT(nn.Module):
         rows of one document each, cut from an EVAL_SEQ_LEN context (TTT): causal, RoPE at that length."""
         x0 = self.embed(input_ids)
         ve = self.values(input_ids)
-        mask = None if one_document else self.mask(input_ids)
-        attend = Attend(mask, self.rope_len if one_document else 0)
+        attend = Attend(rope_len=self.rope_len) if one_document else Attend(self.mask(input_ids))
         x, skips = x0[None], []  # (lanes, B, T, C)
         for step in self.plan():
             x = x.expand(step.lanes, -1, -1, -1)
@@ -3178,7 +3190,6 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose shipped form counts
     shipped = shipped_form(code)
     log_header(h, rt, preset, run_id, code, shipped, log)
-    check_pinned_kernel(h, rt)
     log(f"attention_backend:{attention_kernel_report(h, rt)}")
     val = load_validation(h, load_tokenizer(h), rt.device, log, rt.rank, rt.world_size)
     log(eval_plan(h, val.num_targets, len(document_starts(val.tokens.cpu().numpy()))))

@@ -104,22 +104,22 @@ def test_sparse_attention_gate_multiplies_each_head_by_a_sigmoid_of_the_first_ch
     torch.manual_seed(0)
     gated, plain = tg.Attention(h, 64), tg.Attention(tiny_hparams(model_dim=32, num_heads=4, num_kv_heads=2), 64)
     plain.load_state_dict({k: v for k, v in gated.state_dict().items() if k != "gate"})
-    x, q_gain = torch.randn(2, 10, 32), torch.full((4,), 1.5)
+    x, q_gain, xsa = torch.randn(2, 10, 32), torch.full((4,), 1.5), tg.remove_self_value
     assert not gated.gate.any(), "zero-initialised"
-    torch.testing.assert_close(gated(x, q_gain, True), 0.5 * plain(x, q_gain, True), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gated(x, q_gain, xsa), 0.5 * plain(x, q_gain, xsa), rtol=1e-6, atol=1e-6)
     with torch.no_grad():
         gated.gate.normal_()
     seen = {}
     for name, module in (("gated", gated), ("plain", plain)):  # the projection's input: heads after attention and XSA
         module.proj.register_forward_hook(lambda m, args, out, name=name: seen.__setitem__(name, args[0]))
-        module(x, q_gain, True)
+        module(x, q_gain, xsa)
     multiplier = torch.sigmoid(0.5 * x[..., :12] @ gated.gate.T)  # (B, T, H)
     expected = seen["plain"].view(2, 10, 4, 8) * multiplier[..., None]
     torch.testing.assert_close(seen["gated"].view(2, 10, 4, 8), expected, rtol=1e-5, atol=1e-6)
     x_far = x.clone()
     x_far[..., 12:] += 1.0  # channels past the window change attention, not the multiplier
     seen.clear()
-    gated(x_far, q_gain, True), plain(x_far, q_gain, True)
+    gated(x_far, q_gain, xsa), plain(x_far, q_gain, xsa)
     torch.testing.assert_close(seen["gated"].view(2, 10, 4, 8), seen["plain"].view(2, 10, 4, 8) * multiplier[..., None],
                                rtol=1e-5, atol=1e-6)
 

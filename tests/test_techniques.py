@@ -42,7 +42,7 @@ def test_xsa_output_is_orthogonal_to_each_tokens_own_value_per_head(xsa):
     values, mixed = capture(attn.c_v), capture(attn.proj, pre=True)
     B, T = 2, 20
     with torch.no_grad():
-        attn(torch.randn(B, T, 64), torch.full((4,), 1.5), xsa)
+        attn(torch.randn(B, T, 64), torch.full((4,), 1.5), tg.remove_self_value if xsa else tg.unchanged)
     head_dim, group = 16, 2
     v = values[0].view(B, T, 2, head_dim)  # (B, T, Hkv, hd)
     y = mixed[0].view(B, T, 4, head_dim)  # (B, T, H, hd): query head h reads kv head h // group
