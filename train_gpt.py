@@ -1744,9 +1744,10 @@ def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -
                                                                 h.model_eval_seq_len)] for b in batches]
 
 class TTTBudget:
-    """When TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time). `work`: positions
-    per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if the time left covers
-    it adapted plus the rest of this rank's work plain, at costs measured per shape and mode. Stopped, it stays."""
+    """When TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time; -inf scores plain).
+    `work`: positions per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if the
+    time left covers it adapted plus the rest of this rank's work plain, at costs measured per shape and mode.
+    Stopped, it stays."""
 
     PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
 
@@ -1786,10 +1787,16 @@ class TTTBudget:
         spent, chunks = self.seconds.get((positions, adapted), (0.0, 0))
         self.seconds[positions, adapted] = (spent + seconds, chunks + 1)
 
-    def phase_fits(self, positions: int, next_batch: int) -> bool:
+    def phase_fits(self, rt, positions: int, next_batch: int) -> bool:
+        """Whether a phase over `positions` fits on every rank (a collective, MIN over ranks); if not, TTT stops."""
         rate = self.phase_rate if self.phase_rate is not None else self.cost(self.shapes[-1], True) / self.shapes[-1]
-        return self.adapting and self.fits(self.clock(), positions / self.world_size * rate,
+        fits = self.adapting and self.fits(self.clock(), positions / self.world_size * rate,
                                            self.after[next_batch] / self.world_size)
+        go = torch.tensor([float(fits)], device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(go, op=dist.ReduceOp.MIN)
+        self.adapting = bool(go.item())
+        return self.adapting
 
     def report(self, rt) -> str:
         """The ttt_adapted: line, summed over ranks (a collective)."""
@@ -1802,29 +1809,27 @@ class TTTBudget:
         return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({share:.1%}) "
                 f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
 
-def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTTBudget | None, index: int,
-                val: ValidationSet, docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, trace) -> Tensor:
-    """Scores the documents `batch` (one adapter slot each; a short batch is padded with empty rows) chunk
-    after chunk; while `budget` allows, each chunk then adapts the slots. Returns their scored_sums."""
+def score_batch(forward: nn.Module, adapters: DocumentAdapters, budget: TTTBudget, index: int, val: ValidationSet,
+                docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, trace: list | None) -> Tensor:
+    """Scores the documents `batch` (batch `index`; one adapter slot each, a short batch padded with empty rows)
+    chunk after chunk; while `budget` allows, each chunk then adapts the slots. Returns their scored_sums.
+    `trace` (tests) gets what was scored, in order, with each target's loss, and what trained."""
     chunk, pad = h.ttt_chunk_tokens, (0, h.ttt_batch_docs - len(batch))
     n_host = np.pad(docs.num_targets[batch], pad)
     start, n = (torch.from_numpy(a).to(rt.device) for a in (np.pad(docs.start[batch], pad), n_host))
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    if adapters is not None:
-        adapters.reset()
+    adapters.reset()
     for c, (lo, first, T) in enumerate(chunk_windows(int(n_host.max()), chunk, h.model_eval_seq_len)):
-        t0 = time.perf_counter()
-        adapt = adapters is not None and budget.adapt(index, c)
-        if adapters is not None:
-            adapters.attach(adapt)  # out of time, the rest is scored plain
+        t0, adapt = time.perf_counter(), budget.adapt(index, c)
+        adapters.attach(adapt)  # out of time, the rest is scored plain
         pos = torch.arange(first, first + T, device=rt.device)[None, :]  # (1, T) target index in the document
         scored = (pos >= lo) & (pos < torch.clamp(n, max=lo + chunk)[:, None])  # padding past an end: causal
         where = start[:, None] + torch.minimum(pos, (n - 1).clamp_min(0)[:, None])  # (B, T) validation target
         with torch.set_grad_enabled(adapt), rt.autocast():
-            losses = model(val.tokens[where], val.tokens[where + 1], reduction="none", one_document=True)
+            losses = forward(val.tokens[where], val.tokens[where + 1], reduction="none", one_document=True)
         sums += scored_sums(losses.detach(), scored, val.target_bytes[where])
         goes_on = lo + chunk < n_host  # decided on the host: no device sync
-        if trace is not None:  # tests: what was scored, in order, with each target's loss
+        if trace is not None:
             trace += [("score", int(d), lo, int(min(lo + chunk, e)), row[mask].tolist())
                       for d, e, row, mask in zip(batch, n_host, losses.detach().double(), scored) if lo < e]
         if adapt and goes_on.any():
@@ -1833,12 +1838,10 @@ def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTT
             adapters.step(TTT_LR * h.ttt_lr_scale)
             if trace is not None:
                 trace += [("update", int(d), lo, lo + chunk) for d, g in zip(batch, goes_on) if g]
-        if budget is not None:
-            rt.sync()
-            budget.observe(h.ttt_batch_docs * T, time.perf_counter() - t0, adapt)
-    if adapters is not None:
-        adapters.attach(False)
-        budget.batches_done += 1
+        rt.sync()
+        budget.observe(h.ttt_batch_docs * T, time.perf_counter() - t0, adapt)
+    adapters.attach(False)
+    budget.batches_done += 1
     return sums
 
 def claimed_batches(rt, first: int, stop: int, key: str):
@@ -1858,23 +1861,10 @@ def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
     step = (SLICES_PER_STEP, -(-TTT_PHASE_ROWS // SLICES_PER_STEP), seq_len)
     return np.pad(flat, (0, -len(flat) % math.prod(step)), constant_values=-1).reshape(-1, *step)
 
-def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, docs: Documents,
-                 batches: list[np.ndarray], phase: int, budget: TTTBudget, log, trace: list | None) -> None:
-    """Phase `phase`: one epoch of SGD (momentum, cosine LR, clip) over the base weights on the documents of
-    `batches`, all scored (phase_rows; each rank's slices, the gradients all-reduced), if TTTBudget finds it
-    room on every rank (a collective: the barrier after which those batches are scored); else TTT stops."""
-    scored = np.concatenate(batches)
-    rows = phase_rows(docs, scored, h.model_eval_seq_len)
-    go = torch.tensor([float(budget.phase_fits(rows.size, len(batches)))], device=rt.device)
-    if rt.distributed:
-        dist.all_reduce(go, op=dist.ReduceOp.MIN)
-    if not go.item():
-        if budget.adapting:
-            log(f"ttt: adaptation stopped before phase {phase} (it would not fit EVAL_BUDGET_SECONDS="
-                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
-        budget.adapting = False
-        return
-    tp, lr, params = time.perf_counter(), TTT_PHASE_LR * h.ttt_lr_scale, list(model.requires_grad_().parameters())
+def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, rows: np.ndarray) -> None:
+    """One epoch of SGD (momentum, cosine LR, clip) over the base weights on `rows` (phase_rows), each rank
+    taking its slices of a step, the gradients all-reduced."""
+    lr, params = TTT_PHASE_LR * h.ttt_lr_scale, list(model.requires_grad_().parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=TTT_PHASE_MOMENTUM)
     for step in range(len(rows)):
         real_targets = max(int((rows[step] >= 0).sum()), 1)
@@ -1895,39 +1885,46 @@ def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: Va
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
     rt.sync()
-    budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
-    if trace is not None:
-        trace.append(("phase", tuple(int(d) for d in scored)))
-    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{len(rows)} "
-        f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
 
-def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
-                       log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
-    """checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it or its compiled form):
-    plain, or with score-first TTT when `adapt`, adapting while TTTBudget finds time before `deadline`."""
+def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
+                       deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
+    """checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it or its compiled form),
+    with score-first TTT adapting while TTTBudget finds time before `deadline` (-inf: the plain score). After
+    the batches of a TTT_PHASES count, global_phase trains on them if it fits on every rank."""
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
     batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
     model.requires_grad_(False)
-    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
-    budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline) if adapt else None
+    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank)
+    budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     key, first = f"ttt{next(CLAIM_KEYS)}", 0  # every rank makes the same calls, so the keys agree
     phases = {-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()}  # whole batches
     for phase, stop in enumerate(sorted(p for p in phases if 0 < p < len(batches)) + [len(batches)]):
         for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
-            was = adapt and budget.adapting
+            was = budget.adapting
             sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, trace)
             if was and not budget.adapting:
                 log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
                     f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
                     f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
-        first = stop
-        if stop < len(batches) and adapt:
-            global_phase(h, rt, model, forward, val, docs, batches[:stop], phase + 1, budget, log, trace)
+        if stop == len(batches):
+            break
+        first, was, scored = stop, budget.adapting, np.concatenate(batches[:stop])
+        rows = phase_rows(docs, scored, h.model_eval_seq_len)
+        if budget.phase_fits(rt, rows.size, stop):
+            tp = time.perf_counter()
+            global_phase(h, rt, model, forward, val, rows)
+            budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
+            if trace is not None:
+                trace.append(("phase", tuple(int(d) for d in scored)))
+            log(f"ttt_phase:{phase + 1} documents_scored:{len(scored)} steps:{len(rows)} "
+                f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+        elif was:
+            log(f"ttt: adaptation stopped before phase {phase + 1} (it would not fit EVAL_BUDGET_SECONDS="
+                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
     model.requires_grad_(True)
-    if adapt:
-        log(budget.report(rt))
+    log(budget.report(rt))
     return checked_score(rt, sums, val, "per-document evaluation")
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
@@ -1972,7 +1969,7 @@ def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val:
     evaluation start + EVAL_BUDGET_SECONDS). TTT's baseline, the plain per-document score, is TTT_LR_SCALE=0."""
     rt.sync()
     t0 = time.perf_counter()
-    val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, True, log, deadline)
+    val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, log, deadline)
     rt.sync()
     ms = 1000 * (time.perf_counter() - t0)
     log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
