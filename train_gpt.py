@@ -1832,12 +1832,11 @@ def score_batch(forward: nn.Module, adapters: DocumentAdapters, budget: TTTBudge
         if trace is not None:
             trace += [("score", int(d), lo, int(min(lo + chunk, e)), row[mask].tolist())
                       for d, e, row, mask in zip(batch, n_host, losses.detach().double(), scored) if lo < e]
+            trace += [("update", int(d), lo, lo + chunk) for d, g in zip(batch, goes_on) if g and adapt]
         if adapt and goes_on.any():
             per_doc = torch.where(scored, losses, 0.0).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
             (per_doc * (n > lo + chunk)).sum().backward()  # the documents that go on
             adapters.step(TTT_LR * h.ttt_lr_scale)
-            if trace is not None:
-                trace += [("update", int(d), lo, lo + chunk) for d, g in zip(batch, goes_on) if g]
         rt.sync()
         budget.observe(h.ttt_batch_docs * T, time.perf_counter() - t0, adapt)
     adapters.attach(False)
@@ -1888,9 +1887,11 @@ def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: Va
 
 def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
                        deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
-    """checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it or its compiled form),
-    with score-first TTT adapting while TTTBudget finds time before `deadline` (-inf: the plain score). After
-    the batches of a TTT_PHASES count, global_phase trains on them if it fits on every rank."""
+    """The final_ttt lines and checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it
+    or its compiled form), with score-first TTT adapting while TTTBudget finds time before `deadline` (perf_counter:
+    evaluation start + EVAL_BUDGET_SECONDS; -inf: the plain per-document score, as is TTT_LR_SCALE=0, TTT's
+    baseline). After the batches of a TTT_PHASES count, global_phase trains on them if it fits on every rank."""
+    rt.sync()
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
     batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
@@ -1925,7 +1926,13 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
                 f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
     model.requires_grad_(True)
     log(budget.report(rt))
-    return checked_score(rt, sums, val, "per-document evaluation")
+    val_loss, val_bpb = checked_score(rt, sums, val, "per-document evaluation")
+    rt.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
+    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
+    log(f"ttt_eval_time_ms:{ms:.0f}")
+    return val_loss, val_bpb
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
     """Compiles every graph TTT runs (ttt_graphs with and without adapters, the phase's rows) on random tokens,
@@ -1962,19 +1969,6 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
     log(f"ttt_warmup: {2 * len(lengths) + 1} graphs (rows {lengths[0]}..{lengths[-1]}, a phase) built on random "
         f"tokens in {1000 * (time.perf_counter() - t0):.0f}ms (not evaluation time){memory}")
     return time.perf_counter() - t0
-
-def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
-                    deadline: float) -> None:
-    """The final_ttt lines: per-document scores with score-first TTT, adapting until `deadline` (perf_counter:
-    evaluation start + EVAL_BUDGET_SECONDS). TTT's baseline, the plain per-document score, is TTT_LR_SCALE=0."""
-    rt.sync()
-    t0 = time.perf_counter()
-    val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, log, deadline)
-    rt.sync()
-    ms = 1000 * (time.perf_counter() - t0)
-    log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
-    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
-    log(f"ttt_eval_time_ms:{ms:.0f}")
 
 # Targets (phase: documents) per second on 8xH100, from PR #1855's log (the figures: docs/notes/ttt.md).
 RECORD_RATES = dict(forward=47_851_520 / 6.718, ttt=47_851_520 / (508.8 - 84.4), phase=(833 + 1666 + 2500) / 84.4)
@@ -2749,12 +2743,11 @@ def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = 
     """The module the training loop calls: compiled (where enabled), under DDP when distributed (RoPE tables need
     no sync; VIRTUAL_DEPTH / RECUR_UNTIE_MLP's own parameters get no gradient before the switch)."""
     compiled = maybe_compile(h, rt, base_model, backend)
-    dormant = h.virtual_depth or h.recur_untie_mlp
     if not rt.distributed:
         return compiled
     with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.6-2.12 know only that name
         warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-        return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant)
+        return DDP(compiled, broadcast_buffers=False, find_unused_parameters=bool(h.virtual_depth or h.recur_untie_mlp))
 
 @dataclasses.dataclass
 class Progress:
@@ -2855,31 +2848,26 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
         f"weights, optimizers and data reset")
     return elapsed
 
-class DivergenceWatch:
-    """Stops a diverged run at the next clock check without a host sync of its own: each step folds, on
-    the device, the step and value of the first non-finite loss, read with the clock (agreed_clock)."""
+def first_nonfinite(first: Tensor, loss: Tensor, step: int) -> Tensor:
+    """`first` (step, loss) of the first non-finite training loss (step 0: none yet) with `loss` folded in, on
+    the device: the divergence check costs no host sync of its own; agreed_clock reads it."""
+    new = torch.stack([torch.full_like(loss, step), loss.float()])
+    return torch.where(~torch.isfinite(loss) & (first[0] == 0), new, first)
 
-    def __init__(self, device: torch.device):
-        self.first = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss; step 0: none yet
-
-    def fold(self, loss: Tensor, step: int) -> None:
-        new = torch.stack([torch.full_like(loss, step), loss.float()])
-        self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), new, self.first)
-
-    def agreed_clock(self, rt: Runtime, clock_ms: float, step: int) -> float:
-        """The slowest rank's clock (ms), by one all-reduce MAX over (clock, -the first step at which a rank's loss
-        was not finite); a RunError if there is such a step."""
-        bad = torch.where(self.first[0] == 0, math.inf, self.first[0].double())
-        both = torch.stack((torch.tensor(clock_ms, dtype=torch.float64, device=bad.device), -bad.double()))
-        if rt.distributed:
-            dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        clock, negative_step = both.tolist()
-        if math.isfinite(negative_step):
-            here_step, here_loss = self.first.tolist()
-            value = here_loss if here_step == -negative_step else "not finite (on another rank)"
-            raise RunError(f"train_loss is {value} at step {-negative_step:.0f} (found at step {step}): the run "
-                           f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
-        return clock
+def agreed_clock(rt: Runtime, clock_ms: float, first: Tensor, step: int) -> float:
+    """The slowest rank's clock (ms), by one all-reduce MAX over (clock, -the first step at which a rank's loss
+    was not finite); a RunError if there is such a step (first_nonfinite's `first`)."""
+    bad = torch.where(first[0] == 0, math.inf, first[0].double())
+    both = torch.stack((torch.tensor(clock_ms, dtype=torch.float64, device=bad.device), -bad.double()))
+    if rt.distributed:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    clock, negative_step = both.tolist()
+    if math.isfinite(negative_step):
+        here_step, here_loss = first.tolist()
+        value = here_loss if here_step == -negative_step else "not finite (on another rank)"
+        raise RunError(f"train_loss is {value} at step {-negative_step:.0f} (found at step {step}): the run "
+                       f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
+    return clock
 
 def model_for_eval(model: nn.Module) -> nn.Module:
     """The compiled module under DDP: evaluation needs no gradient synchronization."""
@@ -2917,7 +2905,7 @@ def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: f
 def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> tuple[int, float]:
     """The timed loop, `averagers` observing every step; returns (steps, training ms). The clock is read (synced, the
     slowest rank's) only at check and log steps, so all ranks stop, switch and schedule alike; else extrapolated."""
-    watch, cap_ms = DivergenceWatch(rt.device), 1000 * h.loop_cap_seconds
+    nonfinite, cap_ms = torch.zeros(2, device=rt.device), 1000 * h.loop_cap_seconds  # (step, loss): none yet
     step, train_ms, agreed_ms, agreed_step, check_at = 0, 0.0, 0.0, 0, 1  # agreed: the last clock check's reading
     seq_len = seq_len_at(h, 0.0)
     if base_model.recur_blocks and h.recur_start_frac == 0:
@@ -2934,13 +2922,13 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
         step = PROGRESS.step = step + 1
         for averager in averagers:
             averager.observe(base_model, step, scale)
-        watch.fold(loss, step)
+        nonfinite = first_nonfinite(nonfinite, loss, step)
         last = step == h.iterations
         validate_now = bool(h.val_loss_every) and step % h.val_loss_every == 0
         if not (step == check_at or last or validate_now or step % h.train_log_every == 0):
             continue
         rt.sync()
-        agreed_ms = watch.agreed_clock(rt, train_ms + 1000 * (time.perf_counter() - t0), step)
+        agreed_ms = agreed_clock(rt, train_ms + 1000 * (time.perf_counter() - t0), nonfinite, step)
         elapsed_ms, agreed_step = agreed_ms, step
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
         if base_model.recur_blocks and not base_model.recur_active and \
@@ -3135,31 +3123,6 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     select_sdpa_kernels(h.attn_backend)
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM, once run() has logged where the run was: main() exits 130."""
-
-def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
-    """Trains, writes and scores (or, with EVAL_ONLY, scores). A RunError or an interrupt ends the log with
-    one line (an interrupt's says where the run was and what it wrote), then set_aside_if_not_started."""
-    run_id, log_path, artifact_path, note = claim_outputs(h, rt)
-    log = Logger(log_path if rt.is_main else None)
-    t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
-    try:
-        if note:
-            log(note)
-        train_write_score(h, preset, rt, run_id, artifact_path, log)
-    except RunError as exc:
-        log(f"error: {exc}", console=False)
-        set_aside_if_not_started(log)
-        raise
-    except KeyboardInterrupt:
-        written = [str(path) for path in PROGRESS.outputs + ([] if h.eval_only else [artifact_path]) if path.exists()]
-        kept = log_path if PROGRESS.started else log_path.with_suffix(".stopped.txt")
-        log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
-            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({kept})")
-        set_aside_if_not_started(log)
-        raise Interrupted from None
-
 def set_aside_if_not_started(log: Logger) -> None:
     """A run that stopped before it trained or scored: its log becomes logs/<RUN_ID>.stopped.txt (replacing
     an earlier one) without the copy of the source, so that no tool takes it for a run's log."""
@@ -3218,7 +3181,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     with compiled_graphs_only(h, rt, "while scoring"):
         score_artifact(h, rt, eval_model, val, log)
         if h.ttt_enabled:
-            score_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
+            evaluate_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
 
@@ -3226,21 +3189,36 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, kill, a launcher passing one on) ends the run as Ctrl-C does
 
 def main() -> int:
-    sigterm = signal.signal(signal.SIGTERM, interrupt)
+    """Trains, writes and scores (or, with EVAL_ONLY, scores). Exits 0; 1 after a RunError, 130 after Ctrl-C or
+    SIGTERM, the log ending with one line (an interrupt's says where the run was and what it wrote), then
+    set_aside_if_not_started."""
+    sigterm, log = signal.signal(signal.SIGTERM, interrupt), None
     try:
-        rt = init_runtime()
-        h, preset, rt = configure(rt)
-        run(h, preset, rt)
+        h, preset, rt = configure(init_runtime())
+        run_id, log_path, artifact_path, note = claim_outputs(h, rt)
+        log = Logger(log_path if rt.is_main else None)
+        t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
+        if note:
+            log(note)
+        train_write_score(h, preset, rt, run_id, artifact_path, log)
         if rt.distributed:
             dist.barrier()  # no rank tears its connections down while another still reads from them
         return 0
     except RunError as exc:
+        if log is not None:
+            log(f"error: {exc}", console=False)
+            set_aside_if_not_started(log)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
-    except Interrupted:
-        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
     except KeyboardInterrupt:
-        print("interrupted before the run began; nothing written", file=sys.stderr, flush=True)
+        if log is None:
+            print("interrupted before the run began; nothing written", file=sys.stderr, flush=True)
+            return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+        written = [str(path) for path in PROGRESS.outputs + ([] if h.eval_only else [artifact_path]) if path.exists()]
+        kept = log_path if PROGRESS.started else log_path.with_suffix(".stopped.txt")
+        log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
+            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({kept})")
+        set_aside_if_not_started(log)
         return 130
     finally:
         signal.signal(signal.SIGTERM, sigterm)
