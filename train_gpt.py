@@ -1744,10 +1744,9 @@ def batch_work(docs: Documents, batches: list[np.ndarray], h: Hyperparameters) -
                                                                 h.model_eval_seq_len)] for b in batches]
 
 class TTTBudget:
-    """When TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time; -inf scores plain).
-    `work`: positions per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if the
-    time left covers it adapted plus the rest of this rank's work plain, at costs measured per shape and mode.
-    Stopped, it stays."""
+    """When TTT stops adapting so that the evaluation ends by `deadline` (a `clock` time). `work`: positions
+    per chunk of each batch. Once a batch is measured, a chunk (or phase) adapts only if the time left covers
+    it adapted plus the rest of this rank's work plain, at costs measured per shape and mode. Stopped, it stays."""
 
     PLAIN_SHARE = 1 / 3  # forward only, of forward + backward (an estimate until measured)
 
