@@ -1758,7 +1758,7 @@ class TTTBudget:
         self.after = np.cumsum((per_batch + [np.zeros(len(self.shapes))])[::-1], axis=0)[::-1]  # chunks of batches b..
         self.seconds = {}  # (positions, adapted) -> (seconds, chunks)
         self.phase_rate = None  # seconds per position, once a phase has run
-        self.batches_done, self.adapting = 0, True
+        self.first_batch, self.adapting = None, True  # the first batch this rank scored
 
     def cost(self, positions: int, adapted: bool) -> float:
         """Estimated seconds of one chunk of `positions` in that mode."""
@@ -1775,8 +1775,9 @@ class TTTBudget:
     def adapt(self, batch: int, chunk: int) -> bool:
         if self.adapting:
             now = self.clock()
+            self.first_batch = batch if self.first_batch is None else self.first_batch
             self.adapting = now < self.deadline
-            if self.adapting and self.batches_done:  # this chunk adapted, then what this rank can expect plain
+            if self.adapting and batch != self.first_batch:  # a batch measured: this chunk adapted, the rest plain
                 rest = np.bincount(self.shape_of[batch][chunk + 1:], minlength=len(self.shapes))
                 rest = rest + self.after[batch + 1] / self.world_size
                 self.adapting = self.fits(now, self.cost(self.work[batch][chunk], True), rest)
@@ -1839,7 +1840,6 @@ def score_batch(forward: nn.Module, adapters: DocumentAdapters, budget: TTTBudge
         rt.sync()
         budget.observe(h.ttt_batch_docs * T, time.perf_counter() - t0, adapt)
     adapters.attach(False)
-    budget.batches_done += 1
     return sums
 
 def claimed_batches(rt, first: int, stop: int, key: str):

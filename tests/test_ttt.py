@@ -173,7 +173,6 @@ def simulate(work: list[list[int]], budget_s: float, rate: float = 1e-6, overhea
             clock[0] += cost
             budget.observe(positions, cost, adapt)
             adapted.append(adapt)
-        budget.batches_done += 1
     return clock[0], adapted
 
 
