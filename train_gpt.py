@@ -1886,10 +1886,10 @@ def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: Va
 
 def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
                        deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
-    """The final_ttt lines and checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it
-    or its compiled form), with score-first TTT adapting while TTTBudget finds time before `deadline` (perf_counter:
-    evaluation start + EVAL_BUDGET_SECONDS; -inf: the plain per-document score, as is TTT_LR_SCALE=0, TTT's
-    baseline). After the batches of a TTT_PHASES count, global_phase trains on them if it fits on every rank."""
+    """Logs the final_ttt lines and returns checked_score's (val_loss, val_bpb) per document of `model` through
+    `forward` (it or its compiled form), with score-first TTT adapting while TTTBudget finds time before `deadline`
+    (perf_counter: evaluation start + EVAL_BUDGET_SECONDS; -inf: plain, as TTT_LR_SCALE=0 is bit for bit). After
+    the batches of a TTT_PHASES count, global_phase trains on them if it fits on every rank."""
     rt.sync()
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
