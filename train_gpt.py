@@ -1753,7 +1753,7 @@ class TTTBudget:
         self.after = np.cumsum((per_batch + [np.zeros(len(self.shapes))])[::-1], axis=0)[::-1]  # chunks of batches b..
         self.seconds = {}  # (positions, adapted) -> (seconds, chunks)
         self.phase_rate = None  # seconds per position, once a phase has run
-        self.batches_done, self.adapting = 0, True
+        self.first_batch, self.adapting = None, True  # the first batch this rank scored
 
     def cost(self, positions: int, adapted: bool) -> float:
         """Estimated seconds of one chunk of `positions` in that mode."""
@@ -1770,8 +1770,9 @@ class TTTBudget:
     def adapt(self, batch: int, chunk: int) -> bool:
         if self.adapting:
             now = self.clock()
+            self.first_batch = batch if self.first_batch is None else self.first_batch
             self.adapting = now < self.deadline
-            if self.adapting and self.batches_done:  # this chunk adapted, then what this rank can expect plain
+            if self.adapting and batch != self.first_batch:  # a batch measured: this chunk adapted, the rest plain
                 rest = np.bincount(self.shape_of[batch][chunk + 1:], minlength=len(self.shapes))
                 rest = rest + self.after[batch + 1] / self.world_size
                 self.adapting = self.fits(now, self.cost(self.work[batch][chunk], True), rest)
@@ -1781,10 +1782,16 @@ class TTTBudget:
         spent, chunks = self.seconds.get((positions, adapted), (0.0, 0))
         self.seconds[positions, adapted] = (spent + seconds, chunks + 1)
 
-    def phase_fits(self, positions: int, next_batch: int) -> bool:
+    def phase_fits(self, rt, positions: int, next_batch: int) -> bool:
+        """Whether a phase over `positions` fits on every rank (a collective, MIN over ranks); if not, TTT stops."""
         rate = self.phase_rate if self.phase_rate is not None else self.cost(self.shapes[-1], True) / self.shapes[-1]
-        return self.adapting and self.fits(self.clock(), positions / self.world_size * rate,
+        fits = self.adapting and self.fits(self.clock(), positions / self.world_size * rate,
                                            self.after[next_batch] / self.world_size)
+        go = torch.tensor([float(fits)], device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(go, op=dist.ReduceOp.MIN)
+        self.adapting = bool(go.item())
+        return self.adapting
 
     def report(self, rt) -> str:
         """The ttt_adapted: line, summed over ranks (a collective)."""
@@ -1797,43 +1804,37 @@ class TTTBudget:
         return (f"ttt_adapted: positions {adapted:.0f} of {adapted + plain:.0f} ({share:.1%}) "
                 f"scored with adapters; ranks out of time: {stopped:.0f} of {rt.world_size}")
 
-def score_batch(model: nn.Module, adapters: DocumentAdapters | None, budget: TTTBudget | None, index: int,
-                val: ValidationSet, docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, trace) -> Tensor:
-    """Scores the documents `batch` (one adapter slot each; a short batch is padded with empty rows) chunk
-    after chunk; while `budget` allows, each chunk then adapts the slots. Returns their scored_sums."""
+def score_batch(forward: nn.Module, adapters: DocumentAdapters, budget: TTTBudget, index: int, val: ValidationSet,
+                docs: Documents, batch: np.ndarray, h: Hyperparameters, rt, trace: list | None) -> Tensor:
+    """Scores the documents `batch` (batch `index`; one adapter slot each, a short batch padded with empty rows)
+    chunk after chunk; while `budget` allows, each chunk then adapts the slots. Returns their scored_sums.
+    `trace` (tests) gets what was scored, in order, with each target's loss, and what trained."""
     chunk, pad = h.ttt_chunk_tokens, (0, h.ttt_batch_docs - len(batch))
     n_host = np.pad(docs.num_targets[batch], pad)
     start, n = (torch.from_numpy(a).to(rt.device) for a in (np.pad(docs.start[batch], pad), n_host))
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
-    if adapters is not None:
-        adapters.reset()
+    adapters.reset()
     for c, (lo, first, T) in enumerate(chunk_windows(int(n_host.max()), chunk, h.model_eval_seq_len)):
-        t0 = time.perf_counter()
-        adapt = adapters is not None and budget.adapt(index, c)
-        if adapters is not None:
-            adapters.attach(adapt)  # out of time, the rest is scored plain
+        t0, adapt = time.perf_counter(), budget.adapt(index, c)
+        adapters.attach(adapt)  # out of time, the rest is scored plain
         pos = torch.arange(first, first + T, device=rt.device)[None, :]  # (1, T) target index in the document
         scored = (pos >= lo) & (pos < torch.clamp(n, max=lo + chunk)[:, None])  # padding past an end: causal
         where = start[:, None] + torch.minimum(pos, (n - 1).clamp_min(0)[:, None])  # (B, T) validation target
         with torch.set_grad_enabled(adapt), rt.autocast():
-            losses = model(val.tokens[where], val.tokens[where + 1], reduction="none", one_document=True)
+            losses = forward(val.tokens[where], val.tokens[where + 1], reduction="none", one_document=True)
         sums += scored_sums(losses.detach(), scored, val.target_bytes[where])
         goes_on = lo + chunk < n_host  # decided on the host: no device sync
-        if trace is not None:  # tests: what was scored, in order, with each target's loss
+        if trace is not None:
             trace += [("score", int(d), lo, int(min(lo + chunk, e)), row[mask].tolist())
                       for d, e, row, mask in zip(batch, n_host, losses.detach().double(), scored) if lo < e]
+            trace += [("update", int(d), lo, lo + chunk) for d, g in zip(batch, goes_on) if g and adapt]
         if adapt and goes_on.any():
             per_doc = torch.where(scored, losses, 0.0).sum(dim=1) / scored.sum(dim=1).clamp_min(1)
             (per_doc * (n > lo + chunk)).sum().backward()  # the documents that go on
             adapters.step(TTT_LR * h.ttt_lr_scale)
-            if trace is not None:
-                trace += [("update", int(d), lo, lo + chunk) for d, g in zip(batch, goes_on) if g]
-        if budget is not None:
-            rt.sync()
-            budget.observe(h.ttt_batch_docs * T, time.perf_counter() - t0, adapt)
-    if adapters is not None:
-        adapters.attach(False)
-        budget.batches_done += 1
+        rt.sync()
+        budget.observe(h.ttt_batch_docs * T, time.perf_counter() - t0, adapt)
+    adapters.attach(False)
     return sums
 
 def claimed_batches(rt, first: int, stop: int, key: str):
@@ -1853,23 +1854,10 @@ def phase_rows(docs: Documents, scored: np.ndarray, seq_len: int) -> np.ndarray:
     step = (SLICES_PER_STEP, -(-TTT_PHASE_ROWS // SLICES_PER_STEP), seq_len)
     return np.pad(flat, (0, -len(flat) % math.prod(step)), constant_values=-1).reshape(-1, *step)
 
-def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, docs: Documents,
-                 batches: list[np.ndarray], phase: int, budget: TTTBudget, log, trace: list | None) -> None:
-    """Phase `phase`: one epoch of SGD (momentum, cosine LR, clip) over the base weights on the documents of
-    `batches`, all scored (phase_rows; each rank's slices, the gradients all-reduced), if TTTBudget finds it
-    room on every rank (a collective: the barrier after which those batches are scored); else TTT stops."""
-    scored = np.concatenate(batches)
-    rows = phase_rows(docs, scored, h.model_eval_seq_len)
-    go = torch.tensor([float(budget.phase_fits(rows.size, len(batches)))], device=rt.device)
-    if rt.distributed:
-        dist.all_reduce(go, op=dist.ReduceOp.MIN)
-    if not go.item():
-        if budget.adapting:
-            log(f"ttt: adaptation stopped before phase {phase} (it would not fit EVAL_BUDGET_SECONDS="
-                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
-        budget.adapting = False
-        return
-    tp, lr, params = time.perf_counter(), TTT_PHASE_LR * h.ttt_lr_scale, list(model.requires_grad_().parameters())
+def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, rows: np.ndarray) -> None:
+    """One epoch of SGD (momentum, cosine LR, clip) over the base weights on `rows` (phase_rows), each rank
+    taking its slices of a step, the gradients all-reduced."""
+    lr, params = TTT_PHASE_LR * h.ttt_lr_scale, list(model.requires_grad_().parameters())
     opt = torch.optim.SGD(params, lr=lr, momentum=TTT_PHASE_MOMENTUM)
     for step in range(len(rows)):
         real_targets = max(int((rows[step] >= 0).sum()), 1)
@@ -1890,40 +1878,55 @@ def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: Va
         opt.zero_grad(set_to_none=True)
     model.requires_grad_(False)
     rt.sync()
-    budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
-    if trace is not None:
-        trace.append(("phase", tuple(int(d) for d in scored)))
-    log(f"ttt_phase:{phase} documents_scored:{len(scored)} steps:{len(rows)} "
-        f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
 
-def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, adapt: bool,
-                       log, deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
-    """checked_score's (val_loss, val_bpb) per document of `model` through `forward` (it or its compiled form):
-    plain, or with score-first TTT when `adapt`, adapting while TTTBudget finds time before `deadline`."""
+def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
+                       deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
+    """Logs the final_ttt lines and returns checked_score's (val_loss, val_bpb) per document of `model` through
+    `forward` (it or its compiled form), with score-first TTT adapting while TTTBudget finds time before `deadline`
+    (perf_counter: evaluation start + EVAL_BUDGET_SECONDS; -inf: plain, as TTT_LR_SCALE=0 is bit for bit). After
+    the batches of a TTT_PHASES count, global_phase trains on them if it fits on every rank."""
+    rt.sync()
     t0 = time.perf_counter()
     docs = split_documents(val.tokens.cpu().numpy())
     batches = [docs.order[i:i + h.ttt_batch_docs] for i in range(0, len(docs.order), h.ttt_batch_docs)]
     model.requires_grad_(False)
-    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank) if adapt else None
-    budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline) if adapt else None
+    adapters = DocumentAdapters(model, h.ttt_batch_docs, h.ttt_lora_rank)
+    budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     key, first = f"ttt{next(CLAIM_KEYS)}", 0  # every rank makes the same calls, so the keys agree
     phases = {-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()}  # whole batches
     for phase, stop in enumerate(sorted(p for p in phases if 0 < p < len(batches)) + [len(batches)]):
         for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
-            was = adapt and budget.adapting
+            was = budget.adapting
             sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, trace)
             if was and not budget.adapting:
                 log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
                     f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
                     f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
-        first = stop
-        if stop < len(batches) and adapt:
-            global_phase(h, rt, model, forward, val, docs, batches[:stop], phase + 1, budget, log, trace)
+        if stop == len(batches):
+            break
+        first, was, scored = stop, budget.adapting, np.concatenate(batches[:stop])
+        rows = phase_rows(docs, scored, h.model_eval_seq_len)
+        if budget.phase_fits(rt, rows.size, stop):
+            tp = time.perf_counter()
+            global_phase(h, rt, model, forward, val, rows)
+            budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
+            if trace is not None:
+                trace.append(("phase", tuple(int(d) for d in scored)))
+            log(f"ttt_phase:{phase + 1} documents_scored:{len(scored)} steps:{len(rows)} "
+                f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+        elif was:
+            log(f"ttt: adaptation stopped before phase {phase + 1} (it would not fit EVAL_BUDGET_SECONDS="
+                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
     model.requires_grad_(True)
-    if adapt:
-        log(budget.report(rt))
-    return checked_score(rt, sums, val, "per-document evaluation")
+    log(budget.report(rt))
+    val_loss, val_bpb = checked_score(rt, sums, val, "per-document evaluation")
+    rt.sync()
+    ms = 1000 * (time.perf_counter() - t0)
+    log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
+    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
+    log(f"ttt_eval_time_ms:{ms:.0f}")
+    return val_loss, val_bpb
 
 def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
     """Compiles every graph TTT runs (ttt_graphs with and without adapters, the phase's rows) on random tokens,
@@ -1960,19 +1963,6 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
     log(f"ttt_warmup: {2 * len(lengths) + 1} graphs (rows {lengths[0]}..{lengths[-1]}, a phase) built on random "
         f"tokens in {1000 * (time.perf_counter() - t0):.0f}ms (not evaluation time){memory}")
     return time.perf_counter() - t0
-
-def score_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
-                    deadline: float) -> None:
-    """The final_ttt lines: per-document scores with score-first TTT, adapting until `deadline` (perf_counter:
-    evaluation start + EVAL_BUDGET_SECONDS). TTT's baseline, the plain per-document score, is TTT_LR_SCALE=0."""
-    rt.sync()
-    t0 = time.perf_counter()
-    val_loss, val_bpb = evaluate_documents(h, rt, model, forward, val, True, log, deadline)
-    rt.sync()
-    ms = 1000 * (time.perf_counter() - t0)
-    log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
-    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
-    log(f"ttt_eval_time_ms:{ms:.0f}")
 
 # Targets (phase: documents) per second on 8xH100, from PR #1855's log (the figures: docs/notes/ttt.md).
 RECORD_RATES = dict(forward=47_851_520 / 6.718, ttt=47_851_520 / (508.8 - 84.4), phase=(833 + 1666 + 2500) / 84.4)
@@ -2753,12 +2743,11 @@ def wrap_model(h: Hyperparameters, rt: Runtime, base_model: GPT, backend: str = 
     """The module the training loop calls: compiled (where enabled), under DDP when distributed (RoPE tables need
     no sync; VIRTUAL_DEPTH / RECUR_UNTIE_MLP's own parameters get no gradient before the switch)."""
     compiled = maybe_compile(h, rt, base_model, backend)
-    dormant = h.virtual_depth or h.recur_untie_mlp
     if not rt.distributed:
         return compiled
     with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.6-2.12 know only that name
         warnings.filterwarnings("ignore", "`broadcast_buffers` is deprecated", FutureWarning)
-        return DDP(compiled, broadcast_buffers=False, find_unused_parameters=dormant)
+        return DDP(compiled, broadcast_buffers=False, find_unused_parameters=bool(h.virtual_depth or h.recur_untie_mlp))
 
 @dataclasses.dataclass
 class Progress:
@@ -2859,31 +2848,26 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
         f"weights, optimizers and data reset")
     return elapsed
 
-class DivergenceWatch:
-    """Stops a diverged run at the next clock check without a host sync of its own: each step folds, on
-    the device, the step and value of the first non-finite loss, read with the clock (agreed_clock)."""
+def first_nonfinite(first: Tensor, loss: Tensor, step: int) -> Tensor:
+    """`first` (step, loss) of the first non-finite training loss (step 0: none yet) with `loss` folded in, on
+    the device: the divergence check costs no host sync of its own; agreed_clock reads it."""
+    new = torch.stack([torch.full_like(loss, step), loss.float()])
+    return torch.where(~torch.isfinite(loss) & (first[0] == 0), new, first)
 
-    def __init__(self, device: torch.device):
-        self.first = torch.zeros(2, device=device)  # (step, loss) of the first non-finite loss; step 0: none yet
-
-    def fold(self, loss: Tensor, step: int) -> None:
-        new = torch.stack([torch.full_like(loss, step), loss.float()])
-        self.first = torch.where(~torch.isfinite(loss) & (self.first[0] == 0), new, self.first)
-
-    def agreed_clock(self, rt: Runtime, clock_ms: float, step: int) -> float:
-        """The slowest rank's clock (ms), by one all-reduce MAX over (clock, -the first step at which a rank's loss
-        was not finite); a RunError if there is such a step."""
-        bad = torch.where(self.first[0] == 0, math.inf, self.first[0].double())
-        both = torch.stack((torch.tensor(clock_ms, dtype=torch.float64, device=bad.device), -bad.double()))
-        if rt.distributed:
-            dist.all_reduce(both, op=dist.ReduceOp.MAX)
-        clock, negative_step = both.tolist()
-        if math.isfinite(negative_step):
-            here_step, here_loss = self.first.tolist()
-            value = here_loss if here_step == -negative_step else "not finite (on another rank)"
-            raise RunError(f"train_loss is {value} at step {-negative_step:.0f} (found at step {step}): the run "
-                           f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
-        return clock
+def agreed_clock(rt: Runtime, clock_ms: float, first: Tensor, step: int) -> float:
+    """The slowest rank's clock (ms), by one all-reduce MAX over (clock, -the first step at which a rank's loss
+    was not finite); a RunError if there is such a step (first_nonfinite's `first`)."""
+    bad = torch.where(first[0] == 0, math.inf, first[0].double())
+    both = torch.stack((torch.tensor(clock_ms, dtype=torch.float64, device=bad.device), -bad.double()))
+    if rt.distributed:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    clock, negative_step = both.tolist()
+    if math.isfinite(negative_step):
+        here_step, here_loss = first.tolist()
+        value = here_loss if here_step == -negative_step else "not finite (on another rank)"
+        raise RunError(f"train_loss is {value} at step {-negative_step:.0f} (found at step {step}): the run "
+                       f"diverged (try a lower MATRIX_LR / SCALAR_LR / TIED_EMBED_LR); nothing was written")
+    return clock
 
 def model_for_eval(model: nn.Module) -> nn.Module:
     """The compiled module under DDP: evaluation needs no gradient synchronization."""
@@ -2921,7 +2905,7 @@ def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: f
 def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> tuple[int, float]:
     """The timed loop, `averagers` observing every step; returns (steps, training ms). The clock is read (synced, the
     slowest rank's) only at check and log steps, so all ranks stop, switch and schedule alike; else extrapolated."""
-    watch, cap_ms = DivergenceWatch(rt.device), 1000 * h.loop_cap_seconds
+    nonfinite, cap_ms = torch.zeros(2, device=rt.device), 1000 * h.loop_cap_seconds  # (step, loss): none yet
     step, train_ms, agreed_ms, agreed_step, check_at = 0, 0.0, 0.0, 0, 1  # agreed: the last clock check's reading
     seq_len = seq_len_at(h, 0.0)
     if base_model.recur_blocks and h.recur_start_frac == 0:
@@ -2938,13 +2922,13 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
         step = PROGRESS.step = step + 1
         for averager in averagers:
             averager.observe(base_model, step, scale)
-        watch.fold(loss, step)
+        nonfinite = first_nonfinite(nonfinite, loss, step)
         last = step == h.iterations
         validate_now = bool(h.val_loss_every) and step % h.val_loss_every == 0
         if not (step == check_at or last or validate_now or step % h.train_log_every == 0):
             continue
         rt.sync()
-        agreed_ms = watch.agreed_clock(rt, train_ms + 1000 * (time.perf_counter() - t0), step)
+        agreed_ms = agreed_clock(rt, train_ms + 1000 * (time.perf_counter() - t0), nonfinite, step)
         elapsed_ms, agreed_step = agreed_ms, step
         reached_cap = cap_ms > 0 and elapsed_ms + elapsed_ms / step > cap_ms  # would the next step cross it?
         if base_model.recur_blocks and not base_model.recur_active and \
@@ -3139,31 +3123,6 @@ def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     select_sdpa_kernels(h.attn_backend)
     return h, preset, dataclasses.replace(rt, bf16=rt.device.type == "cuda" or h.cpu_autocast)
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM, once run() has logged where the run was: main() exits 130."""
-
-def run(h: Hyperparameters, preset: str, rt: Runtime) -> None:
-    """Trains, writes and scores (or, with EVAL_ONLY, scores). A RunError or an interrupt ends the log with
-    one line (an interrupt's says where the run was and what it wrote), then set_aside_if_not_started."""
-    run_id, log_path, artifact_path, note = claim_outputs(h, rt)
-    log = Logger(log_path if rt.is_main else None)
-    t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
-    try:
-        if note:
-            log(note)
-        train_write_score(h, preset, rt, run_id, artifact_path, log)
-    except RunError as exc:
-        log(f"error: {exc}", console=False)
-        set_aside_if_not_started(log)
-        raise
-    except KeyboardInterrupt:
-        written = [str(path) for path in PROGRESS.outputs + ([] if h.eval_only else [artifact_path]) if path.exists()]
-        kept = log_path if PROGRESS.started else log_path.with_suffix(".stopped.txt")
-        log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
-            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({kept})")
-        set_aside_if_not_started(log)
-        raise Interrupted from None
-
 def set_aside_if_not_started(log: Logger) -> None:
     """A run that stopped before it trained or scored: its log becomes logs/<RUN_ID>.stopped.txt (replacing
     an earlier one) without the copy of the source, so that no tool takes it for a run's log."""
@@ -3221,7 +3180,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     with compiled_graphs_only(h, rt, "while scoring"):
         score_artifact(h, rt, eval_model, val, log)
         if h.ttt_enabled:
-            score_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
+            evaluate_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
     log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
     log(f"artifact_path:{artifact_path}")
 
@@ -3229,21 +3188,36 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, kill, a launcher passing one on) ends the run as Ctrl-C does
 
 def main() -> int:
-    sigterm = signal.signal(signal.SIGTERM, interrupt)
+    """Trains, writes and scores (or, with EVAL_ONLY, scores). Exits 0; 1 after a RunError, 130 after Ctrl-C or
+    SIGTERM, the log ending with one line (an interrupt's says where the run was and what it wrote), then
+    set_aside_if_not_started."""
+    sigterm, log = signal.signal(signal.SIGTERM, interrupt), None
     try:
-        rt = init_runtime()
-        h, preset, rt = configure(rt)
-        run(h, preset, rt)
+        h, preset, rt = configure(init_runtime())
+        run_id, log_path, artifact_path, note = claim_outputs(h, rt)
+        log = Logger(log_path if rt.is_main else None)
+        t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
+        if note:
+            log(note)
+        train_write_score(h, preset, rt, run_id, artifact_path, log)
         if rt.distributed:
             dist.barrier()  # no rank tears its connections down while another still reads from them
         return 0
     except RunError as exc:
+        if log is not None:
+            log(f"error: {exc}", console=False)
+            set_aside_if_not_started(log)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
-    except Interrupted:
-        return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
     except KeyboardInterrupt:
-        print("interrupted before the run began; nothing written", file=sys.stderr, flush=True)
+        if log is None:
+            print("interrupted before the run began; nothing written", file=sys.stderr, flush=True)
+            return 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+        written = [str(path) for path in PROGRESS.outputs + ([] if h.eval_only else [artifact_path]) if path.exists()]
+        kept = log_path if PROGRESS.started else log_path.with_suffix(".stopped.txt")
+        log(f"interrupted at step {PROGRESS.step} after {time.perf_counter() - t_start:.1f} s; wrote "
+            f"{', '.join(written) + ' and' if written else 'nothing but'} this log ({kept})")
+        set_aside_if_not_started(log)
         return 130
     finally:
         signal.signal(signal.SIGTERM, sigterm)

@@ -26,8 +26,8 @@ def setup(**overrides):
 
 def run(h, model, val, adapt=True, log=None, deadline=np.inf):
     trace = []
-    loss, bpb = tg.evaluate_documents(h, cpu_runtime(), model, model, val, adapt, log or (lambda m: None), deadline,
-                                      trace)
+    loss, bpb = tg.evaluate_documents(h, cpu_runtime(), model, model, val, log or (lambda m: None),
+                                      deadline if adapt else -np.inf, trace)
     return loss, bpb, trace
 
 
@@ -173,7 +173,6 @@ def simulate(work: list[list[int]], budget_s: float, rate: float = 1e-6, overhea
             clock[0] += cost
             budget.observe(positions, cost, adapt)
             adapted.append(adapt)
-        budget.batches_done += 1
     return clock[0], adapted
 
 
@@ -339,9 +338,9 @@ def test_warm_up_builds_every_graph_ttt_runs_and_scoring_compiles_nothing(monkey
     val = tg.ValidationSet(tokens, val.num_targets, val.num_bytes, val.tables, val.split_targets, val.target_bytes)
     assert (tg.split_documents(tokens.numpy()).num_targets < 32).sum() == 2
     with torch.compiler.set_stance("fail_on_recompile"):
-        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, False, lambda m: None)
-        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, True, lines.append)
-        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, True, lines.append, time.perf_counter())
+        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, lambda m: None, -np.inf)
+        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, lines.append)
+        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, lines.append, time.perf_counter())
     assert any(line.startswith("ttt_phase:1 ") for line in lines)
     assert any(line.startswith("ttt: adaptation stopped") for line in lines)
     assert len(graphs) == 7
