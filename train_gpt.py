@@ -1168,6 +1168,19 @@ def attention_kernel_report(h: Hyperparameters, rt) -> str:
         return f"flex (FlexAttention, {FLEX_BLOCK}x{FLEX_BLOCK} block mask) within documents"
     return f"sdpa {name if name in SDPA_KERNELS else 'auto'}" + " within documents (dense mask)" * h.doc_attention
 
+def check_pinned_kernel(h: Hyperparameters, rt: Runtime) -> None:
+    """A pinned SDPA kernel (ATTN_BACKEND=flash|efficient|cudnn|math) runs one small attention at the run's dtype
+    at start: one that cannot run here is a one-line error, not a traceback at the first step."""
+    if h.attn_backend not in SDPA_KERNELS:
+        return
+    head_dim = h.model_dim // h.num_heads
+    q = torch.zeros(1, h.num_heads, FLEX_BLOCK, head_dim, device=rt.device, dtype=torch.bfloat16 if rt.bf16 else None)
+    try:
+        causal_attention(q, q[:, :h.num_kv_heads], q[:, :h.num_kv_heads])
+    except RuntimeError as exc:
+        raise RunError(f"ATTN_BACKEND={h.attn_backend}: no kernel it allows runs attention on {rt.device.type} "
+                       f"({first_line(exc)}); use ATTN_BACKEND=auto") from None
+
 class Attend(typing.NamedTuple):
     """Shared by every attention layer of a forward pass: the DOC_ATTENTION mask (None: causal), RoPE's length."""
     mask: Tensor | BlockMask | None = None
@@ -3149,6 +3162,7 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose shipped form counts
     shipped = shipped_form(code)
     log_header(h, rt, preset, run_id, code, shipped, log)
+    check_pinned_kernel(h, rt)
     log(f"attention_backend:{attention_kernel_report(h, rt)}")
     val = load_validation(h, load_tokenizer(h), rt.device, log, rt.rank, rt.world_size)
     log(eval_plan(h, val.num_targets, len(document_starts(val.tokens.cpu().numpy()))))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, SAMPLE, cpu_runtime, tiny_hparams, write_shard
+from conftest import CPU, assert_one_line_error, cpu_runtime, tiny_hparams, write_shard
 
 V = 1024
 
@@ -141,6 +141,12 @@ def test_log_names_the_sdpa_kernels_the_setting_allows(attn_backend, name):
     """What runs is measured by bench/attn_check.py (tests/test_attn_check.py); the run logs what it asked for."""
     attn_backend(name)
     assert tg.attention_kernel_report(tiny_hparams(attn_backend=name), cpu_runtime()) == f"sdpa {name}"
+
+
+@pytest.mark.parametrize("name", ["efficient", "cudnn"])
+def test_a_pinned_kernel_this_machine_lacks_stops_the_run_at_start_in_one_line(run_script, name):
+    run = run_script({"ATTN_BACKEND": name})
+    assert_one_line_error(run, f"ATTN_BACKEND={name}: no kernel it allows runs attention on cpu", "ATTN_BACKEND=auto")
 
 
 def test_unknown_attn_backend_is_rejected_naming_the_variable():

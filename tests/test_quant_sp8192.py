@@ -6,9 +6,7 @@ low-rank error correction and AWQ-lite's int8 column group inside the GPTQ solve
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -540,7 +540,7 @@ def write_dataset(a: argparse.Namespace, out: Path) -> Path:
         w.flush()
     encode_seconds, encode_cpu_seconds = time.time() - t_enc, time.process_time() - cpu_enc
     if splits["train"]["docs"] == 0:
-        raise BuildError(f"--docs: every training document was empty or a duplicate of a validation document")
+        raise BuildError("--docs: every training document was empty or a duplicate of a validation document")
     docs_per_s = total_docs / max(encode_seconds, 1e-9)
     print(f"encoded {total_docs:,} documents in {encode_seconds:.1f} s ({encode_cpu_seconds:.1f} s of CPU): "
           f"{docs_per_s:,.0f} docs/s with {a.threads} thread(s); 10 M documents would take "
