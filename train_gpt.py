@@ -524,6 +524,9 @@ def write_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
         raise
 
+def no_log(message: str, console: bool = True) -> None:
+    """A Runtime's log until main sets the run's Logger (tests, bench): the lines go nowhere."""
+
 @dataclasses.dataclass
 class Runtime:
     rank: int
@@ -531,6 +534,7 @@ class Runtime:
     device: torch.device
     distributed: bool
     bf16: bool = False  # autocast matrix products to bf16 (always on CUDA; CPU_AUTOCAST on CPU)
+    log: typing.Callable[..., None] = no_log  # the run's Logger, set by main once the outputs are claimed
 
     @property
     def is_main(self) -> bool:
@@ -677,18 +681,18 @@ def find_shards(h: Hyperparameters, split: str) -> list[str]:
         raise RunError(f"DATA_PATH={h.data_path}: no fineweb_{split}_*.bin shards, or none holds a token")
     return files
 
-def log_train_budget(h: Hyperparameters, files: list[str], log) -> None:
+def log_train_budget(h: Hyperparameters, rt: Runtime, files: list[str]) -> None:
     """Logs the shards' tokens against the most the run reads (warm-up aside) and warns if the stream would wrap."""
     available = sum(map(read_shard_header, files))
     per_step = h.train_batch_tokens + SLICES_PER_STEP
     steps = h.iterations + -(-h.gptq_calib_tokens // h.train_batch_tokens)
     bound = "at most, ITERATIONS bound; the wallclock cap decides" if h.max_wallclock_seconds else "exactly"
-    log(f"train_shards:{len(files)} train_tokens:{available} planned_train_tokens:{steps * per_step} "
-        f"({bound}: {steps} steps incl. GPTQ calibration x {per_step})")
+    rt.log(f"train_shards:{len(files)} train_tokens:{available} planned_train_tokens:{steps * per_step} "
+           f"({bound}: {steps} steps incl. GPTQ calibration x {per_step})")
     if steps * per_step > available:
         message = (f"the training stream wraps after step {available // per_step}: {len(files)} shards hold "
                    f"{available} tokens, fewer than the {steps * per_step} planned; training would repeat data")
-        log(f"note: {message}, if the run gets that far" if h.max_wallclock_seconds else f"WARNING: {message}")
+        rt.log(f"note: {message}, if the run gets that far" if h.max_wallclock_seconds else f"WARNING: {message}")
 
 # CaseOps (PR #1626): capitals as private-use operators TITLE, ALLCAPS, CAPNEXT, ESC (tools/build_dataset.py).
 CASEOPS_OPERATORS = ("\ue001", "\ue002", "\ue003", "\ue004")
@@ -739,10 +743,9 @@ class TokenStream:
 class DistributedTokenLoader:
     """Rank r trains on span r of each world_size consecutive spans: the same steps' tokens on 1, 2, 4 or 8 GPUs."""
 
-    def __init__(self, files: list[str], vocab_size: int, rank: int, world_size: int, device: torch.device,
-                 on_wrap=None):
+    def __init__(self, files: list[str], vocab_size: int, rt: Runtime, on_wrap=None):
         self.stream = TokenStream(files, vocab_size, on_wrap)
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.device = rt.rank, rt.world_size, rt.device
 
     def next_batch(self, tokens_per_slice: int, seq_len: int) -> tuple[Tensor, Tensor]:
         span = tokens_per_slice + 1
@@ -813,7 +816,7 @@ def document_starts(tokens: np.ndarray) -> np.ndarray:
 def file_sha256(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
+def check_manifest(h: Hyperparameters, rt: Runtime, files: list[str]) -> str | None:
     """Checks `files` against DATA_PATH/manifest.json's sizes and sha256, logs it, returns its byte convention."""
     path = Path(h.data_path) / "manifest.json"
     if not path.is_file():
@@ -831,14 +834,14 @@ def check_manifest(h: Hyperparameters, files: list[str], log) -> str | None:
     if settings.get("vocab_size") != h.vocab_size:
         raise RunError(f"{path}: built for vocab size {settings.get('vocab_size')}, but VOCAB_SIZE={h.vocab_size}")
     train = manifest.get("splits", {}).get("train", {})
-    log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} created:"
-        f"{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} caseops:{settings.get('caseops')} "
-        f"val_docs:{settings.get('val_docs')} train_dropped_duplicates_of_val:"
-        f"{train.get('dropped_duplicates_of_val')} train_dropped_near_duplicates_of_val:"
-        f"{train.get('dropped_near_duplicates_of_val')} sha256:{file_sha256(path)}")
+    rt.log(f"data_manifest: builder:{manifest.get('builder')} version:{manifest.get('builder_version')} created:"
+           f"{manifest.get('created_utc')} vocab_size:{settings.get('vocab_size')} caseops:{settings.get('caseops')} "
+           f"val_docs:{settings.get('val_docs')} train_dropped_duplicates_of_val:"
+           f"{train.get('dropped_duplicates_of_val')} train_dropped_near_duplicates_of_val:"
+           f"{train.get('dropped_near_duplicates_of_val')} sha256:{file_sha256(path)}")
     convention = manifest.get("val_bytes") or ("normalized: not recorded (builder version 1: its sidecar counts "
                                                "the normalized text)")
-    log(f"data_val_bytes: {convention}")
+    rt.log(f"data_val_bytes: {convention}")
     return convention
 
 def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: np.ndarray, docs: range,
@@ -862,9 +865,8 @@ def first_disagreement(sp, tokens: np.ndarray, token_bytes: np.ndarray, starts: 
         totals += (length, length != counted)
     return len(starts), "", totals
 
-def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_bytes: np.ndarray, sidecar: bool,
-                          caseops: bool, device: torch.device, rank: int, world_size: int,
-                          exact: bool = True) -> tuple[int, int]:
+def check_validation_text(h: Hyperparameters, rt: Runtime, sp, tokens: np.ndarray, token_bytes: np.ndarray,
+                          sidecar: bool, caseops: bool, exact: bool = True) -> tuple[int, int]:
     """Proves the bpb denominator (not `exact`: only at BOS) and the tokenizer on every validation document, ranks
     sharing them: (decoded UTF-8 bytes, documents counted otherwise), or RunError naming the first that disagrees."""
     starts = document_starts(tokens)
@@ -873,11 +875,11 @@ def check_validation_text(h: Hyperparameters, sp, tokens: np.ndarray, token_byte
                        f"every document must (is it a split of this format?)")
     if token_bytes[starts].any():
         raise RunError(f"DATA_PATH={h.data_path}: the byte sidecar gives a BOS nonzero bytes")
-    bad, _, totals = first_disagreement(sp, tokens, token_bytes, starts, range(rank, len(starts), world_size),
+    bad, _, totals = first_disagreement(sp, tokens, token_bytes, starts, range(rt.rank, len(starts), rt.world_size),
                                         caseops, exact)
-    if world_size > 1:
-        first = torch.tensor([bad], dtype=torch.int64, device=device)
-        summed = torch.from_numpy(totals).to(device)
+    if rt.world_size > 1:
+        first = torch.tensor([bad], dtype=torch.int64, device=rt.device)
+        summed = torch.from_numpy(totals).to(rt.device)
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
         dist.all_reduce(summed)
         bad, totals = int(first.item()), summed.cpu().numpy()
@@ -904,12 +906,11 @@ class ValidationSet:
     target_bytes: Tensor  # bytes of each target (index j: token j + 1), int32 on the device
     doc_digests: frozenset = frozenset()  # of the split's documents, for the leak check
 
-def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: torch.device,
-                    log=lambda message: None, rank: int = 0, world_size: int = 1) -> ValidationSet:
+def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, rt: Runtime) -> ValidationSet:
     """Reads the validation split, names it, counts its bytes and proves them (check_validation_text)."""
     files = find_shards(h, "val")
     sidecar = sorted(glob.glob(os.path.join(h.data_path, "fineweb_val_bytes_*.bin")))
-    convention = check_manifest(h, files + sidecar, log)
+    convention = check_manifest(h, rt, files + sidecar)
     tokens = np.concatenate([load_shard(f, h.vocab_size) for f in files])
     tables = byte_tables(sp)
     caseops = all(sp.piece_to_id(op) != sp.unk_id() for op in CASEOPS_OPERATORS)
@@ -924,20 +925,19 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
                        f"counts for {len(tokens)} validation tokens (expected one per token)")
     # A sidecar counts the original text unless its manifest says the normalized one (then proved exactly).
     exact = not sidecar or (convention or "").startswith("normalized")
-    decoded, differ = check_validation_text(h, sp, tokens, token_bytes, bool(sidecar), caseops, device, rank,
-                                            world_size, exact)
+    decoded, differ = check_validation_text(h, rt, sp, tokens, token_bytes, bool(sidecar), caseops, exact)
     docs, split_targets = len(document_starts(tokens)), len(tokens) - 1
     if not token_bytes.any():
         raise RunError(f"DATA_PATH={h.data_path}: the validation split has nothing to score: {split_targets} "
                        f"targets in {docs} documents, 0 bytes of text")
     name = split_name(h.vocab_size, bool(sidecar), docs, split_targets)
-    log(f"val_split:{name} val_split_targets:{split_targets} val_split_sha256:"
-        f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{docs}")
+    rt.log(f"val_split:{name} val_split_targets:{split_targets} val_split_sha256:"
+           f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{docs}")
     source = "rule" if not sidecar else "sidecar" if exact else "sidecar_original"
-    log(f"val_bytes_source:{source} val_split_bytes:{int(token_bytes.sum())} decoded_text_bytes:{decoded} "
-        f"documents_checked:{docs} reencoded:{min(REENCODE_DOCS, docs)}"
-        + (f" documents_counted_otherwise:{differ} (the sidecar counts the original text's bytes, the "
-           f"denominator; the tokenizer's normalization changed these documents)" if not exact else ""))
+    rt.log(f"val_bytes_source:{source} val_split_bytes:{int(token_bytes.sum())} decoded_text_bytes:{decoded} "
+           f"documents_checked:{docs} reencoded:{min(REENCODE_DOCS, docs)}"
+           + (f" documents_counted_otherwise:{differ} (the sidecar counts the original text's bytes, the "
+              f"denominator; the tokenizer's normalization changed these documents)" if not exact else ""))
     if h.val_tokens > split_targets:
         raise RunError(f"VAL_TOKENS={h.val_tokens}: the validation split has only {split_targets} targets")
     n = h.val_tokens or split_targets  # targets 1..n are scored, the first token being their context
@@ -945,9 +945,9 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, device: 
         raise RunError(f"DATA_PATH={h.data_path}: {n} validation targets (VAL_TOKENS={h.val_tokens}), "
                        f"fewer than one EVAL_SEQ_LEN={h.model_eval_seq_len} window")
     per_target = token_bytes[1:n + 1]
-    return ValidationSet(torch.from_numpy(tokens[:n + 1].astype(np.int64)).to(device), n, int(per_target.sum()),
-                         tuple(torch.from_numpy(t).to(device) for t in tables), split_targets,
-                         torch.from_numpy(per_target.astype(np.int32)).to(device),
+    return ValidationSet(torch.from_numpy(tokens[:n + 1].astype(np.int64)).to(rt.device), n, int(per_target.sum()),
+                         tuple(torch.from_numpy(t).to(rt.device) for t in tables), split_targets,
+                         torch.from_numpy(per_target.astype(np.int32)).to(rt.device),
                          frozenset(document_digests(tokens, complete_last=True)))
 
 def training_tokens_as_eval_set(tokens: np.ndarray, tables: tuple[Tensor, Tensor, Tensor]) -> ValidationSet:
@@ -986,24 +986,23 @@ def leak_counts(h: Hyperparameters, train_files: list[str], val_digests: frozens
             hits += sum(d in val_digests for d in document_digests(block, complete_last=False))
     return identical, scanned, hits
 
-def check_leak(h: Hyperparameters, train_files: list[str], val: ValidationSet, log, rank: int = 0,
-               world_size: int = 1) -> None:
+def check_leak(h: Hyperparameters, rt: Runtime, train_files: list[str], val: ValidationSet) -> None:
     """Warns in the log (which submit.py then fails) if leak_counts finds validation text in the training data."""
     t0 = time.perf_counter()
-    counts = leak_counts(h, train_files, val.doc_digests, rank, world_size)
-    if world_size > 1:
+    counts = leak_counts(h, train_files, val.doc_digests, rt.rank, rt.world_size)
+    if rt.world_size > 1:
         reduced = torch.tensor(counts, dtype=torch.int64, device=val.tokens.device)
         dist.all_reduce(reduced)
         counts = reduced.tolist()
     identical, scanned, hits = counts
-    log(f"leak_check: val_docs_sampled:{len(val.doc_digests)} train_tokens_scanned:{scanned} hits:{hits} "
-        f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f} (sees exact repeats of "
-        f"documents only, by digest; a near duplicate, one character changed or a line added, is the data "
-        f"builder's to drop)")
+    rt.log(f"leak_check: val_docs_sampled:{len(val.doc_digests)} train_tokens_scanned:{scanned} hits:{hits} "
+           f"identical_shards:{identical} time_ms:{1000 * (time.perf_counter() - t0):.0f} (sees exact repeats of "
+           f"documents only, by digest; a near duplicate, one character changed or a line added, is the data "
+           f"builder's to drop)")
     if hits or identical:
-        log(f"WARNING: validation leak: {hits} validation documents found in {scanned} training tokens scanned, "
-            f"{identical} training shards identical to a validation shard; the score would be invalid "
-            f"(validation text must never be trained on)")
+        rt.log(f"WARNING: validation leak: {hits} validation documents found in {scanned} training tokens scanned, "
+               f"{identical} training shards identical to a validation shard; the score would be invalid "
+               f"(validation text must never be trained on)")
 
 # -----------------------------------------------------------------------------
 # Model
@@ -1562,13 +1561,13 @@ def parameter_kinds(h: Hyperparameters) -> dict[str, tuple[str, str, int]]:
 def optimizer_rules(h: Hyperparameters) -> tuple[tuple[str, str], ...]:
     return tuple((pattern, group) for pattern, group, _ in parameter_kinds(h).values())
 
-def build_optimizers(h: Hyperparameters, model: GPT, rank: int, world_size: int) -> list[torch.optim.Optimizer]:
+def build_optimizers(h: Hyperparameters, rt: Runtime, model: GPT) -> list[torch.optim.Optimizer]:
     params = {group: [p for _, p in members] for group, members in
               partition(list(model.named_parameters()), optimizer_rules(h), "optimizer_rules").items()}
     adam = dict(betas=(0.9, h.adam_beta2), eps=1e-8, fused=next(model.parameters()).is_cuda)
     optimizers = [
-        Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=5,
-             weight_decay=h.muon_wd, row_norm=h.muon_row_norm, rank=rank, world_size=world_size, coeffs=h.muon_ns),
+        Muon(params["muon"], lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=5, weight_decay=h.muon_wd,
+             row_norm=h.muon_row_norm, rank=rt.rank, world_size=rt.world_size, coeffs=h.muon_ns),
         torch.optim.AdamW(params["adam_embed"], lr=h.tied_embed_lr, weight_decay=embed_wd(h), **adam),
         torch.optim.AdamW(params["adam_scalar"], lr=h.scalar_lr, weight_decay=h.adam_wd, **adam),
     ]
@@ -1648,18 +1647,18 @@ def random_eval_set(h: Hyperparameters, tables) -> ValidationSet:
     tokens[0] = BOS_ID
     return training_tokens_as_eval_set(tokens, tables)
 
-def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet, log) -> None:
+def score_artifact(h: Hyperparameters, rt: Runtime, model: nn.Module, val: ValidationSet) -> None:
     """The final lines: standard and sliding-window evaluation of the model loaded from the artifact."""
     seq_len = h.model_eval_seq_len
-    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
+    rt.log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
     evals = [("final_roundtrip", seq_len)] + ([("final_sliding", h.eval_stride)] if h.eval_stride else [])
     for label, stride in evals:
         rt.sync()
         t0 = time.perf_counter()
         val_loss, val_bpb = evaluate(model, val, seq_len, stride, h.val_batch_size, rt)
         rt.sync()
-        log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
-            f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
+        rt.log(f"{label} val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} seq_len:{seq_len} stride:{stride} "
+               f"eval_time_ms:{1000 * (time.perf_counter() - t0):.0f}")
 
 # -----------------------------------------------------------------------------
 # Score-first test-time training (TTT)
@@ -1892,7 +1891,7 @@ def global_phase(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: Va
     model.requires_grad_(False)
     rt.sync()
 
-def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, val: ValidationSet, log,
+def evaluate_documents(h: Hyperparameters, rt: Runtime, model: GPT, forward: nn.Module, val: ValidationSet,
                        deadline: float = math.inf, trace: list | None = None) -> tuple[float, float]:
     """Logs the final_ttt lines and returns checked_score's (val_loss, val_bpb) per document of `model` through
     `forward` (it or its compiled form), with score-first TTT adapting while TTTBudget finds time before `deadline`
@@ -1913,9 +1912,9 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
             was = budget.adapting
             sums += score_batch(forward, adapters, budget, b, val, docs, batches[b], h, rt, trace)
             if was and not budget.adapting:
-                log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
-                    f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
-                    f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
+                rt.log(f"ttt: adaptation stopped in batch {b + 1} of {len(batches)} on rank {rt.rank}, "
+                       f"{time.perf_counter() - t0:.0f}s in: adapting the rest would pass EVAL_BUDGET_SECONDS="
+                       f"{h.eval_budget_seconds:g} of evaluation; the rest is scored without adapters")
         if stop == len(batches):
             break
         first, was, scored = stop, budget.adapting, np.concatenate(batches[:stop])
@@ -1926,22 +1925,22 @@ def evaluate_documents(h: Hyperparameters, rt, model: GPT, forward: nn.Module, v
             budget.phase_rate = (time.perf_counter() - tp) / (rows.size / rt.world_size)  # s per position
             if trace is not None:
                 trace.append(("phase", tuple(int(d) for d in scored)))
-            log(f"ttt_phase:{phase + 1} documents_scored:{len(scored)} steps:{len(rows)} "
-                f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
+            rt.log(f"ttt_phase:{phase + 1} documents_scored:{len(scored)} steps:{len(rows)} "
+                   f"time_ms:{1000 * (time.perf_counter() - tp):.0f}")
         elif was:
-            log(f"ttt: adaptation stopped before phase {phase + 1} (it would not fit EVAL_BUDGET_SECONDS="
-                f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
+            rt.log(f"ttt: adaptation stopped before phase {phase + 1} (it would not fit EVAL_BUDGET_SECONDS="
+                   f"{h.eval_budget_seconds:g} on some rank); the rest is scored without adapters")
     model.requires_grad_(True)
-    log(budget.report(rt))
+    rt.log(budget.report(rt))
     val_loss, val_bpb = checked_score(rt, sums, val, "per-document evaluation")
     rt.sync()
     ms = 1000 * (time.perf_counter() - t0)
-    log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
-    log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
-    log(f"ttt_eval_time_ms:{ms:.0f}")
+    rt.log(f"final_ttt val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f} chunk:{h.ttt_chunk_tokens} eval_time_ms:{ms:.0f}")
+    rt.log(f"val_tokens:{val.num_targets} val_bytes:{val.num_bytes} of_val_tokens:{val.split_targets}")
+    rt.log(f"ttt_eval_time_ms:{ms:.0f}")
     return val_loss, val_bpb
 
-def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> float:
+def warm_up_ttt(h: Hyperparameters, rt: Runtime, model: GPT, forward: nn.Module) -> float:
     """Compiles every graph TTT runs (ttt_graphs with and without adapters, the phase's rows) on random tokens,
     no optimizer step: no validation token is read. Logs the CUDA peak memory; returns the seconds taken."""
     if not compile_enabled(h, rt):
@@ -1973,8 +1972,8 @@ def warm_up_ttt(h: Hyperparameters, rt, model: GPT, forward: nn.Module, log) -> 
         peak = torch.cuda.max_memory_allocated(rt.device) / 2 ** 30
         memory = f"; peak_memory_gib:{peak:.1f}" + (f" WARNING: over {H100_MEMORY_GIB} GiB, an 80 GB H100 would "
                                                     "not hold it" if peak > H100_MEMORY_GIB else "")
-    log(f"ttt_warmup: {2 * len(lengths) + 1} graphs (rows {lengths[0]}..{lengths[-1]}, a phase) built on random "
-        f"tokens in {1000 * (time.perf_counter() - t0):.0f}ms (not evaluation time){memory}")
+    rt.log(f"ttt_warmup: {2 * len(lengths) + 1} graphs (rows {lengths[0]}..{lengths[-1]}, a phase) built on random "
+           f"tokens in {1000 * (time.perf_counter() - t0):.0f}ms (not evaluation time){memory}")
     return time.perf_counter() - t0
 
 # Targets (phase: documents) per second on 8xH100, from PR #1855's log (the figures: docs/notes/ttt.md).
@@ -2172,8 +2171,8 @@ def selfgen_hessians(model: GPT, h: Hyperparameters, rt) -> dict[str, Tensor]:
                             h.seed + start // SELFGEN_BATCH, rt) for start in mine]  # all sampled before any hook
     return input_hessians(model, batches, h.gptq_selfgen_seqs * length, rt, h.gptq_embed)
 
-def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: DistributedTokenLoader,
-              log) -> tuple[dict | None, float]:
+def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT,
+              loader: DistributedTokenLoader) -> tuple[dict | None, float]:
     """GPTQ's Hessians (None without GPTQ) and the milliseconds that count as training (those reading training data)."""
     if not (h.gptq_calib_tokens or h.gptq_selfgen_seqs):
         return None, 0.0
@@ -2186,8 +2185,8 @@ def calibrate(h: Hyperparameters, rt: Runtime, base_model: GPT, loader: Distribu
         source = f"{h.gptq_selfgen_seqs} sampled sequences of {h.train_seq_len} tokens"
     rt.sync()
     ms = 1000 * (time.perf_counter() - t0)
-    log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
-        + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
+    rt.log(f"gptq_calibration: {len(hessians)} matrices from {source} in {ms:.0f}ms"
+           + ("" if h.gptq_calib_tokens else " (no data read; not in train_time_ms)"))
     return hessians, ms if h.gptq_calib_tokens else 0.0
 
 def salient_groups(state: dict[str, Tensor], plan: dict[str, str], hessians: dict[str, Tensor],
@@ -2576,7 +2575,7 @@ def readable_source(code: bytes) -> str:
         code = lzma.decompress(base64.b85decode(code[len(SHIPPED_HEAD):-len(SHIPPED_TAIL)]))
     return code.decode("utf-8")
 
-def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int, log,
+def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path, code_bytes: int,
                    hessians: dict[str, Tensor] | None = None) -> None:
     """Quantizes and compresses the model, fits it under the byte limit, writes it (rank 0); every rank
     computes the same bytes, so a RunError stops all of them together."""
@@ -2591,29 +2590,29 @@ def write_artifact(h: Hyperparameters, rt: Runtime, base_model: GPT, path: Path,
             raise RunError("the run ended before RECUR_START_FRAC: a VIRTUAL_DEPTH / RECUR_UNTIE_MLP / RECUR_IN_UNET "
                            "model cannot be scored without its repeat (lower RECUR_START_FRAC)")
         config["recur_blocks"] = ""
-    quantized, recipes = quantize_model(state, h, hessians, log)
+    quantized, recipes = quantize_model(state, h, hessians, rt.log)
     blob, moves = fit_to_limit(state, quantized, recipes, lambda q: serialize_artifact(q, config, h.compressor),
-                               h.artifact_limit_bytes - code_bytes, log)
+                               h.artifact_limit_bytes - code_bytes, rt.log)
     for cls in sorted({e["class"] for e in quantized.values()}):
         members = [e for e in quantized.values() if e["class"] == cls]
-        log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
-    log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms compressor:{h.compressor}")
+        rt.log(f"quant class:{cls} tensors:{len(members)} params:{sum(math.prod(e['shape']) for e in members)}")
+    rt.log(f"quantize+compress: {1000 * (time.perf_counter() - t0):.0f}ms compressor:{h.compressor}")
     if rt.is_main:
         write_atomically(path, lambda tmp: tmp.write_bytes(blob))
     if rt.distributed:
         dist.barrier()
-    log_artifact_bytes(h, path, code_bytes, moves, log)
+    log_artifact_bytes(h, rt, path, code_bytes, moves)
 
-def log_artifact_bytes(h: Hyperparameters, path: Path, code_bytes: int, moves: list[str] | None, log) -> None:
+def log_artifact_bytes(h: Hyperparameters, rt: Runtime, path: Path, code_bytes: int, moves: list[str] | None) -> None:
     """The byte budget of the exact files that ship: this script (as logged) and the artifact on disk."""
     blob = path.read_bytes()
     model_bytes, digest = len(blob), hashlib.sha256(blob).hexdigest()
     total = code_bytes + model_bytes
     fit = "" if moves is None else f" fit_moves:{len(moves)}"
-    log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{model_bytes} "
-        f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit} artifact_sha256:{digest}")
+    rt.log(f"artifact_bytes:{total} code_bytes:{code_bytes} model_bytes:{model_bytes} "
+           f"limit:{h.artifact_limit_bytes} margin:{h.artifact_limit_bytes - total}{fit} artifact_sha256:{digest}")
     if moves:
-        log(f"fit_changes:{','.join(moves)}")
+        rt.log(f"fit_changes:{','.join(moves)}")
     if total > h.artifact_limit_bytes:
         raise RunError(f"{path}: code + model = {total} bytes, over ARTIFACT_LIMIT_BYTES={h.artifact_limit_bytes}")
 
@@ -2828,7 +2827,7 @@ def mean_over_ranks(rt: Runtime, value: Tensor) -> float:
         value /= rt.world_size
     return value.item()
 
-def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables, log) -> float:
+def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables) -> float:
     """Builds every compiled graph before the clock: WARMUP_STEPS training steps (split among TRAIN_SEQ_SCHEDULE's
     lengths; again with the recurrence on), an eval batch of training tokens (`tables`: the byte tables), one GPTQ
     calibration batch; then restores weights and optimizer state (the caller rebuilds the loader). Returns ms."""
@@ -2857,8 +2856,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables,
     rt.sync()
     elapsed = 1000 * (time.perf_counter() - t0)
     gptq = ", one GPTQ calibration batch" if h.gptq_calib_tokens else ""
-    log(f"warmup: {h.warmup_steps} steps and one eval batch{gptq} (training tokens) in {elapsed:.0f}ms; "
-        f"weights, optimizers and data reset")
+    rt.log(f"warmup: {h.warmup_steps} steps and one eval batch{gptq} (training tokens) in {elapsed:.0f}ms; "
+           f"weights, optimizers and data reset")
     return elapsed
 
 def first_nonfinite(first: Tensor, loss: Tensor, step: int) -> Tensor:
@@ -2908,14 +2907,14 @@ def next_clock_check(h: Hyperparameters, step: int, elapsed_ms: float, cap_ms: f
             gap = min(gap, (h.recur_start_frac * cap_ms - elapsed_ms) / step_ms / 2)
     return step + max(int(gap), 1)
 
-def log_progress(h: Hyperparameters, step: int, train_loss: float, elapsed_ms: float, cap_ms: float, scale: float,
-                 log) -> None:
+def log_progress(h: Hyperparameters, rt: Runtime, step: int, train_loss: float, elapsed_ms: float, cap_ms: float,
+                 scale: float) -> None:
     step_ms = elapsed_ms / step
     eta_s = min(h.iterations - step, (cap_ms - elapsed_ms) / step_ms if cap_ms else math.inf) * step_ms / 1000
-    log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
-        f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
+    rt.log(f"step:{step}/{h.iterations} train_loss:{train_loss:.4f} train_time:{elapsed_ms:.0f}ms "
+           f"step_avg:{step_ms:.2f}ms eta:{max(eta_s, 0):.0f}s lr_scale:{scale:.4f}")
 
-def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> tuple[int, float]:
+def train(h, rt, base_model, model, optimizers, loader, val, averagers) -> tuple[int, float]:
     """The timed loop, `averagers` observing every step; returns (steps, training ms). The clock is read (synced, the
     slowest rank's) only at check and log steps, so all ranks stop, switch and schedule alike; else extrapolated."""
     nonfinite, cap_ms = torch.zeros(2, device=rt.device), 1000 * h.loop_cap_seconds  # (step, loss): none yet
@@ -2930,7 +2929,7 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
         scale, progress = lr_scale(h, step, elapsed_ms), run_progress(h, step, elapsed_ms)
         if h.train_seq_schedule and seq_len_at(h, progress) != seq_len:
             seq_len = seq_len_at(h, progress)  # host arithmetic on the agreed clock: the same step on every rank
-            log(f"train_seq_len:{seq_len} from step {step + 1}")
+            rt.log(f"train_seq_len:{seq_len} from step {step + 1}")
         loss = train_step(h, rt, model, optimizers, loader, step, scale, progress)
         step = PROGRESS.step = step + 1
         for averager in averagers:
@@ -2948,66 +2947,66 @@ def train(h, rt, base_model, model, optimizers, loader, val, log, averagers) -> 
                 run_progress(h, step, elapsed_ms) >= h.recur_start_frac:
             base_model.start_recurrence()  # its compiled graph was built during warm-up
             times = "twice" if h.recur_repeats == 1 else f"{h.recur_repeats + 1} times"
-            log(f"recurrence: blocks {h.recur_blocks} run {times} from step {step + 1}")
+            rt.log(f"recurrence: blocks {h.recur_blocks} run {times} from step {step + 1}")
         recur_pending = bool(base_model.recur_blocks) and not base_model.recur_active
         check_at = next_clock_check(h, step, elapsed_ms, cap_ms, recur_pending)
         last = last or reached_cap
         if step % h.train_log_every == 0 or last:  # the loss is finite: the divergence check ran at this step
-            log_progress(h, step, mean_over_ranks(rt, loss), elapsed_ms, cap_ms, scale, log)
+            log_progress(h, rt, step, mean_over_ranks(rt, loss), elapsed_ms, cap_ms, scale)
         if validate_now and not last:
             train_ms += 1000 * (time.perf_counter() - t0)  # the clock stops while we validate
             val_loss, val_bpb = evaluate(model_for_eval(model), val, h.model_eval_seq_len, h.model_eval_seq_len,
                                          h.val_batch_size, rt)
-            log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}")
+            rt.log(f"step:{step}/{h.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f}")
             rt.sync()
             t0 = time.perf_counter()
         if reached_cap:
-            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
+            rt.log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{h.iterations}")
             break
     rt.sync()
     return step, train_ms + 1000 * (time.perf_counter() - t0)
 
-def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader, val: ValidationSet, log,
+def train_weights(h: Hyperparameters, rt: Runtime, base_model: GPT, make_loader, val: ValidationSet,
                   also=()) -> tuple[nn.Module, DistributedTokenLoader, int, float, list]:
     """Warm-up, then the timed loop. Returns (the module trained, the loader where training left it, steps, training
     ms, averagers: the run's own, then one per function of the model in `also`). bench/lab.py replaces it."""
-    optimizers = build_optimizers(h, base_model, rt.rank, rt.world_size)
+    optimizers = build_optimizers(h, rt, base_model)
     model = wrap_model(h, rt, base_model)
-    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
+    warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables)
     loader = make_loader()
     averagers = [make_averager(h, base_model)] + [make(base_model) for make in also]
     with compiled_graphs_only(h, rt, "inside the timed loop (WARMUP_STEPS >= 1 builds them)"):
-        steps, train_ms = train(h, rt, base_model, model, optimizers, loader, val, log, averagers)
+        steps, train_ms = train(h, rt, base_model, model, optimizers, loader, val, averagers)
     return model, loader, steps, train_ms, averagers
 
-def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet, log) -> tuple[GPT, nn.Module, dict | None]:
+def train_model(h: Hyperparameters, rt: Runtime, val: ValidationSet) -> tuple[GPT, nn.Module, dict | None]:
     """Builds, trains and averages the model, then calibrates GPTQ. Returns the model, the module to evaluate
     it with (compiled where enabled) and the Hessians (None without GPTQ)."""
     train_files = find_shards(h, "train")
-    log_train_budget(h, train_files, log)
-    check_leak(h, train_files, val, log, rt.rank, rt.world_size)
+    log_train_budget(h, rt, train_files)
+    check_leak(h, rt, train_files, val)
     base_model = build_model(h, rt)
-    log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
+    rt.log(f"model_params:{sum(p.numel() for p in base_model.parameters())} compile:{compile_enabled(h, rt)}")
 
     def make_loader():
-        return DistributedTokenLoader(train_files, h.vocab_size, rt.rank, rt.world_size, rt.device, lambda: log(
+        return DistributedTokenLoader(train_files, h.vocab_size, rt, lambda: rt.log(
             f"WARNING: the training stream wrapped: all {len(train_files)} train shards are used up, "
             f"training repeats them from the first"))
 
     PROGRESS.started = True
-    model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, log)
+    model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val)
     average = averagers[0].average()
     if average is not None:
         base_model.load_state_dict(average, strict=True)
-    log(averagers[0].summary())
-    hessians, calib_ms = calibrate(h, rt, base_model, loader, log)
+    rt.log(averagers[0].summary())
+    hessians, calib_ms = calibrate(h, rt, base_model, loader)
     train_ms += calib_ms
-    log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
+    rt.log(f"train_done steps:{steps} train_time_ms:{train_ms:.0f}")
     if h.max_wallclock_seconds and train_ms > 1000 * h.max_wallclock_seconds:
-        log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
+        rt.log(f"WARNING: training took {train_ms / 1000:.1f}s, over MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds}")
     if rt.device.type == "cuda":
-        log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20} "
-            f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
+        rt.log(f"peak_memory_allocated_mib:{torch.cuda.max_memory_allocated() // 2**20} "
+               f"peak_memory_reserved_mib:{torch.cuda.max_memory_reserved() // 2**20}")
     return base_model, model_for_eval(model), hessians
 
 # -----------------------------------------------------------------------------
@@ -3107,26 +3106,25 @@ def claim_outputs(h: Hyperparameters, rt: Runtime) -> tuple[str, Path, Path, str
         raise RunError(claimed[0])
     return claimed[0]
 
-def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, shipped: bytes,
-               log) -> None:
+def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: bytes, shipped: bytes) -> None:
     """The run's identity, its readable source, and `code:`, the shipped form's size (code_bytes) and sha256."""
     source = readable_source(code)
-    log(f"run_id:{run_id} start_utc:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
-    log(f"====== source {Path(__file__).name} ({len(source.encode('utf-8'))} bytes) ======", console=False)
-    log(source, console=False)
-    log("====== end source ======", console=False)
-    log(f"code: shipped_bytes:{len(shipped)} shipped_sha256:{hashlib.sha256(shipped).hexdigest()} "
-        f"source_bytes:{len(source.encode('utf-8'))} (the self-extracting form that ships and counts)")
+    rt.log(f"run_id:{run_id} start_utc:{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    rt.log(f"====== source {Path(__file__).name} ({len(source.encode('utf-8'))} bytes) ======", console=False)
+    rt.log(source, console=False)
+    rt.log("====== end source ======", console=False)
+    rt.log(f"code: shipped_bytes:{len(shipped)} shipped_sha256:{hashlib.sha256(shipped).hexdigest()} "
+           f"source_bytes:{len(source.encode('utf-8'))} (the self-extracting form that ships and counts)")
     for field in dataclasses.fields(h):
-        log(f"hparam {field.name.upper()}={getattr(h, field.name)}", console=False)
-    log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-        f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
+        rt.log(f"hparam {field.name.upper()}={getattr(h, field.name)}", console=False)
+    rt.log(f"versions python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+           f"sentencepiece:{spm.__version__} zstandard:{zstandard.__version__}")
     device_name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or "cpu"
-    log(f"device:{device_name.replace(' ', '_')} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
-        f"seed:{h.seed} preset:{preset} scale:{h.scale}")
+    rt.log(f"device:{device_name.replace(' ', '_')} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
+           f"seed:{h.seed} preset:{preset} scale:{h.scale}")
     if preset == "smoke":
-        log("preset smoke: no CUDA device or no FineWeb at the default DATA_PATH, so the tiny CPU "
-            "configuration runs on the bundled sample; this is a pre-flight check, not a record")
+        rt.log("preset smoke: no CUDA device or no FineWeb at the default DATA_PATH, so the tiny CPU "
+               "configuration runs on the bundled sample; this is a pre-flight check, not a record")
 
 def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     """The config from the environment, and what it implies for the runtime (bf16 autocast, TF32)."""
@@ -3146,7 +3144,7 @@ def set_aside_if_not_started(log: Logger) -> None:
         re.sub(r"(?ms)^====== source .*?^====== end source ======\n", "", text, count=1), encoding="utf-8")
     log.path.unlink()
 
-def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path, log) -> None:
+def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str, artifact_path: Path) -> None:
     t_start = time.perf_counter()
     packages = {"brotli": ["brotli"], "ans": ["brotli", "constriction"]}.get(h.compressor, [])
     for package in [] if h.eval_only else packages:  # a missing one stops the run here, not after training
@@ -3161,14 +3159,14 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
                            f"score it with the PRESET and settings it was trained with") from None
     code = Path(__file__).read_bytes()  # read once: the logged source is the one whose shipped form counts
     shipped = shipped_form(code)
-    log_header(h, rt, preset, run_id, code, shipped, log)
+    log_header(h, rt, preset, run_id, code, shipped)
     check_pinned_kernel(h, rt)
-    log(f"attention_backend:{attention_kernel_report(h, rt)}")
-    val = load_validation(h, load_tokenizer(h), rt.device, log, rt.rank, rt.world_size)
-    log(eval_plan(h, val.num_targets, len(document_starts(val.tokens.cpu().numpy()))))
+    rt.log(f"attention_backend:{attention_kernel_report(h, rt)}")
+    val = load_validation(h, load_tokenizer(h), rt)
+    rt.log(eval_plan(h, val.num_targets, len(document_starts(val.tokens.cpu().numpy()))))
 
     if h.eval_only:
-        log(f"eval_only: scoring {artifact_path}; nothing is trained")
+        rt.log(f"eval_only: scoring {artifact_path}; nothing is trained")
         base_model = build_model(h, rt)
         load_weights(base_model, state, artifact_path)
         base_model.recur_active = bool(base_model.recur_blocks)  # the artifact names them only if they ran
@@ -3177,26 +3175,26 @@ def train_write_score(h: Hyperparameters, preset: str, rt: Runtime, run_id: str,
         # Compilation on random tokens (no validation token is read before it is scored): not evaluation time.
         t_start += build_eval_graph(h, rt, eval_model, random_eval_set(h, val.tables))
         if h.ttt_enabled:
-            t_start += warm_up_ttt(h, rt, base_model, eval_model, log)
-        log_artifact_bytes(h, artifact_path, len(shipped), None, log)
+            t_start += warm_up_ttt(h, rt, base_model, eval_model)
+        log_artifact_bytes(h, rt, artifact_path, len(shipped), None)
     else:
-        base_model, eval_model, hessians = train_model(h, rt, val, log)
+        base_model, eval_model, hessians = train_model(h, rt, val)
         with compiled_graphs_only(h, rt, "in the pre-quantization evaluation"):
             val_loss, val_bpb = evaluate(eval_model, val, h.model_eval_seq_len, h.model_eval_seq_len,
                                          h.val_batch_size, rt)
-        log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
-        write_artifact(h, rt, base_model, artifact_path, len(shipped), log, hessians)
+        rt.log(f"pre_quant val_loss:{val_loss:.8f} val_bpb:{val_bpb:.8f}")
+        write_artifact(h, rt, base_model, artifact_path, len(shipped), hessians)
         if h.ttt_enabled:
-            warm_up_ttt(h, rt, base_model, eval_model, log)
+            warm_up_ttt(h, rt, base_model, eval_model)
         t_start = time.perf_counter()  # evaluation starts from the artifact on disk
         _, state = load_artifact(artifact_path, h.artifact_limit_bytes)
         load_weights(base_model, state, artifact_path)
     with compiled_graphs_only(h, rt, "while scoring"):
-        score_artifact(h, rt, eval_model, val, log)
+        score_artifact(h, rt, eval_model, val)
         if h.ttt_enabled:
-            evaluate_documents(h, rt, base_model, eval_model, val, log, deadline=t_start + h.eval_budget_seconds)
-    log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
-    log(f"artifact_path:{artifact_path}")
+            evaluate_documents(h, rt, base_model, eval_model, val, deadline=t_start + h.eval_budget_seconds)
+    rt.log(f"eval_done eval_time_ms:{1000 * (time.perf_counter() - t_start):.0f}")
+    rt.log(f"artifact_path:{artifact_path}")
 
 def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt  # SIGTERM (a scheduler, kill, a launcher passing one on) ends the run as Ctrl-C does
@@ -3210,10 +3208,11 @@ def main() -> int:
         h, preset, rt = configure(init_runtime())
         run_id, log_path, artifact_path, note = claim_outputs(h, rt)
         log = Logger(log_path if rt.is_main else None)
+        rt = dataclasses.replace(rt, log=log)
         t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
         if note:
             log(note)
-        train_write_score(h, preset, rt, run_id, artifact_path, log)
+        train_write_score(h, preset, rt, run_id, artifact_path)
         if rt.distributed:
             dist.barrier()  # no rank tears its connections down while another still reads from them
         return 0

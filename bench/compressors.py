@@ -51,7 +51,7 @@ def quantized_from_state(spec: str) -> tuple[dict, dict[str, dict]]:
     if h.gptq_selfgen_seqs:
         hessians = tg.selfgen_hessians(model, h, rt)
     elif h.gptq_calib_tokens:
-        loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, rt.device)
+        loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, rt)
         hessians = tg.collect_hessians(model, loader, h, rt)
     quantized, _ = tg.quantize_model(state, h, hessians)
     print(f"quantized {spec} ({sum(v.numel() for v in state.values())} params) in {time.perf_counter() - t0:.0f}s: "

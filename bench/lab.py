@@ -150,23 +150,23 @@ class Stored:
 def lab_hook(lab: Lab, train_weights):
     """train_gpt's train_weights, saving (CHECKPOINT_OUT) or restoring (FROM_CHECKPOINT) a checkpoint."""
 
-    def hooked(h, rt, base_model, make_loader, val, log):
+    def hooked(h, rt, base_model, make_loader, val):
         if lab.from_checkpoint:  # nothing to train: no optimizers, no DDP, no warm-up
             checkpoint = load_checkpoint(h, Path(lab.from_checkpoint))
             base_model.load_state_dict(checkpoint["final_weights"], strict=True)
             base_model.recur_active = checkpoint["recur_active"]
             loader = make_loader()
             loader.stream.seek(checkpoint["stream"]["file_index"], checkpoint["stream"]["pos"])
-            log(f"from_checkpoint: {lab.from_checkpoint} steps:{checkpoint['steps']}; nothing is trained")
+            rt.log(f"from_checkpoint: {lab.from_checkpoint} steps:{checkpoint['steps']}; nothing is trained")
             entry = checkpoint["averages"][own_averager(h)]
             return (tg.maybe_compile(h, rt, base_model), loader, checkpoint["steps"], checkpoint["train_ms"],
                     [Stored(entry["weights"], entry["summary"])])
         names = averager_names(h, lab.average_also)
         also = [lambda model, name=name: make_averager(name, model) for name in names[1:]]
-        model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, log, also)
+        model, loader, steps, train_ms, averagers = train_weights(h, rt, base_model, make_loader, val, also)
         if lab.checkpoint_out and rt.is_main:
             averages = {name: (a.average(), a.summary()) for name, a in zip(names, averagers)}
-            save_checkpoint(h, Path(lab.checkpoint_out), base_model, loader, steps, train_ms, averages, log)
+            save_checkpoint(h, Path(lab.checkpoint_out), base_model, loader, steps, train_ms, averages, rt.log)
         return model, loader, steps, train_ms, averagers
 
     return hooked

@@ -51,7 +51,7 @@ def count(tg, cap_s: float, step_ms: float, distributed: bool) -> tuple[int, int
     model = types.SimpleNamespace(recur_blocks=(0,), recur_active=False)
     model.start_recurrence = lambda: setattr(model, "recur_active", True)
     rt = CountingRuntime(rank=0, world_size=1, device=torch.device("cpu"), distributed=distributed)
-    steps, _ = tg.train(h, rt, model, None, [], None, None, lambda message: None, [])
+    steps, _ = tg.train(h, rt, model, None, [], None, None, [])
     return steps, counts["sync"], counts["all_reduce"]
 
 

@@ -37,7 +37,7 @@ def trained_state(h, rt, val, raw: Path | None) -> dict[str, torch.Tensor]:
         print(f"loading unquantized weights from {raw}")
         return torch.load(raw, map_location=rt.device, weights_only=True)
     t0 = time.perf_counter()
-    base_model, _, _ = tg.train_model(h, rt, val, print)
+    base_model, _, _ = tg.train_model(h, dataclasses.replace(rt, log=print), val)
     print(f"trained in {time.perf_counter() - t0:.0f}s")
     state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     if raw is not None:
@@ -106,10 +106,10 @@ def main() -> None:
     print(f"preset:{preset} layers:{h.num_layers} dim:{h.model_dim} iterations:{h.iterations} "
           f"batch:{h.train_batch_tokens} seq:{h.train_seq_len} data:{h.data_path}")
     sp = tg.load_tokenizer(h)
-    val = tg.load_validation(h, sp, rt.device)
+    val = tg.load_validation(h, sp, rt)
     state = trained_state(h, rt, val, args.raw)
     if args.val_tokens:  # the prefix train_gpt.py scores with VAL_TOKENS
-        val = tg.load_validation(dataclasses.replace(h, val_tokens=args.val_tokens), sp, rt.device)
+        val = tg.load_validation(dataclasses.replace(h, val_tokens=args.val_tokens), sp, rt)
     print(f"scoring {val.num_targets} targets, {val.num_bytes} bytes")
     base_bpb = math.nan if args.bytes_only else score(h, rt, state, val)
     print("\nmethod        val_bpb     gap         model_bytes")
@@ -117,7 +117,7 @@ def main() -> None:
     plan = tg.quant_plan(state, h)
     model = tg.build_model(h, rt)
     model.load_state_dict(state, strict=True)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, rt.device)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, rt)
     t0 = time.perf_counter()
     hessians = tg.collect_hessians(model, loader, tg.dataclasses.replace(h, gptq_calib_tokens=args.calib_tokens), rt)
     print(f"(GPTQ calibration: {args.calib_tokens} training tokens, {time.perf_counter() - t0:.1f}s)")

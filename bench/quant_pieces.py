@@ -138,14 +138,14 @@ def main() -> None:
     out(f"preset:{preset} layers:{h.num_layers} dim:{h.model_dim} mlp_mult:{h.mlp_mult} vocab:{h.vocab_size} "
         f"iterations:{h.iterations} batch:{h.train_batch_tokens} seq:{h.train_seq_len} data:{h.data_path}")
     sp = tg.load_tokenizer(h)
-    val = tg.load_validation(h, sp, rt.device)
+    val = tg.load_validation(h, sp, rt)
     state = trained_state(h, rt, val, args.raw)
     if args.val_tokens:
-        val = tg.load_validation(dataclasses.replace(h, val_tokens=args.val_tokens), sp, rt.device)
+        val = tg.load_validation(dataclasses.replace(h, val_tokens=args.val_tokens), sp, rt)
     out(f"scoring {val.num_targets} targets, {val.num_bytes} bytes")
     model = tg.build_model(h, rt)
     model.load_state_dict(state, strict=True)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, rt.device)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, rt)
     calib = dataclasses.replace(h, gptq_calib_tokens=args.calib_batches * h.train_batch_tokens, gptq_embed=True)
     t0 = time.perf_counter()
     hessians = tg.collect_hessians(model, loader, calib, rt)

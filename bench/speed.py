@@ -542,7 +542,7 @@ def training_data(args, h: tg.Hyperparameters, scratch: Path) -> list[str]:
 
 def validation_data(args, h: tg.Hyperparameters, rt: tg.Runtime) -> tg.ValidationSet:
     if args.tokens == "real":
-        return tg.load_validation(h, tg.load_tokenizer(h), rt.device)
+        return tg.load_validation(h, tg.load_tokenizer(h), rt)
     # without --eval, only its byte tables are used (the warm-up scores training tokens)
     return synthetic_validation(args.val_tokens if args.eval else 2 * h.model_eval_seq_len, h.vocab_size, rt.device)
 
@@ -559,17 +559,18 @@ def bench(args, h: tg.Hyperparameters, preset: str, rt: tg.Runtime, scratch: Pat
     files = training_data(args, h, scratch)
     val = validation_data(args, h, rt)
     base_model = tg.build_model(h, rt)
-    optimizers = tg.build_optimizers(h, base_model, rt.rank, rt.world_size)
+    optimizers = tg.build_optimizers(h, rt, base_model)
     model = tg.wrap_model(h, rt, base_model, args.compile_backend)
 
     def make_loader():
-        return tg.DistributedTokenLoader(files, h.vocab_size, rt.rank, rt.world_size, rt.device)
+        return tg.DistributedTokenLoader(files, h.vocab_size, rt)
 
     if args.recur_at is not None and not base_model.recur_blocks:
         raise tg.RunError(f"--recur-at {args.recur_at}: this configuration repeats no blocks (RECUR_BLOCKS is empty)")
     log(f"bench: {name}, world {rt.world_size}, preset {preset}, compile {compile_on}, tokens {args.tokens}")
     snapshot = compile_snapshot()
-    warmup_ms = tg.warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, val.tables, log)
+    warmup_ms = tg.warm_up_and_reset(h, dataclasses.replace(rt, log=log), base_model, model, optimizers, make_loader,
+                                     val.tables)
     warmup_compiles = compiles_since(snapshot)
     memory_warmup = memory_stats(rt)
     loader = make_loader()

@@ -88,8 +88,8 @@ def assert_causal_and_fully_trained(model: tg.GPT, vocab: int = 1024, length: in
     assert dead == [], f"parameters without gradient: {dead}"
 
 
-def cpu_runtime() -> tg.Runtime:
-    return tg.Runtime(rank=0, world_size=1, device=CPU, distributed=False)
+def cpu_runtime(log=tg.no_log) -> tg.Runtime:
+    return tg.Runtime(rank=0, world_size=1, device=CPU, distributed=False, log=log)
 
 
 # ----------------------------------------------------------------------------- data

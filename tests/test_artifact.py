@@ -116,7 +116,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(bits):
 def test_collect_hessians_are_input_second_moments():
     h = tiny_hparams(gptq_calib_tokens=2048)
     model = tiny_model(h)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, torch.device("cpu"))
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, cpu_runtime())
     # bf16 autocast, as on a GPU: the sums must still be accumulated in fp32
     rt = tg.Runtime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False, bf16=True)
     hessians = tg.collect_hessians(model, loader, h, rt)
@@ -346,7 +346,7 @@ def test_eval_only_of_another_presets_artifact_names_the_mismatch_not_a_damage(m
     monkeypatch.setattr(tg, "load_artifact", lambda path, limit: ({"train_seq_len": 384}, {}))
     with pytest.raises(tg.RunError, match=r"other\.ptz: its model does not fit this run's settings \(PRESET=smoke: "
                                           r"TRAIN_BATCH_TOKENS.*score it with the PRESET"):
-        tg.train_write_score(h, "smoke", cpu_runtime(), "x", tmp_path / "other.ptz", lambda m: None)
+        tg.train_write_score(h, "smoke", cpu_runtime(), "x", tmp_path / "other.ptz")
 
 
 def test_an_ema_shorter_than_its_horizon_says_how_much_of_the_start_it_scores():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, TEXT, cpu_runtime, decoded_utf8_bytes, documents, reference_loss_sum, tiny_hparams, tiny_model
+from conftest import TEXT, cpu_runtime, decoded_utf8_bytes, documents, reference_loss_sum, tiny_hparams, tiny_model
 
 
 def bytes_per_document(tokens: np.ndarray, tables) -> list[int]:
@@ -35,7 +35,7 @@ def encode_documents(sp, texts: list[str]) -> np.ndarray:
 
 def test_sample_validation_bytes_equal_the_decoded_text(sp, val_tokens, val_utf8_bytes):
     assert_bytes_match_decoded_text(sp, val_tokens)
-    assert tg.load_validation(tiny_hparams(), sp, CPU).num_bytes == val_utf8_bytes
+    assert tg.load_validation(tiny_hparams(), sp, cpu_runtime()).num_bytes == val_utf8_bytes
 
 
 def test_bytes_of_hard_text_equal_the_decoded_text(sp):
@@ -88,7 +88,7 @@ def test_target_bytes_on_tensors_equals_numpy(sp, val_tokens):
 
 def test_evaluate_bpb_is_loss_sum_over_ln2_over_bytes(val_utf8_bytes):
     h = tiny_hparams()
-    val = tg.load_validation(h, tg.load_tokenizer(h), CPU)
+    val = tg.load_validation(h, tg.load_tokenizer(h), cpu_runtime())
     model = tiny_model(h)
     val_loss, val_bpb = tg.evaluate(model, val, 64, 64, 64 * 16, cpu_runtime())
     loss_sum, scored = reference_loss_sum(model, val.tokens, 64, 64)

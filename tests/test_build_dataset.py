@@ -2,7 +2,6 @@
 import sys
 
 import pytest
-import torch
 
 import train_gpt as tg
 from conftest import HANG_FACTOR, REPO, TEXT
@@ -70,7 +69,7 @@ import subprocess  # noqa: E402
 import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 
-from conftest import TOKENIZER, documents, read_tokens  # noqa: E402
+from conftest import TOKENIZER, cpu_runtime, documents, read_tokens  # noqa: E402
 
 VAL_DOCS = 40
 # validation documents that exercise the transform and the byte counts: capitals of every kind,
@@ -220,14 +219,14 @@ def test_the_caseops_sidecar_counts_the_input_bytes_behind_each_token(raw_caseop
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["val_bytes"].startswith("original: ") and manifest["splits"]["val"]["bytes"] == sum(sums)
     lines = []
-    tg.check_manifest(dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512), [],
-                      lines.append)
+    tg.check_manifest(dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512),
+                      cpu_runtime(lines.append), [])
     assert lines[-1] == f"data_val_bytes: {bd.VAL_BYTES['original']}"
     # train_gpt.py takes the default build: the sidecar's total is the denominator, the decoded text's beside it
     h = dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512,
                             tokenizer_path=str(folder / "tokenizer_sp512_caseops.model"))
     lines = []
-    val = tg.load_validation(h, sp, torch.device("cpu"), lines.append)
+    val = tg.load_validation(h, sp, cpu_runtime(lines.append))
     source = next(line for line in lines if line.startswith("val_bytes_source:"))
     assert source.startswith(f"val_bytes_source:sidecar_original val_split_bytes:{sum(sums)} "
                              f"decoded_text_bytes:{sum(decoded)} "), source
@@ -278,7 +277,7 @@ def test_the_normalized_convention_is_an_option_that_train_gpt_accepts(tmp_path)
     h = dataclasses.replace(tg.Hyperparameters(), data_path=str(folder), vocab_size=512,
                             tokenizer_path=str(folder / "tokenizer_sp512_caseops.model"))
     lines = []
-    tg.load_validation(h, sp, torch.device("cpu"), lines.append)
+    tg.load_validation(h, sp, cpu_runtime(lines.append))
     assert f"data_val_bytes: {bd.VAL_BYTES['normalized']}" in lines
 
 
@@ -499,7 +498,7 @@ def test_train_gpt_logs_the_manifest_and_refuses_a_validation_file_changed_since
                             tokenizer_path=str(folder / "tokenizer_sp512_caseops.model"))
     sp = tg.load_tokenizer(h)
     lines = []
-    tg.load_validation(h, sp, torch.device("cpu"), lines.append)
+    tg.load_validation(h, sp, cpu_runtime(lines.append))
     [line] = [line for line in lines if line.startswith("data_manifest:")]
     assert "builder:tools/build_dataset.py" in line and "vocab_size:512 caseops:True" in line
     changed = tmp_path / "changed"
@@ -509,7 +508,7 @@ def test_train_gpt_logs_the_manifest_and_refuses_a_validation_file_changed_since
     data[-2:] = data[-4:-2]  # one token, header untouched
     shard.write_bytes(bytes(data))
     with pytest.raises(tg.RunError, match=r"manifest\.json: fineweb_val_000000\.bin is not the file the manifest lists"):
-        tg.load_validation(dataclasses.replace(h, data_path=str(changed)), sp, torch.device("cpu"))
+        tg.load_validation(dataclasses.replace(h, data_path=str(changed)), sp, cpu_runtime())
 
 
 def test_an_unfinished_build_is_named_before_its_missing_shards(tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, TOKENIZER, tiny_hparams, write_shard
+from conftest import TOKENIZER, cpu_runtime, tiny_hparams, write_shard
 
 V = 1024
 
@@ -82,10 +82,10 @@ def test_validation_token_id_must_be_below_vocab_size(tmp_path, sp, bad_id, ok, 
     data_dir(tmp_path, val=([1] + [5] * 200 + [bad_id] + [6] * 10,))
     h = h_for(tmp_path, train_seq_len=64)
     if ok:
-        assert tg.load_validation(h, sp, CPU).num_targets == 211
+        assert tg.load_validation(h, sp, cpu_runtime()).num_targets == 211
     else:
         with pytest.raises(tg.RunError, match=r"fineweb_val_000000\.bin.*VOCAB_SIZE"):
-            tg.load_validation(h, sp, CPU)
+            tg.load_validation(h, sp, cpu_runtime())
 
 
 def test_train_token_id_is_checked_when_the_stream_loads_the_shard(tmp_path):
@@ -136,10 +136,10 @@ def test_validation_split_must_hold_one_window(tmp_path, sp, num_tokens, ok, syn
     data_dir(tmp_path, val=([1] + [5] * (num_tokens - 1),))
     h = h_for(tmp_path, train_seq_len=64)
     if ok:
-        assert tg.load_validation(h, sp, CPU).num_targets == 64
+        assert tg.load_validation(h, sp, cpu_runtime()).num_targets == 64
     else:
         with pytest.raises(tg.RunError, match=r"DATA_PATH=.*EVAL_SEQ_LEN=64"):
-            tg.load_validation(h, sp, CPU)
+            tg.load_validation(h, sp, cpu_runtime())
 
 
 def raises_run_error_within(seconds: float, fn) -> str:
@@ -192,8 +192,8 @@ def test_n_ranks_see_the_spans_of_one_process_taking_n_micro_batches(tmp_path, w
     data_dir(tmp_path, train=(np.arange(4, 300), np.arange(300, 377)))  # wraps during the test
     files = tg.find_shards(h_for(tmp_path), "train")
     tokens_per_slice, seq_len = 24, 8
-    single = tg.DistributedTokenLoader(files, V, rank=0, world_size=1, device=CPU)
-    ranks = [tg.DistributedTokenLoader(files, V, rank=r, world_size=world_size, device=CPU)
+    single = tg.DistributedTokenLoader(files, V, cpu_runtime())
+    ranks = [tg.DistributedTokenLoader(files, V, tg.dataclasses.replace(cpu_runtime(), rank=r, world_size=world_size))
              for r in range(world_size)]
     for micro_step in range(6):
         for r, loader in enumerate(ranks):

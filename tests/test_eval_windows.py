@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, cpu_runtime, decoded_utf8_bytes, reference_loss_sum, tiny_hparams, tiny_model, write_shard
+from conftest import cpu_runtime, decoded_utf8_bytes, reference_loss_sum, tiny_hparams, tiny_model, write_shard
 
 
 def check_plan(num_targets: int, seq_len: int, stride: int) -> None:
@@ -78,7 +78,7 @@ def val_and_model(tmp_path_factory, val_tokens):
     data = tmp_path_factory.mktemp("val_prefix")
     write_shard(data / "fineweb_val_000000.bin", val_tokens[:PREFIX_TOKENS])
     h = tiny_hparams(data_path=str(data), train_seq_len=96, eval_seq_len=96, train_batch_tokens=8 * 96)
-    val = tg.load_validation(h, tg.load_tokenizer(h), CPU)
+    val = tg.load_validation(h, tg.load_tokenizer(h), cpu_runtime())
     return h, val, tiny_model(h)
 
 

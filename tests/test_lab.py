@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import (CPU, cpu_runtime, decoded_utf8_bytes, reference_loss_sum, tiny_hparams, tiny_model)
+from conftest import (cpu_runtime, decoded_utf8_bytes, reference_loss_sum, tiny_hparams, tiny_model)
 import train_gpt as tg
 from conftest import REPO
 
@@ -102,7 +102,7 @@ def test_a_checkpoint_serves_post_training_settings_only(tmp_path):
     h = tiny_hparams(swa_interval=2)
     path = tmp_path / "c.pt"
     model = tiny_model(h)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, CPU)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, cpu_runtime())
     loader.next_batch(64, 64)
     averagers = [lab.make_averager(name, model) for name in lab.averager_names(h, "ema:0.9")]
     averages = {name: (a.average(), a.summary()) for name, a in zip(lab.averager_names(h, "ema:0.9"), averagers)}
@@ -140,7 +140,7 @@ def test_val_tokens_scores_exactly_the_chosen_targets_and_bytes(sp, val_tokens):
     bos = np.flatnonzero(val_tokens == tg.BOS_ID)
     n = int(bos[len(bos) // 3]) - 1  # targets 1..n: the stream ends where a document does
     h = tiny_hparams(val_tokens=n, eval_seq_len=64, eval_stride=16)
-    val = tg.load_validation(h, sp, CPU)
+    val = tg.load_validation(h, sp, cpu_runtime())
     assert (val.num_targets, val.split_targets) == (n, len(val_tokens) - 1)
     assert torch.equal(val.tokens.cpu(), torch.from_numpy(val_tokens[:n + 1]))
     assert val.num_bytes == decoded_utf8_bytes(sp, val_tokens[:n + 1])
@@ -149,7 +149,7 @@ def test_val_tokens_scores_exactly_the_chosen_targets_and_bytes(sp, val_tokens):
         loss, _ = tg.evaluate(model, val, 64, stride, h.val_batch_size, cpu_runtime())
         reference, scored = reference_loss_sum(model, val.tokens, 64, stride)
         assert scored == n and loss * n == pytest.approx(reference, rel=1e-9)
-    whole = tg.load_validation(tiny_hparams(), sp, CPU)
+    whole = tg.load_validation(tiny_hparams(), sp, cpu_runtime())
     assert whole.num_targets == whole.split_targets == len(val_tokens) - 1
     with pytest.raises(tg.RunError, match="VAL_TOKENS=.* only"):
-        tg.load_validation(tiny_hparams(val_tokens=len(val_tokens)), sp, CPU)
+        tg.load_validation(tiny_hparams(val_tokens=len(val_tokens)), sp, cpu_runtime())

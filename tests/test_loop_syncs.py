@@ -38,9 +38,9 @@ def simulated_run(monkeypatch, step_s: float, recur: bool = False, **overrides):
 
     monkeypatch.setattr(tg, "train_step", fake_step)
     monkeypatch.setattr(tg.time, "perf_counter", lambda: clock.now)
-    rt = CountingRuntime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False)
     lines = []
-    steps, train_ms = tg.train(h, rt, model, None, [], None, None, lines.append, [])
+    rt = CountingRuntime(rank=0, world_size=1, device=torch.device("cpu"), distributed=False, log=lines.append)
+    steps, train_ms = tg.train(h, rt, model, None, [], None, None, [])
     first_recur = recur_on.index(True) if True in recur_on else None
     return steps, rt.syncs, lines, first_recur, scales
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from conftest import CPU, assert_one_line_error, cpu_runtime, tiny_hparams, write_shard
+from conftest import assert_one_line_error, cpu_runtime, tiny_hparams, write_shard
 
 V = 1024
 
@@ -30,10 +30,10 @@ class TablesOnly:
 
 def test_warm_up_and_training_never_read_validation_tokens(monkeypatch):
     h = tiny_hparams(warmup_steps=2, iterations=3, gptq_calib_tokens=1024)
-    real_val = tg.load_validation(h, tg.load_tokenizer(h), CPU)
+    real_val = tg.load_validation(h, tg.load_tokenizer(h), cpu_runtime())
     built_on = []
     monkeypatch.setattr(tg, "build_eval_graph", lambda h, rt, model, tokens: built_on.append(tokens))
-    tg.train_model(h, cpu_runtime(), TablesOnly(real_val.tables), lambda message: None)
+    tg.train_model(h, cpu_runtime(), TablesOnly(real_val.tables))
     [stand_in] = built_on
     train_head = tg.load_shard(tg.find_shards(h, "train")[0], V)[:3 * h.train_batch_tokens]
     assert stand_in.num_targets == h.model_eval_seq_len
@@ -46,7 +46,7 @@ def test_warm_up_and_training_never_read_validation_tokens(monkeypatch):
 def test_warm_up_evaluation_batch_scores_like_evaluate():
     """The stand-in goes through score_windows with evaluate()'s shapes and gives a finite loss."""
     h = tiny_hparams()
-    tables = tg.load_validation(h, tg.load_tokenizer(h), CPU).tables
+    tables = tg.load_validation(h, tg.load_tokenizer(h), cpu_runtime()).tables
     stream = tg.TokenStream(tg.find_shards(h, "train"), V)
     stand_in = tg.training_tokens_as_eval_set(stream.take(h.model_eval_seq_len + 1), tables)
     model = tg.GPT(h)
@@ -71,7 +71,7 @@ def test_train_budget_line_and_wrap_warning(tmp_path, cap, iterations, expected)
     files = shards(tmp_path, 6000, 3000)  # 9,000 tokens; a tiny step reads 1,024 + 8
     h = tiny_hparams(iterations=iterations, max_wallclock_seconds=cap, gptq_calib_tokens=1024)
     lines = []
-    tg.log_train_budget(h, files, lines.append)
+    tg.log_train_budget(h, cpu_runtime(lines.append), files)
     assert lines[0].startswith(f"train_shards:2 train_tokens:9000 planned_train_tokens:{(iterations + 1) * 1032} ")
     assert ("at most" in lines[0]) == bool(cap)
     assert (lines[1:] == []) if expected is None else lines[1].startswith(expected)
@@ -95,7 +95,7 @@ def test_a_run_that_wraps_warns_before_and_when_it_does(tmp_path):
                      max_wallclock_seconds=0.0)
     tables = tuple(torch.from_numpy(t) for t in tg.byte_tables(tg.load_tokenizer(h)))
     lines = []
-    tg.train_model(h, cpu_runtime(), TablesOnly(tables), lines.append)
+    tg.train_model(h, cpu_runtime(lines.append), TablesOnly(tables))
     assert any(line.startswith("WARNING: the training stream wraps after step 5") for line in lines)
     assert sum(line.startswith("WARNING: the training stream wrapped") for line in lines) == 1
     first = {key: next(i for i, line in enumerate(lines) if key in line) for key in ("step:5/", "stream wrapped")}
@@ -255,7 +255,7 @@ def test_muoneq_r_makes_the_update_blind_to_row_scales():
 def test_muon_row_norm_is_an_env_knob():
     h, _ = tg.hyperparameters_from_env({"MUON_ROW_NORM": "1", "PRESET": "smoke"}, cuda_available=False)
     assert h.muon_row_norm and not tg.Hyperparameters().muon_row_norm
-    opt = tg.build_optimizers(h, tg.GPT(h), 0, 1)[0]
+    opt = tg.build_optimizers(h, cpu_runtime(), tg.GPT(h))[0]
     assert opt.param_groups[0]["row_norm"] is True
     with pytest.raises(tg.RunError, match="MUON_ROW_NORM"):
         tg.hyperparameters_from_env({"MUON_ROW_NORM": "yes"}, cuda_available=False)

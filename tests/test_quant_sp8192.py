@@ -81,19 +81,19 @@ def test_the_head_hessian_is_the_second_moment_of_the_final_norm_output():
                      logit_softcap=1000.0)
     model = tiny_model(h)
     files = tg.find_shards(h, "train")
-    hessians = tg.collect_hessians(model, tg.DistributedTokenLoader(files, h.vocab_size, 0, 1, CPU.device), h, CPU)
+    hessians = tg.collect_hessians(model, tg.DistributedTokenLoader(files, h.vocab_size, CPU), h, CPU)
     head = hessians["tok_emb.weight"]
     assert head.shape == (h.model_dim, h.model_dim)
     assert abs(float(head.trace()) / h.model_dim - 1) < 1e-3  # the head's input is RMS-normalized
     # Independently: the head maps its input x to logits x E^T, so E H E^T is the logits' second moment.
     batches = -(-h.gptq_calib_tokens // h.train_batch_tokens) * CPU.grad_accum_steps
-    replay = tg.DistributedTokenLoader(files, h.vocab_size, 0, 1, CPU.device)
+    replay = tg.DistributedTokenLoader(files, h.vocab_size, CPU)
     with torch.no_grad():
         logits = torch.cat([model(x).double().flatten(0, 1) for x in calibration_batches(h, replay, CPU, batches)])
     logits = h.logit_softcap * torch.atanh(logits / h.logit_softcap)  # undo the softcap
     emb = model.tok_emb.weight.double()
     assert torch.allclose(emb @ head.double() @ emb.T, logits.T @ logits / len(logits), rtol=1e-3, atol=1e-4)
-    off = tg.collect_hessians(model, tg.DistributedTokenLoader(files, h.vocab_size, 0, 1, CPU.device),
+    off = tg.collect_hessians(model, tg.DistributedTokenLoader(files, h.vocab_size, CPU),
                               dataclasses.replace(h, gptq_embed=False), CPU)
     assert "tok_emb.weight" not in off  # GPTQ_EMBED off: today's Hessians
 
@@ -101,7 +101,7 @@ def test_the_head_hessian_is_the_second_moment_of_the_final_norm_output():
 def test_int7_embedding_gptq_lowers_the_head_output_error_and_roundtrips():
     h = tiny_hparams(gptq_calib_tokens=2048, gptq_embed=True, quant_bits_embed=7, sdclip_embed=14.0)
     model = tiny_model(h)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, CPU.device)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, CPU)
     head = tg.collect_hessians(model, loader, h, CPU)["tok_emb.weight"]
     emb = model.tok_emb.weight.detach()
     state = model.state_dict()
@@ -263,10 +263,10 @@ def test_write_artifact_with_every_piece_on_reloads_what_it_quantized(tmp_path, 
                      quant_gates_int8=True, attn_gate_window=12, lqer_top=3, awq_groups=2, compressor=compressor,
                      int6_matrices=4)
     model = tiny_model(h)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, CPU.device)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, CPU)
     hessians = tg.collect_hessians(model, loader, h, CPU)
     lines = []
-    tg.write_artifact(h, CPU, model, tmp_path / "a.ptz", 1000, lines.append, hessians)
+    tg.write_artifact(h, tg.dataclasses.replace(CPU, log=lines.append), model, tmp_path / "a.ptz", 1000, hessians)
     assert any(line.startswith("lqer: rank-4 corrections of ") for line in lines), lines
     config, state = tg.load_artifact(tmp_path / "a.ptz", h.artifact_limit_bytes)
     restored = tg.GPT(dataclasses.replace(h))

@@ -319,8 +319,8 @@ def test_muon_wd_taper_is_linear_from_its_start_to_the_multiplier_and_reaches_th
     assert [tg.muon_wd_scale(h, p) for p in (0.0, 0.7, 0.85, 1.0)] == pytest.approx([1, 1, 0.75, 0.5])
     assert tg.muon_wd_scale(tiny_hparams(), 0.9) == 1.0, "off by default"
     model = tiny_model(h, randomize=False)
-    optimizers = tg.build_optimizers(h, model, 0, 1)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, torch.device("cpu"))
+    optimizers = tg.build_optimizers(h, cpu_runtime(), model)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, cpu_runtime())
     tg.train_step(h, cpu_runtime(), model, optimizers, loader, 0, 1.0, progress=0.85)
     assert optimizers[0].param_groups[0]["weight_decay"] == pytest.approx(0.075)
 
@@ -331,8 +331,8 @@ def test_progressive_context_picks_the_length_by_progress_at_constant_tokens_per
     model = tiny_model(h, randomize=False)
     shapes = []
     model.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape)))
-    optimizers = tg.build_optimizers(h, model, 0, 1)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, torch.device("cpu"))
+    optimizers = tg.build_optimizers(h, cpu_runtime(), model)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, cpu_runtime())
     for progress in (0.1, 0.5, 0.9):
         tg.train_step(h, cpu_runtime(), model, optimizers, loader, 0, 1.0, progress)
     per_slice = h.train_batch_tokens // tg.SLICES_PER_STEP
@@ -440,9 +440,9 @@ def test_polar_express_takes_one_triple_per_step_and_orthogonalizes_tighter():
 
 def test_muon_uses_the_chosen_coefficients_and_embed_wd_decays_only_the_embedding():
     h = tiny_hparams(muon_ns="polar_express", adam_wd=0.02, embed_wd=0.085)
-    muon, embed, scalar = tg.build_optimizers(h, tiny_model(h), 0, 1)
+    muon, embed, scalar = tg.build_optimizers(h, cpu_runtime(), tiny_model(h))
     assert muon.param_groups[0]["coeffs"] == "polar_express"
     assert embed.param_groups[0]["weight_decay"] == 0.085 and scalar.param_groups[0]["weight_decay"] == 0.02
     h = tiny_hparams(adam_wd=0.04)  # EMBED_WD unset (-1): ADAM_WD for both, as before
-    _, embed, scalar = tg.build_optimizers(h, tiny_model(h), 0, 1)
+    _, embed, scalar = tg.build_optimizers(h, cpu_runtime(), tiny_model(h))
     assert embed.param_groups[0]["weight_decay"] == scalar.param_groups[0]["weight_decay"] == 0.04

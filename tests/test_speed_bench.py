@@ -297,8 +297,8 @@ def test_train_step_reads_nothing_back_from_the_device(monkeypatch):
     h = tiny_hparams()
     rt = cpu_runtime()
     model = tg.build_model(h, rt)
-    optimizers = tg.build_optimizers(h, model, 0, 1)
-    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, 0, 1, rt.device)
+    optimizers = tg.build_optimizers(h, rt, model)
+    loader = tg.DistributedTokenLoader(tg.find_shards(h, "train"), h.vocab_size, rt)
     for step in range(2):
         tg.train_step(h, rt, model, optimizers, loader, step, 1.0)
     assert calls == []

@@ -10,7 +10,7 @@ import pytest
 import sentencepiece as spm
 
 import train_gpt as tg
-from conftest import CPU, SAMPLE, TEXT, TOKENIZER, assert_one_line_error, read_tokens, tiny_hparams, write_shard
+from conftest import SAMPLE, TEXT, TOKENIZER, assert_one_line_error, cpu_runtime, read_tokens, tiny_hparams, write_shard
 
 
 def sample_copy(folder, val=None, train=None):
@@ -26,7 +26,7 @@ def sample_copy(folder, val=None, train=None):
 def load(folder, sp=None, **overrides):
     lines = []
     h = tiny_hparams(data_path=str(folder), **overrides)
-    val = tg.load_validation(h, sp or tg.load_tokenizer(h), CPU, lines.append)
+    val = tg.load_validation(h, sp or tg.load_tokenizer(h), cpu_runtime(lines.append))
     return val, lines
 
 
@@ -209,7 +209,7 @@ def leak_lines(folder):
     val, _ = load(folder)
     h = tiny_hparams(data_path=str(folder))
     lines = []
-    tg.check_leak(h, tg.find_shards(h, "train"), val, lines.append)
+    tg.check_leak(h, cpu_runtime(lines.append), tg.find_shards(h, "train"), val)
     return lines
 
 

@@ -8,23 +8,23 @@ import re
 import torch
 
 import train_gpt as tg
-from conftest import CPU, cpu_runtime, tiny_hparams
+from conftest import cpu_runtime, tiny_hparams
 
 
 def train_tiny(warmup_steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     h = tiny_hparams(iterations=5, warmup_steps=warmup_steps, max_wallclock_seconds=0.0, swa_interval=0)
-    rt = cpu_runtime()
-    model = tg.build_model(h, rt)
-    optimizers = tg.build_optimizers(h, model, rt.rank, rt.world_size)
-    files = tg.find_shards(h, "train")
-    val = tg.load_validation(h, tg.load_tokenizer(h), CPU)
     lines = []
+    rt = cpu_runtime(lines.append)
+    model = tg.build_model(h, rt)
+    optimizers = tg.build_optimizers(h, rt, model)
+    files = tg.find_shards(h, "train")
+    val = tg.load_validation(h, tg.load_tokenizer(h), rt)
 
     def make_loader():
-        return tg.DistributedTokenLoader(files, h.vocab_size, rt.rank, rt.world_size, rt.device)
+        return tg.DistributedTokenLoader(files, h.vocab_size, rt)
 
-    tg.warm_up_and_reset(h, rt, model, model, optimizers, make_loader, val.tables, lines.append)
-    steps, _ = tg.train(h, rt, model, model, optimizers, make_loader(), val, lines.append, [])
+    tg.warm_up_and_reset(h, rt, model, model, optimizers, make_loader, val.tables)
+    steps, _ = tg.train(h, rt, model, model, optimizers, make_loader(), val, [])
     assert steps == h.iterations
     losses = [float(m[1]) for line in lines if (m := re.match(r"step:\d+/\d+ train_loss:(\S+)", line))]
     return losses, {k: v.clone() for k, v in model.state_dict().items()}

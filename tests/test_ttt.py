@@ -14,19 +14,19 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from conftest import CPU, cpu_runtime, tiny_hparams, tiny_model
+from conftest import cpu_runtime, tiny_hparams, tiny_model
 
 SMALL = dict(ttt_batch_docs=2, ttt_chunk_tokens=32, ttt_lora_rank=4, ttt_phases="2", val_tokens=3500)
 
 
 def setup(**overrides):
     h = tiny_hparams(**{**SMALL, **overrides})
-    return h, tiny_model(h), tg.load_validation(h, tg.load_tokenizer(h), CPU)
+    return h, tiny_model(h), tg.load_validation(h, tg.load_tokenizer(h), cpu_runtime())
 
 
 def run(h, model, val, adapt=True, log=None, deadline=np.inf):
     trace = []
-    loss, bpb = tg.evaluate_documents(h, cpu_runtime(), model, model, val, log or (lambda m: None),
+    loss, bpb = tg.evaluate_documents(h, cpu_runtime(log or tg.no_log), model, model, val,
                                       deadline if adapt else -np.inf, trace)
     return loss, bpb, trace
 
@@ -328,7 +328,7 @@ def test_warm_up_builds_every_graph_ttt_runs_and_scoring_compiles_nothing(monkey
     compiled = tg.maybe_compile(h, cpu_runtime(), model, backend=counting)
     before = copy.deepcopy(model.state_dict())
     lines = []
-    tg.warm_up_ttt(h, cpu_runtime(), model, compiled, lines.append)
+    tg.warm_up_ttt(h, cpu_runtime(lines.append), model, compiled)
     assert tg.ttt_graphs(h) == [64, 128, 256]
     assert len(graphs) == 2 * 3 + 1, graphs
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -338,9 +338,9 @@ def test_warm_up_builds_every_graph_ttt_runs_and_scoring_compiles_nothing(monkey
     val = tg.ValidationSet(tokens, val.num_targets, val.num_bytes, val.tables, val.split_targets, val.target_bytes)
     assert (tg.split_documents(tokens.numpy()).num_targets < 32).sum() == 2
     with torch.compiler.set_stance("fail_on_recompile"):
-        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, lambda m: None, -np.inf)
-        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, lines.append)
-        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, lines.append, time.perf_counter())
+        tg.evaluate_documents(h, cpu_runtime(), model, compiled, val, -np.inf)
+        tg.evaluate_documents(h, cpu_runtime(lines.append), model, compiled, val)
+        tg.evaluate_documents(h, cpu_runtime(lines.append), model, compiled, val, time.perf_counter())
     assert any(line.startswith("ttt_phase:1 ") for line in lines)
     assert any(line.startswith("ttt: adaptation stopped") for line in lines)
     assert len(graphs) == 7
