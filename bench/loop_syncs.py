@@ -38,7 +38,7 @@ def count(tg, cap_s: float, step_ms: float, distributed: bool) -> tuple[int, int
         def sync(self) -> None:
             counts["sync"] += 1
 
-    def stand_in_step(h, rt, model, optimizers, loader, step, scale):
+    def stand_in_step(h, rt, model, optimizers, loader, step, scale, progress=0.0):
         clock.now += step_ms / 1000
         return torch.tensor(1.0)
 
