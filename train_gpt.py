@@ -1765,7 +1765,7 @@ class TTTBudget:
         self.after = np.cumsum((per_batch + [np.zeros(len(self.shapes))])[::-1], axis=0)[::-1]  # chunks of batches b..
         self.seconds = {}  # (positions, adapted) -> (seconds, chunks)
         self.phase_rate = None  # seconds per position, once a phase has run
-        self.first_batch, self.adapting = None, True  # the first batch this rank scored
+        self.first_batch, self.adapting = None, deadline > -math.inf  # first_batch: the first this rank scored
 
     def cost(self, positions: int, adapted: bool) -> float:
         """Estimated seconds of one chunk of `positions` in that mode."""
@@ -2228,7 +2228,7 @@ def quant_recipes(state: dict[str, Tensor], h: Hyperparameters,
              (r"tok_emb\.weight", h.sdclip_embed))
     clip_k = {name: next((k for pattern, k in kinds if re.fullmatch(pattern, name)), h.sdclip_other)
               for name, cls in plan.items() if cls in QUANT_BITS}
-    awq = salient_groups(state, plan, hessians, h.awq_groups)
+    awq = salient_groups(state, plan, hessians, h.awq_groups) if h.awq_groups else {}
     return {name: QuantRecipe(cls, clip_k.get(name, 0.0), hessians.get(name), tuple(awq.get(name, ())),
                               h.clip_search, h.quant_min_range) for name, cls in plan.items()}
 
@@ -3207,9 +3207,9 @@ def main() -> int:
     try:
         h, preset, rt = configure(init_runtime())
         run_id, log_path, artifact_path, note = claim_outputs(h, rt)
+        t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False  # an interrupt reads it
         log = Logger(log_path if rt.is_main else None)
         rt = dataclasses.replace(rt, log=log)
-        t_start, PROGRESS.step, PROGRESS.started = time.perf_counter(), 0, False
         if note:
             log(note)
         train_write_score(h, preset, rt, run_id, artifact_path)
