@@ -110,8 +110,12 @@ def test_plain_per_document_score_is_close_to_the_stream_score():
     """Per-document rows see no other document: not the same number, but the same scale."""
     h, model, val = setup()
     stream = tg.evaluate(model, val, h.model_eval_seq_len, h.ttt_chunk_tokens, 4096, cpu_runtime())
-    plain = run(h, model, val, adapt=False)[:2]
+    lines = []
+    plain = run(h, model, val, adapt=False, log=lines.append)[:2]
     assert plain[1] == pytest.approx(stream[1], rel=0.05)
+    # a deadline of -inf adapts nothing, so nothing stops: no 'adaptation stopped' line, no phase
+    assert not [line for line in lines if line.startswith(("ttt: adaptation stopped", "ttt_phase:"))], lines
+    assert any(line.startswith("final_ttt ") for line in lines)
 
 
 def test_scores_are_full_normalized_distributions_with_adapters_on():
