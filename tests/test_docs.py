@@ -3,6 +3,7 @@
 page (at most 16,000 bytes) whose first bash block holds the test command CI runs; every relative link
 and every cited repository path in README.md and docs/ exists; no page cites files a clone lacks."""
 
+import ast
 import glob
 import re
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 
+import file_shape  # noqa: E402
 import settings_doc  # noqa: E402
 
 PAGES = [REPO / "README.md"] + sorted((REPO / "docs").glob("*.md"))
@@ -123,3 +125,18 @@ def test_readme_quick_start_installs_a_cpu_torch_and_keeps_a_pods():
     spec = Requirement(torch_line).specifier
     assert spec.contains("2.6.0a0+ecf3bae40a.nv25.01", prereleases=True) and spec.contains("2.13.0")
     assert not spec.contains("2.5.1")
+
+
+def test_the_file_shape_tool_sees_the_sections_in_the_genres_order_and_every_capability():
+    """STYLE.md's fixed order: config, optimizer, data, model, evaluation, (TTT), quantization, averaging, training,
+    main; tools/file_shape.py's capability table names only definitions the script has (a stale name is a failure)."""
+    source = (REPO / "train_gpt.py").read_text(encoding="utf-8")
+    names = [name for name, _, _ in file_shape.sections(source.splitlines())]
+    assert names == ["header+imports", "Configuration", "Muon optimizer", "Data", "Model", "Evaluation",
+                     "Score-first test-time training (TTT)", "Quantization and serialization", "Weight averaging",
+                     "Training loop", "Main"]
+    defined = file_shape.definition_lines(ast.parse(source))
+    stale = [n for names in file_shape.CAPABILITIES.values() for n in names.split() if n not in defined]
+    assert not stale, f"tools/file_shape.py names definitions train_gpt.py lacks: {stale}"
+    out = subprocess.run([sys.executable, str(REPO / "tools/file_shape.py")], capture_output=True, text=True, check=True)
+    assert "in all" in out.stdout and "not in this version" not in out.stdout

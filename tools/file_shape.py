@@ -1,0 +1,109 @@
+"""The shape of train_gpt.py, as issue 23 measures it: lines and KB per section, the kinds of lines, the
+longest functions, the functions with 7+ parameters, and how many lines each guard or optional capability
+takes (top-level definitions only, each with the blank line after it).
+
+    python3 tools/file_shape.py [path/to/train_gpt.py]
+
+Run it on an older version with `git show REV:train_gpt.py > /tmp/old.py; python3 tools/file_shape.py /tmp/old.py`
+(a capability whose definitions that version lacks is reported as such, not counted).
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+# What the script keeps beyond the training recipe itself: each capability, by its top-level definitions
+CAPABILITIES = {
+    "settings validation (ranges, choices, combinations)":
+        "RANGES CHOICES in_interval validate field_checks combination_checks technique_checks",
+    "misspelt / removed setting stop": "REMOVED_SETTINGS _KNOB_PREFIXES _FOREIGN_PREFIXES _ALIASES resembled_setting",
+    "SCALE=toy": "TOY RECORD_TOKENS toy_settings",
+    "validation text proof, CaseOps decode":
+        "first_disagreement check_validation_text caseops_decode _CASEOPS_DECODE CASEOPS_OPERATORS REENCODE_DOCS",
+    "official split naming": "OFFICIAL_SPLITS split_name",
+    "data manifest check": "check_manifest",
+    "leak check": "document_digests leak_counts check_leak LEAK_MIN_TOKENS LEAK_BLOCK_TOKENS",
+    "training budget line": "log_train_budget",
+    "attention kernels (FA3/FA4, pins, report)": "SDPA_KERNELS OPTIONAL_KERNELS ATTN_BACKENDS select_sdpa_kernels "
+                                                 "optional_kernel attention_kernel_report check_pinned_kernel",
+    "TTT budget, eval plan": "TTTBudget batch_work RECORD_RATES eval_plan",
+    "compile guards": "compiled_graphs maybe_compile compiled_graphs_only",
+    "divergence stop": "first_nonfinite agreed_clock",
+    "outputs never lost (claiming, room, set-aside)": "LOG_ROOM_BYTES check_room check_new_output claim_files "
+                                                      "claim_outputs set_aside_if_not_started write_atomically",
+    "artifact damage handling": "unpack_frames decompress_frame payload_bytes deserialize_artifact brotli_decode "
+                                "load_artifact load_weights ARTIFACT_MAX_HEADER_BYTES ARTIFACT_MAX_PAYLOAD_BYTES",
+    "ANS coder (COMPRESSOR=ans)": "ans_encode ans_decode ans_groups ans_model ANS_COLUMN_BUCKETS",
+    "AWQ-lite (no preset)": "salient_groups awq_columns awq_scale AWQ_PARTS AWQ_WIDTH",
+    "progressive context (no preset)": "seq_schedule seq_len_at",
+    "Muon WD taper (no preset)": "muon_wd_scale",
+    "shipped form": "SHIPPED_HEAD SHIPPED_TAIL minified shipped_form readable_source",
+}
+
+
+def sections(lines: list[str]) -> list[tuple[str, int, float]]:
+    """(name, lines, KB) per `# ---` banner section, the header and imports first."""
+    marks = [i for i, line in enumerate(lines) if line.startswith("# ----") and i + 1 < len(lines)
+             and lines[i + 1].startswith("# ")]
+    bounds = [(0, "header+imports")] + [(i, lines[i + 1][2:]) for i in marks] + [(len(lines), "")]
+    return [(name, b - a, len("\n".join(lines[a:b]).encode()) / 1024)
+            for (a, name), (b, _) in zip(bounds, bounds[1:])]
+
+
+def line_kinds(tree: ast.Module, lines: list[str]) -> dict[str, int]:
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node) is not None:
+            docstrings.update(range(node.body[0].lineno, node.body[0].end_lineno + 1))
+    blank = sum(not line.strip() for line in lines)
+    comment = sum(line.strip().startswith("#") for i, line in enumerate(lines, 1) if i not in docstrings)
+    return dict(code=len(lines) - blank - len(docstrings) - comment, blank=blank, docstring=len(docstrings),
+                comment=comment)
+
+
+def definition_lines(tree: ast.Module) -> dict[str, int]:
+    """Lines per top-level name (a def, class or assignment with its decorators, plus one blank line)."""
+    size = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names = [t.id for t in targets if isinstance(t, ast.Name)]
+        else:
+            continue
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        size.update(dict.fromkeys(names, node.end_lineno - start + 2))
+    return size
+
+
+def main(path: str) -> None:
+    source = Path(path).read_text(encoding="utf-8")
+    lines, tree = source.splitlines(), ast.parse(source)
+    print(f"{path}: {len(lines)} lines, {len(source.encode())} bytes, {len(source.split())} words")
+    for name, count, kb in sections(lines):
+        print(f"  {name:42s} {count:5d} lines {kb:6.1f} KB")
+    print("  kinds of lines: " + ", ".join(f"{k} {v}" for k, v in line_kinds(tree, lines).items()))
+    functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    longest = sorted(functions, key=lambda n: n.lineno - n.end_lineno)[:3]
+    print(f"  functions {len(functions)}; longest " + ", ".join(f"{n.name} {n.end_lineno - n.lineno + 1}"
+                                                                for n in longest))
+    many = [n.name for n in functions if len(n.args.args) + len(n.args.kwonlyargs) >= 7]
+    print(f"  with 7+ parameters (self counted): {len(many)}: {' '.join(many)}")
+    size, total = definition_lines(tree), 0
+    print("  capabilities beyond the recipe (lines of their top-level definitions):")
+    for capability, names in CAPABILITIES.items():
+        missing = [n for n in names.split() if n not in size]
+        if missing:
+            print(f"  {'-':>5}  {capability}: not in this version ({' '.join(missing)})")
+            continue
+        lines_taken = sum(size[n] for n in names.split())
+        total += lines_taken
+        print(f"  {lines_taken:5d}  {capability}")
+    print(f"  {total:5d}  in all")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parent.parent / "train_gpt.py"))
