@@ -262,7 +262,7 @@ def toy_settings(p: Hyperparameters, iterations: int) -> dict:
                              else math.inf)
     steps = {k: max(1, round(getattr(p, k) * share)) if getattr(p, k) else 0
              for k in ("warmdown_iters", "muon_momentum_warmup_steps", "swa_interval")}
-    phases = [max(1, int(n) * TOY["ttt_batch_docs"] // p.ttt_batch_docs) for n in p.ttt_phases.split(",") if n.strip()]
+    phases = [max(1, n * TOY["ttt_batch_docs"] // p.ttt_batch_docs) for n in ttt_phase_counts(p)]
     return dict(TOY, **steps, ema_decay=max(1 - (1 - p.ema_decay) / share, 0.5) if p.ema_decay else 0.0,
                 gptq_calib_tokens=2048 if p.gptq_calib_tokens else 0,  # one step's tokens
                 gptq_selfgen_seqs=4 if p.gptq_selfgen_seqs else 0, ttt_phases=",".join(map(str, phases)))
@@ -426,17 +426,21 @@ def combination_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
     ]
 
 def block_list(text: str, name: str) -> tuple[int, ...]:
-    """A comma-separated list of block indices or positions: "4,5" -> (4, 5); "" -> ()."""
+    """A comma-separated list of integers (block indices, positions, document counts): "4,5" -> (4, 5); "" -> ()."""
     try:
         return tuple(int(part) for part in text.split(",")) if text.strip() else ()
     except ValueError:
-        raise RunError(f"{name}={text!r}: expected block indices like 4,5") from None
+        raise RunError(f"{name}={text!r}: expected integers like 4,5") from None
 
 def recurrence_blocks(h: Hyperparameters) -> tuple[int, ...]:
     return block_list(h.recur_blocks, "RECUR_BLOCKS")
 
 def value_embed_positions(h: Hyperparameters) -> tuple[int, ...]:
     return block_list(h.ve_layers, "VE_LAYERS")
+
+def ttt_phase_counts(h: Hyperparameters) -> tuple[int, ...]:
+    """TTT_PHASES: the scored-document counts after which a global phase runs."""
+    return block_list(h.ttt_phases, "TTT_PHASES")
 
 def run_positions(h: Hyperparameters) -> int:
     """Block positions in the run order with the recurrence on: NUM_LAYERS plus every repeated pass."""
@@ -483,7 +487,7 @@ def technique_checks(h: Hyperparameters) -> list[tuple[bool, str]]:
         (h.attn_backend != "flex" or h.doc_attention,
          "ATTN_BACKEND=flex is the kernel of attention within documents: it needs DOC_ATTENTION=1 (else use auto)"),
         (not h.ttt_enabled or h.ttt_chunk_tokens <= h.model_eval_seq_len,
-         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={h.model_eval_seq_len} (one window per chunk)"),
+         f"TTT_CHUNK_TOKENS={h.ttt_chunk_tokens} must be <= EVAL_SEQ_LEN={h.model_eval_seq_len} (one window each)"),
         (0 <= h.rope_dims <= head_dim and h.rope_dims % 2 == 0,
          f"ROPE_DIMS must be even and in 0..MODEL_DIM/NUM_HEADS={head_dim} (0: all)"),
         (0 <= h.xsa_last_n <= depth, "XSA_LAST_N must be in 0..NUM_LAYERS (+ the repeat with VIRTUAL_DEPTH)"),
@@ -1906,7 +1910,7 @@ def evaluate_documents(h: Hyperparameters, rt: Runtime, model: GPT, forward: nn.
     budget = TTTBudget(batch_work(docs, batches, h), rt.world_size, deadline)
     sums = torch.zeros(3, dtype=torch.float64, device=rt.device)
     key, first = f"ttt{next(CLAIM_KEYS)}", 0  # every rank makes the same calls, so the keys agree
-    phases = {-(-int(c) // h.ttt_batch_docs) for c in h.ttt_phases.split(",") if c.strip()}  # whole batches
+    phases = {-(-c // h.ttt_batch_docs) for c in ttt_phase_counts(h)}  # whole batches
     for phase, stop in enumerate(sorted(p for p in phases if 0 < p < len(batches)) + [len(batches)]):
         for b in claimed_batches(rt, first, stop, f"{key}_{phase}"):
             was = budget.adapting
@@ -1987,7 +1991,7 @@ def eval_plan(h: Hyperparameters, num_targets: int, num_documents: int) -> str:
         passes["sliding"] = num_targets * h.model_eval_seq_len / h.eval_stride / RECORD_RATES["forward"]
     if h.ttt_enabled:
         passes["ttt"] = num_targets / RECORD_RATES["ttt"]
-        phases = [min(int(c), num_documents) for c in h.ttt_phases.split(",") if c.strip()]
+        phases = [min(c, num_documents) for c in ttt_phase_counts(h)]
         if phases:
             passes["ttt_phases"] = sum(phases) / RECORD_RATES["phase"]
     total = sum(passes.values())
