@@ -312,3 +312,16 @@ def test_synthetic_stream_is_a_prefix_whatever_its_length():
     assert (short == long[:50_000]).all() and short[0] == tg.BOS_ID
     gaps = torch.from_numpy(long == tg.BOS_ID).nonzero().flatten().diff()
     assert int(short.min()) == tg.BOS_ID and int(long.max()) < 1024 and 500 <= gaps.min() and gaps.max() <= 1500
+
+
+def test_refactor_ab_compares_a_revision_with_the_working_file():
+    """bench/refactor_ab.py against HEAD: the same model both sides (unless train_gpt.py has uncommitted changes), so
+    the same aten op count, and a ratio line."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "refactor_ab.py"), "--base", "HEAD", "--preset", "smoke",
+                           "--rounds", "2"], cwd=REPO, env=clean_env(), capture_output=True, text=True,
+                          timeout=HANG_FACTOR * 120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ops = re.findall(r"^smoke +\S+ +median +[\d.]+ ms per forward\+backward, aten ops (\d+)$", proc.stdout, re.M)
+    unchanged = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "train_gpt.py"], cwd=REPO).returncode == 0
+    assert len(ops) == 2 and int(ops[0]) > 0 and (ops[0] == ops[1] or not unchanged), proc.stdout
+    assert re.search(r"^smoke +working / HEAD: \d+\.\d{3}$", proc.stdout, re.M), proc.stdout
