@@ -614,7 +614,8 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 if p.grad is None:  # not run yet (the repeat's own weights before the switch): untouched
                     continue
-                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay (x 1.0 when off)
+                if group["weight_decay"]:  # decoupled weight decay; off, no kernel at all
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offsets[i]:offsets[i + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
 
     def orthogonalized_updates(self, group: dict) -> dict[int, Tensor]:
@@ -2299,7 +2300,7 @@ def quantize_state(state: dict[str, Tensor], recipes: dict[str, QuantRecipe]) ->
     return {name: quantize_tensor(state[name], recipe) for name, recipe in recipes.items()}
 
 def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[str, Tensor] | None,
-                   log=lambda msg: None) -> tuple[dict[str, dict], dict[str, QuantRecipe]]:
+                   log=no_log) -> tuple[dict[str, dict], dict[str, QuantRecipe]]:
     """The export before any fitting: each tensor by its recipe, then LQER. Returns (entries, recipes)."""
     recipes = quant_recipes(state, h, hessians)
     if h.int6_matrices:

@@ -21,8 +21,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load(path: Path):
-    spec = importlib.util.spec_from_file_location("train_gpt_counted", path)
+def load(path: Path, name: str = "train_gpt_counted"):
+    """A copy of train_gpt.py at `path` as its own module `name` (bench/refactor_ab.py loads two side by side)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses need the module registered
     spec.loader.exec_module(module)

@@ -8,9 +8,7 @@ of aten ops each issues. Figures only; torch.compile on a GPU hides most per-cal
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,15 +16,9 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from loop_syncs import load  # bench/ is on the path when this script runs
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def model_and_batch(tg, preset: str):
@@ -60,8 +52,8 @@ def main() -> None:
                             text=True, check=True).stdout
     with tempfile.TemporaryDirectory() as folder:
         (Path(folder) / "train_gpt.py").write_text(source, encoding="utf-8")
-        versions = {args.base: load("tg_base", Path(folder) / "train_gpt.py"),
-                    "working": load("tg_working", REPO / "train_gpt.py")}
+        versions = {args.base: load(Path(folder) / "train_gpt.py", "tg_base"),
+                    "working": load(REPO / "train_gpt.py", "tg_working")}
         print(f"torch {torch.__version__}, 1 thread, {args.rounds} interleaved rounds of 5 forward+backward steps")
         for preset in args.preset:
             setups = {name: model_and_batch(tg, preset) for name, tg in versions.items()}
