@@ -128,6 +128,7 @@ class Hyperparameters(ModelConfig):
     eval_seq_len: int = 0  # evaluation window (0: TRAIN_SEQ_LEN)
     eval_stride: int = 64  # sliding-window stride: each window scores its last this many targets (0: no sliding)
     val_batch_size: int = 524_288  # tokens per evaluation batch, all ranks together
+    val_tokens: int = 0  # score only the first N validation targets, a proxy for sweeps (0: the whole split)
     # The model's initialization and training (not stored in the artifact)
     qk_gain_init: float = 1.5  # initial per-head query gain after the QK norm
     recur_start_frac: float = 0.5  # the recurrence starts at this fraction of the run (steps or wallclock, further)
@@ -137,7 +138,7 @@ class Hyperparameters(ModelConfig):
     scalar_lr: float = 0.025  # Adam's learning rate for the control tensors
     tied_embed_lr: float = 0.035  # Adam's learning rate for the embedding tables
     muon_momentum: float = 0.98  # Muon's Nesterov momentum
-    muon_momentum_warmup_steps: int = 1500  # steps of that momentum warm-up (0: none)
+    muon_momentum_warmup_steps: int = 1500  # steps of Muon's momentum rising from 0.92 to MUON_MOMENTUM (0: none)
     muon_ns: str = "quintic"  # Newton-Schulz coefficients: quintic (fixed) | polar_express (per step, PR #1855)
     muon_wd: float = 0.04  # Muon's decoupled weight decay
     muon_wd_taper: float = 1.0  # Muon's WD multiplier at the end, linear from MUON_WD_TAPER_FROM (PR #1729; 1: off)
@@ -153,7 +154,6 @@ class Hyperparameters(ModelConfig):
     # Weight averaging (what gets quantized)
     swa_interval: int = 50  # SWA: a snapshot every this many steps (PR #76; 0: off)
     ema_decay: float = 0.0  # EMA of the weights after every step, instead of SWA (0: off)
-    val_tokens: int = 0  # score only the first N validation targets, a proxy for sweeps (0: the whole split)
     # Score-first test-time training (its section), after the standard scores
     ttt_enabled: bool = False  # per-document scoring with LoRA adapters and global SGD phases
     ttt_lr_scale: float = 1.0  # multiplies every TTT learning rate (0: exactly the per-document plain score)
@@ -168,7 +168,7 @@ class Hyperparameters(ModelConfig):
     quant_bits_mlp: int = 5  # per-row integer bits of the MLP matrices (4, 5, 6 or 8)
     quant_bits_embed: int = 16  # the tied embedding: 16 (fp16), 8 (int8 per row) or 7 (int7 per row)
     quant_min_range: float = 0.0  # every row's grid spans at least +-this (PR #1204: 1.0; 0: off)
-    int6_matrices: int = 0  # block matrices int5 but the N of largest Hessian trace int6, bigram int8 (PR #1204: 32)
+    int6_matrices: int = 0  # int6 for N block matrices and the bigram projection, int5 the rest (PR #1204: 32)
     compressor: str = "zstd"  # zstd | brotli (quality 11, PR #1204) | ans (the integer codes ANS-coded)
     # The 1.06 stack's quantizer (PR #1855, #1908), each off at its default
     sdclip_attn: float = 0.0  # SDClip: row scale k x std(row) / qmax, k for attention matrices (0: CLIP_SEARCH)
@@ -236,7 +236,7 @@ SP8192 = dict(
     quant_gates_int8=True, lqer_top=3, compressor="ans", ttt_enabled=True, ttt_phases="833,1666,2500",
     eval_stride=0,
 )
-SMOKE = dict(  # the frontier's code paths at toy size on the sample in tests/fixtures: the CPU pre-flight check
+SMOKE = dict(  # the frontier's pipeline at toy size on the sample in tests/fixtures: the CPU pre-flight check
     data_path=str(SCRIPT_DIR / "tests/fixtures/sample"),
     tokenizer_path=str(SCRIPT_DIR / "tests/fixtures/sample_1024_bpe.model"),
     iterations=60, max_wallclock_seconds=0.0, warmup_steps=2, warmdown_iters=20,
@@ -806,7 +806,7 @@ OFFICIAL_SPLITS = (  # name, vocab size, byte sidecar, documents, scored targets
     ("fineweb_sp8192", 8192, False, 50_000, 40_540_160),
     ("fineweb_sp8192_caseops", 8192, True, 50_000, 47_851_520),
 )
-REENCODE_DOCS = 512  # documents re-encoded to prove the tokenizer (check_validation_text)
+REENCODE_DOCS = 512  # documents re-encoded to prove the tokenizer, at least (all if fewer; check_validation_text)
 LEAK_MIN_TOKENS = 64  # shorter documents (boilerplate) may repeat legitimately; they are not looked up
 LEAK_BLOCK_TOKENS = 1 << 20  # tokens read per sampled block of a training shard
 
@@ -940,7 +940,7 @@ def load_validation(h: Hyperparameters, sp: spm.SentencePieceProcessor, rt: Runt
            f"{hashlib.sha256(tokens.astype('<u2').tobytes()).hexdigest()} val_split_docs:{docs}")
     source = "rule" if not sidecar else "sidecar" if exact else "sidecar_original"
     rt.log(f"val_bytes_source:{source} val_split_bytes:{int(token_bytes.sum())} decoded_text_bytes:{decoded} "
-           f"documents_checked:{docs} reencoded:{min(REENCODE_DOCS, docs)}"
+           f"documents_checked:{docs} reencoded:{-(-docs // max(1, docs // REENCODE_DOCS))}"
            + (f" documents_counted_otherwise:{differ} (the sidecar counts the original text's bytes, the "
               f"denominator; the tokenizer's normalization changed these documents)" if not exact else ""))
     if h.val_tokens > split_targets:
@@ -2079,7 +2079,7 @@ def quant_plan(state: dict[str, Tensor], h: Hyperparameters,
 
 def int6_by_trace(names: list[str], hessians: dict[str, Tensor], repeated: tuple[int, ...],
                   count: int) -> dict[str, str]:
-    """int6 for `count` of `names`, int5 for the rest (PR #1204: 32 of 66): the matrices of the `repeated`
+    """int6 for `count` of `names`, int5 for the rest (PR #1204: 32 of 67): the matrices of the `repeated`
     blocks (they run twice) first, then by the trace of their input Hessian (0 without one)."""
     twice = tuple(f"blocks.{i}." for i in repeated) + ("repeat_mlps.",)
     trace = {name: hessians[name].diagonal().sum().item() if name in hessians else 0.0 for name in names}
@@ -2305,7 +2305,8 @@ def quantize_model(state: dict[str, Tensor], h: Hyperparameters, hessians: dict[
     recipes = quant_recipes(state, h, hessians)
     if h.int6_matrices:
         int6 = sorted(n for n, r in recipes.items() if r.cls == "int6" and re.fullmatch(BLOCK_MATRICES, n))
-        log(f"int6_matrices: {len(int6)} by Hessian trace, the rest of the block matrices int5: {','.join(int6)}")
+        log(f"int6_matrices: {len(int6)} (repeated blocks first, then by Hessian trace), the other block matrices "
+            f"int5: {','.join(int6)}")
     quantized = quantize_state(state, recipes)
     if h.lqer_top:
         log(f"lqer: rank-{LQER_RANK} corrections of {','.join(add_low_rank_corrections(state, quantized, h.lqer_top))}")
@@ -2843,11 +2844,13 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables)
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
     schedule = seq_schedule(h)
-    for recur_active in (False, True) if base_model.recur_blocks else (False,):
+    states = (False, True) if base_model.recur_blocks else (False,)
+    for recur_active in states:
         if recur_active:
             base_model.start_recurrence()
-        for _, start in schedule:  # TRAIN_SEQ_SCHEDULE: every length, WARMUP_STEPS steps in all
-            for step in range(-(-h.warmup_steps // len(schedule))):
+        per_length = -(-h.warmup_steps // len(schedule))  # TRAIN_SEQ_SCHEDULE: every length, ~WARMUP_STEPS in all
+        for _, start in schedule:
+            for step in range(per_length):
                 train_step(h, rt, model, optimizers, loader, step, scale=1.0, progress=start)
         stand_in = training_tokens_as_eval_set(loader.stream.take(h.model_eval_seq_len + 1), tables)
         build_eval_graph(h, rt, model_for_eval(model), stand_in)
@@ -2861,7 +2864,8 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables)
     rt.sync()
     elapsed = 1000 * (time.perf_counter() - t0)
     gptq = ", one GPTQ calibration batch" if h.gptq_calib_tokens else ""
-    rt.log(f"warmup: {h.warmup_steps} steps and one eval batch{gptq} (training tokens) in {elapsed:.0f}ms; "
+    rt.log(f"warmup: {len(states) * per_length * len(schedule)} steps and {len(states)} eval batches{gptq} "
+           f"({len(states)} recurrence states; training tokens) in {elapsed:.0f}ms; "
            f"weights, optimizers and data reset")
     return elapsed
 
@@ -2890,7 +2894,7 @@ def model_for_eval(model: nn.Module) -> nn.Module:
     """The compiled module under DDP: evaluation needs no gradient synchronization."""
     return model.module if isinstance(model, DDP) else model
 
-CLOCK_CHECK_STEPS = 8  # the most steps between two readings of the device-synced clock (~0.8 s at ~96 ms)
+CLOCK_CHECK_STEPS = 8  # the most steps between two readings of the device-synced clock
 
 def first_step_at_fraction(frac: float, iterations: int) -> int:
     """The first step s with s / iterations >= frac (the step-based progress the loop compares)."""
@@ -3128,8 +3132,8 @@ def log_header(h: Hyperparameters, rt: Runtime, preset: str, run_id: str, code: 
     rt.log(f"device:{device_name.replace(' ', '_')} world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} "
            f"seed:{h.seed} preset:{preset} scale:{h.scale}")
     if preset == "smoke":
-        rt.log("preset smoke: no CUDA device or no FineWeb at the default DATA_PATH, so the tiny CPU "
-               "configuration runs on the bundled sample; this is a pre-flight check, not a record")
+        rt.log("preset smoke (PRESET=smoke, or auto without CUDA): the tiny CPU configuration on the bundled "
+               "sample; this is a pre-flight check, not a record")
 
 def configure(rt: Runtime) -> tuple[Hyperparameters, str, Runtime]:
     """The config from the environment, and what it implies for the runtime (bf16 autocast, TF32)."""
