@@ -1,6 +1,6 @@
 """The shape of train_gpt.py, as issue 23 measures it: lines and KB per section, the kinds of lines, the
 longest functions, the functions with 7+ parameters, and how many lines each guard or optional capability
-takes (top-level definitions only, each with the blank line after it).
+takes (top-level definitions only, each with the blank line after it), and the lines left without the guards.
 
     python3 tools/file_shape.py [path/to/train_gpt.py]
 
@@ -14,32 +14,40 @@ import ast
 import sys
 from pathlib import Path
 
-# What the script keeps beyond the training recipe itself: each capability, by its top-level definitions
+# What the script keeps beyond the training recipe itself: each capability, by its top-level definitions, and
+# whether a preset or score integrity needs it ("needs") or it is a guard the project's standards or an earlier
+# issue asked for ("guard": one-line errors, outputs never lost, checks at start)
 CAPABILITIES = {
     "settings validation (ranges, choices, combinations)":
-        "RANGES CHOICES in_interval validate field_checks combination_checks technique_checks",
-    "misspelt / removed setting stop": "REMOVED_SETTINGS _KNOB_PREFIXES _FOREIGN_PREFIXES _ALIASES resembled_setting",
-    "SCALE=toy": "TOY RECORD_TOKENS toy_settings",
+        ("guard", "RANGES CHOICES in_interval validate field_checks combination_checks technique_checks"),
+    "misspelt / removed setting stop": ("guard", "REMOVED_SETTINGS _KNOB_PREFIXES _FOREIGN_PREFIXES _ALIASES "
+                                                 "resembled_setting"),
+    "SCALE=toy": ("guard", "TOY RECORD_TOKENS toy_settings"),
     "validation text proof, CaseOps decode":
-        "first_disagreement check_validation_text caseops_decode _CASEOPS_DECODE CASEOPS_OPERATORS REENCODE_DOCS",
-    "official split naming": "OFFICIAL_SPLITS split_name",
-    "data manifest check": "check_manifest",
-    "leak check": "document_digests leak_counts check_leak LEAK_MIN_TOKENS LEAK_BLOCK_TOKENS",
-    "training budget line": "log_train_budget",
-    "attention kernels (FA3/FA4, pins, report)": "SDPA_KERNELS OPTIONAL_KERNELS ATTN_BACKENDS select_sdpa_kernels "
-                                                 "optional_kernel attention_kernel_report check_pinned_kernel",
-    "TTT budget, eval plan": "TTTBudget batch_work RECORD_RATES eval_plan",
-    "compile guards": "compiled_graphs maybe_compile compiled_graphs_only",
-    "divergence stop": "first_nonfinite agreed_clock",
-    "outputs never lost (claiming, room, set-aside)": "LOG_ROOM_BYTES check_room check_new_output claim_files "
-                                                      "claim_outputs set_aside_if_not_started write_atomically",
-    "artifact damage handling": "unpack_frames decompress_frame payload_bytes deserialize_artifact brotli_decode "
-                                "load_artifact load_weights ARTIFACT_MAX_HEADER_BYTES ARTIFACT_MAX_PAYLOAD_BYTES",
-    "ANS coder (COMPRESSOR=ans)": "ans_encode ans_decode ans_groups ans_model ANS_COLUMN_BUCKETS",
-    "AWQ-lite (no preset)": "salient_groups awq_columns awq_scale AWQ_PARTS AWQ_WIDTH",
-    "progressive context (no preset)": "seq_schedule seq_len_at",
-    "Muon WD taper (no preset)": "muon_wd_scale",
-    "shipped form": "SHIPPED_HEAD SHIPPED_TAIL minified shipped_form readable_source",
+        ("needs", "first_disagreement check_validation_text caseops_decode _CASEOPS_DECODE CASEOPS_OPERATORS "
+                  "REENCODE_DOCS"),
+    "official split naming": ("guard", "OFFICIAL_SPLITS split_name"),
+    "data manifest check": ("guard", "check_manifest"),
+    "leak check": ("needs", "document_digests leak_counts check_leak LEAK_MIN_TOKENS LEAK_BLOCK_TOKENS"),
+    "training budget line": ("guard", "log_train_budget"),
+    "attention kernels (FA3/FA4, pins, report)": ("guard", "SDPA_KERNELS OPTIONAL_KERNELS ATTN_BACKENDS "
+                                                           "select_sdpa_kernels optional_kernel "
+                                                           "attention_kernel_report check_pinned_kernel"),
+    "TTT budget (sp8192's evaluation within 600 s)": ("needs", "TTTBudget batch_work"),
+    "eval plan line": ("guard", "RECORD_RATES eval_plan"),
+    "compile guards": ("guard", "compiled_graphs maybe_compile compiled_graphs_only"),
+    "divergence stop": ("guard", "first_nonfinite agreed_clock"),
+    "outputs never lost (claiming, room, set-aside)": ("guard", "LOG_ROOM_BYTES check_room check_new_output "
+                                                                "claim_files claim_outputs set_aside_if_not_started "
+                                                                "write_atomically"),
+    "artifact damage handling": ("guard", "unpack_frames decompress_frame payload_bytes deserialize_artifact "
+                                          "brotli_decode load_artifact load_weights ARTIFACT_MAX_HEADER_BYTES "
+                                          "ARTIFACT_MAX_PAYLOAD_BYTES"),
+    "ANS coder (COMPRESSOR=ans, sp8192)": ("needs", "ans_encode ans_decode ans_groups ans_model ANS_COLUMN_BUCKETS"),
+    "AWQ-lite (no preset; PR #1945)": ("needs", "salient_groups awq_columns awq_scale AWQ_PARTS AWQ_WIDTH"),
+    "progressive context (no preset; PR #2014)": ("needs", "seq_schedule seq_len_at"),
+    "Muon WD taper (no preset; PR #1729)": ("needs", "muon_wd_scale"),
+    "shipped form (code_bytes)": ("needs", "SHIPPED_HEAD SHIPPED_TAIL minified shipped_form readable_source"),
 }
 
 
@@ -92,17 +100,19 @@ def main(path: str) -> None:
                                                                 for n in longest))
     many = [n.name for n in functions if len(n.args.args) + len(n.args.kwonlyargs) >= 7]
     print(f"  with 7+ parameters (self counted): {len(many)}: {' '.join(many)}")
-    size, total = definition_lines(tree), 0
-    print("  capabilities beyond the recipe (lines of their top-level definitions):")
-    for capability, names in CAPABILITIES.items():
+    size, totals = definition_lines(tree), {"guard": 0, "needs": 0}
+    print("  capabilities beyond the recipe (lines of their top-level definitions; guard or needed):")
+    for capability, (kind, names) in CAPABILITIES.items():
         missing = [n for n in names.split() if n not in size]
         if missing:
             print(f"  {'-':>5}  {capability}: not in this version ({' '.join(missing)})")
             continue
         lines_taken = sum(size[n] for n in names.split())
-        total += lines_taken
-        print(f"  {lines_taken:5d}  {capability}")
-    print(f"  {total:5d}  in all")
+        totals[kind] += lines_taken
+        print(f"  {lines_taken:5d}  {kind}  {capability}")
+    print(f"  {sum(totals.values()):5d}  in all: guards {totals['guard']}, needed by a preset or score integrity "
+          f"{totals['needs']}")
+    print(f"  without any guard (their call sites not counted): {len(lines) - totals['guard']} lines")
 
 
 if __name__ == "__main__":
