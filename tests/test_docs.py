@@ -140,3 +140,12 @@ def test_the_file_shape_tool_sees_the_sections_in_the_genres_order_and_every_cap
     assert not stale, f"tools/file_shape.py names definitions train_gpt.py lacks: {stale}"
     out = subprocess.run([sys.executable, str(REPO / "tools/file_shape.py")], capture_output=True, text=True, check=True)
     assert "in all" in out.stdout and "not in this version" not in out.stdout
+
+
+def test_the_file_shape_tool_counts_layout_lines_that_joining_a_statement_would_save():
+    """joinable_lines: a call over three lines that fits in 120 columns saves 2 lines; one that would not fit saves
+    none (its 2 continuation lines still count); a statement holding a comment is left out."""
+    assert file_shape.joinable_lines("x = f(\n    1,\n    2)\n") == (2, 2)
+    long = "x = f(\n    " + "a" * 60 + ",\n    " + "b" * 60 + ")\n"
+    assert file_shape.joinable_lines(long) == (2, 0)
+    assert file_shape.joinable_lines("y = [\n    3,  # why\n    4]\n") == (0, 0)

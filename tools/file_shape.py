@@ -11,7 +11,9 @@ Run it on an older version with `git show REV:train_gpt.py > /tmp/old.py; python
 from __future__ import annotations
 
 import ast
+import io
 import sys
+import tokenize
 from pathlib import Path
 
 # What the script keeps beyond the training recipe itself: each capability, by its top-level definitions, and
@@ -87,6 +89,30 @@ def definition_lines(tree: ast.Module) -> dict[str, int]:
     return size
 
 
+def joinable_lines(source: str, width: int = 120) -> tuple[int, int]:
+    """(continuation lines of code statements, those that joining a statement onto one line of at most `width`
+    columns would save): how much of the line count is layout rather than code. Statements holding a comment or
+    a multi-line string are left out."""
+    lines, continued, saved, statement = source.splitlines(), 0, 0, []
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        skip = (tokenize.NL, tokenize.COMMENT, tokenize.INDENT, tokenize.DEDENT)
+        if token.type in skip and not statement:
+            continue
+        statement.append(token)
+        if token.type != tokenize.NEWLINE:
+            continue
+        first, last = statement[0].start[0], statement[-1].start[0]
+        plain = not any(t.type == tokenize.COMMENT or (t.type == tokenize.STRING and t.start[0] != t.end[0])
+                        for t in statement)
+        if last > first and plain:
+            continued += last - first
+            indent = len(lines[first - 1]) - len(lines[first - 1].lstrip())
+            joined = " ".join(line.strip() for line in lines[first - 1:last])
+            saved += (last - first) * (indent + len(joined) <= width)
+        statement = []
+    return continued, saved
+
+
 def main(path: str) -> None:
     source = Path(path).read_text(encoding="utf-8")
     lines, tree = source.splitlines(), ast.parse(source)
@@ -94,6 +120,8 @@ def main(path: str) -> None:
     for name, count, kb in sections(lines):
         print(f"  {name:42s} {count:5d} lines {kb:6.1f} KB")
     print("  kinds of lines: " + ", ".join(f"{k} {v}" for k, v in line_kinds(tree, lines).items()))
+    continued, saved = joinable_lines(source)
+    print(f"  continuation lines of code statements: {continued}; joining within 120 columns would save {saved}")
     functions = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     longest = sorted(functions, key=lambda n: n.lineno - n.end_lineno)[:3]
     print(f"  functions {len(functions)}; longest " + ", ".join(f"{n.name} {n.end_lineno - n.lineno + 1}"
