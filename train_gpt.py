@@ -2844,11 +2844,11 @@ def warm_up_and_reset(h, rt, base_model, model, optimizers, make_loader, tables)
     initial_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
     loader = make_loader()
     schedule = seq_schedule(h)
+    per_length = -(-h.warmup_steps // len(schedule))  # TRAIN_SEQ_SCHEDULE: every length, ~WARMUP_STEPS in all
     states = (False, True) if base_model.recur_blocks else (False,)
     for recur_active in states:
         if recur_active:
             base_model.start_recurrence()
-        per_length = -(-h.warmup_steps // len(schedule))  # TRAIN_SEQ_SCHEDULE: every length, ~WARMUP_STEPS in all
         for _, start in schedule:
             for step in range(per_length):
                 train_step(h, rt, model, optimizers, loader, step, scale=1.0, progress=start)
